@@ -1,0 +1,93 @@
+// Argument checks shared by the CPU and CUDA backends. Messages name the argument.
+#pragma once
+#include <torch/library.h>
+#include <ATen/ATen.h>
+
+namespace safeattn {
+
+// Modes of the strategic-decoding state machine (DESIGN §3).
+enum Mode : int32_t { kBenign = 0, kMalicious = 1, kTransition = 2 };
+
+struct AttnDims {
+  int64_t B, Hq, Hkv, Tq, Tk, D, NI;
+};
+
+inline AttnDims check_interval_attention(const at::Tensor& q, const at::Tensor& k,
+                                         const at::Tensor& v, const at::Tensor& intervals) {
+  TORCH_CHECK(q.dim() == 4, "interval_attention: q must be 4-D [B,Hq,Tq,D], got ", q.dim(), "-D");
+  TORCH_CHECK(k.dim() == 4, "interval_attention: k must be 4-D [B,Hkv,Tk,D], got ", k.dim(), "-D");
+  TORCH_CHECK(v.dim() == 4, "interval_attention: v must be 4-D [B,Hkv,Tk,D], got ", v.dim(), "-D");
+  TORCH_CHECK(intervals.dim() == 4 && intervals.size(3) == 2,
+              "interval_attention: intervals must be [B,Tq,NI,2], got ", intervals.sizes());
+  TORCH_CHECK(intervals.scalar_type() == at::kInt,
+              "interval_attention: intervals must be int32, got ", intervals.scalar_type());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "interval_attention: q, k, v must share a dtype, got q=", q.scalar_type(),
+              " k=", k.scalar_type(), " v=", v.scalar_type());
+  TORCH_CHECK(k.device() == q.device() && v.device() == q.device() &&
+                  intervals.device() == q.device(),
+              "interval_attention: q, k, v, intervals must be on one device, got q=", q.device(),
+              " k=", k.device(), " v=", v.device(), " intervals=", intervals.device());
+  AttnDims d{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), intervals.size(2)};
+  TORCH_CHECK(k.size(0) == d.B && v.size(0) == d.B && intervals.size(0) == d.B,
+              "interval_attention: batch sizes differ: q=", d.B, " k=", k.size(0), " v=",
+              v.size(0), " intervals=", intervals.size(0));
+  TORCH_CHECK(v.size(1) == d.Hkv, "interval_attention: k and v head counts differ: ", d.Hkv,
+              " vs ", v.size(1));
+  TORCH_CHECK(d.Hkv > 0 && d.Hq % d.Hkv == 0, "interval_attention: q heads (", d.Hq,
+              ") must be a multiple of k/v heads (", d.Hkv, ")");
+  TORCH_CHECK(v.size(2) == d.Tk, "interval_attention: k and v lengths differ: ", d.Tk, " vs ",
+              v.size(2));
+  TORCH_CHECK(k.size(3) == d.D && v.size(3) == d.D, "interval_attention: head dims differ: q=",
+              d.D, " k=", k.size(3), " v=", v.size(3));
+  TORCH_CHECK(intervals.size(1) == d.Tq, "interval_attention: intervals has ", intervals.size(1),
+              " rows, q has Tq=", d.Tq);
+  return d;
+}
+
+struct StepDims {
+  int64_t B, D;
+};
+
+inline StepDims check_safety_step(const at::Tensor& h, const at::Tensor& weight,
+                                  const at::Tensor& bias, const at::Tensor& mode,
+                                  const at::Tensor& consec, const at::Tensor& s_t,
+                                  const at::Tensor& step, const at::Tensor& refused,
+                                  const at::Tensor& active, const at::Tensor& q_span,
+                                  const at::Tensor& resp_start) {
+  TORCH_CHECK(h.dim() == 2, "safety_step: h must be [B,D], got ", h.sizes());
+  const int64_t B = h.size(0), D = h.size(1);
+  TORCH_CHECK(at::isFloatingType(h.scalar_type()), "safety_step: h must be floating, got ",
+              h.scalar_type());
+  TORCH_CHECK(weight.numel() == D, "safety_step: weight must have D=", D, " elements, got ",
+              weight.sizes());
+  TORCH_CHECK(bias.numel() == 1, "safety_step: bias must have 1 element, got ", bias.sizes());
+  TORCH_CHECK(weight.scalar_type() == h.scalar_type() && bias.scalar_type() == h.scalar_type(),
+              "safety_step: weight and bias must match h's dtype ", h.scalar_type());
+  auto state = [&](const at::Tensor& t, const char* name, at::ScalarType dt) {
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == B, "safety_step: ", name, " must be [B=", B,
+                "], got ", t.sizes());
+    TORCH_CHECK(t.scalar_type() == dt, "safety_step: ", name, " must be ", dt, ", got ",
+                t.scalar_type());
+    TORCH_CHECK(t.device() == h.device(), "safety_step: ", name, " is on ", t.device(),
+                ", h on ", h.device());
+    TORCH_CHECK(t.is_contiguous(), "safety_step: ", name, " must be contiguous");
+  };
+  state(mode, "mode", at::kInt);
+  state(consec, "consec", at::kInt);
+  state(s_t, "s_t", at::kInt);
+  state(step, "step", at::kInt);
+  state(refused, "refused", at::kBool);
+  state(active, "active", at::kBool);
+  state(resp_start, "resp_start", at::kInt);
+  TORCH_CHECK(q_span.dim() == 2 && q_span.size(0) == B && q_span.size(1) == 2,
+              "safety_step: q_span must be [B=", B, ",2], got ", q_span.sizes());
+  TORCH_CHECK(q_span.scalar_type() == at::kInt, "safety_step: q_span must be int32, got ",
+              q_span.scalar_type());
+  TORCH_CHECK(q_span.device() == h.device() && weight.device() == h.device() &&
+                  bias.device() == h.device(),
+              "safety_step: weight, bias, q_span must be on h's device ", h.device());
+  return {B, D};
+}
+
+}  // namespace safeattn

@@ -1,0 +1,450 @@
+// Interval-masked attention on CPU: flash-style online softmax over KV tiles.
+//
+// Work unit = (batch, kv head, block of query rows, KV split). The G query heads that share a
+// kv head are stacked into one row block, so each K/V tile is read once per group (GQA
+// without repeat_kv). Tiles are cut only from the union of the block's ranges, so key
+// columns that no row sees are never touched. Decode (few rows) splits the KV across threads
+// and merges the partial softmax states afterwards.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <vector>
+
+#include "checks.h"
+
+// MKL/OpenBLAS inside libtorch exports the Fortran sgemm; weak so that a torch built without
+// it still loads, and the portable loops below take over.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
+                       const int* k, const float* alpha, const float* a, const int* lda,
+                       const float* b, const int* ldb, const float* beta, float* c,
+                       const int* ldc) __attribute__((weak));
+
+namespace safeattn {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+bool use_blas() {
+  static const bool on = sgemm_ != nullptr && std::getenv("SAFEATTN_NO_BLAS") == nullptr;
+  return on;
+}
+
+float dot(const float* a, const float* b, int64_t n) {
+  Vec acc(0.f);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size())
+    acc = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), acc);
+  float s = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// S[r, c] = Q[r] . K[c] for r < R, c < N.  Row-major S with leading dim lds.
+void gemm_qk(const float* q, int64_t ldq, const float* k, int64_t ldk, float* s, int64_t lds,
+             int64_t R, int64_t N, int64_t D) {
+  if (use_blas()) {
+    const int m = N, n = R, kk = D, lda = ldk, ldb = ldq, ldc = lds;
+    const float one = 1.f, zero = 0.f;
+    sgemm_("T", "N", &m, &n, &kk, &one, k, &lda, q, &ldb, &zero, s, &ldc);
+    return;
+  }
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t c = 0; c < N; ++c) s[r * lds + c] = dot(q + r * ldq, k + c * ldk, D);
+}
+
+// O[r] += sum_c P[r, c] * V[c] for r < R.
+void gemm_pv(const float* p, int64_t ldp, const float* v, int64_t ldv, float* o, int64_t ldo,
+             int64_t R, int64_t N, int64_t D) {
+  if (use_blas()) {
+    const int m = D, n = R, kk = N, lda = ldv, ldb = ldp, ldc = ldo;
+    const float one = 1.f;
+    sgemm_("N", "N", &m, &n, &kk, &one, v, &lda, p, &ldb, &one, o, &ldc);
+    return;
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    float* orow = o + r * ldo;
+    for (int64_t c = 0; c < N; ++c) {
+      const float w = p[r * ldp + c];
+      if (w == 0.f) continue;
+      at::vec::map2([w](Vec x, Vec y) { return at::vec::fmadd(Vec(w), y, x); }, orow, orow,
+                    v + c * ldv, D);
+    }
+  }
+}
+
+// Sorted, merged, non-empty ranges of one query row.
+struct Ranges {
+  const int32_t* r;  // pairs
+  int32_t n;
+};
+
+enum Cover { kNone, kPartial, kFull };
+
+Cover cover(const Ranges& rg, int64_t c0, int64_t c1) {
+  for (int32_t i = 0; i < rg.n; ++i) {
+    const int64_t s = rg.r[2 * i], e = rg.r[2 * i + 1];
+    if (e <= c0) continue;
+    if (s >= c1) return kNone;
+    return (s <= c0 && e >= c1) ? kFull : kPartial;
+  }
+  return kNone;
+}
+
+// Sort + merge pairs in place; returns the number kept.
+int32_t merge(int32_t* pr, int32_t n) {
+  std::vector<std::pair<int32_t, int32_t>> v;
+  v.reserve(n);
+  for (int32_t i = 0; i < n; ++i)
+    if (pr[2 * i] < pr[2 * i + 1]) v.emplace_back(pr[2 * i], pr[2 * i + 1]);
+  std::sort(v.begin(), v.end());
+  int32_t m = 0;
+  for (auto& x : v) {
+    if (m > 0 && x.first <= pr[2 * m - 1]) {
+      pr[2 * m - 1] = std::max(pr[2 * m - 1], x.second);
+    } else {
+      pr[2 * m] = x.first;
+      pr[2 * m + 1] = x.second;
+      ++m;
+    }
+  }
+  return m;
+}
+
+template <typename T>
+void to_float(const T* src, float* dst, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::copy(src, src + n, dst);
+  } else {
+    at::vec::convert(src, dst, n);
+  }
+}
+
+struct Unit {
+  int64_t b, h, blk, split;
+  int64_t cost;
+};
+
+struct Params {
+  int64_t B, Hq, Hkv, G, Tq, Tk, D, NI, BQ, BK, nblk, nsplit;
+  float scale;
+  bool softcap;
+  float cap;
+};
+
+template <typename T>
+class Kernel {
+ public:
+  Kernel(const Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+         const std::vector<int32_t>& rows, const std::vector<int32_t>& nrows,
+         const std::vector<int32_t>& uni, const std::vector<int32_t>& nuni)
+      : p_(p), q_(q), k_(k), v_(v), rows_(rows), nrows_(nrows), uni_(uni), nuni_(nuni) {}
+
+  // Runs one unit; writes (acc, m, l) for its rows (acc un-normalised).
+  void run(const Unit& u, float* acc, float* m, float* l, std::vector<float>& scratch) const {
+    const int64_t G = p_.G, D = p_.D, BK = p_.BK;
+    const int64_t t0 = u.blk * p_.BQ, t1 = std::min(p_.Tq, t0 + p_.BQ);
+    const int64_t R = (t1 - t0) * G;
+    scratch.resize(R * D + R * BK + 2 * BK * D + BK);
+    float* qp = scratch.data();
+    float* s = qp + R * D;
+    float* kb = s + R * BK;
+    float* vb = kb + BK * D;
+    float* vis = vb + BK * D;
+
+    const T* qd = q_.data_ptr<T>();
+    const int64_t qs0 = q_.stride(0), qs1 = q_.stride(1), qs2 = q_.stride(2);
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t g = 0; g < G; ++g) {
+        float* dst = qp + ((t - t0) * G + g) * D;
+        to_float(qd + u.b * qs0 + (u.h * G + g) * qs1 + t * qs2, dst, D);
+        const float sc = p_.scale;
+        at::vec::map([sc](Vec x) { return x * Vec(sc); }, dst, dst, D);
+      }
+    std::fill(acc, acc + R * D, 0.f);
+    std::fill(m, m + R, kNegInf);
+    std::fill(l, l + R, 0.f);
+
+    const int64_t ub = (u.b * p_.nblk + u.blk);
+    const int32_t* U = uni_.data() + ub * p_.NI * p_.BQ * 2;
+    const int32_t nU = nuni_[ub];
+    int64_t total = 0;
+    for (int32_t i = 0; i < nU; ++i) total += U[2 * i + 1] - U[2 * i];
+    const int64_t lo = total * u.split / p_.nsplit, hi = total * (u.split + 1) / p_.nsplit;
+
+    const T* kd = k_.data_ptr<T>() + u.b * k_.stride(0) + u.h * k_.stride(1);
+    const T* vd = v_.data_ptr<T>() + u.b * v_.stride(0) + u.h * v_.stride(1);
+    const int64_t kst = k_.stride(2), vst = v_.stride(2);
+
+    int64_t seen = 0;
+    for (int32_t i = 0; i < nU && seen < hi; ++i) {
+      const int64_t s0 = U[2 * i], len = U[2 * i + 1] - s0;
+      const int64_t a = std::max<int64_t>(lo - seen, 0), z = std::min<int64_t>(hi - seen, len);
+      seen += len;
+      for (int64_t c0 = s0 + a; c0 < s0 + z; c0 += BK) {
+        const int64_t c1 = std::min<int64_t>(s0 + z, c0 + BK);
+        tile(u, t0, t1, c0, c1, kd, vd, kst, vst, qp, s, kb, vb, vis, acc, m, l);
+      }
+    }
+  }
+
+ private:
+  void tile(const Unit& u, int64_t t0, int64_t t1, int64_t c0, int64_t c1, const T* kd,
+            const T* vd, int64_t kst, int64_t vst, const float* qp, float* s, float* kb,
+            float* vb, float* vis, float* acc, float* m, float* l) const {
+    const int64_t G = p_.G, D = p_.D, n = c1 - c0, lds = p_.BK;
+    int64_t tlo = -1, thi = -1;
+    Cover cov[256];  // BQ <= 256 (see block sizes)
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t bt = u.b * p_.Tq + t;
+      cov[t - t0] = cover({rows_.data() + bt * p_.NI * 2, nrows_[bt]}, c0, c1);
+      if (cov[t - t0] != kNone) {
+        if (tlo < 0) tlo = t;
+        thi = t + 1;
+      }
+    }
+    if (tlo < 0) return;
+
+    const float* kt;
+    const float* vt;
+    int64_t ldk, ldv;
+    if constexpr (std::is_same_v<T, float>) {
+      kt = kd + c0 * kst;
+      vt = vd + c0 * vst;
+      ldk = kst;
+      ldv = vst;
+    } else {
+      for (int64_t c = 0; c < n; ++c) {
+        to_float(kd + (c0 + c) * kst, kb + c * D, D);
+        to_float(vd + (c0 + c) * vst, vb + c * D, D);
+      }
+      kt = kb;
+      vt = vb;
+      ldk = ldv = D;
+    }
+
+    const int64_t r0 = (tlo - t0) * G, R = (thi - tlo) * G;
+    gemm_qk(qp + r0 * D, D, kt, ldk, s, lds, R, n, D);
+
+    for (int64_t t = tlo; t < thi; ++t) {
+      const Cover cv = cov[t - t0];
+      if (cv == kPartial) {
+        std::fill(vis, vis + n, 0.f);
+        const int64_t bt = u.b * p_.Tq + t;
+        const int32_t* rg = rows_.data() + bt * p_.NI * 2;
+        for (int32_t i = 0; i < nrows_[bt]; ++i) {
+          const int64_t a = std::max<int64_t>(rg[2 * i], c0), z = std::min<int64_t>(rg[2 * i + 1], c1);
+          for (int64_t c = a; c < z; ++c) vis[c - c0] = 1.f;
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t r = (t - t0) * G + g;
+        float* sr = s + (r - r0) * lds;
+        if (cv == kNone) {
+          std::fill(sr, sr + n, 0.f);
+          continue;
+        }
+        if (p_.softcap) {
+          const float cap = p_.cap;
+          for (int64_t c = 0; c < n; ++c) sr[c] = cap * std::tanh(sr[c] / cap);
+        }
+        if (cv == kPartial)
+          for (int64_t c = 0; c < n; ++c) sr[c] = vis[c] != 0.f ? sr[c] : kNegInf;
+        const float mx = at::vec::reduce_all<float>(
+            [](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, sr, n);
+        if (mx == kNegInf) {
+          std::fill(sr, sr + n, 0.f);
+          continue;
+        }
+        const float mnew = std::max(m[r], mx);
+        const float alpha = m[r] == kNegInf ? 0.f : std::exp(m[r] - mnew);
+        at::vec::map([mnew](Vec x) { return (x - Vec(mnew)).exp_u20(); }, sr, sr, n);
+        const float sum = at::vec::reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, sr, n);
+        if (alpha != 1.f) {
+          float* ar = acc + r * D;
+          at::vec::map([alpha](Vec x) { return x * Vec(alpha); }, ar, ar, D);
+        }
+        l[r] = l[r] * alpha + sum;
+        m[r] = mnew;
+      }
+    }
+    gemm_pv(s, lds, vt, ldv, acc + r0 * D, D, R, n, D);
+  }
+
+  const Params& p_;
+  const at::Tensor &q_, &k_, &v_;
+  const std::vector<int32_t>&rows_, &nrows_, &uni_, &nuni_;
+};
+
+template <typename T>
+void write_row(T* dst, const float* src, float inv, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(src[d] * inv);
+}
+
+at::Tensor interval_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
+                                  const at::Tensor& v_in, const at::Tensor& intervals,
+                                  std::optional<double> scale, std::optional<double> softcap) {
+  const AttnDims d = check_interval_attention(q_in, k_in, v_in, intervals);
+  TORCH_CHECK(q_in.scalar_type() == at::kFloat || q_in.scalar_type() == at::kBFloat16 ||
+                  q_in.scalar_type() == at::kHalf,
+              "interval_attention (CPU): q must be float32, bfloat16 or float16, got ",
+              q_in.scalar_type());
+  TORCH_CHECK(!softcap.has_value() || *softcap > 0, "interval_attention: softcap must be > 0");
+  auto last_contig = [](const at::Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); };
+  const at::Tensor q = last_contig(q_in), k = last_contig(k_in), v = last_contig(v_in);
+  auto out = at::empty({d.B, d.Hq, d.Tq, d.D}, q.options());
+  if (out.numel() == 0) return out;
+
+  // Validate, then sort and merge each row's ranges once.
+  auto iv = intervals.contiguous();
+  const int32_t* ip = iv.data_ptr<int32_t>();
+  const int64_t nrow = d.B * d.Tq;
+  std::vector<int32_t> rows(ip, ip + nrow * d.NI * 2), nrows(nrow);
+  for (int64_t i = 0; i < nrow * d.NI; ++i) {
+    const int32_t s = rows[2 * i], e = rows[2 * i + 1];
+    TORCH_CHECK(0 <= s && s <= e && e <= d.Tk, "interval_attention: intervals[",
+                i / (d.Tq * d.NI), "][", (i / d.NI) % d.Tq, "][", i % d.NI, "] = [", s, ", ", e,
+                ") is out of range: need 0 <= start <= end <= Tk=", d.Tk);
+  }
+  at::parallel_for(0, nrow, 64, [&](int64_t a, int64_t z) {
+    for (int64_t r = a; r < z; ++r) nrows[r] = merge(rows.data() + r * d.NI * 2, d.NI);
+  });
+
+  Params p{};
+  p.B = d.B; p.Hq = d.Hq; p.Hkv = d.Hkv; p.G = d.Hq / d.Hkv; p.Tq = d.Tq; p.Tk = d.Tk;
+  p.D = d.D; p.NI = d.NI;
+  p.scale = scale.has_value() ? float(*scale) : 1.f / std::sqrt(float(d.D));
+  p.softcap = softcap.has_value();
+  p.cap = softcap.has_value() ? float(*softcap) : 0.f;
+  p.BQ = std::clamp<int64_t>(64 / p.G, 1, 256);
+  p.BK = 128;
+  p.nblk = (d.Tq + p.BQ - 1) / p.BQ;
+
+  // Per (batch, row block): the union of its rows' ranges, and its size.
+  const int64_t nub = d.B * p.nblk;
+  std::vector<int32_t> uni(nub * d.NI * p.BQ * 2), nuni(nub);
+  std::vector<int64_t> ucols(nub);
+  at::parallel_for(0, nub, 1, [&](int64_t a, int64_t z) {
+    for (int64_t ub = a; ub < z; ++ub) {
+      const int64_t b = ub / p.nblk, t0 = (ub % p.nblk) * p.BQ,
+                    t1 = std::min(d.Tq, t0 + p.BQ);
+      int32_t* dst = uni.data() + ub * d.NI * p.BQ * 2;
+      int32_t n = 0;
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t bt = b * d.Tq + t;
+        std::copy_n(rows.data() + bt * d.NI * 2, nrows[bt] * 2, dst + 2 * n);
+        n += nrows[bt];
+      }
+      nuni[ub] = merge(dst, n);
+      int64_t c = 0;
+      for (int32_t i = 0; i < nuni[ub]; ++i) c += dst[2 * i + 1] - dst[2 * i];
+      ucols[ub] = c;
+    }
+  });
+
+  // Split the KV only when there are too few units to keep every thread busy (decode).
+  const int64_t nth = at::get_num_threads();
+  const int64_t base = d.B * d.Hkv * p.nblk;
+  int64_t maxcols = 0;
+  for (auto c : ucols) maxcols = std::max(maxcols, c);
+  p.nsplit = 1;
+  if (base < 4 * nth) {
+    p.nsplit = std::max<int64_t>(1, std::min<int64_t>((4 * nth + base - 1) / base, maxcols / 256));
+  }
+
+  std::vector<Unit> units;
+  units.reserve(base * p.nsplit);
+  for (int64_t b = 0; b < d.B; ++b)
+    for (int64_t h = 0; h < d.Hkv; ++h)
+      for (int64_t blk = 0; blk < p.nblk; ++blk)
+        for (int64_t sp = 0; sp < p.nsplit; ++sp) {
+          const int64_t rowsn = std::min(d.Tq, (blk + 1) * p.BQ) - blk * p.BQ;
+          units.push_back({b, h, blk, sp, rowsn * ucols[b * p.nblk + blk]});
+        }
+  // Largest first, taken dynamically: balances causal prefill across threads.
+  std::stable_sort(units.begin(), units.end(),
+                   [](const Unit& x, const Unit& y) { return x.cost > y.cost; });
+
+  const int64_t RB = p.BQ * p.G;  // rows per unit (max)
+  const bool split = p.nsplit > 1;
+  std::vector<float> part;
+  if (split) part.resize(units.size() * RB * (d.D + 2));
+  // Index of a unit's partial slot: by its identity, not its place in the sorted order.
+  auto slot = [&](const Unit& u) {
+    return ((u.b * d.Hkv + u.h) * p.nblk + u.blk) * p.nsplit + u.split;
+  };
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "interval_attention_cpu", [&] {
+    Kernel<scalar_t> ker(p, q, k, v, rows, nrows, uni, nuni);
+    scalar_t* od = out.data_ptr<scalar_t>();
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, nth, 1, [&](int64_t, int64_t) {
+      std::vector<float> scratch, own(RB * (d.D + 2));
+      for (int64_t i; (i = next.fetch_add(1)) < int64_t(units.size());) {
+        const Unit& u = units[i];
+        float* base_ptr = split ? part.data() + slot(u) * RB * (d.D + 2) : own.data();
+        float* acc = base_ptr;
+        float* m = acc + RB * d.D;
+        float* l = m + RB;
+        ker.run(u, acc, m, l, scratch);
+        if (split) continue;
+        const int64_t t0 = u.blk * p.BQ, t1 = std::min(d.Tq, t0 + p.BQ);
+        for (int64_t t = t0; t < t1; ++t)
+          for (int64_t g = 0; g < p.G; ++g) {
+            const int64_t r = (t - t0) * p.G + g;
+            const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+            write_row(od + ((u.b * d.Hq + u.h * p.G + g) * d.Tq + t) * d.D, acc + r * d.D, inv, d.D);
+          }
+      }
+    });
+    if (!split) return;
+    // Merge the KV splits: rescale each partial (acc, l) to the common max.
+    at::parallel_for(0, base, 1, [&](int64_t a, int64_t z) {
+      std::vector<float> o(d.D);
+      for (int64_t ub = a; ub < z; ++ub) {
+        const int64_t blk = ub % p.nblk, h = (ub / p.nblk) % d.Hkv, b = ub / (p.nblk * d.Hkv);
+        const int64_t t0 = blk * p.BQ, t1 = std::min(d.Tq, t0 + p.BQ);
+        for (int64_t t = t0; t < t1; ++t)
+          for (int64_t g = 0; g < p.G; ++g) {
+            const int64_t r = (t - t0) * p.G + g;
+            float mx = kNegInf;
+            for (int64_t sp = 0; sp < p.nsplit; ++sp) {
+              const float* pp = part.data() + (ub * p.nsplit + sp) * RB * (d.D + 2);
+              mx = std::max(mx, pp[RB * d.D + r]);
+            }
+            std::fill(o.begin(), o.end(), 0.f);
+            float lsum = 0.f;
+            if (mx != kNegInf) {
+              for (int64_t sp = 0; sp < p.nsplit; ++sp) {
+                const float* pp = part.data() + (ub * p.nsplit + sp) * RB * (d.D + 2);
+                const float ms = pp[RB * d.D + r];
+                if (ms == kNegInf) continue;
+                const float w = std::exp(ms - mx);
+                lsum += w * pp[RB * d.D + RB + r];
+                const float* ar = pp + r * d.D;
+                at::vec::map2([w](Vec x, Vec y) { return at::vec::fmadd(Vec(w), y, x); },
+                              o.data(), o.data(), ar, d.D);
+              }
+            }
+            const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
+            write_row(od + ((b * d.Hq + h * p.G + g) * d.Tq + t) * d.D, o.data(), inv, d.D);
+          }
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(safeattn, CPU, m) { m.impl("interval_attention", &interval_attention_cpu); }
+
+}  // namespace safeattn

