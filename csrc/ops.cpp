@@ -17,6 +17,16 @@ TORCH_LIBRARY(safeattn, m) {
   m.def(
       "interval_attention(Tensor q, Tensor k, Tensor v, Tensor intervals, "
       "float? scale=None, float? softcap=None) -> Tensor");
+  // Training forward: also returns the row log-sum-exp [B,Hq,Tq] float32 (-inf for empty rows)
+  // that the backward recomputes the softmax from.
+  m.def(
+      "interval_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor intervals, "
+      "float? scale=None, float? softcap=None) -> (Tensor, Tensor)");
+  // Flash-style backward: (dq, dk, dv) from the saved out and lse; never builds a T x T mask.
+  m.def(
+      "interval_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
+      "Tensor lse, Tensor intervals, float? scale=None, float? softcap=None) "
+      "-> (Tensor, Tensor, Tensor)");
   // One strategic-decoding step for every row: head, state machine, next probe window.
   // Returns p [B] float32 and the next probe's intervals [B,2,2] int32 (q_span, window).
   m.def(

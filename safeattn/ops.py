@@ -96,7 +96,8 @@ def interval_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         ``[B, Hq, Tq, D]`` in q's dtype; rows with no visible key are zeros.
     """
     _check_attention(q, k, v, intervals)
-    kernel_for("interval_attention", q.device, q.dtype)
+    if not torch.compiler.is_compiling():  # the dispatcher query is untraceable (graph break)
+        kernel_for("interval_attention", q.device, q.dtype)
     _check_ranges(intervals, k.shape[2])
     if softcap is not None and softcap <= 0:
         raise ValueError(f"softcap must be > 0, got {softcap}")
@@ -138,7 +139,16 @@ def safety_step(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mode:
     for name, r in (("r1", r1), ("r2", r2), ("r3", r3)):
         if r < 0:
             raise ValueError(f"{name} must be >= 0, got {r}")
-    kernel_for("safety_step", h.device, h.dtype)
+    # A tensor on another device (e.g. meta) would otherwise dispatch to the fake kernel and
+    # return uninitialised p and intervals without any error.
+    for name, t in (("weight", weight), ("bias", bias), ("mode", mode), ("consec", consec),
+                    ("s_t", s_t), ("step", step), ("refused", refused), ("active", active),
+                    ("q_span", q_span), ("resp_start", resp_start)):
+        if t.device != h.device:
+            raise ValueError(f"{name} is on {t.device} but h is on {h.device}; all safety_step "
+                             "tensors must be on one device")
+    if not torch.compiler.is_compiling():
+        kernel_for("safety_step", h.device, h.dtype)
     return torch.ops.safeattn.safety_step.default(
         h, weight.reshape(-1), bias.reshape(-1), mode, consec, s_t, step, refused, active,
         q_span, resp_start, float(theta), int(tau), int(r1), int(r2), int(r3))

@@ -197,21 +197,63 @@ class Kernel {
   }
 
  private:
+  // One online-softmax update of row r with the scores sr[0..n) (-inf = masked).
+  void update(float* sr, int64_t n, int64_t r, float* acc, float* m, float* l) const {
+    const float mx = at::vec::reduce_all<float>(
+        [](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, sr, n);
+    if (mx == kNegInf) {
+      std::fill(sr, sr + n, 0.f);
+      return;
+    }
+    const float mnew = std::max(m[r], mx);
+    const float alpha = m[r] == kNegInf ? 0.f : std::exp(m[r] - mnew);
+    at::vec::map([mnew](Vec x) { return (x - Vec(mnew)).exp_u20(); }, sr, sr, n);
+    const float sum = at::vec::reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, sr, n);
+    if (alpha != 1.f) {
+      float* ar = acc + r * p_.D;
+      at::vec::map([alpha](Vec x) { return x * Vec(alpha); }, ar, ar, p_.D);
+    }
+    l[r] = l[r] * alpha + sum;
+    m[r] = mnew;
+  }
+
+  void softcap(float* sr, int64_t n) const {
+    if (!p_.softcap) return;
+    const float cap = p_.cap;
+    for (int64_t c = 0; c < n; ++c) sr[c] = cap * std::tanh(sr[c] / cap);
+  }
+
+  // Query rows of block [t0, t1) against key columns [c0, c1). Rows that see most of the
+  // tile go through two GEMMs; rows that see little of it (a probe row, say) only touch
+  // their visible columns, so a probe costs O(|visible|) while sharing the K/V reads.
   void tile(const Unit& u, int64_t t0, int64_t t1, int64_t c0, int64_t c1, const T* kd,
             const T* vd, int64_t kst, int64_t vst, const float* qp, float* s, float* kb,
             float* vb, float* vis, float* acc, float* m, float* l) const {
     const int64_t G = p_.G, D = p_.D, n = c1 - c0, lds = p_.BK;
-    int64_t tlo = -1, thi = -1;
-    Cover cov[256];  // BQ <= 256 (see block sizes)
+    enum Kind : uint8_t { kSkip, kDense, kMasked, kSparse };
+    Kind kind[256];  // BQ <= 256 (see block sizes)
+    int64_t dlo = -1, dhi = -1;
+    bool any_sparse = false;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t bt = u.b * p_.Tq + t;
-      cov[t - t0] = cover({rows_.data() + bt * p_.NI * 2, nrows_[bt]}, c0, c1);
-      if (cov[t - t0] != kNone) {
-        if (tlo < 0) tlo = t;
-        thi = t + 1;
+      const Ranges rg{rows_.data() + bt * p_.NI * 2, nrows_[bt]};
+      const Cover cv = cover(rg, c0, c1);
+      Kind k = cv == kNone ? kSkip : cv == kFull ? kDense : kMasked;
+      if (k == kMasked) {
+        int64_t nv = 0;
+        for (int32_t i = 0; i < rg.n; ++i)
+          nv += std::max<int64_t>(0, std::min<int64_t>(rg.r[2 * i + 1], c1) -
+                                         std::max<int64_t>(rg.r[2 * i], c0));
+        if (4 * nv < n) k = kSparse;
+      }
+      kind[t - t0] = k;
+      any_sparse |= k == kSparse;
+      if (k == kDense || k == kMasked) {
+        if (dlo < 0) dlo = t;
+        dhi = t + 1;
       }
     }
-    if (tlo < 0) return;
+    if (dlo < 0 && !any_sparse) return;
 
     const float* kt;
     const float* vt;
@@ -231,52 +273,60 @@ class Kernel {
       ldk = ldv = D;
     }
 
-    const int64_t r0 = (tlo - t0) * G, R = (thi - tlo) * G;
-    gemm_qk(qp + r0 * D, D, kt, ldk, s, lds, R, n, D);
-
-    for (int64_t t = tlo; t < thi; ++t) {
-      const Cover cv = cov[t - t0];
-      if (cv == kPartial) {
-        std::fill(vis, vis + n, 0.f);
-        const int64_t bt = u.b * p_.Tq + t;
-        const int32_t* rg = rows_.data() + bt * p_.NI * 2;
-        for (int32_t i = 0; i < nrows_[bt]; ++i) {
-          const int64_t a = std::max<int64_t>(rg[2 * i], c0), z = std::min<int64_t>(rg[2 * i + 1], c1);
-          for (int64_t c = a; c < z; ++c) vis[c - c0] = 1.f;
+    if (dlo >= 0) {
+      const int64_t r0 = (dlo - t0) * G, R = (dhi - dlo) * G;
+      gemm_qk(qp + r0 * D, D, kt, ldk, s, lds, R, n, D);
+      for (int64_t t = dlo; t < dhi; ++t) {
+        const Kind k = kind[t - t0];
+        if (k == kMasked) {
+          std::fill(vis, vis + n, 0.f);
+          const int64_t bt = u.b * p_.Tq + t;
+          const int32_t* rg = rows_.data() + bt * p_.NI * 2;
+          for (int32_t i = 0; i < nrows_[bt]; ++i) {
+            const int64_t a = std::max<int64_t>(rg[2 * i], c0);
+            const int64_t z = std::min<int64_t>(rg[2 * i + 1], c1);
+            for (int64_t c = a; c < z; ++c) vis[c - c0] = 1.f;
+          }
+        }
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t r = (t - t0) * G + g;
+          float* sr = s + (r - r0) * lds;
+          if (k == kSkip || k == kSparse) {
+            std::fill(sr, sr + n, 0.f);
+            continue;
+          }
+          softcap(sr, n);
+          if (k == kMasked)
+            for (int64_t c = 0; c < n; ++c) sr[c] = vis[c] != 0.f ? sr[c] : kNegInf;
+          update(sr, n, r, acc, m, l);
         }
       }
+      gemm_pv(s, lds, vt, ldv, acc + r0 * D, D, R, n, D);
+    }
+    if (!any_sparse) return;
+    for (int64_t t = t0; t < t1; ++t) {
+      if (kind[t - t0] != kSparse) continue;
+      const int64_t bt = u.b * p_.Tq + t;
+      const int32_t* rg = rows_.data() + bt * p_.NI * 2;
       for (int64_t g = 0; g < G; ++g) {
         const int64_t r = (t - t0) * G + g;
-        float* sr = s + (r - r0) * lds;
-        if (cv == kNone) {
-          std::fill(sr, sr + n, 0.f);
-          continue;
-        }
-        if (p_.softcap) {
-          const float cap = p_.cap;
-          for (int64_t c = 0; c < n; ++c) sr[c] = cap * std::tanh(sr[c] / cap);
-        }
-        if (cv == kPartial)
-          for (int64_t c = 0; c < n; ++c) sr[c] = vis[c] != 0.f ? sr[c] : kNegInf;
-        const float mx = at::vec::reduce_all<float>(
-            [](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, sr, n);
-        if (mx == kNegInf) {
-          std::fill(sr, sr + n, 0.f);
-          continue;
-        }
-        const float mnew = std::max(m[r], mx);
-        const float alpha = m[r] == kNegInf ? 0.f : std::exp(m[r] - mnew);
-        at::vec::map([mnew](Vec x) { return (x - Vec(mnew)).exp_u20(); }, sr, sr, n);
-        const float sum = at::vec::reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, sr, n);
-        if (alpha != 1.f) {
-          float* ar = acc + r * D;
-          at::vec::map([alpha](Vec x) { return x * Vec(alpha); }, ar, ar, D);
-        }
-        l[r] = l[r] * alpha + sum;
-        m[r] = mnew;
+        float* sr = s;  // scratch row: scores of the visible columns, packed
+        int64_t j = 0;
+        for (int32_t i = 0; i < nrows_[bt]; ++i)
+          for (int64_t c = std::max<int64_t>(rg[2 * i], c0); c < std::min<int64_t>(rg[2 * i + 1], c1); ++c)
+            sr[j++] = dot(qp + r * D, kt + (c - c0) * ldk, D);
+        softcap(sr, j);
+        update(sr, j, r, acc, m, l);
+        float* ar = acc + r * D;
+        j = 0;
+        for (int32_t i = 0; i < nrows_[bt]; ++i)
+          for (int64_t c = std::max<int64_t>(rg[2 * i], c0); c < std::min<int64_t>(rg[2 * i + 1], c1); ++c) {
+            const float w = sr[j++];
+            at::vec::map2([w](Vec x, Vec y) { return at::vec::fmadd(Vec(w), y, x); }, ar, ar,
+                          vt + (c - c0) * ldv, D);
+          }
       }
     }
-    gemm_pv(s, lds, vt, ldv, acc + r0 * D, D, R, n, D);
   }
 
   const Params& p_;
@@ -289,19 +339,28 @@ void write_row(T* dst, const float* src, float inv, int64_t D) {
   for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(src[d] * inv);
 }
 
-at::Tensor interval_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
-                                  const at::Tensor& v_in, const at::Tensor& intervals,
-                                  std::optional<double> scale, std::optional<double> softcap) {
+// Returns out [B,Hq,Tq,D] and, when want_lse, the row log-sum-exp [B,Hq,Tq] fp32 of the
+// scaled (soft-capped) scores over visible keys (-inf for rows that see nothing).
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q_in, const at::Tensor& k_in,
+                                           const at::Tensor& v_in, const at::Tensor& intervals,
+                                           std::optional<double> scale,
+                                           std::optional<double> softcap, bool want_lse) {
   const AttnDims d = check_interval_attention(q_in, k_in, v_in, intervals);
   TORCH_CHECK(q_in.scalar_type() == at::kFloat || q_in.scalar_type() == at::kBFloat16 ||
                   q_in.scalar_type() == at::kHalf,
               "interval_attention (CPU): q must be float32, bfloat16 or float16, got ",
               q_in.scalar_type());
   TORCH_CHECK(!softcap.has_value() || *softcap > 0, "interval_attention: softcap must be > 0");
-  auto last_contig = [](const at::Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); };
+  // Rows must be unit-stride vectors at least D apart (BLAS leading dimension); HF's
+  // transposed [B,T,H,D] views qualify, expanded or oddly strided tensors are copied.
+  auto last_contig = [](const at::Tensor& t) {
+    return t.stride(3) == 1 && t.stride(2) >= t.size(3) ? t : t.clone(at::MemoryFormat::Contiguous);
+  };
   const at::Tensor q = last_contig(q_in), k = last_contig(k_in), v = last_contig(v_in);
   auto out = at::empty({d.B, d.Hq, d.Tq, d.D}, q.options());
-  if (out.numel() == 0) return out;
+  auto lse = at::empty({want_lse ? d.B : 0, d.Hq, d.Tq}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse.fill_(kNegInf)};
+  float* lsep = want_lse ? lse.data_ptr<float>() : nullptr;
 
   // Validate, then sort and merge each row's ranges once.
   auto iv = intervals.contiguous();
@@ -324,8 +383,10 @@ at::Tensor interval_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in
   p.scale = scale.has_value() ? float(*scale) : 1.f / std::sqrt(float(d.D));
   p.softcap = softcap.has_value();
   p.cap = softcap.has_value() ? float(*softcap) : 0.f;
-  p.BQ = std::clamp<int64_t>(64 / p.G, 1, 256);
-  p.BK = 128;
+  static const int64_t rows_env = std::getenv("SAFEATTN_ROWS") ? std::atoi(std::getenv("SAFEATTN_ROWS")) : 64;
+  static const int64_t bk_env = std::getenv("SAFEATTN_BK") ? std::atoi(std::getenv("SAFEATTN_BK")) : 128;
+  p.BQ = std::clamp<int64_t>(rows_env / p.G, 1, 256);
+  p.BK = bk_env;
   p.nblk = (d.Tq + p.BQ - 1) / p.BQ;
 
   // Per (batch, row block): the union of its rows' ranges, and its size.
@@ -401,7 +462,9 @@ at::Tensor interval_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in
           for (int64_t g = 0; g < p.G; ++g) {
             const int64_t r = (t - t0) * p.G + g;
             const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-            write_row(od + ((u.b * d.Hq + u.h * p.G + g) * d.Tq + t) * d.D, acc + r * d.D, inv, d.D);
+            const int64_t row = (u.b * d.Hq + u.h * p.G + g) * d.Tq + t;
+            write_row(od + row * d.D, acc + r * d.D, inv, d.D);
+            if (lsep) lsep[row] = l[r] > 0.f ? m[r] + std::log(l[r]) : kNegInf;
           }
       }
     });
@@ -435,16 +498,33 @@ at::Tensor interval_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in
               }
             }
             const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
-            write_row(od + ((b * d.Hq + h * p.G + g) * d.Tq + t) * d.D, o.data(), inv, d.D);
+            const int64_t row = (b * d.Hq + h * p.G + g) * d.Tq + t;
+            write_row(od + row * d.D, o.data(), inv, d.D);
+            if (lsep) lsep[row] = lsum > 0.f ? mx + std::log(lsum) : kNegInf;
           }
       }
     });
   });
-  return out;
+  return {out, lse};
+}
+
+at::Tensor interval_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const at::Tensor& intervals, std::optional<double> scale,
+                                  std::optional<double> softcap) {
+  return std::get<0>(forward(q, k, v, intervals, scale, softcap, false));
+}
+
+std::tuple<at::Tensor, at::Tensor> interval_attention_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& intervals,
+    std::optional<double> scale, std::optional<double> softcap) {
+  return forward(q, k, v, intervals, scale, softcap, true);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(safeattn, CPU, m) { m.impl("interval_attention", &interval_attention_cpu); }
+TORCH_LIBRARY_IMPL(safeattn, CPU, m) {
+  m.impl("interval_attention", &interval_attention_cpu);
+  m.impl("interval_attention_fwd", &interval_attention_fwd_cpu);
+}
 
 }  // namespace safeattn
