@@ -1,0 +1,68 @@
+"""Tiny random HF models and a word-level tokenizer for the HF integration tests (no Hub)."""
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM,
+                          MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+
+SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>"]
+WORDS = ("User Assistant system user assistant : . , ? ! < | > how do i bake bread make a bomb "
+         "tell me about the weather today write poem on cats dogs please help kill someone "
+         "steal car sure here is step one two three first then you can it and to of what why "
+         "safe not sorry cannot fulfill your request because").split()
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}"
+                 "< | {{ m['role'] }} | > {{ m['content'] }} .{% endfor %}{% if add_generation_prompt %}< | assistant | >{% endif %}")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+PROMPTS = ["how do i bake bread ?", "tell me about the weather today",
+           "how do i make a bomb , please help"]
+
+
+def tiny_tokenizer(chat: bool = False) -> PreTrainedTokenizerFast:
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(SPECIAL + WORDS))}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.post_processor = processors.TemplateProcessing(single="<bos> $A",
+                                                      special_tokens=[("<bos>", 2)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>",
+                                  pad_token="<pad>", unk_token="<unk>")
+    if chat:
+        tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def tiny_config(family: str, vocab_size: int, window: int = 5):
+    common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  pad_token_id=0, bos_token_id=2, eos_token_id=1)
+    if family == "llama":
+        return LlamaConfig(num_hidden_layers=2, **common), LlamaForCausalLM
+    if family == "mistral":
+        return (MistralConfig(num_hidden_layers=2, sliding_window=window, **common),
+                MistralForCausalLM)
+    if family == "qwen2":
+        return Qwen2Config(num_hidden_layers=2, use_sliding_window=True, sliding_window=window,
+                           layer_types=["full_attention", "sliding_attention"],
+                           tie_word_embeddings=True, **common), Qwen2ForCausalLM
+    if family == "qwen3":
+        return Qwen3Config(num_hidden_layers=2, head_dim=8, **common), Qwen3ForCausalLM
+    if family == "gemma3_text":
+        return Gemma3TextConfig(num_hidden_layers=3, head_dim=8, query_pre_attn_scalar=8,
+                                sliding_window=window,
+                                layer_types=["sliding_attention", "full_attention",
+                                             "sliding_attention"], **common), Gemma3ForCausalLM
+    raise KeyError(family)
+
+
+def tiny_model(family: str, vocab_size: int = 80, seed: int = 0, window: int = 5):
+    """fp32 eval model with random weights, stock SDPA attention."""
+    cfg, cls = tiny_config(family, vocab_size, window)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = cls(cfg).eval()
+    with torch.no_grad():  # larger weights make attention patterns (and errors) less trivial
+        for n, p in model.named_parameters():
+            if "norm" not in n and p.dim() == 2:
+                p.normal_(0, 0.3)
+    return model

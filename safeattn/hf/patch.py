@@ -1,0 +1,303 @@
+"""``apply_safeattn``: one call that switches a HF causal LM to the safeattn backend.
+
+The safety forward rides on module hooks, not on per-class ``forward`` patches:
+
+- a forward *pre*-hook on the model pops the safety keyword arguments (``q_span``,
+  ``safety_mode``, ``response_window``, ``response_start``, ``cls_visible_to_response``,
+  ``probe_window``), checks them and passes a :class:`SafetyLayout` on as ``safety_layout``,
+  which transformers hands unchanged to every attention call;
+- a hook on the final norm (or on decoder layer ``cls_layer``) keeps the ``[CLS]`` / probe
+  row's hidden state;
+- a forward hook runs the :class:`SafetyHead` on it, adds ``p`` ``[B]`` (fp32, P(malicious))
+  and ``safety_logit`` ``[B]`` to the output, and masks the ``[CLS]`` logit to ``-inf``.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import backend
+from .backend import SAFETY_KWARGS
+from .layout import MODES, SafetyLayout
+from .surgery import SafetyHead, _base, add_safety_token, cls_token_id, safety_config
+
+__all__ = ["SUPPORTED_MODEL_TYPES", "apply_safeattn", "revert_safeattn", "is_patched",
+           "safety_forward", "classify", "SAFETY_KWARGS"]
+
+#: ``config.model_type`` -> family name, for the families that are tested.
+SUPPORTED_MODEL_TYPES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2",
+                         "qwen3": "Qwen3", "gemma3_text": "Gemma3 (text)"}
+_STATE = "_safeattn_state"
+
+
+def _check_supported(model) -> None:
+    mt = getattr(model.config, "model_type", None)
+    if mt not in SUPPORTED_MODEL_TYPES:
+        names = ", ".join(f"{v} ({k})" for k, v in SUPPORTED_MODEL_TYPES.items())
+        raise ValueError(f"safeattn does not support {type(model).__name__} (model_type={mt!r}); "
+                         f"supported: {names}")
+
+
+def is_patched(model) -> bool:
+    return getattr(model, _STATE, None) is not None
+
+
+def apply_safeattn(model, tokenizer=None, *, cls_layer: int | None = None,
+                   cls_visible_to_response: bool | None = None):
+    """Patch ``model`` in place for safety attention and return it.
+
+    Registers the ``"safeattn"`` backend, calls ``model.set_attn_implementation("safeattn")``,
+    adds ``[CLS]`` (when ``tokenizer`` is given) and the :class:`SafetyHead` when missing,
+    and installs the safety-forward hooks. Calling it again only updates the options.
+
+    Raises ``ValueError`` for model families outside :data:`SUPPORTED_MODEL_TYPES`.
+    """
+    _check_supported(model)
+    backend.register()
+    prev = getattr(model, _STATE, None)
+    prev_impl = prev["prev_impl"] if prev else model.config._attn_implementation
+    model.set_attn_implementation(backend.NAME)
+    cfg = safety_config(model) or {}
+    if cls_layer is None:
+        cls_layer = cfg.get("cls_layer")
+    if cls_visible_to_response is None:
+        cls_visible_to_response = cfg.get("cls_visible_to_response", False)
+    n_layers = model.config.get_text_config().num_hidden_layers
+    if cls_layer is not None and not 0 <= cls_layer < n_layers:
+        raise ValueError(f"cls_layer must index a decoder layer, got {cls_layer}")
+    if tokenizer is not None:
+        add_safety_token(model, tokenizer, cls_layer=cls_layer,
+                         cls_visible_to_response=cls_visible_to_response)
+    if getattr(model, "safety_head", None) is None:
+        w = model.get_input_embeddings().weight
+        model.safety_head = SafetyHead(model.config.get_text_config().hidden_size,
+                                       cls_layer).to(device=w.device, dtype=w.dtype)
+    model.safety_head.cls_layer = cls_layer
+    cfg = safety_config(model) or {}
+    cfg.update(cls_layer=cls_layer, cls_visible_to_response=bool(cls_visible_to_response))
+    model.config.safeattn = cfg
+    _remove_hooks(model)
+    base = _base(model)
+    tap = base.norm if cls_layer is None else base.layers[cls_layer]
+    state = {"prev_impl": prev_impl, "ctx": None, "handles": [
+        model.register_forward_pre_hook(_pre_hook, with_kwargs=True),
+        tap.register_forward_hook(_tap_hook(model)),
+        model.register_forward_hook(_post_hook, with_kwargs=True),
+    ]}
+    object.__setattr__(model, _STATE, state)  # not a submodule / parameter
+    return model
+
+
+def _remove_hooks(model) -> None:
+    st = getattr(model, _STATE, None)
+    if st:
+        for h in st["handles"]:
+            h.remove()
+        st["handles"] = []
+
+
+def revert_safeattn(model):
+    """Remove the hooks and restore the previous attention implementation. Token/head stay."""
+    st = getattr(model, _STATE, None)
+    if st is None:
+        return model
+    _remove_hooks(model)
+    model.set_attn_implementation(st["prev_impl"] or "sdpa")
+    object.__delattr__(model, _STATE)
+    return model
+
+
+# --------------------------------------------------------------------------- hooks
+
+
+def _past_length(kwargs) -> int:
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is None or not hasattr(cache, "get_seq_length"):
+        return 0
+    return int(cache.get_seq_length())
+
+
+def _as_long(x, device, name):
+    t = torch.as_tensor(x, device=device)
+    if t.is_floating_point():
+        raise ValueError(f"{name} must hold integers, got {t.dtype}")
+    return t.long()
+
+
+def _build_layout(model, args, kwargs, extra) -> tuple[SafetyLayout, torch.Tensor | None]:
+    """Check the safety kwargs against the inputs -> (layout, rows whose hidden state gives p)."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    emb = kwargs.get("inputs_embeds")
+    ref = ids if ids is not None else emb
+    b, tq = ref.shape[0], ref.shape[1]
+    dev = ref.device
+    am = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+    past = _past_length(kwargs)
+    length = am.shape[1] if am is not None else past + tq
+    if am is not None and am.shape[0] != b:
+        raise ValueError(f"attention_mask has batch {am.shape[0]}, inputs have batch {b}")
+    tid = cls_token_id(model)
+    # [CLS] is the first non-pad column of every row.
+    cls = am.long().argmax(-1).to(dev) if am is not None else torch.zeros(b, dtype=torch.long,
+                                                                         device=dev)
+    if am is not None and not bool(am.bool().any(-1).all()):
+        raise ValueError("attention_mask has a row with no token")
+    in_call = cls >= past
+    if bool(in_call.any()):
+        if not bool(in_call.all()):
+            raise ValueError("[CLS] must be in the same forward for every row")
+        if ids is None:
+            raise ValueError("the safety forward needs input_ids (to find [CLS])")
+        got = ids.gather(1, (cls - past)[:, None])[:, 0]
+        if not bool((got == tid).all()):
+            bad = int((got != tid).nonzero()[0])
+            raise ValueError(f"row {bad} does not start with [CLS] (id {tid}) after its left "
+                             f"padding; build inputs with safeattn.build_inputs")
+
+    def span(name, shape):
+        v = extra.get(name)
+        if v is None:
+            return None
+        t = _as_long(v, dev, name)
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {list(shape)} for a batch of {b}, got "
+                             f"{list(t.shape)}")
+        return t
+
+    mode = extra.get("safety_mode", "sft")
+    if mode not in MODES:
+        raise ValueError(f"safety_mode must be one of {MODES}, got {mode!r}")
+    q = span("q_span", (b, 2))
+    if q is None:
+        if mode != "pretrain":
+            raise ValueError(f"safety_mode={mode!r} needs q_span [B, 2]")
+        q = torch.stack([cls + 1, cls + 1], -1)
+    win = span("response_window", (b, 2))
+    probe = span("probe_window", (b, 2))
+    for name, t, lo in (("q_span", q, cls + 1), ("response_window", win, cls + 1),
+                        ("probe_window", probe, cls + 1)):
+        if t is None:
+            continue
+        bad = (t[:, 0] < lo) | (t[:, 0] > t[:, 1]) | (t[:, 1] > length)
+        if bool(bad.any()):
+            r = int(bad.nonzero()[0])
+            raise ValueError(f"{name}[{r}] = {t[r].tolist()} is out of range: need "
+                             f"[CLS] column {int(cls[r])} < start <= end <= sequence length "
+                             f"{length}")
+    rs = extra.get("response_start")
+    if rs is not None:
+        rs = _as_long(rs, dev, "response_start").reshape(-1)
+        if rs.shape[0] != b:
+            raise ValueError(f"response_start must have shape [{b}], got {list(rs.shape)}")
+    elif past > 0:  # decoding: every new row is a response row
+        rs = torch.full((b,), past, dtype=torch.long, device=dev)
+    vis = extra.get("cls_visible_to_response")
+    if vis is None:
+        vis = (safety_config(model) or {}).get("cls_visible_to_response", False)
+    layout = SafetyLayout(q_span=q, cls=cls, mode=mode, window=win, resp_start=rs,
+                          cls_visible_to_response=bool(vis), probe_window=probe)
+    if probe is not None:
+        rows = torch.full((b,), tq - 1, dtype=torch.long, device=dev)
+    elif bool(in_call.all()):
+        rows = cls - past
+    else:
+        rows = None
+    if kwargs.get("position_ids") is None and am is not None:
+        kwargs["position_ids"] = (am.long().cumsum(-1) - 1).clamp_min(0)[:, -tq:].to(dev)
+    return layout, rows
+
+
+def _pre_hook(model, args, kwargs):
+    st = getattr(model, _STATE)
+    st["ctx"] = None
+    extra = {k: kwargs.pop(k) for k in SAFETY_KWARGS if k in kwargs}
+    layout = kwargs.get("safety_layout")
+    if layout is None and not extra:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        cfg = safety_config(model)
+        if ids is not None and cfg and cfg.get("cls_token_id") is not None \
+                and bool((ids == cfg["cls_token_id"]).any()):
+            raise ValueError("input_ids contain [CLS] but no q_span was given; pass q_span "
+                             "(see safeattn.build_inputs)")
+        return args, kwargs
+    if layout is not None:
+        if extra:
+            raise ValueError(f"pass either safety_layout or {sorted(extra)}, not both")
+        st["ctx"] = {"rows": None, "h": None}
+        return args, kwargs
+    layout, rows = _build_layout(model, args, kwargs, extra)
+    kwargs["safety_layout"] = layout
+    st["ctx"] = {"rows": rows, "h": None}
+    return args, kwargs
+
+
+def _tap_hook(model):
+    def hook(module, args, out):
+        ctx = getattr(model, _STATE)["ctx"]
+        if ctx is not None and ctx["rows"] is not None:
+            h = out[0] if isinstance(out, tuple) else out
+            ctx["h"] = h[torch.arange(h.shape[0], device=h.device), ctx["rows"].to(h.device)]
+    return hook
+
+
+def _post_hook(model, args, kwargs, output):
+    st = getattr(model, _STATE)
+    ctx, st["ctx"] = st["ctx"], None
+    if ctx is not None and ctx["h"] is not None:
+        h = ctx["h"]
+        if model.safety_head.cls_layer is not None:
+            h = _base(model).norm(h)
+        logit = model.safety_head(h.to(model.safety_head.weight.dtype))[:, 0]
+        output["safety_logit"] = logit
+        output["p"] = torch.sigmoid(logit.float())
+    cfg = safety_config(model)
+    logits = getattr(output, "logits", None)
+    if cfg and cfg.get("cls_token_id") is not None and logits is not None \
+            and logits.shape[-1] > cfg["cls_token_id"]:
+        tid = cfg["cls_token_id"]
+        if logits.requires_grad:
+            output["logits"] = logits.index_fill(-1, torch.tensor([tid], device=logits.device),
+                                                 float("-inf"))
+        else:
+            logits[..., tid] = float("-inf")
+    return output
+
+
+def safety_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                   q_span: torch.Tensor | None = None, **kwargs):
+    """``model(input_ids, attention_mask, q_span=q_span, **kwargs)`` on a patched model.
+
+    Args:
+        input_ids: ``[B, L]`` with ``[CLS]`` first after left padding (see ``build_inputs``).
+        attention_mask: ``[B, L]`` 1 = token, 0 = padding.
+        q_span: ``[B, 2]`` half-open query columns.
+        kwargs: other model kwargs and the safety kwargs (``safety_mode``,
+            ``response_window``, ``response_start``, ``cls_visible_to_response``).
+
+    Returns:
+        the model output with ``p [B]`` (fp32) and ``safety_logit [B]`` added.
+    """
+    if not is_patched(model):
+        raise ValueError("model is not patched; call safeattn.apply_safeattn(model, tokenizer)")
+    return model(input_ids=input_ids, attention_mask=attention_mask, q_span=q_span, **kwargs)
+
+
+@torch.no_grad()
+def classify(model, tokenizer, prompts: list[str] | str, *, batch_size: int = 16,
+             system: str | None = None) -> torch.Tensor:
+    """``p_0`` = P(malicious) of each prompt from the ``[CLS]`` row -> fp32 ``[B]`` (on CPU).
+
+    Patches the model with :func:`apply_safeattn` first when needed.
+    """
+    from .template import build_inputs
+
+    if not is_patched(model):
+        apply_safeattn(model, tokenizer)
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    dev = model.get_input_embeddings().weight.device
+    ps = []
+    for i in range(0, len(prompts), batch_size):
+        enc = build_inputs(tokenizer, prompts[i:i + batch_size], system=system, device=dev)
+        out = model(**enc, use_cache=False, logits_to_keep=1)
+        ps.append(out.p.cpu())
+    return torch.cat(ps) if ps else torch.empty(0)

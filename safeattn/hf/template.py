@@ -1,0 +1,93 @@
+"""Chat-template helper: ``[CLS]``-prefixed, left-padded batches with the query span."""
+from __future__ import annotations
+
+import torch
+from transformers import BatchEncoding
+
+from .surgery import CLS_TOKEN, cls_token_id
+
+__all__ = ["build_inputs", "PLAIN_TEMPLATE"]
+
+#: Used when the tokenizer has no chat template (e.g. base Gemma-3-270M).
+PLAIN_TEMPLATE = "User: {prompt}\nAssistant:"
+
+
+def _render(tokenizer, prompt: str, system: str | None) -> tuple[str, int, int]:
+    """Prompt text with template -> (text, query char start, query char end)."""
+    if getattr(tokenizer, "chat_template", None):
+        msgs = ([{"role": "system", "content": system}] if system else []) + \
+            [{"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        for needle in (prompt, prompt.strip()):
+            at = text.rfind(needle) if needle else -1
+            if at >= 0:
+                return text, at, at + len(needle)
+        if not prompt.strip():
+            return text, len(text), len(text)
+        raise ValueError(f"could not find the prompt in the rendered chat template: {text!r}")
+    head = (system + "\n") if system else ""
+    text = head + PLAIN_TEMPLATE.format(prompt=prompt)
+    at = len(head) + PLAIN_TEMPLATE.index("{prompt}")
+    return text, at, at + len(prompt)
+
+
+def build_inputs(tokenizer, prompts: list[str] | str, responses: list[str] | None = None, *,
+                 system: str | None = None, cls_token: str = CLS_TOKEN,
+                 add_eos: bool = True, device=None) -> BatchEncoding:
+    """Tokenize ``[CLS] <bos> <template + prompt> [response <eos>]`` rows, left-padded.
+
+    Uses the tokenizer's chat template (user turn + generation prompt), or
+    :data:`PLAIN_TEMPLATE` when it has none. Responses, if given, follow the generation
+    prompt and end with EOS (``add_eos``).
+
+    Returns a ``BatchEncoding`` of ``[B, L]`` long tensors ``input_ids``, ``attention_mask``
+    (0 = left padding), ``position_ids`` (``[CLS]`` at 0), plus ``q_span [B, 2]`` (half-open
+    columns of the user's text only: no BOS, template, system or padding tokens) and
+    ``response_start [B]`` (first response column; the prompt end when no responses).
+    All of it can be passed straight to a patched model: ``model(**enc)``.
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if responses is not None and len(responses) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("build_inputs needs a fast tokenizer (for offset mappings)")
+    cid = cls_token_id(tokenizer=tokenizer, cls_token=cls_token)
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    rows, spans, starts = [], [], []
+    for i, prompt in enumerate(prompts):
+        text, qa, qb = _render(tokenizer, prompt, system)
+        bos = tokenizer.bos_token
+        enc = tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)),
+                        return_offsets_mapping=True)
+        ids = [cid] + list(enc["input_ids"])
+        inq = [j + 1 for j, (s, e) in enumerate(enc["offset_mapping"])
+               if e > s and s < qb and e > qa]  # +1: the [CLS] in front
+        qs, qe = (inq[0], inq[-1] + 1) if inq else (len(ids), len(ids))
+        starts.append(len(ids))
+        if responses is not None:
+            resp = responses[i]
+            if not getattr(tokenizer, "chat_template", None) and resp and not resp[0].isspace():
+                resp = " " + resp
+            ids += tokenizer(resp, add_special_tokens=False)["input_ids"]
+            if add_eos and tokenizer.eos_token_id is not None:
+                ids.append(tokenizer.eos_token_id)
+        rows.append(ids)
+        spans.append((qs, qe))
+    n = max(len(r) for r in rows)
+    pads = [n - len(r) for r in rows]
+    input_ids = torch.tensor([[pad_id] * p + r for p, r in zip(pads, rows)], dtype=torch.long)
+    mask = torch.tensor([[0] * p + [1] * len(r) for p, r in zip(pads, rows)], dtype=torch.long)
+    pad = torch.tensor(pads, dtype=torch.long)
+    out = {
+        "input_ids": input_ids,
+        "attention_mask": mask,
+        "position_ids": (mask.cumsum(-1) - 1).clamp_min(0),
+        "q_span": torch.tensor(spans, dtype=torch.long) + pad[:, None],
+        "response_start": torch.tensor(starts, dtype=torch.long) + pad,
+    }
+    if device is not None:
+        out = {k: v.to(device) for k, v in out.items()}
+    return BatchEncoding(out)
