@@ -96,7 +96,7 @@ setup(
     version="0.1.0",
     description="Explicit [CLS] safety signals with strategic attention and decoding for HF models",
     packages=find_packages(include=["safeattn", "safeattn.*"]),
-    package_data={"safeattn": ["data/*.jsonl", "data/licenses/*", "data/README.md"]},
+    package_data={"safeattn": ["data/files/*.jsonl", "data/files/licenses/*", "data/files/README.md"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},
