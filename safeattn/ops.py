@@ -94,6 +94,12 @@ def interval_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     Returns:
         ``[B, Hq, Tq, D]`` in q's dtype; rows with no visible key are zeros.
+
+    Differentiable in q, k and v. When grad mode is on and any of them requires grad (and
+    the device has an ``interval_attention_fwd`` kernel), this runs ``interval_attention_fwd``,
+    which also keeps the row log-sum-exp for the flash-style backward
+    (``interval_attention_bwd``); otherwise the plain op, which keeps nothing (its own
+    backward must then redo the forward to get the log-sum-exp).
     """
     _check_attention(q, k, v, intervals)
     if not torch.compiler.is_compiling():  # the dispatcher query is untraceable (graph break)
@@ -101,13 +107,99 @@ def interval_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     _check_ranges(intervals, k.shape[2])
     if softcap is not None and softcap <= 0:
         raise ValueError(f"softcap must be > 0, got {softcap}")
+    if (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+            and q.device.type in _FWD_DEVICES):
+        return torch.ops.safeattn.interval_attention_fwd.default(
+            q, k, v, intervals, scale, softcap)[0]
     return torch.ops.safeattn.interval_attention.default(q, k, v, intervals, scale, softcap)
+
+
+def _devices_with(op: str) -> frozenset:
+    return frozenset(b for b, key in (("cpu", "CPU"), ("cuda", "CUDA")) if _has_kernel(op, key))
+
+
+# Fixed once the library is loaded; plain sets keep the wrapper traceable by torch.compile.
+_FWD_DEVICES = _devices_with("interval_attention_fwd")
+_BWD_DEVICES = _devices_with("interval_attention_bwd")
 
 
 @torch.library.register_fake("safeattn::interval_attention")
 def _(q, k, v, intervals, scale=None, softcap=None):
     torch._check(q.dim() == 4 and k.dim() == 4 and intervals.dim() == 4)
     return q.new_empty(q.shape)
+
+
+@torch.library.register_fake("safeattn::interval_attention_fwd")
+def _(q, k, v, intervals, scale=None, softcap=None):
+    torch._check(q.dim() == 4 and k.dim() == 4 and intervals.dim() == 4)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.register_fake("safeattn::interval_attention_bwd")
+def _(grad_out, q, k, v, out, lse, intervals, scale=None, softcap=None):
+    torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4 and intervals.dim() == 4)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+# ------------------------------------------------------------------------------- autograd
+def _check_bwd_device(q):
+    if q.device.type not in _BWD_DEVICES:
+        raise NotImplementedError(
+            f"safeattn.interval_attention: no backward kernel for {q.device.type} tensors in "
+            f"this build (backward kernels: {sorted(_BWD_DEVICES) or 'none'})")
+
+
+def _attn_grads(grad_out, q, k, v, intervals, out, lse, scale, softcap, needs):
+    """(dq, dk, dv, None, None, None) with None for inputs that need no gradient."""
+    if grad_out is None or not any(needs[:3]):
+        return None, None, None, None, None, None
+    _check_bwd_device(q)
+    dq, dk, dv = torch.ops.safeattn.interval_attention_bwd.default(
+        grad_out.to(q.dtype), q, k, v, out, lse, intervals, scale, softcap)
+    return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None,
+            None, None, None)
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    q, k, v, intervals, scale, softcap = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)  # lse is a by-product for the backward: no gradient
+    ctx.save_for_backward(q, k, v, intervals, out, lse)
+    ctx.scale, ctx.softcap = scale, softcap
+
+
+def _fwd_backward(ctx, grad_out, grad_lse):
+    q, k, v, intervals, out, lse = ctx.saved_tensors
+    return _attn_grads(grad_out, q, k, v, intervals, out, lse, ctx.scale, ctx.softcap,
+                       ctx.needs_input_grad)
+
+
+torch.library.register_autograd("safeattn::interval_attention_fwd", _fwd_backward,
+                                setup_context=_fwd_setup_context)
+
+
+def _attn_setup_context(ctx, inputs, output):
+    # The plain op keeps no lse, so its backward recomputes it with one extra forward.
+    # safeattn.ops.interval_attention avoids this by calling interval_attention_fwd
+    # whenever a gradient may be needed.
+    q, k, v, intervals, scale, softcap = inputs
+    ctx.save_for_backward(q, k, v, intervals)
+    ctx.scale, ctx.softcap = scale, softcap
+
+
+def _attn_backward(ctx, grad_out):
+    q, k, v, intervals = ctx.saved_tensors
+    if grad_out is None or not any(ctx.needs_input_grad[:3]):
+        return None, None, None, None, None, None
+    _check_bwd_device(q)
+    out, lse = torch.ops.safeattn.interval_attention_fwd.default(
+        q, k, v, intervals, ctx.scale, ctx.softcap)
+    return _attn_grads(grad_out, q, k, v, intervals, out, lse, ctx.scale, ctx.softcap,
+                       ctx.needs_input_grad)
+
+
+torch.library.register_autograd("safeattn::interval_attention", _attn_backward,
+                                setup_context=_attn_setup_context)
 
 
 def safety_step(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mode: torch.Tensor,

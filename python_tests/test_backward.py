@@ -1,0 +1,536 @@
+"""Backward (autograd) of ``interval_attention``: the CPU ``interval_attention_bwd`` kernel
+against autograd through ``safeattn.reference`` (DESIGN §2).
+
+Tolerances:
+- float32 kernel vs float64 reference gradients, per gradient x in (dq, dk, dv):
+  ``max|g_x - ref_x| <= 1e-4 * max(max|ref_x|, 0.1 * max over dq/dk/dv of max|ref|)``
+  (the second term covers gradients that are 0 in theory, e.g. dq of a row seeing one key).
+- bfloat16/float16, the flash-attention rule: ``max|g - g_ref32| <= 2 * max|g_low - g_ref32|
+  + floor``, where ``g_ref32`` is autograd through the reference in float32, ``g_low`` autograd
+  through the reference in the low dtype itself (same rounded inputs and grad_out), and the
+  floor is the float32 tolerance above.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import subprocess
+import sys
+import textwrap
+import zlib
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import safeattn
+from safeattn import intervals as ivs
+from safeattn import reference as ref
+
+fwd_op = torch.ops.safeattn.interval_attention_fwd.default
+bwd_op = torch.ops.safeattn.interval_attention_bwd.default
+attn_op = torch.ops.safeattn.interval_attention.default
+LOW = (torch.bfloat16, torch.float16)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# --------------------------------------------------------------------------------- helpers
+def seed_of(*args) -> int:
+    return zlib.crc32(repr(args).encode())
+
+
+@contextlib.contextmanager
+def bwd_mode(mode):
+    """Force the kernel's fused (1) or two-pass split (0) scheme; None = its own choice."""
+    old = os.environ.get("SAFEATTN_BWD_FUSED")
+    if mode is not None:
+        os.environ["SAFEATTN_BWD_FUSED"] = str(mode)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("SAFEATTN_BWD_FUSED", None)
+        else:
+            os.environ["SAFEATTN_BWD_FUSED"] = old
+
+
+@contextlib.contextmanager
+def num_threads(n):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def qkvg(g, b, hq, hkv, tq, tk, d, dtype, std=1.0):
+    q = (torch.randn(b, hq, tq, d, generator=g) * std).to(dtype)
+    k = (torch.randn(b, hkv, tk, d, generator=g) * std).to(dtype)
+    v = torch.randn(b, hkv, tk, d, generator=g).to(dtype)
+    go = torch.randn(b, hq, tq, d, generator=g).to(dtype)
+    return q, k, v, go
+
+
+def random_intervals(rng: random.Random, b, tq, tk, ni, p_empty_row=0.15) -> torch.Tensor:
+    """[B,Tq,NI,2] int32 with empty, overlapping, duplicated and full ranges mixed in."""
+    out = torch.zeros(b, tq, ni, 2, dtype=torch.int32)
+    for bi in range(b):
+        for t in range(tq):
+            empty_row = rng.random() < p_empty_row
+            prev = None
+            for i in range(ni):
+                kind = rng.randrange(6)
+                if empty_row or kind == 0 or tk == 0:
+                    s = rng.randint(0, tk)
+                    e = s
+                elif kind == 1 and prev is not None:  # exact duplicate
+                    s, e = prev
+                elif kind == 2 and prev is not None:  # overlap with the previous range
+                    s = rng.randint(prev[0], prev[1])
+                    e = rng.randint(s, tk)
+                elif kind == 3:  # short range
+                    s = rng.randrange(tk)
+                    e = min(tk, s + rng.randint(1, 3))
+                elif kind == 4:
+                    s, e = 0, tk
+                else:
+                    s = rng.randint(0, tk)
+                    e = rng.randint(s, tk)
+                out[bi, t, i, 0], out[bi, t, i, 1] = s, e
+                prev = (s, e)
+    return out
+
+
+def kernel_grads(q, k, v, go, iv, scale=None, softcap=None):
+    """dq, dk, dv through safeattn.interval_attention (fwd kernel + bwd kernel)."""
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = safeattn.interval_attention(*leaves, iv, scale=scale, softcap=softcap)
+    out.backward(go)
+    return [t.grad for t in leaves]
+
+
+def ref_grads(q, k, v, go, iv, scale=None, softcap=None, dtype=torch.float64):
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    ref.interval_attention(*leaves, iv, scale, softcap).backward(go.to(dtype))
+    return [t.grad for t in leaves]
+
+
+ERRS: dict = {}  # dtype -> max error seen (reported by test_report_max_errors)
+
+
+def assert_grads_match(q, k, v, go, iv, scale=None, softcap=None, grads=None):
+    grads = grads if grads is not None else kernel_grads(q, k, v, go, iv, scale, softcap)
+    for name, g, x in zip("qkv", grads, (q, k, v)):
+        assert g.shape == x.shape and g.dtype == x.dtype, name
+        assert torch.isfinite(g).all(), f"d{name} has non-finite values"
+    if q.dtype == torch.float32:
+        refs = ref_grads(q, k, v, go, iv, scale, softcap)
+        mx = [r.abs().max().item() if r.numel() else 0.0 for r in refs]
+        for name, g, r, m in zip("qkv", grads, refs, mx):
+            # A gradient that is exactly 0 in theory (a row that sees one key) still carries
+            # fp32 cancellation noise, so its scale is at least 10% of the largest gradient.
+            s = max(m, 0.1 * max(mx), 1e-30)
+            err = (g.double() - r).abs().max().item() if g.numel() else 0.0
+            ERRS[q.dtype] = max(ERRS.get(q.dtype, 0.0), err / s)
+            assert err <= 1e-4 * s, f"d{name}: max|g-ref| = {err:.3g} > 1e-4 * {s:.3g}"
+        return grads
+    r32 = ref_grads(q, k, v, go, iv, scale, softcap, torch.float32)
+    rlow = ref_grads(q, k, v, go, iv, scale, softcap, q.dtype)
+    mx = [r.abs().max().item() if r.numel() else 0.0 for r in r32]
+    for name, g, a, lo, m in zip("qkv", grads, r32, rlow, mx):
+        if not g.numel():
+            continue
+        s = max(m, 0.1 * max(mx), 1e-30)
+        err = (g.float() - a).abs().max().item()
+        bound = 2 * (lo.float() - a).abs().max().item() + 1e-4 * s  # floor: the fp32 tolerance
+        ERRS[q.dtype] = max(ERRS.get(q.dtype, 0.0), err / s)
+        assert err <= bound, (f"{q.dtype} d{name}: max|g-ref32| = {err:.3g} > "
+                              f"2*max|ref_low-ref32| + floor = {bound:.3g}")
+    return grads
+
+
+def assert_unseen_are_zero(grads, iv, tk):
+    """Rows that see nothing get dq = 0; keys that no row sees get dk = dv = 0, exactly."""
+    dq, dk, dv = grads
+    mask = ref.interval_mask(iv, tk)  # [B,Tq,Tk]
+    empty_rows = ~mask.any(-1)
+    assert (dq.permute(0, 2, 1, 3)[empty_rows] == 0).all()
+    unseen = ~mask.any(1)  # [B,Tk]
+    assert (dk.permute(0, 2, 1, 3)[unseen] == 0).all()
+    assert (dv.permute(0, 2, 1, 3)[unseen] == 0).all()
+
+
+# ------------------------------------------------------------------- the oracle's sanity
+@pytest.mark.parametrize("softcap,scale", [(None, None), (2.0, 0.7)])
+def test_gradcheck_reference(softcap, scale):
+    g = torch.Generator().manual_seed(0)
+    q, k, v, _ = qkvg(g, 2, 4, 2, 5, 6, 3, torch.float64)
+    iv = random_intervals(random.Random(1), 2, 5, 6, 3, p_empty_row=0.3)
+    iv[0, 1] = 0  # a row that sees nothing
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: ref.interval_attention(q, k, v, iv, scale, softcap), (q, k, v))
+
+
+# ------------------------------------------------------------------- seeded sweep: prefill
+def _prefill_cases():
+    rng = random.Random(20250601)
+    cases = []
+    i = 0
+    for ratio in (1, 2, 4, 8):
+        for d in (64, 128, 256):
+            b = rng.randint(1, 3)
+            hkv = rng.choice((1, 2)) if ratio < 8 else 1
+            t = rng.choice((1, 5, 33, 64, 97, 130))
+            window = rng.choice((None, None, 1, 16, 50))
+            pad = rng.choice((None, "rand"))
+            softcap, scale = rng.choice(((None, None), (None, None), (20.0, None),
+                                         (None, 0.3), (5.0, 0.1)))
+            dtype = torch.float32 if i % 3 else LOW[(i // 3) % 2]
+            mode = i % 2
+            cases.append(pytest.param(
+                b, hkv * ratio, hkv, t, d, dtype, window, pad, softcap, scale, mode,
+                id=f"b{b}-hq{hkv * ratio}-hkv{hkv}-t{t}-d{d}-{str(dtype)[6:]}-w{window}-"
+                   f"{pad}-cap{softcap}-s{scale}-{'fused' if mode else 'split'}"))
+            i += 1
+    return cases
+
+
+@pytest.mark.parametrize("b,hq,hkv,t,d,dtype,window,pad,softcap,scale,mode", _prefill_cases())
+def test_prefill_causal(b, hq, hkv, t, d, dtype, window, pad, softcap, scale, mode):
+    g = torch.Generator().manual_seed(seed_of(b, hq, hkv, t, d, window, pad, softcap))
+    q, k, v, go = qkvg(g, b, hq, hkv, t, t, d, dtype)
+    padt = None
+    if pad:  # left padding: padded rows see nothing, padded keys are seen by no row
+        padt = torch.randint(0, max(1, t // 2) + 1, (b,), generator=g)
+        padt[0] = min(t, 3)
+    iv = ivs.causal(b, t, t, window=window, pad=padt)
+    with bwd_mode(mode):
+        grads = assert_grads_match(q, k, v, go, iv, scale, softcap)
+    assert_unseen_are_zero(grads, iv, t)
+
+
+# -------------------------------------------------------------------- seeded sweep: decode
+def _decode_cases():
+    rng = random.Random(77)
+    cases = []
+    for i, (ratio, d) in enumerate([(1, 64), (2, 128), (4, 256), (8, 64), (1, 256), (4, 128),
+                                    (8, 128), (2, 64)]):
+        tq = 1 + i % 2
+        b = rng.randint(1, 3)
+        hkv = rng.choice((1, 2)) if ratio < 8 else 1
+        tk = rng.choice((3, 130, 300, 513))
+        dtype = torch.float32 if i % 4 else LOW[(i // 4) % 2]
+        layout = ("causal", "probe", "random")[i % 3]
+        cases.append(pytest.param(b, hkv * ratio, hkv, tq, tk, d, dtype, layout, i % 2,
+                                  id=f"b{b}-hq{hkv * ratio}-hkv{hkv}-tq{tq}-tk{tk}-d{d}-"
+                                     f"{str(dtype)[6:]}-{layout}"))
+    return cases
+
+
+def _decode_intervals(rng, g, layout, b, tq, tk):
+    if layout == "causal" or tk < 4:
+        return ivs.causal(b, tq, tk, pad=torch.randint(0, max(1, tk // 4), (b,), generator=g))
+    if layout == "probe":
+        # row 0: the new token; row 1 (tq == 2): the probe: [CLS], a query span, a response
+        # window and itself
+        out = torch.zeros(b, tq, 4, 2, dtype=torch.int32)
+        for bi in range(b):
+            pad = rng.randint(0, 3)
+            qs = rng.randint(pad + 1, tk // 3)
+            qe = rng.randint(qs, tk // 2)
+            ws = rng.randint(qe, tk - 1)
+            we = rng.randint(ws, tk - 1)
+            out[bi, 0, 0] = torch.tensor([pad, tk - 1 if tq == 2 else tk])
+            if tq == 2:
+                out[bi, 1] = torch.tensor([[0, 1], [qs, qe], [ws, we], [tk - 1, tk]])
+        return out
+    return random_intervals(rng, b, tq, tk, rng.randint(1, 4))
+
+
+@pytest.mark.parametrize("b,hq,hkv,tq,tk,d,dtype,layout,mode", _decode_cases())
+def test_decode(b, hq, hkv, tq, tk, d, dtype, layout, mode):
+    rng = random.Random(seed_of(b, hq, tq, tk, d, layout))
+    g = torch.Generator().manual_seed(rng.randrange(2**31))
+    q, k, v, go = qkvg(g, b, hq, hkv, tq, tk, d, dtype)
+    iv = _decode_intervals(rng, g, layout, b, tq, tk)
+    with bwd_mode(mode):
+        grads = assert_grads_match(q, k, v, go, iv)
+    assert_unseen_are_zero(grads, iv, tk)
+
+
+# --------------------------------------------------------------- random intervals, prefill
+@pytest.mark.parametrize("seed", range(8))
+def test_random_intervals(seed):
+    """Overlapping, duplicated, unordered and empty ranges; rows that see nothing."""
+    rng = random.Random(4000 + seed)
+    g = torch.Generator().manual_seed(seed)
+    b = rng.randint(1, 3)
+    ratio = (1, 2, 4, 8)[seed % 4]
+    hkv = rng.choice((1, 2))
+    d = (64, 128, 256)[seed % 3]
+    tq = rng.choice((1, 2, 7, 40, 70))
+    tk = rng.choice((1, 9, 64, 65, 200))
+    dtype = DTYPES[seed % 3]
+    softcap = (None, 3.0)[seed % 2]
+    q, k, v, go = qkvg(g, b, hkv * ratio, hkv, tq, tk, d, dtype)
+    iv = random_intervals(rng, b, tq, tk, rng.randint(1, 4), p_empty_row=0.25)
+    iv[0, 0] = 0  # at least one row sees nothing
+    with bwd_mode(seed % 2):
+        grads = assert_grads_match(q, k, v, go, iv, softcap=softcap)
+    assert_unseen_are_zero(grads, iv, tk)
+
+
+@pytest.mark.parametrize("softcap,scale", [(None, 0.01), (None, 0.5), (1.0, None),
+                                           (30.0, 2.0), (0.3, 0.5)])
+def test_softcap_and_scale(softcap, scale):
+    g = torch.Generator().manual_seed(5)
+    rng = random.Random(5)
+    q, k, v, go = qkvg(g, 2, 8, 2, 40, 150, 128, torch.float32, std=2.0 if softcap else 1.0)
+    iv = random_intervals(rng, 2, 40, 150, 3)
+    assert_grads_match(q, k, v, go, iv, scale=scale, softcap=softcap)
+    if softcap is not None:  # the cap must change the gradient
+        plain = ref_grads(q, k, v, go, iv, scale, None)
+        capped = ref_grads(q, k, v, go, iv, scale, softcap)
+        assert (plain[0] - capped[0]).abs().max() > 1e-2
+
+
+# ----------------------------------------------------------- both schemes, threads, layouts
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_and_split_agree(dtype):
+    """The fused pass and the two-pass split give the same gradients at 1 and 2 threads."""
+    g = torch.Generator().manual_seed(8)
+    q, k, v, go = qkvg(g, 2, 4, 2, 70, 90, 64, dtype)
+    iv = random_intervals(random.Random(8), 2, 70, 90, 2)
+    results = []
+    for mode in (0, 1):
+        for threads in (1, 2):
+            with bwd_mode(mode), num_threads(threads):
+                results.append(kernel_grads(q, k, v, go, iv, softcap=7.0))
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for other in results[1:]:
+        for a, b_ in zip(results[0], other):
+            torch.testing.assert_close(a, b_, atol=tol, rtol=tol)
+    assert_grads_match(q, k, v, go, iv, softcap=7.0, grads=results[0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_contiguous_inputs_and_grad_out(dtype):
+    """HF-layout (transposed) q/k/v views and an expanded grad_out (the grad of .sum())."""
+    g = torch.Generator().manual_seed(2)
+    b, hq, hkv, t, d = 2, 4, 2, 37, 64
+    q = torch.randn(b, t, hq, d, generator=g).to(dtype).transpose(1, 2)
+    k = torch.randn(b, t, hkv, d, generator=g).to(dtype).transpose(1, 2)
+    v = torch.randn(b, t, hkv, d, generator=g).to(dtype).transpose(1, 2)
+    iv = ivs.causal(b, t, t, window=20, pad=torch.tensor([0, 4]))
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    safeattn.interval_attention(*leaves, iv).sum().backward()
+    grads = [x.grad for x in leaves]
+    assert_grads_match(q, k, v, torch.ones_like(q), iv, grads=grads)
+    go = torch.randn(b, hq, d, t, generator=g).to(dtype).transpose(2, 3)  # strided grad_out
+    dq, dk, dv = bwd_op(go, q, k, v, *fwd_op(q, k, v, iv), iv, None, None)
+    assert dq.is_contiguous() and dk.is_contiguous() and dv.is_contiguous()
+    assert_grads_match(q, k, v, go, iv, grads=[dq, dk, dv])
+
+
+def test_only_some_inputs_require_grad():
+    g = torch.Generator().manual_seed(4)
+    q, k, v, go = qkvg(g, 1, 2, 1, 20, 20, 64, torch.float32)
+    iv = ivs.causal(1, 20, 20)
+    full = kernel_grads(q, k, v, go, iv)
+    for i in range(3):
+        leaves = [x.detach().clone() for x in (q, k, v)]
+        leaves[i].requires_grad_()
+        safeattn.interval_attention(*leaves, iv).backward(go)
+        torch.testing.assert_close(leaves[i].grad, full[i], atol=0, rtol=0)
+        assert all(leaves[j].grad is None for j in range(3) if j != i)
+
+
+def test_empty_shapes():
+    for (b, hq, hkv, tq, tk, d, ni) in ((2, 4, 2, 3, 0, 64, 1), (2, 4, 2, 3, 10, 64, 0),
+                                        (2, 4, 2, 0, 10, 64, 1), (0, 4, 2, 3, 10, 64, 1)):
+        q = torch.randn(b, hq, tq, d, requires_grad=True)
+        k = torch.randn(b, hkv, tk, d, requires_grad=True)
+        v = torch.randn(b, hkv, tk, d, requires_grad=True)
+        iv = torch.zeros(b, tq, ni, 2, dtype=torch.int32)
+        safeattn.interval_attention(q, k, v, iv).sum().backward()
+        for x in (q, k, v):
+            assert x.grad.shape == x.shape and (x.grad == 0).all()
+
+
+# ----------------------------------------------------------------- wrapper and the plain op
+class _Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_wrapper_picks_fwd_only_when_grad_is_needed():
+    g = torch.Generator().manual_seed(0)
+    q, k, v, _ = qkvg(g, 1, 2, 1, 4, 4, 64, torch.float32)
+    iv = ivs.causal(1, 4, 4)
+    kg = k.detach().requires_grad_()
+    for args, grad_mode, want in (((q, k, v), True, "interval_attention.default"),
+                                  ((q, kg, v), True, "interval_attention_fwd.default"),
+                                  ((q, kg, v), False, "interval_attention.default")):
+        with torch.set_grad_enabled(grad_mode), _Ops() as m:
+            out = safeattn.interval_attention(*args, iv)
+        assert [n for n in m.names if "safeattn" in n] == [f"safeattn.{want}"]
+        assert out.requires_grad == (grad_mode and args[1] is kg)
+
+
+def test_fwd_lse_is_not_differentiable():
+    g = torch.Generator().manual_seed(0)
+    q, k, v, _ = qkvg(g, 1, 2, 1, 4, 4, 64, torch.float32)
+    q.requires_grad_()
+    iv = ivs.causal(1, 4, 4, pad=torch.tensor([2]))
+    out, lse = fwd_op(q, k, v, iv)
+    assert out.requires_grad and not lse.requires_grad
+    assert lse.dtype == torch.float32 and lse.shape == (1, 2, 4)
+    assert torch.isneginf(lse[:, :, :1]).all() and torch.isfinite(lse[:, :, 2:]).all()
+
+
+def test_plain_op_backward_recomputes():
+    """Autograd through torch.ops.safeattn.interval_attention (no lse saved) matches."""
+    g = torch.Generator().manual_seed(6)
+    q, k, v, go = qkvg(g, 2, 4, 1, 30, 30, 128, torch.float32)
+    iv = ivs.causal(2, 30, 30, window=9, pad=torch.tensor([3, 0]))
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    attn_op(*leaves, iv, 0.2, 4.0).backward(go)
+    assert_grads_match(q, k, v, go, iv, 0.2, 4.0, grads=[x.grad for x in leaves])
+    torch.testing.assert_close([x.grad for x in leaves],
+                               kernel_grads(q, k, v, go, iv, 0.2, 4.0), atol=0, rtol=0)
+
+
+def test_backward_on_device_without_kernel_says_so(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    q, k, v, go = qkvg(g, 1, 2, 1, 4, 4, 64, torch.float32)
+    q.requires_grad_()
+    monkeypatch.setattr(safeattn.ops, "_BWD_DEVICES", frozenset())
+    for fn in (safeattn.interval_attention, attn_op):
+        with pytest.raises(NotImplementedError, match="no backward kernel for cpu"):
+            fn(q, k, v, ivs.causal(1, 4, 4)).backward(go)
+
+
+# ---------------------------------------------------------------------------- opcheck
+def _grad_samples():
+    g = torch.Generator().manual_seed(0)
+    q, k, v, _ = qkvg(g, 2, 4, 2, 5, 9, 64, torch.float32)
+    yield (q, k, v, ivs.causal(2, 5, 9)), {}
+    q, k, v, _ = qkvg(g, 1, 8, 1, 2, 200, 128, torch.bfloat16)
+    iv = torch.tensor([[[[0, 1], [3, 40], [150, 199]], [[0, 200], [0, 0], [7, 7]]]],
+                      dtype=torch.int32)
+    yield (q, k, v, iv), {"scale": 0.1, "softcap": 30.0}
+    q, k, v, _ = qkvg(g, 2, 2, 1, 7, 7, 64, torch.float16)
+    yield (q, k, v, ivs.causal(2, 7, 7, window=3, pad=torch.tensor([2, 0]))), {"softcap": 5.0}
+
+
+@pytest.mark.parametrize("op", [fwd_op, attn_op], ids=["fwd", "plain"])
+@pytest.mark.parametrize("i", range(3))
+def test_opcheck_with_grad(op, i):
+    args, kwargs = list(_grad_samples())[i]
+    args = tuple(x.requires_grad_() if x.is_floating_point() else x for x in args)
+    torch.library.opcheck(op, args, kwargs)
+
+
+def test_opcheck_bwd():
+    for (q, k, v, iv), kw in _grad_samples():
+        scale, softcap = kw.get("scale"), kw.get("softcap")
+        out, lse = fwd_op(q, k, v, iv, scale, softcap)
+        go = torch.randn_like(out)
+        torch.library.opcheck(bwd_op, (go, q, k, v, out, lse, iv, scale, softcap),
+                              test_utils=("test_schema", "test_faketensor",
+                                          "test_aot_dispatch_dynamic"))
+
+
+# ----------------------------------------------------------------------- torch.compile
+def test_compile_forward_backward_aot_eager():
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(1)
+    q, k, v, go = qkvg(g, 2, 4, 2, 12, 12, 64, torch.float32)
+    iv = ivs.causal(2, 12, 12, pad=torch.tensor([0, 3]))
+
+    def loss_fn(q, k, v, iv):
+        out = safeattn.ops.interval_attention(q, k, v, iv, softcap=20.0)
+        return (out * go).sum() * 2
+
+    compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
+    grads = []
+    for fn in (compiled, loss_fn):
+        leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        fn(*leaves, iv).backward()
+        grads.append([x.grad for x in leaves])
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-6)
+    assert_grads_match(q, k, v, 2 * go, iv, softcap=20.0, grads=grads[0])
+    with torch.no_grad():  # the no-grad path traces too, in the same compiled function
+        torch.testing.assert_close(compiled(q, k, v, iv), loss_fn(q, k, v, iv))
+
+
+# --------------------------------------------------------------------------------- errors
+def test_bwd_argument_errors():
+    g = torch.Generator().manual_seed(0)
+    q, k, v, go = qkvg(g, 2, 4, 2, 5, 9, 64, torch.float32)
+    iv = ivs.causal(2, 5, 9)
+    out, lse = fwd_op(q, k, v, iv)
+    cases = [
+        ((go[:, :, :4], q, k, v, out, lse, iv), "grad_out"),
+        ((go.half(), q, k, v, out, lse, iv), "grad_out"),
+        ((go, q, k, v, out[..., :32], lse, iv), r"\bout\b"),
+        ((go, q, k, v, out.bfloat16(), lse, iv), r"\bout\b"),
+        ((go, q, k, v, out, lse[:, :3], iv), "lse"),
+        ((go, q, k, v, out, lse.double(), iv), "lse"),
+        ((go, q, k[:, :1].expand(2, 3, 9, 64), v, out, lse, iv), "head counts"),
+        ((go, q, k, v, out, lse, iv.long()), "intervals"),
+        ((go, q, k, v, out, lse, iv + 20), "out of range"),
+        ((go.double(), q.double(), k.double(), v.double(), out.double(), lse, iv),
+         "float32, bfloat16 or float16"),
+    ]
+    for args, pat in cases:
+        with pytest.raises(RuntimeError, match=pat):
+            bwd_op(*args, None, None)
+    with pytest.raises(RuntimeError, match="softcap"):
+        bwd_op(go, q, k, v, out, lse, iv, None, -1.0)
+
+
+# ------------------------------------------------------------- portable (non-BLAS) loops
+_NO_BLAS_SCRIPT = textwrap.dedent("""
+    import random, torch
+    import test_backward as T
+    from safeattn import intervals as ivs
+    torch.set_num_threads(2)
+    g = torch.Generator().manual_seed(0)
+    rng = random.Random(0)
+    for b, hq, hkv, tq, tk, d, dtype, cap, mode in [
+        (2, 4, 2, 70, 70, 64, torch.float32, None, 0),
+        (1, 8, 1, 2, 300, 128, torch.float32, 10.0, 1),
+        (2, 4, 1, 33, 33, 128, torch.bfloat16, None, 1),
+        (1, 2, 1, 20, 90, 64, torch.float16, 30.0, 0),
+    ]:
+        q, k, v, go = T.qkvg(g, b, hq, hkv, tq, tk, d, dtype)
+        for iv in (ivs.causal(b, tq, tk, window=25, pad=torch.randint(0, 3, (b,))),
+                   T.random_intervals(rng, b, tq, tk, 3)):
+            with T.bwd_mode(mode):
+                T.assert_grads_match(q, k, v, go, iv, softcap=cap)
+    print("NO_BLAS_OK")
+""")
+
+
+def test_portable_loops_without_blas():
+    env = dict(os.environ, SAFEATTN_NO_BLAS="1")
+    here = os.path.dirname(os.path.abspath(__file__))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
+    r = subprocess.run([sys.executable, "-c", _NO_BLAS_SCRIPT], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and "NO_BLAS_OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def test_report_max_errors():
+    """Runs last: prints the largest relative gradient error per dtype (pytest -s shows it)."""
+    for dt, e in sorted(ERRS.items(), key=str):
+        print(f"max gradient error {dt}: {e:.3g} (relative to max|grad_ref|)")
