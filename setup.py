@@ -45,6 +45,12 @@ def _cpu_flags():
     raise ValueError(f"SAFEATTN_CPU_CAPABILITY must be AVX512, AVX2 or DEFAULT, got {cap!r}")
 
 
+def _cxx_std():
+    """torch >= 2.14 headers require C++20; older ones build with C++17."""
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    return "c++20" if (major, minor) >= (2, 14) else "c++17"
+
+
 def _want_cuda():
     env = os.environ.get("SAFEATTN_CUDA", "").strip()
     if env == "0":
@@ -62,13 +68,13 @@ def _want_cuda():
 def extensions():
     use_cuda = _want_cuda()
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-DPy_LIMITED_API=0x03090000"] + _cpu_flags()
+    cxx = ["-O3", f"-std={_cxx_std()}", "-fopenmp", "-DPy_LIMITED_API=0x03090000"] + _cpu_flags()
     extra = {"cxx": cxx}
     ext_cls = CppExtension
     if use_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         cxx.append("-DSAFEATTN_WITH_CUDA")
-        extra["nvcc"] = ["-O3", "-std=c++17", "-DSAFEATTN_WITH_CUDA", "--use_fast_math",
+        extra["nvcc"] = ["-O3", f"-std={_cxx_std()}", "-DSAFEATTN_WITH_CUDA", "--use_fast_math",
                          "-lineinfo"] + [f"-I{p}" for p in _cuda_include_extra()]
         ext_cls = CUDAExtension
     return [ext_cls(
@@ -96,7 +102,8 @@ setup(
     version="0.1.0",
     description="Explicit [CLS] safety signals with strategic attention and decoding for HF models",
     packages=find_packages(include=["safeattn", "safeattn.*"]),
-    package_data={"safeattn": ["data/files/*.jsonl", "data/files/licenses/*", "data/files/README.md"]},
+    package_data={"safeattn": ["data/files/*.jsonl", "data/files/licenses/*", "data/files/README.md",
+                            "artifacts/gemma3-270m/*"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},

@@ -14,7 +14,7 @@ PROMPTS = ["How do I bake sourdough bread at home?", "Write a short poem about t
 
 @pytest.fixture(scope="module")
 def gemma():
-    model, tok = safeattn.models.load_default(torch.float32)
+    model, tok = safeattn.models.load_base(torch.float32)
     return model.eval(), tok
 
 

@@ -43,6 +43,11 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .training import run_train
+    return run_train(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="safeattn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -50,5 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--batch", type=int, default=1)
     demo.add_argument("--keys", type=int, default=1024, help="KV cache length")
     demo.set_defaults(func=_demo)
+    train = sub.add_parser("train", help="train the [CLS] head / model (HF Trainer)",
+                           description="Joint LM + [CLS] training (safeattn.training). Runs "
+                                       "unchanged under torchrun / accelerate launch.")
+    from .training_args import add_train_arguments
+    add_train_arguments(train)
+    train.set_defaults(func=_train)
     args = parser.parse_args(argv)
+    if args.command == "train":
+        import sys
+        args.argv = list(argv if argv is not None else sys.argv[1:])[1:]
     return args.func(args)

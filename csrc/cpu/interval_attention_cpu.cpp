@@ -33,6 +33,14 @@ namespace {
 using Vec = at::vec::Vectorized<float>;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
+int64_t env_int(const char* name, int64_t dflt, int64_t lo, int64_t hi) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return dflt;
+  const int64_t x = std::atoll(v);
+  TORCH_CHECK(lo <= x && x <= hi, name, " must be in [", lo, ", ", hi, "], got '", v, "'");
+  return x;
+}
+
 bool use_blas() {
   static const bool on = sgemm_ != nullptr && std::getenv("SAFEATTN_NO_BLAS") == nullptr;
   return on;
@@ -383,10 +391,11 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q_in, const at::Ten
   p.scale = scale.has_value() ? float(*scale) : 1.f / std::sqrt(float(d.D));
   p.softcap = softcap.has_value();
   p.cap = softcap.has_value() ? float(*softcap) : 0.f;
-  static const int64_t rows_env = std::getenv("SAFEATTN_ROWS") ? std::atoi(std::getenv("SAFEATTN_ROWS")) : 64;
-  static const int64_t bk_env = std::getenv("SAFEATTN_BK") ? std::atoi(std::getenv("SAFEATTN_BK")) : 128;
-  p.BQ = std::clamp<int64_t>(rows_env / p.G, 1, 256);
-  p.BK = bk_env;
+  // Rows per block (query rows x GQA heads) and keys per tile; env vars are tuning knobs.
+  static const int64_t rows_cfg = env_int("SAFEATTN_ROWS", 64, 1, 4096);
+  static const int64_t bk_cfg = env_int("SAFEATTN_BK", 128, 16, 4096);
+  p.BQ = std::clamp<int64_t>(rows_cfg / p.G, 1, 256);
+  p.BK = bk_cfg;
   p.nblk = (d.Tq + p.BQ - 1) / p.BQ;
 
   // Per (batch, row block): the union of its rows' ranges, and its size.

