@@ -19,19 +19,12 @@
 #include <vector>
 
 #include "checks.h"
-
-// MKL/OpenBLAS inside libtorch exports the Fortran sgemm; weak so that a torch built without
-// it still loads, and the portable loops below take over.
-extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
-                       const int* k, const float* alpha, const float* a, const int* lda,
-                       const float* b, const int* ldb, const float* beta, float* c,
-                       const int* ldc) __attribute__((weak));
+#include "cpu/common.h"
 
 namespace safeattn {
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+using namespace cpu;
 
 int64_t env_int(const char* name, int64_t dflt, int64_t lo, int64_t hi) {
   const char* v = std::getenv(name);
@@ -41,100 +34,11 @@ int64_t env_int(const char* name, int64_t dflt, int64_t lo, int64_t hi) {
   return x;
 }
 
-bool use_blas() {
-  static const bool on = sgemm_ != nullptr && std::getenv("SAFEATTN_NO_BLAS") == nullptr;
-  return on;
-}
-
-float dot(const float* a, const float* b, int64_t n) {
-  Vec acc(0.f);
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size())
-    acc = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), acc);
-  float s = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc);
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
-// S[r, c] = Q[r] . K[c] for r < R, c < N.  Row-major S with leading dim lds.
-void gemm_qk(const float* q, int64_t ldq, const float* k, int64_t ldk, float* s, int64_t lds,
-             int64_t R, int64_t N, int64_t D) {
-  if (use_blas()) {
-    const int m = N, n = R, kk = D, lda = ldk, ldb = ldq, ldc = lds;
-    const float one = 1.f, zero = 0.f;
-    sgemm_("T", "N", &m, &n, &kk, &one, k, &lda, q, &ldb, &zero, s, &ldc);
-    return;
-  }
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t c = 0; c < N; ++c) s[r * lds + c] = dot(q + r * ldq, k + c * ldk, D);
-}
-
-// O[r] += sum_c P[r, c] * V[c] for r < R.
-void gemm_pv(const float* p, int64_t ldp, const float* v, int64_t ldv, float* o, int64_t ldo,
-             int64_t R, int64_t N, int64_t D) {
-  if (use_blas()) {
-    const int m = D, n = R, kk = N, lda = ldv, ldb = ldp, ldc = ldo;
-    const float one = 1.f;
-    sgemm_("N", "N", &m, &n, &kk, &one, v, &lda, p, &ldb, &one, o, &ldc);
-    return;
-  }
-  for (int64_t r = 0; r < R; ++r) {
-    float* orow = o + r * ldo;
-    for (int64_t c = 0; c < N; ++c) {
-      const float w = p[r * ldp + c];
-      if (w == 0.f) continue;
-      at::vec::map2([w](Vec x, Vec y) { return at::vec::fmadd(Vec(w), y, x); }, orow, orow,
-                    v + c * ldv, D);
-    }
-  }
-}
-
 // Sorted, merged, non-empty ranges of one query row.
 struct Ranges {
   const int32_t* r;  // pairs
   int32_t n;
 };
-
-enum Cover { kNone, kPartial, kFull };
-
-Cover cover(const Ranges& rg, int64_t c0, int64_t c1) {
-  for (int32_t i = 0; i < rg.n; ++i) {
-    const int64_t s = rg.r[2 * i], e = rg.r[2 * i + 1];
-    if (e <= c0) continue;
-    if (s >= c1) return kNone;
-    return (s <= c0 && e >= c1) ? kFull : kPartial;
-  }
-  return kNone;
-}
-
-// Sort + merge pairs in place; returns the number kept.
-int32_t merge(int32_t* pr, int32_t n) {
-  std::vector<std::pair<int32_t, int32_t>> v;
-  v.reserve(n);
-  for (int32_t i = 0; i < n; ++i)
-    if (pr[2 * i] < pr[2 * i + 1]) v.emplace_back(pr[2 * i], pr[2 * i + 1]);
-  std::sort(v.begin(), v.end());
-  int32_t m = 0;
-  for (auto& x : v) {
-    if (m > 0 && x.first <= pr[2 * m - 1]) {
-      pr[2 * m - 1] = std::max(pr[2 * m - 1], x.second);
-    } else {
-      pr[2 * m] = x.first;
-      pr[2 * m + 1] = x.second;
-      ++m;
-    }
-  }
-  return m;
-}
-
-template <typename T>
-void to_float(const T* src, float* dst, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) {
-    std::copy(src, src + n, dst);
-  } else {
-    at::vec::convert(src, dst, n);
-  }
-}
 
 struct Unit {
   int64_t b, h, blk, split;
@@ -245,7 +149,7 @@ class Kernel {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t bt = u.b * p_.Tq + t;
       const Ranges rg{rows_.data() + bt * p_.NI * 2, nrows_[bt]};
-      const Cover cv = cover(rg, c0, c1);
+      const Cover cv = cover(rg.r, rg.n, c0, c1);
       Kind k = cv == kNone ? kSkip : cv == kFull ? kDense : kMasked;
       if (k == kMasked) {
         int64_t nv = 0;
@@ -283,7 +187,7 @@ class Kernel {
 
     if (dlo >= 0) {
       const int64_t r0 = (dlo - t0) * G, R = (dhi - dlo) * G;
-      gemm_qk(qp + r0 * D, D, kt, ldk, s, lds, R, n, D);
+      gemm_abt(qp + r0 * D, D, kt, ldk, s, lds, R, n, D);
       for (int64_t t = dlo; t < dhi; ++t) {
         const Kind k = kind[t - t0];
         if (k == kMasked) {
@@ -309,7 +213,7 @@ class Kernel {
           update(sr, n, r, acc, m, l);
         }
       }
-      gemm_pv(s, lds, vt, ldv, acc + r0 * D, D, R, n, D);
+      gemm_ab(s, lds, vt, ldv, acc + r0 * D, D, R, n, D, 1.f);
     }
     if (!any_sparse) return;
     for (int64_t t = t0; t < t1; ++t) {
@@ -359,11 +263,6 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q_in, const at::Ten
               "interval_attention (CPU): q must be float32, bfloat16 or float16, got ",
               q_in.scalar_type());
   TORCH_CHECK(!softcap.has_value() || *softcap > 0, "interval_attention: softcap must be > 0");
-  // Rows must be unit-stride vectors at least D apart (BLAS leading dimension); HF's
-  // transposed [B,T,H,D] views qualify, expanded or oddly strided tensors are copied.
-  auto last_contig = [](const at::Tensor& t) {
-    return t.stride(3) == 1 && t.stride(2) >= t.size(3) ? t : t.clone(at::MemoryFormat::Contiguous);
-  };
   const at::Tensor q = last_contig(q_in), k = last_contig(k_in), v = last_contig(v_in);
   auto out = at::empty({d.B, d.Hq, d.Tq, d.D}, q.options());
   auto lse = at::empty({want_lse ? d.B : 0, d.Hq, d.Tq}, q.options().dtype(at::kFloat));
