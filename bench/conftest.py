@@ -13,6 +13,7 @@ session). At session end the cases go to ``bench/results/summary.json`` and a ta
 """
 from __future__ import annotations
 
+import functools
 import gc
 import importlib.util
 import json
@@ -117,8 +118,10 @@ def _git() -> str | None:
         return None
 
 
+@functools.lru_cache(maxsize=None)
 def _build_id() -> str | None:
-    """mtime of the loaded extension, to tell rebuilt kernels apart in merged summaries."""
+    """mtime of the extension when first asked (cases run after import, so: the loaded one),
+    to tell rebuilt kernels apart in merged summaries."""
     try:
         import safeattn._C as ext
         return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(os.path.getmtime(ext.__file__)))

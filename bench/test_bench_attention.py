@@ -193,7 +193,9 @@ def test_probe_overhead(compare, model, b, s, dtype):
     case = describe("probe_overhead", f"probe_overhead/{_id((model, b, s, dtype))}", model, q2,
                     k, iv2, dtype, ("overhead", "<=", 1.05),
                     "ours, Tq=1 decode (token row only, full prefix)")
-    compare(case, ours, base, budget_s=1.0)
+    extras = {"ours_raw_op": raw_op(q2, k, v, iv2, scale),
+              "baseline_raw_op": raw_op(q1, k, v, iv1, scale)}
+    compare(case, ours, base, extras=extras, budget_s=1.0)
 
 
 @pytest.mark.parametrize("model,b,s,dtype", DECODE_GRID, ids=[_id(p) for p in DECODE_GRID])
