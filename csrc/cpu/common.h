@@ -1,6 +1,7 @@
 // Helpers shared by the CPU forward and backward kernels of interval attention.
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
@@ -146,6 +147,26 @@ inline at::Tensor last_contig(const at::Tensor& t) {
   // Rows must be unit-stride vectors at least D apart (BLAS leading dimension); expanded
   // (e.g. the grad of .sum()) or oddly strided tensors are copied.
   return t.stride(3) == 1 && t.stride(2) >= t.size(3) ? t : t.clone(at::MemoryFormat::Contiguous);
+}
+
+// Checks intervals [B,Tq,NI,2] against Tk (errors name `op`), then sorts and merges each
+// row's ranges once: rows holds B*Tq*NI pairs, the first nrows[r] of row r valid.
+inline void merged_rows(const at::Tensor& intervals, int64_t Tk, const char* op,
+                        std::vector<int32_t>& rows, std::vector<int32_t>& nrows) {
+  const auto iv = intervals.contiguous();
+  const int64_t Tq = iv.size(1), NI = iv.size(2), nrow = iv.size(0) * Tq;
+  const int32_t* ip = iv.data_ptr<int32_t>();
+  rows.assign(ip, ip + nrow * NI * 2);
+  nrows.assign(nrow, 0);
+  for (int64_t i = 0; i < nrow * NI; ++i) {
+    const int32_t s = rows[2 * i], e = rows[2 * i + 1];
+    TORCH_CHECK(0 <= s && s <= e && e <= Tk, op, ": intervals[", i / (Tq * NI), "][",
+                (i / NI) % Tq, "][", i % NI, "] = [", s, ", ", e,
+                ") is out of range: need 0 <= start <= end <= Tk=", Tk);
+  }
+  at::parallel_for(0, nrow, 64, [&](int64_t a, int64_t z) {
+    for (int64_t r = a; r < z; ++r) nrows[r] = merge(rows.data() + r * NI * 2, NI);
+  });
 }
 
 }  // namespace safeattn::cpu

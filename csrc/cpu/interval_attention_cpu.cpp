@@ -269,20 +269,8 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q_in, const at::Ten
   if (out.numel() == 0) return {out, lse.fill_(kNegInf)};
   float* lsep = want_lse ? lse.data_ptr<float>() : nullptr;
 
-  // Validate, then sort and merge each row's ranges once.
-  auto iv = intervals.contiguous();
-  const int32_t* ip = iv.data_ptr<int32_t>();
-  const int64_t nrow = d.B * d.Tq;
-  std::vector<int32_t> rows(ip, ip + nrow * d.NI * 2), nrows(nrow);
-  for (int64_t i = 0; i < nrow * d.NI; ++i) {
-    const int32_t s = rows[2 * i], e = rows[2 * i + 1];
-    TORCH_CHECK(0 <= s && s <= e && e <= d.Tk, "interval_attention: intervals[",
-                i / (d.Tq * d.NI), "][", (i / d.NI) % d.Tq, "][", i % d.NI, "] = [", s, ", ", e,
-                ") is out of range: need 0 <= start <= end <= Tk=", d.Tk);
-  }
-  at::parallel_for(0, nrow, 64, [&](int64_t a, int64_t z) {
-    for (int64_t r = a; r < z; ++r) nrows[r] = merge(rows.data() + r * d.NI * 2, d.NI);
-  });
+  std::vector<int32_t> rows, nrows;
+  merged_rows(intervals, d.Tk, "interval_attention", rows, nrows);
 
   Params p{};
   p.B = d.B; p.Hq = d.Hq; p.Hkv = d.Hkv; p.G = d.Hq / d.Hkv; p.Tq = d.Tq; p.Tk = d.Tk;
