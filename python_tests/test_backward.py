@@ -18,7 +18,6 @@ import random
 import subprocess
 import sys
 import textwrap
-import zlib
 
 import pytest
 import torch
@@ -27,6 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import safeattn
 from safeattn import intervals as ivs
 from safeattn import reference as ref
+from _cases import decode_intervals as _decode_intervals, random_intervals, seed_of
 
 fwd_op = torch.ops.safeattn.interval_attention_fwd.default
 bwd_op = torch.ops.safeattn.interval_attention_bwd.default
@@ -36,10 +36,6 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # --------------------------------------------------------------------------------- helpers
-def seed_of(*args) -> int:
-    return zlib.crc32(repr(args).encode())
-
-
 @contextlib.contextmanager
 def bwd_mode(mode):
     """Force the kernel's fused (1) or two-pass split (0) scheme; None = its own choice."""
@@ -71,36 +67,6 @@ def qkvg(g, b, hq, hkv, tq, tk, d, dtype, std=1.0):
     v = torch.randn(b, hkv, tk, d, generator=g).to(dtype)
     go = torch.randn(b, hq, tq, d, generator=g).to(dtype)
     return q, k, v, go
-
-
-def random_intervals(rng: random.Random, b, tq, tk, ni, p_empty_row=0.15) -> torch.Tensor:
-    """[B,Tq,NI,2] int32 with empty, overlapping, duplicated and full ranges mixed in."""
-    out = torch.zeros(b, tq, ni, 2, dtype=torch.int32)
-    for bi in range(b):
-        for t in range(tq):
-            empty_row = rng.random() < p_empty_row
-            prev = None
-            for i in range(ni):
-                kind = rng.randrange(6)
-                if empty_row or kind == 0 or tk == 0:
-                    s = rng.randint(0, tk)
-                    e = s
-                elif kind == 1 and prev is not None:  # exact duplicate
-                    s, e = prev
-                elif kind == 2 and prev is not None:  # overlap with the previous range
-                    s = rng.randint(prev[0], prev[1])
-                    e = rng.randint(s, tk)
-                elif kind == 3:  # short range
-                    s = rng.randrange(tk)
-                    e = min(tk, s + rng.randint(1, 3))
-                elif kind == 4:
-                    s, e = 0, tk
-                else:
-                    s = rng.randint(0, tk)
-                    e = rng.randint(s, tk)
-                out[bi, t, i, 0], out[bi, t, i, 1] = s, e
-                prev = (s, e)
-    return out
 
 
 def kernel_grads(q, k, v, go, iv, scale=None, softcap=None):
@@ -228,26 +194,6 @@ def _decode_cases():
                                   id=f"b{b}-hq{hkv * ratio}-hkv{hkv}-tq{tq}-tk{tk}-d{d}-"
                                      f"{str(dtype)[6:]}-{layout}"))
     return cases
-
-
-def _decode_intervals(rng, g, layout, b, tq, tk):
-    if layout == "causal" or tk < 4:
-        return ivs.causal(b, tq, tk, pad=torch.randint(0, max(1, tk // 4), (b,), generator=g))
-    if layout == "probe":
-        # row 0: the new token; row 1 (tq == 2): the probe: [CLS], a query span, a response
-        # window and itself
-        out = torch.zeros(b, tq, 4, 2, dtype=torch.int32)
-        for bi in range(b):
-            pad = rng.randint(0, 3)
-            qs = rng.randint(pad + 1, tk // 3)
-            qe = rng.randint(qs, tk // 2)
-            ws = rng.randint(qe, tk - 1)
-            we = rng.randint(ws, tk - 1)
-            out[bi, 0, 0] = torch.tensor([pad, tk - 1 if tq == 2 else tk])
-            if tq == 2:
-                out[bi, 1] = torch.tensor([[0, 1], [qs, qe], [ws, we], [tk - 1, tk]])
-        return out
-    return random_intervals(rng, b, tq, tk, rng.randint(1, 4))
 
 
 @pytest.mark.parametrize("b,hq,hkv,tq,tk,d,dtype,layout,mode", _decode_cases())

@@ -1,0 +1,64 @@
+"""Seeded interval layouts shared by the forward and backward kernel tests."""
+from __future__ import annotations
+
+import random
+import zlib
+
+import torch
+
+from safeattn import intervals as ivs
+
+
+def seed_of(*args) -> int:
+    return zlib.crc32(repr(args).encode())
+
+
+def random_intervals(rng: random.Random, b, tq, tk, ni, p_empty_row=0.15) -> torch.Tensor:
+    """[B,Tq,NI,2] int32 with empty, overlapping, duplicated and full ranges mixed in."""
+    out = torch.zeros(b, tq, ni, 2, dtype=torch.int32)
+    for bi in range(b):
+        for t in range(tq):
+            empty_row = rng.random() < p_empty_row
+            prev = None
+            for i in range(ni):
+                kind = rng.randrange(6)
+                if empty_row or kind == 0 or tk == 0:  # empty, anywhere
+                    s = rng.randint(0, tk)
+                    e = s
+                elif kind == 1 and prev is not None:  # exact duplicate
+                    s, e = prev
+                elif kind == 2 and prev is not None:  # overlap with the previous range
+                    s = rng.randint(prev[0], prev[1])
+                    e = rng.randint(s, tk)
+                elif kind == 3:  # short range, often a single key
+                    s = rng.randrange(tk)
+                    e = min(tk, s + rng.randint(1, 3))
+                elif kind == 4:  # everything
+                    s, e = 0, tk
+                else:
+                    s = rng.randint(0, tk)
+                    e = rng.randint(s, tk)
+                out[bi, t, i, 0], out[bi, t, i, 1] = s, e
+                prev = (s, e)
+    return out
+
+
+def decode_intervals(rng, g, layout, b, tq, tk):
+    if layout == "causal" or tk < 4:
+        pad = torch.randint(0, max(1, tk // 4), (b,), generator=g)
+        return ivs.causal(b, tq, tk, pad=pad)
+    if layout == "probe":
+        # Row 0: the new token (causal, not the probe column); row 1: the probe, which sees
+        # [CLS] (column 0), a query span, a response window and itself (the last column).
+        out = torch.zeros(b, tq, 4, 2, dtype=torch.int32)
+        for bi in range(b):
+            pad = rng.randint(0, 3)
+            qs = rng.randint(pad + 1, tk // 3)
+            qe = rng.randint(qs, tk // 2)
+            ws = rng.randint(qe, tk - 1)
+            we = rng.randint(ws, tk - 1)
+            out[bi, 0, 0] = torch.tensor([pad, tk - 1 if tq == 2 else tk])
+            if tq == 2:
+                out[bi, 1] = torch.tensor([[0, 1], [qs, qe], [ws, we], [tk - 1, tk]])
+        return out
+    return random_intervals(rng, b, tq, tk, rng.randint(1, 4))
