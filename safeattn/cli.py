@@ -2,45 +2,103 @@
 from __future__ import annotations
 
 import argparse
-import time
+from pathlib import Path
 
 
 def _demo(args: argparse.Namespace) -> int:
-    """Show the interval op on a Gemma-3-270M-shaped decode step with a [CLS] probe row."""
+    from .demo import run_demo
+    return run_demo(args.model, max_new_tokens=args.max_new_tokens,
+                    plot=None if args.no_plot else args.plot)
+
+
+def _load_model(spec: str):
     import torch
-    import torch.nn.functional as F
 
-    from . import ops, reference
+    if spec == "default":
+        from .models import load_default
+        return load_default()
+    from pathlib import Path
 
-    torch.manual_seed(0)
-    b, hq, hkv, d, tk = args.batch, 4, 1, 256, args.keys
-    q = torch.randn(b, hq, 2, d)
-    k, v = torch.randn(b, hkv, tk, d), torch.randn(b, hkv, tk, d)
-    qs = (2, min(tk - 1, 34))
-    # Row 0: the new token sees every key. Row 1: a probe sees q_span, the last 10 keys, itself.
-    iv = torch.tensor([[[0, tk], [0, 0], [0, 0]],
-                       [[qs[0], qs[1]], [max(0, tk - 11), tk - 1], [tk - 1, tk]]],
-                      dtype=torch.int32).expand(b, 2, 3, 2).contiguous()
-    out = ops.interval_attention(q, k, v, iv)
-    ref = reference.interval_attention(q.double(), k.double(), v.double(), iv)
-    print(f"interval_attention q{tuple(q.shape)} k{tuple(k.shape)}: "
-          f"max |out - reference| = {(out.double() - ref).abs().max():.2e}")
+    from .hf.persist import from_pretrained
+    if not Path(spec).is_dir():
+        raise SystemExit(f"safeattn: --model {spec!r}: expected 'default' or a directory saved "
+                         "with save_pretrained from a patched model")
+    model, tok = from_pretrained(spec, dtype=torch.float32)
+    return model.eval(), tok
 
-    def timed(fn, n=50):
-        for _ in range(5):
-            fn()
-        t = time.perf_counter()
-        for _ in range(n):
-            fn()
-        return (time.perf_counter() - t) / n * 1e3
 
-    mask = reference.interval_mask(iv, tk)[:, None]
-    kr, vr = k.repeat_interleave(hq // hkv, 1), v.repeat_interleave(hq // hkv, 1)
-    ours = timed(lambda: torch.ops.safeattn.interval_attention(q, k, v, iv, None, None))
-    sdpa = timed(lambda: F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask))
-    print(f"token + probe rows, one call: {ours:.3f} ms; SDPA with repeat_kv + dense mask: "
-          f"{sdpa:.3f} ms ({sdpa / ours:.2f}x)")
+def _eval(args: argparse.Namespace) -> int:
+    import json
+    import sys
+
+    from . import eval as ev
+    from .generation import SafetyConfig
+
+    # Validate everything before the (slow) model load.
+    try:
+        attacks = ev.parse_attacks(args.attack)
+        benign_attacks = ev.parse_attacks(args.benign_attacks)
+        modes = list(ev.MODES) if args.mode == "both" else [args.mode]
+        rows = ev.load_prompts(args.data, limit=args.limit)
+        ks = [int(k) for k in args.prefill_k.split(",") if k.strip()]
+        safety = SafetyConfig(schedule=args.schedule, threshold=args.threshold, tau=args.tau,
+                              period=args.period)
+    except (ValueError, ev.EvalError) as e:
+        print(f"safeattn eval: error: {e}", file=sys.stderr)
+        return 2
+    for flag, path in (("--json", args.json), ("--markdown", args.markdown)):
+        if path and path != "-" and not Path(path).resolve().parent.is_dir():
+            print(f"safeattn eval: error: {flag} {path}: the directory does not exist",
+                  file=sys.stderr)
+            return 2
+    model, tok = _load_model(args.model)
+    try:
+        report = ev.evaluate(model, tok, rows, attacks=attacks, modes=modes, safety=safety,
+                             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                             seed=args.seed, prefill_ks=ks, target_fpr=args.target_fpr,
+                             template_max_chars=args.template_max_chars,
+                             benign_attacks=benign_attacks, keep_responses=args.responses,
+                             model_name=args.model)
+    except ev.EvalError as e:
+        print(f"safeattn eval: error: {e}", file=sys.stderr)
+        return 2
+    md = ev.to_markdown(report)
+    text = json.dumps(ev.public(report), indent=2)
+    if args.json == "-":
+        print(text)
+    else:
+        print(md)
+        if args.json:
+            Path(args.json).write_text(text + "\n", encoding="utf-8")
+            print(f"JSON report: {args.json}")
+    if args.markdown:
+        Path(args.markdown).write_text(md, encoding="utf-8")
+    if args.plots:
+        for p in ev.write_plots(report, args.plots, tok):
+            print(f"plot: {p}", file=sys.stderr if args.json == "-" else sys.stdout)
     return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "bench" / "conftest.py").exists():
+        print("safeattn bench: error: needs a source checkout (bench/ is not part of the "
+              f"installed package; looked in {root / 'bench'})", file=sys.stderr)
+        return 2
+    sel = {"ops": "not generate", "generate": "generate", "all": None}[args.suite]
+    cmd = [sys.executable, "-m", "pytest", "bench", "-q"]
+    if sel:
+        cmd += ["-k", sel]
+    if args.merge:
+        cmd.append("--safeattn-merge")
+    cmd += args.pytest_args
+    rc = subprocess.call(cmd, cwd=root)
+    if rc == 0:
+        rc = subprocess.call([sys.executable, str(root / "bench" / "summarize.py")], cwd=root)
+    return rc
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -48,12 +106,72 @@ def _train(args: argparse.Namespace) -> int:
     return run_train(args)
 
 
+def _add_eval(sub) -> None:
+    from .eval import ATTACKS
+    from .generation import SCHEDULES
+
+    p = sub.add_parser(
+        "eval", help="ASR under attacks and over-refusal, plain vs safeattn",
+        description="Run prompts under attacks with plain generation and with safeattn's "
+                    "strategic decoding, judge the model's own first turn with the keyword "
+                    "judge, and report ASR (harmful) and over-refusal (benign) per attack "
+                    "(safeattn.eval).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="default",
+                   help="'default' (Gemma-3-270M + the shipped head) or a directory saved with "
+                        "save_pretrained from a patched model")
+    p.add_argument("--data", default="test",
+                   help="a .jsonl file (prompt, label = harmful|benign, optional target, id) or "
+                        "a built-in set: test, harmful, benign, over_refusal, xstest_unsafe")
+    p.add_argument("--attack", default="direct",
+                   help=f"comma-separated attacks from {','.join(ATTACKS)}, or 'all'")
+    p.add_argument("--benign-attacks", default="direct",
+                   help="attacks that benign prompts also run under (over-refusal); 'all' or a "
+                        "comma-separated list")
+    p.add_argument("--mode", default="both", choices=("plain", "safe", "both"),
+                   help="plain generate, safeattn generate, or both on the same prompts")
+    p.add_argument("--schedule", default="each", choices=SCHEDULES,
+                   help="when safe mode re-checks (DESIGN.md section 3)")
+    p.add_argument("--period", type=int, default=4, help="k of the periodic schedule")
+    p.add_argument("--threshold", type=float, default=0.5, help="theta: P(malicious) alarm level")
+    p.add_argument("--tau", type=int, default=3, help="consecutive alarms before refusing")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="tokens generated per prompt")
+    p.add_argument("--limit", type=int, default=None,
+                   help="keep the first N prompts of each label")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds sampling, template choice and suffix noise")
+    p.add_argument("--prefill-k", default="5,10,20,40",
+                   help="prefix lengths (tokens) of the prefill attack, besides the full target")
+    p.add_argument("--template-max-chars", type=int, default=1500,
+                   help="use jailbreak templates of at most this many characters")
+    p.add_argument("--target-fpr", type=float, default=0.05,
+                   help="false-positive rate that calibrates theta in the report's meta")
+    p.add_argument("--json", default=None, help="write the JSON report here ('-' = stdout)")
+    p.add_argument("--markdown", default=None, help="write the Markdown table here")
+    p.add_argument("--plots", default=None,
+                   help="directory for PNG plots (ASR bars, ROC, traces; needs matplotlib)")
+    p.add_argument("--responses", action="store_true",
+                   help="include every prompt's response in the JSON (under 'examples')")
+    p.set_defaults(func=_eval)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="safeattn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the interval-attention op on a decode step")
-    demo.add_argument("--batch", type=int, default=1)
-    demo.add_argument("--keys", type=int, default=1024, help="KV cache length")
+    demo = sub.add_parser(
+        "demo", help="plain vs safeattn on harmful, benign and prefill-attacked prompts",
+        description="Load Gemma-3-270M with the shipped safety head (or --model), generate "
+                    "for a handful of test-split prompts with plain and with safeattn "
+                    "generation, print the verdicts side by side and plot one safety trace.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    demo.add_argument("--model", default="default",
+                      help="'default' or a directory saved with save_pretrained from a patched "
+                           "model")
+    demo.add_argument("--max-new-tokens", type=int, default=40, help="tokens per prompt")
+    demo.add_argument("--plot", default="safeattn_demo_trace.png",
+                      help="where to write the trace plot (PNG)")
+    demo.add_argument("--no-plot", action="store_true", help="do not write the trace plot")
     demo.set_defaults(func=_demo)
     train = sub.add_parser("train", help="train the [CLS] head / model (HF Trainer)",
                            description="Joint LM + [CLS] training (safeattn.training). Runs "
@@ -61,6 +179,19 @@ def main(argv: list[str] | None = None) -> int:
     from .training_args import add_train_arguments
     add_train_arguments(train)
     train.set_defaults(func=_train)
+    _add_eval(sub)
+    bench = sub.add_parser(
+        "bench", help="run the benchmark suite (source checkout) and print its table",
+        description="Runs `python -m pytest bench` (pytest-benchmark; ratios against the "
+                    "baseline in the same run) and prints bench/summarize.py's table. The "
+                    "JSON summary is bench/results/summary.json.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    bench.add_argument("--suite", default="ops", choices=("ops", "generate", "all"),
+                       help="op benches (vs SDPA), safe-vs-plain generate (Gemma-3-270M), or both")
+    bench.add_argument("--merge", action="store_true",
+                       help="merge into the existing summary.json instead of replacing it")
+    bench.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
+    bench.set_defaults(func=_bench)
     args = parser.parse_args(argv)
     if args.command == "train":
         import sys
