@@ -45,6 +45,36 @@ inline AttnDims check_interval_attention(const at::Tensor& q, const at::Tensor& 
   return d;
 }
 
+// interval_attention_bwd: the forward's checks plus grad_out/out/lse against q.
+inline AttnDims check_interval_attention_bwd(const at::Tensor& grad_out, const at::Tensor& q,
+                                             const at::Tensor& k, const at::Tensor& v,
+                                             const at::Tensor& out, const at::Tensor& lse,
+                                             const at::Tensor& intervals,
+                                             std::optional<double> softcap) {
+  const AttnDims d = check_interval_attention(q, k, v, intervals);
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(grad_out.sizes() == q.sizes(), "interval_attention_bwd: grad_out must be ",
+              q.sizes(), " like q, got ", grad_out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == dt, "interval_attention_bwd: grad_out must be ", dt,
+              " like q, got ", grad_out.scalar_type());
+  TORCH_CHECK(out.sizes() == q.sizes(), "interval_attention_bwd: out must be ", q.sizes(),
+              " like q, got ", out.sizes());
+  TORCH_CHECK(out.scalar_type() == dt, "interval_attention_bwd: out must be ", dt,
+              " like q, got ", out.scalar_type());
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == d.B && lse.size(1) == d.Hq && lse.size(2) == d.Tq,
+              "interval_attention_bwd: lse must be [B,Hq,Tq]=[", d.B, ",", d.Hq, ",", d.Tq,
+              "], got ", lse.sizes());
+  TORCH_CHECK(lse.scalar_type() == at::kFloat, "interval_attention_bwd: lse must be float32, got ",
+              lse.scalar_type());
+  TORCH_CHECK(grad_out.device() == q.device() && out.device() == q.device() &&
+                  lse.device() == q.device(),
+              "interval_attention_bwd: grad_out, out, lse must be on q's device ", q.device(),
+              ", got grad_out=", grad_out.device(), " out=", out.device(), " lse=", lse.device());
+  TORCH_CHECK(!softcap.has_value() || *softcap > 0,
+              "interval_attention_bwd: softcap must be > 0, got ", softcap.value_or(0.0));
+  return d;
+}
+
 struct StepDims {
   int64_t B, D;
 };

@@ -265,31 +265,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> interval_attention_bwd_cpu(
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
     const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in,
     const at::Tensor& intervals, std::optional<double> scale, std::optional<double> softcap) {
-  const AttnDims d = check_interval_attention(q_in, k_in, v_in, intervals);
+  const AttnDims d = check_interval_attention_bwd(grad_out_in, q_in, k_in, v_in, out_in, lse_in,
+                                                 intervals, softcap);
   const auto dt = q_in.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
               "interval_attention_bwd (CPU): q must be float32, bfloat16 or float16, got ", dt);
-  TORCH_CHECK(grad_out_in.sizes() == q_in.sizes(), "interval_attention_bwd: grad_out must be ",
-              q_in.sizes(), " like q, got ", grad_out_in.sizes());
-  TORCH_CHECK(grad_out_in.scalar_type() == dt, "interval_attention_bwd: grad_out must be ", dt,
-              " like q, got ", grad_out_in.scalar_type());
-  TORCH_CHECK(out_in.sizes() == q_in.sizes(), "interval_attention_bwd: out must be ",
-              q_in.sizes(), " like q, got ", out_in.sizes());
-  TORCH_CHECK(out_in.scalar_type() == dt, "interval_attention_bwd: out must be ", dt,
-              " like q, got ", out_in.scalar_type());
-  TORCH_CHECK(lse_in.dim() == 3 && lse_in.size(0) == d.B && lse_in.size(1) == d.Hq &&
-                  lse_in.size(2) == d.Tq,
-              "interval_attention_bwd: lse must be [B,Hq,Tq]=[", d.B, ",", d.Hq, ",", d.Tq,
-              "], got ", lse_in.sizes());
-  TORCH_CHECK(lse_in.scalar_type() == at::kFloat,
-              "interval_attention_bwd: lse must be float32, got ", lse_in.scalar_type());
-  TORCH_CHECK(grad_out_in.device() == q_in.device() && out_in.device() == q_in.device() &&
-                  lse_in.device() == q_in.device(),
-              "interval_attention_bwd: grad_out, out, lse must be on q's device ", q_in.device(),
-              ", got grad_out=", grad_out_in.device(), " out=", out_in.device(),
-              " lse=", lse_in.device());
-  TORCH_CHECK(!softcap.has_value() || *softcap > 0,
-              "interval_attention_bwd: softcap must be > 0, got ", softcap.value_or(0.0));
 
   auto dq = at::zeros({d.B, d.Hq, d.Tq, d.D}, q_in.options());
   auto dk = at::zeros({d.B, d.Hkv, d.Tk, d.D}, q_in.options());
