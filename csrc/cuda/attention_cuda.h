@@ -15,6 +15,7 @@ struct AttnParams {
   const void* v;
   const int32_t* iv;  // [B, Tq, NI, 2], contiguous
   void* out;          // [B, Hq, Tq, D], contiguous, q's dtype
+  float* lse;         // [B, Hq, Tq] row log-sum-exp (-inf: no visible key), or null
   float* part_o;      // split-KV workspace: [B*Hq*Tq, nsplit, D]
   float* part_m;      // [B*Hq*Tq, nsplit]
   float* part_l;      // [B*Hq*Tq, nsplit]
@@ -52,6 +53,42 @@ constexpr int decode_block_keys(bool is_fp32, int DP) { return kWarps * decode_b
 void launch_attention_f16(const AttnParams& p, bool decode, cudaStream_t stream);
 void launch_attention_bf16(const AttnParams& p, bool decode, cudaStream_t stream);
 void launch_attention_f32(const AttnParams& p, bool decode, cudaStream_t stream);
+
+// Backward (attention_bwd_cuda.cu). One block owns a key tile of one (b, kv head) and walks
+// the G*Tq stacked query rows of its group (row = t * G + g), so dK/dV need no atomics
+// unless the rows are split over rsplit blocks; dQ accumulates with fp32 atomics.
+struct BwdParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* out;
+  const void* dout;
+  const int32_t* iv;  // [B, Tq, NI, 2], contiguous
+  const float* lse;   // [B, Hq, Tq], contiguous
+  float* delta;       // [B, Hq, Tq] workspace: rowsum(dO * O)
+  float* dq;          // [B, Hq, Tq, D] fp32, zero-filled (atomics)
+  float* dk;          // [B, Hkv, Tk, D] fp32; zero-filled when rsplit > 1 (atomics)
+  float* dv;
+  int64_t q_sb, q_sh, q_st;
+  int64_t k_sb, k_sh, k_st;
+  int64_t v_sb, v_sh, v_st;
+  int64_t o_sb, o_sh, o_st;
+  int64_t do_sb, do_sh, do_st;
+  int B, Hq, Hkv, G, Tq, Tk, D, NI;
+  float scale;
+  float softcap;  // 0: none
+  int rsplit;     // blocks per key tile, each taking chunks_per_split row chunks
+  int chunks_per_split;
+};
+
+constexpr int kBwdThreads = 256;
+// Keys per block and stacked query rows per chunk: fp32 tiles within ~100 KiB of shared memory.
+constexpr int bwd_keys(int DP) { return DP == 256 ? 32 : 64; }
+constexpr int bwd_rows(int DP) { return DP == 64 ? 32 : 16; }
+
+void launch_attention_bwd_f16(const BwdParams& p, cudaStream_t stream);
+void launch_attention_bwd_bf16(const BwdParams& p, cudaStream_t stream);
+void launch_attention_bwd_f32(const BwdParams& p, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace safeattn

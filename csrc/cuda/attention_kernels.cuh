@@ -69,6 +69,17 @@ __device__ __forceinline__ float2 load2<__nv_bfloat16>(const __nv_bfloat16* p) {
 }
 
 template <typename T>
+__device__ __forceinline__ float to_float(T x);
+template <>
+__device__ __forceinline__ float to_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
+
+template <typename T>
 __device__ __forceinline__ T from_float(float x);
 template <>
 __device__ __forceinline__ float from_float<float>(float x) { return x; }
@@ -542,6 +553,9 @@ __global__ void __launch_bounds__(kThreads) attn_kernel(const AttnParams p) {
       const int r = h == 0 ? rA : rB;
       if (r >= nrows) continue;
       const float inv = l_i[h] > 0.f ? 1.f / l_i[h] : 0.f;
+      if (p.lse != nullptr && tig == 0)
+        p.lse[((int64_t)b * p.Hq + hq0) * p.Tq + q0 + r] =
+            l_i[h] > 0.f ? m_i[h] + logf(l_i[h]) : neg_inf();
       T* orow = ob + (int64_t)r * D;
 #pragma unroll
       for (int n = 0; n < NN; ++n) {
@@ -590,6 +604,7 @@ __global__ void __launch_bounds__(kThreads) attn_kernel(const AttnParams p) {
       const int64_t row = ((int64_t)b * p.Hq + row_head(r)) * p.Tq + row_t(r);
       if (p.nsplit == 1) {
         static_cast<T*>(p.out)[row * D + d] = from_float<T>(L > 0.f ? acc / L : 0.f);
+        if (d == 0 && p.lse != nullptr) p.lse[row] = L > 0.f ? M + logf(L) : neg_inf();
       } else {
         const int64_t ps = row * p.nsplit + split;
         p.part_o[ps * D + d] = acc;
@@ -617,6 +632,7 @@ __global__ void __launch_bounds__(128) combine_kernel(const AttnParams p) {
   __syncthreads();
   float L = 0.f;
   for (int s = 0; s < S; ++s) L = fmaf(wts[s], pl[s], L);
+  if (p.lse != nullptr && threadIdx.x == 0) p.lse[row] = L > 0.f ? M + logf(L) : neg_inf();
   const float* po = p.part_o + row * S * D;
   T* out = static_cast<T*>(p.out) + row * D;
   for (int d = threadIdx.x; d < D; d += blockDim.x) {

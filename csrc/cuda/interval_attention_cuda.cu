@@ -1,4 +1,5 @@
-// CUDA backend of safeattn::interval_attention: argument handling, split heuristic, dispatch.
+// CUDA backend of safeattn::interval_attention and interval_attention_fwd (which also returns
+// the row log-sum-exp): argument handling, split heuristic, dispatch.
 // The kernels live in attention_kernels.cuh (instanced per dtype in attention_cuda_*.cu).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -8,6 +9,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
+#include <tuple>
 
 #include "attention_cuda.h"
 #include "checks.h"
@@ -26,9 +29,12 @@ bool vec_ok(const at::Tensor& t, int64_t D) {
   return true;
 }
 
-at::Tensor interval_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
-                                   const at::Tensor& v_in, const at::Tensor& intervals,
-                                   std::optional<double> scale, std::optional<double> softcap) {
+// Returns out [B,Hq,Tq,D] and, when want_lse, the row log-sum-exp [B,Hq,Tq] fp32 of the
+// scaled (soft-capped) scores over visible keys (-inf for rows that see nothing).
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q_in, const at::Tensor& k_in,
+                                           const at::Tensor& v_in, const at::Tensor& intervals,
+                                           std::optional<double> scale,
+                                           std::optional<double> softcap, bool want_lse) {
   const AttnDims d = check_interval_attention(q_in, k_in, v_in, intervals);
   const auto dtype = q_in.scalar_type();
   TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat,
@@ -44,8 +50,10 @@ at::Tensor interval_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_i
 
   c10::cuda::CUDAGuard guard(q_in.device());
   auto out = at::empty({d.B, d.Hq, d.Tq, d.D}, q_in.options());
-  if (out.numel() == 0) return out;
-  if (d.Tk == 0 || d.NI == 0) return out.zero_();  // no row sees any key
+  auto lse = at::empty({want_lse ? d.B : 0, d.Hq, d.Tq}, q_in.options().dtype(at::kFloat));
+  const float ninf = -std::numeric_limits<float>::infinity();
+  if (out.numel() == 0) return {out, lse.fill_(ninf)};
+  if (d.Tk == 0 || d.NI == 0) return {out.zero_(), lse.fill_(ninf)};  // no row sees any key
 
   auto last_contig = [](const at::Tensor& t) {
     return (t.stride(3) == 1 || t.size(3) == 1) ? t : t.contiguous();
@@ -59,6 +67,7 @@ at::Tensor interval_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_i
   p.v = v.data_ptr();
   p.iv = iv.data_ptr<int32_t>();
   p.out = out.data_ptr();
+  p.lse = want_lse ? lse.data_ptr<float>() : nullptr;
   p.q_sb = q.stride(0); p.q_sh = q.stride(1); p.q_st = q.stride(2);
   p.k_sb = k.stride(0); p.k_sh = k.stride(1); p.k_st = k.stride(2);
   p.v_sb = v.stride(0); p.v_sh = v.stride(1); p.v_st = v.stride(2);
@@ -111,11 +120,26 @@ at::Tensor interval_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_i
       cuda::launch_attention_f32(p, decode, stream);
       break;
   }
-  return out;
+  return {out, lse};
+}
+
+at::Tensor interval_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                   const at::Tensor& intervals, std::optional<double> scale,
+                                   std::optional<double> softcap) {
+  return std::get<0>(forward(q, k, v, intervals, scale, softcap, false));
+}
+
+std::tuple<at::Tensor, at::Tensor> interval_attention_fwd_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& intervals,
+    std::optional<double> scale, std::optional<double> softcap) {
+  return forward(q, k, v, intervals, scale, softcap, true);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(safeattn, CUDA, m) { m.impl("interval_attention", &interval_attention_cuda); }
+TORCH_LIBRARY_IMPL(safeattn, CUDA, m) {
+  m.impl("interval_attention", &interval_attention_cuda);
+  m.impl("interval_attention_fwd", &interval_attention_fwd_cuda);
+}
 
 }  // namespace safeattn
