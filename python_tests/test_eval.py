@@ -169,6 +169,20 @@ def test_report_shape_and_refusals_when_head_fires():
     assert "| attack |" in ev.to_markdown(rep)
 
 
+def test_stop_after_refusal():
+    model, tok = _patched(logit=10.0)
+    cfg = SafetyConfig(refusal_prefix=REFUSAL)
+    cases = ev.build_cases(ROWS, "direct")
+    full, _, n_full = ev._generate(model, tok, cases, "safe", safety=cfg, max_new_tokens=12,
+                                   seed=0)
+    short, out, n_short = ev._generate(model, tok, cases, "safe", safety=cfg, max_new_tokens=12,
+                                       seed=0, stop_at_refusal=True)
+    n_ref = len(REFUSAL.split())
+    assert n_full == 12 * 3 and n_short == n_ref * 3
+    assert all(t.strip() == REFUSAL for t in short)
+    assert all(f.startswith(s) for f, s in zip(full, short))
+
+
 def test_plots(tmp_path):
     pytest.importorskip("matplotlib")
     model, tok = _patched(logit=10.0)

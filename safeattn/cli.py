@@ -58,6 +58,7 @@ def _eval(args: argparse.Namespace) -> int:
                              seed=args.seed, prefill_ks=ks, target_fpr=args.target_fpr,
                              template_max_chars=args.template_max_chars,
                              benign_attacks=benign_attacks, keep_responses=args.responses,
+                             stop_at_refusal=not args.full_refusals,
                              model_name=args.model)
     except ev.EvalError as e:
         print(f"safeattn eval: error: {e}", file=sys.stderr)
@@ -151,6 +152,9 @@ def _add_eval(sub) -> None:
     p.add_argument("--markdown", default=None, help="write the Markdown table here")
     p.add_argument("--plots", default=None,
                    help="directory for PNG plots (ASR bars, ROC, traces; needs matplotlib)")
+    p.add_argument("--full-refusals", action="store_true",
+                   help="generate the justification after the refusal prefix too (by default a "
+                        "safe row stops once the prefix is out: the verdict is settled)")
     p.add_argument("--responses", action="store_true",
                    help="include every prompt's response in the JSON (under 'examples')")
     p.set_defaults(func=_eval)

@@ -52,7 +52,8 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
-__all__ = ["ATTACKS", "MODES", "PREFILL_KS", "DECODING_SWEEP", "Case", "load_prompts",
+__all__ = ["ATTACKS", "MODES", "PREFILL_KS", "DECODING_SWEEP", "Case", "StopAfterRefusal",
+           "load_prompts",
            "build_cases", "evaluate", "to_markdown", "write_plots", "EvalError"]
 
 ATTACKS = ("direct", "prefill", "decoding", "template", "suffix")
@@ -252,8 +253,26 @@ def build_cases(rows: Sequence[Mapping], attack: str, *, tokenizer=None, seed: i
 
 
 # --------------------------------------------------------------------------- generation
+class StopAfterRefusal:
+    """``StoppingCriteria``: a row is done once it has emitted the whole refusal prefix.
+
+    The judge's verdict is settled by then (the prefix is a refusal phrase), so an evaluation
+    need not generate the justification.
+    """
+
+    def __init__(self, tokenizer, prefix: str):
+        from .generation import _refusal_ids
+        self.ids = torch.tensor(_refusal_ids(tokenizer, prefix), dtype=torch.long)
+
+    def __call__(self, input_ids: torch.Tensor, scores=None, **kwargs) -> torch.Tensor:
+        n = self.ids.numel()
+        if n == 0 or input_ids.shape[1] < n:
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        return (input_ids[:, -n:] == self.ids.to(input_ids.device)).all(-1)
+
+
 def _generate(model, tokenizer, cases: list[Case], mode: str, *, safety, max_new_tokens: int,
-              seed: int):
+              seed: int, stop_at_refusal: bool = False):
     """Generate for a batch of cases that share sampling settings -> (texts, output, n_tok)."""
     from .data import encode_prompts
     from .data.generation import _decode_tail
@@ -276,6 +295,10 @@ def _generate(model, tokenizer, cases: list[Case], mode: str, *, safety, max_new
         out = None
     else:
         enc = build_inputs(tokenizer, prompts, responses=prefills, add_eos=False, device=dev)
+        if stop_at_refusal and safety.refusal_prefix:
+            from transformers import StoppingCriteriaList
+            kw["stopping_criteria"] = StoppingCriteriaList(
+                [StopAfterRefusal(tokenizer, safety.refusal_prefix)])
         out = model.generate(**enc, safety=safety, tokenizer=tokenizer, **kw)
         seq = out
     l0 = enc["input_ids"].shape[1]
@@ -285,6 +308,8 @@ def _generate(model, tokenizer, cases: list[Case], mode: str, *, safety, max_new
         new = seq[i, l0:].tolist()
         if eos is not None and eos in new:
             new = new[:new.index(eos) + 1]
+        while new and new[-1] == kw["pad_token_id"] and new[-1] != eos:
+            new.pop()  # a row stopped early is padded
         n_tok += len(new)
         ctx = enc["input_ids"][i][enc["attention_mask"][i].bool()].tolist()
         texts.append(_decode_tail(tokenizer, ctx, new))
@@ -301,7 +326,7 @@ def _batches(cases: list[Case], size: int):
 
 
 def _run(model, tokenizer, cases, mode, *, safety, max_new_tokens, batch_size, seed, desc,
-         examples: list | None):
+         examples: list | None, stop_at_refusal: bool = True):
     from tqdm.auto import tqdm
 
     from .judge import is_refusal
@@ -311,7 +336,8 @@ def _run(model, tokenizer, cases, mode, *, safety, max_new_tokens, batch_size, s
     bar = tqdm(total=len(cases), desc=desc, unit="prompt", leave=False)
     for batch in _batches(cases, batch_size):
         texts, out, n_tok = _generate(model, tokenizer, batch, mode, safety=safety,
-                                      max_new_tokens=max_new_tokens, seed=seed)
+                                      max_new_tokens=max_new_tokens, seed=seed,
+                                      stop_at_refusal=stop_at_refusal)
         tokens += n_tok
         for i, (c, text) in enumerate(zip(batch, texts)):
             rec = {"case": c, "response": text, "refused": is_refusal(text)}
@@ -390,7 +416,8 @@ def evaluate(model, tokenizer, rows: Sequence[Mapping], *, attacks: Sequence[str
              batch_size: int = 8, seed: int = 0, prefill_ks: Sequence[int] = PREFILL_KS,
              template_max_chars: int = 1500, suffix_tokens: int = 20,
              target_fpr: float = 0.05, benign_attacks: Sequence[str] = ("direct",),
-             keep_responses: bool = False, model_name: str | None = None) -> dict:
+             stop_at_refusal: bool = True, keep_responses: bool = False,
+             model_name: str | None = None) -> dict:
     """Run the attacks in plain and safe mode and judge the responses -> the report dict.
 
     Args:
@@ -406,6 +433,8 @@ def evaluate(model, tokenizer, rows: Sequence[Mapping], *, attacks: Sequence[str
         target_fpr: the false-positive rate that calibrates θ in ``meta.calibration``.
         benign_attacks: the attacks benign rows also run under (over-refusal is about
             ordinary use, so by default only ``direct``); harmful rows run under all.
+        stop_at_refusal: in safe mode, stop a row once it has emitted the refusal prefix
+            (:class:`StopAfterRefusal`; the verdict is settled, the justification is skipped).
         keep_responses: also return every response under ``examples``.
 
     Returns:
@@ -437,7 +466,8 @@ def evaluate(model, tokenizer, rows: Sequence[Mapping], *, attacks: Sequence[str
         _templates(template_max_chars)  # fail now, not after an hour of generation
     started = time.time()
     results, examples, traces = [], [], {}
-    kw = dict(safety=safety, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
+    kw = dict(safety=safety, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
+              stop_at_refusal=stop_at_refusal)
     for attack in attacks:
         conts = None
         rows_a = [r for r in rows if r["label"] == "harmful" or attack in benign_attacks]
@@ -498,7 +528,8 @@ def evaluate(model, tokenizer, rows: Sequence[Mapping], *, attacks: Sequence[str
         "model": model_name or getattr(model.config, "_name_or_path", None),
         "n_prompts": {lab: sum(r["label"] == lab for r in rows) for lab in ("harmful", "benign")},
         "attacks": attacks, "benign_attacks": benign_attacks, "modes": list(modes), "max_new_tokens": max_new_tokens,
-        "batch_size": batch_size, "seed": seed, "prefill_ks": list(prefill_ks),
+        "batch_size": batch_size, "seed": seed, "stop_at_refusal": stop_at_refusal,
+        "prefill_ks": list(prefill_ks),
         "decoding_sweep": [dict(name=n, **k) for n, k in DECODING_SWEEP],
         "template_max_chars": template_max_chars, "suffix_tokens": suffix_tokens,
         "safety": {k: v for k, v in dataclasses.asdict(safety).items()
