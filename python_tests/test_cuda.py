@@ -14,7 +14,9 @@ import zlib
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
+import _cases
 import safeattn
 from safeattn import intervals as ivs
 from safeattn import reference as ref
@@ -600,3 +602,408 @@ def test_safety_step_empty_batch():
                                  torch.zeros(0, 2, dtype=torch.int32, device=DEV),
                                  torch.zeros(0, dtype=torch.int32, device=DEV))
     assert p.shape == (0,) and iv.shape == (0, 2, 2)
+
+
+# ------------------------------------------------------------------ training: forward lse
+# interval_attention_fwd (out + row log-sum-exp) and interval_attention_bwd against the
+# reference, over the shape grid of the CPU backward tests (test_backward.py).
+fwd_op = torch.ops.safeattn.interval_attention_fwd.default
+bwd_op = torch.ops.safeattn.interval_attention_bwd.default
+attn_op = torch.ops.safeattn.interval_attention.default
+
+
+def test_cuda_training_kernels_are_registered():
+    for op in ("interval_attention_fwd", "interval_attention_bwd"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"safeattn::{op}", "CUDA"), op
+        for dtype in DTYPES:
+            assert safeattn.ops.kernel_for(op, torch.device(DEV), dtype) == "cuda"
+    assert "cuda" in safeattn.ops._FWD_DEVICES and "cuda" in safeattn.ops._BWD_DEVICES
+
+
+def assert_lse_matches(lse, q, k, iv, scale=None, softcap=None):
+    """lse is computed in fp32 from the (rounded) inputs, so every dtype is held to the
+    float64 reference on the same inputs; rows that see nothing must be exactly -inf."""
+    assert lse.shape == q.shape[:3] and lse.dtype == torch.float32 and lse.device == q.device
+    empty = empty_rows(iv, k.shape[2])[:, None, :].expand(lse.shape)  # [B,Hq,Tq]
+    assert torch.isneginf(lse[empty]).all(), "a row without visible keys has lse != -inf"
+    assert torch.isfinite(lse[~empty]).all(), "non-finite lse on a row that sees keys"
+    if not (~empty).any():
+        return
+    r = ref.interval_attention_lse(q.double(), k.double(), iv, scale, softcap)[~empty]
+    err = (lse[~empty].double() - r).abs().max().item()
+    tol = 1e-4 * max(1.0, r.abs().max().item())
+    assert err <= tol, f"{q.dtype}: max|lse-ref64| = {err:.3g} > {tol:.3g}"
+
+
+# Prefill blocks, decode without a KV split (many groups, few keys) and decode with split-KV
+# partials merged by combine_kernel (few groups, many keys).
+_LSE_SHAPES = [  # b, hq, hkv, tq, tk, d, layout
+    (2, 8, 2, 100, 100, 128, "causal"),
+    (1, 4, 4, 37, 37, 64, "random"),
+    (2, 4, 1, 64, 64, 256, "pad"),
+    (3, 16, 2, 5, 300, 256, "random"),  # G*Tq > 16: prefill kernel
+    (4, 32, 32, 1, 17, 64, "causal"),  # decode, one split
+    (3, 16, 4, 2, 130, 128, "probe"),
+    (1, 8, 1, 2, 4096, 128, "probe"),  # decode, many splits
+    (2, 4, 2, 1, 1500, 64, "window"),
+]
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b,hq,hkv,tq,tk,d,layout", _LSE_SHAPES)
+def test_fwd_lse_matches_reference(b, hq, hkv, tq, tk, d, layout, dtype, softcap):
+    rng = random.Random(seed_of(b, hq, hkv, tq, tk, d, layout, str(dtype)))
+    g = torch.Generator().manual_seed(rng.randrange(2**31))
+    q, k, v = qkv(g, b, hq, hkv, tq, tk, d, dtype)
+    if tq == tk:
+        iv = prefill_intervals(rng, g, layout, b, tq)
+    else:
+        iv = decode_intervals(rng, g, layout, b, tq, tk)
+    iv[0, 0] = 0  # a row that sees nothing
+    out, lse = fwd_op(q, k, v, iv, None, softcap)
+    assert torch.equal(out, attn_op(q, k, v, iv, None, softcap)), "fwd out != plain op out"
+    assert_matches_reference(out, q, k, v, iv, None, softcap)
+    assert_lse_matches(lse, q, k, iv, None, softcap)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fwd_lse_empty_shapes(dtype):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = qkv(g, 2, 2, 1, 3, 0, 64, dtype)  # no keys
+    out, lse = fwd_op(q, k, v, torch.zeros(2, 3, 1, 2, dtype=torch.int32, device=DEV))
+    assert (out == 0).all() and lse.shape == (2, 2, 3) and torch.isneginf(lse).all()
+    q, k, v = qkv(g, 2, 2, 1, 3, 5, 64, dtype)  # no ranges
+    out, lse = fwd_op(q, k, v, torch.zeros(2, 3, 0, 2, dtype=torch.int32, device=DEV))
+    assert (out == 0).all() and torch.isneginf(lse).all()
+    q, k, v = qkv(g, 1, 2, 1, 0, 5, 64, dtype)  # no query rows
+    out, lse = fwd_op(q, k, v, torch.zeros(1, 0, 1, 2, dtype=torch.int32, device=DEV))
+    assert out.shape == q.shape and lse.shape == (1, 2, 0)
+
+
+# ---------------------------------------------------------------- training: gradients
+def qkvg(g, b, hq, hkv, tq, tk, d, dtype, std=1.0):
+    q, k, v = qkv(g, b, hq, hkv, tq, tk, d, dtype, std)
+    go = torch.randn(b, hq, tq, d, generator=g).to(DEV, dtype)
+    return q, k, v, go
+
+
+def kernel_grads(q, k, v, go, iv, scale=None, softcap=None):
+    """dq, dk, dv through safeattn.interval_attention (CUDA fwd + bwd kernels)."""
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = safeattn.interval_attention(*leaves, iv, scale=scale, softcap=softcap)
+    out.backward(go)
+    return [t.grad for t in leaves]
+
+
+def ref_grads(q, k, v, go, iv, scale=None, softcap=None, dtype=torch.float64):
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    ref.interval_attention(*leaves, iv, scale, softcap).backward(go.to(dtype))
+    return [t.grad for t in leaves]
+
+
+def assert_grads_match(q, k, v, go, iv, scale=None, softcap=None, grads=None):
+    """float32: max|g - ref64| <= 1e-4 * s per gradient, s = max(max|ref|, 10% of the largest
+    gradient's max) (a gradient that is 0 in theory still carries fp32 noise). bfloat16/float16:
+    max|g - ref32| <= 2 * max|ref_low - ref32| + eps(dtype) * s + 1e-4 * s (ref_low: autograd
+    through the reference in the low dtype itself, same rounded inputs and grad_out). The
+    eps term, one rounding unit at the gradient's scale (FlashAttention's tests add a similar
+    floor), covers tiny shapes: Delta = rowsum(dO * out) uses the saved low-precision out, and
+    with a handful of rows max|ref_low - ref32| can come out smaller than that rounding."""
+    grads = grads if grads is not None else kernel_grads(q, k, v, go, iv, scale, softcap)
+    for name, g, x in zip("qkv", grads, (q, k, v)):
+        assert g.shape == x.shape and g.dtype == x.dtype and g.device == x.device, name
+        assert torch.isfinite(g).all(), f"d{name} has non-finite values"
+    low = q.dtype != torch.float32
+    refs = ref_grads(q, k, v, go, iv, scale, softcap, torch.float32 if low else torch.float64)
+    rlow = ref_grads(q, k, v, go, iv, scale, softcap, q.dtype) if low else refs
+    mx = [r.abs().max().item() if r.numel() else 0.0 for r in refs]
+    for name, g, r, lo, m in zip("qkv", grads, refs, rlow, mx):
+        if not g.numel():
+            continue
+        s = max(m, 0.1 * max(mx), 1e-30)
+        err = (g.double() - r.double()).abs().max().item()
+        bound = 1e-4 * s
+        if low:
+            bound += 2 * (lo.double() - r.double()).abs().max().item()
+            bound += torch.finfo(q.dtype).eps * s
+        assert err <= bound, f"{q.dtype} d{name}: max|g-ref| = {err:.3g} > {bound:.3g}"
+    return grads
+
+
+def assert_unseen_are_zero(grads, iv, tk):
+    """Rows that see nothing get dq = 0; keys that no row sees get dk = dv = 0, exactly."""
+    dq, dk, dv = grads
+    mask = ref.interval_mask(iv, tk)  # [B,Tq,Tk]
+    assert (dq.permute(0, 2, 1, 3)[~mask.any(-1)] == 0).all()
+    unseen = ~mask.any(1)  # [B,Tk]
+    assert (dk.permute(0, 2, 1, 3)[unseen] == 0).all()
+    assert (dv.permute(0, 2, 1, 3)[unseen] == 0).all()
+
+
+def _bwd_prefill_cases():
+    """The shapes of test_backward._prefill_cases (same seed), each in every dtype."""
+    rng = random.Random(20250601)
+    cases = []
+    for ratio in (1, 2, 4, 8):
+        for d in (64, 128, 256):
+            b = rng.randint(1, 3)
+            hkv = rng.choice((1, 2)) if ratio < 8 else 1
+            t = rng.choice((1, 5, 33, 64, 97, 130))
+            window = rng.choice((None, None, 1, 16, 50))
+            pad = rng.choice((None, "rand"))
+            softcap, scale = rng.choice(((None, None), (None, None), (20.0, None),
+                                         (None, 0.3), (5.0, 0.1)))
+            for dtype in DTYPES:
+                cases.append(pytest.param(
+                    b, hkv * ratio, hkv, t, d, dtype, window, pad, softcap, scale,
+                    id=f"b{b}-hq{hkv * ratio}-hkv{hkv}-t{t}-d{d}-{str(dtype)[6:]}-w{window}-"
+                       f"{pad}-cap{softcap}-s{scale}"))
+    return cases
+
+
+@pytest.mark.parametrize("b,hq,hkv,t,d,dtype,window,pad,softcap,scale", _bwd_prefill_cases())
+def test_bwd_prefill_causal(b, hq, hkv, t, d, dtype, window, pad, softcap, scale):
+    g = torch.Generator().manual_seed(seed_of(b, hq, hkv, t, d, window, pad, softcap))
+    q, k, v, go = qkvg(g, b, hq, hkv, t, t, d, dtype)
+    padt = None
+    if pad:  # left padding: padded rows see nothing, padded keys are seen by no row
+        padt = torch.randint(0, max(1, t // 2) + 1, (b,), generator=g)
+        padt[0] = min(t, 3)
+    iv = ivs.causal(b, t, t, window=window, pad=padt, device=DEV)
+    grads = assert_grads_match(q, k, v, go, iv, scale, softcap)
+    assert_unseen_are_zero(grads, iv, t)
+
+
+def _bwd_decode_cases():
+    """The shapes of test_backward._decode_cases (same seed), each in every dtype."""
+    rng = random.Random(77)
+    cases = []
+    for i, (ratio, d) in enumerate([(1, 64), (2, 128), (4, 256), (8, 64), (1, 256), (4, 128),
+                                    (8, 128), (2, 64)]):
+        tq = 1 + i % 2
+        b = rng.randint(1, 3)
+        hkv = rng.choice((1, 2)) if ratio < 8 else 1
+        tk = rng.choice((3, 130, 300, 513))
+        layout = ("causal", "probe", "random")[i % 3]
+        for dtype in DTYPES:
+            cases.append(pytest.param(b, hkv * ratio, hkv, tq, tk, d, dtype, layout,
+                                      id=f"b{b}-hq{hkv * ratio}-hkv{hkv}-tq{tq}-tk{tk}-d{d}-"
+                                         f"{str(dtype)[6:]}-{layout}"))
+    return cases
+
+
+@pytest.mark.parametrize("b,hq,hkv,tq,tk,d,dtype,layout", _bwd_decode_cases())
+def test_bwd_decode(b, hq, hkv, tq, tk, d, dtype, layout):
+    rng = random.Random(seed_of(b, hq, tq, tk, d, layout))
+    g = torch.Generator().manual_seed(rng.randrange(2**31))
+    q, k, v, go = qkvg(g, b, hq, hkv, tq, tk, d, dtype)
+    iv = _cases.decode_intervals(rng, g, layout, b, tq, tk).to(DEV)
+    grads = assert_grads_match(q, k, v, go, iv)
+    assert_unseen_are_zero(grads, iv, tk)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_bwd_random_intervals(seed):
+    """Overlapping, duplicated, unordered and empty ranges; rows that see nothing; Tq != Tk."""
+    rng = random.Random(4000 + seed)
+    g = torch.Generator().manual_seed(seed)
+    b = rng.randint(1, 3)
+    ratio = (1, 2, 4, 8)[seed % 4]
+    hkv = rng.choice((1, 2))
+    d = (64, 128, 256)[seed % 3]
+    tq = rng.choice((1, 2, 7, 40, 70))
+    tk = rng.choice((1, 9, 64, 65, 200))
+    dtype = DTYPES[seed % 3]
+    softcap = (None, 3.0)[seed % 2]
+    q, k, v, go = qkvg(g, b, hkv * ratio, hkv, tq, tk, d, dtype)
+    iv = _cases.random_intervals(rng, b, tq, tk, rng.randint(1, 4), p_empty_row=0.25)
+    iv[0, 0] = 0  # at least one row sees nothing
+    iv = iv.to(DEV)
+    grads = assert_grads_match(q, k, v, go, iv, softcap=softcap)
+    assert_unseen_are_zero(grads, iv, tk)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b,hq,hkv,tq,tk,d,window", [
+    (1, 4, 1, 300, 300, 128, None),  # 5 key tiles, 1200 stacked rows: rows split over blocks
+    (4, 32, 8, 3, 2048, 128, 700),   # 1024 blocks of key tiles: one block per tile
+    (2, 8, 2, 40, 300, 64, 100),     # chunked prefill against a cache
+    (1, 2, 1, 64, 64, 40, None),     # head dim padded to 64
+    (2, 4, 2, 33, 97, 200, 30),      # head dim padded to 256, partial tiles
+])
+def test_bwd_cache_split_and_head_dims(b, hq, hkv, tq, tk, d, window, dtype):
+    g = torch.Generator().manual_seed(seed_of(b, hq, tq, tk, d))
+    q, k, v, go = qkvg(g, b, hq, hkv, tq, tk, d, dtype)
+    pad = torch.randint(0, 5, (b,), generator=g)
+    iv = ivs.causal(b, tq, tk, window=window, pad=pad, device=DEV)
+    grads = assert_grads_match(q, k, v, go, iv, softcap=20.0 if d == 200 else None)
+    assert_unseen_are_zero(grads, iv, tk)
+
+
+@pytest.mark.parametrize("softcap,scale", [(None, 0.01), (None, 0.5), (1.0, None),
+                                           (30.0, 2.0), (0.3, 0.5)])
+def test_bwd_softcap_and_scale(softcap, scale):
+    g = torch.Generator().manual_seed(5)
+    rng = random.Random(5)
+    q, k, v, go = qkvg(g, 2, 8, 2, 40, 150, 128, torch.float32, std=2.0 if softcap else 1.0)
+    iv = _cases.random_intervals(rng, 2, 40, 150, 3).to(DEV)
+    assert_grads_match(q, k, v, go, iv, scale=scale, softcap=softcap)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bwd_non_contiguous_inputs_and_grad_out(dtype):
+    """HF-layout (transposed) q/k/v views and an expanded grad_out (the grad of .sum())."""
+    g = torch.Generator().manual_seed(2)
+    b, hq, hkv, t, d = 2, 4, 2, 37, 64
+    q = torch.randn(b, t, hq, d, generator=g).to(DEV, dtype).transpose(1, 2)
+    k = torch.randn(b, t, hkv, d, generator=g).to(DEV, dtype).transpose(1, 2)
+    v = torch.randn(b, t, hkv, d, generator=g).to(DEV, dtype).transpose(1, 2)
+    iv = ivs.causal(b, t, t, window=20, pad=torch.tensor([0, 4]), device=DEV)
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    safeattn.interval_attention(*leaves, iv).sum().backward()
+    assert_grads_match(q, k, v, torch.ones_like(q), iv, grads=[x.grad for x in leaves])
+    go = torch.randn(b, hq, d, t, generator=g).to(DEV, dtype).transpose(2, 3)  # strided
+    dq, dk, dv = bwd_op(go, q, k, v, *fwd_op(q, k, v, iv), iv, None, None)
+    assert dq.is_contiguous() and dk.is_contiguous() and dv.is_contiguous()
+    assert_grads_match(q, k, v, go, iv, grads=[dq, dk, dv])
+
+
+def test_bwd_only_some_inputs_require_grad():
+    g = torch.Generator().manual_seed(4)
+    q, k, v, go = qkvg(g, 1, 2, 1, 20, 20, 64, torch.float32)
+    iv = ivs.causal(1, 20, 20, device=DEV)
+    full = kernel_grads(q, k, v, go, iv)
+    for i in range(3):
+        leaves = [x.detach().clone() for x in (q, k, v)]
+        leaves[i].requires_grad_()
+        safeattn.interval_attention(*leaves, iv).backward(go)
+        # dq is summed with fp32 atomics, so runs may differ in the last bits
+        torch.testing.assert_close(leaves[i].grad, full[i], atol=1e-6, rtol=1e-5)
+        assert all(leaves[j].grad is None for j in range(3) if j != i)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bwd_empty_shapes(dtype):
+    for (b, hq, hkv, tq, tk, d, ni) in ((2, 4, 2, 3, 0, 64, 1), (2, 4, 2, 3, 10, 64, 0),
+                                        (2, 4, 2, 0, 10, 64, 1), (0, 4, 2, 3, 10, 64, 1)):
+        q = torch.randn(b, hq, tq, d, device=DEV, dtype=dtype, requires_grad=True)
+        k = torch.randn(b, hkv, tk, d, device=DEV, dtype=dtype, requires_grad=True)
+        v = torch.randn(b, hkv, tk, d, device=DEV, dtype=dtype, requires_grad=True)
+        iv = torch.zeros(b, tq, ni, 2, dtype=torch.int32, device=DEV)
+        safeattn.interval_attention(q, k, v, iv).sum().backward()
+        for x in (q, k, v):
+            assert x.grad.shape == x.shape and (x.grad == 0).all()
+
+
+def test_bwd_plain_op_backward_recomputes():
+    """Autograd through torch.ops.safeattn.interval_attention (no lse saved) on CUDA."""
+    g = torch.Generator().manual_seed(6)
+    q, k, v, go = qkvg(g, 2, 4, 1, 30, 30, 128, torch.float32)
+    iv = ivs.causal(2, 30, 30, window=9, pad=torch.tensor([3, 0]), device=DEV)
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    attn_op(*leaves, iv, 0.2, 4.0).backward(go)
+    assert_grads_match(q, k, v, go, iv, 0.2, 4.0, grads=[x.grad for x in leaves])
+
+
+def test_bwd_argument_errors():
+    g = torch.Generator().manual_seed(0)
+    q, k, v, go = qkvg(g, 2, 4, 2, 5, 9, 64, torch.float32)
+    iv = ivs.causal(2, 5, 9, device=DEV)
+    out, lse = fwd_op(q, k, v, iv)
+    cases = [
+        ((go[:, :, :4], q, k, v, out, lse, iv), "grad_out"),
+        ((go.half(), q, k, v, out, lse, iv), "grad_out"),
+        ((go, q, k, v, out[..., :32], lse, iv), r"\bout\b"),
+        ((go, q, k, v, out, lse[:, :3], iv), "lse"),
+        ((go, q, k, v, out, lse.double(), iv), "lse"),
+        ((go, q, k, v, out, lse.cpu(), iv), "lse"),
+        ((go, q, k, v, out, lse, iv.long()), "intervals"),
+        ((go.double(), q.double(), k.double(), v.double(), out.double(), lse, iv),
+         "float16, bfloat16 or float32"),
+    ]
+    for args, pat in cases:
+        with pytest.raises(RuntimeError, match=pat):
+            bwd_op(*args, None, None)
+    with pytest.raises(RuntimeError, match="softcap"):
+        bwd_op(go, q, k, v, out, lse, iv, None, -1.0)
+    q2 = torch.zeros(1, 1, 2, 264, device=DEV)
+    lse2 = torch.zeros(1, 1, 2, device=DEV)
+    with pytest.raises(RuntimeError, match="D=264"):
+        bwd_op(q2, q2, q2, q2, q2, lse2, ivs.causal(1, 2, 2, device=DEV), None, None)
+
+
+# ------------------------------------------------------------- training: opcheck, end to end
+def _grad_samples():
+    g = torch.Generator().manual_seed(0)
+    q, k, v, _ = qkvg(g, 2, 4, 2, 5, 9, 64, torch.float32)
+    yield (q, k, v, ivs.causal(2, 5, 9, device=DEV)), {}
+    q, k, v, _ = qkvg(g, 1, 8, 1, 2, 200, 128, torch.bfloat16)
+    iv = torch.tensor([[[[0, 1], [3, 40], [150, 199]], [[0, 200], [0, 0], [7, 7]]]],
+                      dtype=torch.int32, device=DEV)
+    yield (q, k, v, iv), {"scale": 0.1, "softcap": 30.0}
+    q, k, v, _ = qkvg(g, 2, 2, 1, 7, 7, 64, torch.float16)
+    yield (q, k, v, ivs.causal(2, 7, 7, window=3, pad=torch.tensor([2, 0]), device=DEV)), {
+        "softcap": 5.0}
+
+
+@pytest.mark.parametrize("op", [fwd_op, attn_op], ids=["fwd", "plain"])
+@pytest.mark.parametrize("i", range(3))
+def test_opcheck_with_grad(op, i):
+    args, kwargs = list(_grad_samples())[i]
+    args = tuple(x.requires_grad_() if x.is_floating_point() else x for x in args)
+    torch.library.opcheck(op, args, kwargs)
+
+
+def test_opcheck_bwd():
+    for (q, k, v, iv), kw in _grad_samples():
+        scale, softcap = kw.get("scale"), kw.get("softcap")
+        out, lse = fwd_op(q, k, v, iv, scale, softcap)
+        go = torch.randn_like(out)
+        torch.library.opcheck(bwd_op, (go, q, k, v, out, lse, iv, scale, softcap),
+                              test_utils=("test_schema", "test_faketensor",
+                                          "test_aot_dispatch_dynamic"))
+
+
+def test_end_to_end_training_step():
+    """A GQA attention layer on CUDA: the wrapper runs interval_attention_fwd when grad is
+    needed, backward runs the CUDA bwd kernel, and the projections' gradients match the same
+    layer over the float64 reference."""
+    g = torch.Generator().manual_seed(12)
+    b, t, hq, hkv, d, dm = 2, 48, 4, 2, 64, 96
+    x = torch.randn(b, t, dm, generator=g)
+    ws = [torch.randn(dm, h * d, generator=g) / dm ** 0.5 for h in (hq, hkv, hkv)]
+    iv = ivs.causal(b, t, t, window=20, pad=torch.tensor([0, 5]), device=DEV)
+
+    def loss_of(attn, x, wq, wk, wv):
+        q = (x @ wq).view(b, t, hq, d).transpose(1, 2)
+        k = (x @ wk).view(b, t, hkv, d).transpose(1, 2)
+        v = (x @ wv).view(b, t, hkv, d).transpose(1, 2)
+        o = attn(q, k, v, iv)
+        return (o.transpose(1, 2).reshape(b, t, hq * d) ** 2).mean()
+
+    params = [w.to(DEV).detach().clone().requires_grad_() for w in ws]
+
+    class Ops(TorchDispatchMode):
+        names: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Ops() as mode:
+        loss = loss_of(lambda q, k, v, iv: safeattn.ops.interval_attention(q, k, v, iv,
+                                                                           softcap=20.0),
+                       x.to(DEV), *params)
+    assert [n for n in mode.names if "safeattn" in n] == ["safeattn.interval_attention_fwd.default"]
+    loss.backward()
+
+    params64 = [w.to(DEV, torch.float64).detach().requires_grad_() for w in ws]
+    loss64 = loss_of(lambda q, k, v, iv: ref.interval_attention(q, k, v, iv, None, 20.0),
+                     x.to(DEV, torch.float64), *params64)
+    loss64.backward()
+    torch.testing.assert_close(loss.double(), loss64, rtol=1e-5, atol=0)
+    for w, w64 in zip(params, params64):
+        s = w64.grad.abs().max().item()
+        err = (w.grad.double() - w64.grad).abs().max().item()
+        assert err <= 1e-4 * s, f"max|grad-ref| = {err:.3g} > 1e-4 * {s:.3g}"

@@ -33,7 +33,7 @@ def kernel_for(op: str, device: torch.device, dtype: torch.dtype) -> str:
                                 if backend == "cuda" else "not built")
         elif device.type != backend:
             reasons[backend] = f"tensors are on {device.type}"
-        elif op == "interval_attention" and dtype not in _DTYPES[backend]:
+        elif op.startswith("interval_attention") and dtype not in _DTYPES[backend]:
             reasons[backend] = f"dtype {dtype} not in {_DTYPES[backend]}"
         else:
             return backend

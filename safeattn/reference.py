@@ -39,6 +39,18 @@ def interval_attention(q, k, v, intervals, scale=None, softcap=None):
     return p @ v
 
 
+def interval_attention_lse(q, k, intervals, scale=None, softcap=None):
+    """Row log-sum-exp [B,Hq,Tq] of the scaled (soft-capped) scores over each row's visible
+    keys, -inf for rows that see none: what ``interval_attention_fwd`` returns beside out."""
+    g = q.shape[1] // k.shape[1]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = (q @ k.repeat_interleave(g, dim=1).transpose(-1, -2)) * scale
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    s = s.masked_fill(~interval_mask(intervals, k.shape[2])[:, None], float("-inf"))
+    return torch.logsumexp(s, dim=-1)
+
+
 def window(mode: int, s_t: int, n: int, r1: int, r2: int, r3: int) -> tuple[int, int]:
     """Probe window over response tokens [0, n) as a half-open range (Rules 1-3)."""
     if mode == MALICIOUS:  # Rule 1: the first r1 generated tokens
