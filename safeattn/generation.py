@@ -10,14 +10,16 @@ How one decode step works (per batch, all rows at once):
   in *one* forward. The probe is the last query row of a :class:`~safeattn.hf.SafetyLayout`
   with ``probe_window``: it sees ``{itself} ∪ q_span ∪ W_t``. Rows whose probe does not run
   (finished, refused, skipped) get ``probe_active = False`` and their probe row sees only
-  itself. The LM head runs on the token row only (``logits_to_keep`` is an index tensor).
-  The probe's final-norm hidden state goes through the model's :class:`SafetyHead` and then
-  ``torch.ops.safeattn.safety_step`` updates every row's state on the device and returns the
-  next probe's intervals, so nothing waits for the host besides the one per-step read that
-  ``generate`` also does (finished? — we add "any row mid-alarm?" to the same read).
-- **Probe K/V rollback**: before a check step the cache records its past
-  (``Cache.activate_past_recording``), after it ``cache.crop(-1)`` drops the probe's key/value
-  entry. For full layers this is a slice; sliding-window layers (which keep only
+  itself. The LM head runs on the token row only. With a head on decoder layer ``cls_layer``
+  the probe row leaves the forward after that layer (``probe_exit``): later layers run the
+  token row alone, as in a plain step. The probe's (final-normed) hidden state goes through
+  the model's :class:`SafetyHead` and then ``torch.ops.safeattn.safety_step`` updates every
+  row's state on the device and returns the next probe's intervals, so nothing waits for the
+  host besides the one per-step read that ``generate`` also does (finished? — we add "any
+  row mid-alarm?" to the same read).
+- **Probe K/V rollback**: before a check step the cache layers the probe runs through record
+  their past (``activate_past_recording``), after it ``crop(-1)`` drops the probe's key/value
+  entry from them. For full layers this is a slice; sliding-window layers (which keep only
   ``sliding_window - 1`` keys and would otherwise have evicted the oldest key the next token
   still needs) restore their window. Recording is switched off again right after, so the cache
   equals the cache of a plain step (tested, also for Gemma3 with a window smaller than the
@@ -434,6 +436,13 @@ def safe_generate(model, input_ids: torch.Tensor | None = None, attention_mask=N
     flags = None
     drop_upto = torch.zeros(b, dtype=torch.long, device=dev)
 
+    # A head on decoder layer k: the probe row of a check step runs through layers 0..k
+    # only, so only their cache layers get (and drop) its K/V. The LM head keeps the token
+    # row: the last row then, else row 0 of [token, probe].
+    exit_at = getattr(model, "_safeattn_state", {}).get("exit_layer")
+    probe_layers = cache.layers if exit_at is None else cache.layers[:exit_at + 1]
+    keep = 1 if exit_at is not None else torch.zeros(1, dtype=torch.long, device=dev)
+
     while True:
         # ---- choose the token at response index n from the last forward's logits.
         logits = out.logits[:, -1].to(copy=True, dtype=torch.float32)
@@ -499,15 +508,18 @@ def safe_generate(model, input_ids: torch.Tensor | None = None, attention_mask=N
                                cls_visible_to_response=vis, probe_window=iv[:, 1],
                                probe_active=active)
             ids = torch.stack([tok, torch.full_like(tok, cid)], 1)
-            cache.activate_past_recording()
+            for layer in probe_layers:
+                if hasattr(layer, "activate_past_recording"):
+                    layer.activate_past_recording()
             try:
                 out = model(input_ids=ids, attention_mask=torch.cat([am, am[:, -1:]], -1),
                             position_ids=torch.stack([cur_pos, torch.zeros_like(cur_pos)], 1),
                             cache=cache, safety_layout=lay, use_cache=True,
-                            logits_to_keep=torch.zeros(1, dtype=torch.long, device=dev))
-                cache.crop(-1)  # drop the probe's K/V (sliding layers restore their window)
+                            probe_exit=exit_at is not None, logits_to_keep=keep)
+                for layer in probe_layers:  # drop the probe's K/V (sliding layers restore
+                    layer.crop(-1)          # their window); later layers never got it
             finally:
-                for layer in cache.layers:
+                for layer in probe_layers:
                     if getattr(layer, "record_past", False):
                         layer.record_past = False
             h = out.get("safety_hidden")

@@ -14,16 +14,24 @@ The safety forward rides on module hooks, not on per-class ``forward`` patches:
   :class:`SafetyLayout` is passed as ``safety_layout`` (the strategic decoder does), the probe
   row (last query row, if ``probe_window`` is set) or the prefill ``[CLS]`` row is tapped and
   only ``safety_hidden`` is added: the caller runs the head (so a failing head fails closed).
+- with ``probe_exit=True`` (the strategic decoder's check steps) and a head on decoder layer
+  ``cls_layer``, the probe row (last query row) stops after that layer: the tap hook drops it
+  from the layer's output and a pre-hook on every later layer drops its position embeddings,
+  position ids and mask rows and hands attention a layout without the probe. Later layers
+  then run (and cache) the other rows only; the caller crops the probe's K/V from layers
+  ``0..cls_layer`` alone.
 
 ``apply_safeattn`` also makes ``model.generate(..., safety=SafetyConfig(...))`` run the
 strategic decoder (:mod:`safeattn.generation`); without ``safety`` it is stock ``generate``.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from . import backend
-from .backend import SAFETY_KWARGS
+from .backend import SAFETY_KWARGS, is_descriptor
 from .layout import MODES, SafetyLayout
 from .surgery import SafetyHead, _base, add_safety_token, cls_token_id, safety_config
 
@@ -85,14 +93,18 @@ def apply_safeattn(model, tokenizer=None, *, cls_layer: int | None = None,
     _remove_hooks(model)
     base = _base(model)
     tap = base.norm if cls_layer is None else base.layers[cls_layer]
+    # Layers after the tapped one, where a probe_exit forward runs without the probe row.
+    after = [] if cls_layer is None else list(base.layers[cls_layer + 1:n_layers])
     _install_generate(model)
     state = {"prev_impl": prev_impl, "ctx": None,
              "tokenizer": tokenizer if tokenizer is not None else (prev or {}).get("tokenizer"),
+             "exit_layer": cls_layer if after else None,
              "handles": [
         model.register_forward_pre_hook(_pre_hook, with_kwargs=True),
         tap.register_forward_hook(_tap_hook(model)),
         model.register_forward_hook(_post_hook, with_kwargs=True),
-    ]}
+    ] + [layer.register_forward_pre_hook(_exit_hook(model), with_kwargs=True)
+         for layer in after]}
     object.__setattr__(model, _STATE, state)  # not a submodule / parameter
     return model
 
@@ -236,6 +248,7 @@ def _build_layout(model, args, kwargs, extra) -> tuple[SafetyLayout, torch.Tenso
 def _pre_hook(model, args, kwargs):
     st = getattr(model, _STATE)
     st["ctx"] = None
+    probe_exit = bool(kwargs.pop("probe_exit", False))
     extra = {k: kwargs.pop(k) for k in SAFETY_KWARGS if k in kwargs}
     layout = kwargs.get("safety_layout")
     if layout is None and not extra:
@@ -260,12 +273,61 @@ def _pre_hook(model, args, kwargs):
                               device=ref.device)
         elif ref is not None and layout.cls is not None and _past_length(kwargs) == 0:
             rows = layout.cls.long().to(ref.device)
-        st["ctx"] = {"rows": rows, "h": None, "defer_head": True}
+        st["ctx"] = {"rows": rows, "h": None, "defer_head": True,
+                     "exit": _exit_memo(st, layout, rows, probe_exit)}
         return args, kwargs
     layout, rows = _build_layout(model, args, kwargs, extra)
     kwargs["safety_layout"] = layout
-    st["ctx"] = {"rows": rows, "h": None}
+    st["ctx"] = {"rows": rows, "h": None, "exit": _exit_memo(st, layout, rows, probe_exit)}
     return args, kwargs
+
+
+def _exit_memo(st, layout, rows, probe_exit):
+    """The per-forward memo of the probe-free kwargs when the probe row exits early, else None."""
+    if probe_exit and rows is not None and layout.probe_window is not None \
+            and st.get("exit_layer") is not None:
+        return {}
+    return None
+
+
+def _drop_probe(name, v):
+    """A decoder-layer kwarg without the last query row (the probe)."""
+    if name == "safety_layout":
+        return replace(v, probe_window=None, probe_active=None)
+    if name == "position_embeddings":  # (cos, sin), each [B, Tq, D]
+        return tuple(t[:, :-1] for t in v)
+    if name == "attention_mask":
+        if not is_descriptor(v):  # dense [B, 1, Tq, Tk]: the probe is the last query and key
+            return v[..., :-1, :-1]
+        rows = getattr(v, "_safeattn_rows", None)
+        if rows is None:  # plain descriptor: row-count independent
+            return v
+        d = v.detach()
+        d._safeattn_rows = rows[:, :-1]
+        return d
+    return v[..., :-1]  # position_ids, cache_position
+
+
+_EXIT_KWARGS = ("safety_layout", "position_embeddings", "attention_mask", "position_ids",
+                "cache_position")
+
+
+def _exit_hook(model):
+    def hook(module, args, kwargs):
+        ctx = getattr(model, _STATE)["ctx"]
+        memo = ctx.get("exit") if ctx is not None else None
+        if memo is None:
+            return None
+        for k in _EXIT_KWARGS:
+            v = kwargs.get(k)
+            if v is None:
+                continue
+            got = memo.get(id(v))
+            if got is None:  # keep v alive so that its id stays unique within the forward
+                got = memo[id(v)] = (v, _drop_probe(k, v))
+            kwargs[k] = got[1]
+        return args, kwargs
+    return hook
 
 
 def _tap_hook(model):
@@ -274,6 +336,9 @@ def _tap_hook(model):
         if ctx is not None and ctx["rows"] is not None:
             h = out[0] if isinstance(out, tuple) else out
             ctx["h"] = h[torch.arange(h.shape[0], device=h.device), ctx["rows"].to(h.device)]
+            if ctx.get("exit") is not None:  # the probe row stops here
+                return (h[:, :-1], *out[1:]) if isinstance(out, tuple) else h[:, :-1]
+        return None
     return hook
 
 
