@@ -163,9 +163,9 @@ def _bad_attn_cases():
         "negative start": ((q, k, v, bad_iv.index_put((torch.tensor(1), torch.tensor(2),
                                                       torch.tensor(0), torch.tensor(0)),
                                                      torch.tensor(-1, dtype=torch.int32))),
-                           r"intervals\[1, 2, 0\] = \[-1, "),
+                           r"intervals\[1\]\[2\]\[0\] = \[-1, "),
         "end > Tk": ((q, k, v, torch.tensor([[[0, 10]]] * 5, dtype=torch.int32)[None]
-                      .expand(2, -1, -1, -1)), r"intervals\[0, 0, 0\] = \[0, 10\).*Tk=9"),
+                      .expand(2, -1, -1, -1)), r"intervals\[0\]\[0\]\[0\] = \[0, 10\).*Tk=9"),
         "start > end": ((q, k, v, torch.tensor([[[4, 3]]] * 5, dtype=torch.int32)[None]
                          .expand(2, -1, -1, -1)), r"intervals\[.*\] = \[4, 3\)"),
     }
@@ -176,6 +176,19 @@ def test_interval_attention_bad_args(case):
     args, pattern = _bad_attn_cases()[case]
     with pytest.raises(ValueError, match=pattern):
         safeattn.interval_attention(*args)
+
+
+@pytest.mark.parametrize("case", ["negative start", "end > Tk", "start > end"])
+def test_range_errors_same_from_kernel_python_and_grad_path(case):
+    """CPU leaves the range check to the kernel; the Python check (other devices) and the
+    training op (interval_attention_fwd) give the same ValueError."""
+    (q, k, v, iv), pattern = _bad_attn_cases()[case]
+    with pytest.raises(ValueError, match=pattern) as e:
+        safeattn.ops._check_ranges(iv, k.shape[2])
+    assert str(e.value).startswith("interval_attention: intervals[")
+    with pytest.raises(ValueError, match=pattern) as e2:
+        safeattn.interval_attention(q.requires_grad_(), k, v, iv)
+    assert str(e2.value) == str(e.value)
 
 
 @pytest.mark.parametrize("softcap", [0.0, -1.0])

@@ -1,7 +1,9 @@
 """Typed wrappers around ``torch.ops.safeattn``; fake kernels make them traceable.
 
 These know nothing of Hugging Face. Arguments are checked here so that bad input raises a
-``ValueError`` that names the argument; the C++ kernels repeat the cheap checks.
+``ValueError`` that names the argument; the C++ kernels repeat the cheap checks. Key ranges
+are checked by the CPU kernel itself (its error becomes the ``ValueError``); for other
+devices here, which costs a host sync.
 """
 from __future__ import annotations
 
@@ -24,8 +26,17 @@ def _has_kernel(op: str, key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"safeattn::{op}", key)
 
 
+_FOUND: dict = {}  # (op, device type, dtype) -> backend; registered kernels stay registered
+#: Devices whose interval_attention kernels validate the key ranges themselves.
+_RANGE_CHECKED = frozenset({"cpu"})
+
+
 def kernel_for(op: str, device: torch.device, dtype: torch.dtype) -> str:
     """Name the backend that will run ``op``, or raise saying why each backend refused."""
+    ask = (op, device.type, dtype)
+    found = _FOUND.get(ask)
+    if found is not None:
+        return found
     reasons = {}
     for backend, key in (("cpu", "CPU"), ("cuda", "CUDA")):
         if not _has_kernel(op, key):
@@ -36,6 +47,7 @@ def kernel_for(op: str, device: torch.device, dtype: torch.dtype) -> str:
         elif op.startswith("interval_attention") and dtype not in _DTYPES[backend]:
             reasons[backend] = f"dtype {dtype} not in {_DTYPES[backend]}"
         else:
+            _FOUND[ask] = backend
             return backend
     why = "; ".join(f"{b}: {r}" for b, r in reasons.items())
     raise NotImplementedError(f"safeattn.{op}: no kernel fits ({why})")
@@ -75,8 +87,9 @@ def _check_ranges(intervals: torch.Tensor, tk: int) -> None:
     bad = (start < 0) | (start > end) | (end > tk)
     if bool(bad.any()):
         i = tuple(int(x) for x in bad.nonzero()[0])
-        raise ValueError(f"intervals{list(i)} = [{int(start[i])}, {int(end[i])}) is out of range: "
-                         f"need 0 <= start <= end <= Tk={tk}")
+        raise ValueError(f"interval_attention: intervals{''.join(f'[{x}]' for x in i)} = "
+                         f"[{int(start[i])}, {int(end[i])}) is out of range: need "
+                         f"0 <= start <= end <= Tk={tk}")
 
 
 def interval_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -102,11 +115,24 @@ def interval_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     backward must then redo the forward to get the log-sum-exp).
     """
     _check_attention(q, k, v, intervals)
-    if not torch.compiler.is_compiling():  # the dispatcher query is untraceable (graph break)
-        kernel_for("interval_attention", q.device, q.dtype)
-    _check_ranges(intervals, k.shape[2])
     if softcap is not None and softcap <= 0:
         raise ValueError(f"softcap must be > 0, got {softcap}")
+    if torch.compiler.is_compiling():
+        return _attention(q, k, v, intervals, scale, softcap)
+    kernel_for("interval_attention", q.device, q.dtype)  # untraceable dispatcher query
+    if q.device.type not in _RANGE_CHECKED:
+        _check_ranges(intervals, k.shape[2])
+        return _attention(q, k, v, intervals, scale, softcap)
+    try:
+        return _attention(q, k, v, intervals, scale, softcap)
+    except RuntimeError as e:  # the kernel's range check: same message, as a ValueError
+        msg = str(e).split("\n", 1)[0]
+        if " is out of range: " not in msg:
+            raise
+        raise ValueError(msg) from None
+
+
+def _attention(q, k, v, intervals, scale, softcap):
     if (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
             and q.device.type in _FWD_DEVICES):
         return torch.ops.safeattn.interval_attention_fwd.default(
