@@ -293,7 +293,10 @@ def safe_generate(model, input_ids: torch.Tensor | None = None, attention_mask=N
 
     Args:
         input_ids, attention_mask, q_span, response_start, position_ids: as made by
-            :func:`safeattn.build_inputs` (``[CLS]`` first after left padding).
+            :func:`safeattn.build_inputs` (``[CLS]`` first after left padding). A
+            ``response_start`` before the end of the input marks an assistant prefill: its
+            tokens count as response tokens the probe windows cover (never rolled back);
+            ``refusal_step`` / ``alarm_step`` still index the generated tokens.
         safety: a :class:`SafetyConfig`.
         generation_config, logits_processor, stopping_criteria, streamer, and HF's usual
             keyword arguments (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_p``,
@@ -422,7 +425,15 @@ def safe_generate(model, input_ids: torch.Tensor | None = None, attention_mask=N
     if h0 is None:
         raise RuntimeError("safeattn: the prefill did not tap the [CLS] row")
     p, iv, _ = safety_update(h0, all_rows)
-    alarm_at = torch.where(refused & (alarm_at < 0), s_t.long(), alarm_at)
+    # Response tokens already in the input (an assistant prefill, e.g. a prefill attack) count
+    # as seen: the probe windows then cover the latest response tokens, prefill included.
+    # ``s_t`` is in response coordinates; ``pre`` converts it to generated-token indices.
+    pre = (l0 - rs).clamp_min(0).int()
+    if bool(pre.any()):
+        step.add_(pre)
+        lo, hi = _window(mode, s_t, step, r1, r2, r3)
+        iv = torch.stack([q32, torch.stack([rs32 + lo, rs32 + hi], -1)], 1).int()
+    alarm_at = torch.where(refused & (alarm_at < 0), (s_t - pre).clamp_min(0).long(), alarm_at)
     p_hist.append(p)
     mode_hist.append(torch.where(refused, REFUSAL, mode))
     chk_hist.append(all_rows)
@@ -460,8 +471,9 @@ def safe_generate(model, input_ids: torch.Tensor | None = None, attention_mask=N
         # row takes the next prefix token.
         newly = refused & (refusal_at < 0) & unfinished.bool()
         if safety.rollback:
-            rb = newly & (s_t >= 0) & (s_t.long() < n)
-            start = torch.where(rb, s_t.long(), n)
+            s_gen = (s_t - pre).clamp_min(0).long()  # a prefill is never rolled back
+            rb = newly & (s_t >= 0) & (s_gen < n)
+            start = torch.where(rb, s_gen, n)
             cols = col[: am.shape[1]]
             hole = rb[:, None] & (cols[None] >= l0 + start[:, None]) & (cols[None] < l0 + n)
             am = am.masked_fill(hole, 0)
@@ -534,7 +546,8 @@ def safe_generate(model, input_ids: torch.Tensor | None = None, attention_mask=N
                         cache=cache, safety_layout=lay, use_cache=True, logits_to_keep=1)
             # No probe ran: the op only advances `step` and moves the next probe's window.
             p, iv, _ = safety_update(None, active)
-        alarm_at = torch.where(refused & (alarm_at < 0), s_t.long(), alarm_at)
+        alarm_at = torch.where(refused & (alarm_at < 0), (s_t - pre).clamp_min(0).long(),
+                               alarm_at)
         p_hist.append(p)
         mode_hist.append(torch.where(refused, REFUSAL, mode))
         chk_hist.append(active)
