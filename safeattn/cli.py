@@ -7,16 +7,25 @@ from pathlib import Path
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
-    return run_demo(args.model, max_new_tokens=args.max_new_tokens,
+    return run_demo(args.model, device=_device(args.device), max_new_tokens=args.max_new_tokens,
                     plot=None if args.no_plot else args.plot)
 
 
-def _load_model(spec: str):
+def _device(name: str | None) -> str:
+    import torch
+
+    if name in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def _load_model(spec: str, device: str | None = None):
     import torch
 
     if spec == "default":
         from .models import load_default
-        return load_default()
+        model, tok = load_default()
+        return model.to(_device(device)), tok
     from pathlib import Path
 
     from .hf.persist import from_pretrained
@@ -24,7 +33,7 @@ def _load_model(spec: str):
         raise SystemExit(f"safeattn: --model {spec!r}: expected 'default' or a directory saved "
                          "with save_pretrained from a patched model")
     model, tok = from_pretrained(spec, dtype=torch.float32)
-    return model.eval(), tok
+    return model.to(_device(device)).eval(), tok
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -51,7 +60,7 @@ def _eval(args: argparse.Namespace) -> int:
             print(f"safeattn eval: error: {flag} {path}: the directory does not exist",
                   file=sys.stderr)
             return 2
-    model, tok = _load_model(args.model)
+    model, tok = _load_model(args.model, args.device)
     try:
         report = ev.evaluate(model, tok, rows, attacks=attacks, modes=modes, safety=safety,
                              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
@@ -121,6 +130,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--model", default="default",
                    help="'default' (Gemma-3-270M + the shipped head) or a directory saved with "
                         "save_pretrained from a patched model")
+    p.add_argument("--device", default="auto",
+                   help="'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:N'")
     p.add_argument("--data", default="test",
                    help="a .jsonl file (prompt, label = harmful|benign, optional target, id) or "
                         "a built-in set: test, harmful, benign, over_refusal, xstest_unsafe")
@@ -172,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--model", default="default",
                       help="'default' or a directory saved with save_pretrained from a patched "
                            "model")
+    demo.add_argument("--device", default="auto",
+                      help="'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:N'")
     demo.add_argument("--max-new-tokens", type=int, default=40, help="tokens per prompt")
     demo.add_argument("--plot", default="safeattn_demo_trace.png",
                       help="where to write the trace plot (PNG)")

@@ -53,7 +53,7 @@ def _clip(text: str, n: int) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
-def run_demo(model_dir: str | None = None, *, max_new_tokens: int = 40,
+def run_demo(model_dir: str | None = None, *, device: str = "cpu", max_new_tokens: int = 40,
              plot: str | None = "safeattn_demo_trace.png", width: int = 100) -> int:
     from .generation import SafetyConfig
     from .judge import is_refusal
@@ -72,9 +72,10 @@ def run_demo(model_dir: str | None = None, *, max_new_tokens: int = 40,
         model, tok = from_pretrained(model_dir)
         model.eval()
         name = model_dir
+    model = model.to(device)
     cases = demo_cases()
     safety = SafetyConfig()
-    print(f"model: {name}  (loaded in {time.perf_counter() - t0:.0f} s); greedy, "
+    print(f"model: {name} on {device}  (loaded in {time.perf_counter() - t0:.0f} s); greedy, "
           f"{max_new_tokens} new tokens, schedule {safety.schedule!r}, θ={safety.threshold}, "
           f"τ={safety.tau}", flush=True)
     cs = [c for _, c in cases]
