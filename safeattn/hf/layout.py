@@ -69,8 +69,11 @@ class SafetyLayout:
         return self.q_span.shape[0]
 
     def to(self, device) -> "SafetyLayout":
-        """Copy with every tensor on ``device``."""
+        """The layout with every tensor on ``device`` (``self`` when all are already there)."""
         kw = {f.name: getattr(self, f.name) for f in fields(self)}
+        device = torch.device(device)
+        if all(v.device == device for v in kw.values() if isinstance(v, torch.Tensor)):
+            return self  # the usual case, once per interval build: no copy, no re-validation
         return replace(self, **{k: v.to(device) for k, v in kw.items()
                                 if isinstance(v, torch.Tensor)})
 
