@@ -264,7 +264,32 @@ def test_cli_eval_end_to_end(tmp_path, capsys):
     assert {r["mode"] for r in rep["results"]} == {"safe"}
 
 
+def test_merge_reports(tmp_path, capsys):
+    model, tok = _patched()
+    d = tmp_path / "m"
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    data = _write(tmp_path, [json.dumps(r) for r in ROWS])
+    common = ["eval", "--model", str(d), "--data", data, "--attack", "direct",
+              "--max-new-tokens", "3"]
+    assert main(common + ["--mode", "plain", "--json", str(tmp_path / "p.json")]) == 0
+    assert main(common + ["--mode", "safe", "--merge", str(tmp_path / "p.json"),
+                          "--json", str(tmp_path / "all.json")]) == 0
+    rep = json.loads((tmp_path / "all.json").read_text())
+    assert {(r["mode"], r["label"]) for r in rep["results"]} == {
+        ("plain", "harmful"), ("safe", "harmful"), ("plain", "benign"), ("safe", "benign")}
+    assert rep["meta"]["modes"] == ["plain", "safe"] and len(rep["meta"]["merged"]) == 2
+    capsys.readouterr()
+    # different settings or the same mode twice: refused (before loading for settings)
+    assert main(["eval", "--model", "/nonexistent", "--data", data, "--max-new-tokens", "4",
+                 "--merge", str(tmp_path / "p.json")]) == 2
+    assert "settings differ" in capsys.readouterr().err
+    assert main(common + ["--mode", "plain", "--merge", str(tmp_path / "p.json")]) == 2
+    assert "more than one report" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv,msg", [
+    (["--merge", "/nonexistent/r.json"], "--merge /nonexistent/r.json"),
     (["--data", "/nonexistent/p.jsonl"], "data file not found: /nonexistent/p.jsonl"),
     (["--data", "harmfull"], "unknown data 'harmfull'"),
     (["--attack", "direct,jailbreak"], "unknown attack"),

@@ -55,6 +55,24 @@ def _eval(args: argparse.Namespace) -> int:
     except (ValueError, ev.EvalError) as e:
         print(f"safeattn eval: error: {e}", file=sys.stderr)
         return 2
+    earlier = []
+    for path in args.merge or []:
+        try:
+            with open(path, encoding="utf-8") as f:
+                earlier.append(json.load(f))
+            if not isinstance(earlier[-1], dict) or "results" not in earlier[-1]:
+                raise ValueError("not a safeattn eval report")
+            want = {"n_prompts": {lab: sum(r["label"] == lab for r in rows)
+                                  for lab in ("harmful", "benign")},
+                    "max_new_tokens": args.max_new_tokens, "seed": args.seed, "prefill_ks": ks,
+                    "template_max_chars": args.template_max_chars, "suffix_tokens": 20,
+                    "benign_attacks": benign_attacks}
+            diff = [k for k, v in want.items() if earlier[-1].get("meta", {}).get(k) != v]
+            if diff:
+                raise ValueError(f"its settings differ from this run's: {diff}")
+        except (OSError, ValueError) as e:
+            print(f"safeattn eval: error: --merge {path}: {e}", file=sys.stderr)
+            return 2
     for flag, path in (("--json", args.json), ("--markdown", args.markdown)):
         if path and path != "-" and not Path(path).resolve().parent.is_dir():
             print(f"safeattn eval: error: {flag} {path}: the directory does not exist",
@@ -69,6 +87,8 @@ def _eval(args: argparse.Namespace) -> int:
                              benign_attacks=benign_attacks, keep_responses=args.responses,
                              stop_at_refusal=not args.full_refusals,
                              model_name=args.model)
+        if earlier:
+            report = ev.merge_reports(*earlier, report)
     except ev.EvalError as e:
         print(f"safeattn eval: error: {e}", file=sys.stderr)
         return 2
@@ -166,6 +186,10 @@ def _add_eval(sub) -> None:
     p.add_argument("--full-refusals", action="store_true",
                    help="generate the justification after the refusal prefix too (by default a "
                         "safe row stops once the prefix is out: the verdict is settled)")
+    p.add_argument("--merge", action="append", metavar="REPORT.json",
+                   help="merge this run's results with an earlier report of the same prompts "
+                        "and settings (e.g. --mode plain once, then --mode safe per schedule); "
+                        "repeatable")
     p.add_argument("--responses", action="store_true",
                    help="include every prompt's response in the JSON (under 'examples')")
     p.set_defaults(func=_eval)

@@ -54,7 +54,7 @@ import torch
 
 __all__ = ["ATTACKS", "MODES", "PREFILL_KS", "DECODING_SWEEP", "Case", "StopAfterRefusal",
            "load_prompts",
-           "build_cases", "evaluate", "to_markdown", "write_plots", "EvalError"]
+           "build_cases", "evaluate", "merge_reports", "to_markdown", "write_plots", "EvalError"]
 
 ATTACKS = ("direct", "prefill", "decoding", "template", "suffix")
 MODES = ("plain", "safe")
@@ -546,6 +546,47 @@ def evaluate(model, tokenizer, rows: Sequence[Mapping], *, attacks: Sequence[str
         report["examples"] = examples
     report["_traces"] = traces
     return report
+
+
+_SAME = ("n_prompts", "max_new_tokens", "seed", "prefill_ks", "template_max_chars",
+         "suffix_tokens", "benign_attacks")
+
+
+def merge_reports(*reports: dict) -> dict:
+    """One report from runs on the same prompts and settings (e.g. ``plain`` once, ``safe``
+    per schedule). Raises :class:`EvalError` when the settings differ or a result
+    (attack, variant, mode, label) appears twice. The last report's ``meta`` wins (its
+    calibration is the one of its model); ``meta.merged`` lists every run."""
+    if not reports:
+        raise EvalError("nothing to merge")
+    first = reports[0]["meta"]
+    seen, results = set(), []
+    for rep in reports:
+        m = rep["meta"]
+        diff = [k for k in _SAME if m.get(k) != first.get(k)]
+        if diff:
+            raise EvalError(f"cannot merge reports with different {diff}")
+        for r in rep["results"]:
+            key = (r["attack"], r["variant"], r["mode"], r["label"])
+            if key in seen:
+                raise EvalError(f"result {key} appears in more than one report")
+            seen.add(key)
+            results.append(r)
+    order = {a: i for i, a in enumerate(ATTACKS)}
+    results.sort(key=lambda r: order.get(r["attack"], len(order)))  # stable: keeps variants
+    meta = dict(reports[-1]["meta"])
+    meta["modes"] = sorted({r["mode"] for r in results}, key=MODES.index)
+    meta["attacks"] = sorted({r["attack"] for r in results}, key=lambda a: order.get(a, 99))
+    meta["merged"] = [{"modes": r["meta"]["modes"], "started": r["meta"].get("started"),
+                       "model": r["meta"].get("model"), "safety": r["meta"].get("safety")}
+                      for r in reports]
+    out = {"results": results, "meta": meta}
+    ex = [e for r in reports for e in r.get("examples", [])]
+    if ex:
+        out["examples"] = ex
+    if "_traces" in reports[-1]:
+        out["_traces"] = reports[-1]["_traces"]
+    return out
 
 
 def public(report: dict) -> dict:
