@@ -301,6 +301,49 @@ def test_template_samples():
     assert D.build_samples("train", max_templates_per_prompt=0, **kw) == []
 
 
+def test_suffix_samples():
+    from _data_tiny import tiny_tokenizer
+
+    kw = dict(benign_responses=fake_responses(), include=("suffix",))
+    out = D.build_samples("train", **kw)
+    assert out == D.build_samples("train", **kw)             # deterministic
+    kinds = collections.Counter(s.label for s in out)
+    assert kinds[1] == 415 and kinds[0] == 571               # harmful AND benign rows
+    assert len({s.id for s in out}) == len(out)
+    pool = set(D.suffix_pool())
+    for s in out:
+        assert s.kind == "suffix" and s.id == f"{s.row_id}|sfx0"
+        assert s.prompt.startswith(s.request + " ")
+        noise = s.prompt[len(s.request) + 1:].split(" ")
+        assert 10 <= len(noise) <= 30 and set(noise) <= pool
+        if s.label == 1:
+            assert is_refusal(s.response) and s.lm_span == (0, len(s.response))
+        else:
+            assert s.response == BENIGN_TEXT
+    # not in the default kinds; other seed -> other noise; per-prompt count; token range
+    assert not any(s.kind == "suffix" for s in D.build_samples("train", benign_responses=
+                                                               fake_responses()))
+    other = D.build_samples("train", seed=1, **kw)
+    assert [s.prompt for s in other] != [s.prompt for s in out]
+    two = D.build_samples("train", suffixes_per_prompt=2, suffix_tokens=(3, 3), **kw)
+    assert collections.Counter(s.row_id for s in two).most_common(1)[0][1] == 2
+    assert all(len(s.prompt[len(s.request) + 1:].split(" ")) == 3 for s in two)
+    assert D.build_samples("train", suffixes_per_prompt=0, **kw) == []
+    with pytest.raises(ValueError, match="suffix_tokens"):
+        D.build_samples("train", suffix_tokens=(5, 2), **kw)
+    # with a tokenizer the alphabet is its printable tokens (the eval suffix attack's rule)
+    tok = tiny_tokenizer()
+    tpool = D.suffix_pool(tok)
+    assert tpool and all(1 <= len(t) <= 8 and t.isascii() for t in tpool)
+    withtok = D.build_samples("train", tokenizer=tok, **kw)
+    assert all(set(s.prompt[len(s.request) + 1:].split(" ")) <= set(tpool) for s in withtok)
+    # the training noise never equals the eval suffix attack's noise (different salt)
+    from safeattn.eval import build_cases
+    rows = [dict(r, label=1) for r in D.split(D.load("advbench"))[0][:20]]
+    ev = {c.prompt for c in build_cases(rows, "suffix", tokenizer=tok)}
+    assert not ev & {s.prompt for s in withtok}
+
+
 def test_missing_response_policies_and_cleaning():
     resp = fake_responses()
     some = dict(list(resp.items())[::2])

@@ -17,8 +17,9 @@ name                     rows   content
   id; :func:`render_template` fills a jailbreak template.
 * :func:`refusal_for` / :func:`coarse_category`: refusals that give a reason fitting the
   request's category.
-* :func:`build_samples` / :class:`Sample`: query, trajectory and jailbreak-template samples
-  for training the ``[CLS]`` head (DESIGN.md §4); :func:`eval_sets`: evaluation prompts.
+* :func:`build_samples` / :class:`Sample`: query, trajectory, jailbreak-template and
+  noise-suffix samples for training the ``[CLS]`` head (DESIGN.md §4); :func:`eval_sets`:
+  evaluation prompts.
 * :func:`cache_responses`: greedy model responses, cached on disk and resumable.
 """
 from .core import (DATASETS, PLACEHOLDER, data_path, in_test, load, render_template, split,
@@ -26,11 +27,13 @@ from .core import (DATASETS, PLACEHOLDER, data_path, in_test, load, render_templ
 from .generation import (PLAIN_TEMPLATE, cache_responses, encode_prompts, load_responses,
                          render_prompt)
 from .refusals import CATEGORIES, REFUSALS, coarse_category, refusal_for
-from .samples import KINDS, REFUSAL_PREFIX, Sample, build_samples, eval_sets, truncate_tokens
+from .samples import (DEFAULT_KINDS, KINDS, REFUSAL_PREFIX, Sample, build_samples, eval_sets,
+                      suffix_pool, truncate_tokens)
 
 __all__ = [
     "DATASETS", "PLACEHOLDER", "data_path", "in_test", "load", "render_template", "split",
     "split_fraction", "PLAIN_TEMPLATE", "cache_responses", "encode_prompts", "load_responses",
     "render_prompt", "CATEGORIES", "REFUSALS", "coarse_category", "refusal_for", "KINDS",
-    "REFUSAL_PREFIX", "Sample", "build_samples", "eval_sets", "truncate_tokens",
+    "DEFAULT_KINDS", "REFUSAL_PREFIX", "Sample", "build_samples", "eval_sets", "suffix_pool",
+    "truncate_tokens",
 ]

@@ -32,6 +32,14 @@ Kinds of samples (:class:`Sample`)
   replaced), with a refusal, label 1. Each harmful prompt gets ``max_templates_per_prompt``
   templates picked by a hash of (seed, prompt id, template id), among the split's templates
   of at most ``max_template_chars`` characters.
+* ``suffix`` — noise-suffix augmentation: a harmful *or* benign prompt followed by a space and
+  ``n`` random vocabulary tokens joined by spaces, same label as the plain prompt (harmful:
+  a refusal; benign: its response), so the noise itself carries no label signal. ``n`` is
+  drawn from ``suffix_tokens`` (inclusive range); the alphabet is :func:`suffix_pool`
+  (printable ASCII tokens of 1–8 characters of ``tokenizer``, the alphabet of the ``suffix``
+  attack of :mod:`safeattn.eval`; a fixed punctuation alphabet without a tokenizer). Each
+  row's suffixes are drawn by ``random.Random("train-suffix:<seed>:<row id>:<j>")``, a salt
+  the evaluation never uses. This is random noise, not optimised (GCG) suffixes.
 
 Character spans (``window``, ``lm_span``) are half-open ``[start, end)`` offsets into
 ``response``; the collator maps them to token columns.
@@ -47,9 +55,12 @@ from typing import Mapping, Sequence
 from .core import load, render_template, split as split_rows
 from .refusals import REFUSALS, coarse_category, refusal_for
 
-__all__ = ["Sample", "build_samples", "eval_sets", "truncate_tokens", "KINDS", "REFUSAL_PREFIX"]
+__all__ = ["Sample", "build_samples", "eval_sets", "truncate_tokens", "suffix_pool", "KINDS",
+           "DEFAULT_KINDS", "REFUSAL_PREFIX"]
 
-KINDS = ("query", "trajectory", "template")
+KINDS = ("query", "trajectory", "template", "suffix")
+#: What :func:`build_samples` builds by default (``suffix`` augmentation is opt-in).
+DEFAULT_KINDS = ("query", "trajectory", "template")
 
 #: The refusal prefix force-fed by strategic decoding (DESIGN.md §3).
 REFUSAL_PREFIX = "Sorry, I cannot fulfill your request because"
@@ -59,11 +70,12 @@ REFUSAL_PREFIX = "Sorry, I cannot fulfill your request because"
 class Sample:
     """One training / evaluation sequence: ``prompt`` (the user's text) and ``response``."""
 
-    id: str                      #: unique: "<row id>|query", "|target", "|k<k>", "|tmpl:<id>"
+    id: str                      #: unique: "<row id>|query", "|target", "|k<k>", "|tmpl:<id>",
+    #: "|sfx<j>"
     prompt: str                  #: the user's text (the query span covers all of it)
     response: str                #: assistant text (may be a prefix of a response)
     label: int                   #: 1 malicious, 0 benign
-    kind: str                    #: "query" | "trajectory" | "template"
+    kind: str                    #: "query" | "trajectory" | "template" | "suffix"
     source: str                  #: source data set of the row ("advbench", "xstest_v2", ...)
     row_id: str                  #: id of the prompt's row
     category: str | None = None  #: coarse harm category (harmful) / upstream category (benign)
@@ -108,6 +120,28 @@ def truncate_tokens(text: str, k: int, tokenizer=None) -> tuple[str, int]:
     return tokenizer.decode(ids[:k], skip_special_tokens=True), k
 
 
+def suffix_pool(tokenizer=None) -> list[str]:
+    """The noise-suffix alphabet: the tokens of ``tokenizer`` (ids < 300k, no special or added
+    tokens) that are 1–8 printable ASCII characters once the word-start marker is removed and
+    are not ``<...>`` markup; the same rule as the ``suffix`` attack of :mod:`safeattn.eval`.
+    Without a tokenizer (or when nothing qualifies): ASCII punctuation characters."""
+    fallback = list("!@#$%^&*()[]{}<>?")
+    if tokenizer is None:
+        return fallback
+    pool = []
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+    for i in range(min(len(tokenizer), 300_000)):
+        if i in special:
+            continue
+        s = tokenizer.convert_ids_to_tokens(i)
+        if not isinstance(s, str):
+            continue
+        s = s.replace("\u2581", "").replace("\u0120", "")
+        if 1 <= len(s) <= 8 and re.fullmatch(r"[!-~]+", s) and not re.fullmatch(r"<.*>", s):
+            pool.append(s)
+    return pool or fallback
+
+
 def _count_tokens(text: str, tokenizer) -> int:
     if tokenizer is None:
         return len(text.split())
@@ -134,9 +168,10 @@ def build_samples(split: str = "train", *, benign_responses: Mapping[str, str] |
                   harmful_continuations: Mapping[str, str] | None = None, tokenizer=None,
                   prefix_ks: Sequence[int] = (5, 10, 20, 40), seed: int = 0,
                   max_templates_per_prompt: int = 1, max_template_chars: int | None = 4000,
-                  include: Sequence[str] = KINDS, target_prefill: bool = True,
+                  include: Sequence[str] = DEFAULT_KINDS, target_prefill: bool = True,
                   trajectory_recovery: bool = False, missing_response: str = "error",
                   test_fraction: float = 0.2, salt: str = "", shuffle: bool = False,
+                  suffixes_per_prompt: int = 1, suffix_tokens: tuple[int, int] = (10, 30),
                   datasets: Mapping[str, list] | None = None) -> list[Sample]:
     """Samples of one split (``"train"``, ``"test"`` or ``"all"``); see the module docstring.
 
@@ -152,7 +187,7 @@ def build_samples(split: str = "train", *, benign_responses: Mapping[str, str] |
         max_templates_per_prompt: templates per harmful prompt (0: no template samples).
         max_template_chars: only templates up to this many characters (None: all); the
             longest in-the-wild templates run to 25k characters.
-        include: which kinds to build.
+        include: which kinds to build (default :data:`DEFAULT_KINDS`; ``suffix`` is opt-in).
         target_prefill: add the full-``target`` trajectory sample of each harmful prompt.
         trajectory_recovery: append a refusal (with LM loss) after each harmful prefix.
         missing_response: for benign rows without a response: ``"error"`` (raise),
@@ -160,7 +195,12 @@ def build_samples(split: str = "train", *, benign_responses: Mapping[str, str] |
             samples; enough for training the head alone) or ``"skip"`` (drop the row).
         test_fraction, salt: passed to :func:`safeattn.data.split`.
         shuffle: shuffle the samples with ``random.Random(seed)``; otherwise the order is
-            harmful queries, benign queries, harmful then benign trajectories, templates.
+            harmful queries, benign queries, harmful then benign trajectories, templates,
+            harmful then benign suffix samples.
+        suffixes_per_prompt: noise-suffix samples per harmful and per benign prompt (kind
+            ``suffix``; 0: none).
+        suffix_tokens: ``(min, max)`` number of noise tokens of a suffix (inclusive); the
+            ``tokenizer`` gives the alphabet (:func:`suffix_pool`).
         datasets: replace the vendored data (keys ``advbench``, ``benign``,
             ``jailbreak_templates``); for tests.
     """
@@ -170,6 +210,10 @@ def build_samples(split: str = "train", *, benign_responses: Mapping[str, str] |
     if missing_response not in ("error", "empty", "skip"):
         raise ValueError(f"missing_response must be 'error', 'empty' or 'skip', "
                          f"got {missing_response!r}")
+    lo, hi = (int(x) for x in suffix_tokens)
+    if not 1 <= lo <= hi:
+        raise ValueError(f"suffix_tokens must be (min, max) with 1 <= min <= max, "
+                         f"got {tuple(suffix_tokens)}")
     if any(int(k) <= 0 for k in prefix_ks):
         raise ValueError(f"prefix_ks must be positive, got {tuple(prefix_ks)}")
     data = dict(datasets or {})
@@ -272,7 +316,32 @@ def build_samples(split: str = "train", *, benign_responses: Mapping[str, str] |
                                         cats[r["id"]], lm_span=(0, len(resp)),
                                         template_id=t["id"], request=r["prompt"]))
 
-    out = h_samples + b_samples + ht_samples + bt_samples + t_samples
+    hs_samples, bs_samples = [], []
+    if "suffix" in include and suffixes_per_prompt > 0:
+        pool = suffix_pool(tokenizer)
+
+        def noisy(r, j):
+            rng = random.Random(f"train-suffix:{seed}:{r['id']}:{j}")
+            n = rng.randint(lo, hi)
+            return f"{r['prompt']} " + " ".join(rng.choice(pool) for _ in range(n))
+
+        for r in harmful:
+            for j in range(suffixes_per_prompt):
+                sid = f"{r['id']}|sfx{j}"
+                resp = refusal_for(r, key=sid, category=cats[r["id"]], seed=seed)
+                hs_samples.append(Sample(sid, noisy(r, j), resp, 1, "suffix",
+                                         r.get("source", "advbench"), r["id"], cats[r["id"]],
+                                         lm_span=(0, len(resp)), request=r["prompt"]))
+        for r in benign:
+            resp = responses[r["id"]]
+            for j in range(suffixes_per_prompt):
+                bs_samples.append(Sample(f"{r['id']}|sfx{j}", noisy(r, j), resp or "", 0,
+                                         "suffix", r.get("source", "benign"), r["id"],
+                                         r.get("category"),
+                                         lm_span=(0, len(resp)) if resp else None,
+                                         request=r["prompt"]))
+
+    out = h_samples + b_samples + ht_samples + bt_samples + t_samples + hs_samples + bs_samples
     if shuffle:
         random.Random(seed).shuffle(out)
     return out
