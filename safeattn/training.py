@@ -761,6 +761,16 @@ def evaluate_head(model, tokenizer, split: str = "test", *, batch_size: int = 16
     return {"metrics": out, "scores": s.tolist(), "labels": y.tolist()}
 
 
+def _int_pair(spec) -> tuple[int, int]:
+    """``"10,30"`` / ``"20"`` / ``(10, 30)`` -> ``(10, 30)`` / ``(20, 20)``."""
+    parts = [int(x) for x in (spec.split(",") if isinstance(spec, str) else spec)]
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2:
+        raise ValueError(f"expected MIN,MAX, got {spec!r}")
+    return parts[0], parts[1]
+
+
 def run_train(args) -> int:
     """``safeattn train``: see ``safeattn train --help``."""
     import json
@@ -784,6 +794,8 @@ def run_train(args) -> int:
     data_kw = dict(tokenizer=tok, seed=args.seed, include=kinds,
                    max_templates_per_prompt=args.templates_per_prompt,
                    max_template_chars=args.max_template_chars,
+                   suffixes_per_prompt=getattr(args, "suffixes_per_prompt", 1),
+                   suffix_tokens=_int_pair(getattr(args, "suffix_tokens", "10,30")),
                    missing_response="error" if responses else "empty")
     train = build_samples("train", benign_responses=responses, shuffle=True, **data_kw)
     info = {"command": "safeattn train " + " ".join(args.argv), "samples": len(train)}

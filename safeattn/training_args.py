@@ -26,12 +26,17 @@ def add_train_arguments(p) -> None:
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="resume from the last checkpoint in OUT/checkpoints (or a given one)")
     p.add_argument("--kinds", default="query,template",
-                   help="sample kinds: query, trajectory, template (comma-separated)")
+                   help="sample kinds: query, trajectory, template, suffix (comma-separated; "
+                        "suffix: harmful and benign prompts + random-token noise, same labels)")
     p.add_argument("--benign-responses", default=None,
                    help="JSONL of benign responses (safeattn.data.cache_responses); without it "
                         "benign samples have no response (fine for head mode)")
     p.add_argument("--templates-per-prompt", type=int, default=1)
     p.add_argument("--max-template-chars", type=int, default=4000)
+    p.add_argument("--suffixes-per-prompt", type=int, default=1,
+                   help="noise-suffix samples per harmful and per benign prompt (kind suffix)")
+    p.add_argument("--suffix-tokens", default="10,30",
+                   help="MIN,MAX random vocabulary tokens per noise suffix (kind suffix)")
     p.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="cut longer user texts in the middle")
     p.add_argument("--max-length", type=int, default=None)
