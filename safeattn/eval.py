@@ -45,10 +45,9 @@ import json
 import math
 import os
 import random
-import re
 import time
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 
@@ -180,21 +179,6 @@ def parse_attacks(spec: str | Sequence[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _suffix_pool(tokenizer) -> list[str]:
-    pool = []
-    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
-    for i in range(min(len(tokenizer), 300_000)):
-        if i in special:  # never [CLS], BOS/EOS or other control tokens
-            continue
-        s = tokenizer.convert_ids_to_tokens(i)
-        if not isinstance(s, str):
-            continue
-        s = s.replace("\u2581", "").replace("\u0120", "")
-        if 1 <= len(s) <= 8 and re.fullmatch(r"[!-~]+", s) and not re.fullmatch(r"<.*>", s):
-            pool.append(s)
-    return pool or list("!@#$%^&*()[]{}<>?")
-
-
 def _templates(max_chars: int) -> list[dict]:
     from .data import eval_sets
     ts = [t for t in eval_sets("test")["jailbreak_templates"] if len(t["prompt"]) <= max_chars]
@@ -212,7 +196,7 @@ def build_cases(rows: Sequence[Mapping], attack: str, *, tokenizer=None, seed: i
     ``target``) for the ``k=K`` variants; without it only the ``target`` variant is built.
     ``suffix`` needs the ``tokenizer`` (its vocabulary is the suffix alphabet).
     """
-    from .data import render_template, truncate_tokens
+    from .data import render_template, suffix_pool, truncate_tokens
 
     if attack == "direct":
         return [Case(r["id"], r["label"], attack, None, r["prompt"]) for r in rows]
@@ -242,7 +226,7 @@ def build_cases(rows: Sequence[Mapping], attack: str, *, tokenizer=None, seed: i
     if attack == "suffix":
         if tokenizer is None:
             raise EvalError("the suffix attack needs a tokenizer")
-        pool = _suffix_pool(tokenizer)
+        pool = suffix_pool(tokenizer)
         out = []
         for r in rows:
             rng = random.Random(_hash(seed, "suffix", r["id"]))
