@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import os
 import random
@@ -79,18 +78,10 @@ class EvalError(ValueError):
 
 # --------------------------------------------------------------------------- prompts
 def _parse_jsonl(text: str, where: str) -> list[dict]:
+    from .data.core import json_objects
+
     rows, seen = [], set()
-    for lineno, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise EvalError(f"{where}:{lineno}: malformed JSON line: {e.msg} "
-                            f"(column {e.colno})") from None
-        if not isinstance(row, dict):
-            raise EvalError(f"{where}:{lineno}: expected a JSON object, got "
-                            f"{type(row).__name__}")
+    for lineno, row in json_objects(text, where, EvalError):
         if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
             raise EvalError(f"{where}:{lineno}: 'prompt' missing or not a non-empty string")
         label = _LABELS.get(str(row.get("label")).lower())

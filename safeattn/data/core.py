@@ -30,8 +30,9 @@ def data_path(name: str) -> str:
     return str(resources.files(__package__).joinpath("files", fname))
 
 
-def _parse(text: str, where: str) -> list[dict]:
-    rows, seen = [], {}
+def json_objects(text: str, where: str, error: type[ValueError] = ValueError):
+    """``(line number, object)`` for each non-blank line of a JSON Lines text; raises
+    ``error`` naming ``where:line`` for a malformed line or a line that is not an object."""
     # split on "\n" only: str.splitlines() would also split at U+2028 etc. inside strings
     for lineno, line in enumerate(text.split("\n"), 1):
         if not line.strip():
@@ -39,11 +40,16 @@ def _parse(text: str, where: str) -> list[dict]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{where}:{lineno}: malformed JSON line: {e.msg} "
-                             f"(column {e.colno})") from None
+            raise error(f"{where}:{lineno}: malformed JSON line: {e.msg} "
+                        f"(column {e.colno})") from None
         if not isinstance(row, dict):
-            raise ValueError(f"{where}:{lineno}: expected a JSON object, got "
-                             f"{type(row).__name__}")
+            raise error(f"{where}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        yield lineno, row
+
+
+def _parse(text: str, where: str) -> list[dict]:
+    rows, seen = [], {}
+    for lineno, row in json_objects(text, where):
         for key in ("id", "prompt"):
             if not isinstance(row.get(key), str):
                 raise ValueError(f"{where}:{lineno}: field {key!r} missing or not a string")
