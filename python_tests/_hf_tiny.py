@@ -32,7 +32,21 @@ def tiny_tokenizer(chat: bool = False) -> PreTrainedTokenizerFast:
     return tok
 
 
-def tiny_config(family: str, vocab_size: int, window: int = 5):
+def tiny_config(family: str, vocab_size: int, window: int = 5, layers: int | None = None):
+    """(config, model class) of a tiny ``family`` model; ``layers`` overrides the depth,
+    repeating the family's layer-type pattern."""
+    cfg, cls = _family_config(family, vocab_size, window)
+    if layers is not None:
+        kw = cfg.to_dict()
+        kw["num_hidden_layers"] = layers
+        if kw.get("layer_types"):
+            kw["layer_types"] = [kw["layer_types"][i % len(kw["layer_types"])]
+                                 for i in range(layers)]
+        cfg = cls.config_class(**kw)
+    return cfg, cls
+
+
+def _family_config(family: str, vocab_size: int, window: int):
     common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                   pad_token_id=0, bos_token_id=2, eos_token_id=1)
@@ -55,9 +69,10 @@ def tiny_config(family: str, vocab_size: int, window: int = 5):
     raise KeyError(family)
 
 
-def tiny_model(family: str, vocab_size: int = 80, seed: int = 0, window: int = 5):
+def tiny_model(family: str, vocab_size: int = 80, seed: int = 0, window: int = 5,
+               layers: int | None = None):
     """fp32 eval model with random weights, stock SDPA attention."""
-    cfg, cls = tiny_config(family, vocab_size, window)
+    cfg, cls = tiny_config(family, vocab_size, window, layers)
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     model = cls(cfg).eval()
@@ -66,3 +81,26 @@ def tiny_model(family: str, vocab_size: int = 80, seed: int = 0, window: int = 5
             if "norm" not in n and p.dim() == 2:
                 p.normal_(0, 0.3)
     return model
+
+
+def cache_state(cache):
+    """(layer type, length, keys, values) of every cache layer, for equality checks."""
+    return [(type(l).__name__, l.get_seq_length(), l.keys.clone(), l.values.clone())
+            for l in cache.layers]
+
+
+def plain_step_cache(model, enc, seq, steps: int):
+    """The cache after a prefill of ``enc`` and ``steps`` plain one-token steps feeding the
+    generated tokens of ``seq`` (``[B, L + T]``), as ``cache_state``."""
+    from transformers import DynamicCache
+
+    l0 = enc["input_ids"].shape[1]
+    cache = DynamicCache(config=model.config)
+    am = enc["attention_mask"]
+    with torch.no_grad():
+        model(**enc, cache=cache)
+        for i in range(steps):
+            am = torch.cat([am, torch.ones_like(am[:, :1])], 1)
+            model(input_ids=seq[:, l0 + i:l0 + i + 1], attention_mask=am, q_span=enc["q_span"],
+                  response_start=enc["response_start"], cache=cache)
+    return cache_state(cache)

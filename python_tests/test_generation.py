@@ -15,7 +15,8 @@ from safeattn import reference as ref
 from safeattn.generation import SafetyConfig
 from safeattn.hf import SafetyHead, SafetyLayout, build_intervals
 from safeattn.ops import BENIGN, MALICIOUS, TRANSITION
-from _hf_tiny import FAMILIES, PROMPTS, tiny_model, tiny_tokenizer
+from _hf_tiny import (FAMILIES, PROMPTS, cache_state, plain_step_cache, tiny_model,
+                      tiny_tokenizer)
 
 REFUSAL = "sorry i cannot fulfill your request because"
 PROMPTS4 = PROMPTS + ["why"]
@@ -300,17 +301,10 @@ def test_generation_trace_replays_on_reference(schedule):
 
 
 # ------------------------------------------------------------------------------- cache
-def _cache_state(cache):
-    return [(type(l).__name__, l.get_seq_length(), l.keys.clone(), l.values.clone())
-            for l in cache.layers]
-
-
 @pytest.mark.parametrize("family,window", [("gemma3_text", 4), ("qwen2", 4), ("llama", 5)])
 def test_cache_after_safe_steps_equals_plain_steps(family, window):
     """After N check steps ([token, probe] each) the cache == the cache of N plain steps,
     full and sliding-window layers (window 4 < N)."""
-    from transformers import DynamicCache
-
     model, tok = _patched(family, window=window)
     enc = safeattn.build_inputs(tok, PROMPTS)
     n_new = 11
@@ -319,18 +313,10 @@ def test_cache_after_safe_steps_equals_plain_steps(family, window):
                          eos_token_id=never_eos, return_dict_in_generate=True,
                          safety=SafetyConfig(**NEVER))
     assert all(out.safety[i].checked == [True] * n_new for i in range(3))
-    got = _cache_state(out.cache)
+    got = cache_state(out.cache)
     # N-1 = 10 plain steps by hand (the last token is never fed).
-    seq, l0 = out.sequences, enc["input_ids"].shape[1]
-    cache = DynamicCache(config=model.config)
-    am = enc["attention_mask"]
-    with torch.no_grad():
-        model(**enc, cache=cache)
-        for i in range(n_new - 1):
-            am = torch.cat([am, torch.ones_like(am[:, :1])], 1)
-            model(input_ids=seq[:, l0 + i:l0 + i + 1], attention_mask=am, q_span=enc["q_span"],
-                  response_start=enc["response_start"], cache=cache)
-    want = _cache_state(cache)
+    l0 = enc["input_ids"].shape[1]
+    want = plain_step_cache(model, enc, out.sequences, n_new - 1)
     assert any(w[0] == "DynamicSlidingWindowLayer" for w in want) == (family != "llama")
     for (tg, ng, kg, vg), (tw, nw, kw, vw) in zip(got, want):
         assert (tg, ng) == (tw, nw) == (tg, l0 + n_new - 1)

@@ -11,7 +11,7 @@ from transformers import DynamicCache
 
 import safeattn
 from safeattn.generation import SafetyConfig
-from _hf_tiny import FAMILIES, PROMPTS, tiny_config, tiny_tokenizer
+from _hf_tiny import FAMILIES, PROMPTS, cache_state, plain_step_cache, tiny_model, tiny_tokenizer
 
 PROMPTS4 = PROMPTS + ["why"]
 REFUSAL = "sorry i cannot fulfill your request because"
@@ -22,20 +22,7 @@ def _deep(family, cls_layer=1, window=4, seed=0):
     """A 4-layer tiny model (layer types repeat the family's pattern), patched with the head on
     ``cls_layer``."""
     tok = tiny_tokenizer()
-    cfg, cls = tiny_config(family, len(tok), window)
-    kw = cfg.to_dict()
-    kw["num_hidden_layers"] = N_LAYERS
-    if kw.get("layer_types"):
-        kw["layer_types"] = [kw["layer_types"][i % len(kw["layer_types"])]
-                             for i in range(N_LAYERS)]
-    cfg = type(cfg)(**kw)
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    model = cls(cfg).eval()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "norm" not in n and p.dim() == 2:
-                p.normal_(0, 0.3)
+    model = tiny_model(family, len(tok), seed=seed, window=window, layers=N_LAYERS)
     return safeattn.apply_safeattn(model, tok, cls_layer=cls_layer), tok
 
 
@@ -50,11 +37,6 @@ def _no_exit(model):
         def __exit__(self, *a):
             st["exit_layer"] = self.saved
     return _Ctx()
-
-
-def _cache_state(cache):
-    return [(type(l).__name__, l.get_seq_length(), l.keys.clone(), l.values.clone())
-            for l in cache.layers]
 
 
 def test_exit_layer_state():
@@ -179,17 +161,9 @@ def test_cache_after_exit_steps_equals_plain_steps(family, window):
                          eos_token_id=never_eos, return_dict_in_generate=True,
                          safety=SafetyConfig(threshold=1.5, refusal_prefix=REFUSAL))
     assert all(out.safety[i].checked == [True] * n_new for i in range(3))
-    got = _cache_state(out.cache)
-    seq, l0 = out.sequences, enc["input_ids"].shape[1]
-    cache = DynamicCache(config=model.config)
-    am = enc["attention_mask"]
-    with torch.no_grad():
-        model(**enc, cache=cache)
-        for i in range(n_new - 1):
-            am = torch.cat([am, torch.ones_like(am[:, :1])], 1)
-            model(input_ids=seq[:, l0 + i:l0 + i + 1], attention_mask=am, q_span=enc["q_span"],
-                  response_start=enc["response_start"], cache=cache)
-    want = _cache_state(cache)
+    got = cache_state(out.cache)
+    l0 = enc["input_ids"].shape[1]
+    want = plain_step_cache(model, enc, out.sequences, n_new - 1)
     kinds = {w[0] for w in want}
     assert ("DynamicSlidingWindowLayer" in kinds) == (family != "llama")
     for i, ((tg, ng, kg, vg), (tw, nw, kw, vw)) in enumerate(zip(got, want)):
