@@ -86,14 +86,15 @@ def run_demo(model_dir: str | None = None, *, device: str = "cpu", max_new_token
     safe, out, _ = _generate(model, tok, cs, "safe", safety=safety,
                              max_new_tokens=max_new_tokens, seed=0)
     t3 = time.perf_counter()
+    ref_plain, ref_safe = [is_refusal(t) for t in plain], [is_refusal(t) for t in safe]
     bar = "=" * width
     print(bar)
     print(f"{'#':<2} {'kind':<24} {'plain':<9} {'safeattn':<9} {'p_0':>6}  {'refusal at':>10}")
     print(bar)
     for i, ((kind, c), pt, st) in enumerate(zip(cases, plain, safe)):
         rs = out.safety[i]
-        v_plain = "refuses" if is_refusal(pt) else "complies"
-        v_safe = "refuses" if is_refusal(st) else "complies"
+        v_plain = "refuses" if ref_plain[i] else "complies"
+        v_safe = "refuses" if ref_safe[i] else "complies"
         at = "-" if rs.refusal_step is None else f"token {rs.refusal_step}"
         print(f"{i:<2} {kind:<24} {v_plain:<9} {v_safe:<9} {rs.p[0]:>6.3f}  {at:>10}")
         ind = "   "
@@ -107,12 +108,13 @@ def run_demo(model_dir: str | None = None, *, device: str = "cpu", max_new_token
         print(textwrap.fill(_clip(st, 2 * width) or "(empty)", width,
                             initial_indent=ind + "safeattn: ", subsequent_indent=ind + " " * 10))
         print("-" * width)
-    n_h = sum(c.label == "harmful" for c in cs)
-    print(f"harmful / prefill prompts refused: plain {sum(is_refusal(t) for t, c in zip(plain, cs) if c.label == 'harmful')}/{n_h}, "
-          f"safeattn {sum(is_refusal(t) for t, c in zip(safe, cs) if c.label == 'harmful')}/{n_h}; "
-          f"benign refused: plain {sum(is_refusal(t) for t, c in zip(plain, cs) if c.label == 'benign')}"
-          f"/{len(cs) - n_h}, safeattn {sum(is_refusal(t) for t, c in zip(safe, cs) if c.label == 'benign')}"
-          f"/{len(cs) - n_h}")
+    def count(refused, label):
+        return f"{sum(r for r, c in zip(refused, cs) if c.label == label)}/" \
+               f"{sum(c.label == label for c in cs)}"
+
+    print(f"harmful / prefill prompts refused: plain {count(ref_plain, 'harmful')}, safeattn "
+          f"{count(ref_safe, 'harmful')}; benign refused: plain {count(ref_plain, 'benign')}, "
+          f"safeattn {count(ref_safe, 'benign')}")
     print(f"time: plain {t2 - t1:.1f} s, safeattn {t3 - t2:.1f} s (batch of {len(cs)}); "
           "verdicts are the keyword judge (safeattn.judge) on the model's own first turn")
     if plot:
