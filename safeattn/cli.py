@@ -65,9 +65,9 @@ def _eval(args: argparse.Namespace) -> int:
             want = {"n_prompts": {lab: sum(r["label"] == lab for r in rows)
                                   for lab in ("harmful", "benign")},
                     "max_new_tokens": args.max_new_tokens, "seed": args.seed, "prefill_ks": ks,
-                    "template_max_chars": args.template_max_chars, "suffix_tokens": 20,
-                    "benign_attacks": benign_attacks}
-            diff = [k for k, v in want.items() if earlier[-1].get("meta", {}).get(k) != v]
+                    "template_max_chars": args.template_max_chars,
+                    "suffix_tokens": ev.SUFFIX_TOKENS, "benign_attacks": benign_attacks}
+            diff = ev.differing_settings(earlier[-1].get("meta", {}), want)
             if diff:
                 raise ValueError(f"its settings differ from this run's: {diff}")
         except (OSError, ValueError) as e:
