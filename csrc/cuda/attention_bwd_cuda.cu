@@ -258,30 +258,12 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_kernel(const BwdParams p) {
   }
 }
 
-// Opt in to more than 48 KiB of dynamic shared memory, once per kernel and device.
-template <typename T, int DP>
-void prepare_bwd_smem(void (*kernel)(BwdParams), size_t smem) {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<bool> ready[kMaxDevices];
-  int dev = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  if (dev < kMaxDevices && ready[dev].load(std::memory_order_acquire)) return;
-  int optin = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  TORCH_CHECK(smem <= static_cast<size_t>(optin), "interval_attention_bwd (CUDA): needs ", smem,
-              " bytes of shared memory per block, the device allows ", optin);
-  if (smem > 48 * 1024)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem)));
-  if (dev < kMaxDevices) ready[dev].store(true, std::memory_order_release);
-}
-
 template <typename T, int DP>
 void launch_bwd_dp(const BwdParams& p, cudaStream_t stream) {
   constexpr int BN = bwd_keys(DP), BM = bwd_rows(DP);
   const size_t smem = ((2 * BN + 2 * BM) * (DP + 1) + 2 * BM * (BN + 1)) * sizeof(float);
   auto kernel = bwd_kernel<T, DP>;
-  prepare_bwd_smem<T, DP>(kernel, smem);
+  prepare_smem<T, DP, 0>(kernel, smem, "interval_attention_bwd");
   const unsigned ntiles = static_cast<unsigned>((p.Tk + BN - 1) / BN);
   kernel<<<dim3(ntiles * p.rsplit, p.Hkv, p.B), kBwdThreads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

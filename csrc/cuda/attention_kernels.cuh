@@ -645,9 +645,10 @@ __global__ void __launch_bounds__(128) combine_kernel(const AttnParams p) {
 // ---------------------------------------------------------------------------------------
 // Host launchers.
 
-// Opt in to more than 48 KiB of dynamic shared memory, once per kernel and device.
-template <typename T, int DP, bool DECODE>
-void prepare_smem(void (*kernel)(AttnParams), size_t smem) {
+// Opt in to more than 48 KiB of dynamic shared memory, once per kernel and device (one
+// instantiation, with its own flags, per kernel: params type, T, DP, variant).
+template <typename T, int DP, int VARIANT, typename Params>
+void prepare_smem(void (*kernel)(Params), size_t smem, const char* op) {
   constexpr int kMaxDevices = 64;
   static std::atomic<bool> ready[kMaxDevices];
   int dev = 0;
@@ -655,7 +656,7 @@ void prepare_smem(void (*kernel)(AttnParams), size_t smem) {
   if (dev < kMaxDevices && ready[dev].load(std::memory_order_acquire)) return;
   int optin = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  TORCH_CHECK(smem <= static_cast<size_t>(optin), "interval_attention (CUDA): needs ", smem,
+  TORCH_CHECK(smem <= static_cast<size_t>(optin), op, " (CUDA): needs ", smem,
               " bytes of shared memory per block, the device allows ", optin);
   if (smem > 48 * 1024)
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -674,7 +675,7 @@ void launch_dp(const AttnParams& p, bool decode, cudaStream_t stream) {
     const size_t red = (kWarps * 16 * (DP + 4) + 2 * kWarps * 16) * sizeof(float);
     const size_t smem = kDecodeRows * LD * sizeof(T) + (kv > red ? kv : red);
     auto kernel = attn_kernel<T, DP, BK, true>;
-    prepare_smem<T, DP, true>(kernel, smem);
+    prepare_smem<T, DP, true>(kernel, smem, "interval_attention");
     kernel<<<dim3(p.nsplit, p.Hkv, p.B), kThreads, smem, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (p.nsplit > 1) {
@@ -686,7 +687,7 @@ void launch_dp(const AttnParams& p, bool decode, cudaStream_t stream) {
     constexpr int BK = prefill_bk(kF32, DP);
     const size_t smem = (16 * kWarps + 2 * BK) * LD * sizeof(T);
     auto kernel = attn_kernel<T, DP, BK, false>;
-    prepare_smem<T, DP, false>(kernel, smem);
+    prepare_smem<T, DP, false>(kernel, smem, "interval_attention");
     const unsigned qblocks = static_cast<unsigned>((p.Tq + 16 * kWarps - 1) / (16 * kWarps));
     kernel<<<dim3(qblocks, p.Hq, p.B), kThreads, smem, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
