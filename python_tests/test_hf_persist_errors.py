@@ -52,6 +52,10 @@ def test_safety_only_files_round_trip(tmp_path):
     safeattn.load_safety(base, tmp_path, fresh_tok)
     p2, logits2 = _run(base, fresh_tok)
     assert torch.equal(p, p2) and torch.equal(logits, logits2)
+    # the tokenizer given to load_safety serves safe generate (refusal prefix) as well
+    enc = safeattn.build_inputs(fresh_tok, PROMPTS[:1])
+    out = base.generate(**enc, max_new_tokens=2, safety=safeattn.SafetyConfig())
+    assert len(out.safety) == 1
 
 
 def test_probe_row_matches_dense_reference():

@@ -62,7 +62,7 @@ def load_safety(model, load_directory, tokenizer=None):
                          cls_layer=meta.get("cls_layer"))
     else:
         cls_token_id(model)  # raises when the model has no [CLS]
-    apply_safeattn(model, cls_layer=meta.get("cls_layer"),
+    apply_safeattn(model, tokenizer, cls_layer=meta.get("cls_layer"),
                    cls_visible_to_response=meta.get("cls_visible_to_response", False))
     with safe_open(str(d / SAFETY_WEIGHTS), framework="pt") as f:
         t = {k: f.get_tensor(k) for k in f.keys()}
