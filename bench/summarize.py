@@ -42,6 +42,11 @@ def format_table(summary: dict) -> str:
             f"{c['name']:<{w}}  {_ms(c['ours']):>25}  {_ms(c['baseline']):>25}  "
             f"{c['ratio']:6.3f} {c.get('ratio_of_mins', float('nan')):6.3f}  {tgt:<16} {c['metric_value']:6.3f}  "
             f"{'yes' if c['met'] else 'NO ':<3}  {c.get('foreign_cpu', 0):5.0%}  {raw:>9}")
+        for k, e in c.get("extras", {}).items():  # other variants timed in the same rounds
+            if k != "ours_raw_op":
+                lines.append(f"  {k:<{w - 2}}  {_ms(e):>25}  {'':>25}  "
+                             f"{c['baseline']['median'] / e['median']:6.3f}  (same rounds; "
+                             f"ours/base {e['median'] / c['baseline']['median']:.3f})")
     for a in summary.get("aggregates", []):
         lines.append(f"{a['name']}: {a['value']:.3f} (target {a['target']}, n={a['n']}) -> "
                      f"{'met' if a['met'] else 'NOT met'}")

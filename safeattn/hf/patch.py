@@ -20,6 +20,9 @@ The safety forward rides on module hooks, not on per-class ``forward`` patches:
   position ids and mask rows and hands attention a layout without the probe. Later layers
   then run (and cache) the other rows only; the caller crops the probe's K/V from layers
   ``0..cls_layer`` alone.
+- the ``nn.Linear`` modules of the layers the probe row runs through take a weight-stationary
+  path while a forward carries a probe row (:mod:`safeattn.hf.few_rows`), so that on CPU the
+  ``[token, probe]`` rows cost about one read of each weight.
 
 ``apply_safeattn`` also makes ``model.generate(..., safety=SafetyConfig(...))`` run the
 strategic decoder (:mod:`safeattn.generation`); without ``safety`` it is stock ``generate``.
@@ -30,7 +33,7 @@ from dataclasses import replace
 
 import torch
 
-from . import backend
+from . import backend, few_rows
 from .backend import SAFETY_KWARGS, is_descriptor
 from .layout import MODES, SafetyLayout
 from .surgery import SafetyHead, _base, add_safety_token, cls_token_id, safety_config
@@ -96,7 +99,10 @@ def apply_safeattn(model, tokenizer=None, *, cls_layer: int | None = None,
     # Layers after the tapped one, where a probe_exit forward runs without the probe row.
     after = [] if cls_layer is None else list(base.layers[cls_layer + 1:n_layers])
     _install_generate(model)
-    state = {"prev_impl": prev_impl, "ctx": None,
+    # The layers a check step's probe row runs through get few-row linears (few_rows.py).
+    switch = few_rows.Switch()
+    state = {"prev_impl": prev_impl, "ctx": None, "few_rows": switch,
+             "few_rows_mods": few_rows.install(base.layers[:n_layers - len(after)], switch),
              "tokenizer": tokenizer if tokenizer is not None else (prev or {}).get("tokenizer"),
              "exit_layer": cls_layer if after else None,
              "handles": [
@@ -131,6 +137,8 @@ def _remove_hooks(model) -> None:
         for h in st["handles"]:
             h.remove()
         st["handles"] = []
+        few_rows.remove(st.get("few_rows_mods", ()))
+        st["few_rows_mods"] = []
 
 
 def revert_safeattn(model):
@@ -248,6 +256,7 @@ def _build_layout(model, args, kwargs, extra) -> tuple[SafetyLayout, torch.Tenso
 def _pre_hook(model, args, kwargs):
     st = getattr(model, _STATE)
     st["ctx"] = None
+    st["few_rows"].on = False
     probe_exit = bool(kwargs.pop("probe_exit", False))
     extra = {k: kwargs.pop(k) for k in SAFETY_KWARGS if k in kwargs}
     layout = kwargs.get("safety_layout")
@@ -275,10 +284,11 @@ def _pre_hook(model, args, kwargs):
             rows = layout.cls.long().to(ref.device)
         st["ctx"] = {"rows": rows, "h": None, "defer_head": True,
                      "exit": _exit_memo(st, layout, rows, probe_exit)}
-        return args, kwargs
-    layout, rows = _build_layout(model, args, kwargs, extra)
-    kwargs["safety_layout"] = layout
-    st["ctx"] = {"rows": rows, "h": None, "exit": _exit_memo(st, layout, rows, probe_exit)}
+    else:
+        layout, rows = _build_layout(model, args, kwargs, extra)
+        kwargs["safety_layout"] = layout
+        st["ctx"] = {"rows": rows, "h": None, "exit": _exit_memo(st, layout, rows, probe_exit)}
+    st["few_rows"].on = rows is not None and layout.probe_window is not None
     return args, kwargs
 
 
@@ -345,6 +355,7 @@ def _tap_hook(model):
 def _post_hook(model, args, kwargs, output):
     st = getattr(model, _STATE)
     ctx, st["ctx"] = st["ctx"], None
+    st["few_rows"].on = False
     if ctx is not None and ctx["h"] is not None:
         h = ctx["h"]
         if model.safety_head.cls_layer is not None:
