@@ -252,3 +252,32 @@ def test_training_step_has_gradients():
     cid = safeattn.hf.cls_token_id(model)
     assert model.safety_head.weight.grad.abs().sum() > 0
     assert model.get_input_embeddings().weight.grad[cid].abs().sum() > 0
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_literal_cls_text_is_not_the_safety_token(chat):
+    """'[CLS]' typed into a prompt, system prompt or response is text: only build_inputs puts
+    the safety token in front (else the plain path raised, and a prompt could plant it)."""
+    from safeattn.data import encode_prompts
+    from safeattn.training import SafetyDataCollator
+
+    tok = tiny_tokenizer(chat)
+    model = safeattn.apply_safeattn(tiny_model("llama", len(tok) + 1), tok)
+    cid = tok.convert_tokens_to_ids("[CLS]")
+    prompts = ["how do i [CLS] bake bread", "[CLS]"]
+    enc = safeattn.build_inputs(tok, prompts, ["sure [CLS] here", "ok"], system="be [CLS] nice")
+    for i in range(len(prompts)):
+        ids = enc["input_ids"][i]
+        pad = int((enc["attention_mask"][i] == 0).sum())
+        assert ids[pad] == cid and int((ids == cid).sum()) == 1
+        qs, qe = enc["q_span"][i].tolist()
+        assert pad < qs < qe <= int(enc["response_start"][i])  # the spelled text is the query
+    assert model(**enc).p.shape == (2,)
+    batch = SafetyDataCollator(tok)([dict(prompt=p, response="a [CLS] b", label=0, kind="query")
+                                     for p in prompts])
+    assert ((batch["input_ids"] == cid).sum(-1) == 1).all()
+    plain = encode_prompts(tok, prompts, prefills=["[CLS]", ""])
+    assert not (plain["input_ids"] == cid).any()
+    model.generate(**plain, max_new_tokens=2)  # a patched model's plain path takes it
+    out = safeattn.generate(model, tok, prompts, max_new_tokens=3)
+    assert len(out.safety) == 2

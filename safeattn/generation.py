@@ -30,7 +30,11 @@ How one decode step works (per batch, all rows at once):
   columns in the row's 2-D attention mask (the interval layout turns the hole into one more
   key range, so it costs nothing), and restarts the row's RoPE positions at ``S_t``: for the
   model the row continues as if the flagged tokens had never been generated. The returned
-  ``sequences`` leave them out (that row is right-padded with the pad token).
+  ``sequences`` leave them out (that row is right-padded with the pad token). One
+  approximation: on sliding-window layers the hidden columns still take window slots (the
+  window counts cache columns, as HF's sliding masks do, and the sliding cache has already
+  evicted the older keys that would refill them), so those layers see that many fewer old
+  tokens, a few out of e.g. Gemma-3's 512.
 - **Fail closed**: a non-finite ``p`` refuses (inside the op); an exception raised by the head
   or the op makes every row that was checked refuse. Both are logged as warnings on the
   ``"safeattn"`` logger.

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .hf.surgery import _base, cls_token_id, safety_config
+from .hf.template import encode_text
 
 __all__ = ["SafetyDataCollator", "SafetyDataset", "SafetyTrainer", "prepare_model",
            "safety_metrics", "truncate_middle", "TRAIN_MODES", "DEFAULT_LAMBDA",
@@ -158,11 +159,10 @@ class SafetyDataCollator:
         response = _get(s, "response") or ""
         text, qa, qb = self._render(prompt)
         bos = tok.bos_token
-        enc = tok(text, add_special_tokens=not (bos and text.startswith(bos)),
-                  return_offsets_mapping=True)
-        ids = [self.cls_id] + list(enc["input_ids"])
-        inq = [j + 1 for j, (a, b) in enumerate(enc["offset_mapping"])
-               if b > a and a < qb and b > qa]
+        tokens, offsets = encode_text(tok, text,
+                                      add_special_tokens=not (bos and text.startswith(bos)))
+        ids = [self.cls_id] + tokens
+        inq = [j + 1 for j, (a, b) in enumerate(offsets) if b > a and a < qb and b > qa]
         qs, qe = (inq[0], inq[-1] + 1) if inq else (len(ids), len(ids))
         rs = len(ids)
         labels = [-100] * len(ids)
@@ -176,9 +176,8 @@ class SafetyDataCollator:
             resp = response
             if not getattr(tok, "chat_template", None) and not resp[0].isspace():
                 resp, shift = " " + resp, 1
-            renc = tok(resp, add_special_tokens=False, return_offsets_mapping=True)
-            roffs = [(a - shift, b - shift) for a, b in renc["offset_mapping"]]
-            rids = list(renc["input_ids"])
+            rids, roffs = encode_text(tok, resp)
+            roffs = [(a - shift, b - shift) for a, b in roffs]
             for j, (a, b) in enumerate(roffs):
                 col = rs + j
                 b = max(b, a + 1)  # zero-width tokens count at their position

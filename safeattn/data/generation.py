@@ -7,11 +7,11 @@ from typing import Iterable, Mapping
 
 import torch
 
+from ..hf.template import PLAIN_TEMPLATE, encode_text
+
 __all__ = ["PLAIN_TEMPLATE", "render_prompt", "encode_prompts", "cache_responses",
            "load_responses"]
 
-#: Used when the tokenizer has no chat template; same as ``safeattn.hf.template``.
-PLAIN_TEMPLATE = "User: {prompt}\nAssistant:"
 
 
 def render_prompt(tokenizer, prompt: str, *, template: str | None = None,
@@ -57,7 +57,7 @@ def encode_prompts(tokenizer, prompts: list[str], *, template: str | None = None
                 pre = " " + pre
             text += pre
         add = not (bos and text.startswith(bos))
-        rows.append(list(tokenizer(text, add_special_tokens=add)["input_ids"]))
+        rows.append(encode_text(tokenizer, text, add_special_tokens=add)[0])
     pad = tokenizer.pad_token_id
     if pad is None:
         pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0

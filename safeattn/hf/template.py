@@ -6,7 +6,7 @@ from transformers import BatchEncoding
 
 from .surgery import CLS_TOKEN, cls_token_id
 
-__all__ = ["build_inputs", "PLAIN_TEMPLATE"]
+__all__ = ["build_inputs", "encode_text", "PLAIN_TEMPLATE"]
 
 #: Used when the tokenizer has no chat template (e.g. base Gemma-3-270M).
 PLAIN_TEMPLATE = "User: {prompt}\nAssistant:"
@@ -31,6 +31,31 @@ def _render(tokenizer, prompt: str, system: str | None) -> tuple[str, int, int]:
     return text, at, at + len(prompt)
 
 
+def encode_text(tokenizer, text: str, *, add_special_tokens: bool = False,
+                cls_token: str = CLS_TOKEN) -> tuple[list[int], list[tuple[int, int]]]:
+    """``text`` -> (token ids, character offsets), where text that spells the ``[CLS]`` token
+    stays text: only ``build_inputs`` puts the safety token in front of a row. Each ``[CLS]``
+    the tokenizer made of ``text`` becomes the tokens of its characters (sharing its offsets).
+    """
+    enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
+    cid = tokenizer.convert_tokens_to_ids(cls_token) if cls_token in tokenizer.get_vocab() \
+        else None
+    if cid is None or cid not in ids:
+        return ids, offsets
+    out_ids, out_off = [], []
+    for t, (a, b) in zip(ids, offsets):
+        if t != cid:
+            out_ids.append(t)
+            out_off.append((a, b))
+            continue
+        spelled = tokenizer(text[a:b], add_special_tokens=False,
+                            split_special_tokens=True)["input_ids"]
+        out_ids += spelled
+        out_off += [(a, b)] * len(spelled)
+    return out_ids, out_off
+
+
 def build_inputs(tokenizer, prompts: list[str] | str, responses: list[str] | None = None, *,
                  system: str | None = None, cls_token: str = CLS_TOKEN,
                  add_eos: bool = True, device=None) -> BatchEncoding:
@@ -44,6 +69,8 @@ def build_inputs(tokenizer, prompts: list[str] | str, responses: list[str] | Non
     (0 = left padding), ``position_ids`` (``[CLS]`` at 0), plus ``q_span [B, 2]`` (half-open
     columns of the user's text only: no BOS, template, system or padding tokens) and
     ``response_start [B]`` (first response column; the prompt end when no responses).
+    ``[CLS]`` comes only in front: the text ``"[CLS]"`` in a prompt, system prompt or response
+    is tokenized as ordinary characters.
     All of it can be passed straight to a patched model: ``model(**enc)``.
     """
     if isinstance(prompts, str):
@@ -60,10 +87,10 @@ def build_inputs(tokenizer, prompts: list[str] | str, responses: list[str] | Non
     for i, prompt in enumerate(prompts):
         text, qa, qb = _render(tokenizer, prompt, system)
         bos = tokenizer.bos_token
-        enc = tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)),
-                        return_offsets_mapping=True)
-        ids = [cid] + list(enc["input_ids"])
-        inq = [j + 1 for j, (s, e) in enumerate(enc["offset_mapping"])
+        tokens, offsets = encode_text(tokenizer, text, cls_token=cls_token,
+                                      add_special_tokens=not (bos and text.startswith(bos)))
+        ids = [cid] + tokens
+        inq = [j + 1 for j, (s, e) in enumerate(offsets)
                if e > s and s < qb and e > qa]  # +1: the [CLS] in front
         qs, qe = (inq[0], inq[-1] + 1) if inq else (len(ids), len(ids))
         starts.append(len(ids))
@@ -71,7 +98,7 @@ def build_inputs(tokenizer, prompts: list[str] | str, responses: list[str] | Non
             resp = responses[i]
             if not getattr(tokenizer, "chat_template", None) and resp and not resp[0].isspace():
                 resp = " " + resp
-            ids += tokenizer(resp, add_special_tokens=False)["input_ids"]
+            ids += encode_text(tokenizer, resp, cls_token=cls_token)[0]
             if add_eos and tokenizer.eos_token_id is not None:
                 ids.append(tokenizer.eos_token_id)
         rows.append(ids)
