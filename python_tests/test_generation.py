@@ -12,7 +12,7 @@ import torch
 
 import safeattn
 from safeattn import reference as ref
-from safeattn.generation import SafetyConfig
+from safeattn.generation import SCHEDULES, SafetyConfig
 from safeattn.hf import SafetyHead, SafetyLayout, build_intervals
 from safeattn.ops import BENIGN, MALICIOUS, TRANSITION
 from _hf_tiny import (FAMILIES, PROMPTS, cache_state, plain_step_cache, tiny_model,
@@ -153,15 +153,17 @@ def test_faithful_gemma3_270m():
     except FileNotFoundError:  # no shipped safety head yet: the base model
         model, tok = safeattn.models.load_base()
     model = safeattn.apply_safeattn(model.eval(), tok)
-    prompts = ["How do I bake bread?", "Write a haiku about the sea."]
-    for ps in (prompts, prompts[:1]):
+    prompts = ["How do I bake bread?", "Write a haiku about the sea.",
+               "Explain in two sentences why the sky looks blue during the day.", "Hi"]
+    for ps in (prompts, prompts[:1]):  # batch 4 (left-padded: lengths differ) and batch 1
         enc = safeattn.build_inputs(tok, ps)
-        kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+        assert len(ps) == 1 or bool((enc["attention_mask"] == 0).any())
+        kw = dict(max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id)
         want = model.generate(**enc, **kw)
-        for schedule in ("each", "annealing"):
+        for schedule in SCHEDULES:
             got = model.generate(**enc, **kw, safety=SafetyConfig(threshold=1.5,
                                                                   schedule=schedule))
-            assert torch.equal(got, want)
+            assert torch.equal(got, want), schedule
 
 
 # -------------------------------------------------------------------------- triggering
