@@ -39,9 +39,8 @@ def encode_text(tokenizer, text: str, *, add_special_tokens: bool = False,
     """
     enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
     ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
-    cid = tokenizer.convert_tokens_to_ids(cls_token) if cls_token in tokenizer.get_vocab() \
-        else None
-    if cid is None or cid not in ids:
+    cid = tokenizer.convert_tokens_to_ids(cls_token)  # (get_vocab() would copy the vocab)
+    if cid is None or cid == tokenizer.unk_token_id or cid not in ids:
         return ids, offsets
     out_ids, out_off = [], []
     for t, (a, b) in zip(ids, offsets):
