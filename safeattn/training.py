@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .hf.surgery import _base, cls_token_id, safety_config
-from .hf.template import encode_text
+from .hf.template import encode_prompt, encode_text
 
 __all__ = ["SafetyDataCollator", "SafetyDataset", "SafetyTrainer", "prepare_model",
            "safety_metrics", "truncate_middle", "TRAIN_MODES", "DEFAULT_LAMBDA",
@@ -149,21 +149,11 @@ class SafetyDataCollator:
         self.cls_id = cls_token_id(tokenizer=self.tokenizer)
 
     # ---- one row
-    def _render(self, prompt: str) -> tuple[str, int, int]:
-        from .hf.template import _render
-        return _render(self.tokenizer, prompt, self.system)
-
     def encode_one(self, s) -> dict:
         tok = self.tokenizer
         prompt = truncate_middle(tok, _get(s, "prompt") or "", self.max_prompt_tokens)
         response = _get(s, "response") or ""
-        text, qa, qb = self._render(prompt)
-        bos = tok.bos_token
-        tokens, offsets = encode_text(tok, text,
-                                      add_special_tokens=not (bos and text.startswith(bos)))
-        ids = [self.cls_id] + tokens
-        inq = [j + 1 for j, (a, b) in enumerate(offsets) if b > a and a < qb and b > qa]
-        qs, qe = (inq[0], inq[-1] + 1) if inq else (len(ids), len(ids))
+        ids, (qs, qe) = encode_prompt(tok, prompt, self.system, self.cls_id)
         rs = len(ids)
         labels = [-100] * len(ids)
         window = _get(s, "window")

@@ -6,7 +6,7 @@ from transformers import BatchEncoding
 
 from .surgery import CLS_TOKEN, cls_token_id
 
-__all__ = ["build_inputs", "encode_text", "PLAIN_TEMPLATE"]
+__all__ = ["build_inputs", "encode_prompt", "encode_text", "PLAIN_TEMPLATE"]
 
 #: Used when the tokenizer has no chat template (e.g. base Gemma-3-270M).
 PLAIN_TEMPLATE = "User: {prompt}\nAssistant:"
@@ -55,6 +55,20 @@ def encode_text(tokenizer, text: str, *, add_special_tokens: bool = False,
     return out_ids, out_off
 
 
+def encode_prompt(tokenizer, prompt: str, system: str | None, cls_id: int, *,
+                  cls_token: str = CLS_TOKEN) -> tuple[list[int], tuple[int, int]]:
+    """One row's ``[CLS] <bos> <template + prompt>`` ids (BOS from the tokenizer unless the
+    rendered template starts with it) -> (ids, half-open ``q_span`` of the user's text)."""
+    text, qa, qb = _render(tokenizer, prompt, system)
+    bos = tokenizer.bos_token
+    tokens, offsets = encode_text(tokenizer, text, cls_token=cls_token,
+                                  add_special_tokens=not (bos and text.startswith(bos)))
+    ids = [cls_id] + tokens
+    inq = [j + 1 for j, (s, e) in enumerate(offsets)
+           if e > s and s < qb and e > qa]  # +1: the [CLS] in front
+    return ids, ((inq[0], inq[-1] + 1) if inq else (len(ids), len(ids)))
+
+
 def build_inputs(tokenizer, prompts: list[str] | str, responses: list[str] | None = None, *,
                  system: str | None = None, cls_token: str = CLS_TOKEN,
                  add_eos: bool = True, device=None) -> BatchEncoding:
@@ -84,14 +98,7 @@ def build_inputs(tokenizer, prompts: list[str] | str, responses: list[str] | Non
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     rows, spans, starts = [], [], []
     for i, prompt in enumerate(prompts):
-        text, qa, qb = _render(tokenizer, prompt, system)
-        bos = tokenizer.bos_token
-        tokens, offsets = encode_text(tokenizer, text, cls_token=cls_token,
-                                      add_special_tokens=not (bos and text.startswith(bos)))
-        ids = [cid] + tokens
-        inq = [j + 1 for j, (s, e) in enumerate(offsets)
-               if e > s and s < qb and e > qa]  # +1: the [CLS] in front
-        qs, qe = (inq[0], inq[-1] + 1) if inq else (len(ids), len(ids))
+        ids, (qs, qe) = encode_prompt(tokenizer, prompt, system, cid, cls_token=cls_token)
         starts.append(len(ids))
         if responses is not None:
             resp = responses[i]
