@@ -194,6 +194,19 @@ def test_extract_last_token_states_tiny_llama():
         for layer in (0, 2, 3):
             torch.testing.assert_close(states[layer][i], hs[layer][0, -1], atol=1e-5,
                                        rtol=1e-5)
+    # without the final layer only blocks up to the deepest requested one run, and the LM
+    # head never runs (a 262k-vocabulary logit tensor is what ran out of memory)
+    ran = []
+    hooks = [model.lm_head.register_forward_hook(lambda *a: ran.append("lm_head")),
+             model.model.layers[2].register_forward_hook(lambda *a: ran.append("block 2"))]
+    cut = extract_last_token_states(model, tok, PROMPTS, layers=[1], progress=False)
+    for h in hooks:
+        h.remove()
+    assert ran == [] and len(model.model.layers) == 3
+    for i, p in enumerate(PROMPTS):
+        with torch.no_grad():
+            hs = model(**encode_prompts(tok, [p]), output_hidden_states=True).hidden_states
+        torch.testing.assert_close(cut[1][i], hs[1][0, -1], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="out of range"):
         extract_last_token_states(model, tok, PROMPTS, layers=[4], progress=False)
     # the features feed the probe

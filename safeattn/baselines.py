@@ -34,6 +34,9 @@ def extract_last_token_states(model, tokenizer, prompts: Sequence[str], layers: 
     final one (after the final norm in HF decoder models); negative indices count from the
     end and are returned under their non-negative index. Rows are batched longest first and
     returned in the input order, on the CPU.
+
+    Only what the features need runs: the decoder stack without the LM head (no logits over
+    the vocabulary), and only up to the deepest requested layer unless the final one is asked.
     """
     from tqdm.auto import tqdm
 
@@ -52,27 +55,40 @@ def extract_last_token_states(model, tokenizer, prompts: Sequence[str], layers: 
             want.append(idx)
     if not want:
         raise ValueError("no layers requested")
+    from .hf.surgery import _base
+
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out = {layer: [None] * len(prompts) for layer in want}
+    base = _base(model)  # the decoder stack: no LM head, no logits
+    full = getattr(base, "layers", None)
+    deepest = max(want)
+    # hidden state i is the output of block i - 1, except the last, which the stack replaces
+    # by its normed output: run one block more than the deepest state needs
+    cut = full is not None and deepest + 1 < len(full)
     try:
+        if cut:
+            base.layers = torch.nn.ModuleList(list(full)[:deepest + 1])
         for s in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress,
                       unit="batch"):
             idx = order[s:s + batch_size]
             enc = encode_prompts(tokenizer, [prompts[i] for i in idx], template=template,
                                  system=system, device=device)
             pos = (enc["attention_mask"].cumsum(-1) - 1).clamp_min(0)
-            res = model(**enc, position_ids=pos, output_hidden_states=True, use_cache=False)
+            res = base(**enc, position_ids=pos, output_hidden_states=True, use_cache=False)
             hs = res.hidden_states
-            if len(hs) != n_states:
-                raise RuntimeError(f"model returned {len(hs)} hidden states, expected {n_states}")
+            expect = deepest + 2 if cut else n_states
+            if len(hs) != expect:
+                raise RuntimeError(f"model returned {len(hs)} hidden states, expected {expect}")
             for layer in want:
                 last = hs[layer][:, -1, :].float().cpu()
                 for j, i in enumerate(idx):
                     out[layer][i] = last[j]
     finally:
+        if cut:
+            base.layers = full
         model.train(was_training)
     return {layer: torch.stack(rows) for layer, rows in out.items()}
 
