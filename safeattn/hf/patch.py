@@ -33,7 +33,7 @@ from dataclasses import replace
 
 import torch
 
-from . import backend, few_rows
+from . import adapter, backend, few_rows
 from .backend import SAFETY_KWARGS, is_descriptor
 from .layout import MODES, SafetyLayout
 from .surgery import SafetyHead, _base, add_safety_token, cls_token_id, safety_config
@@ -89,6 +89,11 @@ def apply_safeattn(model, tokenizer=None, *, cls_layer: int | None = None,
         w = model.get_input_embeddings().weight
         model.safety_head = SafetyHead(model.config.get_text_config().hidden_size,
                                        cls_layer).to(device=w.device, dtype=w.dtype)
+    spec = cfg.get("adapter")
+    if spec and getattr(model, "safety_adapter", None) is None:  # weights are loaded later
+        model.safety_adapter = adapter.ProbeAdapter(
+            list(_base(model).layers)[:spec["layers"]], spec["rank"], spec["alpha"],
+            spec["targets"])
     model.safety_head.cls_layer = cls_layer
     cfg = safety_config(model) or {}
     cfg.update(cls_layer=cls_layer, cls_visible_to_response=bool(cls_visible_to_response))
@@ -111,6 +116,9 @@ def apply_safeattn(model, tokenizer=None, *, cls_layer: int | None = None,
         model.register_forward_hook(_post_hook, with_kwargs=True),
     ] + [layer.register_forward_pre_hook(_exit_hook(model), with_kwargs=True)
          for layer in after]}
+    if getattr(model, "safety_adapter", None) is not None:
+        state["handles"] += adapter.install_hooks(
+            model, model.safety_adapter, lambda: (state["ctx"] or {}).get("rows"))
     object.__setattr__(model, _STATE, state)  # not a submodule / parameter
     return model
 

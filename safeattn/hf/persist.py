@@ -22,7 +22,8 @@ def save_safety(model, save_directory) -> Path:
 
     Files: ``safety_config.json`` (``model.config.safeattn`` + ``model_type``, ``hidden_size``)
     and ``safety_head.safetensors`` (``safety_head.weight [1, d]``, ``safety_head.bias [1]``,
-    ``cls_embedding [d]``: the ``[CLS]`` input-embedding row). Returns the directory.
+    ``cls_embedding [d]``: the ``[CLS]`` input-embedding row; with a probe adapter also its
+    ``safety_adapter.a.*`` / ``safety_adapter.b.*``). Returns the directory.
     """
     cfg = safety_config(model)
     if cfg is None or getattr(model, "safety_head", None) is None:
@@ -36,6 +37,9 @@ def save_safety(model, save_directory) -> Path:
         "safety_head.bias": model.safety_head.bias.detach(),
         "cls_embedding": model.get_input_embeddings().weight[tid].detach(),
     }
+    if getattr(model, "safety_adapter", None) is not None:
+        tensors.update({f"safety_adapter.{k}": v.detach()
+                        for k, v in model.safety_adapter.state_dict().items()})
     save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(d / SAFETY_WEIGHTS))
     text = model.config.get_text_config()
     meta = dict(cfg, model_type=model.config.model_type, hidden_size=text.hidden_size)
@@ -62,6 +66,12 @@ def load_safety(model, load_directory, tokenizer=None):
                          cls_layer=meta.get("cls_layer"))
     else:
         cls_token_id(model)  # raises when the model has no [CLS]
+    cfg = safety_config(model) or {}
+    cfg.pop("adapter", None)
+    if meta.get("adapter"):
+        cfg["adapter"] = meta["adapter"]
+    model.config.safeattn = cfg
+    model.safety_adapter = None  # rebuilt from the config by apply_safeattn
     apply_safeattn(model, tokenizer, cls_layer=meta.get("cls_layer"),
                    cls_visible_to_response=meta.get("cls_visible_to_response", False))
     with safe_open(str(d / SAFETY_WEIGHTS), framework="pt") as f:
@@ -73,9 +83,17 @@ def load_safety(model, load_directory, tokenizer=None):
 
 
 def _copy_head(model, tensors) -> None:
+    """The head's weights and, when the model has a probe adapter, the adapter's."""
     head = model.safety_head
     head.weight.copy_(tensors["safety_head.weight"].reshape(head.weight.shape))
     head.bias.copy_(tensors["safety_head.bias"].reshape(head.bias.shape))
+    ad = getattr(model, "safety_adapter", None)
+    if ad is not None:
+        want = {f"safety_adapter.{k}" for k in ad.state_dict()}
+        if not want <= set(tensors):
+            raise ValueError(f"the safety config has a probe adapter, but {len(want - set(tensors))}"
+                             " of its tensors are missing")
+        ad.load_state_dict({k[len("safety_adapter."):]: tensors[k] for k in want})
 
 
 def _checkpoint_tensors(path: Path, names) -> dict:
@@ -127,8 +145,11 @@ def from_pretrained(path, *, tokenizer=True, **kwargs):
         with safe_open(str(p / SAFETY_WEIGHTS), framework="pt") as f:
             t = {k: f.get_tensor(k) for k in f.keys()}
     else:
-        t = _checkpoint_tensors(p, ["safety_head.weight", "safety_head.bias"])
-        if len(t) != 2:
+        ad = getattr(model, "safety_adapter", None)
+        names = ["safety_head.weight", "safety_head.bias"] + (
+            [f"safety_adapter.{k}" for k in ad.state_dict()] if ad is not None else [])
+        t = _checkpoint_tensors(p, names)
+        if "safety_head.weight" not in t or "safety_head.bias" not in t:
             raise ValueError(f"{p} has a safety config but no safety_head weights")
     with torch.no_grad():
         _copy_head(model, t)
