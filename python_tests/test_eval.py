@@ -9,7 +9,7 @@ import torch
 import safeattn
 from safeattn import eval as ev
 from safeattn.cli import main
-from safeattn.data import PLACEHOLDER, eval_sets
+from safeattn.data import EVAL_NEUTRAL_PROMPT, PLACEHOLDER, eval_sets
 from safeattn.generation import SafetyConfig
 from safeattn.hf import SafetyHead
 from _hf_tiny import tiny_model, tiny_tokenizer
@@ -30,6 +30,18 @@ class ConstHead(SafetyHead):
 
     def forward(self, h):
         return torch.full((h.shape[0], 1), self.logit)
+
+
+class LateHead(SafetyHead):
+    """Benign for the first ``after`` calls (``p_0`` and early checks), malicious after."""
+
+    def __init__(self, d, after):
+        super().__init__(d)
+        self.after, self.calls = after, 0
+
+    def forward(self, h):
+        self.calls += 1
+        return torch.full((h.shape[0], 1), 10.0 if self.calls > self.after else -10.0)
 
 
 def _patched(logit=None):
@@ -112,8 +124,38 @@ def test_decoding_template_suffix_cases():
     assert [c.prompt for c in other] != [c.prompt for c in suf]
 
 
+def test_response_cases_are_test_split():
+    tok = tiny_tokenizer()
+    test = {r["id"]: r for r in eval_sets("test")["responses"]}
+    train_ids = {r["id"] for r in eval_sets("train")["responses"]}
+    rows = ev.load_response_rows()
+    assert len(rows) == len(test) > 0
+    assert not {r["id"] for r in rows} & train_ids
+    for r in rows:
+        assert r["label"] == ("harmful" if test[r["id"]]["label"] == 1 else "benign")
+        assert r["response"] == test[r["id"]]["response"]
+    small = ev.load_response_rows(limit=2)
+    assert [r["label"] for r in small].count("harmful") == 2
+    assert [r["label"] for r in small].count("benign") == 2
+    cases = ev.build_cases(rows, "response", tokenizer=tok, response_tokens=5)
+    assert [c.id for c in cases] == [r["id"] for r in rows]
+    cut = 0
+    for c, r in zip(cases, rows):
+        assert c.attack == "response" and c.label == r["label"] and c.variant is None
+        assert c.prompt == EVAL_NEUTRAL_PROMPT and c.sampling is None
+        assert c.prefill and r["response"].startswith(c.prefill)
+        n = len(tok(c.prefill, add_special_tokens=False)["input_ids"])
+        full = len(tok(r["response"], add_special_tokens=False)["input_ids"])
+        assert n == min(5, full)
+        cut += full > 5
+    assert cut > 0  # some responses really are cut
+    with pytest.raises(ev.EvalError, match="'response'"):
+        ev.build_cases(ROWS, "response", tokenizer=tok)
+
+
 def test_parse_attacks():
     assert ev.parse_attacks("all") == list(ev.ATTACKS)
+    assert "response" in ev.parse_attacks("all")
     assert ev.parse_attacks("prefill, direct,prefill") == ["prefill", "direct"]
     with pytest.raises(ev.EvalError, match="unknown attack.*'gcg'"):
         ev.parse_attacks("direct,gcg")
@@ -142,7 +184,8 @@ def test_report_shape_and_refusals_when_head_fires():
     model, tok = _patched(logit=10.0)
     rep = ev.evaluate(model, tok, ROWS, attacks="all", benign_attacks=["direct"],
                       prefill_ks=(2,), safety=SafetyConfig(refusal_prefix=REFUSAL, tau=2),
-                      max_new_tokens=10, batch_size=2, template_max_chars=800)
+                      max_new_tokens=10, batch_size=2, template_max_chars=800,
+                      response_rows=ev.load_response_rows(limit=1), response_tokens=6)
     out = json.loads(json.dumps(ev.public(rep)))  # JSON-serialisable
     assert set(out) == {"results", "meta"}
     keys = {(r["attack"], r["variant"], r["mode"], r["label"]) for r in out["results"]}
@@ -152,7 +195,8 @@ def test_report_shape_and_refusals_when_head_fires():
     assert ("prefill", "any", "safe", "harmful") in keys
     assert ("decoding", "any", "safe", "harmful") in keys
     assert ("direct", None, "safe", "benign") in keys
-    assert not any(k[3] == "benign" and k[0] != "direct" for k in keys)
+    assert ("response", None, "safe", "benign") in keys  # harmless responses always run
+    assert not any(k[3] == "benign" and k[0] not in ("direct", "response") for k in keys)
     for r in out["results"]:
         assert {"attack", "variant", "mode", "label", "n", "refused"} <= set(r)
         assert ("asr" in r) == (r["label"] == "harmful")
@@ -165,8 +209,67 @@ def test_report_shape_and_refusals_when_head_fires():
                 assert r["cls_flagged"] == 1.0 and r["mean_refusal_step"] == 0.0
     meta = out["meta"]
     assert meta["n_prompts"] == {"harmful": 2, "benign": 1}
+    assert meta["n_responses"] == {"harmful": 1, "benign": 1}
+    assert (meta["response_tokens"], meta["response_steps"]) == (6, ev.RESPONSE_STEPS)
     assert meta["calibration"]["auroc"] == 0.5  # a constant head cannot rank
-    assert "| attack |" in ev.to_markdown(rep)
+    md = ev.to_markdown(rep)
+    assert "| attack |" in md and "| response |  | benign (over-refusal) | 1 |" in md
+
+
+def _by_mode_label(rep):
+    return {(r["mode"], r["label"]): r for r in rep["results"]}
+
+
+def test_response_attack_refusal_by_the_trace():
+    model, tok = _patched()  # the random head: θ decides
+    rows = ev.load_response_rows(limit=2)
+    kw = dict(attacks=["response"], response_rows=rows, response_tokens=5, max_new_tokens=10,
+              batch_size=4, keep_responses=True)
+    rep = ev.evaluate(model, tok, ROWS, safety=SafetyConfig(threshold=1e-6,
+                                                            refusal_prefix=REFUSAL), **kw)
+    by = _by_mode_label(rep)
+    assert set(by) == {(m, lab) for m in ev.MODES for lab in ("harmful", "benign")}
+    assert by[("safe", "harmful")]["n"] == 2 and by[("safe", "harmful")]["refused"] == 2
+    assert by[("safe", "harmful")]["asr"] == 0.0
+    assert by[("safe", "benign")]["over_refusal"] == 1.0
+    assert by[("safe", "harmful")]["mean_refusal_step"] == 0.0
+    assert by[("plain", "harmful")]["asr"] == 1.0  # the random model does not refuse itself
+    assert by[("plain", "benign")]["over_refusal"] == 0.0
+    safe = [e for e in rep["examples"] if e["mode"] == "safe"]
+    assert [e["refusal_step"] for e in safe] == [0] * 4
+    assert all(e["response"].strip() == REFUSAL for e in safe)
+    assert all(e["prompt"] == EVAL_NEUTRAL_PROMPT for e in rep["examples"])
+    assert "| response |  | harmful (ASR) | 2 | 100.0% | 0.0% | 0.0 |" in ev.to_markdown(rep)
+    # θ > 1: the decoder never refuses; safe = plain, token for token
+    rep = ev.evaluate(model, tok, ROWS, safety=SafetyConfig(threshold=1.5,
+                                                            refusal_prefix=REFUSAL), **kw)
+    by = _by_mode_label(rep)
+    assert by[("safe", "harmful")]["refused"] == 0 and by[("safe", "harmful")]["asr"] == 1.0
+    assert by[("safe", "benign")]["refused"] == 0
+    assert by[("safe", "harmful")]["mean_refusal_step"] is None
+    assert by[("safe", "harmful")]["cls_flagged"] == 0.0
+    resp = {(e["id"], e["mode"]): e["response"] for e in rep["examples"]}
+    assert all(resp[(r["id"], "safe")] == resp[(r["id"], "plain")] for r in rows)
+
+
+@pytest.mark.parametrize("steps,counted", [(2, False), (3, True), (5, True)])
+def test_response_attack_counts_refusals_by_step(steps, counted):
+    model, tok = _patched()
+    rows = ev.load_response_rows(limit=1)
+    # p_0 and the first two checks are benign: the refusal begins at generated step 3
+    model.safety_head = LateHead(model.config.hidden_size, after=3)
+    rep = ev.evaluate(model, tok, ROWS, attacks=["response"], modes=["safe"],
+                      response_rows=rows, response_tokens=5, response_steps=steps,
+                      safety=SafetyConfig(tau=1, refusal_prefix=REFUSAL), max_new_tokens=12,
+                      batch_size=4, keep_responses=True)
+    by = _by_mode_label(rep)
+    assert by[("safe", "harmful")]["refused"] == int(counted)
+    assert by[("safe", "benign")]["refused"] == int(counted)
+    assert by[("safe", "harmful")]["mean_refusal_step"] == (3.0 if counted else None)
+    for e in rep["examples"]:
+        assert REFUSAL in e["response"]  # the decoder did refuse, at step 3
+        assert len(e["response"].split()) == 3 + len(REFUSAL.split())
+        assert e["refused"] is counted and e["refusal_step"] == (3 if counted else None)
 
 
 def test_stop_after_refusal():
@@ -204,6 +307,10 @@ def test_evaluate_argument_errors():
         ev.evaluate(model, tok, ROWS, max_new_tokens=0)
     with pytest.raises(ev.EvalError, match="characters"):
         ev.evaluate(model, tok, ROWS, attacks=["template"], template_max_chars=5)
+    with pytest.raises(ev.EvalError, match="max_new_tokens > response_steps"):
+        ev.evaluate(model, tok, ROWS, attacks=["response"], max_new_tokens=8)
+    with pytest.raises(ev.EvalError, match="'response'"):
+        ev.evaluate(model, tok, ROWS, attacks=["response"], response_rows=ROWS)
     plain = tiny_model("llama", len(tok))
     with pytest.raises(ev.EvalError, match="not patched"):
         ev.evaluate(plain, tok, ROWS)
@@ -264,6 +371,40 @@ def test_cli_eval_end_to_end(tmp_path, capsys):
     assert {r["mode"] for r in rep["results"]} == {"safe"}
 
 
+def test_cli_eval_response_attack(tmp_path):
+    model, tok = _patched()
+    d = tmp_path / "m"
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    data = _write(tmp_path, [json.dumps(r) for r in ROWS])
+    out = tmp_path / "r.json"
+    rc = main(["eval", "--model", str(d), "--data", data, "--attack", "response",
+               "--limit", "1", "--max-new-tokens", "6", "--response-tokens", "4",
+               "--response-steps", "2", "--threshold", "2", "--responses", "--json", str(out)])
+    assert rc == 0
+    rep = json.loads(out.read_text())
+    assert {(r["attack"], r["mode"], r["label"]) for r in rep["results"]} == {
+        ("response", m, lab) for m in ev.MODES for lab in ("harmful", "benign")}
+    assert all(r["n"] == 1 for r in rep["results"])
+    meta = rep["meta"]
+    assert meta["n_responses"] == {"harmful": 1, "benign": 1}
+    assert (meta["response_tokens"], meta["response_steps"]) == (4, 2)
+    test_ids = {r["id"] for r in eval_sets("test")["responses"]}
+    for e in rep["examples"]:
+        assert e["id"] in test_ids and e["prompt"] == EVAL_NEUTRAL_PROMPT
+        assert len(tok(e["prefill"], add_special_tokens=False)["input_ids"]) <= 4
+
+
+def test_differing_settings_response_only_when_both_ran():
+    a = {"max_new_tokens": 10, "response_tokens": None, "n_responses": None}
+    b = {"max_new_tokens": 10, "response_tokens": 64, "n_responses": {"harmful": 1}}
+    assert ev.differing_settings(a, b) == []
+    assert ev.differing_settings(dict(b, response_tokens=32), b) == ["response_tokens"]
+    merged = ev.merge_reports({"results": [], "meta": dict(b, modes=["plain"])},
+                              {"results": [], "meta": dict(a, modes=["safe"])})
+    assert merged["meta"]["response_tokens"] == 64
+
+
 def test_merge_reports(tmp_path, capsys):
     model, tok = _patched()
     d = tmp_path / "m"
@@ -295,6 +436,8 @@ def test_merge_reports(tmp_path, capsys):
     (["--attack", "direct,jailbreak"], "unknown attack"),
     (["--benign-attacks", "nope"], "unknown attack"),
     (["--limit", "0"], "limit must be >= 1"),
+    (["--attack", "response", "--max-new-tokens", "8"], "max_new_tokens > response_steps"),
+    (["--attack", "all", "--response-tokens", "0"], "response_tokens must be >= 1"),
     (["--schedule", "each", "--tau", "0"], "tau"),
     (["--json", "/nonexistent/dir/r.json"], "--json /nonexistent/dir/r.json"),
 ])
@@ -315,7 +458,8 @@ def test_cli_help_explains_every_flag(capsys):
         main(["eval", "--help"])
     text = capsys.readouterr().out
     for flag in ("--model", "--data", "--attack", "--mode", "--schedule", "--max-new-tokens",
-                 "--limit", "--batch-size", "--json", "--plots", "--benign-attacks"):
+                 "--limit", "--batch-size", "--json", "--plots", "--benign-attacks",
+                 "--response-tokens", "--response-steps"):
         assert flag in text
     for cmd in ("demo", "train", "bench"):
         with pytest.raises(SystemExit):

@@ -49,6 +49,11 @@ def _eval(args: argparse.Namespace) -> int:
         benign_attacks = ev.parse_attacks(args.benign_attacks)
         modes = list(ev.MODES) if args.mode == "both" else [args.mode]
         rows = ev.load_prompts(args.data, limit=args.limit)
+        resp = None
+        if "response" in attacks:
+            ev.check_response_settings(args.max_new_tokens, args.response_tokens,
+                                       args.response_steps)
+            resp = ev.load_response_rows(limit=args.limit)
         ks = [int(k) for k in args.prefill_k.split(",") if k.strip()]
         safety = SafetyConfig(schedule=args.schedule, threshold=args.threshold, tau=args.tau,
                               period=args.period)
@@ -66,7 +71,11 @@ def _eval(args: argparse.Namespace) -> int:
                                   for lab in ("harmful", "benign")},
                     "max_new_tokens": args.max_new_tokens, "seed": args.seed, "prefill_ks": ks,
                     "template_max_chars": args.template_max_chars,
-                    "suffix_tokens": ev.SUFFIX_TOKENS, "benign_attacks": benign_attacks}
+                    "suffix_tokens": ev.SUFFIX_TOKENS, "benign_attacks": benign_attacks,
+                    "response_tokens": args.response_tokens if resp else None,
+                    "response_steps": args.response_steps if resp else None,
+                    "n_responses": {lab: sum(r["label"] == lab for r in resp)
+                                    for lab in ("harmful", "benign")} if resp else None}
             diff = ev.differing_settings(earlier[-1].get("meta", {}), want)
             if diff:
                 raise ValueError(f"its settings differ from this run's: {diff}")
@@ -85,8 +94,9 @@ def _eval(args: argparse.Namespace) -> int:
                              seed=args.seed, prefill_ks=ks, target_fpr=args.target_fpr,
                              template_max_chars=args.template_max_chars,
                              benign_attacks=benign_attacks, keep_responses=args.responses,
-                             stop_at_refusal=not args.full_refusals,
-                             model_name=args.model)
+                             stop_at_refusal=not args.full_refusals, response_rows=resp,
+                             response_tokens=args.response_tokens,
+                             response_steps=args.response_steps, model_name=args.model)
         if earlier:
             report = ev.merge_reports(*earlier, report)
     except ev.EvalError as e:
@@ -132,12 +142,12 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .training import run_train
-    return run_train(args)
+    from .training import run_loso, run_train
+    return run_loso(args) if args.loso else run_train(args)
 
 
 def _add_eval(sub) -> None:
-    from .eval import ATTACKS
+    from .eval import ATTACKS, RESPONSE_STEPS, RESPONSE_TOKENS
     from .generation import SCHEDULES
 
     p = sub.add_parser(
@@ -154,7 +164,9 @@ def _add_eval(sub) -> None:
                    help="'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:N'")
     p.add_argument("--data", default="test",
                    help="a .jsonl file (prompt, label = harmful|benign, optional target, id) or "
-                        "a built-in set: test, harmful, benign, over_refusal, xstest_unsafe")
+                        "a built-in set: test, harmful, benign, over_refusal, xstest_unsafe. "
+                        "The response attack ignores it: its rows are the test split's labelled "
+                        "PyRIT responses (--limit applies)")
     p.add_argument("--attack", default="direct",
                    help=f"comma-separated attacks from {','.join(ATTACKS)}, or 'all'")
     p.add_argument("--benign-attacks", default="direct",
@@ -177,6 +189,12 @@ def _add_eval(sub) -> None:
                    help="prefix lengths (tokens) of the prefill attack, besides the full target")
     p.add_argument("--template-max-chars", type=int, default=1500,
                    help="use jailbreak templates of at most this many characters")
+    p.add_argument("--response-tokens", type=int, default=RESPONSE_TOKENS,
+                   help="response attack: prefill the first N tokens of each response after "
+                        "the neutral prompt")
+    p.add_argument("--response-steps", type=int, default=RESPONSE_STEPS,
+                   help="response attack: a safeattn refusal counts only when it began at "
+                        "generated step <= N (needs --max-new-tokens > N)")
     p.add_argument("--target-fpr", type=float, default=0.05,
                    help="false-positive rate that calibrates theta in the report's meta")
     p.add_argument("--json", default=None, help="write the JSON report here ('-' = stdout)")
