@@ -321,6 +321,11 @@ def test_load_prompts(tmp_path):
     rows = ev.load_prompts("test", limit=3)
     assert [r["label"] for r in rows] == ["harmful"] * 3 + ["benign"] * 3
     assert rows[0]["target"].startswith("Sure, here is")
+    from safeattn.data import eval_sets
+    for name in ("xstest_unsafe", "pyrit_objectives"):   # test splits of the other sources
+        got = ev.load_prompts(name)
+        assert [r["id"] for r in got] == [r["id"] for r in eval_sets("test")[name]]
+        assert {r["label"] for r in got} == {"harmful"}
     p = _write(tmp_path, ['{"prompt": "a", "label": "harmful", "target": "Sure"}',
                           '', '{"prompt": "b", "label": 0, "id": "x"}'])
     assert ev.load_prompts(p) == [

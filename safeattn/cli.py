@@ -164,7 +164,8 @@ def _add_eval(sub) -> None:
                    help="'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:N'")
     p.add_argument("--data", default="test",
                    help="a .jsonl file (prompt, label = harmful|benign, optional target, id) or "
-                        "a built-in set: test, harmful, benign, over_refusal, xstest_unsafe. "
+                        "a built-in set: test, harmful, benign, over_refusal, xstest_unsafe, "
+                        "pyrit_objectives (test splits). "
                         "The response attack ignores it: its rows are the test split's labelled "
                         "PyRIT responses (--limit applies)")
     p.add_argument("--attack", default="direct",

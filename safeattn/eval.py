@@ -120,8 +120,9 @@ def load_prompts(data: str = "test", *, limit: int | None = None) -> list[dict]:
     ``data`` is a ``.jsonl`` path (objects with ``prompt``, ``label`` = ``harmful``/``benign``
     or 1/0, optional ``target`` and ``id``), or a built-in set: ``test`` (AdvBench + benign of
     the test split, the default), ``harmful``, ``benign``, ``over_refusal`` (the test split's
-    scary-sounding safe prompts) or ``xstest_unsafe`` (never trained on). ``limit`` keeps the
-    first ``limit`` rows *of each label* (so a small run still measures both).
+    scary-sounding safe prompts), ``xstest_unsafe`` or ``pyrit_objectives`` (the test splits
+    of those harmful sources). ``limit`` keeps the first ``limit`` rows *of each label* (so a
+    small run still measures both).
     """
     from .data import eval_sets
 
@@ -135,7 +136,8 @@ def load_prompts(data: str = "test", *, limit: int | None = None) -> list[dict]:
     else:
         sets = eval_sets("test")
         names = {"test": ("harmful", "benign"), "harmful": ("harmful",), "benign": ("benign",),
-                 "over_refusal": ("over_refusal",), "xstest_unsafe": ("xstest_unsafe",)}
+                 "over_refusal": ("over_refusal",), "xstest_unsafe": ("xstest_unsafe",),
+                 "pyrit_objectives": ("pyrit_objectives",)}
         if data not in names:
             raise EvalError(f"unknown data {data!r}: expected a .jsonl path or one of "
                             f"{sorted(names)}")
