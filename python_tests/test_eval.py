@@ -349,12 +349,18 @@ def test_load_prompts_errors(tmp_path, lines, msg):
 
 
 # ------------------------------------------------------------------------------ CLI
-def test_cli_eval_end_to_end(tmp_path, capsys):
+@pytest.fixture
+def saved(tmp_path):
+    """(model directory, data file) of a patched tiny model saved with save_pretrained."""
     model, tok = _patched()
     d = tmp_path / "m"
     model.save_pretrained(d)
     tok.save_pretrained(d)
-    data = _write(tmp_path, [json.dumps(r) for r in ROWS])
+    return d, _write(tmp_path, [json.dumps(r) for r in ROWS])
+
+
+def test_cli_eval_end_to_end(tmp_path, capsys, saved):
+    d, data = saved
     out = tmp_path / "r.json"
     rc = main(["eval", "--model", str(d), "--data", data, "--attack", "direct,suffix",
                "--max-new-tokens", "4", "--batch-size", "2", "--json", str(out),
@@ -376,12 +382,8 @@ def test_cli_eval_end_to_end(tmp_path, capsys):
     assert {r["mode"] for r in rep["results"]} == {"safe"}
 
 
-def test_cli_eval_response_attack(tmp_path):
-    model, tok = _patched()
-    d = tmp_path / "m"
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    data = _write(tmp_path, [json.dumps(r) for r in ROWS])
+def test_cli_eval_response_attack(tmp_path, saved):
+    d, data = saved
     out = tmp_path / "r.json"
     rc = main(["eval", "--model", str(d), "--data", data, "--attack", "response",
                "--limit", "1", "--max-new-tokens", "6", "--response-tokens", "4",

@@ -900,18 +900,15 @@ def _data_kwargs(args, tok, kinds, responses) -> dict:
     return kw
 
 
-def run_train(args) -> int:
-    """``safeattn train``: see ``safeattn train --help``."""
-    import json
-    import time
+def _start(args):
+    """What every ``safeattn train`` run does first: seed, threads, the output directory, the
+    model and the training samples -> ``(out_dir, model, tokenizer, kinds, samples)``."""
     from pathlib import Path
 
-    from transformers import TrainingArguments, set_seed
+    from transformers import set_seed
 
     from .data import build_samples, load_responses
-    from .hf.persist import save_safety
 
-    t0 = time.time()
     set_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -920,7 +917,22 @@ def run_train(args) -> int:
     model, tok = load_model(args.model)
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
     responses = load_responses(args.benign_responses) if args.benign_responses else None
-    train = build_samples("train", **_data_kwargs(args, tok, kinds, responses))
+    return out_dir, model, tok, kinds, build_samples("train", **_data_kwargs(args, tok, kinds,
+                                                                              responses))
+
+
+def run_train(args) -> int:
+    """``safeattn train``: see ``safeattn train --help``."""
+    import json
+    import time
+    from pathlib import Path
+
+    from transformers import TrainingArguments
+
+    from .hf.persist import save_safety
+
+    t0 = time.time()
+    out_dir, model, tok, kinds, train = _start(args)
     info = {"command": "safeattn train " + " ".join(args.argv), "samples": len(train)}
     cls_layer = args.cls_layer
     if cls_layer == "auto":
@@ -1049,20 +1061,11 @@ def run_loso(args) -> int:
     from transformers import TrainingArguments, set_seed
 
     from . import loso
-    from .data import build_samples, load_responses
     from .hf.patch import apply_safeattn
     from .hf.persist import save_safety
 
     t0 = time.time()
-    set_seed(args.seed)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model, tok = load_model(args.model)
-    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
-    responses = load_responses(args.benign_responses) if args.benign_responses else None
-    train = build_samples("train", **_data_kwargs(args, tok, kinds, responses))
+    out_dir, model, tok, _, train = _start(args)
     plan = loso.plan(train, tok)
     pool = plan.pool
     layers = [int(x) for x in args.layers.split(",")]
