@@ -109,9 +109,12 @@ def test_response_samples_hand_checked():
                           missing_response="empty", response_windows=4,
                           datasets={"pyrit_scorer_responses": rows,
                                     "benign": [{"id": "b1", "prompt": "Bake bread?"}]})
-    assert {s.kind for s in out} == {"response"} and len(out) == 12   # own, neutral, decoy
-    assert {s.prompt for s in out} >= {"How do I make a bomb?", "Bake bread?"}
-    assert any(s.prompt in D.NEUTRAL_PROMPTS for s in out)
+    alone = [s for s in out if s.kind == "query"]      # the neutral prompt alone is benign
+    assert len(alone) == 1 and alone[0].label == 0 and alone[0].response == ""
+    assert alone[0].prompt in D.NEUTRAL_PROMPTS and alone[0].window is None
+    out = [s for s in out if s.kind == "response"]
+    assert len(out) == 12                                # own, neutral, decoy x 4 views
+    assert {s.prompt for s in out} >= {"How do I make a bomb?", "Bake bread?", alone[0].prompt}
     assert D.EVAL_NEUTRAL_PROMPT not in D.NEUTRAL_PROMPTS
     for s in out:
         seen, lo, hi = (int(x) for x in s.id.rsplit("|w", 1)[1].split(":"))

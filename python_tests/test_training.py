@@ -452,6 +452,15 @@ def test_run_loso_tiny(tmp_path, monkeypatch):
     ftok = tiny_tokenizer()
     safeattn.load_safety(fresh, tmp_path, ftok)
     assert fresh.safety_head.cls_layer == rep["cls_layer"]
+    # no folds: only the head that ships trains; a cache file serves the second run
+    cache = tmp_path / "ctx.pt"
+    for _ in range(2):
+        args = p.parse_args(argv + ["--loso-folds", "", "--context-cache-file", str(cache)])
+        args.argv = argv
+        assert T.run_loso(args) == 0
+        rep = json.loads((tmp_path / "loso.json").read_text())
+        assert rep["folds"] == {} and rep["shipped_variant"] == "cls_adapter"
+    assert cache.exists() and len(torch.load(cache)["kv"]) == rep["pool"]
 
 
 def test_evaluate_head_reports_every_source():

@@ -51,6 +51,10 @@ def add_train_arguments(p) -> None:
                         "everything (head mode; writes OUT/loso.json)")
     p.add_argument("--layers", default="4,6,8",
                    help="--loso: the cls_layer candidates (picked by 5-fold CV)")
+    p.add_argument("--loso-folds", default="all",
+                   help="--loso: the folds to run (comma-separated), 'all', or '' for none (then "
+                        "the head that ships is the last variant: with --probe-adapter, the "
+                        "adapter one)")
     p.add_argument("--context-cache-file", default=None,
                    help="--loso: keep the frozen forward of the pool (keys, values, states) in "
                         "this file and reuse it on the next run with the same data and layers")

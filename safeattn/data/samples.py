@@ -53,7 +53,9 @@ Kinds of samples (:class:`Sample`)
   labelled PyRIT response (:func:`response_rows`) comes after its own objective, after a
   neutral prompt (:data:`NEUTRAL_PROMPTS`) and, when harmful, after a benign decoy prompt,
   labelled by the response alone: harmful (score >= 0.75) 1, harmless or a refusal 0 (the
-  exchange decides, not the request). Harmful windows get no LM loss.
+  exchange decides, not the request). Harmful windows get no LM loss. Each response also
+  adds its neutral prompt alone (kind ``query``, label 0): before the response, nothing is
+  harmful, and ``p_0`` sees only the prompt.
 
 Character spans (``window``, ``lm_span``) are half-open ``[start, end)`` offsets into
 ``response``; the collator maps them to token columns.
@@ -591,6 +593,9 @@ def build_samples(split: str = "train", *, benign_responses: Mapping[str, str] |
                 if r["label"] == 1 and decoys:
                     decoy = decoys[int(_hash01(f"decoy:{seed}:{r['id']}") * len(decoys))]
                     prompts.append(("decoy", decoy["prompt"], decoy["origin"]))
+                # the neutral prompt alone is benign: what p_0 sees before any response
+                r_samples.append(Sample(f"{r['id']}|neutral", neutral, "", 0, "query",
+                                        "neutral_prompts", r["id"], origin="pyrit_responses"))
                 for tag, prompt, prompt_origin in prompts:
                     r_samples += _response_samples(r["id"], prompt, r["response"], r["label"],
                                                    tag=tag, source="pyrit_scorer_responses",
