@@ -351,16 +351,17 @@ def test_load_prompts_errors(tmp_path, lines, msg):
 # ------------------------------------------------------------------------------ CLI
 @pytest.fixture
 def saved(tmp_path):
-    """(model directory, data file) of a patched tiny model saved with save_pretrained."""
+    """(model directory, data file, tokenizer) of a patched tiny model saved with
+    save_pretrained."""
     model, tok = _patched()
     d = tmp_path / "m"
     model.save_pretrained(d)
     tok.save_pretrained(d)
-    return d, _write(tmp_path, [json.dumps(r) for r in ROWS])
+    return d, _write(tmp_path, [json.dumps(r) for r in ROWS]), tok
 
 
 def test_cli_eval_end_to_end(tmp_path, capsys, saved):
-    d, data = saved
+    d, data, _ = saved
     out = tmp_path / "r.json"
     rc = main(["eval", "--model", str(d), "--data", data, "--attack", "direct,suffix",
                "--max-new-tokens", "4", "--batch-size", "2", "--json", str(out),
@@ -383,7 +384,7 @@ def test_cli_eval_end_to_end(tmp_path, capsys, saved):
 
 
 def test_cli_eval_response_attack(tmp_path, saved):
-    d, data = saved
+    d, data, tok = saved
     out = tmp_path / "r.json"
     rc = main(["eval", "--model", str(d), "--data", data, "--attack", "response",
                "--limit", "1", "--max-new-tokens", "6", "--response-tokens", "4",
