@@ -88,8 +88,11 @@ def install_hooks(model, adapter: ProbeAdapter, rows_of) -> list:
             x = args[0]
             b = torch.arange(x.shape[0], device=x.device)
             r = rows.to(x.device)
-            upd = out[b, r] + adapter.delta(key, x[b, r]).to(out.dtype)
-            return out.index_put((b, r), upd)
+            delta = adapter.delta(key, x[b, r]).to(out.dtype)
+            if torch.is_grad_enabled():  # training: out of place, for autograd
+                return out.index_put((b, r), out[b, r] + delta)
+            out[b, r] += delta  # decoding: no copy of the projection's output
+            return None
 
         handles.append(mod.register_forward_hook(hook))
     return handles
