@@ -34,8 +34,8 @@ import torch
 
 from .data import (BENIGN_GROUPS, EVAL_NEUTRAL_PROMPT, HARMFUL_SOURCES, Sample, benign_rows,
                    group_key, harmful_rows, response_rows, split)
-from .data.samples import _token_spans
-from .metrics import auroc, tpr_at_fpr
+from .data.samples import _response_samples
+from .metrics import auroc, separation
 
 __all__ = ["Plan", "plan", "fold_metrics", "test_metrics", "response_sweep", "FOLDS"]
 
@@ -48,20 +48,16 @@ def response_sweep(rows, tokenizer=None, *, every: int = 8, max_tokens: int = 64
     """Rule-2 probe views of each response row (``id``, ``response``, ``label``) after
     ``prompt``: after ``every, 2·every, … ≤ max_tokens`` seen tokens (and the last token when
     the response is shorter), the window of the last ``r2``. Sample ids are
-    ``<row id>|sweep|<seen>``."""
-    out = []
-    for r in rows:
-        spans = _token_spans(r["response"], tokenizer)
-        top = min(len(spans), max_tokens)
-        seens = sorted({*range(every, top + 1, every), top} - {0})
-        for seen in seens:
-            lo = max(0, seen - r2)
-            text = r["response"][:spans[seen - 1][1]]
-            out.append(Sample(f"{r['id']}|sweep|{seen}", prompt, text, int(r["label"]),
-                              "response", "pyrit_scorer_responses", r["id"], r.get("category"),
-                              window=(spans[lo][0], spans[seen - 1][1]), prefix_tokens=seen - lo,
-                              origin="pyrit_responses"))
-    return out
+    ``<row id>|sweep|w<seen>:<lo>:<seen>``."""
+    def views(n):
+        top = min(n, max_tokens)
+        return [(seen, max(0, seen - r2), seen)
+                for seen in sorted({*range(every, top + 1, every), top} - {0})]
+
+    return [x for r in rows for x in _response_samples(
+        r["id"], prompt, r["response"], int(r["label"]), tokenizer=tokenizer, tag="sweep",
+        source="pyrit_scorer_responses", row_id=r["id"], origin="pyrit_responses",
+        views=views, category=r.get("category"))]
 
 
 @dataclasses.dataclass
@@ -100,15 +96,16 @@ def plan(train: Sequence[Sample], tokenizer=None, *, test_fraction: float = 0.2,
                                r["id"], r.get("category"), origin=r["origin"]))
             by_id[sid] = len(pool) - 1
         prompts[r["origin"]].append(by_id[sid])
-    responses = split(response_rows(), test_fraction, salt=salt)[1]
+    labelled = response_rows()
     start = len(pool)
-    pool += response_sweep(responses, tokenizer, every=sweep_every, max_tokens=sweep_tokens)
+    pool += response_sweep(split(labelled, test_fraction, salt=salt)[1], tokenizer,
+                           every=sweep_every, max_tokens=sweep_tokens)
     sweep = list(range(start, len(pool)))
     validation = [i for g in BENIGN_GROUPS for i in prompts[g] if pool[i].row_id in test_ids]
     harmful_test = [i for s in HARMFUL_SOURCES for i in prompts[s] if pool[i].row_id in test_ids]
     # a fold drops every training row that shares a split group with a held-out row: the
     # XSTest safe partner of a held-out unsafe prompt, the responses to a held-out objective
-    keys = {r["id"]: group_key(r) for r in rows + response_rows()}
+    keys = {r["id"]: group_key(r) for r in rows + labelled}
     folds = {}
     for fold in FOLDS:
         drop = {fold, "pyrit_responses"} if fold == "pyrit_objectives" else {fold}
@@ -135,23 +132,17 @@ def fold_metrics(p: Plan, fold: str, score) -> dict:
     neg = score(val_neg)
     if fold in HARMFUL_SOURCES:
         held = p.prompts[fold]
-        pos = score(held)
-        s = torch.cat([pos, neg])
-        y = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))])
-        tpr, theta = tpr_at_fpr(s, y, 0.02, return_threshold=True)
+        auc, tpr, theta = separation(score(held), neg)
         row = {"fold": fold, "kind": "harmful", "n_heldout": len(held), "n_benign": len(neg),
-               "auroc": auroc(s, y), "tpr_at_2fpr": tpr, "theta": float(theta)}
+               "auroc": auc, "tpr_at_2fpr": tpr, "theta": theta}
     else:
         held = p.prompts[fold]
         hneg = score(held)
         pos = score(p.harmful_test)
-        y_val = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))])
-        _, theta = tpr_at_fpr(torch.cat([pos, neg]), y_val, 0.02, return_threshold=True)
-        s = torch.cat([pos, hneg])
-        y = torch.cat([torch.ones(len(pos)), torch.zeros(len(hneg))])
+        _, _, theta = separation(pos, neg)
         row = {"fold": fold, "kind": "benign", "n_heldout": len(held), "n_harmful": len(pos),
-               "auroc": auroc(s, y), "fpr_at_theta": float((hneg >= theta).float().mean()),
-               "theta": float(theta)}
+               "auroc": separation(pos, hneg)[0],
+               "fpr_at_theta": float((hneg >= theta).float().mean()), "theta": theta}
     if p.sweep:
         rs, ry = _max_per_row(p.pool, p.sweep, score(p.sweep))
         row["response_auroc"] = auroc(rs, ry) if 0 < int(ry.sum()) < len(ry) else float("nan")
@@ -168,9 +159,8 @@ def test_metrics(p: Plan, score) -> dict:
     for src in HARMFUL_SOURCES:
         idx = [i for i in p.prompts[src] if p.pool[i].row_id in p.test_ids]
         pos = score(idx)
-        s = torch.cat([pos, neg])
-        y = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))])
-        out[src] = {"n": len(idx), "auroc": auroc(s, y), "tpr_at_2fpr": tpr_at_fpr(s, y, 0.02),
+        auc, tpr, _ = separation(pos, neg)
+        out[src] = {"n": len(idx), "auroc": auc, "tpr_at_2fpr": tpr,
                     "recall_at_0.5": float((pos >= 0).float().mean())}
     over = [i for i in p.validation if p.origin_of(i) == "over_refusal"]
     out["benign"] = {"n": len(neg), "fpr_at_0.5": float((neg >= 0).float().mean()),

@@ -80,6 +80,16 @@ def tpr_at_fpr(scores, labels, fpr: float = 0.02, *, return_threshold: bool = Fa
     return (float(t[idx]), float(thr[idx])) if return_threshold else float(t[idx])
 
 
+def separation(pos, neg, fpr: float = 0.02) -> tuple[float, float, float]:
+    """How well scores ``pos`` (positives) stand above ``neg`` -> ``(AUROC, TPR at FPR <=
+    fpr, the threshold t of that rule score >= t)``."""
+    pos, neg = _vec(pos, "pos"), _vec(neg, "neg")
+    s = torch.cat([pos, neg])
+    y = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))]).to(s.dtype)
+    tpr, t = tpr_at_fpr(s, y, fpr, return_threshold=True)
+    return auroc(s, y), tpr, float(t)
+
+
 def binary_metrics(pred, labels, *, threshold: float | None = None) -> dict[str, float]:
     """Accuracy, precision, recall and F1 of 0/1 predictions (positive = 1).
 

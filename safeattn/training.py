@@ -842,7 +842,7 @@ def evaluate_head(model, tokenizer, split: str = "test", *, batch_size: int = 16
     source's prompts of the split (AdvBench, XSTest unsafe, PyRIT objectives) against the
     same benign prompts."""
     from .data import eval_sets
-    from .metrics import auroc, binary_metrics, tpr_at_fpr
+    from .metrics import auroc, binary_metrics, separation, tpr_at_fpr
 
     sets = eval_sets(split)
     names = ("harmful", "xstest_unsafe", "pyrit_objectives", "benign")
@@ -864,9 +864,8 @@ def evaluate_head(model, tokenizer, split: str = "test", *, batch_size: int = 16
     for src, name in (("advbench", "harmful"), ("xstest_unsafe", "xstest_unsafe"),
                       ("pyrit_objectives", "pyrit_objectives")):
         pos = by[name]
-        ss = torch.cat([pos, neg])
-        yy = torch.tensor([1.0] * len(pos) + [0.0] * len(neg))
-        per[src] = {"n": len(pos), "auroc": auroc(ss, yy), "tpr_at_2fpr": tpr_at_fpr(ss, yy, 0.02),
+        auc, tpr, _ = separation(pos, neg)
+        per[src] = {"n": len(pos), "auroc": auc, "tpr_at_2fpr": tpr,
                     "recall": float((pos >= 0).float().mean())}
     out["per_source"] = per
     return {"metrics": out, "scores": s.tolist(), "labels": y.tolist()}
@@ -1119,15 +1118,14 @@ def run_loso(args) -> int:
     tr = list(range(plan.n_train))
     sel = _logistic({l: cls0[tr, l] for l in layers}, y[tr], layers=layers, seed=args.seed)
     cls_layer = sel.layer
+    layer_cv = {str(l): max(v for (a, _), v in sel.cv_table.items() if a == l) for l in layers}
     print(f"cls_layer = {cls_layer} (frozen-row [CLS] head, 5-fold CV AUROC "
-          f"{ {l: round(max(v for (a, _), v in sel.cv_table.items() if a == l), 4) for l in layers} })",
-          flush=True)
+          f"{ {k: round(v, 4) for k, v in layer_cv.items()} })", flush=True)
     apply_safeattn(_inner(model), cls_layer=cls_layer)
 
     report = {"command": "safeattn train " + " ".join(args.argv), "pool": len(pool),
               "n_train": plan.n_train, "cls_layer": cls_layer,
-              "layer_cv_auroc": {str(l): max(v for (a, _), v in sel.cv_table.items() if a == l)
-                                 for l in layers},
+              "layer_cv_auroc": layer_cv,
               "folds": {}}
     feats_last = {l + 1: last[:, l] for l in range(last.shape[1])}  # hidden state l+1
     variants = ["cls"] + (["cls_adapter"] if args.probe_adapter else [])

@@ -338,14 +338,18 @@ def probe_windows(n_tokens: int, count: int, key: str, *, r1: int = 10, r2: int 
 
 
 def _response_samples(resp_id: str, prompt: str, response: str, label: int, *, tokenizer,
-                      windows: int, max_tokens: int, tag: str, source: str, row_id: str,
-                      origin: str, category=None, prompt_origin=None) -> list[Sample]:
+                      tag: str, source: str, row_id: str, origin: str, windows: int = 0,
+                      max_tokens: int = 128, views=None, category=None,
+                      prompt_origin=None) -> list[Sample]:
     """Probe views of one (prompt, response) pair: the response cut after the view's last seen
-    token, the window over the view's tokens (char spans)."""
+    token, the window over the view's tokens (char spans). ``views(n_tokens)`` gives the
+    ``(seen, lo, hi)`` views; default ``windows`` of :func:`probe_windows`."""
     spans = _token_spans(response, tokenizer)
+    if views is None:
+        def views(n):
+            return probe_windows(n, windows, f"{resp_id}|{tag}", max_tokens=max_tokens)
     out = []
-    for seen, lo, hi in probe_windows(len(spans), windows, f"{resp_id}|{tag}",
-                                      max_tokens=max_tokens):
+    for seen, lo, hi in views(len(spans)):
         text = response[:spans[seen - 1][1]]
         out.append(Sample(f"{resp_id}|{tag}|w{seen}:{lo}:{hi}", prompt, text, label,
                           "response", source, row_id, category,
