@@ -246,13 +246,28 @@ def compare(benchmark):
     return run
 
 
+@pytest.fixture
+def note_not_run():
+    """Return ``note(case, reason)``: record a case that could not run (e.g. a baseline that
+    does not compile here) with its reason, so the summary says why it has no ratio."""
+
+    def note(case: dict, reason: str) -> None:
+        rec = dict(case)
+        metric, op, thr = case["target"]
+        rec.update({"target": f"{op} {thr:g}", "metric": metric, "met": False, "error": reason})
+        _CASES.append(rec)
+
+    return note
+
+
 def _geomean(xs: list[float]) -> float:
     return math.exp(sum(math.log(x) for x in xs) / len(xs))
 
 
 def _aggregates(cases: list[dict]) -> list[dict]:
     out = []
-    dec = [c["ratio"] for c in cases if c["kind"] == "decode" and c["dtype"] == "float32"]
+    dec = [c["ratio"] for c in cases if c["kind"] == "decode" and c["dtype"] == "float32"
+           and "error" not in c]
     if dec:
         g = _geomean(dec)
         out.append({"name": "decode fp32 geomean speedup", "value": g, "target": ">= 1.3",

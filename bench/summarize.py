@@ -35,6 +35,9 @@ def format_table(summary: dict) -> str:
             f"{'ratio':>6} {'r(min)':>6}  {'target':<16} {'value':>6}  met  {'other':>5}  {'raw op ms':>9}")
     lines += [head, "-" * len(head)]
     for c in cases:
+        if "error" in c:
+            lines.append(f"{c['name']:<{w}}  not run: {c['error']}")
+            continue
         r = c.get("extras", {}).get("ours_raw_op")
         raw = f"{r['median'] * 1e3:.3f}" if r else ""
         tgt = ("speedup " if c["metric"] == "speedup" else "ours/base ") + c["target"]

@@ -16,20 +16,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from attn_cases import (MODELS, SLIDING, block_mask, causal_mask_mod, dense_mask, flex_call,
+                        interval_mask_mod, probe_intervals, sft_cls_intervals)
 from safeattn import intervals as iv_lib
 from safeattn import ops
 from safeattn.reference import interval_mask
 
-MODELS = {  # name: (Hq, Hkv, D)
-    "gemma3-270m": (4, 1, 256),
-    "llama3-8b": (32, 8, 128),
-}
 DECODE_B = (1, 4)
 DECODE_S = (128, 1024, 4096)
-PROBE_QSPAN_MAX = 64
-PROBE_WINDOW = 10
-SLIDING = 512
-SFT_WINDOW = 16
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TOL = {"float32": 2e-4, "bfloat16": 3e-2}
@@ -70,43 +64,6 @@ def sdpa_causal(q, k, v, scale):
     g = q.shape[1] // k.shape[1]
     return F.scaled_dot_product_attention(q, repeat_kv(k, g), repeat_kv(v, g), is_causal=True,
                                           scale=scale)
-
-
-# ----------------------------------------------------------------------------- layouts
-def probe_intervals(b: int, s: int) -> torch.Tensor:
-    """Tq=2 over Tk=s keys: row 0 the new token (cols [0, s-1)), row 1 the probe at col s-1,
-    seeing q_span [1, 1+min(64, s//4)) U the last 10 response tokens U itself."""
-    qs = min(PROBE_QSPAN_MAX, s // 4)
-    rows = [[[0, s - 1], [0, 0], [0, 0]],
-            [[1, 1 + qs], [s - 1 - PROBE_WINDOW, s - 1], [s - 1, s]]]
-    return torch.tensor(rows, dtype=torch.int32)[None].expand(b, -1, -1, -1).contiguous()
-
-
-def sft_cls_intervals(b: int, t: int) -> torch.Tensor:
-    """SFT trajectory layout (DESIGN §2): BOS, prompt q_span [1, P), [CLS] at P, response after.
-
-    Prompt rows: causal. [CLS] row: {CLS} U q_span U response window [a, a+16). Response rows
-    up to the window's end do not see [CLS]; later response rows are plainly causal.
-    """
-    p = t // 4
-    c = p
-    a = c + 1 + (t - c - 1) // 2
-    e = a + SFT_WINDOW  # window [a, e), half-open
-    rows = []
-    for r in range(t):
-        if r < c:
-            rows.append([[0, r + 1], [0, 0], [0, 0]])
-        elif r == c:
-            rows.append([[1, p], [c, c + 1], [a, e]])
-        elif r < e:
-            rows.append([[0, c], [c + 1, r + 1], [0, 0]])
-        else:
-            rows.append([[0, r + 1], [0, 0], [0, 0]])
-    return torch.tensor(rows, dtype=torch.int32)[None].expand(b, -1, -1, -1).contiguous()
-
-
-def dense_mask(intervals: torch.Tensor, tk: int) -> torch.Tensor:
-    return interval_mask(intervals, tk)[:, None].contiguous()  # [B, 1, Tq, Tk] bool
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -267,3 +224,78 @@ def test_prefill_mask(compare, model, layout, t):
                     "repeat_kv + SDPA(attn_mask=materialised bool[B,1,T,T])", layout=layout)
     compare(case, ours, base, **_prefill_budget(t))
 
+
+
+# ------------------------------------------------------------------ FlexAttention (CPU)
+# FlexAttention compiled through inductor (torch.compile(flex_attention)), with the same mask:
+# the closed-form causal/sliding mask_mod, or for the probe and [CLS] layouts a mask_mod that
+# reads our interval tensor. The block mask is built once, outside the timing; the first
+# (compiling) call is timed once and recorded as flex_first_call_s. A case whose compile or
+# run fails is recorded with the error (summary "not run") instead of a ratio.
+FLEX_DECODE = [(m, b, s, tq) for m in MODELS for b, s in ((1, 1024), (1, 4096), (4, 4096))
+               for tq in (1, 2)]
+FLEX_PREFILL = [(m, lay, t) for m in MODELS
+                for lay, t in (("causal", 2048), ("sliding512", 2048), ("sft_cls", 512),
+                               ("sft_cls", 2048))]
+
+
+def _flex_baseline(note_not_run, case, q, k, v, mask_mod, scale):
+    """Build the block mask and run compiled Flex once -> (zero-arg call, first-call s)."""
+    import time
+
+    b, _, tq, _ = q.shape
+    try:
+        bm = block_mask(mask_mod, b, tq, k.shape[2], q.device)
+        fn = flex_call(q, k, v, bm, scale)
+        t0 = time.perf_counter()
+        fn()
+        return fn, time.perf_counter() - t0
+    except Exception as e:  # recorded: a case that cannot compile on CPU says why
+        reason = f"FlexAttention failed on CPU: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        note_not_run(case, reason)
+        pytest.skip(reason)
+
+
+@pytest.mark.parametrize("model,b,s,tq", FLEX_DECODE,
+                         ids=[f"{m}-B{b}-S{s}-Tq{tq}" for m, b, s, tq in FLEX_DECODE])
+def test_decode_vs_flex(compare, note_not_run, model, b, s, tq):
+    """Tq=1 (causal) and Tq=2 (token + probe) decode vs compiled FlexAttention, same mask."""
+    dtype = "float32"
+    q, k, v = make_qkv(model, b, tq, s, dtype)
+    scale = q.shape[-1] ** -0.5
+    iv = iv_lib.causal(b, 1, s) if tq == 1 else probe_intervals(b, s)
+    mask_mod = causal_mask_mod(1, s) if tq == 1 else interval_mask_mod(iv)
+    case = describe("decode_flex", f"decode_flex/{model}-B{b}-S{s}-Tq{tq}-{dtype}", model, q, k,
+                    iv, dtype, ("speedup", ">=", 1.0),
+                    "torch.compile(flex_attention), block mask built once, enable_gqa",
+                    mask_mod="causal closed form" if tq == 1 else "reads the interval tensor")
+    base, first = _flex_baseline(note_not_run, case, q, k, v, mask_mod, scale)
+    ours = lambda: ops.interval_attention(q, k, v, iv, scale=scale)  # noqa: E731
+    check_close(ours(), base(), dtype)
+    case["flex_first_call_s"] = first
+    compare(case, ours, base, budget_s=1.0)
+
+
+@pytest.mark.parametrize("model,layout,t", FLEX_PREFILL,
+                         ids=[f"{m}-{lay}-T{t}" for m, lay, t in FLEX_PREFILL])
+def test_prefill_vs_flex(compare, note_not_run, model, layout, t):
+    """Causal, sliding-512 and SFT [CLS] prefill vs compiled FlexAttention, same mask."""
+    dtype, b = "float32", 1
+    q, k, v = make_qkv(model, b, t, t, dtype)
+    scale = q.shape[-1] ** -0.5
+    if layout == "sft_cls":
+        iv = sft_cls_intervals(b, t)
+        mask_mod, kind = interval_mask_mod(iv), "reads the interval tensor"
+    else:
+        window = SLIDING if layout == "sliding512" else None
+        iv = iv_lib.causal(b, t, t, window=window)
+        mask_mod, kind = causal_mask_mod(t, t, window), "causal closed form"
+    case = describe("prefill_flex", f"prefill_flex/{model}-{layout}-T{t}-B{b}-{dtype}", model, q,
+                    k, iv, dtype, ("speedup", ">=", 1.0),
+                    "torch.compile(flex_attention), block mask built once, enable_gqa",
+                    layout=layout, mask_mod=kind)
+    base, first = _flex_baseline(note_not_run, case, q, k, v, mask_mod, scale)
+    ours = lambda: ops.interval_attention(q, k, v, iv, scale=scale)  # noqa: E731
+    check_close(ours(), base(), dtype)
+    case["flex_first_call_s"] = first
+    compare(case, ours, base, **_prefill_budget(t))
