@@ -104,7 +104,9 @@ setup(
     packages=find_packages(include=["safeattn", "safeattn.*"]),
     package_data={"safeattn": ["data/files/*.jsonl", "data/files/licenses/*", "data/files/README.md",
                             "artifacts/gemma3-270m/*"]},
-    ext_modules=extensions(),
+    # SAFEATTN_BUILD_EXT=0: register the package only (the vLLM venv reuses the extension
+    # .ci/install built, since both venvs run the same torch).
+    ext_modules=[] if os.environ.get("SAFEATTN_BUILD_EXT") == "0" else extensions(),
     cmdclass={"build_ext": BuildExtension},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},
     python_requires=">=3.10",
@@ -115,5 +117,6 @@ setup(
         "plot": ["matplotlib"],
         "lora": ["peft"],
     },
-    entry_points={"console_scripts": ["safeattn=safeattn.cli:main"]},
+    entry_points={"console_scripts": ["safeattn=safeattn.cli:main"],
+                  "vllm.general_plugins": ["safeattn = safeattn.vllm:register"]},
 )

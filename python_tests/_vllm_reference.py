@@ -1,0 +1,85 @@
+"""safeattn.generate references for the vLLM parity tests (runs in the main venv: the HF
+decoder needs its transformers; the vLLM venv pins an older one).
+
+``python _vllm_reference.py SPEC.json OUT_DIR`` builds each tiny model of SPEC (random weights,
+random head and probe adapter), saves it with ``save_pretrained`` + ``save_safety`` to
+``OUT_DIR/<family>``, and writes ``OUT_DIR/<family>/ref.json``: per case (a SafetyConfig) the
+greedy token ids, ``q_span`` and the trace of every prompt (batch 1 each, so no padding).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import safeattn  # noqa: E402
+from safeattn.hf.adapter import attach_probe_adapter  # noqa: E402
+from _hf_tiny import tiny_config, tiny_tokenizer  # noqa: E402
+
+
+def tiny_safe_model(family: str, seed: int = 0):
+    """A tiny random ``family`` model vLLM's CPU backend can run (head_dim 32), patched with a
+    random head on layer 1 and a random rank-4 probe adapter."""
+    tok = tiny_tokenizer(chat=True)
+    cfg, cls = tiny_config(family, len(tok.get_vocab()))
+    kw = cfg.to_dict()
+    kw.update(head_dim=32)
+    if family == "gemma3_text":
+        kw.update(query_pre_attn_scalar=32)
+    cfg = cls.config_class(**kw)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = cls(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.2)
+    model = safeattn.apply_safeattn(model, tok, cls_layer=1)
+    ad = attach_probe_adapter(model, rank=4)
+    with torch.no_grad():
+        for p in ad.parameters():
+            p.normal_(0, 0.3)
+        model.safety_head.weight.normal_(0, 1.0)
+        model.safety_head.bias.zero_()
+    return model, tok
+
+
+def main(spec_path, out_dir):
+    spec = json.loads(Path(spec_path).read_text())
+    torch.set_num_threads(1)
+    for family in spec["families"]:
+        model, tok = tiny_safe_model(family)
+        d = Path(out_dir) / family
+        model.save_pretrained(d)
+        tok.save_pretrained(d)
+        safeattn.save_safety(model, d)
+        cases = []
+        for case in spec["cases"]:
+            rows = []
+            for prompt in spec["prompts"]:
+                enc = safeattn.build_inputs(tok, [prompt])
+                n = enc["input_ids"].shape[1]
+                if case is None:
+                    # safety off: the [CLS]-prefixed row that no ordinary row sees, i.e. the
+                    # prompt at RoPE positions 1..P as in the vLLM wrapper
+                    out = model.generate(**enc, max_new_tokens=spec["max_tokens"],
+                                         do_sample=False)
+                    rows.append({"ids": out[0, n:].tolist()})
+                    continue
+                out = safeattn.generate(model, tok, [prompt], safety=safeattn.SafetyConfig(**case),
+                                        max_new_tokens=spec["max_tokens"], do_sample=False)
+                s = out.safety[0]
+                rows.append({"ids": out[0, n:].tolist(), "p": s.p, "checked": s.checked,
+                             "mode": s.mode, "refusal_step": s.refusal_step,
+                             "alarm_step": s.alarm_step,
+                             "q_span": [int(enc["q_span"][0, 0]) - 1, int(enc["q_span"][0, 1]) - 1]})
+            cases.append(rows)
+        (d / "ref.json").write_text(json.dumps({"cases": cases, "eos": tok.eos_token_id}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

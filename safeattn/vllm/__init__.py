@@ -1,0 +1,94 @@
+"""safeattn inside vLLM: an out-of-tree plugin with the ``[CLS]`` probe (issue #14).
+
+- :func:`register` (the ``vllm.general_plugins`` entry point) registers the model wrappers
+  ``SafeattnGemma3ForCausalLM`` and ``SafeattnLlamaForCausalLM`` with vLLM's ``ModelRegistry``.
+- :func:`engine_kwargs` gives the ``LLM(...)`` arguments that select a wrapper, the safety files
+  and the logits processor; :func:`requests` builds prompts + ``SamplingParams`` with the
+  ``q_span`` safeattn's own template gives; :func:`trace` hands back a request's trace.
+
+Only this module's names load without vLLM; the wrappers and the processor import it.
+"""
+from __future__ import annotations
+
+__all__ = ["register", "engine_kwargs", "requests", "trace", "PROCESSOR", "ARCHITECTURE"]
+
+PROCESSOR = "safeattn.vllm.logits:SafetyLogitsProcessor"
+#: ``config.model_type`` -> the wrapper's architecture name.
+ARCHITECTURE = {"gemma3_text": "SafeattnGemma3ForCausalLM", "llama": "SafeattnLlamaForCausalLM"}
+
+
+def register() -> None:
+    """Register the wrappers with vLLM (run by vLLM through the entry point)."""
+    from vllm import ModelRegistry
+
+    from .models import ARCHITECTURES
+
+    for name in ARCHITECTURES:
+        if name not in ModelRegistry.get_supported_archs():
+            ModelRegistry.register_model(name, f"safeattn.vllm.models:{name}")
+
+
+def engine_kwargs(model_dir, *, safety_dir=None, safety: dict | None = None,
+                  model_type: str | None = None) -> dict:
+    """Keyword arguments for ``vllm.LLM(model_dir, **kw)`` (merge your own over them).
+
+    Args:
+        model_dir: the HF model folder.
+        safety_dir: the folder ``safeattn.save_safety`` wrote (default: ``model_dir``).
+        safety: the server-wide default ``SafetyConfig`` fields; ``None``: only requests whose
+            ``extra_args["safety"]`` asks for it are checked.
+        model_type: overrides ``config.json``'s ``model_type``.
+    """
+    import json
+    from pathlib import Path
+
+    if model_type is None:
+        model_type = json.loads((Path(model_dir) / "config.json").read_text())["model_type"]
+    if model_type not in ARCHITECTURE:
+        raise ValueError(f"model_type {model_type!r} has no safeattn vLLM wrapper; supported: "
+                         f"{sorted(ARCHITECTURE)}")
+    opt = {"safety_dir": str(safety_dir or model_dir)}
+    if safety is not None:
+        opt["safety"] = dict(safety)
+    return {"model": str(model_dir), "logits_processors": [PROCESSOR],
+            "hf_overrides": {"architectures": [ARCHITECTURE[model_type]], "safeattn_vllm": opt}}
+
+
+def requests(tokenizer, prompts, *, safety: dict | None = None, system: str | None = None,
+             ids: list | None = None, **sampling):
+    """Prompts as safeattn templates them -> (prompt dicts, ``SamplingParams`` list).
+
+    Each prompt becomes ``{"prompt_token_ids": ...}`` (``[CLS]`` left out: it is not part of
+    vLLM's sequence), and its ``SamplingParams`` carry ``extra_args={"safety": {**safety,
+    "q_span": ..., "id": ...}}`` (no safety when ``safety`` is None). ``sampling`` goes to
+    every ``SamplingParams``.
+    """
+    from vllm import SamplingParams
+
+    from ..hf.template import encode_prompt
+
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    out_p, out_s = [], []
+    for i, text in enumerate(prompts):
+        ids_i, (qs, qe) = encode_prompt(tokenizer, text, system, -1)
+        extra = None
+        if safety is not None:
+            extra = {"safety": {**safety, "q_span": [qs - 1, qe - 1]}}
+            if ids is not None:
+                extra["safety"]["id"] = ids[i]
+        out_p.append({"prompt_token_ids": ids_i[1:]})
+        out_s.append(SamplingParams(extra_args=extra, **sampling))
+    return out_p, out_s
+
+
+def trace(request_id):
+    """The :class:`safeattn.RowSafety` of the request whose ``extra_args["safety"]["id"]`` was
+    ``request_id`` (in-process engines: ``VLLM_ENABLE_V1_MULTIPROCESSING=0``); removes it."""
+    from .logits import TRACES
+
+    st = TRACES.pop(request_id, None)
+    if st is None:
+        raise KeyError(f"no safety trace for id {request_id!r} (give extra_args['safety']['id'] "
+                       "and run the engine in-process)")
+    return st.trace()

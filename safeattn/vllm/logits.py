@@ -1,0 +1,275 @@
+"""The V1 logits processor: per-request safety state, the state machine and the refusal.
+
+A request is switched on with ``SamplingParams(extra_args={"safety": {...}})`` (the fields of
+:class:`~safeattn.SafetyConfig`, plus ``q_span`` and ``id``) or for every request by the
+server option ``safeattn_vllm.safety``. Its state lives exactly as long as vLLM keeps the
+request: vLLM's processor interface names requests by batch row only, so the state is keyed by
+the request's own ``SamplingParams`` object, which the model runner holds from the request's
+arrival until it finishes (through preemption and row moves) and then drops; a weak reference
+removes the state with it.
+
+Each step: ``update_state`` follows the batch (removed, added, moved rows) and posts the plan
+(which rows check, with which window) to the model; ``apply`` runs
+:func:`safeattn.ops.safety_step` (the op the HF decoder uses) on the probe logits and forces the
+refusal prefix by masking logits.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import weakref
+
+import torch
+from vllm.v1.sample.logits_processor import LogitsProcessor
+
+from .. import ops
+from ..generation import MODE_NAMES, REFUSAL, RowSafety, SafetyConfig, _refusal_ids, _window
+from ..ops import BENIGN, TRANSITION
+from .models import bridge_for, options
+from .probe import Plan
+
+logger = logging.getLogger("safeattn")
+
+#: Keys of ``extra_args["safety"]`` beside the :class:`SafetyConfig` fields.
+EXTRA_KEYS = ("q_span", "id")
+_FIELDS = tuple(f.name for f in dataclasses.fields(SafetyConfig))
+#: Traces of requests that gave an ``id``, until :func:`safeattn.vllm.trace` takes them.
+TRACES: dict = {}
+
+
+def parse_safety(value, default: dict | None = None):
+    """``extra_args["safety"]`` (merged over the server default) -> (SafetyConfig, extras) or
+    None when safety is off for the request. Raises ValueError naming the bad field."""
+    if value is None:
+        value = default
+    elif value is False:
+        return None
+    elif isinstance(value, dict) and default:
+        value = {**default, **value}
+    if value is None or value is False:
+        return None
+    if value is True:
+        value = {}
+    if not isinstance(value, dict):
+        raise ValueError(f"extra_args['safety'] must be a dict of SafetyConfig fields, true or "
+                         f"false, got {type(value).__name__}")
+    bad = set(value) - set(_FIELDS) - set(EXTRA_KEYS)
+    if bad:
+        raise ValueError(f"extra_args['safety']: unknown field(s) {sorted(bad)}; known: "
+                         f"{sorted(_FIELDS + EXTRA_KEYS)}")
+    cfg = SafetyConfig(**{k: v for k, v in value.items() if k in _FIELDS})
+    if cfg.rollback:
+        raise ValueError("extra_args['safety'].rollback=True is not supported by the vLLM plugin "
+                         "(vLLM cannot crop a request's cache back to S_t)")
+    q = value.get("q_span")
+    if q is not None and not (isinstance(q, (list, tuple)) and len(q) == 2
+                              and all(isinstance(x, int) and x >= 0 for x in q) and q[0] <= q[1]):
+        raise ValueError(f"extra_args['safety'].q_span must be [start, end) prompt-token "
+                         f"indices, got {q!r}")
+    return cfg, {k: value[k] for k in EXTRA_KEYS if k in value}
+
+
+class RequestSafety:
+    """One request's state machine (the fields of ``safety_step``) and its trace."""
+
+    def __init__(self, cfg: SafetyConfig, extras: dict, prompt_ids, output_ids, refusal_ids,
+                 max_tokens: int):
+        self.cfg, self.id = cfg, extras.get("id")
+        self.prompt_len = len(prompt_ids)
+        first = 1 if self.prompt_len > 1 else 0  # default q_span: the prompt after BOS
+        qs, qe = extras.get("q_span") or (first, self.prompt_len)
+        if qe > self.prompt_len:
+            raise ValueError(f"extra_args['safety'].q_span end {qe} is past the prompt "
+                             f"({self.prompt_len} tokens)")
+        self.qs, self.qe = qs, qe
+        self.output_ids = output_ids  # vLLM's live list of the request's generated ids
+        self.refusal = list(refusal_ids)
+        self.schedule = cfg.check_steps(max_tokens + 1)
+        self.mode, self.consec, self.s_t, self.refused = BENIGN, 0, -1, False
+        self.fpos, self.refusal_step, self.alarm_step = 0, None, None
+        self.p: dict[int, float] = {}
+        self.modes: dict[int, int] = {}
+
+    def due(self, n: int) -> bool:
+        if self.refused:
+            return False
+        sched = self.schedule[n] if n < len(self.schedule) else False
+        return sched or (self.cfg.escalate and self.mode == TRANSITION)
+
+    def window(self, n: int) -> tuple[int, int]:
+        c = self.cfg
+        lo, hi = _window(*(torch.tensor([v]) for v in (self.mode, self.s_t, n)), c.r1, c.r2, c.r3)
+        return int(lo), int(hi)
+
+    def trace(self) -> RowSafety:
+        """The trace as the HF decoder gives it (``safeattn.plot_trace`` reads it)."""
+        last = max([len(self.output_ids) - 1, *self.p]) if self.p else len(self.output_ids) - 1
+        p = [self.p.get(n, float("nan")) for n in range(last + 1)]
+        mode, cur = [], "benign"
+        for n in range(last + 1):
+            if n in self.modes:
+                cur = "refusal" if self.modes[n] == REFUSAL else MODE_NAMES[self.modes[n]]
+            mode.append(cur)
+        return RowSafety(p=p, checked=[n in self.p for n in range(last + 1)], mode=mode,
+                         refusal_step=self.refusal_step, alarm_step=self.alarm_step,
+                         justification=None)
+
+
+def _config_key(cfg: SafetyConfig):
+    return (min(cfg.threshold, 1.0), cfg.threshold > 1.0, cfg.tau, cfg.r1, cfg.r2, cfg.r3)
+
+
+def step_states(states: list[RequestSafety], ns: list[int], logits: torch.Tensor) -> torch.Tensor:
+    """Run ``safety_step`` on the checked requests (grouped by their θ, τ, r1-r3); updates them
+    in place and records the trace -> p ``[len(states)]``."""
+    p_all = torch.sigmoid(logits.float())
+    groups: dict = {}
+    for i, s in enumerate(states):
+        groups.setdefault(_config_key(s.cfg), []).append(i)
+    for (theta, never, tau, r1, r2, r3), idx in groups.items():
+        sub = [states[i] for i in idx]
+        lg = logits[idx].float().reshape(-1, 1)
+        if never:  # θ above 1: no finite p hits; a non-finite p still fails closed
+            lg = torch.where(lg.isfinite(), torch.full_like(lg, -1e4), lg)
+        i32 = lambda v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
+        mode, consec = i32([s.mode for s in sub]), i32([s.consec for s in sub])
+        s_t, step = i32([s.s_t for s in sub]), i32([ns[i] for i in idx])
+        refused = torch.tensor([s.refused for s in sub])
+        active = torch.ones(len(sub), dtype=torch.bool)
+        q = i32([[s.qs, s.qe] for s in sub])
+        rs = i32([s.prompt_len for s in sub])
+        ops.safety_step(lg.contiguous(), torch.ones(1), torch.zeros(1), mode, consec, s_t, step,
+                        refused, active, q, rs, theta=theta, tau=tau, r1=r1, r2=r2, r3=r3)
+        for j, s in enumerate(sub):
+            n = ns[idx[j]]
+            s.mode, s.consec, s.s_t = int(mode[j]), int(consec[j]), int(s_t[j])
+            if bool(refused[j]) and not s.refused:
+                s.refused, s.alarm_step = True, max(s.s_t, 0)
+            if not math.isfinite(float(p_all[idx[j]])):
+                logger.warning("safeattn: non-finite safety probability for request %s at step "
+                               "%d; it refuses (fail closed)", s.id, n)
+            s.p[n] = float(p_all[idx[j]])
+            s.modes[n] = REFUSAL if s.refused else s.mode
+    return p_all
+
+
+class SafetyLogitsProcessor(LogitsProcessor):
+    """vLLM V1 logits processor of safeattn (pass it as ``logits_processors=[...]``)."""
+
+    @classmethod
+    def validate_params(cls, params):
+        parse_safety((params.extra_args or {}).get("safety"))
+
+    def __init__(self, vllm_config, device, is_pin_memory):
+        from .models import _check_engine
+
+        _check_engine(vllm_config)
+        if getattr(vllm_config.scheduler_config, "async_scheduling", False):
+            raise ValueError("safeattn: async scheduling is not supported (the refusal needs "
+                             "each step's probe before sampling); pass async_scheduling=False")
+        self.vllm_config = vllm_config
+        mc = vllm_config.model_config
+        self.default = options(mc.hf_config).get("safety")
+        if self.default is not None:
+            parse_safety(self.default)  # a bad server option fails at start-up
+        self.max_len = mc.max_model_len
+        self.states: dict[int, RequestSafety] = {}  # id(SamplingParams) -> state
+        self.rows: dict[int, RequestSafety] = {}    # batch row -> state
+        self._tokenizer = None
+        self._refusals: dict[str, list[int]] = {}
+
+    def is_argmax_invariant(self) -> bool:
+        return False
+
+    def _refusal_ids(self, text: str) -> list[int]:
+        if text not in self._refusals:
+            if self._tokenizer is None:
+                from transformers import AutoTokenizer
+
+                mc = self.vllm_config.model_config
+                self._tokenizer = AutoTokenizer.from_pretrained(mc.tokenizer)
+            self._refusals[text] = _refusal_ids(self._tokenizer, text)
+        return self._refusals[text]
+
+    def _state(self, params, prompt_ids, output_ids) -> RequestSafety | None:
+        key = id(params)
+        st = self.states.get(key)
+        if st is not None:  # a preempted request coming back, or a row move
+            return st
+        parsed = parse_safety((params.extra_args or {}).get("safety"), self.default)
+        if parsed is None:
+            return None
+        cfg, extras = parsed
+        if bridge_for(self.vllm_config) is None:
+            raise ValueError("safeattn: a request asks for safety but the model is not a "
+                             "safeattn wrapper (use safeattn.vllm.engine_kwargs)")
+        st = RequestSafety(cfg, extras, prompt_ids or [], output_ids,
+                           self._refusal_ids(cfg.refusal_prefix),
+                           params.max_tokens or self.max_len)
+        self.states[key] = st
+        weakref.finalize(params, self.states.pop, key, None)
+        if st.id is not None:
+            TRACES[st.id] = st
+        return st
+
+    def update_state(self, batch_update) -> None:
+        if batch_update is not None:
+            for row in batch_update.removed:
+                self.rows.pop(row, None)
+            for row, params, prompt_ids, output_ids in batch_update.added:
+                self.rows.pop(row, None)
+                st = self._state(params, prompt_ids, output_ids) if params else None
+                if st is not None:
+                    self.rows[row] = st
+            for a, b, kind in batch_update.moved:
+                sa, sb = self.rows.pop(a, None), self.rows.pop(b, None)
+                if sa is not None:
+                    self.rows[b] = sa
+                if sb is not None and kind.name == "SWAP":
+                    self.rows[a] = sb
+        self._post_plan()
+
+    def _post_plan(self) -> None:
+        br = bridge_for(self.vllm_config)
+        if br is None:
+            return
+        live = [(r, s) for r, s in sorted(self.rows.items())
+                if not s.refused or s.fpos < len(s.refusal) or s.refusal_step is None]
+        if not live:
+            br.post_plan(None, None, None)
+            return
+        rows, ns, due, win = [], [], [], []
+        for r, s in live:
+            n = len(s.output_ids)
+            rows.append(r)
+            ns.append(n)
+            due.append(s.due(n))
+            win.append(s.window(n))
+        self._live = [s for _, s in live]
+        plan = Plan(rows, ns, [s.prompt_len for s in self._live], [s.qs for s in self._live],
+                    [s.qe for s in self._live], [w[0] for w in win], [w[1] for w in win])
+        br.post_plan(plan, plan.prompt_len + plan.n, torch.tensor(due))
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        br = bridge_for(self.vllm_config)
+        if br is None or br.plan is None or br.complete is None:
+            return logits
+        plan, complete = br.plan, br.complete
+        checked = (complete & br.due).nonzero().flatten().tolist()
+        if checked:
+            step_states([self._live[i] for i in checked], [int(plan.n[i]) for i in checked],
+                        br.logits[checked])
+        for i in complete.nonzero().flatten().tolist():
+            s, row, n = self._live[i], int(plan.rows[i]), int(plan.n[i])
+            if not s.refused:
+                continue
+            if s.refusal_step is None:
+                s.refusal_step = n
+            if s.fpos < len(s.refusal):
+                tok = s.refusal[s.fpos]
+                logits[row].fill_(float("-inf"))
+                logits[row, tok] = 0.0
+                s.fpos += 1
+        br.post_plan(None, None, None)
+        return logits

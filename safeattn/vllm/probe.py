@@ -1,0 +1,209 @@
+"""The ``[CLS]`` probe inside a vLLM model: safety parts, the batched probe row, the wrappers.
+
+``[CLS]`` never enters vLLM's token sequence. The wrappers shift every RoPE position by +1 so
+that the prompt sits at ``1..P`` as in safeattn (``[CLS]`` at 0); with
+``cls_visible_to_response = false`` no ordinary row ever sees ``[CLS]``, so vLLM's stock
+attention is exact for them. After the main forward, every request due for a check gets one
+probe row: the ``[CLS]`` embedding at RoPE position 0, run through decoder layers
+``0..cls_layer`` with their own weights (plus the probe adapter), attending to
+``{itself} ∪ q_span ∪ W_t`` read straight from the paged cache. All probe rows of a step go
+through :func:`safeattn.ops.interval_attention` together, layer by layer; nothing is written
+to the cache.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from .. import ops
+from ..hf.adapter import TARGETS
+from ..hf.persist import SAFETY_CONFIG, SAFETY_WEIGHTS
+
+logger = logging.getLogger("safeattn")
+
+#: The CPU attention backend's cache layouts the probe can read (keys ``[D, block]``,
+#: values ``[block, D]`` per KV head and block).
+READABLE_ISA = ("vec", "vec16")
+
+
+class SafetyParts:
+    """What ``save_safety`` wrote: config, head, ``[CLS]`` row and the probe adapter."""
+
+    def __init__(self, directory):
+        from safetensors.torch import load_file
+
+        d = Path(directory)
+        if not (d / SAFETY_CONFIG).exists():
+            raise ValueError(f"safety_dir: no {SAFETY_CONFIG} in {d} (write it with "
+                             "safeattn.save_safety)")
+        self.config = json.loads((d / SAFETY_CONFIG).read_text())
+        if self.config.get("cls_visible_to_response", False):
+            raise ValueError("cls_visible_to_response=true is not supported by the vLLM plugin: "
+                             "ordinary rows would have to attend to [CLS], which vLLM's "
+                             "sequence does not hold")
+        t = load_file(str(d / SAFETY_WEIGHTS))
+        self.cls_layer = self.config.get("cls_layer")
+        self.head_w = t["safety_head.weight"].float().reshape(-1)
+        self.head_b = t["safety_head.bias"].float().reshape(())
+        self.cls_embedding = t["cls_embedding"]
+        ad = self.config.get("adapter") or None
+        self.adapter = {}
+        self.scale = 0.0
+        if ad:
+            bad = set(ad["targets"]) - set(TARGETS)
+            if bad:
+                raise ValueError(f"safety adapter: unknown targets {sorted(bad)}")
+            self.scale = float(ad["alpha"]) / float(ad["rank"])
+            for k, v in t.items():
+                if k.startswith("safety_adapter.a."):
+                    key = k[len("safety_adapter.a."):]
+                    self.adapter[key] = (v, t[f"safety_adapter.b.{key}"])
+
+    def delta(self, layer: int, proj: str, x: torch.Tensor) -> torch.Tensor | None:
+        """The adapter's update of ``proj`` in ``layer`` for input rows ``x`` (None: none)."""
+        ab = self.adapter.get(f"{layer}_{proj}")
+        if ab is None:
+            return None
+        a, b = ab
+        return (((x.to(a.dtype) @ a.t()) @ b.t()) * self.scale)
+
+    def to(self, device, dtype):
+        self.cls_embedding = self.cls_embedding.to(device=device, dtype=dtype)
+        self.head_w, self.head_b = self.head_w.to(device), self.head_b.to(device)
+        self.adapter = {k: (a.to(device), b.to(device)) for k, (a, b) in self.adapter.items()}
+        return self
+
+
+def _add(out: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
+    return out if delta is None else out + delta.to(out.dtype)
+
+
+class Plan:
+    """The probe rows of one step: batch ``rows``, response tokens ``n``, prompt length ``P``,
+    ``q_span`` ``[qs, qe)`` and window ``[lo, hi)`` in response tokens (all ``[Bp]`` long)."""
+
+    def __init__(self, rows, n, prompt_len, qs, qe, lo, hi):
+        t = lambda v: torch.as_tensor(v, dtype=torch.long)  # noqa: E731
+        self.rows, self.n, self.prompt_len = t(rows), t(n), t(prompt_len)
+        self.qs, self.qe, self.lo, self.hi = t(qs), t(qe), t(lo), t(hi)
+
+    def columns(self):
+        """Cache columns each probe reads (ascending, padded) -> (cols ``[Bp, T]``, count ``[Bp]``)."""
+        nq = self.qe - self.qs
+        count = nq + (self.hi - self.lo)
+        t = int(count.max()) if count.numel() else 0
+        a = torch.arange(max(t, 1))[None]
+        cols = torch.where(a < nq[:, None], self.qs[:, None] + a,
+                           (self.prompt_len + self.lo - nq)[:, None] + a)
+        return torch.where(a < count[:, None], cols, 0), count
+
+
+class ProbeRunner:
+    """Runs :class:`Plan` rows through layers ``0..cls_layer`` of a vLLM decoder model."""
+
+    def __init__(self, model, parts: SafetyParts, family: str):
+        self.model, self.parts, self.family = model, parts, family
+        n = len(model.layers)
+        self.depth = n if parts.cls_layer is None else parts.cls_layer + 1
+        if not 0 < self.depth <= n:
+            raise ValueError(f"cls_layer {parts.cls_layer} is outside the model's {n} layers")
+
+    def cls_row(self, count: int) -> torch.Tensor:
+        m = self.model
+        x = self.parts.cls_embedding
+        if self.family == "gemma3":
+            x = x * m.normalizer
+        return x.reshape(1, -1).repeat(count, 1)
+
+    @torch.no_grad()
+    def run(self, plan: Plan, attn_metadata) -> torch.Tensor:
+        """fp32 head logits ``[Bp]`` of the plan's probe rows."""
+        m, parts = self.model, self.parts
+        cols, count = plan.columns()
+        bp = cols.shape[0]
+        x = self.cls_row(bp)
+        residual = None
+        pos0 = torch.zeros(bp, dtype=torch.long, device=x.device)
+        for li in range(self.depth):
+            layer = m.layers[li]
+            if residual is None:
+                residual, h = x, layer.input_layernorm(x)
+            else:
+                h, residual = layer.input_layernorm(x, residual)
+            o = self.attention(li, layer.self_attn, h, pos0, plan, cols, count, attn_metadata)
+            if self.family == "gemma3":
+                x = layer.post_attention_layernorm(o)
+                x, residual = layer.pre_feedforward_layernorm(x, residual)
+                x = layer.post_feedforward_layernorm(self.mlp(li, layer.mlp, x))
+            else:
+                x, residual = layer.post_attention_layernorm(o, residual)
+                x = self.mlp(li, layer.mlp, x)
+        h, _ = m.norm(x, residual)
+        return h.float() @ parts.head_w + parts.head_b
+
+    def mlp(self, li, mlp, x):
+        gu, _ = mlp.gate_up_proj(x)
+        dg, du = self.parts.delta(li, "gate_proj", x), self.parts.delta(li, "up_proj", x)
+        if dg is not None or du is not None:
+            g, u = gu.chunk(2, dim=-1)
+            gu = torch.cat([_add(g, dg), _add(u, du)], -1)
+        y = mlp.act_fn(gu)
+        out, _ = mlp.down_proj(y)
+        return _add(out, self.parts.delta(li, "down_proj", y))
+
+    def attention(self, li, a, h, pos0, plan, cols, count, attn_metadata):
+        parts = self.parts
+        qkv, _ = a.qkv_proj(h)
+        q, k, v = qkv.split([a.q_size, a.kv_size, a.kv_size], dim=-1)
+        q = _add(q, parts.delta(li, "q_proj", h))
+        k = _add(k, parts.delta(li, "k_proj", h))
+        v = _add(v, parts.delta(li, "v_proj", h))
+        hq, hkv, d = a.num_heads, a.num_kv_heads, a.head_dim
+        if self.family == "gemma3":
+            q = a.q_norm(q.unflatten(-1, (hq, d))).flatten(-2, -1)
+            k = a.k_norm(k.unflatten(-1, (hkv, d))).flatten(-2, -1)
+        q, k = a.rotary_emb(pos0, q, k)
+        attn = a.attn
+        isa = getattr(attn, "isa", "vec")
+        if isa not in READABLE_ISA:
+            raise NotImplementedError(f"safeattn probe: the {isa!r} KV-cache layout of vLLM's CPU "
+                                      f"backend is not supported (only {READABLE_ISA})")
+        md = attn_metadata[attn.layer_name]
+        kv = attn.kv_cache
+        nb, _, bs, _ = kv.shape
+        rows = plan.rows.to(kv.device)
+        c = cols.to(kv.device)
+        blk = md.block_table[rows[:, None], c // bs].long()
+        off = c % bs
+        raw = kv.view(nb, hkv, 2, bs * d)
+        keys = raw[:, :, 0].view(nb, hkv, d, bs)[blk, :, :, off]  # [Bp, T, Hkv, D]
+        vals = raw[:, :, 1].view(nb, hkv, bs, d)[blk, :, off, :]
+        t = c.shape[1]
+        seen = torch.arange(t, device=kv.device)[None] < count.to(kv.device)[:, None]
+        first = torch.zeros_like(count)
+        win = getattr(attn.impl, "sliding_window", -1)
+        if win is not None and win > 0:
+            # As the HF decoder's sliding cache layers do: the [token, probe] query rows see
+            # the last `win` cached columns (the token's window) plus the probe itself. The
+            # prefill [CLS] row (n = 0) sees the whole q_span, as in an HF prefill.
+            seq = md.seq_lens[rows].long()
+            cut = torch.where(plan.n.to(kv.device) > 0, seq - win, 0)
+            first = ((c < cut[:, None]) & seen).sum(1).cpu()
+            seen &= torch.arange(t, device=kv.device)[None] >= first.to(kv.device)[:, None]
+        keys = torch.where(seen[..., None, None], keys, 0)  # stale blocks never reach the op
+        vals = torch.where(seen[..., None, None], vals, 0)
+        keys = torch.cat([keys, k.view(-1, 1, hkv, d).to(keys.dtype)], 1).transpose(1, 2)
+        vals = torch.cat([vals, v.view(-1, 1, hkv, d).to(vals.dtype)], 1).transpose(1, 2)
+        iv = torch.stack([torch.stack([first, count], -1),
+                          torch.tensor([t, t + 1]).expand(len(count), 2)], 1)
+        iv = iv[:, None].to(device=kv.device, dtype=torch.int32).contiguous()
+        softcap = getattr(attn.impl, "logits_soft_cap", None) or None
+        out = ops.interval_attention(q.view(-1, hq, 1, d).to(keys.dtype), keys.contiguous(),
+                                     vals.contiguous(), iv, scale=attn.impl.scale,
+                                     softcap=softcap)
+        out = out.reshape(-1, hq * d).to(h.dtype)
+        o, _ = a.o_proj(out)
+        return _add(o, parts.delta(li, "o_proj", out))
