@@ -256,7 +256,8 @@ class _Cfg:  # the few generation settings the loop reads
     pass
 
 
-def _prepare(model, input_ids, generation_config, logits_processor, stopping_criteria, kwargs):
+def _prepare(model, input_ids, generation_config, logits_processor, stopping_criteria, kwargs,
+             tokenizer=None):
     """Merge kwargs into a GenerationConfig and build HF's processors / stopping criteria
     exactly as ``generate`` does (so sampling and penalties match stock generation)."""
     from transformers.generation import LogitsProcessorList, StoppingCriteriaList
@@ -283,7 +284,7 @@ def _prepare(model, input_ids, generation_config, logits_processor, stopping_cri
         else LogitsProcessorList(), device=input_ids.device, model_kwargs=model_kwargs)
     stops = model._get_stopping_criteria(
         generation_config=gc, stopping_criteria=stopping_criteria if stopping_criteria is not None
-        else StoppingCriteriaList(), tokenizer=kwargs.get("tokenizer"))
+        else StoppingCriteriaList(), tokenizer=tokenizer)  # stop_strings need it
     return gc, model_kwargs, procs, stops
 
 
@@ -338,7 +339,7 @@ def safe_generate(model, input_ids: torch.Tensor | None = None, attention_mask=N
     input_ids = input_ids.to(dev)
     b, l0 = input_ids.shape
     gc, extra, procs, stops = _prepare(model, input_ids, generation_config, logits_processor,
-                                       stopping_criteria, kwargs)
+                                       stopping_criteria, kwargs, tokenizer)
     for k in ("attention_mask", "position_ids", "q_span", "response_start", "logits_to_keep",
               "cache", "past_key_values"):
         extra.pop(k, None)
@@ -606,18 +607,31 @@ def safe_generate(model, input_ids: torch.Tensor | None = None, attention_mask=N
     return seq
 
 
-def generate(model, tokenizer, prompts: list[str] | str, *, safety: SafetyConfig | None = None,
+def generate(model, tokenizer, prompts, *, safety: SafetyConfig | None = None,
              system: str | None = None, **gen_kwargs):
-    """Safe generation from plain strings: ``build_inputs`` + ``model.generate(..., safety=)``.
+    """Safe generation from plain strings or conversations: ``build_inputs`` +
+    ``model.generate(..., safety=)``.
 
-    Patches the model first when needed. ``safety`` defaults to ``SafetyConfig()``. Returns what
-    :func:`safe_generate` returns (``.safety`` holds the trace).
+    A row of ``prompts`` is the user's text or a list of chat messages (see
+    :func:`safeattn.build_inputs`; a trailing assistant message is a prefill). Each row ends
+    with its assistant turn (:func:`safeattn.hf.template.turn_end`: EOS and the template's
+    end-of-turn token, or a stop at the text ``"\nUser:"`` on the plain template) unless
+    ``eos_token_id`` / ``stop_strings`` are given. Patches the model first when needed.
+    ``safety`` defaults to ``SafetyConfig()``. Returns what :func:`safe_generate` returns
+    (``.safety`` holds the trace).
     """
     from .hf import apply_safeattn, build_inputs, is_patched
+    from .hf.template import turn_end
 
     if not is_patched(model):
         apply_safeattn(model, tokenizer)
     dev = model.get_input_embeddings().weight.device
     enc = build_inputs(tokenizer, prompts, system=system, device=dev)
+    if "eos_token_id" not in gen_kwargs and "stop_strings" not in gen_kwargs:
+        end = turn_end(tokenizer)
+        if "stopping_criteria" in end and gen_kwargs.get("stopping_criteria") is not None:
+            end["stopping_criteria"].extend(gen_kwargs.pop("stopping_criteria"))
+        gen_kwargs = {**end, **gen_kwargs}
+    gen_kwargs.pop("tokenizer", None)
     return safe_generate(model, **enc, safety=safety or SafetyConfig(), tokenizer=tokenizer,
                          **gen_kwargs)
