@@ -96,7 +96,8 @@ class Clock:
 
     def __init__(self, device: str):
         self.cuda = device == "cuda"
-        self.flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device=device) if self.cuda else None
+        self.flush = (torch.empty(FLUSH_BYTES, dtype=torch.uint8, device=device)
+                      if self.cuda else None)
 
     def sync(self):
         if self.cuda:
@@ -114,7 +115,7 @@ class Clock:
             for k, f in fns.items():
                 if self.cuda:
                     self.flush.fill_(1)
-                    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    a, b = (torch.cuda.Event(enable_timing=True) for _ in range(2))
                     a.record()
                     f()
                     b.record()
@@ -187,10 +188,11 @@ def try_baselines(candidates: dict, ours_out, rec: dict) -> dict:
             out = fn()
             if name.startswith("flex"):
                 rec[f"{name}_first_call_s"] = time.perf_counter() - t0
-            rec.setdefault("max_err", {})[name] = max_err(out, ours_out) if ours_out is not None else None
+            rec.setdefault("max_err", {})[name] = max_err(out, ours_out)
             ok[name] = fn
         except Exception as e:  # recorded, the bench goes on
-            rec.setdefault("errors", {})[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            first = str(e).splitlines()[0][:300] if str(e) else ""
+            rec.setdefault("errors", {})[name] = f"{type(e).__name__}: {first}"
     return ok
 
 
@@ -199,6 +201,25 @@ def ratios(times: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- decode
+def sdpa_decode(q, k, v, iv, scale, backend):
+    """SDPA decode on ``backend`` (None: SDPA's choice). Tq = 2: the token row over the
+    prefix [0, S-1) on that backend, then the probe row with its bool mask on SDPA's default
+    backend (flash and cuDNN take no arbitrary mask)."""
+    def token(qr, kr, vr):
+        if backend is None:
+            return F.scaled_dot_product_attention(qr, kr, vr, scale=scale, enable_gqa=True)
+        with sdpa_backend(backend):
+            return F.scaled_dot_product_attention(qr, kr, vr, scale=scale, enable_gqa=True)
+
+    s = k.shape[2]
+    if q.shape[2] == 1:
+        return lambda: token(q, k, v)
+    mask = ac.dense_mask(iv[:, 1:], s)
+    qa, qb, kp, vp = q[:, :, :1], q[:, :, 1:], k[:, :, :s - 1], v[:, :, :s - 1]
+    return lambda: torch.cat([token(qa, kp, vp), F.scaled_dot_product_attention(
+        qb, k, v, attn_mask=mask, scale=scale, enable_gqa=True)], 2)
+
+
 def decode_case(model, b, s, tq, use_flex, ctx):
     dev, dt = ctx["device"], ctx["dtype"]
     q, k, v = qkv(model, b, tq, s, dev, dt)
@@ -206,22 +227,8 @@ def decode_case(model, b, s, tq, use_flex, ctx):
     scale = d ** -0.5
     iv = (iv_lib.causal(b, 1, s, device=dev) if tq == 1 else ac.probe_intervals(b, s).to(dev))
     ours = lambda: safeattn.ops.interval_attention(q, k, v, iv, scale=scale)  # noqa: E731
-    if tq == 1:
-        sdpa = lambda: F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)  # noqa: E731
-    else:  # token row over [0, s-1); probe row with its bool mask on SDPA's default backend
-        mask = ac.dense_mask(iv[:, 1:], s)
-        qa, qb, kp, vp = q[:, :, :1], q[:, :, 1:], k[:, :, :s - 1], v[:, :, :s - 1]
-
-        def probe():
-            return F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=scale,
-                                                  enable_gqa=True)
-
-        def sdpa():
-            return torch.cat([F.scaled_dot_product_attention(qa, kp, vp, scale=scale,
-                                                             enable_gqa=True), probe()], 2)
-    cands = {"sdpa_flash": with_backend("flash", sdpa), "sdpa_cudnn": with_backend("cudnn", sdpa)}
-    if not ctx["cuda"]:
-        cands = {"sdpa_math": sdpa}
+    cands = {f"sdpa_{name}": sdpa_decode(q, k, v, iv, scale, name if ctx["cuda"] else None)
+             for name in (("flash", "cudnn") if ctx["cuda"] else ("math",))}
     if use_flex:
         mm = ac.causal_mask_mod(1, s) if tq == 1 else ac.interval_mask_mod(iv)
         cands["flex"] = ac.flex_call(q, k, v, ac.block_mask(mm, b, tq, s, dev), scale,
@@ -238,10 +245,12 @@ def decode_case(model, b, s, tq, use_flex, ctx):
 
 
 def decode_cases(ctx):
+    """(name, zero-arg case) pairs, in run order."""
     for model in ac.MODELS:
         for tq in (1, 2):
             for b, s, use_flex in ctx["decode_bs"]:
-                yield f"decode/{model}-B{b}-S{s}-Tq{tq}", lambda m=model, b=b, s=s, tq=tq, f=use_flex: decode_case(m, b, s, tq, f, ctx)
+                yield (f"decode/{model}-B{b}-S{s}-Tq{tq}",
+                       lambda a=(model, b, s, tq, use_flex): decode_case(*a, ctx))
 
 
 # ----------------------------------------------------------------------------- prefill
@@ -254,12 +263,17 @@ def prefill_layout(layout, t, dev):
 
 def prefill_baselines(q, k, v, iv, layout, scale, ctx):
     if layout == "causal":
-        fn = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,  # noqa: E731
-                                                    enable_gqa=True)
+        def fn():
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                  enable_gqa=True)
         return {"sdpa_flash": with_backend("flash", fn) if ctx["cuda"] else fn}
+    # transformers' path for a custom mask: repeat_kv (done here outside the timing) and a
+    # dense mask, which SDPA runs on its memory-efficient backend.
     mask = ac.dense_mask(iv, iv.shape[1])
-    return {"sdpa_mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                                                scale=scale, enable_gqa=True)}
+    g = q.shape[1] // k.shape[1]
+    kx, vx = (x.detach().repeat_interleave(g, 1) for x in (k, v))
+    return {"sdpa_mask": lambda: F.scaled_dot_product_attention(q, kx, vx, attn_mask=mask,
+                                                                scale=scale)}
 
 
 def prefill_case(model, layout, t, backward, ctx):
@@ -303,11 +317,12 @@ def fwd_bwd(fn, q, k, v, dout):
 
 
 def prefill_cases(ctx, backward=False):
+    sec = "backward" if backward else "prefill"
     for model in ac.MODELS:
         for layout in ("causal", "sft_cls"):
-            for t in (ctx["backward_t"] if backward else ctx["prefill_t"]):
-                sec = "backward" if backward else "prefill"
-                yield f"{sec}/{model}-{layout}-T{t}", lambda m=model, lay=layout, t=t: prefill_case(m, lay, t, backward, ctx)
+            for t in ctx[f"{sec}_t"]:
+                yield (f"{sec}/{model}-{layout}-T{t}",
+                       lambda a=(model, layout, t, backward): prefill_case(*a, ctx))
 
 
 # ----------------------------------------------------------------------------- generate
@@ -372,7 +387,8 @@ def generate_case(name, model, tok, b, ctx):
     new = ctx["new_tokens"]
     prompts = [prompt_text(ctx["prompt_words"] - (i % 5)) for i in range(b)]
     enc = safeattn.build_inputs(tok, prompts, device=ctx["device"])
-    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=tok.pad_token_id)
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False,
+              pad_token_id=tok.pad_token_id)
     calls = {"plain": lambda: model.generate(**enc, **kw)}
     for sched in ("each", "annealing"):
         cfg = safeattn.SafetyConfig(threshold=1.5, schedule=sched)
@@ -386,7 +402,8 @@ def generate_case(name, model, tok, b, ctx):
            "cls_layer": model.config.safeattn["cls_layer"], "dtype": str(ctx["dtype"])[6:],
            "ms": {k: x * 1e3 for k, x in times.items()},
            "overhead": {k: times[k] / times["plain"] for k in ("each", "annealing")},
-           "same_ids": {k: bool(torch.equal(outs[k], outs["plain"])) for k in ("each", "annealing")},
+           "same_ids": {k: bool(torch.equal(outs[k], outs["plain"]))
+                        for k in ("each", "annealing")},
            "syncs_per_step": {k: (None if n is None else n / new) for k, n in syncs.items()}}
     return rec
 
@@ -415,7 +432,8 @@ def make_ctx(dry_run: bool) -> dict:
 
 
 def env(ctx) -> dict:
-    e = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+    e = {"torch": torch.__version__, "cuda": torch.version.cuda,
+         "python": platform.python_version(),
          "device": torch.cuda.get_device_name() if ctx["cuda"] else "cpu (dry run)",
          "copy_bw_GBps": ctx["copy_bw"] / 1e9, "dry_run": not ctx["cuda"]}
     try:
