@@ -178,7 +178,9 @@ def _add_eval(sub) -> None:
     p.add_argument("--schedule", default="each", choices=SCHEDULES,
                    help="when safe mode re-checks (DESIGN.md section 3)")
     p.add_argument("--period", type=int, default=4, help="k of the periodic schedule")
-    p.add_argument("--threshold", type=float, default=0.5, help="theta: P(malicious) alarm level")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="theta: P(malicious) alarm level (default: the model's calibrated theta, "
+                        "else 0.5)")
     p.add_argument("--tau", type=int, default=3, help="consecutive alarms before refusing")
     p.add_argument("--max-new-tokens", type=int, default=48, help="tokens generated per prompt")
     p.add_argument("--limit", type=int, default=None,
@@ -217,6 +219,64 @@ def _add_eval(sub) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="safeattn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+def _calibrate(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from .calibration import calibrate, validation_rows
+    from .generation import SafetyConfig
+    from .models import artifact_dir, load_default
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = validation_rows(args.val_fraction)  # fails before the model load on a bad fraction
+    safety = SafetyConfig(schedule=args.schedule, tau=args.tau)
+    d = Path(args.safety) if args.safety else artifact_dir(args.model)
+    model, tok = load_default(args.model, safety_dir=d)
+    model = model.to(_device(args.device))
+    report = calibrate(model, tok, rows, target_fpr=args.target_fpr, safety=safety,
+                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    report["val_fraction"] = args.val_fraction
+    (d / "calibration.json").write_text(json.dumps(report, indent=1) + "\n")
+    cfg_path = d / "safety_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["threshold"] = report["threshold"]
+    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+    print(f"θ = {report['threshold']:.6f} (benign val refusals <= {args.target_fpr:.0%} by the "
+          f"trace); written to {cfg_path}")
+    for name, m in report["sets"].items():
+        if m["n"]:
+            print(f"  {name:18s} n={m['n']:4d}  refused at θ: {m['refused']:.1%} "
+                  f"(trace predicts {m['predicted']:.1%})")
+    return 0
+
+
+def _add_calibrate(sub) -> None:
+    p = sub.add_parser(
+        "calibrate", help="pick θ on the validation split and write it into the safety config",
+        description="Decode the val prompts (the band that safeattn train --val-fraction held "
+                    "out) once with nothing refusing, pick the smallest θ at which at most "
+                    "--target-fpr of the benign ones would refuse, check it with a second "
+                    "decoding pass, and write it as 'threshold' into SAFETY/safety_config.json "
+                    "(the θ that SafetyConfig(threshold=None) takes) with SAFETY/calibration.json.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="gemma3-270m", help="the shipped base model's name")
+    p.add_argument("--safety", default=None,
+                   help="directory of save_safety files to calibrate (default: the shipped ones)")
+    p.add_argument("--val-fraction", type=float, required=True,
+                   help="the --val-fraction the head was trained with")
+    p.add_argument("--target-fpr", type=float, default=0.03,
+                   help="largest share of benign val prompts that may refuse")
+    p.add_argument("--schedule", default="each", help="the schedule to calibrate for")
+    p.add_argument("--tau", type=int, default=3, help="consecutive alarms before refusing")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens decoded per prompt")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: default)")
+    p.set_defaults(func=_calibrate)
+
+
     demo = sub.add_parser(
         "demo", help="plain vs safeattn on harmful, benign and prefill-attacked prompts",
         description="Load Gemma-3-270M with the shipped safety head (or --model), generate "
@@ -244,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench", help="run the benchmark suite (source checkout) and print its table",
         description="Runs `python -m pytest bench` (pytest-benchmark; ratios against the "
                     "baseline in the same run) and prints bench/summarize.py's table. The "
+    _add_calibrate(sub)
                     "JSON summary is bench/results/summary.json.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     bench.add_argument("--suite", default="ops", choices=("ops", "generate", "all"),

@@ -518,7 +518,7 @@ def evaluate(model, tokenizer, rows: Sequence[Mapping], *, attacks: Sequence[str
                         f"{batch_size}")
     if any(k < 1 for k in prefill_ks):
         raise EvalError(f"prefill_ks must be positive, got {list(prefill_ks)}")
-    safety = safety or SafetyConfig()
+    safety = (safety or SafetyConfig()).resolved(model)
     if "template" in attacks:
         _templates(template_max_chars)  # fail now, not after an hour of generation
     if "response" in attacks:

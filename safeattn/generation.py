@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -78,12 +78,23 @@ def _fib_gaps():
         a, b = b, a + b
 
 
+#: θ of a model whose safety config has no calibrated ``threshold``.
+DEFAULT_THRESHOLD = 0.5
+
+
+def _is_theta(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) \
+        and x >= 0
+
+
 @dataclass
 class SafetyConfig:
     """Parameters of strategic decoding (DESIGN §3).
 
     Attributes:
-        threshold: θ; ``p >= θ`` is a hit.
+        threshold: θ; ``p >= θ`` is a hit. ``None`` (default): the model's calibrated θ
+            (``threshold`` in its safety config, written by ``safeattn calibrate``), else
+            :data:`DEFAULT_THRESHOLD`; :meth:`resolved` fills it in.
         tau: consecutive hits that switch a row to refusal.
         r1, r2, r3: probe windows of Rules 1–3.
         schedule: ``'each'``, ``'first'``, ``'periodic'`` or ``'annealing'`` (module doc).
@@ -99,7 +110,7 @@ class SafetyConfig:
             (default ``tau``).
     """
 
-    threshold: float = 0.5
+    threshold: float | None = None
     tau: int = 3
     r1: int = 10
     r2: int = 10
@@ -119,9 +130,8 @@ class SafetyConfig:
             if not ok:
                 raise ValueError(f"SafetyConfig.{name} {what}, got {getattr(self, name)!r}")
 
-        need(isinstance(self.threshold, (int, float)) and not isinstance(self.threshold, bool)
-             and math.isfinite(self.threshold) and self.threshold >= 0, "threshold",
-             "must be a finite number >= 0 (values > 1 never trigger)")
+        need(self.threshold is None or _is_theta(self.threshold), "threshold",
+             "must be None or a finite number >= 0 (values > 1 never trigger)")
         for name, lo in (("tau", 1), ("r1", 0), ("r2", 0), ("r3", 0), ("period", 1),
                          ("first_n", 0)):
             v = getattr(self, name)
@@ -141,6 +151,18 @@ class SafetyConfig:
             self.stream_hold = self.tau
         need(isinstance(self.stream_hold, int) and self.stream_hold >= 0, "stream_hold",
              "must be an int >= 0")
+
+    def resolved(self, model) -> "SafetyConfig":
+        """This config with a number for θ: ``threshold=None`` becomes the calibrated
+        ``threshold`` of ``model``'s safety config, else :data:`DEFAULT_THRESHOLD`."""
+        if self.threshold is not None:
+            return self
+        theta = (getattr(getattr(model, "config", None), "safeattn", None) or {}).get(
+            "threshold", DEFAULT_THRESHOLD)
+        if not _is_theta(theta):
+            raise ValueError(f"the model's safety config has threshold {theta!r}; expected a "
+                             "finite number >= 0")
+        return replace(self, threshold=float(theta))
 
     def check_steps(self, max_steps: int) -> list[bool]:
         """``out[n]`` for ``n`` in ``[0, max_steps]``: whether the schedule re-checks at step ``n``
@@ -332,6 +354,7 @@ def safe_generate(model, input_ids: torch.Tensor | None = None, attention_mask=N
         if kwargs.pop(k, False):
             logger.warning("safeattn: %s is not supported by safe generation; ignored", k)
     tokenizer = _get_tokenizer(model, tokenizer)
+    safety = safety.resolved(model)
     if tokenizer is None and safety.refusal_prefix:
         raise ValueError("safe generation needs the tokenizer (for the refusal prefix): pass "
                          "tokenizer=..., or give it to apply_safeattn(model, tokenizer)")

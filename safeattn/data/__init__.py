@@ -29,7 +29,7 @@ from .generation import (PLAIN_TEMPLATE, cache_responses, encode_prompts, load_r
 from .refusals import CATEGORIES, REFUSALS, coarse_category, refusal_for
 from .phrasing import FORMS, pick_forms, rephrase
 from .samples import (BENIGN_GROUPS, DEFAULT_KINDS, EVAL_NEUTRAL_PROMPT, HARMFUL_SOURCES, KINDS,
-                      NEUTRAL_PROMPTS, REFUSAL_PREFIX, Sample, benign_rows, build_samples,
+                      NEUTRAL_PROMPTS, REFUSAL_PREFIX, SPLITS, Sample, benign_rows, build_samples,
                       eval_sets, harmful_rows, probe_windows, response_rows, suffix_pool,
                       truncate_tokens)
 
@@ -38,7 +38,7 @@ __all__ = [
     "split_fraction", "PLAIN_TEMPLATE", "cache_responses", "encode_prompts", "load_responses",
     "render_prompt", "CATEGORIES", "REFUSALS", "coarse_category", "refusal_for", "KINDS",
     "DEFAULT_KINDS", "REFUSAL_PREFIX", "Sample", "build_samples", "eval_sets", "suffix_pool",
-    "truncate_tokens", "group_key", "normalize", "prompt_index", "FORMS", "pick_forms", "rephrase", "BENIGN_GROUPS",
-    "EVAL_NEUTRAL_PROMPT", "HARMFUL_SOURCES", "NEUTRAL_PROMPTS", "benign_rows", "harmful_rows",
-    "probe_windows", "response_rows",
+    "truncate_tokens", "group_key", "normalize", "prompt_index", "FORMS", "pick_forms",
+    "rephrase", "BENIGN_GROUPS", "EVAL_NEUTRAL_PROMPT", "HARMFUL_SOURCES", "NEUTRAL_PROMPTS",
+    "benign_rows", "harmful_rows", "probe_windows", "response_rows", "SPLITS",
 ]

@@ -68,14 +68,15 @@ import random
 import re
 from typing import Mapping, Sequence
 
-from .core import load, normalize, prompt_index, render_template, split as split_rows
+from .core import (group_key, load, normalize, prompt_index, render_template,
+                   split as split_rows, split_fraction)
 from .phrasing import pick_forms, rephrase
 from .refusals import REFUSALS, coarse_category, refusal_for
 
 __all__ = ["Sample", "build_samples", "eval_sets", "truncate_tokens", "suffix_pool", "KINDS",
            "DEFAULT_KINDS", "REFUSAL_PREFIX", "HARMFUL_SOURCES", "BENIGN_GROUPS",
            "harmful_rows", "benign_rows", "response_rows", "NEUTRAL_PROMPTS",
-           "EVAL_NEUTRAL_PROMPT", "probe_windows"]
+           "EVAL_NEUTRAL_PROMPT", "probe_windows", "SPLITS"]
 
 KINDS = ("query", "trajectory", "template", "suffix", "phrasing", "response")
 #: What :func:`build_samples` builds by default (``suffix`` augmentation is opt-in).
@@ -194,15 +195,29 @@ def _count_tokens(text: str, tokenizer) -> int:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _split(rows, split, test_fraction, salt):
+#: The names :func:`build_samples` and :func:`eval_sets` accept for ``split``.
+SPLITS = ("train", "test", "val", "fit", "all")
+
+
+def _split(rows, split, test_fraction, salt, val_fraction=0.0):
+    """``train`` / ``test`` as :func:`safeattn.data.split`; ``val`` is the band of the train part
+    whose split coordinate lies in ``[test_fraction, test_fraction + val_fraction)`` (held out
+    to calibrate θ) and ``fit`` the rest of the train part (what is trained on when a
+    validation band is held out)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if not 0.0 <= val_fraction <= 1.0 - test_fraction:
+        raise ValueError(f"val_fraction must be in [0, 1 - test_fraction], got {val_fraction}")
     if split == "all":
         return list(rows)
     train, test = split_rows(rows, test_fraction, salt=salt)
-    if split == "train":
-        return train
     if split == "test":
         return test
-    raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
+    if split == "train":
+        return train
+    cut = test_fraction + val_fraction
+    val = [split_fraction(group_key(r), salt) < cut for r in train]
+    return [r for r, v in zip(train, val) if v == (split == "val")]
 
 
 def _benign_group(source: str | None) -> str:
@@ -370,13 +385,15 @@ def build_samples(split: str = "train", *, benign_responses: Mapping[str, str] |
                   max_templates_per_prompt: int = 1, max_template_chars: int | None = 4000,
                   include: Sequence[str] = DEFAULT_KINDS, target_prefill: bool = True,
                   trajectory_recovery: bool = False, missing_response: str = "error",
-                  test_fraction: float = 0.2, salt: str = "", shuffle: bool = False,
+                  test_fraction: float = 0.2, salt: str = "", val_fraction: float = 0.0,
+                  shuffle: bool = False,
                   suffixes_per_prompt: int = 1, suffix_tokens: tuple[int, int] = (10, 30),
                   sources: Sequence[str] = HARMFUL_SOURCES, exclude: Sequence[str] = (),
                   phrasings_per_prompt: int = 2, response_windows: int = 3,
                   response_max_tokens: int = 128,
                   datasets: Mapping[str, list] | None = None) -> list[Sample]:
-    """Samples of one split (``"train"``, ``"test"`` or ``"all"``); see the module docstring.
+    """Samples of one split (:data:`SPLITS`: ``"train"``, ``"test"``, ``"val"``, ``"fit"`` or
+    ``"all"``); see the module docstring.
 
     Args:
         benign_responses: benign row id -> helpful response (cut at an invented next turn
@@ -397,6 +414,7 @@ def build_samples(split: str = "train", *, benign_responses: Mapping[str, str] |
             ``"empty"`` (query sample with an empty response and no LM loss, no trajectory
             samples; enough for training the head alone) or ``"skip"`` (drop the row).
         test_fraction, salt: passed to :func:`safeattn.data.split`.
+        val_fraction: the width of the ``val`` band of the train part (``fit`` is the rest).
         shuffle: shuffle the samples with ``random.Random(seed)``; otherwise the order is
             harmful queries, benign queries, harmful then benign trajectories, templates,
             harmful then benign suffix samples.
@@ -437,9 +455,11 @@ def build_samples(split: str = "train", *, benign_responses: Mapping[str, str] |
         raise ValueError(f"unknown origins to exclude {sorted(set(exclude) - known)}; "
                          f"expected a subset of {sorted(known)}")
     kept = [src for src in sources if src not in exclude]
-    harmful = _split(harmful_rows(kept, datasets=data), split, test_fraction, salt)
-    benign = [r for r in _split(benign_rows(datasets=data), split, test_fraction, salt)
-              if r["origin"] not in exclude]
+    def cut(rows):
+        return _split(rows, split, test_fraction, salt, val_fraction)
+
+    harmful = cut(harmful_rows(kept, datasets=data))
+    benign = [r for r in cut(benign_rows(datasets=data)) if r["origin"] not in exclude]
     origins = {r["id"]: r["origin"] for r in harmful + benign}
     benign_responses = dict(benign_responses or {})
     harmful_continuations = dict(harmful_continuations or {})
@@ -520,7 +540,7 @@ def build_samples(split: str = "train", *, benign_responses: Mapping[str, str] |
                                          prefix_k=int(k), lm_span=(0, len(prefix))))
 
     if "template" in include and max_templates_per_prompt > 0:
-        templates = _split(get("jailbreak_templates"), split, test_fraction, salt)
+        templates = cut(get("jailbreak_templates"))
         if max_template_chars is not None:
             templates = [t for t in templates if len(t["prompt"]) <= max_template_chars]
         for r in harmful:
@@ -589,7 +609,7 @@ def build_samples(split: str = "train", *, benign_responses: Mapping[str, str] |
                                                row_id=r["id"], origin=r["origin"], **view)
         if "pyrit_objectives" in kept and "pyrit_responses" not in exclude:
             decoys = sorted(benign, key=lambda b: b["id"])
-            for r in _split(response_rows(datasets=data), split, test_fraction, salt):
+            for r in cut(response_rows(datasets=data)):
                 neutral = NEUTRAL_PROMPTS[int(_hash01(f"neutral:{seed}:{r['id']}")
                                               * len(NEUTRAL_PROMPTS))]
                 prompts = [("own", r["prompt"], r["objective_origin"]),
@@ -616,8 +636,8 @@ def build_samples(split: str = "train", *, benign_responses: Mapping[str, str] |
     return out
 
 
-def eval_sets(split: str = "test", *, test_fraction: float = 0.2,
-              salt: str = "") -> dict[str, list[dict]]:
+def eval_sets(split: str = "test", *, test_fraction: float = 0.2, salt: str = "",
+              val_fraction: float = 0.0) -> dict[str, list[dict]]:
     """Prompt rows for evaluation, all cut by the same split as :func:`build_samples`.
 
     ``harmful`` (AdvBench), ``benign`` and ``jailbreak_templates``; ``over_refusal``: the
@@ -627,7 +647,7 @@ def eval_sets(split: str = "test", *, test_fraction: float = 0.2,
     PyRIT responses (:func:`response_rows`) of the split, split by objective.
     """
     def cut(rows):
-        return _split(rows, split, test_fraction, salt)
+        return _split(rows, split, test_fraction, salt, val_fraction)
 
     benign = cut(load("benign"))
     return {

@@ -20,7 +20,8 @@ SAFETY_WEIGHTS = "safety_head.safetensors"
 def save_safety(model, save_directory) -> Path:
     """Write only the safety parts to ``save_directory`` (a few KB for small models).
 
-    Files: ``safety_config.json`` (``model.config.safeattn`` + ``model_type``, ``hidden_size``)
+    Files: ``safety_config.json`` (``model.config.safeattn`` + ``model_type``, ``hidden_size``;
+    ``threshold`` is the calibrated θ that ``SafetyConfig(threshold=None)`` takes)
     and ``safety_head.safetensors`` (``safety_head.weight [1, d]``, ``safety_head.bias [1]``,
     ``cls_embedding [d]``: the ``[CLS]`` input-embedding row; with a probe adapter also its
     ``safety_adapter.a.*`` / ``safety_adapter.b.*``). Returns the directory.
@@ -67,9 +68,10 @@ def load_safety(model, load_directory, tokenizer=None):
     else:
         cls_token_id(model)  # raises when the model has no [CLS]
     cfg = safety_config(model) or {}
-    cfg.pop("adapter", None)
-    if meta.get("adapter"):
-        cfg["adapter"] = meta["adapter"]
+    for key in ("adapter", "threshold"):  # what the files say, not what the model had
+        cfg.pop(key, None)
+        if meta.get(key) is not None:
+            cfg[key] = meta[key]
     model.config.safeattn = cfg
     model.safety_adapter = None  # rebuilt from the config by apply_safeattn
     apply_safeattn(model, tokenizer, cls_layer=meta.get("cls_layer"),

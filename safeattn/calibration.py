@@ -1,0 +1,127 @@
+"""Picking θ on the validation split (``safeattn calibrate``).
+
+A row refuses once ``τ`` consecutive checks give ``p >= θ``. Decoding the validation prompts
+once with θ above 1 (nothing refuses, so every row decodes its plain text) gives each row's
+check trace, and its :func:`refusal_scores`: the highest, over runs of ``τ`` consecutive
+checks, of the lowest ``p`` in the run. A row raises its first full alarm run at θ iff its
+score is ``>= θ``. That is exact up to the first alarm; after it the decoder's transition
+window (Rule 3) sees other tokens than the trace's Rule-2 window, so the θ that
+:func:`pick_threshold` chooses from the benign scores is then checked with one real decoding
+pass (:func:`calibrate` reports both).
+
+The validation split is the ``val`` band of the train split (:data:`safeattn.data.SPLITS`),
+held out of training with ``safeattn train --val-fraction``; the test split is never used.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import torch
+
+__all__ = ["refusal_scores", "pick_threshold", "validation_rows", "calibrate"]
+
+
+def refusal_scores(p: torch.Tensor, tau: int) -> torch.Tensor:
+    """``p [B, T+1]`` (a safe ``generate``'s ``out.safety.p``: ``nan`` where no check ran) ->
+    ``[B]`` float32: per row, the largest ``θ`` at which ``τ`` consecutive checks all reach
+    ``θ`` (``-inf`` for a row with fewer than ``τ`` checks: it never refuses)."""
+    if p.dim() != 2:
+        raise ValueError(f"p must be [B, T+1], got shape {tuple(p.shape)}")
+    if tau < 1:
+        raise ValueError(f"tau must be >= 1, got {tau}")
+    out = torch.full((p.shape[0],), -math.inf)
+    for i, row in enumerate(p.float().cpu()):
+        checks = row[~row.isnan()]
+        if len(checks) >= tau:
+            out[i] = checks.unfold(0, tau, 1).amin(-1).max()
+    return out
+
+
+def pick_threshold(benign_scores: torch.Tensor, target_fpr: float) -> float:
+    """A θ at which at most ``target_fpr`` of the benign rows have a refusal score ``>= θ``,
+    as low as that allows: halfway between the ``k``-th highest benign score
+    (``k = floor(target_fpr · n)``, 0-based) and the next higher distinct one (or 1). Halfway,
+    not just above: the decoder's own ``p`` may differ from the trace's in the last bits."""
+    if not 0.0 <= target_fpr < 1.0:
+        raise ValueError(f"target_fpr must be in [0, 1), got {target_fpr}")
+    s = benign_scores.float().flatten().sort(descending=True).values
+    if not len(s):
+        raise ValueError("benign_scores is empty")
+    k = math.floor(target_fpr * len(s) + 1e-9)
+    kth = float(s[k])
+    if kth == -math.inf:
+        return 0.0
+    if kth >= 1.0:
+        return 1.5  # above 1: never triggers
+    higher = s[s > kth]  # ties with the k-th score must stay below θ too
+    return (kth + (float(higher.min()) if len(higher) else 1.0)) / 2
+
+
+def validation_rows(val_fraction: float) -> dict[str, list[dict]]:
+    """The ``val`` prompts: ``benign`` and one list per harmful source (``advbench``,
+    ``xstest_unsafe``, ``pyrit_objectives``)."""
+    from .data import eval_sets
+
+    if not 0.0 < val_fraction:
+        raise ValueError(f"val_fraction must be > 0 (the band safeattn train --val-fraction "
+                         f"held out), got {val_fraction}")
+    sets = eval_sets("val", val_fraction=val_fraction)
+    return {"benign": sets["benign"], "advbench": sets["harmful"],
+            "xstest_unsafe": sets["xstest_unsafe"], "pyrit_objectives": sets["pyrit_objectives"]}
+
+
+def _decode(model, tokenizer, prompts, safety, max_new_tokens, batch_size):
+    """Safe greedy decoding of ``prompts`` -> ``(p [N, T+1] with nan padding, refused [N])``."""
+    from .generation import generate
+
+    ps, refused = [], []
+    for i in range(0, len(prompts), batch_size):
+        out = generate(model, tokenizer, list(prompts[i:i + batch_size]), safety=safety,
+                       max_new_tokens=max_new_tokens, do_sample=False,
+                       return_dict_in_generate=True)
+        p = out.safety.p.float().cpu()
+        ps.append(torch.nn.functional.pad(p, (0, max_new_tokens + 1 - p.shape[1]),
+                                          value=math.nan))
+        refused.append(out.safety.refused.cpu())
+    return torch.cat(ps), torch.cat(refused)
+
+
+def calibrate(model, tokenizer, rows: Mapping[str, Sequence[Mapping]], *, target_fpr: float,
+              safety=None, max_new_tokens: int = 32, batch_size: int = 8) -> dict:
+    """Pick θ so that at most ``target_fpr`` of ``rows["benign"]`` refuse, then decode every
+    row once at that θ -> the report (``threshold``, the per-set refusal rates predicted from
+    the trace and measured at θ, the settings).
+
+    ``rows``: :func:`validation_rows` (``benign`` is required, every other key is a harmful
+    set); the report adds ``over_refusal``, the benign rows of that group
+    (:data:`safeattn.data.BENIGN_GROUPS`). ``safety``: the schedule, ``τ`` and windows to
+    calibrate for (default ``SafetyConfig()``; its θ is ignored).
+    """
+    from dataclasses import replace
+
+    from .data import BENIGN_GROUPS
+    from .generation import SafetyConfig
+
+    if not rows.get("benign"):
+        raise ValueError("rows['benign'] is empty: nothing to calibrate on")
+    safety = replace(safety or SafetyConfig(), threshold=1.5)
+    names = list(rows)
+    prompts = [r["prompt"] for n in names for r in rows[n]]
+    ids = [(n, r["id"]) for n in names for r in rows[n]]
+    p, _ = _decode(model, tokenizer, prompts, safety, max_new_tokens, batch_size)
+    scores = refusal_scores(p, safety.tau)
+    by_set = {n: torch.tensor([i for i, (m, _) in enumerate(ids) if m == n]) for n in names}
+    over = {r["id"] for r in rows["benign"] if r.get("source") in BENIGN_GROUPS["over_refusal"]}
+    by_set["over_refusal"] = torch.tensor(
+        [i for i, (m, rid) in enumerate(ids) if m == "benign" and rid in over], dtype=torch.long)
+    theta = pick_threshold(scores[by_set["benign"]], target_fpr)
+
+    real = replace(safety, threshold=theta)
+    _, refused = _decode(model, tokenizer, prompts, real, max_new_tokens, batch_size)
+    sets = {n: {"n": len(idx), "predicted": float((scores[idx] >= theta).float().mean()),
+                "refused": float(refused[idx].float().mean())} if len(idx) else {"n": 0}
+            for n, idx in by_set.items()}
+    return {"threshold": theta, "target_fpr": target_fpr, "tau": safety.tau,
+            "schedule": safety.schedule, "max_new_tokens": max_new_tokens, "sets": sets,
+            "scores": {f"{n}/{rid}": round(float(s), 6) for (n, rid), s in zip(ids, scores)}}
