@@ -30,10 +30,11 @@ listed under ``not_run``):
   greedy, ``NEW_TOKENS`` tokens, threshold above 1 (nobody refuses); plus host syncs per step
   (``torch.cuda.set_sync_debug_mode``: every synchronizing CUDA call warns once).
 
-Sizing (about 3.5 minutes of a 9-minute ``.ci/gpu_check`` on an H200): the ours/SDPA timings
-are milliseconds per case; the cost is FlexAttention's compile, a few to ~20 s per new shape,
-so Flex runs on 8 decode shapes, 12 prefill and 4 backward cases; the generate section is
-about 5 x 12 decode runs of 64 tokens.
+Sizing (at most 3.5 minutes of a 9-minute ``.ci/gpu_check`` on an H200; estimated, not yet
+run there): the ours/SDPA timings are milliseconds per case; the cost is FlexAttention's
+compile, a few to ~20 s per new shape, so Flex runs on 8 decode shapes, 12 prefill and 4
+backward cases. The generate section is 2 models x 2 batch sizes x 3 variants x 4 calls
+(1 counting syncs + 3 timed) of 48 tokens, ~0.5-1.5 s each with HF's per-step Python overhead.
 """
 from __future__ import annotations
 
@@ -66,9 +67,9 @@ DECODE_BS = [(1, 4 * K, False), (1, 32 * K, True), (1, 128 * K, False), (8, 32 *
 PREFILL_T = (2 * K, 8 * K, 16 * K)
 BACKWARD_T = (4 * K,)
 GEN_BATCH = (1, 32)
-NEW_TOKENS = 64
+NEW_TOKENS = 48
 PROMPT_TOKENS = 96
-SHARES = {"decode": 0.3, "prefill": 0.3, "backward": 0.2, "generate": 0.2}
+SHARES = {"decode": 0.25, "prefill": 0.3, "backward": 0.15, "generate": 0.3}
 FLUSH_BYTES = 256 * 1024 * 1024
 
 # Gemma-3-270M's config.json (random weights: the real ones are too big to carry).
@@ -353,19 +354,18 @@ def prompt_text(n_words: int) -> str:
     return " ".join(WORDS[(i * 7) % len(WORDS)] for i in range(n_words))
 
 
-def count_syncs(fn) -> int | None:
-    """Synchronizing CUDA calls made by ``fn()`` (None off CUDA)."""
+def counting_syncs(fn) -> tuple:
+    """``(fn(), synchronizing CUDA calls it made)``; the count is None off CUDA."""
     if not torch.cuda.is_available():
-        fn()
-        return None
+        return fn(), None
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            fn()
+            out = fn()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(x.message) for x in w)
+    return out, sum("synchroniz" in str(x.message) for x in w)
 
 
 def generate_cases(ctx):
@@ -394,8 +394,9 @@ def generate_case(name, model, tok, b, ctx):
         cfg = safeattn.SafetyConfig(threshold=1.5, schedule=sched)
         calls[sched] = lambda cfg=cfg: model.generate(**enc, **kw, safety=cfg)
     with torch.inference_mode():
-        outs = {k: f() for k, f in calls.items()}
-        syncs = {k: count_syncs(f) for k, f in calls.items()}
+        outs, syncs = {}, {}
+        for k, f in calls.items():
+            outs[k], syncs[k] = counting_syncs(f)
         times = ctx["clock"].time(calls, rounds=ctx["gen_rounds"], warmup=0)
     rec = {"section": "generate", "name": f"generate/{name}-B{b}", "model": name, "B": b,
            "prompt_len": enc["input_ids"].shape[1], "new_tokens": new,
