@@ -3,7 +3,8 @@ decoder needs its transformers; the vLLM venv pins an older one).
 
 ``python _vllm_reference.py SPEC.json OUT_DIR`` builds each tiny model of SPEC (random weights,
 random head and probe adapter), saves it with ``save_pretrained`` + ``save_safety`` to
-``OUT_DIR/<family>``, and writes ``OUT_DIR/<family>/ref.json``: per case (a SafetyConfig) the
+``OUT_DIR/<family>`` (family ``gemma3-270m``: the real model with the shipped head, not
+saved), and writes ``OUT_DIR/<family>/ref.json``: per case (a SafetyConfig) the
 greedy token ids, ``q_span`` and the trace of every prompt (batch 1 each, so no padding).
 """
 from __future__ import annotations
@@ -52,11 +53,15 @@ def main(spec_path, out_dir):
     spec = json.loads(Path(spec_path).read_text())
     torch.set_num_threads(1)
     for family in spec["families"]:
-        model, tok = tiny_safe_model(family)
         d = Path(out_dir) / family
-        model.save_pretrained(d)
-        tok.save_pretrained(d)
-        safeattn.save_safety(model, d)
+        if family == "gemma3-270m":  # the real model with the shipped head (not saved again)
+            model, tok = safeattn.load_default()
+            d.mkdir(parents=True, exist_ok=True)
+        else:
+            model, tok = tiny_safe_model(family)
+            model.save_pretrained(d)
+            tok.save_pretrained(d)
+            safeattn.save_safety(model, d)
         cases = []
         for case in spec["cases"]:
             rows = []
@@ -70,8 +75,10 @@ def main(spec_path, out_dir):
                                          do_sample=False)
                     rows.append({"ids": out[0, n:].tolist()})
                     continue
+                # eos_token_id: stop at EOS only, as vLLM does with these generation configs
                 out = safeattn.generate(model, tok, [prompt], safety=safeattn.SafetyConfig(**case),
-                                        max_new_tokens=spec["max_tokens"], do_sample=False)
+                                        max_new_tokens=spec["max_tokens"], do_sample=False,
+                                        eos_token_id=tok.eos_token_id)
                 s = out.safety[0]
                 rows.append({"ids": out[0, n:].tolist(), "p": s.p, "checked": s.checked,
                              "mode": s.mode, "refusal_step": s.refusal_step,

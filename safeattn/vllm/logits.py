@@ -23,7 +23,7 @@ import weakref
 import torch
 from vllm.v1.sample.logits_processor import LogitsProcessor
 
-from .. import ops
+from .. import generation, ops
 from ..generation import MODE_NAMES, REFUSAL, RowSafety, SafetyConfig, _refusal_ids, _window
 from ..ops import BENIGN, TRANSITION
 from .models import bridge_for, options
@@ -201,9 +201,14 @@ class SafetyLogitsProcessor(LogitsProcessor):
         if parsed is None:
             return None
         cfg, extras = parsed
-        if bridge_for(self.vllm_config) is None:
+        br = bridge_for(self.vllm_config)
+        if br is None:
             raise ValueError("safeattn: a request asks for safety but the model is not a "
                              "safeattn wrapper (use safeattn.vllm.engine_kwargs)")
+        if cfg.threshold is None:  # the head's calibrated θ, as SafetyConfig.resolved gives
+            theta = br.safety_config.get("threshold", getattr(generation, "DEFAULT_THRESHOLD",
+                                                                0.5))
+            cfg = dataclasses.replace(cfg, threshold=float(theta))
         st = RequestSafety(cfg, extras, prompt_ids or [], output_ids,
                            self._refusal_ids(cfg.refusal_prefix),
                            params.max_tokens or self.max_len)
