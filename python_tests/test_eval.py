@@ -82,7 +82,7 @@ def test_prefill_is_in_the_assistant_turn():
     case = ev.Case("h1", "harmful", "prefill", "target", ROWS[0]["prompt"],
                    prefill="sure here is step one")
     for mode in ev.MODES:
-        texts, out, n = ev._generate(model, tok, [case], mode, safety=SafetyConfig(
+        texts, out, n, _ = ev._generate(model, tok, [case], mode, safety=SafetyConfig(
             refusal_prefix=REFUSAL), max_new_tokens=3, seed=0)
         assert n == 3 and len(texts) == 1
     from safeattn.data import encode_prompts
@@ -276,10 +276,10 @@ def test_stop_after_refusal():
     model, tok = _patched(logit=10.0)
     cfg = SafetyConfig(refusal_prefix=REFUSAL)
     cases = ev.build_cases(ROWS, "direct")
-    full, _, n_full = ev._generate(model, tok, cases, "safe", safety=cfg, max_new_tokens=12,
-                                   seed=0)
-    short, out, n_short = ev._generate(model, tok, cases, "safe", safety=cfg, max_new_tokens=12,
-                                       seed=0, stop_at_refusal=True)
+    full, _, n_full, _ = ev._generate(model, tok, cases, "safe", safety=cfg,
+                                      max_new_tokens=12, seed=0)
+    short, out, n_short, _ = ev._generate(model, tok, cases, "safe", safety=cfg,
+                                          max_new_tokens=12, seed=0, stop_at_refusal=True)
     n_ref = len(REFUSAL.split())
     assert n_full == 12 * 3 and n_short == n_ref * 3
     assert all(t.strip() == REFUSAL for t in short)

@@ -22,16 +22,18 @@ def _device(name: str | None) -> str:
 def _load_model(spec: str, device: str | None = None):
     import torch
 
-    if spec == "default":
+    from .models import _ALIASES, MODELS
+    if spec in MODELS or spec in _ALIASES:
         from .models import load_default
-        model, tok = load_default()
+        model, tok = load_default(spec)
         return model.to(_device(device)), tok
     from pathlib import Path
 
     from .hf.persist import from_pretrained
     if not Path(spec).is_dir():
-        raise SystemExit(f"safeattn: --model {spec!r}: expected 'default' or a directory saved "
-                         "with save_pretrained from a patched model")
+        raise SystemExit(f"safeattn: --model {spec!r}: expected 'default', "
+                         f"{', '.join(MODELS)} or a directory saved with save_pretrained from a "
+                         "patched model")
     model, tok = from_pretrained(spec, dtype=torch.float32)
     return model.to(_device(device)).eval(), tok
 
@@ -158,8 +160,9 @@ def _add_eval(sub) -> None:
                     "(safeattn.eval).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="default",
-                   help="'default' (Gemma-3-270M + the shipped head) or a directory saved with "
-                        "save_pretrained from a patched model")
+                   help="'default' (Gemma-3-270M + the shipped head), 'smollm2-135m-instruct' "
+                        "(the chat model + its head) or a directory saved with save_pretrained "
+                        "from a patched model")
     p.add_argument("--device", default="auto",
                    help="'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:N'")
     p.add_argument("--data", default="test",
@@ -216,9 +219,6 @@ def _add_eval(sub) -> None:
     p.set_defaults(func=_eval)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="safeattn", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
 def _calibrate(args: argparse.Namespace) -> int:
     import json
 
@@ -277,15 +277,21 @@ def _add_calibrate(sub) -> None:
     p.set_defaults(func=_calibrate)
 
 
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="safeattn", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser(
         "demo", help="plain vs safeattn on harmful, benign and prefill-attacked prompts",
-        description="Load Gemma-3-270M with the shipped safety head (or --model), generate "
-                    "for a handful of test-split prompts with plain and with safeattn "
-                    "generation, print the verdicts side by side and plot one safety trace.",
+        description="Load the chat model SmolLM2-135M-Instruct with its shipped safety head "
+                    "(or --model), generate for a handful of test-split prompts (harmful "
+                    "requests, scary-but-benign questions, a prefill attack, a two-turn "
+                    "conversation) with plain and with safeattn generation, print the verdicts "
+                    "side by side and plot one safety trace.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    demo.add_argument("--model", default="default",
-                      help="'default' or a directory saved with save_pretrained from a patched "
-                           "model")
+    demo.add_argument("--model", default="smollm2-135m-instruct",
+                      help="a shipped model ('smollm2-135m-instruct', the chat model, or "
+                           "'gemma3-270m') or a directory saved with save_pretrained from a "
+                           "patched model")
     demo.add_argument("--device", default="auto",
                       help="'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:N'")
     demo.add_argument("--max-new-tokens", type=int, default=40, help="tokens per prompt")
@@ -300,11 +306,11 @@ def _add_calibrate(sub) -> None:
     add_train_arguments(train)
     train.set_defaults(func=_train)
     _add_eval(sub)
+    _add_calibrate(sub)
     bench = sub.add_parser(
         "bench", help="run the benchmark suite (source checkout) and print its table",
         description="Runs `python -m pytest bench` (pytest-benchmark; ratios against the "
                     "baseline in the same run) and prints bench/summarize.py's table. The "
-    _add_calibrate(sub)
                     "JSON summary is bench/results/summary.json.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     bench.add_argument("--suite", default="ops", choices=("ops", "generate", "all"),

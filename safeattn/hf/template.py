@@ -215,7 +215,7 @@ def encode_prompt(tokenizer, prompt, system: str | None, cls_id: int, *,
 def build_inputs(tokenizer, prompts, responses: list[str] | None = None, *,
                  system: str | None = None, cls_token: str = CLS_TOKEN,
                  add_eos: bool = True, query_budget: int = QUERY_BUDGET,
-                 device=None) -> BatchEncoding:
+                 safety_token: bool = True, device=None) -> BatchEncoding:
     """Tokenize ``[CLS] <bos> <template + prompt> [response <eos>]`` rows, left-padded.
 
     A row of ``prompts`` is the user's text (one user turn) or a conversation: a list of
@@ -234,6 +234,8 @@ def build_inputs(tokenizer, prompts, responses: list[str] | None = None, *,
     ``[CLS]`` comes only in front: the text ``"[CLS]"`` in a prompt, system prompt or response
     is tokenized as ordinary characters.
     All of it can be passed straight to a patched model: ``model(**enc)``.
+    ``safety_token=False`` gives the same rows without ``[CLS]``, as only ``input_ids`` and
+    ``attention_mask``: the input of plain ``generate`` (the tokenizer needs no ``[CLS]``).
 
     Raises ``ValueError`` naming the row and field for an empty batch, a row that is not a
     string or a list of messages, a message with an unknown role or non-string content, and
@@ -252,7 +254,7 @@ def build_inputs(tokenizer, prompts, responses: list[str] | None = None, *,
         raise ValueError(f"system: expected a string, got {type(system).__name__}")
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("build_inputs needs a fast tokenizer (for offset mappings)")
-    cid = cls_token_id(tokenizer=tokenizer, cls_token=cls_token)
+    cid = cls_token_id(tokenizer=tokenizer, cls_token=cls_token) if safety_token else -1
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
@@ -276,7 +278,7 @@ def build_inputs(tokenizer, prompts, responses: list[str] | None = None, *,
             ids += encode_text(tokenizer, resp, cls_token=cls_token)[0]
             if eos and tokenizer.eos_token_id is not None:
                 ids.append(tokenizer.eos_token_id)
-        rows.append(ids)
+        rows.append(ids if safety_token else ids[1:])
         spans.append((qs, qe))
     n = max(len(r) for r in rows)
     pads = [n - len(r) for r in rows]
@@ -290,6 +292,8 @@ def build_inputs(tokenizer, prompts, responses: list[str] | None = None, *,
         "q_span": torch.tensor(spans, dtype=torch.long) + pad[:, None],
         "response_start": torch.tensor(starts, dtype=torch.long) + pad,
     }
+    if not safety_token:
+        out = {k: out[k] for k in ("input_ids", "attention_mask")}
     if device is not None:
         out = {k: v.to(device) for k, v in out.items()}
     return BatchEncoding(out)
