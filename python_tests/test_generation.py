@@ -78,7 +78,7 @@ def test_config_validation(kw, name):
 def test_config_defaults_and_schedules():
     c = SafetyConfig()
     assert (c.threshold, c.tau, c.r1, c.r2, c.r3, c.schedule, c.rollback, c.stream_hold) == \
-        (0.5, 3, 10, 10, 10, "each", False, 3)
+        (None, 3, 10, 10, 10, "each", False, 3)  # θ None: the model's calibrated one
     assert c.refusal_prefix == "Sorry, I cannot fulfill your request because"
 
     def steps(**kw):
@@ -249,7 +249,8 @@ def test_op_matches_reference_state_machine(schedule):
     """Random p sequences, schedule-driven active masks: fused op == reference, step by step."""
     g = torch.Generator().manual_seed(hash(schedule) % 1000)
     rng = random.Random(1)
-    cfg = SafetyConfig(schedule=schedule, period=3, first_n=5, tau=2, r1=3, r2=4, r3=2)
+    cfg = SafetyConfig(schedule=schedule, period=3, first_n=5, tau=2, r1=3, r2=4, r3=2,
+                       threshold=0.5)
     b, steps = 6, 40
     sched = cfg.check_steps(steps)
     q_span = torch.tensor([[1, 4]] * b, dtype=torch.int32) + torch.arange(b, dtype=torch.int32)[:, None]
