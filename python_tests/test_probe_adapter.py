@@ -90,6 +90,26 @@ def test_exit_probe_and_full_probe_get_the_adapter(family):
     assert torch.allclose(ex.logits[:, 0, :cid], plain.logits[:, 0, :cid], atol=1e-5)
 
 
+def test_same_row_fast_path_equals_per_row_indexing():
+    """A check step names its probe row as an int (-1, in place, three ops); a prefill gives a
+    [B] index. Both give the same update, to that row only."""
+    from safeattn.hf.adapter import install_hooks
+
+    model, _ = _patched("llama")
+    proj = model.model.layers[0].self_attn.q_proj
+    x = torch.randn(3, 4, proj.in_features)
+    outs = {}
+    for name, rows in (("int", -1), ("index", torch.full((3,), 3)), ("none", None)):
+        handles = install_hooks(model, model.safety_adapter, lambda rows=rows: rows)
+        with torch.no_grad():
+            outs[name] = proj(x)
+        for h in handles:
+            h.remove()
+    assert torch.allclose(outs["int"], outs["index"], atol=1e-6)
+    assert torch.equal(outs["int"][:, :3], outs["none"][:, :3])
+    assert (outs["int"][:, 3] - outs["none"][:, 3]).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("schedule", SCHEDS)
 def test_generation_equals_plain_until_a_refusal(schedule):
     model, tok = _patched("gemma3_text")

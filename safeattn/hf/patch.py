@@ -117,8 +117,10 @@ def apply_safeattn(model, tokenizer=None, *, cls_layer: int | None = None,
     ] + [layer.register_forward_pre_hook(_exit_hook(model), with_kwargs=True)
          for layer in after]}
     if getattr(model, "safety_adapter", None) is not None:
+        # while the few-row switch is on, the tapped row is the probe: the last query row
         state["handles"] += adapter.install_hooks(
-            model, model.safety_adapter, lambda: (state["ctx"] or {}).get("rows"))
+            model, model.safety_adapter,
+            lambda: -1 if switch.on else (state["ctx"] or {}).get("rows"))
     object.__setattr__(model, _STATE, state)  # not a submodule / parameter
     return model
 
