@@ -203,12 +203,10 @@ def ratios(times: dict) -> dict:
 
 # ----------------------------------------------------------------------------- decode
 def sdpa_decode(q, k, v, iv, scale, backend):
-    """SDPA decode on ``backend`` (None: SDPA's choice). Tq = 2: the token row over the
+    """SDPA decode on ``backend`` ("flash" or "cudnn"). Tq = 2: the token row over the
     prefix [0, S-1) on that backend, then the probe row with its bool mask on SDPA's default
     backend (flash and cuDNN take no arbitrary mask)."""
     def token(qr, kr, vr):
-        if backend is None:
-            return F.scaled_dot_product_attention(qr, kr, vr, scale=scale, enable_gqa=True)
         with sdpa_backend(backend):
             return F.scaled_dot_product_attention(qr, kr, vr, scale=scale, enable_gqa=True)
 
@@ -228,8 +226,7 @@ def decode_case(model, b, s, tq, use_flex, ctx):
     scale = d ** -0.5
     iv = (iv_lib.causal(b, 1, s, device=dev) if tq == 1 else ac.probe_intervals(b, s).to(dev))
     ours = lambda: safeattn.ops.interval_attention(q, k, v, iv, scale=scale)  # noqa: E731
-    cands = {f"sdpa_{name}": sdpa_decode(q, k, v, iv, scale, name if ctx["cuda"] else None)
-             for name in (("flash", "cudnn") if ctx["cuda"] else ("math",))}
+    cands = {f"sdpa_{name}": sdpa_decode(q, k, v, iv, scale, name) for name in ("flash", "cudnn")}
     if use_flex:
         mm = ac.causal_mask_mod(1, s) if tq == 1 else ac.interval_mask_mod(iv)
         cands["flex"] = ac.flex_call(q, k, v, ac.block_mask(mm, b, tq, s, dev), scale,
@@ -262,12 +259,12 @@ def prefill_layout(layout, t, dev):
     return iv, ac.interval_mask_mod(iv)
 
 
-def prefill_baselines(q, k, v, iv, layout, scale, ctx):
+def prefill_baselines(q, k, v, iv, layout, scale):
     if layout == "causal":
         def fn():
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                                   enable_gqa=True)
-        return {"sdpa_flash": with_backend("flash", fn) if ctx["cuda"] else fn}
+        return {"sdpa_flash": with_backend("flash", fn)}
     # transformers' path for a custom mask: repeat_kv (done here outside the timing) and a
     # dense mask, which SDPA runs on its memory-efficient backend.
     mask = ac.dense_mask(iv, iv.shape[1])
@@ -283,7 +280,7 @@ def prefill_case(model, layout, t, backward, ctx):
     hq, hkv, d = ac.MODELS[model]
     scale = d ** -0.5
     iv, mm = prefill_layout(layout, t, dev)
-    cands = prefill_baselines(q, k, v, iv, layout, scale, ctx)
+    cands = prefill_baselines(q, k, v, iv, layout, scale)
     cands["flex"] = ac.flex_call(q, k, v, ac.block_mask(mm, 1, t, t, dev), scale,
                                  compiled=ctx["cuda"])
     ours = lambda: safeattn.ops.interval_attention(q, k, v, iv, scale=scale)  # noqa: E731
