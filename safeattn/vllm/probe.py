@@ -125,7 +125,7 @@ class ProbeRunner:
         cols, count = plan.columns()
         bp = cols.shape[0]
         x = self.cls_row(bp)
-        residual = None
+        residual, memo = None, {}
         pos0 = torch.zeros(bp, dtype=torch.long, device=x.device)
         for li in range(self.depth):
             layer = m.layers[li]
@@ -133,7 +133,8 @@ class ProbeRunner:
                 residual, h = x, layer.input_layernorm(x)
             else:
                 h, residual = layer.input_layernorm(x, residual)
-            o = self.attention(li, layer.self_attn, h, pos0, plan, cols, count, attn_metadata)
+            o = self.attention(li, layer.self_attn, h, pos0, plan, cols, count, attn_metadata,
+                               memo)
             if self.family == "gemma3":
                 x = layer.post_attention_layernorm(o)
                 x, residual = layer.pre_feedforward_layernorm(x, residual)
@@ -154,7 +155,7 @@ class ProbeRunner:
         out, _ = mlp.down_proj(y)
         return _add(out, self.parts.delta(li, "down_proj", y))
 
-    def attention(self, li, a, h, pos0, plan, cols, count, attn_metadata):
+    def attention(self, li, a, h, pos0, plan, cols, count, attn_metadata, memo):
         parts = self.parts
         qkv, _ = a.qkv_proj(h)
         q, k, v = qkv.split([a.q_size, a.kv_size, a.kv_size], dim=-1)
@@ -171,35 +172,21 @@ class ProbeRunner:
         if isa not in READABLE_ISA:
             raise NotImplementedError(f"safeattn probe: the {isa!r} KV-cache layout of vLLM's CPU "
                                       f"backend is not supported (only {READABLE_ISA})")
-        md = attn_metadata[attn.layer_name]
         kv = attn.kv_cache
         nb, _, bs, _ = kv.shape
-        rows = plan.rows.to(kv.device)
-        c = cols.to(kv.device)
-        blk = md.block_table[rows[:, None], c // bs].long()
-        off = c % bs
+        md = attn_metadata[attn.layer_name]
+        win = getattr(attn.impl, "sliding_window", -1)
+        key = (id(md.block_table), bs, win)
+        if key not in memo:  # layers of one KV-cache group share their gather indices
+            memo[key] = _gather_index(md, plan, cols, count, bs, win)
+        blk, off, seen, iv = memo[key]
         raw = kv.view(nb, hkv, 2, bs * d)
         keys = raw[:, :, 0].view(nb, hkv, d, bs)[blk, :, :, off]  # [Bp, T, Hkv, D]
         vals = raw[:, :, 1].view(nb, hkv, bs, d)[blk, :, off, :]
-        t = c.shape[1]
-        seen = torch.arange(t, device=kv.device)[None] < count.to(kv.device)[:, None]
-        first = torch.zeros_like(count)
-        win = getattr(attn.impl, "sliding_window", -1)
-        if win is not None and win > 0:
-            # As the HF decoder's sliding cache layers do: the [token, probe] query rows see
-            # the last `win` cached columns (the token's window) plus the probe itself. The
-            # prefill [CLS] row (n = 0) sees the whole q_span, as in an HF prefill.
-            seq = md.seq_lens[rows].long()
-            cut = torch.where(plan.n.to(kv.device) > 0, seq - win, 0)
-            first = ((c < cut[:, None]) & seen).sum(1).cpu()
-            seen &= torch.arange(t, device=kv.device)[None] >= first.to(kv.device)[:, None]
-        keys = torch.where(seen[..., None, None], keys, 0)  # stale blocks never reach the op
-        vals = torch.where(seen[..., None, None], vals, 0)
+        keys = torch.where(seen, keys, 0)  # stale blocks never reach the op
+        vals = torch.where(seen, vals, 0)
         keys = torch.cat([keys, k.view(-1, 1, hkv, d).to(keys.dtype)], 1).transpose(1, 2)
         vals = torch.cat([vals, v.view(-1, 1, hkv, d).to(vals.dtype)], 1).transpose(1, 2)
-        iv = torch.stack([torch.stack([first, count], -1),
-                          torch.tensor([t, t + 1]).expand(len(count), 2)], 1)
-        iv = iv[:, None].to(device=kv.device, dtype=torch.int32).contiguous()
         softcap = getattr(attn.impl, "logits_soft_cap", None) or None
         out = ops.interval_attention(q.view(-1, hq, 1, d).to(keys.dtype), keys.contiguous(),
                                      vals.contiguous(), iv, scale=attn.impl.scale,
@@ -207,3 +194,27 @@ class ProbeRunner:
         out = out.reshape(-1, hq * d).to(h.dtype)
         o, _ = a.o_proj(out)
         return _add(o, parts.delta(li, "o_proj", out))
+
+
+def _gather_index(md, plan: Plan, cols, count, bs: int, win):
+    """Where a KV-cache group keeps the plan's columns -> (block ``[Bp, T]``, offset, visible
+    ``[Bp, T, 1, 1]``, intervals ``[Bp, 1, 2, 2]`` over ``[columns..., the probe itself]``)."""
+    dev = md.block_table.device
+    rows, c = plan.rows.to(dev), cols.to(dev)
+    blk = md.block_table[rows[:, None], c // bs].long()
+    t = c.shape[1]
+    pos = torch.arange(t, device=dev)[None]
+    seen = pos < count.to(dev)[:, None]
+    first = torch.zeros_like(count)
+    if win is not None and win > 0:
+        # As the HF decoder's sliding cache layers do: the [token, probe] query rows see the
+        # last `win` cached columns (the token's window) plus the probe itself. The prefill
+        # [CLS] row (n = 0) sees the whole q_span, as in an HF prefill.
+        seq = md.seq_lens[rows].long()
+        cut = torch.where(plan.n.to(dev) > 0, seq - win, 0)
+        first = ((c < cut[:, None]) & seen).sum(1).cpu()
+        seen &= pos >= first.to(dev)[:, None]
+    iv = torch.stack([torch.stack([first, count], -1),
+                      torch.tensor([t, t + 1]).expand(len(count), 2)], 1)
+    iv = iv[:, None].to(device=dev, dtype=torch.int32).contiguous()
+    return blk, c % bs, seen[..., None, None], iv
