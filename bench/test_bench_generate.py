@@ -18,6 +18,8 @@ Rounds are few (each call decodes 128 tokens); rerun contended cases with ``--sa
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -32,7 +34,10 @@ TIMING = dict(budget_s=0.0, min_rounds=2, max_rounds=2, warmup_s=0.0, min_warmup
 
 @pytest.fixture(scope="module")
 def gemma():
-    model, tok = safeattn.models.load_default()
+    """``load_default()``, or the shipped model named by ``$SAFEATTN_BENCH_MODEL``
+    (e.g. ``smollm2-135m-instruct``, the chat model)."""
+    model, tok = safeattn.models.load_default(os.environ.get("SAFEATTN_BENCH_MODEL",
+                                                             "gemma3-270m"))
     return model, tok
 
 
