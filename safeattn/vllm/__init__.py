@@ -83,8 +83,10 @@ def requests(tokenizer, prompts, *, safety: dict | None = None, system: str | No
 
 
 def trace(request_id):
-    """The :class:`safeattn.RowSafety` of the request whose ``extra_args["safety"]["id"]`` was
-    ``request_id`` (in-process engines: ``VLLM_ENABLE_V1_MULTIPROCESSING=0``); removes it."""
+    """The trace of the request whose ``extra_args["safety"]["id"]`` was ``request_id``, as a
+    one-row :class:`safeattn.SafetyOutput` (``trace(i)[0]`` is its :class:`safeattn.RowSafety`;
+    ``safeattn.plot_trace`` reads it). In-process engines only
+    (``VLLM_ENABLE_V1_MULTIPROCESSING=0``); removes it from the registry."""
     from .logits import TRACES
 
     st = TRACES.pop(request_id, None)

@@ -16,6 +16,7 @@ refusal prefix by masking logits.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import weakref
@@ -24,7 +25,8 @@ import torch
 from vllm.v1.sample.logits_processor import LogitsProcessor
 
 from .. import generation, ops
-from ..generation import MODE_NAMES, REFUSAL, RowSafety, SafetyConfig, _refusal_ids, _window
+from ..generation import (MODE_NAMES, REFUSAL, RowSafety, SafetyConfig, SafetyOutput,
+                          _refusal_ids, _window)
 from ..ops import BENIGN, TRANSITION
 from .models import bridge_for, options
 from .probe import Plan
@@ -41,6 +43,11 @@ TRACES: dict = {}
 def parse_safety(value, default: dict | None = None):
     """``extra_args["safety"]`` (merged over the server default) -> (SafetyConfig, extras) or
     None when safety is off for the request. Raises ValueError naming the bad field."""
+    if isinstance(value, str):  # a server request's vllm_xargs carry flat values: JSON text
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"extra_args['safety'] is not valid JSON: {e}") from None
     if value is None:
         value = default
     elif value is False:
@@ -74,11 +81,10 @@ class RequestSafety:
     """One request's state machine (the fields of ``safety_step``) and its trace."""
 
     def __init__(self, cfg: SafetyConfig, extras: dict, prompt_ids, output_ids, refusal_ids,
-                 max_tokens: int):
+                 max_tokens: int, default_span):
         self.cfg, self.id = cfg, extras.get("id")
         self.prompt_len = len(prompt_ids)
-        first = 1 if self.prompt_len > 1 else 0  # default q_span: the prompt after BOS
-        qs, qe = extras.get("q_span") or (first, self.prompt_len)
+        qs, qe = extras.get("q_span") or default_span
         if qe > self.prompt_len:
             raise ValueError(f"extra_args['safety'].q_span end {qe} is past the prompt "
                              f"({self.prompt_len} tokens)")
@@ -102,18 +108,41 @@ class RequestSafety:
         lo, hi = _window(*(torch.tensor([v]) for v in (self.mode, self.s_t, n)), c.r1, c.r2, c.r3)
         return int(lo), int(hi)
 
-    def trace(self) -> RowSafety:
-        """The trace as the HF decoder gives it (``safeattn.plot_trace`` reads it)."""
-        last = max([len(self.output_ids) - 1, *self.p]) if self.p else len(self.output_ids) - 1
-        p = [self.p.get(n, float("nan")) for n in range(last + 1)]
-        mode, cur = [], "benign"
-        for n in range(last + 1):
-            if n in self.modes:
-                cur = "refusal" if self.modes[n] == REFUSAL else MODE_NAMES[self.modes[n]]
-            mode.append(cur)
-        return RowSafety(p=p, checked=[n in self.p for n in range(last + 1)], mode=mode,
-                         refusal_step=self.refusal_step, alarm_step=self.alarm_step,
-                         justification=None)
+    def trace(self) -> SafetyOutput:
+        """The trace as the HF decoder gives it: a one-row :class:`safeattn.SafetyOutput`
+        (``trace[0]`` is the :class:`RowSafety`; ``safeattn.plot_trace`` reads it)."""
+        last = max([len(self.output_ids) - 1, *self.p])
+        steps = range(last + 1)
+        codes, cur = [], BENIGN
+        for n in steps:
+            cur = self.modes.get(n, cur)
+            codes.append(cur)
+        row = RowSafety(p=[self.p.get(n, float("nan")) for n in steps],
+                        checked=[n in self.p for n in steps],
+                        mode=["refusal" if m == REFUSAL else MODE_NAMES[m] for m in codes],
+                        refusal_step=self.refusal_step, alarm_step=self.alarm_step,
+                        justification=None)
+        step = -1 if self.refusal_step is None else self.refusal_step
+        return SafetyOutput(rows=[row], p=torch.tensor([row.p]), mode=torch.tensor([codes]),
+                            refused=torch.tensor([self.refused]), refusal_step=torch.tensor([step]),
+                            config=self.cfg, prompt_length=0, refusal_ids=self.refusal)
+
+
+def _template_ids(tokenizer):
+    """(ids before, ids after) the user's text in a one-turn chat prompt, or None."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    mark = "\u2063SAFEATTN\u2063"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": mark}], tokenize=False,
+                                             add_generation_prompt=True)
+    except Exception:  # noqa: BLE001 - a template that cannot render one user turn
+        return None
+    if text.count(mark) != 1:
+        return None
+    a, b = text.split(mark)
+    enc = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    return tuple(enc(a)), tuple(enc(b))
 
 
 def _config_key(cfg: SafetyConfig):
@@ -177,20 +206,37 @@ class SafetyLogitsProcessor(LogitsProcessor):
         self.states: dict[int, RequestSafety] = {}  # id(SamplingParams) -> state
         self.rows: dict[int, RequestSafety] = {}    # batch row -> state
         self._tokenizer = None
+        self._template = None
         self._refusals: dict[str, list[int]] = {}
 
     def is_argmax_invariant(self) -> bool:
         return False
 
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.vllm_config.model_config.tokenizer)
+        return self._tokenizer
+
     def _refusal_ids(self, text: str) -> list[int]:
         if text not in self._refusals:
-            if self._tokenizer is None:
-                from transformers import AutoTokenizer
-
-                mc = self.vllm_config.model_config
-                self._tokenizer = AutoTokenizer.from_pretrained(mc.tokenizer)
-            self._refusals[text] = _refusal_ids(self._tokenizer, text)
+            self._refusals[text] = _refusal_ids(self.tokenizer, text)
         return self._refusals[text]
+
+    def _default_span(self, prompt_ids) -> tuple[int, int]:
+        """``q_span`` of a request that gives none: the user's text when the prompt is one
+        user turn of the chat template (a server's chat request), else the prompt after BOS."""
+        if self._template is None:
+            self._template = _template_ids(self.tokenizer) or ((), ())
+        pre, suf = self._template
+        n = len(prompt_ids)
+        if pre and n > len(pre) + len(suf) and list(prompt_ids[:len(pre)]) == list(pre) \
+                and list(prompt_ids[n - len(suf):]) == list(suf):
+            return len(pre), n - len(suf)
+        first = 1 if n > 1 and prompt_ids[0] == self.tokenizer.bos_token_id else 0
+        return first, n
 
     def _state(self, params, prompt_ids, output_ids) -> RequestSafety | None:
         key = id(params)
@@ -209,9 +255,10 @@ class SafetyLogitsProcessor(LogitsProcessor):
             theta = br.safety_config.get("threshold", getattr(generation, "DEFAULT_THRESHOLD",
                                                                 0.5))
             cfg = dataclasses.replace(cfg, threshold=float(theta))
-        st = RequestSafety(cfg, extras, prompt_ids or [], output_ids,
+        prompt_ids = prompt_ids or []
+        st = RequestSafety(cfg, extras, prompt_ids, output_ids,
                            self._refusal_ids(cfg.refusal_prefix),
-                           params.max_tokens or self.max_len)
+                           params.max_tokens or self.max_len, self._default_span(prompt_ids))
         self.states[key] = st
         weakref.finalize(params, self.states.pop, key, None)
         if st.id is not None:
