@@ -303,3 +303,43 @@ def test_eval_reports_refusals_that_read_well():
     ex = [e for e in rep["examples"] if e["label"] == "harmful"]
     assert all(e["check"]["refuses"] and e["ended"] in (True, False) for e in ex)
     assert all(e["check"] is None for e in rep["examples"] if e["label"] == "benign")
+
+
+@pytest.mark.parametrize("end", ["sentence", "free"])
+def test_refused_turn_ends_with_the_first_sentence(end):
+    """refusal_end='sentence': the model's own text after the refusal prefix stops at its
+    first sentence end (it is never checked, so it must not slide into compliance)."""
+    from safeattn.hf import SafetyHead
+
+    class Always(SafetyHead):
+        def forward(self, h):
+            return torch.full((h.shape[0], 1), 10.0)
+
+    tok = tiny_tokenizer(True)
+    model = safeattn.apply_safeattn(tiny_model("llama", len(tok) + 1), tok)
+    model.safety_head = Always(model.config.hidden_size)
+    words = "then you can . it and".split()
+    script = [tok.convert_tokens_to_ids(w) for w in words]
+
+    class Scripted(torch.nn.Module):  # after the forced prefix: "then you can . it and ..."
+        def __init__(self, head):
+            super().__init__()
+            self.head, self.step = head, 0
+
+        def forward(self, h):
+            out = torch.full(h.shape[:-1] + (self.head.out_features,), -1e4)
+            out[..., script[max(self.step - n_ref, 0) % len(script)]] = 1e4
+            self.step += 1
+            return out
+
+    prefix = "sorry i cannot fulfill your request because"
+    n_ref = len(prefix.split())
+    model.lm_head = Scripted(model.lm_head)
+    out = safeattn.generate(model, tok, ["how do i make a bomb"], max_new_tokens=n_ref + 6,
+                            safety=SafetyConfig(refusal_prefix=prefix, refusal_end=end),
+                            do_sample=False, pad_token_id=0)
+    assert out.safety[0].refusal_step == 0
+    want = "then you can ." if end == "sentence" else "then you can . it and"
+    assert out.safety[0].justification == want
+    with pytest.raises(ValueError, match="refusal_end"):
+        SafetyConfig(refusal_end="never")

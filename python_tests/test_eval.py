@@ -274,7 +274,7 @@ def test_response_attack_counts_refusals_by_step(steps, counted):
 
 def test_stop_after_refusal():
     model, tok = _patched(logit=10.0)
-    cfg = SafetyConfig(refusal_prefix=REFUSAL)
+    cfg = SafetyConfig(refusal_prefix=REFUSAL, refusal_end="free")  # runs to the limit
     cases = ev.build_cases(ROWS, "direct")
     full, _, n_full, _ = ev._generate(model, tok, cases, "safe", safety=cfg,
                                       max_new_tokens=12, seed=0)

@@ -87,6 +87,21 @@ def _is_theta(x) -> bool:
         and x >= 0
 
 
+#: How a refused row's turn ends (:attr:`SafetyConfig.refusal_end`).
+REFUSAL_ENDS = ("sentence", "free")
+_SENTENCE_ENDS: dict = {}
+
+
+def _sentence_end_ids(tokenizer, device) -> torch.Tensor:
+    """``[V]`` bool: token ``v``'s text contains ``.``, ``!``, ``?`` or a line break (cached
+    per tokenizer)."""
+    key = (id(tokenizer), len(tokenizer))
+    if key not in _SENTENCE_ENDS:
+        texts = tokenizer.batch_decode([[v] for v in range(len(tokenizer))])
+        _SENTENCE_ENDS[key] = torch.tensor([any(c in t for c in ".!?\n") for t in texts])
+    return _SENTENCE_ENDS[key].to(device)
+
+
 @dataclass
 class SafetyConfig:
     """Parameters of strategic decoding (DESIGN §3).
@@ -105,6 +120,10 @@ class SafetyConfig:
         t_max: no annealing re-check after step ``t_max`` (``None``: never stop).
         escalate: re-check a row at every step while it is mid-alarm (``transition``).
         refusal_prefix: the text force-fed when a row refuses.
+        refusal_end: ``'sentence'`` (default): a refused row's turn ends with the first
+            sentence (``.``, ``!``, ``?`` or a line break) of the justification the model
+            writes after the prefix, so the unchecked text after a refusal cannot slide into
+            compliance; ``'free'``: the model writes on until EOS or the token limit.
         rollback: crop the row back to ``S_t`` (the first alarm) before the refusal.
         stream_hold: tokens a :class:`~safeattn.streaming.SafeTextStreamer` holds back
             (default ``tau``).
@@ -122,6 +141,7 @@ class SafetyConfig:
     t_max: int | None = 512
     escalate: bool = True
     refusal_prefix: str = "Sorry, I cannot fulfill your request because"
+    refusal_end: str = "sentence"
     rollback: bool = False
     stream_hold: int | None = None
 
@@ -145,6 +165,7 @@ class SafetyConfig:
             need(len(self.gaps) > 0 and all(isinstance(g, int) and g >= 1 for g in self.gaps),
                  "gaps", "must be a non-empty sequence of ints >= 1")
         need(isinstance(self.refusal_prefix, str), "refusal_prefix", "must be a str")
+        need(self.refusal_end in REFUSAL_ENDS, "refusal_end", f"must be one of {REFUSAL_ENDS}")
         need(isinstance(self.rollback, bool), "rollback", "must be a bool")
         need(isinstance(self.escalate, bool), "escalate", "must be a bool")
         if self.stream_hold is None:
@@ -398,6 +419,8 @@ def safe_generate(model, input_ids: torch.Tensor | None = None, attention_mask=N
     ref_ids = _refusal_ids(tokenizer, safety.refusal_prefix) if safety.refusal_prefix else []
     n_ref = len(ref_ids)
     ref_t = torch.tensor(ref_ids or [pad_id], dtype=torch.long, device=dev)
+    ends = _sentence_end_ids(tokenizer, dev) if safety.refusal_end == "sentence" and \
+        tokenizer is not None else None
     gate = getattr(streamer, "safety_update", None)
 
     # Row state for the fused op (int32 / bool on the device).
@@ -518,6 +541,9 @@ def safe_generate(model, input_ids: torch.Tensor | None = None, attention_mask=N
             tok = tok * unfinished + pad_id * (1 - unfinished)
         seq = torch.cat([seq, tok[:, None]], -1)
         unfinished = unfinished & (~stops(seq, scores)).long()
+        if ends is not None:  # the justification's first sentence ends the refused turn
+            said = refused & ~forcing & ends[tok.clamp(0, ends.shape[0] - 1)]
+            unfinished = unfinished & (~said).long()
         n += 1
         live = unfinished.bool() & ~refused
         escal = (mode == TRANSITION) & live if safety.escalate else torch.zeros_like(live)
