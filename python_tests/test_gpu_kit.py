@@ -136,3 +136,32 @@ def test_gemma_config_is_the_real_one():
 def test_bench_rejects_unknown_sections(tmp_path):
     with pytest.raises(ValueError, match="--only"):
         gb.main(["--dry-run", "--only", "decode,warp", "--out", str(tmp_path / "x.json")])
+
+
+def test_gpu_summary_reads_a_failed_run(tmp_path):
+    """.ci/gpu_summary.py on a made-up GPU run: a failed test, a memcheck error, a timeout."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_summary", ROOT / ".ci" / "gpu_summary.py")
+    summ = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summ)
+    summ.env = lambda gpu: {"python": "3"}  # the version probes start Python twice: not tested here
+    (tmp_path / "stages.tsv").write_text("build\tok\t0\t120.5\t300\n"
+                                         "test_cuda\tfailed\t1\t80.0\t240\n"
+                                         "bench\ttimeout\t124\t200.0\t200\n")
+    (tmp_path / "junit_cuda.xml").write_text(
+        '<testsuites><testsuite name="pytest" errors="0" failures="1" skipped="2" tests="10" '
+        'time="12.3"><testcase classname="test_cuda" name="test_a"><failure message="x"/>'
+        '</testcase><testcase classname="test_cuda" name="test_b"/></testsuite></testsuites>')
+    (tmp_path / "memcheck.txt").write_text("========= Invalid __global__ read of size 4 bytes\n"
+                                           "========= ERROR SUMMARY: 3 errors\n")
+    (tmp_path / "racecheck.txt").write_text(
+        "========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)\n")
+    assert summ.main(["x", str(tmp_path), "0", "1", "400"]) == 1
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert [st["status"] for st in s["stages"]] == ["ok", "failed", "timeout"]
+    assert not s["passed"] and s["bench"] is None
+    t = s["tests"]["junit_cuda"]
+    assert (t["passed"], t["failures"], t["skipped"], t["failed"]) == (7, 1, 2, ["test_cuda::test_a"])
+    assert s["sanitizer"]["memcheck"]["count"] == 3
+    assert s["sanitizer"]["racecheck"]["count"] == 0
