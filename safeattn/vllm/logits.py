@@ -38,6 +38,8 @@ EXTRA_KEYS = ("q_span", "id")
 _FIELDS = tuple(f.name for f in dataclasses.fields(SafetyConfig))
 #: Traces of requests that gave an ``id``, until :func:`safeattn.vllm.trace` takes them.
 TRACES: dict = {}
+#: Requests that came back to the batch with their state kept (after preemption), per process.
+STATS = {"resumed": 0}
 
 
 def parse_safety(value, default: dict | None = None):
@@ -94,6 +96,7 @@ class RequestSafety:
         self.schedule = cfg.check_steps(max_tokens + 1)
         self.mode, self.consec, self.s_t, self.refused = BENIGN, 0, -1, False
         self.fpos, self.refusal_step, self.alarm_step = 0, None, None
+        self.done = False  # refused, and nothing is left to force: no more plan rows
         self.p: dict[int, float] = {}
         self.modes: dict[int, int] = {}
 
@@ -126,6 +129,11 @@ class RequestSafety:
         return SafetyOutput(rows=[row], p=torch.tensor([row.p]), mode=torch.tensor([codes]),
                             refused=torch.tensor([self.refused]), refusal_step=torch.tensor([step]),
                             config=self.cfg, prompt_length=0, refusal_ids=self.refusal)
+
+
+def _force(logits: torch.Tensor, row: int, token: int) -> None:
+    logits[row].fill_(float("-inf"))
+    logits[row, token] = 0.0
 
 
 def _template_ids(tokenizer):
@@ -207,6 +215,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
         self.rows: dict[int, RequestSafety] = {}    # batch row -> state
         self._tokenizer = None
         self._template = None
+        self._sentence = None
         self._refusals: dict[str, list[int]] = {}
 
     def is_argmax_invariant(self) -> bool:
@@ -225,6 +234,17 @@ class SafetyLogitsProcessor(LogitsProcessor):
             self._refusals[text] = _refusal_ids(self.tokenizer, text)
         return self._refusals[text]
 
+    def _said_sentence(self, s: RequestSafety, n: int) -> bool:
+        """Whether the justification's last token ended a sentence, for a config with
+        ``refusal_end="sentence"`` (as the HF decoder stops such a row there)."""
+        if getattr(s.cfg, "refusal_end", "free") != "sentence" or n <= s.refusal_step + \
+                len(s.refusal) or self.tokenizer.eos_token_id is None:
+            return False
+        if self._sentence is None:
+            self._sentence = generation._sentence_end_ids(self.tokenizer, "cpu")
+        t = s.output_ids[n - 1]
+        return 0 <= t < len(self._sentence) and bool(self._sentence[t])
+
     def _default_span(self, prompt_ids) -> tuple[int, int]:
         """``q_span`` of a request that gives none: the user's text when the prompt is one
         user turn of the chat template (a server's chat request), else the prompt after BOS."""
@@ -241,7 +261,8 @@ class SafetyLogitsProcessor(LogitsProcessor):
     def _state(self, params, prompt_ids, output_ids) -> RequestSafety | None:
         key = id(params)
         st = self.states.get(key)
-        if st is not None:  # a preempted request coming back, or a row move
+        if st is not None:  # a preempted (or unscheduled) request coming back
+            STATS["resumed"] += 1
             return st
         parsed = parse_safety((params.extra_args or {}).get("safety"), self.default)
         if parsed is None:
@@ -286,8 +307,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
         br = bridge_for(self.vllm_config)
         if br is None:
             return
-        live = [(r, s) for r, s in sorted(self.rows.items())
-                if not s.refused or s.fpos < len(s.refusal) or s.refusal_step is None]
+        live = [(r, s) for r, s in sorted(self.rows.items()) if not s.done]
         if not live:
             br.post_plan(None, None, None)
             return
@@ -319,9 +339,12 @@ class SafetyLogitsProcessor(LogitsProcessor):
             if s.refusal_step is None:
                 s.refusal_step = n
             if s.fpos < len(s.refusal):
-                tok = s.refusal[s.fpos]
-                logits[row].fill_(float("-inf"))
-                logits[row, tok] = 0.0
+                _force(logits, row, s.refusal[s.fpos])
                 s.fpos += 1
+            elif self._said_sentence(s, n):  # refusal_end="sentence": the turn ends here
+                _force(logits, row, self.tokenizer.eos_token_id)
+                s.done = True
+            if s.fpos >= len(s.refusal) and getattr(s.cfg, "refusal_end", "free") != "sentence":
+                s.done = True  # the prefix is out; the model writes on freely
         br.post_plan(None, None, None)
         return logits

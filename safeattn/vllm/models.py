@@ -92,6 +92,13 @@ def _wrap(base, family: str):
                 self._probe()
             return hidden
 
+        def compute_logits(self, hidden_states):
+            logits = super().compute_logits(hidden_states)
+            cls = self._safety_parts.config.get("cls_token_id")
+            if logits is not None and cls is not None and cls < logits.shape[-1]:
+                logits[..., cls] = float("-inf")  # [CLS] is never generated (as in HF)
+            return logits
+
         def load_weights(self, weights):
             # A save_pretrained checkpoint of a patched model holds the head and the adapter,
             # and vLLM also reads save_safety's file in the model folder: the probe takes them
