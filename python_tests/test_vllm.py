@@ -128,6 +128,26 @@ def test_trace_plots(engine, tmp_path):
     assert safeattn.plot_trace(tr, path=tmp_path / "t.png").exists()
 
 
+def test_probe_error_fails_closed(engine, monkeypatch):
+    """An error in the probe refuses the checked requests (θ above 1 would never refuse)."""
+    from safeattn.vllm.probe import ProbeRunner
+
+    def boom(self, plan, attn_metadata):
+        raise RuntimeError("probe broke")
+
+    monkeypatch.setattr(ProbeRunner, "run", boom)
+    llm, tok, _ = engine("gemma3_text")
+    ids = ["boom-0", "boom-1"]
+    ps, sps = sv.requests(tok, PROMPTS[:2], safety={"threshold": 2.0}, ids=ids, max_tokens=10,
+                          temperature=0.0)
+    outs = llm.generate(ps, sps, use_tqdm=False)
+    for i, o in zip(ids, outs):
+        tr = sv.trace(i)
+        assert tr[0].refusal_step == 0 and math.isnan(tr[0].p[0])
+        n = len(tr.refusal_ids)
+        assert list(o.outputs[0].token_ids[:n]) == tr.refusal_ids
+
+
 def test_reference_covers_refusals(engine):
     """The cases above hold refusals at p_0, refusals mid-generation and rows that never
     refuse (otherwise the parity test would prove less than it claims)."""

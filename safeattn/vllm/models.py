@@ -30,8 +30,7 @@ _BRIDGES: "weakref.WeakValueDictionary[int, Bridge]" = weakref.WeakValueDictiona
 class Bridge:
     """What the model and the logits processor of one engine exchange within a step."""
 
-    def __init__(self, vocab_size: int, safety_config: dict):
-        self.vocab_size = vocab_size
+    def __init__(self, safety_config: dict):
         self.safety_config = safety_config  # safety_config.json of the head
         self.plan: Plan | None = None        # all safety rows of the step (set before forward)
         self.expected: torch.Tensor | None = None  # [Bs] seq_len once a row's tokens are in
@@ -80,7 +79,7 @@ def _wrap(base, family: str):
             d = Path(opt.get("safety_dir") or mc.model)
             self._safety_parts = SafetyParts(d)
             self._safety_runner = None
-            self.safety_bridge = Bridge(mc.hf_config.vocab_size, self._safety_parts.config)
+            self.safety_bridge = Bridge(self._safety_parts.config)
             _BRIDGES[id(vllm_config)] = self.safety_bridge
 
         def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None,

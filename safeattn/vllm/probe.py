@@ -168,10 +168,10 @@ class ProbeRunner:
             k = a.k_norm(k.unflatten(-1, (hkv, d))).flatten(-2, -1)
         q, k = a.rotary_emb(pos0, q, k)
         attn = a.attn
-        isa = getattr(attn, "isa", "vec")
-        if isa not in READABLE_ISA:
-            raise NotImplementedError(f"safeattn probe: the {isa!r} KV-cache layout of vLLM's CPU "
-                                      f"backend is not supported (only {READABLE_ISA})")
+        isa = getattr(attn, "isa", None)  # set by the CPU backend only
+        if isa not in READABLE_ISA:  # another backend's cache layout: refuse, never misread
+            raise NotImplementedError(f"safeattn probe: reads only vLLM's CPU-backend cache "
+                                      f"layouts {READABLE_ISA}, this layer has {isa!r}")
         kv = attn.kv_cache
         nb, _, bs, _ = kv.shape
         md = attn_metadata[attn.layer_name]
