@@ -83,7 +83,8 @@ def main(spec_path, out_dir):
                 rows.append({"ids": out[0, n:].tolist(), "p": s.p, "checked": s.checked,
                              "mode": s.mode, "refusal_step": s.refusal_step,
                              "alarm_step": s.alarm_step,
-                             "q_span": [int(enc["q_span"][0, 0]) - 1, int(enc["q_span"][0, 1]) - 1]})
+                             "q_span": [int(enc["q_span"][0, 0]) - 1,
+                                        int(enc["q_span"][0, 1]) - 1]})
             cases.append(rows)
         (d / "ref.json").write_text(json.dumps({"cases": cases, "eos": tok.eos_token_id}))
 

@@ -36,8 +36,10 @@ logger = logging.getLogger("safeattn")
 #: Keys of ``extra_args["safety"]`` beside the :class:`SafetyConfig` fields.
 EXTRA_KEYS = ("q_span", "id")
 _FIELDS = tuple(f.name for f in dataclasses.fields(SafetyConfig))
-#: Traces of requests that gave an ``id``, until :func:`safeattn.vllm.trace` takes them.
+#: Traces of requests that gave an ``id``, until :func:`safeattn.vllm.trace` takes them (the
+#: oldest go beyond ``MAX_TRACES``, so that a server whose clients send ids does not grow).
 TRACES: dict = {}
+MAX_TRACES = 4096
 #: Requests that came back to the batch with their state kept (after preemption), per process.
 STATS = {"resumed": 0}
 
@@ -284,6 +286,8 @@ class SafetyLogitsProcessor(LogitsProcessor):
         weakref.finalize(params, self.states.pop, key, None)
         if st.id is not None:
             TRACES[st.id] = st
+            while len(TRACES) > MAX_TRACES:
+                TRACES.pop(next(iter(TRACES)))
         return st
 
     def update_state(self, batch_update) -> None:

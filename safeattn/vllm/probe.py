@@ -91,7 +91,8 @@ class Plan:
         self.qs, self.qe, self.lo, self.hi = t(qs), t(qe), t(lo), t(hi)
 
     def columns(self):
-        """Cache columns each probe reads (ascending, padded) -> (cols ``[Bp, T]``, count ``[Bp]``)."""
+        """Cache columns each probe reads, ascending and padded -> (cols ``[Bp, T]``, count
+        ``[Bp]``)."""
         nq = self.qe - self.qs
         count = nq + (self.hi - self.lo)
         t = int(count.max()) if count.numel() else 0
