@@ -3,8 +3,8 @@ decoder needs its transformers; the vLLM venv pins an older one).
 
 ``python _vllm_reference.py SPEC.json OUT_DIR`` builds each tiny model of SPEC (random weights,
 random head and probe adapter), saves it with ``save_pretrained`` + ``save_safety`` to
-``OUT_DIR/<family>`` (family ``gemma3-270m``: the real model with the shipped head, not
-saved), and writes ``OUT_DIR/<family>/ref.json``: per case (a SafetyConfig) the
+``OUT_DIR/<family>`` (a family in ``safeattn.models.MODELS``: that shipped model and head,
+not saved), and writes ``OUT_DIR/<family>/ref.json``: per case (a SafetyConfig) the
 greedy token ids, ``q_span`` and the trace of every prompt (batch 1 each, so no padding).
 """
 from __future__ import annotations
@@ -54,8 +54,8 @@ def main(spec_path, out_dir):
     torch.set_num_threads(1)
     for family in spec["families"]:
         d = Path(out_dir) / family
-        if family == "gemma3-270m":  # the real model with the shipped head (not saved again)
-            model, tok = safeattn.load_default()
+        if family in safeattn.models.MODELS:  # a shipped model and head (not saved again)
+            model, tok = safeattn.load_default(family)
             d.mkdir(parents=True, exist_ok=True)
         else:
             model, tok = tiny_safe_model(family)

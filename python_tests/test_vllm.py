@@ -214,25 +214,27 @@ REAL_CASES = [{"schedule": "each"}, {"schedule": "annealing"},
 
 
 @pytest.mark.slow
-def test_real_gemma_parity(tmp_path):
-    """Gemma-3-270M with the shipped head and probe adapter, batch 8: the same greedy tokens
-    and trace as safeattn.generate (θ = 3e-4 makes benign rows refuse mid-answer)."""
+@pytest.mark.parametrize("name", ["gemma3-270m", "smollm2-135m-instruct"])
+def test_real_model_parity(tmp_path, name):
+    """A shipped model (Gemma3 / Llama family) with its head and probe adapter, batch 8: the
+    same greedy tokens and trace as safeattn.generate (θ = 3e-4 makes benign rows refuse
+    mid-answer)."""
     from transformers import AutoTokenizer
 
-    from safeattn.models import ARTIFACT_DIR, default_cache_dir
+    from safeattn.models import artifact_dir, default_cache_dir
 
-    model_dir = default_cache_dir()
+    model_dir = default_cache_dir(name)
     if not (model_dir / "config.json").exists():
-        pytest.skip("the Gemma-3-270M folder is not cached (run safeattn.load_default() once)")
+        pytest.skip(f"{name} is not cached (run safeattn.load_default({name!r}) once)")
     spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"families": ["gemma3-270m"], "prompts": REAL_PROMPTS,
+    spec.write_text(json.dumps({"families": [name], "prompts": REAL_PROMPTS,
                                 "cases": REAL_CASES, "max_tokens": 24}))
     r = subprocess.run([_reference_python(), str(HERE / "_vllm_reference.py"), str(spec),
                         str(tmp_path)], capture_output=True, text=True, timeout=1800)
     if r.returncode:
         pytest.fail(f"the HF reference run failed:\n{r.stderr[-3000:]}")
-    ref = json.loads((tmp_path / "gemma3-270m" / "ref.json").read_text())
-    llm = vllm.LLM(**sv.engine_kwargs(model_dir, safety_dir=ARTIFACT_DIR), dtype="float32",
+    ref = json.loads((tmp_path / name / "ref.json").read_text())
+    llm = vllm.LLM(**sv.engine_kwargs(model_dir, safety_dir=artifact_dir(name)), dtype="float32",
                    enforce_eager=True, max_model_len=512, max_num_seqs=8, seed=0,
                    gpu_memory_utilization=0.1)
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -245,8 +247,10 @@ def test_real_gemma_parity(tmp_path):
             tr = sv.trace(ids[i])[0]
             steps.append(tr.refusal_step)
             _check_row(list(o.outputs[0].token_ids), tr, ref["cases"][c][i], ref["eos"],
-                       f"gemma3-270m case {cfg} row {i}")
-    assert 0 in steps and None in steps and any(s not in (0, None) for s in steps)
+                       f"{name} case {cfg} row {i}")
+    assert 0 in steps and None in steps
+    if name == "gemma3-270m":  # these cases hold no mid-answer refusal on SmolLM2
+        assert any(s not in (0, None) for s in steps)
 
 
 @pytest.fixture(scope="module")
