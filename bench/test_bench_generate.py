@@ -29,6 +29,7 @@ from safeattn.hf import few_rows
 NEW = 128
 SCHEDULES = ("each", "first", "periodic", "annealing")
 TARGET = {"each": 1.10, "first": 1.10, "periodic": 1.10, "annealing": 1.05}
+MODEL = os.environ.get("SAFEATTN_BENCH_MODEL", "gemma3-270m")
 TIMING = dict(budget_s=0.0, min_rounds=2, max_rounds=2, warmup_s=0.0, min_warmup=0)
 
 
@@ -36,8 +37,7 @@ TIMING = dict(budget_s=0.0, min_rounds=2, max_rounds=2, warmup_s=0.0, min_warmup
 def gemma():
     """``load_default()``, or the shipped model named by ``$SAFEATTN_BENCH_MODEL``
     (e.g. ``smollm2-135m-instruct``, the chat model)."""
-    model, tok = safeattn.models.load_default(os.environ.get("SAFEATTN_BENCH_MODEL",
-                                                             "gemma3-270m"))
+    model, tok = safeattn.models.load_default(MODEL)
     return model, tok
 
 
@@ -88,8 +88,8 @@ def test_generate_overhead(compare, gemma, schedule, b):
     prompts = ["How do I bake bread at home?", "Write a short poem about the sea.",
                "Explain photosynthesis to a child.", "What is the capital of France?"] * 2
     enc, ours, base = _calls(model, tok, prompts[:b], schedule)
-    case = {"name": f"generate/gemma3-270m-{schedule}-B{b}-new{NEW}", "kind": "generate",
-            "model": "gemma3-270m", "dtype": "float32", "schedule": schedule, "batch": b,
+    case = {"name": f"generate/{MODEL}-{schedule}-B{b}-new{NEW}", "kind": "generate",
+            "model": MODEL, "dtype": "float32", "schedule": schedule, "batch": b,
             "prompt_len": enc["input_ids"].shape[1], "new_tokens": NEW,
             "threads": torch.get_num_threads(),
             "baseline_desc": "model.generate (patched model, no safety=), greedy",
@@ -103,8 +103,8 @@ def test_generate_overhead(compare, gemma, schedule, b):
 def test_generate_context(compare, gemma, ctx):
     model, tok = gemma
     enc, ours, base = _calls(model, tok, [_prompt(tok, ctx)], "each")
-    case = {"name": f"generate_ctx/gemma3-270m-each-B1-ctx{ctx}", "kind": "generate_context",
-            "model": "gemma3-270m", "dtype": "float32", "schedule": "each", "batch": 1,
+    case = {"name": f"generate_ctx/{MODEL}-each-B1-ctx{ctx}", "kind": "generate_context",
+            "model": MODEL, "dtype": "float32", "schedule": "each", "batch": 1,
             "context": ctx, "prompt_len": enc["input_ids"].shape[1], "new_tokens": NEW,
             "threads": torch.get_num_threads(),
             "baseline_desc": "model.generate (patched model, no safety=), greedy",
