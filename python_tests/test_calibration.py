@@ -58,15 +58,16 @@ def test_validation_rows_need_a_band():
 # ------------------------------------------------------------------------ scores and θ
 def test_refusal_scores_by_hand():
     p = torch.tensor([
-        [0.9, 0.8, 0.95, 0.1, 0.99, 0.99],     # best run of 3: (0.9, 0.8, 0.95) -> 0.8
-        [0.2, NAN, 0.7, NAN, 0.6, 0.9],        # checks 0.2, 0.7, 0.6, 0.9 -> (0.7, 0.6, 0.9)
-        [0.99, 0.99, NAN, NAN, NAN, NAN],      # two checks: never three in a row
+        [0.1, 0.9, 0.8, 0.95, 0.1, 0.99],      # best decode run of 3: (0.9, 0.8, 0.95) -> 0.8
+        [0.2, NAN, 0.7, NAN, 0.6, 0.9],        # checks 0.7, 0.6, 0.9 -> 0.6
+        [0.1, 0.99, 0.99, NAN, NAN, NAN],      # two decode checks: never three in a row
+        [0.97, 0.1, 0.1, 0.1, 0.1, 0.1],       # p_0 refuses on its own
+        [NAN, NAN, NAN, NAN, NAN, NAN],        # nothing ran
     ])
     s = refusal_scores(p, tau=3)
-    assert s[0].item() == pytest.approx(0.8)
-    assert s[1].item() == pytest.approx(0.6)
-    assert s[2].item() == -math.inf
-    assert torch.allclose(refusal_scores(p, tau=1)[:2], torch.tensor([0.99, 0.9]))
+    assert torch.allclose(s[:4], torch.tensor([0.8, 0.6, 0.1, 0.97]))
+    assert s[4].item() == -math.inf
+    assert torch.allclose(refusal_scores(p, tau=1)[:4], torch.tensor([0.99, 0.9, 0.99, 0.97]))
 
 
 def test_pick_threshold_allows_at_most_the_target_share():

@@ -1,11 +1,13 @@
 """Picking θ on the validation split (``safeattn calibrate``).
 
-A row refuses once ``τ`` consecutive checks give ``p >= θ``. Decoding the validation prompts
-once with θ above 1 (nothing refuses, so every row decodes its plain text) gives each row's
-check trace, and its :func:`refusal_scores`: the highest, over runs of ``τ`` consecutive
-checks, of the lowest ``p`` in the run. A row raises its first full alarm run at θ iff its
-score is ``>= θ``. That is exact up to the first alarm; after it the decoder's transition
-window (Rule 3) sees other tokens than the trace's Rule-2 window, so the θ that
+A row refuses when its prefill ``p_0 >= θ``, or once ``τ`` consecutive decoding-time checks
+give ``p >= θ``. Decoding the validation prompts once with θ above 1 (nothing refuses, so
+every row decodes its plain text) gives each row's check trace, and its
+:func:`refusal_scores`: the larger of ``p_0`` and the highest, over runs of ``τ`` consecutive
+checks, of the lowest ``p`` in the run. The row refuses at θ iff its score is ``>= θ`` as
+long as the decoder sees what the trace saw: exact for ``p_0`` and up to the first alarm;
+after it the decoder's transition window (Rule 3) sees other tokens than the trace's Rule-2
+window, so the θ that
 :func:`pick_threshold` chooses from the benign scores is then checked with one real decoding
 pass (:func:`calibrate` reports both).
 
@@ -24,17 +26,19 @@ __all__ = ["refusal_scores", "pick_threshold", "validation_rows", "calibrate"]
 
 def refusal_scores(p: torch.Tensor, tau: int) -> torch.Tensor:
     """``p [B, T+1]`` (a safe ``generate``'s ``out.safety.p``: ``nan`` where no check ran) ->
-    ``[B]`` float32: per row, the largest ``θ`` at which ``τ`` consecutive checks all reach
-    ``θ`` (``-inf`` for a row with fewer than ``τ`` checks: it never refuses)."""
+    ``[B]`` float32: per row, the largest θ at which the row refuses. The prefill's ``p_0``
+    refuses on its own (``p_0 >= θ``); a decoding-time alarm needs ``τ`` consecutive checks
+    ``>= θ`` (reference ``safety_step``). ``-inf``: nothing can make the row refuse."""
     if p.dim() != 2:
         raise ValueError(f"p must be [B, T+1], got shape {tuple(p.shape)}")
     if tau < 1:
         raise ValueError(f"tau must be >= 1, got {tau}")
-    out = torch.full((p.shape[0],), -math.inf)
-    for i, row in enumerate(p.float().cpu()):
+    p = p.float().cpu()
+    out = torch.where(p[:, 0].isnan(), -math.inf, p[:, 0])
+    for i, row in enumerate(p[:, 1:]):
         checks = row[~row.isnan()]
         if len(checks) >= tau:
-            out[i] = checks.unfold(0, tau, 1).amin(-1).max()
+            out[i] = max(out[i], checks.unfold(0, tau, 1).amin(-1).max())
     return out
 
 
