@@ -51,7 +51,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from transformers import DynamicCache
@@ -175,11 +175,13 @@ class SafetyConfig:
 
     def resolved(self, model) -> "SafetyConfig":
         """This config with a number for θ: ``threshold=None`` becomes the calibrated
-        ``threshold`` of ``model``'s safety config, else :data:`DEFAULT_THRESHOLD`."""
+        ``threshold`` of the safety config (``model.config.safeattn``, or ``model`` itself when
+        it is that mapping), else :data:`DEFAULT_THRESHOLD`."""
         if self.threshold is not None:
             return self
-        theta = (getattr(getattr(model, "config", None), "safeattn", None) or {}).get(
-            "threshold", DEFAULT_THRESHOLD)
+        cfg = model if isinstance(model, Mapping) else getattr(
+            getattr(model, "config", None), "safeattn", None)
+        theta = (cfg or {}).get("threshold", DEFAULT_THRESHOLD)
         if not _is_theta(theta):
             raise ValueError(f"the model's safety config has threshold {theta!r}; expected a "
                              "finite number >= 0")

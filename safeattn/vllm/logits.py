@@ -274,10 +274,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
         if br is None:
             raise ValueError("safeattn: a request asks for safety but the model is not a "
                              "safeattn wrapper (use safeattn.vllm.engine_kwargs)")
-        if cfg.threshold is None:  # the head's calibrated θ, as SafetyConfig.resolved gives
-            theta = br.safety_config.get("threshold", getattr(generation, "DEFAULT_THRESHOLD",
-                                                                0.5))
-            cfg = dataclasses.replace(cfg, threshold=float(theta))
+        cfg = cfg.resolved(br.safety_config)  # threshold=None: the head's calibrated θ
         prompt_ids = prompt_ids or []
         st = RequestSafety(cfg, extras, prompt_ids, output_ids,
                            self._refusal_ids(cfg.refusal_prefix),
