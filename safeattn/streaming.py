@@ -1,23 +1,87 @@
-"""``SafeTextStreamer``: a ``TextStreamer`` that prints only text the safety probe has cleared."""
+"""Streaming only what the safety probe has cleared.
+
+:class:`HoldBack` is the contract, on token ids: generated tokens are held back until a safety
+check that saw them came back benign. :class:`SafeTextStreamer` applies it to HF ``generate``'s
+streamer; the vLLM server applies it per request (:mod:`safeattn.vllm.serving`).
+"""
 from __future__ import annotations
 
 import torch
 from transformers import TextStreamer
 
-__all__ = ["SafeTextStreamer"]
+__all__ = ["HoldBack", "SafeTextStreamer"]
+
+
+class HoldBack:
+    """Which of a row's generated tokens a stream may show (batch of one row).
+
+    At most ``hold`` tokens stay held while the row is not mid-alarm: under sparse schedules
+    the oldest unchecked tokens are released beyond that. While an alarm is pending (a check
+    hit, fewer than ``tau`` so far) nothing is released, and when the row switches to refusal
+    the held (flagged) tokens are dropped, never shown; from then on every token (the refusal
+    prefix and the justification) is released at once. At :meth:`end` held tokens are released
+    unless an alarm is pending.
+
+    :meth:`put`, :meth:`update` and :meth:`end` return the tokens released by that call.
+    """
+
+    def __init__(self, hold: int = 3):
+        if not isinstance(hold, int) or hold < 0:
+            raise ValueError(f"hold must be an int >= 0, got {hold!r}")
+        self.hold = hold
+        self.pending: list[int] = []
+        self.n_put = 0  # generated tokens received
+        self.n_out = 0  # generated tokens released or dropped
+        self.alarm = False
+        self.refused = False
+        self.dropped: list[int] = []  # flagged tokens that were never shown
+
+    def put(self, ids: list[int]) -> list[int]:
+        self.n_put += len(ids)
+        if self.refused:
+            return self._out(list(ids))
+        self.pending.extend(ids)
+        if self.alarm:
+            return []
+        return self._out(self._take(len(self.pending) - self.hold))
+
+    def update(self, *, checked: bool, benign: bool, refused: bool, seen: int) -> list[int]:
+        """A check that saw ``seen`` generated tokens ran (``checked``) with a benign outcome
+        (``benign``); ``refused``: the row now refuses (its held tokens are dropped)."""
+        if refused and not self.refused:
+            self.refused = True
+            self.dropped.extend(self.pending)
+            self.n_out += len(self.pending)
+            self.pending = []
+            return []
+        if self.refused or not checked:
+            return []
+        self.alarm = not benign
+        return self._out(self._take(seen - self.n_out)) if benign else []
+
+    def end(self) -> list[int]:
+        if self.alarm or self.refused:
+            self.dropped.extend(self.pending)
+            self.n_out += len(self.pending)
+            self.pending = []
+            return []
+        return self._out(self._take(len(self.pending)))
+
+    def _take(self, k: int) -> list[int]:
+        k = max(0, min(k, len(self.pending)))
+        ids, self.pending = self.pending[:k], self.pending[k:]
+        return ids
+
+    def _out(self, ids: list[int]) -> list[int]:
+        self.n_out += len(ids)
+        return ids
 
 
 class SafeTextStreamer(TextStreamer):
-    """Streams generated text like :class:`transformers.TextStreamer` (batch 1), gated by safety.
-
-    Generated tokens are held back until a safety check that saw them came back benign; then
-    they are released (printed through ``TextStreamer``'s word-boundary logic). At most
-    ``hold`` tokens (default ``SafetyConfig.tau``, i.e. 3) stay held while the row is not
-    mid-alarm: under sparse schedules the oldest unchecked tokens are released beyond that.
-    While an alarm is pending (a check hit, fewer than ``tau`` so far) nothing is released, and
-    when the row switches to refusal the held-back (flagged) tokens are discarded, never printed;
-    the refusal prefix and the justification stream normally after ``refusal_notice``.
-    At ``end()`` held tokens are released unless an alarm is pending.
+    """Streams generated text like :class:`transformers.TextStreamer` (batch 1), gated by safety:
+    only the tokens :class:`HoldBack` releases are printed (through ``TextStreamer``'s
+    word-boundary logic); the refusal prefix and the justification stream normally after
+    ``refusal_notice``.
 
     Used with ``model.generate(..., safety=cfg, streamer=SafeTextStreamer(tok))``; with stock
     ``generate`` (no safety updates) it only delays text by ``hold`` tokens.
@@ -25,7 +89,7 @@ class SafeTextStreamer(TextStreamer):
     Args:
         tokenizer: the tokenizer used to decode.
         skip_prompt: do not print the prompt.
-        hold: tokens held back at most (``None``: ``tau`` of the generation's config, or 3).
+        hold: tokens held back at most (``None``: 3, ``SafetyConfig.tau``'s default).
         refusal_notice: text printed when the row flips to refusal (default none).
         decode_kwargs: passed to ``tokenizer.decode``.
     """
@@ -33,17 +97,26 @@ class SafeTextStreamer(TextStreamer):
     def __init__(self, tokenizer, skip_prompt: bool = False, hold: int | None = None,
                  refusal_notice: str = "", **decode_kwargs):
         super().__init__(tokenizer, skip_prompt=skip_prompt, **decode_kwargs)
-        if hold is not None and (not isinstance(hold, int) or hold < 0):
-            raise ValueError(f"hold must be an int >= 0, got {hold!r}")
-        self.hold = 3 if hold is None else hold
+        self.gate = HoldBack(3 if hold is None else hold)
         self.refusal_notice = refusal_notice
-        self._pending: list[int] = []
-        self._n_put = 0  # generated tokens received
-        self._n_out = 0  # generated tokens released (or dropped)
-        self._alarm = False
         self._got_prompt = False
-        self.refused = False
-        self.dropped: list[int] = []  # flagged tokens that were never printed
+
+    @property
+    def hold(self) -> int:
+        return self.gate.hold
+
+    @property
+    def refused(self) -> bool:
+        return self.gate.refused
+
+    @property
+    def dropped(self) -> list[int]:
+        """Flagged tokens that were never printed."""
+        return self.gate.dropped
+
+    @property
+    def _pending(self) -> list[int]:
+        return self.gate.pending
 
     # ------------------------------------------------------------------ HF streamer API
     def put(self, value):
@@ -51,47 +124,25 @@ class SafeTextStreamer(TextStreamer):
             raise ValueError("SafeTextStreamer only supports batch size 1")
         if not self._got_prompt:  # the first put is the prompt (TextStreamer prints or skips it)
             self._got_prompt = True
+            self.gate = HoldBack(self.gate.hold)  # a new stream; the last one's state stays readable
             return super().put(value)
-        ids = value.reshape(-1).tolist()
-        self._n_put += len(ids)
-        if self.refused:
-            self._release(ids)
-            return
-        self._pending.extend(ids)
-        self._overflow()
+        self._release(self.gate.put(value.reshape(-1).tolist()))
 
     def end(self):
-        if not self._alarm and not self.refused:
-            self._release(self._pending)
-        else:
-            self.dropped.extend(self._pending)
-        self._pending = []
+        self._release(self.gate.end())
         super().end()
         self._got_prompt = False
-        self._n_put = self._n_out = 0
-        self._alarm = False
 
     # ------------------------------------------------------------------ safety updates
     def safety_update(self, *, checked: bool, benign: bool, refused: bool, seen: int) -> None:
-        """Called by safe generation after each step: a check that saw ``seen`` generated
-        tokens ran (``checked``) with a benign outcome (``benign``); ``refused``: the row now
-        refuses."""
-        if refused and not self.refused:
-            self.refused = True
-            self.dropped.extend(self._pending)
-            self._n_out += len(self._pending)
-            self._pending = []
+        """Called by safe generation after each step (see :meth:`HoldBack.update`)."""
+        was = self.gate.refused
+        self._release(self.gate.update(checked=checked, benign=benign, refused=refused,
+                                       seen=seen))
+        if self.gate.refused and not was:
             self._flush()  # print what was released before the refusal
             if self.refusal_notice:
                 self.on_finalized_text(self.refusal_notice)
-            return
-        if self.refused or not checked:
-            return
-        self._alarm = not benign
-        if benign:
-            k = max(0, min(seen - self._n_out, len(self._pending)))
-            self._release(self._pending[:k])
-            self._pending = self._pending[k:]
 
     # ------------------------------------------------------------------ internals
     def _flush(self) -> None:
@@ -100,15 +151,6 @@ class SafeTextStreamer(TextStreamer):
             self.on_finalized_text(text[self.print_len:])
             self.token_cache, self.print_len = [], 0
 
-    def _overflow(self) -> None:
-        if self._alarm:
-            return
-        extra = len(self._pending) - self.hold
-        if extra > 0:
-            self._release(self._pending[:extra])
-            self._pending = self._pending[extra:]
-
     def _release(self, ids: list[int]) -> None:
         if ids:
-            self._n_out += len(ids)
             super().put(torch.tensor(ids))
