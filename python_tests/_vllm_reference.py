@@ -49,6 +49,17 @@ def tiny_safe_model(family: str, seed: int = 0):
     return model, tok
 
 
+class _Printed(safeattn.SafeTextStreamer):
+    """What ``SafeTextStreamer`` prints (the streaming reference for the server)."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.text = []
+
+    def on_finalized_text(self, text, stream_end=False):
+        self.text.append(text)
+
+
 def main(spec_path, out_dir):
     spec = json.loads(Path(spec_path).read_text())
     torch.set_num_threads(1)
@@ -76,11 +87,13 @@ def main(spec_path, out_dir):
                     rows.append({"ids": out[0, n:].tolist()})
                     continue
                 # eos_token_id: stop at EOS only, as vLLM does with these generation configs
+                streamer = _Printed(tok, skip_prompt=True, skip_special_tokens=True)
                 out = safeattn.generate(model, tok, [prompt], safety=safeattn.SafetyConfig(**case),
                                         max_new_tokens=spec["max_tokens"], do_sample=False,
-                                        eos_token_id=tok.eos_token_id)
+                                        eos_token_id=tok.eos_token_id, streamer=streamer)
                 s = out.safety[0]
                 rows.append({"ids": out[0, n:].tolist(), "p": s.p, "checked": s.checked,
+                             "streamed": "".join(streamer.text),
                              "mode": s.mode, "refusal_step": s.refusal_step,
                              "alarm_step": s.alarm_step,
                              "q_span": [int(enc["q_span"][0, 0]) - 1,

@@ -271,10 +271,11 @@ def server(refs):
            "--served-model-name", "m", "--host", "127.0.0.1",
            "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", "256",
            "--gpu-memory-utilization", "0.1", "--logits-processors", sv.PROCESSOR,
-           "--hf-overrides", json.dumps(kw["hf_overrides"])]
+           "--middleware", sv.MIDDLEWARE, "--hf-overrides", json.dumps(kw["hf_overrides"])]
     log = open(refs / "server.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+                            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1",
+                                 "SAFEATTN_STREAM_DIR": str(refs / "streams")})
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(300):
@@ -327,6 +328,60 @@ def test_server_chat(server):
     assert status == 200, out
     assert _cut(out["choices"][0]["token_ids"], ref["eos"]) == _cut(ref["cases"][-1][1]["ids"],
                                                                     ref["eos"])
+
+
+def _stream(url, body):
+    """A streamed request -> the text of each server-sent event's first choice."""
+    import urllib.request
+
+    req = urllib.request.Request(url, data=json.dumps({**body, "stream": True}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        raw = r.read().decode()
+    texts = []
+    for ev in raw.split("\n\n"):
+        if ev.startswith("data: {"):
+            for c in json.loads(ev[6:])["choices"]:
+                texts.append((c.get("delta") or {}).get("content") or c.get("text") or "")
+    return texts
+
+
+def _bare(s):
+    """Text without whitespace: the two venvs' transformers detokenize the spaces around
+    punctuation differently (" ," vs ","); every other character is compared."""
+    return "".join(s.split())
+
+
+def test_server_streams_only_cleared_text(server, refs):
+    """A streamed chat response shows what SafeTextStreamer shows in HF for the same row (the
+    held, flagged tokens of a refused row never reach the client), and it streams as it goes."""
+    url, ref = server
+    rows = ref["cases"][0]
+    for i in range(len(PROMPTS)):
+        body = {k: v for k, v in _chat(PROMPTS[i]).items() if k != "return_token_ids"}
+        texts = _stream(url + "/v1/chat/completions", body)
+        assert _bare("".join(texts)) == _bare(rows[i]["streamed"]), i
+        if rows[i]["refusal_step"] is None and len(rows[i]["ids"]) > 6:
+            assert sum(bool(t) for t in texts) > 2, (i, texts)  # not all at the end
+    assert any(r["refusal_step"] not in (0, None) for r in rows)  # a mid-answer refusal
+    off = {k: v for k, v in _chat(PROMPTS[1], vllm_xargs={"safety": "false"}).items()
+           if k != "return_token_ids"}
+    status, whole = _post(url + "/v1/chat/completions", off)
+    assert "".join(_stream(url + "/v1/chat/completions", off)) == \
+        whole["choices"][0]["message"]["content"]
+    import time
+
+    for _ in range(50):  # the server drops a state just after the stream's last bytes
+        if not list((refs / "streams").iterdir()):
+            break
+        time.sleep(0.1)
+    assert not list((refs / "streams").iterdir())  # each state went with its stream
+
+
+def test_server_stream_with_logprobs_is_400(server):
+    url, _ = server
+    status, out = _post(url + "/v1/chat/completions", _chat(PROMPTS[0], stream=True, logprobs=True))
+    assert status == 400 and "logprobs" in json.dumps(out), out
 
 
 def test_server_bad_safety_is_400(server):

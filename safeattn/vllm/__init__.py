@@ -5,14 +5,18 @@
 - :func:`engine_kwargs` gives the ``LLM(...)`` arguments that select a wrapper, the safety files
   and the logits processor; :func:`requests` builds prompts + ``SamplingParams`` with the
   ``q_span`` safeattn's own template gives; :func:`trace` hands back a request's trace.
+- :data:`MIDDLEWARE` (the server's ``--middleware``) streams only text the checks cleared.
 
 Only this module's names load without vLLM; the wrappers and the processor import it.
 """
 from __future__ import annotations
 
-__all__ = ["register", "engine_kwargs", "requests", "trace", "PROCESSOR", "ARCHITECTURE"]
+__all__ = ["register", "engine_kwargs", "requests", "trace", "PROCESSOR", "MIDDLEWARE",
+           "ARCHITECTURE"]
 
 PROCESSOR = "safeattn.vllm.logits:SafetyLogitsProcessor"
+#: ``--middleware`` of the server: streamed responses show only cleared text (serving.py).
+MIDDLEWARE = "safeattn.vllm.serving.SafeStreamMiddleware"
 #: ``config.model_type`` -> the wrapper's architecture name.
 ARCHITECTURE = {"gemma3_text": "SafeattnGemma3ForCausalLM", "llama": "SafeattnLlamaForCausalLM"}
 

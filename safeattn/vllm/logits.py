@@ -30,6 +30,7 @@ from ..generation import (MODE_NAMES, REFUSAL, RowSafety, SafetyConfig, SafetyOu
 from ..ops import BENIGN, TRANSITION
 from .models import bridge_for, options
 from .probe import Plan
+from .serving import STREAM_ARG, StreamGate, publish, valid_key
 
 logger = logging.getLogger("safeattn")
 
@@ -101,6 +102,7 @@ class RequestSafety:
         self.done = False  # refused, and nothing is left to force: no more plan rows
         self.p: dict[int, float] = {}
         self.modes: dict[int, int] = {}
+        self.stream: StreamGate | None = None  # a streamed server request (serving.py)
 
     def due(self, n: int) -> bool:
         if self.refused:
@@ -261,13 +263,16 @@ class SafetyLogitsProcessor(LogitsProcessor):
         return first, n
 
     def _state(self, params, prompt_ids, output_ids) -> RequestSafety | None:
-        key = id(params)
-        st = self.states.get(key)
+        st = self.states.get(id(params))
         if st is not None:  # a preempted (or unscheduled) request coming back
             STATS["resumed"] += 1
             return st
-        parsed = parse_safety((params.extra_args or {}).get("safety"), self.default)
+        extra = params.extra_args or {}
+        parsed = parse_safety(extra.get("safety"), self.default)
+        key = extra.get(STREAM_ARG)
         if parsed is None:
+            if valid_key(key):
+                publish(key, {"off": True})
             return None
         cfg, extras = parsed
         br = bridge_for(self.vllm_config)
@@ -279,8 +284,10 @@ class SafetyLogitsProcessor(LogitsProcessor):
         st = RequestSafety(cfg, extras, prompt_ids, output_ids,
                            self._refusal_ids(cfg.refusal_prefix),
                            params.max_tokens or self.max_len, self._default_span(prompt_ids))
-        self.states[key] = st
-        weakref.finalize(params, self.states.pop, key, None)
+        if valid_key(key):
+            st.stream = StreamGate(key, cfg.stream_hold, self.tokenizer, prompt_ids)
+        self.states[id(params)] = st
+        weakref.finalize(params, self.states.pop, id(params), None)
         if st.id is not None:
             TRACES[st.id] = st
             while len(TRACES) > MAX_TRACES:
@@ -326,8 +333,21 @@ class SafetyLogitsProcessor(LogitsProcessor):
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         br = bridge_for(self.vllm_config)
-        if br is None or br.plan is None or br.complete is None:
-            return logits
+        if br is not None and br.plan is not None and br.complete is not None:
+            self._step(br, logits)
+        self._publish()
+        return logits
+
+    def _publish(self) -> None:
+        """Each streamed request's cleared text, before this step's token is sampled."""
+        for s in self.rows.values():
+            if s.stream is not None:
+                n = len(s.output_ids)
+                s.stream.step(s.output_ids, n, checked=n in s.p,
+                              benign=s.mode == BENIGN and not s.refused, refused=s.refused)
+
+    def _step(self, br, logits: torch.Tensor) -> None:
+        """The checks of this step (``safety_step``) and the forced refusal tokens."""
         plan, complete = br.plan, br.complete
         checked = (complete & br.due).nonzero().flatten().tolist()
         if checked:
@@ -348,4 +368,3 @@ class SafetyLogitsProcessor(LogitsProcessor):
             if s.fpos >= len(s.refusal) and getattr(s.cfg, "refusal_end", "free") != "sentence":
                 s.done = True  # the prefix is out; the model writes on freely
         br.post_plan(None, None, None)
-        return logits

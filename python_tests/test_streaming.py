@@ -1,0 +1,254 @@
+"""Streaming hold-back: ``HoldBack`` (the contract), the engine's ``StreamGate`` and the
+server's ``SafeStreamMiddleware`` (plain ASGI, driven here by a fake vLLM app; the real server
+is in test_vllm.py)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _hf_tiny import tiny_tokenizer  # noqa: E402
+from safeattn.streaming import HoldBack  # noqa: E402
+from safeattn.vllm import serving  # noqa: E402
+
+WORDS = "how do i bake bread make a bomb tell me about the weather".split()
+SORRY = "sorry cannot fulfill your request".split()
+
+
+def test_holdback_holds_at_most_hold_tokens():
+    g = HoldBack(2)
+    assert g.put([1]) == [] and g.put([2]) == [] and g.put([3]) == [1]
+    assert g.update(checked=True, benign=True, refused=False, seen=3) == [2, 3]
+    assert g.put([4]) == [] and g.end() == [4] and g.dropped == []
+
+
+def test_holdback_pending_alarm_holds_everything_and_refusal_drops_it():
+    g = HoldBack(1)
+    g.put([1])
+    assert g.update(checked=True, benign=True, refused=False, seen=1) == [1]
+    g.put([2])
+    assert g.update(checked=True, benign=False, refused=False, seen=2) == []
+    assert g.put([3]) == [] and g.put([4]) == []  # beyond hold, but the alarm holds them
+    assert g.update(checked=True, benign=False, refused=True, seen=4) == []
+    assert g.dropped == [2, 3, 4]
+    assert g.put([9]) == [9]  # the refusal streams at once
+    assert g.end() == []
+
+
+def test_holdback_end_drops_under_a_pending_alarm():
+    g = HoldBack(3)
+    g.put([1, 2])
+    g.update(checked=True, benign=False, refused=False, seen=2)
+    assert g.end() == [] and g.dropped == [1, 2]
+
+
+@pytest.mark.parametrize("hold", [-1, 1.5, None])
+def test_holdback_bad_hold(hold):
+    with pytest.raises(ValueError, match="hold"):
+        HoldBack(hold)
+
+
+def test_visible():
+    v = serving.visible
+    assert v("abc", None, False) == "" and v("abc", None, True) == ""
+    assert v("abc", {"off": True}, False) == "abc"
+    st = {"before": "ab", "after": "", "refused": False, "alarm": False}
+    assert v("abc", st, False) == "ab" and v("a", st, False) == "a" and v("abc", st, True) == "abc"
+    assert v("abc", {**st, "alarm": True}, True) == "ab"
+    assert v(" a b", {**st, "before": "a"}, False) == " a"  # leading space: decoded apart
+    assert v("xbc", st, False) == ""
+    ref = {"before": "a", "after": " sorry", "refused": True, "alarm": True, "seen": "a b sorry"}
+    assert v("a b sorry x", ref, False) == "a sorry"
+    assert v("a b sorry x", ref, True) == "a sorry x"  # the tokens after the last state
+    assert v(" a b sorry x", ref, True) == " a sorry x"
+
+
+# --------------------------------------------------------------------------- a fake engine
+class FakeEngine:
+    """Streams ``words`` like vLLM: each step publishes the StreamGate state (the check at that
+    step saw every earlier token), then sends the step's token as a chunk. Checks are benign
+    except at ``alarms``; ``refuse_at``: the step whose check completes the alarm run, after
+    which the refusal words are forced."""
+
+    def __init__(self, words, alarms=(), refuse_at=None, kind="chat", hold=3):
+        self.tok = tiny_tokenizer()
+        self.words, self.alarms, self.refuse_at = list(words), set(alarms), refuse_at
+        self.kind, self.hold = kind, hold
+        self.bodies = []
+
+    def ids(self, words):
+        return self.tok.convert_tokens_to_ids(words)
+
+    def tokens(self):
+        if self.refuse_at is None:
+            return self.ids(self.words)
+        return self.ids(self.words[:self.refuse_at]) + self.ids(SORRY)
+
+    async def __call__(self, scope, receive, send):
+        msg = await receive()
+        req = json.loads(msg["body"])
+        self.bodies.append(req)
+        key = (req.get("vllm_xargs") or {}).get(serving.STREAM_ARG)
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        out = self.tokens()
+        gate = serving.StreamGate(key, self.hold, self.tok, self.ids(["me"])) if key \
+            else None
+        refused = False
+        for n in range(len(out)):
+            refused = refused or (self.refuse_at is not None and n >= self.refuse_at)
+            if gate is not None:
+                gate.step(out, n, checked=not refused, benign=n not in self.alarms,
+                          refused=refused)
+            text = " " + self.tok.convert_ids_to_tokens(out[n])
+            final = "length" if n == len(out) - 1 else None
+            if self.kind == "chat":
+                choice = {"index": 0, "delta": {"content": text}, "finish_reason": final}
+            else:
+                choice = {"index": 0, "text": text, "finish_reason": final}
+            event = b"data: " + json.dumps({"choices": [choice]}).encode() + b"\n\n"
+            # split an event across two body messages, as a network write may
+            await send({"type": "http.response.body", "body": event[:7], "more_body": True})
+            await send({"type": "http.response.body", "body": event[7:], "more_body": True})
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n",
+                    "more_body": False})
+
+
+def _call(app, body: dict, path="/v1/chat/completions"):
+    """Run the middleware over ``app`` -> (status, [text per event], raw body)."""
+    mw = serving.SafeStreamMiddleware(app)
+    sent = []
+    data = json.dumps(body).encode()
+
+    async def receive():
+        return {"type": "http.request", "body": data, "more_body": False}
+
+    async def send(msg):
+        sent.append(msg)
+
+    scope = {"type": "http", "method": "POST", "path": path,
+             "headers": [(b"content-type", b"application/json"),
+                         (b"content-length", str(len(data)).encode())]}
+    asyncio.run(mw(scope, receive, send))
+    status = sent[0]["status"]
+    raw = b"".join(m.get("body", b"") for m in sent[1:])
+    texts = []
+    for ev in raw.split(b"\n\n"):
+        if ev.startswith(b"data: {"):
+            c = json.loads(ev[6:])["choices"][0]
+            texts.append(c["delta"].get("content") if "delta" in c else c["text"])
+    return status, texts, raw
+
+
+@pytest.fixture(autouse=True)
+def _stream_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAFEATTN_STREAM_DIR", str(tmp_path / "streams"))
+    return tmp_path / "streams"
+
+
+def _norm(s):
+    return " ".join(s.split())
+
+
+@pytest.mark.parametrize("kind,path", [("chat", "/v1/chat/completions"),
+                                       ("completion", "/v1/completions")])
+def test_benign_stream_is_incremental_and_complete(kind, path, _stream_dir):
+    eng = FakeEngine(WORDS, kind=kind)
+    status, texts, _ = _call(eng, {"stream": True, "vllm_xargs": {"safety": "{}"}}, path)
+    assert status == 200
+    assert _norm("".join(texts)) == " ".join(WORDS)
+    # the hold: a token is shown once the next check clears it, never ahead of its check
+    shown = [len("".join(texts[:i + 1]).split()) for i in range(len(texts))]
+    assert shown[:-1] == [max(0, i) for i in range(len(texts) - 1)]
+    assert eng.bodies[0]["vllm_xargs"]["safety"] == "{}"  # the client's xargs are kept
+    assert list(_stream_dir.iterdir()) == []  # the state is removed with the stream
+
+
+def test_flagged_tokens_are_never_streamed():
+    # checks at steps 5, 6, 7 alarm (they saw tokens up to 4, 5, 6): the row refuses at step 7
+    eng = FakeEngine(WORDS, alarms={5, 6, 7}, refuse_at=7)
+    status, texts, _ = _call(eng, {"stream": True})
+    assert status == 200
+    got = _norm("".join(texts))
+    assert got == " ".join(WORDS[:4] + SORRY)  # words 4..6 were seen only by alarming checks
+    for i, _ in enumerate(texts):  # at no point did a flagged word reach the client
+        assert not set("".join(texts[:i + 1]).split()) & set(WORDS[4:7])
+
+
+def test_alarm_pending_at_the_end_drops_the_held_tokens():
+    eng = FakeEngine(WORDS[:6], alarms={5})
+    _, texts, _ = _call(eng, {"stream": True})
+    assert _norm("".join(texts)) == " ".join(WORDS[:4])
+
+
+def test_state_missing_withholds_the_text():
+    class Unchecked(FakeEngine):  # a server without the logits processor: nothing published
+        async def __call__(self, scope, receive, send):
+            async def strip():
+                msg = await receive()
+                req = json.loads(msg["body"])
+                req["vllm_xargs"].pop(serving.STREAM_ARG)
+                return {**msg, "body": json.dumps(req).encode()}
+            return await super().__call__(scope, strip, send)
+
+    _, texts, _ = _call(Unchecked(WORDS), {"stream": True})
+    assert "".join(texts) == ""
+
+
+@pytest.mark.parametrize("field,value", [("logprobs", True), ("top_logprobs", 2), ("n", 2),
+                                         ("echo", True), ("return_token_ids", True)])
+def test_streamed_request_that_would_leak_is_400(field, value):
+    eng = FakeEngine(WORDS)
+    status, _, raw = _call(eng, {"stream": True, field: value})
+    assert status == 400 and field in json.loads(raw)["error"]["message"]
+    assert eng.bodies == []
+
+
+def test_non_streamed_requests_pass_without_a_stream_key():
+    eng = FakeEngine(WORDS[:3])
+    status, texts, _ = _call(eng, {"vllm_xargs": {serving.STREAM_ARG: "0" * 32, "x": 1}})
+    assert status == 200 and eng.bodies[0]["vllm_xargs"] == {"x": 1}
+    assert _norm("".join(texts)) == " ".join(WORDS[:3])  # no gate: the app's text as it is
+
+
+def test_other_paths_pass_untouched():
+    eng = FakeEngine(WORDS[:3])
+    status, texts, _ = _call(eng, {"stream": True}, path="/v1/other")
+    assert status == 200 and _norm("".join(texts)) == " ".join(WORDS[:3])
+    assert serving.STREAM_ARG not in (eng.bodies[0].get("vllm_xargs") or {})
+
+
+@pytest.mark.parametrize("key", ["../x", "A" * 32, 3, None])
+def test_only_well_formed_keys_name_a_file(key):
+    assert not serving.valid_key(key)
+
+
+def test_later_receives_wait_on_the_client():
+    """vLLM watches ``receive`` for a disconnect while it generates: after the body, the app
+    must get the client's own messages, not an instant disconnect."""
+    got = []
+
+    async def app(scope, receive, send):
+        got.append(await receive())
+        got.append(await receive())
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    msgs = [{"type": "http.request", "body": b'{"stream": false}', "more_body": False},
+            {"type": "http.disconnect", "from": "client"}]
+
+    async def receive():
+        return msgs.pop(0)
+
+    async def send(msg):
+        pass
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": []}
+    asyncio.run(serving.SafeStreamMiddleware(app)(scope, receive, send))
+    assert json.loads(got[0]["body"]) == {"stream": False, "vllm_xargs": None}
+    assert got[1] == {"type": "http.disconnect", "from": "client"}

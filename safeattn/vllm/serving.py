@@ -1,0 +1,307 @@
+"""Streaming hold-back for the vLLM server: a streamed response shows only cleared text.
+
+The contract is :class:`safeattn.streaming.HoldBack`'s (the one ``SafeTextStreamer`` keeps in
+HF): generated tokens are held until a check that saw them comes back benign, flagged tokens
+are dropped when the row refuses, and the refusal streams on. Two pieces keep it:
+
+- in the engine, the logits processor runs a :class:`StreamGate` per streamed request and
+  publishes, every step and before that step's token is sampled, the text the stream may show
+  (:func:`publish`);
+- in the API server, :class:`SafeStreamMiddleware` (``--middleware
+  safeattn.vllm.serving.SafeStreamMiddleware``) tags each streamed completion request with a
+  key (``vllm_xargs["safeattn_stream"]``) and rewrites the text of every chunk it sends to
+  what the latest published state allows (:func:`visible`).
+
+The two meet in a folder both processes see (``$SAFEATTN_STREAM_DIR``, default a per-user
+folder under the temp dir): one host. A chunk's token is sampled after the state that covers
+its step was written, so the server never waits for the engine. Streamed requests cannot ask
+for ``logprobs``, ``token_ids``, ``echo`` or ``n > 1`` (they would show held tokens, or the
+stream could not be matched to one request's state): a 400 says so.
+
+This module does not import vLLM (the middleware is plain ASGI).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+import uuid
+from pathlib import Path
+
+from ..streaming import HoldBack
+
+__all__ = ["STREAM_ARG", "StreamGate", "SafeStreamMiddleware", "publish", "read", "visible"]
+
+logger = logging.getLogger("safeattn")
+
+#: The ``vllm_xargs`` key that names a streamed request's published state.
+STREAM_ARG = "safeattn_stream"
+_KEY = re.compile(r"[0-9a-f]{32}")
+#: The OpenAI endpoints whose streams are gated, and the choice field that carries the text.
+PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
+
+
+# --------------------------------------------------------------------------- the shared folder
+def stream_dir() -> Path:
+    return Path(os.environ.get("SAFEATTN_STREAM_DIR")
+                or Path(tempfile.gettempdir()) / f"safeattn-stream-{os.getuid()}")
+
+
+def valid_key(key) -> bool:
+    return isinstance(key, str) and _KEY.fullmatch(key) is not None
+
+
+def publish(key: str, state: dict) -> None:
+    """Write a request's state atomically (a reader sees the old or the new one, whole)."""
+    d = stream_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / f".{key}.{os.getpid()}"
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, d / key)
+
+
+def read(key: str) -> dict | None:
+    try:
+        return json.loads((stream_dir() / key).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def discard(key: str) -> None:
+    try:
+        (stream_dir() / key).unlink()
+    except OSError:
+        pass
+
+
+# --------------------------------------------------------------------------- engine side
+class StreamGate:
+    """A streamed request's :class:`HoldBack` in the engine, fed once per step.
+
+    ``state()`` (published) holds the text of the released tokens: ``before`` the refusal (a
+    prefix of the request's text) and ``after`` it (from the refusal prefix on); ``refused``,
+    ``alarm`` and, once refused, ``seen``: the text of every generated token so far, which lets
+    the server find the tokens that come after the last step it covers.
+    """
+
+    def __init__(self, key: str, hold: int, tokenizer, context_ids=()):
+        self.key, self.tokenizer = key, tokenizer
+        self.context = list(context_ids)[-4:]  # decode as vLLM does: after the prompt's tail
+        self.gate = HoldBack(hold)
+        self.before: list[int] = []  # released before the refusal
+        self.after: list[int] = []   # released from the refusal on
+        self.n = -1
+
+    def step(self, output_ids, n: int, *, checked: bool, benign: bool, refused: bool) -> None:
+        """The step that sees ``n`` generated tokens: feed the new ones, then this step's check
+        (``checked``, with a ``benign`` outcome; ``refused``: the row now refuses); publish."""
+        if n == self.n:
+            return
+        self.n = n
+        self._keep(self.gate.put(list(output_ids[self.gate.n_put:n])))
+        self._keep(self.gate.update(checked=checked, benign=benign, refused=refused, seen=n))
+        publish(self.key, self.state(output_ids[:n]))
+
+    def state(self, output_ids) -> dict:
+        st = {"before": self._text(self.before), "after": self._text(self.after),
+              "refused": self.gate.refused, "alarm": self.gate.alarm}
+        if self.gate.refused:
+            st["seen"] = self._text(output_ids)
+        return st
+
+    def _keep(self, ids: list[int]) -> None:
+        (self.after if self.gate.refused else self.before).extend(ids)
+
+    def _text(self, ids) -> str:
+        if not ids:
+            return ""
+        dec = lambda t: self.tokenizer.decode(t, skip_special_tokens=True)  # noqa: E731
+        base, full = dec(self.context), dec(self.context + list(ids))
+        text = full[len(base):] if full.startswith(base) else dec(list(ids))
+        return text.rstrip("\ufffd")  # an incomplete UTF-8 sequence waits for its next token
+
+
+# --------------------------------------------------------------------------- server side
+def _covered(a: str, text: str) -> tuple[int, bool]:
+    """How much of ``text`` ``a`` spells: (the length of that prefix of ``text``, whether all of
+    ``a`` matched). Leading whitespace is not compared: the engine decodes a request's tokens
+    after the prompt's tail, the server's detokenizer may not."""
+    la, lt = len(a) - len(a.lstrip()), len(text) - len(text.lstrip())
+    a, rest = a[la:], text[lt:]
+    n = min(len(a), len(rest))
+    i = next((i for i in range(n) if a[i] != rest[i]), n)
+    return (lt + i if i else 0), i == len(a)
+
+
+def visible(text: str, state: dict | None, final: bool) -> str:
+    """The part of a stream's ``text`` (all that vLLM generated so far) that may be shown,
+    given the engine's latest ``state`` (``None``: none published yet; ``{"off": true}``:
+    the request is not checked); ``final``: the request finished."""
+    if state is None:
+        return ""
+    if state.get("off"):
+        return text
+    before = text[:_covered(state["before"], text)[0]]
+    if state["refused"]:
+        k, whole = _covered(state["seen"], text)
+        return before + state["after"] + (text[k:] if final and whole else "")
+    if final and not state["alarm"]:
+        return text  # the tokens after the last check go out at the end (HoldBack.end)
+    return before
+
+
+class _Stream:
+    """One streamed response: what vLLM generated, what the client was sent."""
+
+    def __init__(self, key: str, kind: str):
+        self.key, self.kind = key, kind
+        self.text = self.sent = ""
+
+    def rewrite(self, event: dict) -> None:
+        for choice in event.get("choices") or ():
+            if self.kind == "chat":
+                delta = choice.get("delta") or {}
+                got = delta.get("content")
+            else:
+                delta, got = None, choice.get("text")
+            self.text += got or ""
+            final = choice.get("finish_reason") is not None
+            state = read(self.key)
+            if final and state is None:
+                logger.warning("safeattn: no safety state for streamed request %s; its text is "
+                               "withheld (is the logits processor loaded?)", self.key)
+            show = visible(self.text, state, final)
+            out = show[len(self.sent):] if show.startswith(self.sent) else ""
+            self.sent += out
+            if delta is not None:
+                if got is not None or out:
+                    delta["content"] = out
+            else:
+                choice["text"] = out
+
+
+def _error(message: str) -> bytes:
+    return json.dumps({"error": {"message": message, "type": "BadRequestError", "param": None,
+                                 "code": 400}}).encode()
+
+
+def _refusal(req: dict) -> str | None:
+    """Why a streamed request cannot be gated, or None."""
+    if req.get("n") not in (None, 1):
+        return "n > 1"
+    for field in ("logprobs", "top_logprobs", "echo", "return_token_ids",
+                  "prompt_logprobs"):
+        if req.get(field):
+            return field
+    return None
+
+
+class SafeStreamMiddleware:
+    """ASGI middleware (``vllm serve ... --middleware
+    safeattn.vllm.serving.SafeStreamMiddleware``) that gates streamed chat and completion
+    responses by the safety checks; other requests pass unchanged."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        kind = PATHS.get(scope.get("path")) if scope.get("type") == "http" and \
+            scope.get("method") == "POST" else None
+        if kind is None:
+            return await self.app(scope, receive, send)
+        body, more = b"", True
+        while more:
+            msg = await receive()
+            if msg["type"] != "http.request":  # the client left while sending
+                return
+            body += msg.get("body", b"")
+            more = msg.get("more_body", False)
+        try:
+            req = json.loads(body)
+        except ValueError:
+            req = None
+        xargs = req.get("vllm_xargs") if isinstance(req, dict) else None
+        if not isinstance(req, dict) or not isinstance(xargs, (dict, type(None))):
+            return await self.app(scope, _replay(body, receive), send)  # vLLM answers it
+        xargs = dict(xargs or {})
+        xargs.pop(STREAM_ARG, None)  # only this middleware names a stream
+        if not req.get("stream"):
+            req["vllm_xargs"] = xargs or None
+            return await self._forward(scope, req, receive, send)
+        why = _refusal(req)
+        if why is not None:
+            return await _send_400(send, f"safeattn: a streamed request cannot ask for {why} "
+                                         f"(it would show tokens no safety check has cleared)")
+        stream = _Stream(uuid.uuid4().hex, kind)
+        req["vllm_xargs"] = {**xargs, STREAM_ARG: stream.key}
+        try:
+            await self._forward(scope, req, receive, _gated(send, stream))
+        finally:
+            discard(stream.key)
+
+    async def _forward(self, scope, req: dict, receive, send):
+        body = json.dumps(req).encode()
+        headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
+        headers.append((b"content-length", str(len(body)).encode()))
+        await self.app({**scope, "headers": headers}, _replay(body, receive), send)
+
+
+def _replay(body: bytes, receive):
+    """``receive`` with the request body, already read, given once again; later calls wait on
+    the client (a server watches them for a disconnect)."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+async def _send_400(send, message: str) -> None:
+    body = _error(message)
+    await send({"type": "http.response.start", "status": 400,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _gated(send, stream: _Stream):
+    """``send`` with each server-sent event's text rewritten (a 200 event stream only)."""
+    buf, gate = b"", False
+
+    async def wrapped(msg):
+        nonlocal buf, gate
+        if msg["type"] == "http.response.start":
+            ctype = dict((k.lower(), v) for k, v in msg.get("headers", [])).get(b"content-type",
+                                                                                 b"")
+            gate = msg.get("status") == 200 and ctype.startswith(b"text/event-stream")
+            return await send(msg)
+        if msg["type"] != "http.response.body" or not gate:
+            return await send(msg)
+        buf += msg.get("body", b"")
+        *events, buf = buf.split(b"\n\n")
+        if not msg.get("more_body", False) and buf:
+            events.append(buf)
+            buf = b""
+        out = b"".join(_rewrite_event(e, stream) + b"\n\n" for e in events)
+        await send({**msg, "body": out})
+
+    return wrapped
+
+
+def _rewrite_event(event: bytes, stream: _Stream) -> bytes:
+    if not event.startswith(b"data: ") or event.strip() == b"data: [DONE]":
+        return event
+    try:
+        data = json.loads(event[len(b"data: "):])
+    except ValueError:
+        return event
+    if isinstance(data, dict):
+        stream.rewrite(data)
+    return b"data: " + json.dumps(data).encode()
