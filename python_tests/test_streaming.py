@@ -104,7 +104,7 @@ class FakeEngine:
             refused = refused or (self.refuse_at is not None and n >= self.refuse_at)
             if gate is not None:
                 gate.step(out, n, checked=not refused, benign=n not in self.alarms,
-                          refused=refused)
+                          refused=refused, trace={"p": [0.0] * (n + 1), "steps": n})
             text = " " + self.tok.convert_ids_to_tokens(out[n])
             final = "length" if n == len(out) - 1 else None
             if self.kind == "chat":
@@ -209,11 +209,42 @@ def test_streamed_request_that_would_leak_is_400(field, value):
     assert eng.bodies == []
 
 
-def test_non_streamed_requests_pass_without_a_stream_key():
-    eng = FakeEngine(WORDS[:3])
-    status, texts, _ = _call(eng, {"vllm_xargs": {serving.STREAM_ARG: "0" * 32, "x": 1}})
-    assert status == 200 and eng.bodies[0]["vllm_xargs"] == {"x": 1}
-    assert _norm("".join(texts)) == " ".join(WORDS[:3])  # no gate: the app's text as it is
+def test_non_streamed_requests_get_their_trace():
+    trace = {"p": [0.1, None], "checked": [True, False], "mode": ["benign", "benign"],
+             "refusal_step": None, "alarm_step": None, "config": {"schedule": "each"},
+             "refusal_ids": []}
+    bodies = []
+
+    async def app(scope, receive, send):  # a non-streamed completion as vLLM answers it
+        req = json.loads((await receive())["body"])
+        bodies.append(req)
+        key = req["vllm_xargs"][serving.TRACE_ARG]
+        gate = serving.StreamGate(key, 3, None, hold_back=False)
+        gate.step([], 0, checked=True, benign=True, refused=False, trace=trace)
+        body = json.dumps({"choices": [{"index": 0, "text": "hi"}]}).encode()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    # a client-sent key is replaced; its other xargs stay
+    status, _, raw = _call(app, {"vllm_xargs": {serving.STREAM_ARG: "0" * 32, "x": 1}},
+                           "/v1/completions")
+    xargs = bodies[0]["vllm_xargs"]
+    assert status == 200 and set(xargs) == {"x", serving.TRACE_ARG}
+    assert serving.valid_key(xargs[serving.TRACE_ARG])
+    out = json.loads(raw)
+    assert out["choices"][0]["text"] == "hi" and out["choices"][0]["safety"] == trace
+    so = serving.trace_output(out["choices"][0]["safety"])
+    assert so[0].checked == [True, False] and so[0].p[0] == 0.1 and so[0].p[1] != so[0].p[1]
+    assert so.config.schedule == "each" and not so[0].refused
+
+
+def test_streamed_trace_comes_in_the_last_chunk():
+    _, _, raw = _call(FakeEngine(WORDS[:4]), {"stream": True})
+    chunks = [json.loads(e[6:]) for e in raw.split(b"\n\n") if e.startswith(b"data: {")]
+    assert [("safety" in c["choices"][0]) for c in chunks] == [False] * 3 + [True]
+    assert chunks[-1]["choices"][0]["safety"]["steps"] == 3
 
 
 def test_other_paths_pass_untouched():
@@ -250,5 +281,5 @@ def test_later_receives_wait_on_the_client():
 
     scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": []}
     asyncio.run(serving.SafeStreamMiddleware(app)(scope, receive, send))
-    assert json.loads(got[0]["body"]) == {"stream": False, "vllm_xargs": None}
+    assert set(json.loads(got[0]["body"])["vllm_xargs"]) == {serving.TRACE_ARG}
     assert got[1] == {"type": "http.disconnect", "from": "client"}

@@ -23,6 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 import safeattn.vllm as sv  # noqa: E402
+from safeattn.vllm import serving  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 PROMPTS = ["how do i bake bread ?", "tell me about the weather today",
@@ -314,20 +315,23 @@ def _chat(prompt, **extra):
 
 
 def test_server_chat(server):
-    """Chat requests get the safeattn tokens: the server default (``each``) on a row that
-    refuses, and a request whose vllm_xargs switch the check off equals plain decoding. The
-    q_span the processor derives from the chat template is the one build_inputs gives."""
+    """Chat requests get the safeattn tokens and trace (``choices[0]["safety"]``): the server
+    default (``each``) on a row that refuses, and a request whose vllm_xargs switch the check
+    off equals plain decoding. The q_span the processor derives from the chat template is the
+    one build_inputs gives."""
     url, ref = server
     for i in range(len(PROMPTS)):
         status, out = _post(url + "/v1/chat/completions", _chat(PROMPTS[i]))
         assert status == 200, out
         got = out["choices"][0]["token_ids"]
-        assert _cut(got, ref["eos"]) == _cut(ref["cases"][0][i]["ids"], ref["eos"]), i
+        tr = serving.trace_output(out["choices"][0]["safety"])[0]  # the server's trace
+        _check_row(got, tr, ref["cases"][0][i], ref["eos"], f"server row {i}")
     off = _chat(PROMPTS[1], vllm_xargs={"safety": "false"})
     status, out = _post(url + "/v1/chat/completions", off)
     assert status == 200, out
     assert _cut(out["choices"][0]["token_ids"], ref["eos"]) == _cut(ref["cases"][-1][1]["ids"],
                                                                     ref["eos"])
+    assert "safety" not in out["choices"][0]  # not checked: no trace
 
 
 def _stream(url, body):

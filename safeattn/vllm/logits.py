@@ -25,12 +25,11 @@ import torch
 from vllm.v1.sample.logits_processor import LogitsProcessor
 
 from .. import generation, ops
-from ..generation import (MODE_NAMES, REFUSAL, RowSafety, SafetyConfig, SafetyOutput,
-                          _refusal_ids, _window)
+from ..generation import MODE_NAMES, REFUSAL, SafetyConfig, SafetyOutput, _refusal_ids, _window
 from ..ops import BENIGN, TRANSITION
 from .models import bridge_for, options
 from .probe import Plan
-from .serving import STREAM_ARG, StreamGate, publish, valid_key
+from .serving import STREAM_ARG, TRACE_ARG, StreamGate, publish, trace_output, valid_key
 
 logger = logging.getLogger("safeattn")
 
@@ -102,7 +101,7 @@ class RequestSafety:
         self.done = False  # refused, and nothing is left to force: no more plan rows
         self.p: dict[int, float] = {}
         self.modes: dict[int, int] = {}
-        self.stream: StreamGate | None = None  # a streamed server request (serving.py)
+        self.stream: StreamGate | None = None  # a server request's published state
 
     def due(self, n: int) -> bool:
         if self.refused:
@@ -118,21 +117,21 @@ class RequestSafety:
     def trace(self) -> SafetyOutput:
         """The trace as the HF decoder gives it: a one-row :class:`safeattn.SafetyOutput`
         (``trace[0]`` is the :class:`RowSafety`; ``safeattn.plot_trace`` reads it)."""
+        return trace_output(self.trace_json())
+
+    def trace_json(self) -> dict:
+        """The trace as JSON (what the server returns; :func:`trace_output` reads it back)."""
         last = max([len(self.output_ids) - 1, *self.p])
-        steps = range(last + 1)
         codes, cur = [], BENIGN
-        for n in steps:
+        for n in range(last + 1):
             cur = self.modes.get(n, cur)
             codes.append(cur)
-        row = RowSafety(p=[self.p.get(n, float("nan")) for n in steps],
-                        checked=[n in self.p for n in steps],
-                        mode=["refusal" if m == REFUSAL else MODE_NAMES[m] for m in codes],
-                        refusal_step=self.refusal_step, alarm_step=self.alarm_step,
-                        justification=None)
-        step = -1 if self.refusal_step is None else self.refusal_step
-        return SafetyOutput(rows=[row], p=torch.tensor([row.p]), mode=torch.tensor([codes]),
-                            refused=torch.tensor([self.refused]), refusal_step=torch.tensor([step]),
-                            config=self.cfg, prompt_length=0, refusal_ids=self.refusal)
+        p = [self.p.get(n) for n in range(last + 1)]
+        return {"p": [None if v is None or not math.isfinite(v) else v for v in p],
+                "checked": [n in self.p for n in range(last + 1)],
+                "mode": ["refusal" if m == REFUSAL else MODE_NAMES[m] for m in codes],
+                "refusal_step": self.refusal_step, "alarm_step": self.alarm_step,
+                "config": dataclasses.asdict(self.cfg), "refusal_ids": self.refusal}
 
 
 def _force(logits: torch.Tensor, row: int, token: int) -> None:
@@ -269,7 +268,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
             return st
         extra = params.extra_args or {}
         parsed = parse_safety(extra.get("safety"), self.default)
-        key = extra.get(STREAM_ARG)
+        key = extra.get(STREAM_ARG) or extra.get(TRACE_ARG)
         if parsed is None:
             if valid_key(key):
                 publish(key, {"off": True})
@@ -285,7 +284,8 @@ class SafetyLogitsProcessor(LogitsProcessor):
                            self._refusal_ids(cfg.refusal_prefix),
                            params.max_tokens or self.max_len, self._default_span(prompt_ids))
         if valid_key(key):
-            st.stream = StreamGate(key, cfg.stream_hold, self.tokenizer, prompt_ids)
+            st.stream = StreamGate(key, cfg.stream_hold, self.tokenizer, prompt_ids,
+                                   hold_back=STREAM_ARG in extra)
         self.states[id(params)] = st
         weakref.finalize(params, self.states.pop, id(params), None)
         if st.id is not None:
@@ -339,12 +339,14 @@ class SafetyLogitsProcessor(LogitsProcessor):
         return logits
 
     def _publish(self) -> None:
-        """Each streamed request's cleared text, before this step's token is sampled."""
+        """Each server request's state (trace; a stream's cleared text), before this step's
+        token is sampled."""
         for s in self.rows.values():
             if s.stream is not None:
                 n = len(s.output_ids)
                 s.stream.step(s.output_ids, n, checked=n in s.p,
-                              benign=s.mode == BENIGN and not s.refused, refused=s.refused)
+                              benign=s.mode == BENIGN and not s.refused, refused=s.refused,
+                              trace=s.trace_json())
 
     def _step(self, br, logits: torch.Tensor) -> None:
         """The checks of this step (``safety_step``) and the forced refusal tokens."""

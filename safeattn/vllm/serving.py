@@ -12,6 +12,11 @@ are dropped when the row refuses, and the refusal streams on. Two pieces keep it
   key (``vllm_xargs["safeattn_stream"]``) and rewrites the text of every chunk it sends to
   what the latest published state allows (:func:`visible`).
 
+Every other completion request (``n = 1``) is tagged too (``vllm_xargs["safeattn_trace"]``):
+its response gets the request's safety trace as ``choices[0]["safety"]`` (a streamed one, in
+its last chunk); :func:`trace_output` turns it into the ``SafetyOutput`` that
+``safeattn.plot_trace`` reads.
+
 The two meet in a folder both processes see (``$SAFEATTN_STREAM_DIR``, default a per-user
 folder under the temp dir): one host. A chunk's token is sampled after the state that covers
 its step was written, so the server never waits for the engine. Streamed requests cannot ask
@@ -32,12 +37,15 @@ from pathlib import Path
 
 from ..streaming import HoldBack
 
-__all__ = ["STREAM_ARG", "StreamGate", "SafeStreamMiddleware", "publish", "read", "visible"]
+__all__ = ["STREAM_ARG", "TRACE_ARG", "StreamGate", "SafeStreamMiddleware", "publish", "read",
+           "visible", "trace_output"]
 
 logger = logging.getLogger("safeattn")
 
-#: The ``vllm_xargs`` key that names a streamed request's published state.
+#: The ``vllm_xargs`` keys that name a request's published state: a streamed request (held
+#: back) and any other (its trace only).
 STREAM_ARG = "safeattn_stream"
+TRACE_ARG = "safeattn_trace"
 _KEY = re.compile(r"[0-9a-f]{32}")
 #: The OpenAI endpoints whose streams are gated, and the choice field that carries the text.
 PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
@@ -78,7 +86,8 @@ def discard(key: str) -> None:
 
 # --------------------------------------------------------------------------- engine side
 class StreamGate:
-    """A streamed request's :class:`HoldBack` in the engine, fed once per step.
+    """A request's published state in the engine, fed once per step: its ``trace`` and, for a
+    streamed request (``hold_back``), its :class:`HoldBack`.
 
     ``state()`` (published) holds the text of the released tokens: ``before`` the refusal (a
     prefix of the request's text) and ``after`` it (from the refusal prefix on); ``refused``,
@@ -86,23 +95,27 @@ class StreamGate:
     the server find the tokens that come after the last step it covers.
     """
 
-    def __init__(self, key: str, hold: int, tokenizer, context_ids=()):
-        self.key, self.tokenizer = key, tokenizer
+    def __init__(self, key: str, hold: int, tokenizer, context_ids=(), hold_back: bool = True):
+        self.key, self.tokenizer, self.hold_back = key, tokenizer, hold_back
         self.context = list(context_ids)[-4:]  # decode as vLLM does: after the prompt's tail
         self.gate = HoldBack(hold)
         self.before: list[int] = []  # released before the refusal
         self.after: list[int] = []   # released from the refusal on
         self.n = -1
 
-    def step(self, output_ids, n: int, *, checked: bool, benign: bool, refused: bool) -> None:
+    def step(self, output_ids, n: int, *, checked: bool, benign: bool, refused: bool,
+             trace: dict) -> None:
         """The step that sees ``n`` generated tokens: feed the new ones, then this step's check
-        (``checked``, with a ``benign`` outcome; ``refused``: the row now refuses); publish."""
+        (``checked``, with a ``benign`` outcome; ``refused``: the row now refuses); publish
+        with the request's ``trace`` (``RequestSafety.trace_json``)."""
         if n == self.n:
             return
         self.n = n
+        if not self.hold_back:
+            return publish(self.key, {"trace": trace})
         self._keep(self.gate.put(list(output_ids[self.gate.n_put:n])))
         self._keep(self.gate.update(checked=checked, benign=benign, refused=refused, seen=n))
-        publish(self.key, self.state(output_ids[:n]))
+        publish(self.key, {**self.state(output_ids[:n]), "trace": trace})
 
     def state(self, output_ids) -> dict:
         st = {"before": self._text(self.before), "after": self._text(self.after),
@@ -152,6 +165,26 @@ def visible(text: str, state: dict | None, final: bool) -> str:
     return before
 
 
+def trace_output(trace: dict):
+    """A response's ``choices[0]["safety"]`` (or ``RequestSafety.trace_json()``) -> a one-row
+    :class:`safeattn.SafetyOutput` (``safeattn.plot_trace`` reads it)."""
+    import torch
+
+    from ..generation import MODE_NAMES, REFUSAL, RowSafety, SafetyConfig, SafetyOutput
+
+    code = {**{v: k for k, v in MODE_NAMES.items()}, "refusal": REFUSAL}
+    p = [float("nan") if v is None else float(v) for v in trace["p"]]
+    row = RowSafety(p=p, checked=list(trace["checked"]), mode=list(trace["mode"]),
+                    refusal_step=trace["refusal_step"], alarm_step=trace["alarm_step"],
+                    justification=None)
+    step = -1 if row.refusal_step is None else row.refusal_step
+    return SafetyOutput(rows=[row], p=torch.tensor([p]),
+                        mode=torch.tensor([[code[m] for m in row.mode]]),
+                        refused=torch.tensor([row.refused]), refusal_step=torch.tensor([step]),
+                        config=SafetyConfig(**trace["config"]), prompt_length=0,
+                        refusal_ids=list(trace.get("refusal_ids") or []))
+
+
 class _Stream:
     """One streamed response: what vLLM generated, what the client was sent."""
 
@@ -175,6 +208,8 @@ class _Stream:
             show = visible(self.text, state, final)
             out = show[len(self.sent):] if show.startswith(self.sent) else ""
             self.sent += out
+            if final and state and "trace" in state:
+                choice["safety"] = state["trace"]
             if delta is not None:
                 if got is not None or out:
                     delta["content"] = out
@@ -225,21 +260,21 @@ class SafeStreamMiddleware:
         xargs = req.get("vllm_xargs") if isinstance(req, dict) else None
         if not isinstance(req, dict) or not isinstance(xargs, (dict, type(None))):
             return await self.app(scope, _replay(body, receive), send)  # vLLM answers it
-        xargs = dict(xargs or {})
-        xargs.pop(STREAM_ARG, None)  # only this middleware names a stream
-        if not req.get("stream"):
-            req["vllm_xargs"] = xargs or None
-            return await self._forward(scope, req, receive, send)
-        why = _refusal(req)
-        if why is not None:
+        xargs = {k: v for k, v in (xargs or {}).items() if k not in (STREAM_ARG, TRACE_ARG)}
+        stream = bool(req.get("stream"))
+        if stream and (why := _refusal(req)) is not None:
             return await _send_400(send, f"safeattn: a streamed request cannot ask for {why} "
                                          f"(it would show tokens no safety check has cleared)")
-        stream = _Stream(uuid.uuid4().hex, kind)
-        req["vllm_xargs"] = {**xargs, STREAM_ARG: stream.key}
+        if req.get("n") not in (None, 1):  # its choices would share one state: no trace
+            req["vllm_xargs"] = xargs or None
+            return await self._forward(scope, req, receive, send)
+        key = uuid.uuid4().hex
+        req["vllm_xargs"] = {**xargs, (STREAM_ARG if stream else TRACE_ARG): key}
         try:
-            await self._forward(scope, req, receive, _gated(send, stream))
+            await self._forward(scope, req, receive, _gated(send, _Stream(key, kind))
+                                if stream else _traced(send, key))
         finally:
-            discard(stream.key)
+            discard(key)
 
     async def _forward(self, scope, req: dict, receive, send):
         body = json.dumps(req).encode()
@@ -291,6 +326,36 @@ def _gated(send, stream: _Stream):
             buf = b""
         out = b"".join(_rewrite_event(e, stream) + b"\n\n" for e in events)
         await send({**msg, "body": out})
+
+    return wrapped
+
+
+def _traced(send, key: str):
+    """``send`` with the request's trace added to a 200 JSON response (``choices[0]``)."""
+    start, body = None, b""
+
+    async def wrapped(msg):
+        nonlocal start, body
+        if msg["type"] == "http.response.start" and msg.get("status") == 200:
+            start = msg  # sent with the body: its length changes
+            return
+        if start is None or msg["type"] != "http.response.body":
+            return await send(msg)
+        body += msg.get("body", b"")
+        if msg.get("more_body", False):
+            return
+        try:
+            data = json.loads(body)
+            trace = (read(key) or {}).get("trace")
+            if trace is not None and data.get("choices"):
+                data["choices"][0]["safety"] = trace
+                body = json.dumps(data).encode()
+        except (ValueError, AttributeError, TypeError):
+            pass  # not the completion JSON: sent as it came
+        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+        await send({**start, "headers": headers + [(b"content-length",
+                                                    str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
 
     return wrapped
 
