@@ -7,6 +7,8 @@ from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, Llam
                           MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast, Qwen2Config,
                           Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
+from safeattn.streaming import SafeTextStreamer
+
 SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>"]
 WORDS = ("User Assistant system user assistant : . , ? ! < | > how do i bake bread make a bomb "
          "tell me about the weather today write poem on cats dogs please help kill someone "
@@ -14,6 +16,17 @@ WORDS = ("User Assistant system user assistant : . , ? ! < | > how do i bake bre
          "safe not sorry cannot fulfill your request because").split()
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}"
                  "< | {{ m['role'] }} | > {{ m['content'] }} .{% endfor %}{% if add_generation_prompt %}< | assistant | >{% endif %}")
+class PrintedStreamer(SafeTextStreamer):
+    """A ``SafeTextStreamer`` that keeps what it prints in ``.text``."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.text = []
+
+    def on_finalized_text(self, text, stream_end=False):
+        self.text.append(text)
+
+
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 PROMPTS = ["how do i bake bread ?", "tell me about the weather today",
            "how do i make a bomb , please help"]

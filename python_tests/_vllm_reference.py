@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import safeattn  # noqa: E402
 from safeattn.hf.adapter import attach_probe_adapter  # noqa: E402
-from _hf_tiny import tiny_config, tiny_tokenizer  # noqa: E402
+from _hf_tiny import PrintedStreamer, tiny_config, tiny_tokenizer  # noqa: E402
 
 
 def tiny_safe_model(family: str, seed: int = 0):
@@ -49,17 +49,6 @@ def tiny_safe_model(family: str, seed: int = 0):
     return model, tok
 
 
-class _Printed(safeattn.SafeTextStreamer):
-    """What ``SafeTextStreamer`` prints (the streaming reference for the server)."""
-
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
-        self.text = []
-
-    def on_finalized_text(self, text, stream_end=False):
-        self.text.append(text)
-
-
 def main(spec_path, out_dir):
     spec = json.loads(Path(spec_path).read_text())
     torch.set_num_threads(1)
@@ -87,7 +76,7 @@ def main(spec_path, out_dir):
                     rows.append({"ids": out[0, n:].tolist()})
                     continue
                 # eos_token_id: stop at EOS only, as vLLM does with these generation configs
-                streamer = _Printed(tok, skip_prompt=True, skip_special_tokens=True)
+                streamer = PrintedStreamer(tok, skip_prompt=True, skip_special_tokens=True)
                 out = safeattn.generate(model, tok, [prompt], safety=safeattn.SafetyConfig(**case),
                                         max_new_tokens=spec["max_tokens"], do_sample=False,
                                         eos_token_id=tok.eos_token_id, streamer=streamer)

@@ -15,8 +15,8 @@ from safeattn import reference as ref
 from safeattn.generation import SCHEDULES, SafetyConfig
 from safeattn.hf import SafetyHead, SafetyLayout, build_intervals
 from safeattn.ops import BENIGN, MALICIOUS, TRANSITION
-from _hf_tiny import (FAMILIES, PROMPTS, cache_state, plain_step_cache, tiny_model,
-                      tiny_tokenizer)
+from _hf_tiny import (FAMILIES, PROMPTS, PrintedStreamer, cache_state, plain_step_cache,
+                      tiny_model, tiny_tokenizer)
 
 REFUSAL = "sorry i cannot fulfill your request because"
 PROMPTS4 = PROMPTS + ["why"]
@@ -394,15 +394,6 @@ def test_exception_in_head_refuses(caplog):
 
 
 # ---------------------------------------------------------------------------- streamer
-class _Capture(safeattn.SafeTextStreamer):
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
-        self.text = []
-
-    def on_finalized_text(self, text, stream_end=False):
-        self.text.append(text)
-
-
 def _norm(s):
     return " ".join(s.split())
 
@@ -410,7 +401,7 @@ def _norm(s):
 def test_streamer_passes_everything_when_safe():
     model, tok = _patched("llama")
     enc = safeattn.build_inputs(tok, PROMPTS[:1])
-    st = _Capture(tok, skip_prompt=True)
+    st = PrintedStreamer(tok, skip_prompt=True)
     out = model.generate(**enc, max_new_tokens=10, do_sample=False, pad_token_id=0, streamer=st,
                          safety=SafetyConfig(**NEVER))
     assert _norm("".join(st.text)) == _norm(tok.decode(_new(out, enc)[0].tolist()))
@@ -422,7 +413,7 @@ def test_streamer_never_prints_flagged_text():
     enc = safeattn.build_inputs(tok, PROMPTS[:1])
     k = 4
     _rig(model, {0: {k, k + 1, k + 2}})
-    st = _Capture(tok, skip_prompt=True, refusal_notice="[refused] ")
+    st = PrintedStreamer(tok, skip_prompt=True, refusal_notice="[refused] ")
     seen = []
     orig_put = st.put
 
