@@ -283,3 +283,13 @@ def test_later_receives_wait_on_the_client():
     asyncio.run(serving.SafeStreamMiddleware(app)(scope, receive, send))
     assert set(json.loads(got[0]["body"])["vllm_xargs"]) == {serving.TRACE_ARG}
     assert got[1] == {"type": "http.disconnect", "from": "client"}
+
+
+def test_publish_failure_is_logged_not_raised(tmp_path, monkeypatch, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("SAFEATTN_STREAM_DIR", str(blocker / "sub"))  # cannot be a folder
+    key = "a" * 32
+    with caplog.at_level("WARNING", logger="safeattn"):
+        serving.publish(key, {"off": True})
+    assert serving.read(key) is None and "cannot publish" in caplog.text

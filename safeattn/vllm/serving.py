@@ -62,12 +62,17 @@ def valid_key(key) -> bool:
 
 
 def publish(key: str, state: dict) -> None:
-    """Write a request's state atomically (a reader sees the old or the new one, whole)."""
+    """Write a request's state atomically (a reader sees the old or the new one, whole). A
+    failed write is logged, not raised: the engine keeps serving, and the server shows no
+    more than the last state it could read."""
     d = stream_dir()
-    d.mkdir(parents=True, exist_ok=True)
     tmp = d / f".{key}.{os.getpid()}"
-    tmp.write_text(json.dumps(state))
-    os.replace(tmp, d / key)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, d / key)
+    except OSError as e:
+        logger.warning("safeattn: cannot publish the state of request %s to %s: %s", key, d, e)
 
 
 def read(key: str) -> dict | None:
