@@ -227,8 +227,8 @@ def _error(message: str) -> bytes:
                                  "code": 400}}).encode()
 
 
-def _refusal(req: dict) -> str | None:
-    """Why a streamed request cannot be gated, or None."""
+def _leaky_field(req: dict) -> str | None:
+    """The field of a streamed request that would show held tokens, or None."""
     if req.get("n") not in (None, 1):
         return "n > 1"
     for field in ("logprobs", "top_logprobs", "echo", "return_token_ids",
@@ -267,7 +267,7 @@ class SafeStreamMiddleware:
             return await self.app(scope, _replay(body, receive), send)  # vLLM answers it
         xargs = {k: v for k, v in (xargs or {}).items() if k not in (STREAM_ARG, TRACE_ARG)}
         stream = bool(req.get("stream"))
-        if stream and (why := _refusal(req)) is not None:
+        if stream and (why := _leaky_field(req)) is not None:
             return await _send_400(send, f"safeattn: a streamed request cannot ask for {why} "
                                          f"(it would show tokens no safety check has cleared)")
         if req.get("n") not in (None, 1):  # its choices would share one state: no trace
