@@ -50,10 +50,7 @@ class HoldBack:
         (``benign``); ``refused``: the row now refuses (its held tokens are dropped)."""
         if refused and not self.refused:
             self.refused = True
-            self.dropped.extend(self.pending)
-            self.n_out += len(self.pending)
-            self.pending = []
-            return []
+            return self._drop()
         if self.refused or not checked:
             return []
         self.alarm = not benign
@@ -61,11 +58,15 @@ class HoldBack:
 
     def end(self) -> list[int]:
         if self.alarm or self.refused:
-            self.dropped.extend(self.pending)
-            self.n_out += len(self.pending)
-            self.pending = []
-            return []
+            return self._drop()
         return self._out(self._take(len(self.pending)))
+
+    def _drop(self) -> list[int]:
+        """The held tokens are flagged: never shown (nothing is released)."""
+        self.dropped.extend(self.pending)
+        self.n_out += len(self.pending)
+        self.pending = []
+        return []
 
     def _take(self, k: int) -> list[int]:
         k = max(0, min(k, len(self.pending)))
