@@ -104,7 +104,7 @@ class FakeEngine:
             refused = refused or (self.refuse_at is not None and n >= self.refuse_at)
             if gate is not None:
                 gate.step(out, n, checked=not refused, benign=n not in self.alarms,
-                          refused=refused, trace={"p": [0.0] * (n + 1), "steps": n})
+                          refused=refused, trace=lambda: {"p": [0.0] * (n + 1), "steps": n})
             text = " " + self.tok.convert_ids_to_tokens(out[n])
             final = "length" if n == len(out) - 1 else None
             if self.kind == "chat":
@@ -220,7 +220,7 @@ def test_non_streamed_requests_get_their_trace():
         bodies.append(req)
         key = req["vllm_xargs"][serving.TRACE_ARG]
         gate = serving.StreamGate(key, 3, None, hold_back=False)
-        gate.step([], 0, checked=True, benign=True, refused=False, trace=trace)
+        gate.step([], 0, checked=True, benign=True, refused=False, trace=lambda: trace)
         body = json.dumps({"choices": [{"index": 0, "text": "hi"}]}).encode()
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"application/json"),

@@ -346,7 +346,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
                 n = len(s.output_ids)
                 s.stream.step(s.output_ids, n, checked=n in s.p,
                               benign=s.mode == BENIGN and not s.refused, refused=s.refused,
-                              trace=s.trace_json())
+                              trace=s.trace_json)
 
     def _step(self, br, logits: torch.Tensor) -> None:
         """The checks of this step (``safety_step``) and the forced refusal tokens."""

@@ -109,18 +109,19 @@ class StreamGate:
         self.n = -1
 
     def step(self, output_ids, n: int, *, checked: bool, benign: bool, refused: bool,
-             trace: dict) -> None:
+             trace) -> None:
         """The step that sees ``n`` generated tokens: feed the new ones, then this step's check
         (``checked``, with a ``benign`` outcome; ``refused``: the row now refuses); publish
-        with the request's ``trace`` (``RequestSafety.trace_json``)."""
+        with the request's trace (``trace()``: ``RequestSafety.trace_json``, built only when
+        the step is new)."""
         if n == self.n:
             return
         self.n = n
         if not self.hold_back:
-            return publish(self.key, {"trace": trace})
+            return publish(self.key, {"trace": trace()})
         self._keep(self.gate.put(list(output_ids[self.gate.n_put:n])))
         self._keep(self.gate.update(checked=checked, benign=benign, refused=refused, seen=n))
-        publish(self.key, {**self.state(output_ids[:n]), "trace": trace})
+        publish(self.key, {**self.state(output_ids[:n]), "trace": trace()})
 
     def state(self, output_ids) -> dict:
         st = {"before": self._text(self.before), "after": self._text(self.after),
