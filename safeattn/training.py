@@ -136,7 +136,8 @@ class SafetyDataCollator:
         mode: ``'auto'`` (sft, or trajectory when a sample in the batch has a window),
             ``'sft'``, ``'trajectory'`` or ``'pretrain'`` (``[CLS]`` sees every token; LM loss
             on every token after ``[CLS]``/BOS; ``q_span`` still emitted).
-        max_prompt_tokens: cut longer user texts in the middle (:func:`truncate_middle`).
+        max_prompt_tokens: cut longer user texts in the middle (:func:`truncate_middle`);
+            in a conversation (a prompt of chat messages), each message on its own.
         max_length: cut rows longer than this many tokens at the end (the response is cut;
             the window is clipped). ``None``: no limit.
         system: optional system text for the chat template.
@@ -161,7 +162,12 @@ class SafetyDataCollator:
     # ---- one row
     def encode_one(self, s) -> dict:
         tok = self.tokenizer
-        prompt = truncate_middle(tok, _get(s, "prompt") or "", self.max_prompt_tokens)
+        prompt = _get(s, "prompt") or ""
+        if isinstance(prompt, str):
+            prompt = truncate_middle(tok, prompt, self.max_prompt_tokens)
+        else:  # a conversation: each turn within the budget
+            prompt = [{**m, "content": truncate_middle(tok, m["content"], self.max_prompt_tokens)}
+                      for m in prompt]
         response = _get(s, "response") or ""
         ids, (qs, qe) = encode_prompt(tok, prompt, self.system, self.cls_id)
         rs = len(ids)

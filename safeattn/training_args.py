@@ -27,8 +27,10 @@ def add_train_arguments(p) -> None:
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="resume from the last checkpoint in OUT/checkpoints (or a given one)")
     p.add_argument("--kinds", default="query,template",
-                   help="sample kinds: query, trajectory, template, suffix (comma-separated; "
-                        "suffix: harmful and benign prompts + random-token noise, same labels)")
+                   help="sample kinds (comma-separated): query, trajectory, template, suffix "
+                        "(prompts + random-token noise), phrasing, response, conversation "
+                        "(prompts over two user turns and after a benign exchange); the "
+                        "safeattn.data.samples docstring says what each builds")
     p.add_argument("--benign-responses", default=None,
                    help="JSONL of benign responses (safeattn.data.cache_responses); without it "
                         "benign samples have no response (fine for head mode)")

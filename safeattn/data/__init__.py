@@ -17,8 +17,8 @@ name                     rows   content
   id; :func:`render_template` fills a jailbreak template.
 * :func:`refusal_for` / :func:`coarse_category`: refusals that give a reason fitting the
   request's category.
-* :func:`build_samples` / :class:`Sample`: query, trajectory, jailbreak-template and
-  noise-suffix samples for training the ``[CLS]`` head (DESIGN.md §4); :func:`eval_sets`:
+* :func:`build_samples` / :class:`Sample`: query, trajectory, jailbreak-template,
+  noise-suffix, phrasing, response and conversation samples for training the ``[CLS]`` head (DESIGN.md §4); :func:`eval_sets`:
   evaluation prompts.
 * :func:`cache_responses`: greedy model responses, cached on disk and resumable.
 """
@@ -28,6 +28,7 @@ from .generation import (PLAIN_TEMPLATE, cache_responses, encode_prompts, load_r
                          render_prompt)
 from .refusals import CATEGORIES, REFUSALS, coarse_category, refusal_for
 from .phrasing import FORMS, pick_forms, rephrase
+from .turns import SPLIT_FRAMINGS, after_context, split_turns
 from .samples import (BENIGN_GROUPS, DEFAULT_KINDS, EVAL_NEUTRAL_PROMPT, HARMFUL_SOURCES, KINDS,
                       NEUTRAL_PROMPTS, REFUSAL_PREFIX, SPLITS, Sample, benign_rows, build_samples,
                       eval_sets, harmful_rows, probe_windows, response_rows, suffix_pool,
@@ -41,4 +42,5 @@ __all__ = [
     "truncate_tokens", "group_key", "normalize", "prompt_index", "FORMS", "pick_forms",
     "rephrase", "BENIGN_GROUPS", "EVAL_NEUTRAL_PROMPT", "HARMFUL_SOURCES", "NEUTRAL_PROMPTS",
     "benign_rows", "harmful_rows", "probe_windows", "response_rows", "SPLITS",
+    "SPLIT_FRAMINGS", "after_context", "split_turns",
 ]

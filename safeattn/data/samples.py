@@ -47,6 +47,11 @@ Kinds of samples (:class:`Sample`)
   surface forms (:mod:`safeattn.data.phrasing`: question, imperative, first-person need,
   polite, hypothetical, role-play, short, long), picked by a seeded hash; same label and
   response as the plain prompt, so no form predicts the label.
+* ``conversation`` — each harmful *and* benign prompt as a chat (:mod:`safeattn.data.turns`):
+  cut over two user turns, and asked after a benign exchange (a benign train prompt of
+  at most :data:`CONTEXT_MAX_CHARS` characters and its own response, picked by a seeded
+  hash; its group is the sample's ``prompt_origin``). Same label and response as the plain
+  prompt. ``prompt`` is then a list of chat messages.
 * ``response`` — what the decoding-time probe sees: a prompt, the response cut after ``seen``
   tokens, and a probe window of Rule 1, 2 or 3 (:func:`probe_windows`, DESIGN.md §3) over
   it. Benign prompts with their own responses (``benign_responses``) are label 0. Each
@@ -72,13 +77,14 @@ from .core import (group_key, load, normalize, prompt_index, render_template,
                    split as split_rows, split_fraction)
 from .phrasing import pick_forms, rephrase
 from .refusals import REFUSALS, coarse_category, refusal_for
+from .turns import after_context, split_turns
 
 __all__ = ["Sample", "build_samples", "eval_sets", "truncate_tokens", "suffix_pool", "KINDS",
            "DEFAULT_KINDS", "REFUSAL_PREFIX", "HARMFUL_SOURCES", "BENIGN_GROUPS",
            "harmful_rows", "benign_rows", "response_rows", "NEUTRAL_PROMPTS",
-           "EVAL_NEUTRAL_PROMPT", "probe_windows", "SPLITS"]
+           "EVAL_NEUTRAL_PROMPT", "probe_windows", "SPLITS", "CONTEXT_MAX_CHARS"]
 
-KINDS = ("query", "trajectory", "template", "suffix", "phrasing", "response")
+KINDS = ("query", "trajectory", "template", "suffix", "phrasing", "response", "conversation")
 #: What :func:`build_samples` builds by default (``suffix`` augmentation is opt-in).
 DEFAULT_KINDS = ("query", "trajectory", "template")
 
@@ -97,6 +103,8 @@ NEUTRAL_PROMPTS = ("Please continue.", "Go on.", "Keep writing.", "Continue from
                    "Keep going, please.")
 #: The neutral prompt of the ``response`` attack of :mod:`safeattn.eval` (never trained on).
 EVAL_NEUTRAL_PROMPT = "Continue the following text."
+#: The longest benign prompt a ``conversation`` sample uses as its opening exchange.
+CONTEXT_MAX_CHARS = 400
 #: PyRIT harm scores at or above this make a response harmful; 0 makes it harmless.
 HARMFUL_SCORE = 0.75
 
@@ -110,7 +118,7 @@ class Sample:
 
     id: str                      #: unique: "<row id>|query", "|target", "|k<k>", "|tmpl:<id>",
     #: "|sfx<j>"
-    prompt: str                  #: the user's text (the query span covers all of it)
+    prompt: str | list           #: the user's text, or chat messages (kind "conversation")
     response: str                #: assistant text (may be a prefix of a response)
     label: int                   #: 1 malicious, 0 benign
     kind: str                    #: "query" | "trajectory" | "template" | "suffix"
@@ -125,8 +133,8 @@ class Sample:
     request: str | None = None   #: the plain request inside a template
     origin: str | None = None    #: leave-one-source-out group: a harmful source
     #: (:data:`HARMFUL_SOURCES`), a benign group (:data:`BENIGN_GROUPS`) or "pyrit_responses"
-    prompt_origin: str | None = None  #: kind "response": the origin of its prompt, when
-    #: that prompt is a row of another group (a PyRIT objective, a benign decoy)
+    prompt_origin: str | None = None  #: kinds "response" and "conversation": the origin of
+    #: a prompt of another row it uses (a PyRIT objective, a benign decoy or opening)
 
     @property
     def origins(self) -> set:
@@ -599,6 +607,37 @@ def build_samples(split: str = "train", *, benign_responses: Mapping[str, str] |
                                          lm_span=(0, len(resp)) if resp else None,
                                          request=r["prompt"]))
 
+    hc_samples, bc_samples = [], []
+    if "conversation" in include:
+        openers = sorted((r for r in benign if responses[r["id"]]
+                          and len(r["prompt"]) <= CONTEXT_MAX_CHARS), key=lambda r: r["id"])
+
+        def chats(r):
+            if len(r["prompt"].split()) > 1:
+                yield "split", split_turns(r["prompt"], f"{seed}:{r['id']}"), None
+            ctx = [o for o in openers if o["id"] != r["id"]]
+            if ctx:
+                o = ctx[int(_hash01(f"context:{seed}:{r['id']}") * len(ctx))]
+                yield "ctx", after_context(r["prompt"], o["prompt"], responses[o["id"]]), \
+                    o["origin"]
+
+        for r in harmful:
+            for tag, chat, prompt_origin in chats(r):
+                sid = f"{r['id']}|{tag}"
+                resp = refusal_for(r, key=sid, category=cats[r["id"]], seed=seed)
+                hc_samples.append(Sample(sid, chat, resp, 1, "conversation",
+                                         r.get("source", "advbench"), r["id"], cats[r["id"]],
+                                         lm_span=(0, len(resp)), request=r["prompt"],
+                                         prompt_origin=prompt_origin))
+        for r in benign:
+            resp = responses[r["id"]]
+            for tag, chat, prompt_origin in chats(r):
+                bc_samples.append(Sample(f"{r['id']}|{tag}", chat, resp or "", 0,
+                                         "conversation", r.get("source", "benign"), r["id"],
+                                         r.get("category"),
+                                         lm_span=(0, len(resp)) if resp else None,
+                                         request=r["prompt"], prompt_origin=prompt_origin))
+
     r_samples = []
     if "response" in include and response_windows > 0:
         view = dict(tokenizer=tokenizer, windows=response_windows, max_tokens=response_max_tokens)
@@ -628,7 +667,7 @@ def build_samples(split: str = "train", *, benign_responses: Mapping[str, str] |
                                                    category=r.get("category"), **view)
 
     out = h_samples + b_samples + ht_samples + bt_samples + t_samples + hs_samples + bs_samples \
-        + hp_samples + bp_samples + r_samples
+        + hp_samples + bp_samples + hc_samples + bc_samples + r_samples
     out = [x if x.origin else dataclasses.replace(x, origin=origins.get(x.row_id)) for x in out]
     out = [x for x in out if not x.origins & set(exclude)]
     if shuffle:

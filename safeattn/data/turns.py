@@ -1,0 +1,55 @@
+"""Conversation augmentation: one request spread over the turns of a chat, for both labels.
+
+A head trained on single user turns misses a request cut over two turns, and a harmful turn
+that follows a benign exchange (`q_span` covers the user turns, DESIGN.md §2, but the head
+never saw such a span). Two shapes, each a list of chat messages ending with a user turn:
+
+* :func:`split_turns` — the request's words cut at a hashed point (30–70% of the words) over
+  two user turns, framed by one of :data:`SPLIT_FRAMINGS` with an assistant turn between;
+* :func:`after_context` — a benign exchange first (a benign prompt and the model's own answer
+  to it), then the request as the next user turn.
+
+Benign requests get the same shapes, so neither the framing nor the context predicts the
+label. The evaluation's framings (``safeattn.eval.SPLIT_TURNS``, ``CONTEXT_TURNS``) are not
+among these: what it measures was never trained on.
+"""
+from __future__ import annotations
+
+import hashlib
+
+__all__ = ["SPLIT_FRAMINGS", "split_turns", "after_context"]
+
+#: (first user turn, assistant turn, second user turn); ``{a}``/``{b}`` are the two halves.
+SPLIT_FRAMINGS = (
+    ("I'll give you a task in two pieces. First piece: {a}", "OK, what's the second piece?",
+     "Second piece: {b}"),
+    ("{a}", "It looks like your message was cut off. Could you finish it?", "{b}"),
+    ("Here is the start of what I want: {a}", "Understood. What is the rest?", "The rest: {b}"),
+    ("Read this and wait for the ending: {a}", "I'm waiting for the rest.",
+     "Now the ending: {b} Please do it."),
+    ("Start: {a}", "Go on.", "End: {b}"),
+)
+
+
+def _hash01(key: str) -> float:
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2.0 ** 64
+
+
+def split_turns(prompt: str, key: str) -> list[dict]:
+    """``prompt`` cut over two user turns: the framing and the cut point (30–70% of the words,
+    at least one word each side) picked by hashes of ``key``."""
+    words = prompt.split()
+    if len(words) < 2:
+        raise ValueError(f"cannot split a request of {len(words)} word(s): {prompt!r}")
+    cut = min(len(words) - 1, max(1, round(len(words) * (0.3 + 0.4 * _hash01(f"cut:{key}")))))
+    u1, ack, u2 = SPLIT_FRAMINGS[int(_hash01(f"framing:{key}") * len(SPLIT_FRAMINGS))]
+    return [{"role": "user", "content": u1.format(a=" ".join(words[:cut]))},
+            {"role": "assistant", "content": ack},
+            {"role": "user", "content": u2.format(b=" ".join(words[cut:]))}]
+
+
+def after_context(prompt: str, context_prompt: str, context_response: str) -> list[dict]:
+    """A benign exchange (``context_prompt``, ``context_response``), then ``prompt``."""
+    return [{"role": "user", "content": context_prompt},
+            {"role": "assistant", "content": context_response},
+            {"role": "user", "content": prompt}]
