@@ -121,7 +121,7 @@ class Sample:
     prompt: str | list           #: the user's text, or chat messages (kind "conversation")
     response: str                #: assistant text (may be a prefix of a response)
     label: int                   #: 1 malicious, 0 benign
-    kind: str                    #: "query" | "trajectory" | "template" | "suffix"
+    kind: str                    #: one of :data:`KINDS`
     source: str                  #: source data set of the row ("advbench", "xstest_v2", ...)
     row_id: str                  #: id of the prompt's row
     category: str | None = None  #: coarse harm category (harmful) / upstream category (benign)
