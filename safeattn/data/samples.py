@@ -68,13 +68,13 @@ Character spans (``window``, ``lm_span``) are half-open ``[start, end)`` offsets
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import random
 import re
 from typing import Mapping, Sequence
 
 from .core import (group_key, load, normalize, prompt_index, render_template,
                    split as split_rows, split_fraction)
+from .core import split_fraction as _hash01  # sha256(key) as a number in [0, 1)
 from .phrasing import pick_forms, rephrase
 from .refusals import REFUSALS, coarse_category, refusal_for
 from .turns import after_context, split_turns
@@ -143,10 +143,6 @@ class Sample:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def _hash01(key: str) -> float:
-    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2.0 ** 64
 
 
 def truncate_tokens(text: str, k: int, tokenizer=None) -> tuple[str, int]:

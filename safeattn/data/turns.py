@@ -15,7 +15,7 @@ among these: what it measures was never trained on.
 """
 from __future__ import annotations
 
-import hashlib
+from .core import split_fraction as _hash01  # sha256(key) as a number in [0, 1)
 
 __all__ = ["SPLIT_FRAMINGS", "split_turns", "after_context"]
 
@@ -29,10 +29,6 @@ SPLIT_FRAMINGS = (
      "Now the ending: {b} Please do it."),
     ("Start: {a}", "Go on.", "End: {b}"),
 )
-
-
-def _hash01(key: str) -> float:
-    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2.0 ** 64
 
 
 def split_turns(prompt: str, key: str) -> list[dict]:
