@@ -79,7 +79,8 @@ def test_config_defaults_and_schedules():
     c = SafetyConfig()
     assert (c.threshold, c.tau, c.r1, c.r2, c.r3, c.schedule, c.rollback, c.stream_hold) == \
         (None, 3, 10, 10, 10, "each", False, 3)  # θ None: the model's calibrated one
-    assert c.refusal_prefix == "Sorry, I cannot fulfill your request because"
+    assert c.refusal_prefix is None  # the model's, else the paper's
+    assert c.resolved({}).refusal_prefix == "Sorry, I cannot fulfill your request because"
 
     def steps(**kw):
         return [n for n, on in enumerate(SafetyConfig(**kw).check_steps(40)) if on]

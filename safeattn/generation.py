@@ -80,6 +80,8 @@ def _fib_gaps():
 
 #: θ of a model whose safety config has no calibrated ``threshold``.
 DEFAULT_THRESHOLD = 0.5
+#: The paper's refusal prefix; the prefix of a model whose safety config names none.
+DEFAULT_REFUSAL_PREFIX = "Sorry, I cannot fulfill your request because"
 
 
 def _is_theta(x) -> bool:
@@ -119,7 +121,10 @@ class SafetyConfig:
             last gap).
         t_max: no annealing re-check after step ``t_max`` (``None``: never stop).
         escalate: re-check a row at every step while it is mid-alarm (``transition``).
-        refusal_prefix: the text force-fed when a row refuses.
+        refusal_prefix: the text force-fed when a row refuses (``""``: none). ``None``
+            (default): the model's (``refusal_prefix`` in its safety config, chosen with the
+            head so that the model's own justification names the request), else
+            :data:`DEFAULT_REFUSAL_PREFIX`; :meth:`resolved` fills it in.
         refusal_end: ``'sentence'`` (default): a refused row's turn ends with the first
             sentence (``.``, ``!``, ``?`` or a line break) of the justification the model
             writes after the prefix, so the unchecked text after a refusal cannot slide into
@@ -140,7 +145,7 @@ class SafetyConfig:
     gaps: tuple[int, ...] | None = None
     t_max: int | None = 512
     escalate: bool = True
-    refusal_prefix: str = "Sorry, I cannot fulfill your request because"
+    refusal_prefix: str | None = None
     refusal_end: str = "sentence"
     rollback: bool = False
     stream_hold: int | None = None
@@ -164,7 +169,8 @@ class SafetyConfig:
             self.gaps = tuple(self.gaps)
             need(len(self.gaps) > 0 and all(isinstance(g, int) and g >= 1 for g in self.gaps),
                  "gaps", "must be a non-empty sequence of ints >= 1")
-        need(isinstance(self.refusal_prefix, str), "refusal_prefix", "must be a str")
+        need(self.refusal_prefix is None or isinstance(self.refusal_prefix, str),
+             "refusal_prefix", "must be None or a str")
         need(self.refusal_end in REFUSAL_ENDS, "refusal_end", f"must be one of {REFUSAL_ENDS}")
         need(isinstance(self.rollback, bool), "rollback", "must be a bool")
         need(isinstance(self.escalate, bool), "escalate", "must be a bool")
@@ -174,18 +180,28 @@ class SafetyConfig:
              "must be an int >= 0")
 
     def resolved(self, model) -> "SafetyConfig":
-        """This config with a number for θ: ``threshold=None`` becomes the calibrated
-        ``threshold`` of the safety config (``model.config.safeattn``, or ``model`` itself when
-        it is that mapping), else :data:`DEFAULT_THRESHOLD`."""
-        if self.threshold is not None:
+        """This config with its model defaults filled in: ``threshold=None`` becomes the
+        calibrated ``threshold`` of the safety config (``model.config.safeattn``, or ``model``
+        itself when it is that mapping), else :data:`DEFAULT_THRESHOLD`; ``refusal_prefix=None``
+        becomes its ``refusal_prefix``, else :data:`DEFAULT_REFUSAL_PREFIX`."""
+        if self.threshold is not None and self.refusal_prefix is not None:
             return self
         cfg = model if isinstance(model, Mapping) else getattr(
             getattr(model, "config", None), "safeattn", None)
-        theta = (cfg or {}).get("threshold", DEFAULT_THRESHOLD)
-        if not _is_theta(theta):
-            raise ValueError(f"the model's safety config has threshold {theta!r}; expected a "
-                             "finite number >= 0")
-        return replace(self, threshold=float(theta))
+        cfg = cfg or {}
+        theta = self.threshold
+        if theta is None:
+            theta = cfg.get("threshold", DEFAULT_THRESHOLD)
+            if not _is_theta(theta):
+                raise ValueError(f"the model's safety config has threshold {theta!r}; expected "
+                                 "a finite number >= 0")
+        prefix = self.refusal_prefix
+        if prefix is None:
+            prefix = cfg.get("refusal_prefix", DEFAULT_REFUSAL_PREFIX)
+            if not isinstance(prefix, str):
+                raise ValueError(f"the model's safety config has refusal_prefix {prefix!r}; "
+                                 "expected a str")
+        return replace(self, threshold=float(theta), refusal_prefix=prefix)
 
     def check_steps(self, max_steps: int) -> list[bool]:
         """``out[n]`` for ``n`` in ``[0, max_steps]``: whether the schedule re-checks at step ``n``

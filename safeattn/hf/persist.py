@@ -68,7 +68,7 @@ def load_safety(model, load_directory, tokenizer=None):
     else:
         cls_token_id(model)  # raises when the model has no [CLS]
     cfg = safety_config(model) or {}
-    for key in ("adapter", "threshold"):  # what the files say, not what the model had
+    for key in ("adapter", "threshold", "refusal_prefix"):  # the files, not the model
         cfg.pop(key, None)
         if meta.get(key) is not None:
             cfg[key] = meta[key]
