@@ -77,12 +77,14 @@ from .core import (group_key, load, normalize, prompt_index, render_template,
 from .core import split_fraction as _hash01  # sha256(key) as a number in [0, 1)
 from .phrasing import pick_forms, rephrase
 from .refusals import REFUSALS, coarse_category, refusal_for
-from .turns import after_context, split_turns
+from .turns import conversations
+from ..generation import DEFAULT_REFUSAL_PREFIX
 
 __all__ = ["Sample", "build_samples", "eval_sets", "truncate_tokens", "suffix_pool", "KINDS",
            "DEFAULT_KINDS", "REFUSAL_PREFIX", "HARMFUL_SOURCES", "BENIGN_GROUPS",
            "harmful_rows", "benign_rows", "response_rows", "NEUTRAL_PROMPTS",
-           "EVAL_NEUTRAL_PROMPT", "probe_windows", "SPLITS", "CONTEXT_MAX_CHARS"]
+           "EVAL_NEUTRAL_PROMPT", "probe_windows", "SPLITS", "CONTEXT_MAX_CHARS",
+           "conversation_rows"]
 
 KINDS = ("query", "trajectory", "template", "suffix", "phrasing", "response", "conversation")
 #: What :func:`build_samples` builds by default (``suffix`` augmentation is opt-in).
@@ -108,8 +110,8 @@ CONTEXT_MAX_CHARS = 400
 #: PyRIT harm scores at or above this make a response harmful; 0 makes it harmless.
 HARMFUL_SCORE = 0.75
 
-#: The refusal prefix force-fed by strategic decoding (DESIGN.md §3).
-REFUSAL_PREFIX = "Sorry, I cannot fulfill your request because"
+#: The paper's refusal prefix (DESIGN.md §3): what recovery samples refuse with.
+REFUSAL_PREFIX = DEFAULT_REFUSAL_PREFIX
 
 
 @dataclasses.dataclass(frozen=True)
@@ -607,18 +609,8 @@ def build_samples(split: str = "train", *, benign_responses: Mapping[str, str] |
     if "conversation" in include:
         openers = sorted((r for r in benign if responses[r["id"]]
                           and len(r["prompt"]) <= CONTEXT_MAX_CHARS), key=lambda r: r["id"])
-
-        def chats(r):
-            if len(r["prompt"].split()) > 1:
-                yield "split", split_turns(r["prompt"], f"{seed}:{r['id']}"), None
-            ctx = [o for o in openers if o["id"] != r["id"]]
-            if ctx:
-                o = ctx[int(_hash01(f"context:{seed}:{r['id']}") * len(ctx))]
-                yield "ctx", after_context(r["prompt"], o["prompt"], responses[o["id"]]), \
-                    o["origin"]
-
         for r in harmful:
-            for tag, chat, prompt_origin in chats(r):
+            for tag, chat, prompt_origin in conversations(r, openers, responses, seed):
                 sid = f"{r['id']}|{tag}"
                 resp = refusal_for(r, key=sid, category=cats[r["id"]], seed=seed)
                 hc_samples.append(Sample(sid, chat, resp, 1, "conversation",
@@ -627,7 +619,7 @@ def build_samples(split: str = "train", *, benign_responses: Mapping[str, str] |
                                          prompt_origin=prompt_origin))
         for r in benign:
             resp = responses[r["id"]]
-            for tag, chat, prompt_origin in chats(r):
+            for tag, chat, prompt_origin in conversations(r, openers, responses, seed):
                 bc_samples.append(Sample(f"{r['id']}|{tag}", chat, resp or "", 0,
                                          "conversation", r.get("source", "benign"), r["id"],
                                          r.get("category"),
@@ -669,6 +661,27 @@ def build_samples(split: str = "train", *, benign_responses: Mapping[str, str] |
     if shuffle:
         random.Random(seed).shuffle(out)
     return out
+
+
+def conversation_rows(rows: Sequence[Mapping], benign_responses: Mapping[str, str], *,
+                      seed: int = 0, test_fraction: float = 0.2, salt: str = "",
+                      val_fraction: float = 0.0) -> list[dict]:
+    """``rows`` (dicts with ``id`` and ``prompt``) in the conversation shapes that
+    ``build_samples`` trains on (:func:`safeattn.data.turns.conversations`), e.g. to calibrate θ
+    on validation prompts as chat apps send them. The openers are the ``fit`` benign prompts
+    (the same split arguments as training) of at most :data:`CONTEXT_MAX_CHARS` characters that
+    have an answer in ``benign_responses``. -> one row per shape: the row's keys, ``id``
+    ``"<id>|split"`` / ``"<id>|ctx"``, ``prompt`` the chat messages."""
+    fit = _split(benign_rows(), "fit", test_fraction, salt, val_fraction)
+    responses = {r["id"]: _clean_response(benign_responses[r["id"]]) for r in fit
+                 if r["id"] in benign_responses}
+    openers = sorted((r for r in fit if responses.get(r["id"])
+                      and len(r["prompt"]) <= CONTEXT_MAX_CHARS), key=lambda r: r["id"])
+    if not openers:
+        raise ValueError("benign_responses answers none of the fit benign prompts: no opener "
+                         "for the conversation shapes")
+    return [dict(r, id=f"{r['id']}|{tag}", prompt=chat) for r in rows
+            for tag, chat, _ in conversations(r, openers, responses, seed)]
 
 
 def eval_sets(split: str = "test", *, test_fraction: float = 0.2, salt: str = "",

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from .core import split_fraction as _hash01  # sha256(key) as a number in [0, 1)
 
-__all__ = ["SPLIT_FRAMINGS", "split_turns", "after_context"]
+__all__ = ["SPLIT_FRAMINGS", "split_turns", "after_context", "conversations"]
 
 #: (first user turn, assistant turn, second user turn); ``{a}``/``{b}`` are the two halves.
 SPLIT_FRAMINGS = (
@@ -49,3 +49,20 @@ def after_context(prompt: str, context_prompt: str, context_response: str) -> li
     return [{"role": "user", "content": context_prompt},
             {"role": "assistant", "content": context_response},
             {"role": "user", "content": prompt}]
+
+
+def conversations(row: dict, openers: list[dict], responses: dict, seed) -> list[tuple]:
+    """The conversation shapes of one prompt row -> ``[(tag, messages, opener origin)]``:
+    ``"split"`` (:func:`split_turns`, when the prompt has two words or more) and ``"ctx"``
+    (:func:`after_context` after an opener picked by a hash of ``seed`` and the row's id;
+    ``openers`` are rows with an ``id``, ``prompt`` and ``origin`` whose answers are
+    ``responses[id]``; the row itself is never its own opener)."""
+    out = []
+    if len(row["prompt"].split()) > 1:
+        out.append(("split", split_turns(row["prompt"], f"{seed}:{row['id']}"), None))
+    ctx = [o for o in openers if o["id"] != row["id"]]
+    if ctx:
+        o = ctx[int(_hash01(f"context:{seed}:{row['id']}") * len(ctx))]
+        out.append(("ctx", after_context(row["prompt"], o["prompt"], responses[o["id"]]),
+                    o["origin"]))
+    return out
