@@ -11,6 +11,16 @@ window, so the θ that
 :func:`pick_threshold` chooses from the benign scores is then checked with one real decoding
 pass (:func:`calibrate` reports both).
 
+θ keeps the *benign* sets under the target: ``benign`` (single prompts) and, with the
+model's benign answers, ``benign_conversation`` (the same prompts in the conversation shapes
+of training: split over two user turns, and after a benign exchange), pooled, because chat
+apps send conversations and they shift benign scores up.
+
+:func:`pick_refusal_prefix` then chooses, among candidate refusal prefixes, the one whose
+refusals of the harmful val prompts most often read well (:func:`safeattn.judge.refusal_check`:
+refuses, names the request's topic, ends its turn); the model writes the justification after
+the prefix, and a prefix such as "... because it asks how to" leads it to name the request.
+
 The validation split is the ``val`` band of the train split (:data:`safeattn.data.SPLITS`),
 held out of training with ``safeattn train --val-fraction``; the test split is never used.
 """
@@ -21,7 +31,8 @@ from typing import Mapping, Sequence
 
 import torch
 
-__all__ = ["refusal_scores", "pick_threshold", "validation_rows", "calibrate"]
+__all__ = ["refusal_scores", "pick_threshold", "validation_rows", "calibrate",
+           "pick_refusal_prefix", "is_benign_set"]
 
 
 def refusal_scores(p: torch.Tensor, tau: int) -> torch.Tensor:
@@ -62,17 +73,30 @@ def pick_threshold(benign_scores: torch.Tensor, target_fpr: float) -> float:
     return (kth + (float(higher.min()) if len(higher) else 1.0)) / 2
 
 
-def validation_rows(val_fraction: float) -> dict[str, list[dict]]:
+def validation_rows(val_fraction: float, *, benign_responses: Mapping[str, str] | None = None,
+                    seed: int = 0) -> dict[str, list[dict]]:
     """The ``val`` prompts: ``benign`` and one list per harmful source (``advbench``,
-    ``xstest_unsafe``, ``pyrit_objectives``)."""
-    from .data import eval_sets
+    ``xstest_unsafe``, ``pyrit_objectives``); with ``benign_responses`` (the model's answers
+    to the benign prompts, as for ``safeattn train``) also ``benign_conversation``
+    (:func:`safeattn.data.conversation_rows` of the benign val prompts, ``seed`` as in
+    training)."""
+    from .data import conversation_rows, eval_sets
 
     if not 0.0 < val_fraction:
         raise ValueError(f"val_fraction must be > 0 (the band safeattn train --val-fraction "
                          f"held out), got {val_fraction}")
     sets = eval_sets("val", val_fraction=val_fraction)
-    return {"benign": sets["benign"], "advbench": sets["harmful"],
+    rows = {"benign": sets["benign"], "advbench": sets["harmful"],
             "xstest_unsafe": sets["xstest_unsafe"], "pyrit_objectives": sets["pyrit_objectives"]}
+    if benign_responses is not None:
+        rows["benign_conversation"] = conversation_rows(sets["benign"], benign_responses,
+                                                        seed=seed, val_fraction=val_fraction)
+    return rows
+
+
+def is_benign_set(name: str) -> bool:
+    """Whether a :func:`validation_rows` set is benign (``benign``, ``benign_*``)."""
+    return name == "benign" or name.startswith("benign_")
 
 
 def _decode(model, tokenizer, prompts, safety, max_new_tokens, batch_size):
@@ -97,8 +121,9 @@ def calibrate(model, tokenizer, rows: Mapping[str, Sequence[Mapping]], *, target
     row once at that θ -> the report (``threshold``, the per-set refusal rates predicted from
     the trace and measured at θ, the settings).
 
-    ``rows``: :func:`validation_rows` (``benign`` is required, every other key is a harmful
-    set); the report adds ``over_refusal``, the benign rows of that group
+    ``rows``: :func:`validation_rows` (``benign`` is required; θ keeps the pooled benign sets,
+    :func:`is_benign_set`, under ``target_fpr``; every other set is harmful); the report adds
+    ``over_refusal``, the ``benign`` rows of that group
     (:data:`safeattn.data.BENIGN_GROUPS`). ``safety``: the schedule, ``τ`` and windows to
     calibrate for (default ``SafetyConfig()``; its θ is ignored).
     """
@@ -119,7 +144,8 @@ def calibrate(model, tokenizer, rows: Mapping[str, Sequence[Mapping]], *, target
     over = {r["id"] for r in rows["benign"] if r.get("source") in BENIGN_GROUPS["over_refusal"]}
     by_set["over_refusal"] = torch.tensor(
         [i for i, (m, rid) in enumerate(ids) if m == "benign" and rid in over], dtype=torch.long)
-    theta = pick_threshold(scores[by_set["benign"]], target_fpr)
+    benign = torch.cat([by_set[n] for n in names if is_benign_set(n)])
+    theta = pick_threshold(scores[benign], target_fpr)
 
     real = replace(safety, threshold=theta)
     _, refused = _decode(model, tokenizer, prompts, real, max_new_tokens, batch_size)
@@ -129,3 +155,38 @@ def calibrate(model, tokenizer, rows: Mapping[str, Sequence[Mapping]], *, target
     return {"threshold": theta, "target_fpr": target_fpr, "tau": safety.tau,
             "schedule": safety.schedule, "max_new_tokens": max_new_tokens, "sets": sets,
             "scores": {f"{n}/{rid}": round(float(s), 6) for (n, rid), s in zip(ids, scores)}}
+
+
+def pick_refusal_prefix(model, tokenizer, rows: Mapping[str, Sequence[Mapping]],
+                        prefixes: Sequence[str], *, safety, max_new_tokens: int = 64,
+                        batch_size: int = 8) -> dict:
+    """Decode the harmful sets of ``rows`` (every set not :func:`is_benign_set`) with each
+    candidate refusal prefix, full refusals, and keep the prefix whose responses most often
+    pass :func:`safeattn.judge.refusal_check` (ties: the earlier candidate) -> ``{
+    "refusal_prefix": best, "max_new_tokens", "candidates": [{"prefix", "n", "refuses",
+    "on_topic", "ended", "passes"}]}``. ``safety``: the calibrated config (its θ decides which
+    rows refuse)."""
+    from dataclasses import replace
+
+    from .eval import evaluate
+
+    if not prefixes or not all(isinstance(p, str) and p.strip() for p in prefixes):
+        raise ValueError(f"prefixes must be non-empty strings, got {prefixes!r}")
+    harmful = [{"id": f"{n}/{r['id']}", "prompt": r["prompt"], "label": "harmful",
+                "target": r.get("target")} for n, rs in rows.items() if not is_benign_set(n)
+               for r in rs]
+    if not harmful:
+        raise ValueError("rows has no harmful set to refuse")
+    candidates = []
+    for prefix in prefixes:
+        rep = evaluate(model, tokenizer, harmful, attacks=("direct",), modes=("safe",),
+                       safety=replace(safety, refusal_prefix=prefix),
+                       max_new_tokens=max_new_tokens, batch_size=batch_size,
+                       stop_at_refusal=False)
+        checks = rep["results"][0]["checks"]
+        candidates.append({"prefix": prefix, "n": len(harmful), "refuses": checks["refuses"],
+                           "on_topic": checks["on_topic"], "ended": checks["ended"],
+                           "passes": checks["ok"]})
+    best = max(candidates, key=lambda c: c["passes"])  # max keeps the first of equals
+    return {"refusal_prefix": best["prefix"], "max_new_tokens": max_new_tokens,
+            "candidates": candidates}

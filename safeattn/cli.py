@@ -221,34 +221,57 @@ def _add_eval(sub) -> None:
 
 def _calibrate(args: argparse.Namespace) -> int:
     import json
+    import sys
+    from dataclasses import replace
 
     import torch
 
-    from .calibration import calibrate, validation_rows
+    from .calibration import calibrate, pick_refusal_prefix, validation_rows
+    from .data import load_responses
     from .generation import SafetyConfig
     from .models import artifact_dir, load_default
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = validation_rows(args.val_fraction)  # fails before the model load on a bad fraction
-    safety = SafetyConfig(schedule=args.schedule, tau=args.tau)
     d = Path(args.safety) if args.safety else artifact_dir(args.model)
+    answers = None
+    if args.conversations:
+        path = Path(args.benign_responses or d / "benign_responses.jsonl")
+        if not path.is_file():
+            print(f"safeattn calibrate: error: --conversations needs the benign answers; no "
+                  f"{path} (pass --benign-responses)", file=sys.stderr)
+            return 2
+        answers = load_responses(str(path))
+    # fails before the model load on a bad fraction
+    rows = validation_rows(args.val_fraction, benign_responses=answers, seed=args.seed)
+    safety = SafetyConfig(schedule=args.schedule, tau=args.tau)
     model, tok = load_default(args.model, safety_dir=d)
     model = model.to(_device(args.device))
     report = calibrate(model, tok, rows, target_fpr=args.target_fpr, safety=safety,
                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     report["val_fraction"] = args.val_fraction
-    (d / "calibration.json").write_text(json.dumps(report, indent=1) + "\n")
     cfg_path = d / "safety_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["threshold"] = report["threshold"]
-    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
     print(f"θ = {report['threshold']:.6f} (benign val refusals <= {args.target_fpr:.0%} by the "
-          f"trace); written to {cfg_path}")
+          f"trace)")
     for name, m in report["sets"].items():
         if m["n"]:
-            print(f"  {name:18s} n={m['n']:4d}  refused at θ: {m['refused']:.1%} "
+            print(f"  {name:19s} n={m['n']:4d}  refused at θ: {m['refused']:.1%} "
                   f"(trace predicts {m['predicted']:.1%})")
+    if args.refusal_prefix:
+        picked = pick_refusal_prefix(model, tok, rows, args.refusal_prefix,
+                                     safety=replace(safety, threshold=report["threshold"]),
+                                     batch_size=args.batch_size)
+        report["refusal_prefix"] = picked
+        cfg["refusal_prefix"] = picked["refusal_prefix"]
+        for c in picked["candidates"]:
+            print(f"  refusal prefix {c['prefix']!r}: {c['passes']}/{c['n']} read well "
+                  f"(refuse {c['refuses']}, name the topic {c['on_topic']}, end {c['ended']})")
+    (d / "calibration.json").write_text(json.dumps(report, indent=1) + "\n")
+    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+    print(f"written to {cfg_path}: threshold {cfg['threshold']:.6f}"
+          + (f", refusal_prefix {cfg['refusal_prefix']!r}" if args.refusal_prefix else ""))
     return 0
 
 
@@ -259,7 +282,11 @@ def _add_calibrate(sub) -> None:
                     "out) once with nothing refusing, pick the smallest θ at which at most "
                     "--target-fpr of the benign ones would refuse, check it with a second "
                     "decoding pass, and write it as 'threshold' into SAFETY/safety_config.json "
-                    "(the θ that SafetyConfig(threshold=None) takes) with SAFETY/calibration.json.",
+                    "(the θ that SafetyConfig(threshold=None) takes) with SAFETY/calibration.json. "
+                    "With --conversations the benign prompts also count in the conversation "
+                    "shapes of training; with --refusal-prefix (repeated) the candidate whose "
+                    "refusals of the harmful val prompts most often read well "
+                    "(safeattn.judge.refusal_check) is written as 'refusal_prefix'.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="gemma3-270m", help="the shipped base model's name")
     p.add_argument("--safety", default=None,
@@ -268,6 +295,15 @@ def _add_calibrate(sub) -> None:
                    help="the --val-fraction the head was trained with")
     p.add_argument("--target-fpr", type=float, default=0.03,
                    help="largest share of benign val prompts that may refuse")
+    p.add_argument("--conversations", action="store_true",
+                   help="also hold the benign val prompts split over two turns and after a "
+                        "benign exchange (the conversation shapes of training) under the target")
+    p.add_argument("--benign-responses", default=None,
+                   help="the model's benign answers that open those exchanges (default: "
+                        "SAFETY/benign_responses.jsonl)")
+    p.add_argument("--seed", type=int, default=0, help="the seed the head was trained with")
+    p.add_argument("--refusal-prefix", action="append", default=None, metavar="TEXT",
+                   help="a candidate refusal prefix; repeat to compare several")
     p.add_argument("--schedule", default="each", help="the schedule to calibrate for")
     p.add_argument("--tau", type=int, default=3, help="consecutive alarms before refusing")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens decoded per prompt")
