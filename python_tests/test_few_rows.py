@@ -20,9 +20,15 @@ def _linear(i, o, bias, seed=0):
     return lin, switch
 
 
+@pytest.fixture
+def forced(monkeypatch):
+    """The ``W @ x.T`` path whenever it applies, whichever is faster on this machine."""
+    monkeypatch.setattr(few_rows, "FORCE", True)
+
+
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("shape", [(2, 1), (1, 2), (4, 2), (8, 2), (2, 3, 5), (16, 1)])
-def test_matches_linear(shape, bias):
+def test_matches_linear(shape, bias, forced):
     lin, switch = _linear(24, 40, bias)
     x = torch.randn(*shape, 24)
     switch.on = True
@@ -31,7 +37,7 @@ def test_matches_linear(shape, bias):
     torch.testing.assert_close(y, F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
 
 
-def test_path_taken_only_when_it_applies(monkeypatch):
+def test_path_taken_only_when_it_applies(monkeypatch, forced):
     calls = []
     real_mm = torch.mm
     monkeypatch.setattr(torch, "mm", lambda *a: calls.append(a[1].shape) or real_mm(*a))
@@ -46,6 +52,44 @@ def test_path_taken_only_when_it_applies(monkeypatch):
     lin.float()
     lin(torch.randn(3, 8))
     assert calls == [(8, 3)]
+
+
+def test_path_chosen_by_timing_once_per_row_count(monkeypatch):
+    timed = []
+    verdict = {2: False, 3: True}
+    monkeypatch.setattr(few_rows, "_time_paths",
+                        lambda mods, rows: timed.append((len(mods), rows)) or verdict[rows])
+    calls = []
+    real_mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda *a: calls.append(a[1].shape) or real_mm(*a))
+    lin, switch = _linear(8, 6, True)
+    switch.on = True
+    for rows in (2, 2, 3, 3):
+        x = torch.randn(rows, 8)
+        torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias))
+    assert timed == [(1, 2), (1, 3)]           # each row count timed once, over the switch
+    assert calls == [(8, 3), (8, 3)]          # 2 rows: stock was faster; 3 rows: W @ x.T
+    monkeypatch.setattr(few_rows, "FORCE", False)
+    lin(torch.randn(3, 8))
+    assert calls == [(8, 3), (8, 3)]          # FORCE=False: never
+
+
+@pytest.mark.parametrize("slow,wins", [("mm", False), ("linear", True)])
+def test_timing_keeps_the_faster_path(monkeypatch, slow, wins):
+    import time
+
+    def slowed(real):
+        def run(*a, **kw):
+            time.sleep(0.002)
+            return real(*a, **kw)
+        return run
+
+    mods = [torch.nn.Linear(64, 32), torch.nn.Linear(32, 64)]
+    if slow == "mm":
+        monkeypatch.setattr(torch, "mm", slowed(torch.mm))
+    else:
+        monkeypatch.setattr(few_rows.F, "linear", slowed(F.linear))
+    assert few_rows._time_paths(mods, 2) is wins
 
 
 def test_install_skips_replaced_forward_and_remove_restores():

@@ -6,11 +6,19 @@ each weight. On CPU, ``F.linear`` (``x @ W.T`` through MKL) does not manage that
 2-core AMD EPYC of our benches the linears of 18 Gemma-3-270M layers take 44 ms for 1 row,
 91 ms for 2 and 79 ms for 4, while ``W @ x.T`` takes 37 ms for 2 rows and 32 ms for 4. While
 a check step runs (the decoder's forward carries a probe row), the linears of the layers the
-probe passes through take that path for fp32 CPU inputs of 2 to :data:`MAX_ROWS` rows; all
-other calls are stock ``F.linear``.
+probe passes through take that path for fp32 CPU inputs of 2 to :data:`MAX_ROWS` rows, *if it
+is faster here*; all other calls are stock ``F.linear``.
+
+Which is faster depends on the CPU and its BLAS: on the 2-core Intel Xeon of a later machine
+``F.linear`` reads each weight once for 1 to 3 rows (2.33 ms for 1 row and 2.36 ms for 2 over
+the 49 linears of SmolLM2's layers 0..6) while ``W @ x.T`` takes 4.87 ms for 2. So the first
+check step with a given row count times both paths over all the switch's linears (together
+larger than the caches, as in decoding) and keeps the faster (:meth:`Switch.weight_stationary`;
+:data:`FORCE` overrides). Both paths give the same values up to float rounding.
 """
 from __future__ import annotations
 
+import time
 import types
 
 import torch
@@ -20,19 +28,54 @@ __all__ = ["MAX_ROWS", "Switch", "install", "remove"]
 
 #: Largest number of rows (batch x query rows) that takes the ``W @ x.T`` path.
 MAX_ROWS = 16
+#: ``None``: time both paths per row count (:meth:`Switch.weight_stationary`); ``True`` /
+#: ``False``: always / never ``W @ x.T`` (within :data:`MAX_ROWS`).
+FORCE: bool | None = None
+#: Timed passes of each path over the linears; the fastest pass counts.
+TIMING_PASSES = 3
 
 
 class Switch:
     """On while a check step's forward runs. Shared by the model state and the patched modules
-    (a plain object, so that ``copy.deepcopy`` of the model copies it once for both)."""
+    (a plain object, so that ``copy.deepcopy`` of the model copies it once for both). Keeps
+    the patched linears and, per row count, which path was faster."""
 
     on = False
+
+    def __init__(self):
+        self.modules: list[torch.nn.Linear] = []
+        self.faster: dict[int, bool] = {}
+
+    def weight_stationary(self, rows: int) -> bool:
+        """Whether ``W @ x.T`` beats ``F.linear`` for ``rows`` rows over this switch's linears,
+        timed on the first call for that row count (:data:`FORCE` decides when set)."""
+        if FORCE is not None:
+            return FORCE
+        if rows not in self.faster:
+            self.faster[rows] = _time_paths(self.modules, rows)
+        return self.faster[rows]
+
+
+@torch.no_grad()
+def _time_paths(modules, rows: int) -> bool:
+    """Time one pass of each path over every module (fastest of :data:`TIMING_PASSES`) ->
+    whether ``W @ x.T`` was at least 5% faster (a tie keeps stock ``F.linear``)."""
+    ws = [(m.weight, torch.randn(rows, m.weight.shape[1])) for m in modules]
+    best = {"linear": float("inf"), "wx": float("inf")}
+    for _ in range(TIMING_PASSES):
+        for name in best:
+            t0 = time.perf_counter()
+            for w, x in ws:
+                torch.mm(w, x.t()) if name == "wx" else F.linear(x, w)
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best["wx"] < 0.95 * best["linear"]
 
 
 def _forward(self, x: torch.Tensor) -> torch.Tensor:
     rows = x.numel() // x.shape[-1] if x.dim() >= 2 else 1
     if 1 < rows <= MAX_ROWS and x.dtype == torch.float32 and x.device.type == "cpu" \
-            and self.weight.dtype == torch.float32 and self._safeattn_few_rows.on:
+            and self.weight.dtype == torch.float32 and self._safeattn_few_rows.on \
+            and self._safeattn_few_rows.weight_stationary(rows):
         y = torch.mm(self.weight, x.reshape(rows, -1).t()).t()
         if self.bias is not None:
             y = y + self.bias
@@ -51,6 +94,8 @@ def install(modules, switch: Switch) -> list[torch.nn.Linear]:
                 mod._safeattn_few_rows = switch
                 mod.forward = types.MethodType(_forward, mod)
                 done.append(mod)
+    switch.modules.extend(done)
+    switch.faster.clear()
     return done
 
 
@@ -59,4 +104,7 @@ def remove(patched) -> None:
     for mod in patched:
         if getattr(mod.__dict__.get("forward"), "__func__", None) is _forward:
             del mod.forward
-        mod.__dict__.pop("_safeattn_few_rows", None)
+        switch = mod.__dict__.pop("_safeattn_few_rows", None)
+        if switch is not None and mod in switch.modules:
+            switch.modules.remove(mod)
+            switch.faster.clear()
