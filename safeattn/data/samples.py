@@ -607,8 +607,7 @@ def build_samples(split: str = "train", *, benign_responses: Mapping[str, str] |
 
     hc_samples, bc_samples = [], []
     if "conversation" in include:
-        openers = sorted((r for r in benign if responses[r["id"]]
-                          and len(r["prompt"]) <= CONTEXT_MAX_CHARS), key=lambda r: r["id"])
+        openers = _openers(benign, responses)
         for r in harmful:
             for tag, chat, prompt_origin in conversations(r, openers, responses, seed):
                 sid = f"{r['id']}|{tag}"
@@ -663,6 +662,13 @@ def build_samples(split: str = "train", *, benign_responses: Mapping[str, str] |
     return out
 
 
+def _openers(benign, responses) -> list[dict]:
+    """The benign rows that can open a conversation: answered (``responses[id]``) and at most
+    :data:`CONTEXT_MAX_CHARS` characters long, sorted by id."""
+    return sorted((r for r in benign if responses.get(r["id"])
+                   and len(r["prompt"]) <= CONTEXT_MAX_CHARS), key=lambda r: r["id"])
+
+
 def conversation_rows(rows: Sequence[Mapping], benign_responses: Mapping[str, str], *,
                       seed: int = 0, test_fraction: float = 0.2, salt: str = "",
                       val_fraction: float = 0.0) -> list[dict]:
@@ -675,8 +681,7 @@ def conversation_rows(rows: Sequence[Mapping], benign_responses: Mapping[str, st
     fit = _split(benign_rows(), "fit", test_fraction, salt, val_fraction)
     responses = {r["id"]: _clean_response(benign_responses[r["id"]]) for r in fit
                  if r["id"] in benign_responses}
-    openers = sorted((r for r in fit if responses.get(r["id"])
-                      and len(r["prompt"]) <= CONTEXT_MAX_CHARS), key=lambda r: r["id"])
+    openers = _openers(fit, responses)
     if not openers:
         raise ValueError("benign_responses answers none of the fit benign prompts: no opener "
                          "for the conversation shapes")
