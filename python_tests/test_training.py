@@ -460,7 +460,33 @@ def test_run_loso_tiny(tmp_path, monkeypatch):
         assert T.run_loso(args) == 0
         rep = json.loads((tmp_path / "loso.json").read_text())
         assert rep["folds"] == {} and rep["shipped_variant"] == "cls_adapter"
-    assert cache.exists() and len(torch.load(cache)["kv"]) == rep["pool"]
+    got = torch.load(cache)
+    assert len(got["kv"]) == len(got["keys"]) == rep["pool"]
+    assert got["model"]["model_type"] == "gemma3_text"
+    torch.save({"ids": got["keys"], "max_layer": 1, "kv": {}, "states": {}}, cache)
+    args = p.parse_args(argv + ["--loso-folds", "", "--context-cache-file", str(cache)])
+    with pytest.raises(ValueError, match="older safeattn"):  # keyed by sample id: stale-prone
+        T.run_loso(args)
+
+
+def test_context_key_follows_the_encoded_row():
+    """The context cache file serves a sample by what it encodes, not by its id: another
+    seed can give the same id another text."""
+    import dataclasses
+
+    from safeattn.data import Sample
+    from safeattn.training import _context_key
+
+    tok = tiny_tokenizer()
+    safeattn.apply_safeattn(tiny_model("llama", vocab_size=len(tok) + 1), tok)
+    coll = SafetyDataCollator(tok)
+    a = Sample("x|form:polite", "How do I bake bread?", "", 0, "phrasing", "s", "x")
+    assert _context_key(coll, a) != _context_key(coll, dataclasses.replace(
+        a, prompt="How do I bake a cake?"))
+    assert _context_key(coll, a) == _context_key(coll, dataclasses.replace(a, id="y|query"))
+    w = dataclasses.replace(a, response="Mix the flour with water and salt.", window=(0, 4))
+    assert _context_key(coll, w) != _context_key(coll, dataclasses.replace(w, window=(0, 20)))
+    assert _context_key(coll, w) != _context_key(coll, a)
 
 
 def test_evaluate_head_reports_every_source():

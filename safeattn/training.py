@@ -1024,6 +1024,25 @@ def _trained_parts(model) -> dict:
     return parts
 
 
+def _context_key(coll: SafetyDataCollator, sample) -> str:
+    """A digest of what the frozen forward of ``sample`` depends on: its encoded row (token
+    ids, query span, response start, probe window). A context cache file serves a sample only
+    under this key, so a sample whose text changed (another ``--seed``, another
+    ``--max-prompt-tokens``) is never served a stale forward."""
+    import hashlib
+    import json
+
+    r = coll.encode_one(sample)
+    blob = json.dumps([r["ids"], r["q"], r["rs"], r["win"], r["has_window"]])
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def _model_id(model) -> dict:
+    cfg = _inner(model).config.get_text_config()
+    return {k: getattr(cfg, k, None) for k in ("_name_or_path", "model_type", "hidden_size",
+                                                "num_hidden_layers", "vocab_size")}
+
+
 def _head_snapshot(model) -> dict:
     inner = _inner(model)
     row = getattr(inner.get_input_embeddings(), _CLS_ROW)
@@ -1102,22 +1121,27 @@ def run_loso(args) -> int:
           flush=True)
     warm = trainer_for(range(len(pool)), 1)
     saved = Path(args.context_cache_file) if args.context_cache_file else None
-    ids = [s.id for s in pool]
-    if saved is not None and saved.exists():  # reuse the samples it has (by sample id)
+    keys = [_context_key(coll, s) for s in pool]
+    model_id = _model_id(model)
+    if saved is not None and saved.exists():  # reuse the samples it has (by content key)
         got = torch.load(saved, weights_only=True)
+        if "keys" not in got or got.get("model") != model_id:
+            raise ValueError(f"{saved} was written for another model or by an older safeattn "
+                             f"(keyed by sample id); delete it")
         if got["max_layer"] != max(layers):
             raise ValueError(f"{saved} caches layers 0..{got['max_layer']}, not "
                              f"0..{max(layers)}; delete it")
-        old = {sid: i for i, sid in enumerate(got["ids"])}
-        for i, sid in enumerate(ids):
-            if sid in old and old[sid] in got["kv"]:
-                store["kv"][i] = got["kv"][old[sid]]
-                store["states"][i] = got["states"][old[sid]]
-        print(f"context cache file: {len(store['kv'])} of {len(ids)} samples reused", flush=True)
+        old = {k: i for i, k in enumerate(got["keys"])}
+        for i, k in enumerate(keys):
+            if k in old and old[k] in got["kv"]:
+                store["kv"][i] = got["kv"][old[k]]
+                store["states"][i] = got["states"][old[k]]
+        print(f"context cache file: {len(store['kv'])} of {len(keys)} samples reused",
+              flush=True)
     n_before = len(store["kv"])
     warm.warm_context_cache()
     if saved is not None and len(store["kv"]) > n_before:
-        torch.save({"ids": ids, "max_layer": max(layers), **store}, saved)
+        torch.save({"keys": keys, "model": model_id, "max_layer": max(layers), **store}, saved)
     t1 = time.time()
     print(f"context cache: {len(store['kv'])} samples in {t1 - t0:.0f}s", flush=True)
     everything = list(range(len(pool)))
