@@ -467,6 +467,18 @@ def test_run_loso_tiny(tmp_path, monkeypatch):
     args = p.parse_args(argv + ["--loso-folds", "", "--context-cache-file", str(cache)])
     with pytest.raises(ValueError, match="older safeattn"):  # keyed by sample id: stale-prone
         T.run_loso(args)
+    # --loso-variants picks what trains: without the adapter variant none ships
+    args = p.parse_args(argv + ["--loso-folds", "", "--context-cache-file", str(cache),
+                                "--loso-variants", "cls"])
+    args.argv = argv
+    assert T.run_loso(args) == 0
+    assert json.loads((tmp_path / "loso.json").read_text())["shipped_variant"] == "cls"
+    assert "adapter" not in json.loads((tmp_path / "safety_config.json").read_text())
+    for bad in ("", "cls,lora", "cls_adapter"):   # the last: no --probe-adapter
+        args = p.parse_args(argv[:-2] + ["--loso-variants", bad])  # argv ends --probe-adapter 2
+        monkeypatch.setattr(T, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+        with pytest.raises(ValueError, match="--loso-variants"):
+            T.run_loso(args)
 
 
 def test_context_key_follows_the_encoded_row():

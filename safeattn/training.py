@@ -1091,6 +1091,11 @@ def run_loso(args) -> int:
     from .hf.patch import apply_safeattn
     from .hf.persist import save_safety
 
+    variants = [v for v in args.loso_variants.split(",") if v]
+    allowed = ["cls"] + (["cls_adapter"] if args.probe_adapter else [])
+    if not variants or set(variants) - set(allowed):
+        raise ValueError(f"--loso-variants: expected a non-empty subset of {allowed}, got "
+                         f"{args.loso_variants!r}")
     t0 = time.time()
     out_dir, model, tok, _, train = _start(args)
     plan = loso.plan(train, tok)
@@ -1161,7 +1166,6 @@ def run_loso(args) -> int:
               "layer_cv_auroc": layer_cv,
               "folds": {}}
     feats_last = {l + 1: last[:, l] for l in range(last.shape[1])}  # hidden state l+1
-    variants = ["cls"] + (["cls_adapter"] if args.probe_adapter else [])
 
     def train_variant(variant, indices, epochs):
         """The [CLS] head (and row) trained from the same start on ``indices``; the probe

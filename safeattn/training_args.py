@@ -61,6 +61,10 @@ def add_train_arguments(p) -> None:
                    help="--loso: the folds to run (comma-separated), 'all', or '' for none (then "
                         "the head that ships is the last variant: with --probe-adapter, the "
                         "adapter one)")
+    p.add_argument("--loso-variants", default="cls,cls_adapter",
+                   help="--loso: the trained variants each fold runs (comma-separated): cls "
+                        "(head + [CLS] row), cls_adapter (also the probe adapter; needs "
+                        "--probe-adapter); the frozen baselines always run")
     p.add_argument("--context-cache-file", default=None,
                    help="--loso: keep the frozen forward of the pool (keys, values, states) in "
                         "this file and reuse it on the next run with the same data and layers")
