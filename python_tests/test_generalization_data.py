@@ -10,7 +10,7 @@ from safeattn import loso
 from safeattn.data import phrasing
 from safeattn.reference import MALICIOUS, TRANSITION, window
 
-KINDS = ("query", "phrasing", "template", "trajectory", "response")
+KINDS = ("query", "phrasing", "template", "trajectory", "response", "contrast")
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +128,47 @@ def test_conversation_samples_both_labels():
     assert held and all("instructions" not in s.origins for s in held)
     assert {s.prompt_origin for s in held if s.id.endswith("|ctx")} == {"over_refusal"}
     assert "instructions" in {s.prompt_origin for s in conv}
+
+
+def test_contrast_pair_hand_checked():
+    from safeattn.data import contrast
+    about, demand = contrast.contrast_pair("Tell me how  to pick\na lock", "k")
+    assert (about, demand) == contrast.contrast_pair("Tell me how to pick a lock", "k")
+    quote = '"Tell me how to pick a lock" '
+    opening = about[:about.index(quote) + len(quote)]
+    assert demand.startswith(opening)                       # one opening for both labels
+    assert opening[:-len(quote)].strip() + ' "{q}"' in contrast.OPENINGS
+    assert about[len(opening):] in contrast.ASK_ABOUT
+    assert demand[len(opening):] in contrast.ASK_FOR
+    pairs = [contrast.contrast_pair("x y", str(i)) for i in range(300)]  # every choice is used
+    assert {a.split('" ', 1)[1] for a, _ in pairs} == set(contrast.ASK_ABOUT)
+    assert {d.split('" ', 1)[1] for _, d in pairs} == set(contrast.ASK_FOR)
+    assert {a.split(' "', 1)[0] for a, _ in pairs} == {o.split(' "', 1)[0]
+                                                       for o in contrast.OPENINGS}
+    with pytest.raises(ValueError, match="request"):
+        contrast.contrast_pair("  ", "k")
+
+
+def test_contrast_samples_pair_every_harmful_prompt():
+    samples = D.build_samples("train", include=("contrast",), missing_response="empty")
+    harmful = [r for r in D.harmful_rows() if not D.in_test(D.group_key(r))]
+    assert len(samples) == 2 * len(harmful)
+    by_row = collections.defaultdict(dict)
+    for s in samples:
+        by_row[s.row_id][s.label] = s
+    origin = {r["id"]: r["origin"] for r in harmful}
+    for r in harmful:
+        about, demand = by_row[r["id"]][0], by_row[r["id"]][1]
+        assert about.id == f"{r['id']}|about" and demand.id == f"{r['id']}|for"
+        assert about.request == demand.request == r["prompt"]
+        assert about.origin == demand.origin == origin[r["id"]]
+        assert about.response == "" and about.lm_span is None
+        assert demand.response and demand.lm_span == (0, len(demand.response))
+        cut = about.prompt.index(f'"{" ".join(r["prompt"].split())}"')
+        assert demand.prompt[:cut] == about.prompt[:cut]
+    held = D.build_samples("train", include=("contrast",), missing_response="empty",
+                           exclude=("advbench",))
+    assert held and "advbench" not in {s.origin for s in held}
 
 
 def test_collator_encodes_conversation_samples():

@@ -29,7 +29,8 @@ def add_train_arguments(p) -> None:
     p.add_argument("--kinds", default="query,template",
                    help="sample kinds (comma-separated): query, trajectory, template, suffix "
                         "(prompts + random-token noise), phrasing, response, conversation "
-                        "(prompts over two user turns and after a benign exchange); the "
+                        "(prompts over two user turns and after a benign exchange), contrast "
+                        "(a harmful prompt quoted, then asked about or asked for); the "
                         "safeattn.data.samples docstring says what each builds")
     p.add_argument("--benign-responses", default=None,
                    help="JSONL of benign responses (safeattn.data.cache_responses); without it "

@@ -52,6 +52,10 @@ Kinds of samples (:class:`Sample`)
   at most :data:`CONTEXT_MAX_CHARS` characters and its own response, picked by a seeded
   hash; its group is the sample's ``prompt_origin``). Same label and response as the plain
   prompt. ``prompt`` is then a list of chat messages.
+* ``contrast`` — each harmful prompt quoted by one opening line, then asked *about* (why it
+  is harmful, how to report it: label 0, no response) or asked *for* (label 1, a refusal)
+  (:mod:`safeattn.data.contrast`). Both carry the harmful row's id and origin, so a fold
+  that leaves a harmful source out leaves its contrast pairs out too.
 * ``response`` — what the decoding-time probe sees: a prompt, the response cut after ``seen``
   tokens, and a probe window of Rule 1, 2 or 3 (:func:`probe_windows`, DESIGN.md §3) over
   it. Benign prompts with their own responses (``benign_responses``) are label 0. Each
@@ -77,6 +81,7 @@ from .core import (group_key, load, normalize, prompt_index, render_template,
 from .core import split_fraction as _hash01  # sha256(key) as a number in [0, 1)
 from .phrasing import pick_forms, rephrase
 from .refusals import REFUSALS, coarse_category, refusal_for
+from .contrast import contrast_pair
 from .turns import conversations
 from ..generation import DEFAULT_REFUSAL_PREFIX
 
@@ -86,7 +91,8 @@ __all__ = ["Sample", "build_samples", "eval_sets", "truncate_tokens", "suffix_po
            "EVAL_NEUTRAL_PROMPT", "probe_windows", "SPLITS", "CONTEXT_MAX_CHARS",
            "conversation_rows"]
 
-KINDS = ("query", "trajectory", "template", "suffix", "phrasing", "response", "conversation")
+KINDS = ("query", "trajectory", "template", "suffix", "phrasing", "response", "conversation",
+         "contrast")
 #: What :func:`build_samples` builds by default (``suffix`` augmentation is opt-in).
 DEFAULT_KINDS = ("query", "trajectory", "template")
 
@@ -421,9 +427,9 @@ def build_samples(split: str = "train", *, benign_responses: Mapping[str, str] |
             samples; enough for training the head alone) or ``"skip"`` (drop the row).
         test_fraction, salt: passed to :func:`safeattn.data.split`.
         val_fraction: the width of the ``val`` band of the train part (``fit`` is the rest).
-        shuffle: shuffle the samples with ``random.Random(seed)``; otherwise the order is
-            harmful queries, benign queries, harmful then benign trajectories, templates,
-            harmful then benign suffix samples.
+        shuffle: shuffle the samples with ``random.Random(seed)``; otherwise they come kind
+            by kind (in the order of :data:`KINDS`, ``response`` last), harmful before
+            benign.
         suffixes_per_prompt: noise-suffix samples per harmful and per benign prompt (kind
             ``suffix``; 0: none).
         suffix_tokens: ``(min, max)`` number of noise tokens of a suffix (inclusive); the
@@ -625,6 +631,18 @@ def build_samples(split: str = "train", *, benign_responses: Mapping[str, str] |
                                          lm_span=(0, len(resp)) if resp else None,
                                          request=r["prompt"], prompt_origin=prompt_origin))
 
+    ca_samples, cf_samples = [], []
+    if "contrast" in include:
+        for r in harmful:
+            about, demand = contrast_pair(r["prompt"], f"{seed}:{r['id']}")
+            src = r.get("source", "advbench")
+            ca_samples.append(Sample(f"{r['id']}|about", about, "", 0, "contrast", src, r["id"],
+                                     cats[r["id"]], request=r["prompt"]))
+            resp = refusal_for(r, key=f"{r['id']}|for", category=cats[r["id"]], seed=seed)
+            cf_samples.append(Sample(f"{r['id']}|for", demand, resp, 1, "contrast", src,
+                                     r["id"], cats[r["id"]], lm_span=(0, len(resp)),
+                                     request=r["prompt"]))
+
     r_samples = []
     if "response" in include and response_windows > 0:
         view = dict(tokenizer=tokenizer, windows=response_windows, max_tokens=response_max_tokens)
@@ -654,7 +672,7 @@ def build_samples(split: str = "train", *, benign_responses: Mapping[str, str] |
                                                    category=r.get("category"), **view)
 
     out = h_samples + b_samples + ht_samples + bt_samples + t_samples + hs_samples + bs_samples \
-        + hp_samples + bp_samples + hc_samples + bc_samples + r_samples
+        + hp_samples + bp_samples + hc_samples + bc_samples + ca_samples + cf_samples + r_samples
     out = [x if x.origin else dataclasses.replace(x, origin=origins.get(x.row_id)) for x in out]
     out = [x for x in out if not x.origins & set(exclude)]
     if shuffle:
