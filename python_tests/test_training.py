@@ -468,8 +468,7 @@ def test_run_loso_tiny(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="older safeattn"):  # keyed by sample id: stale-prone
         T.run_loso(args)
     # --loso-variants picks what trains: without the adapter variant none ships
-    args = p.parse_args(argv + ["--loso-folds", "", "--context-cache-file", str(cache),
-                                "--loso-variants", "cls"])
+    args = p.parse_args(argv + ["--loso-folds", "", "--loso-variants", "cls"])
     args.argv = argv
     assert T.run_loso(args) == 0
     assert json.loads((tmp_path / "loso.json").read_text())["shipped_variant"] == "cls"
