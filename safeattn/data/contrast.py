@@ -15,7 +15,7 @@ id. No evaluation set uses these framings.
 """
 from __future__ import annotations
 
-from .core import split_fraction as _hash01  # sha256(key) as a number in [0, 1)
+from .core import hashed_choice
 
 __all__ = ["OPENINGS", "ASK_ABOUT", "ASK_FOR", "contrast_pair"]
 
@@ -49,15 +49,11 @@ ASK_FOR = (
 )
 
 
-def _pick(options, key: str):
-    return options[int(_hash01(key) * len(options))]
-
-
 def contrast_pair(request: str, key: str) -> tuple[str, str]:
     """``(about, for)``: ``request`` quoted by one opening (picked by a hash of ``key``), then
     asked about (label 0) or asked for (label 1)."""
     if not isinstance(request, str) or not request.strip():
         raise ValueError(f"request must be a non-empty string, got {request!r}")
-    opening = _pick(OPENINGS, f"opening:{key}").format(q=" ".join(request.split()))
-    return (f"{opening} {_pick(ASK_ABOUT, f'about:{key}')}",
-            f"{opening} {_pick(ASK_FOR, f'for:{key}')}")
+    opening = hashed_choice(OPENINGS, f"opening:{key}").format(q=" ".join(request.split()))
+    return (f"{opening} {hashed_choice(ASK_ABOUT, f'about:{key}')}",
+            f"{opening} {hashed_choice(ASK_FOR, f'for:{key}')}")

@@ -10,8 +10,8 @@ import re
 from importlib import resources
 from typing import Iterable, Mapping
 
-__all__ = ["DATASETS", "PLACEHOLDER", "load", "split", "split_fraction", "in_test",
-           "group_key", "normalize", "prompt_index", "render_template", "data_path"]
+__all__ = ["DATASETS", "PLACEHOLDER", "load", "split", "split_fraction", "hashed_choice",
+           "in_test", "group_key", "normalize", "prompt_index", "render_template", "data_path"]
 
 #: The vendored data sets (``safeattn/data/files/<name>.jsonl``) and their row counts.
 DATASETS = {
@@ -100,6 +100,12 @@ def split_fraction(row_id: str, salt: str = "") -> float:
     """``sha256(salt + id)`` mapped to ``[0, 1)``: the split coordinate of one row."""
     digest = hashlib.sha256((salt + row_id).encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") / 2.0 ** 64
+
+
+def hashed_choice(options, key: str):
+    """The element of ``options`` that :func:`split_fraction` of ``key`` picks: a seeded,
+    deterministic choice (put the seed into ``key``)."""
+    return options[int(split_fraction(key) * len(options))]
 
 
 def in_test(row_id: str, test_fraction: float = 0.2, salt: str = "") -> bool:

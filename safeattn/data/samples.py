@@ -76,12 +76,12 @@ import random
 import re
 from typing import Mapping, Sequence
 
-from .core import (group_key, load, normalize, prompt_index, render_template,
+from .contrast import contrast_pair
+from .core import (group_key, hashed_choice, load, normalize, prompt_index, render_template,
                    split as split_rows, split_fraction)
 from .core import split_fraction as _hash01  # sha256(key) as a number in [0, 1)
 from .phrasing import pick_forms, rephrase
 from .refusals import REFUSALS, coarse_category, refusal_for
-from .contrast import contrast_pair
 from .turns import conversations
 from ..generation import DEFAULT_REFUSAL_PREFIX
 
@@ -526,7 +526,7 @@ def build_samples(split: str = "train", *, benign_responses: Mapping[str, str] |
                 resp, lm = prefix, None
                 if trajectory_recovery:
                     opts = recov[cats[r["id"]]]
-                    tail = opts[int(_hash01(f"recovery:{seed}:{sid}") * len(opts))]
+                    tail = hashed_choice(opts, f"recovery:{seed}:{sid}")
                     resp = prefix + "\n\n" + tail
                     lm = (len(prefix) + 2, len(resp))
                 ht_samples.append(Sample(sid, r["prompt"], resp, 1, "trajectory",
@@ -654,12 +654,11 @@ def build_samples(split: str = "train", *, benign_responses: Mapping[str, str] |
         if "pyrit_objectives" in kept and "pyrit_responses" not in exclude:
             decoys = sorted(benign, key=lambda b: b["id"])
             for r in cut(response_rows(datasets=data)):
-                neutral = NEUTRAL_PROMPTS[int(_hash01(f"neutral:{seed}:{r['id']}")
-                                              * len(NEUTRAL_PROMPTS))]
+                neutral = hashed_choice(NEUTRAL_PROMPTS, f"neutral:{seed}:{r['id']}")
                 prompts = [("own", r["prompt"], r["objective_origin"]),
                            ("neutral", neutral, None)]
                 if r["label"] == 1 and decoys:
-                    decoy = decoys[int(_hash01(f"decoy:{seed}:{r['id']}") * len(decoys))]
+                    decoy = hashed_choice(decoys, f"decoy:{seed}:{r['id']}")
                     prompts.append(("decoy", decoy["prompt"], decoy["origin"]))
                 # the neutral prompt alone is benign: what p_0 sees before any response
                 r_samples.append(Sample(f"{r['id']}|neutral", neutral, "", 0, "query",

@@ -15,7 +15,7 @@ among these: what it measures was never trained on.
 """
 from __future__ import annotations
 
-from .core import split_fraction as _hash01  # sha256(key) as a number in [0, 1)
+from .core import hashed_choice, split_fraction as _hash01  # sha256(key) in [0, 1)
 
 __all__ = ["SPLIT_FRAMINGS", "split_turns", "after_context", "conversations"]
 
@@ -38,7 +38,7 @@ def split_turns(prompt: str, key: str) -> list[dict]:
     if len(words) < 2:
         raise ValueError(f"cannot split a request of {len(words)} word(s): {prompt!r}")
     cut = min(len(words) - 1, max(1, round(len(words) * (0.3 + 0.4 * _hash01(f"cut:{key}")))))
-    u1, ack, u2 = SPLIT_FRAMINGS[int(_hash01(f"framing:{key}") * len(SPLIT_FRAMINGS))]
+    u1, ack, u2 = hashed_choice(SPLIT_FRAMINGS, f"framing:{key}")
     return [{"role": "user", "content": u1.format(a=" ".join(words[:cut]))},
             {"role": "assistant", "content": ack},
             {"role": "user", "content": u2.format(b=" ".join(words[cut:]))}]
@@ -62,7 +62,7 @@ def conversations(row: dict, openers: list[dict], responses: dict, seed) -> list
         out.append(("split", split_turns(row["prompt"], f"{seed}:{row['id']}"), None))
     ctx = [o for o in openers if o["id"] != row["id"]]
     if ctx:
-        o = ctx[int(_hash01(f"context:{seed}:{row['id']}") * len(ctx))]
+        o = hashed_choice(ctx, f"context:{seed}:{row['id']}")
         out.append(("ctx", after_context(row["prompt"], o["prompt"], responses[o["id"]]),
                     o["origin"]))
     return out
