@@ -1126,8 +1126,9 @@ def run_loso(args) -> int:
           flush=True)
     warm = trainer_for(range(len(pool)), 1)
     saved = Path(args.context_cache_file) if args.context_cache_file else None
-    keys = [_context_key(coll, s) for s in pool]
-    model_id = _model_id(model)
+    if saved is not None:
+        keys = [_context_key(coll, s) for s in pool]
+        model_id = _model_id(model)
     if saved is not None and saved.exists():  # reuse the samples it has (by content key)
         got = torch.load(saved, weights_only=True)
         if "keys" not in got or got.get("model") != model_id:

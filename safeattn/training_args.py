@@ -60,8 +60,8 @@ def add_train_arguments(p) -> None:
                    help="--loso: the cls_layer candidates (picked by 5-fold CV)")
     p.add_argument("--loso-folds", default="all",
                    help="--loso: the folds to run (comma-separated), 'all', or '' for none (then "
-                        "the head that ships is the last variant: with --probe-adapter, the "
-                        "adapter one)")
+                        "the head that ships is the last of --loso-variants: by default, with "
+                        "--probe-adapter, the adapter one)")
     p.add_argument("--loso-variants", default="cls,cls_adapter",
                    help="--loso: the trained variants each fold runs (comma-separated): cls "
                         "(head + [CLS] row), cls_adapter (also the probe adapter; needs "
