@@ -69,6 +69,7 @@ def _rig(model, fire, nan=None):
     ({"schedule": "sometimes"}, "schedule"), ({"period": 0}, "period"),
     ({"t_max": 0}, "t_max"), ({"gaps": [1, 0]}, "gaps"), ({"rollback": "yes"}, "rollback"),
     ({"refusal_prefix": 3}, "refusal_prefix"), ({"stream_hold": -1}, "stream_hold"),
+    ({"refusal_break": None}, "refusal_break"),
 ])
 def test_config_validation(kw, name):
     with pytest.raises(ValueError, match=rf"SafetyConfig\.{name}\b"):
@@ -196,6 +197,28 @@ def test_switches_after_tau_hits_other_rows_unaffected(family):
     assert all(math.isnan(p) for p in r.p[k + 3:])  # refused rows pay no more probes
     rest = tok.decode(new[1, k + 2 + len(pre):].tolist(), skip_special_tokens=True).strip()
     assert isinstance(r.justification, str) and rest.startswith(r.justification)
+
+
+def test_mid_answer_refusal_starts_after_the_break():
+    """A refusal after response text is forced as break + prefix; one at token 0 skips the
+    break; the justification is what follows both."""
+    model, tok = _patched("llama")
+    enc = safeattn.build_inputs(tok, PROMPTS)
+    k = 4
+    _rig(model, {0: {0}, 1: {k, k + 1, k + 2}})
+    out = model.generate(**enc, max_new_tokens=16, do_sample=False, pad_token_id=0,
+                         safety=SafetyConfig(refusal_prefix=REFUSAL, refusal_break="why"))
+    new = _new(out, enc)
+    brk = tok("why", add_special_tokens=False)["input_ids"]
+    pre = tok(" " + REFUSAL, add_special_tokens=False)["input_ids"]
+    assert len(brk) == 1 and new[0, :len(pre)].tolist() == pre
+    r = out.safety[1]
+    assert r.refusal_step == k + 2
+    assert new[1, k + 2:k + 2 + len(brk) + len(pre)].tolist() == brk + pre
+    rest = tok.decode(new[1, k + 2 + len(brk) + len(pre):].tolist(),
+                      skip_special_tokens=True).strip()
+    assert isinstance(r.justification, str) and rest.startswith(r.justification)
+    assert out.safety.refusal_ids == pre
 
 
 def test_prefill_refusal():

@@ -68,3 +68,16 @@ def test_rollback_never_removes_the_prefill():
     l0 = enc["input_ids"].shape[1]
     assert torch.equal(out[0, :l0], enc["input_ids"][0])
     assert out.safety[0].refusal_step == 0
+
+
+def test_refusal_right_after_the_prefill_starts_with_the_break():
+    model, tok, enc = _setup()
+    _rig(model, {0: {0}, 1: {0}})  # both rows refuse at the prefill (p_0)
+    out = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                         safety=SafetyConfig(tau=1, refusal_prefix=REFUSAL, refusal_break="why"))
+    new = out[:, enc["input_ids"].shape[1]:]
+    brk = tok("why", add_special_tokens=False)["input_ids"]
+    ref = tok(" " + REFUSAL, add_special_tokens=False)["input_ids"]
+    assert new[0, :len(brk) + len(ref)].tolist() == brk + ref  # after the prefill's text
+    assert new[1, :len(ref)].tolist() == ref  # no response text yet: no break
+    assert out.safety[0].refusal_step == out.safety[1].refusal_step == 0

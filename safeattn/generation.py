@@ -129,6 +129,9 @@ class SafetyConfig:
             sentence (``.``, ``!``, ``?`` or a line break) of the justification the model
             writes after the prefix, so the unchecked text after a refusal cannot slide into
             compliance; ``'free'``: the model writes on until EOS or the token limit.
+        refusal_break: the text force-fed before the prefix when the row refuses after
+            response text (mid-answer, or after an assistant prefill), so that the refusal
+            starts its own paragraph instead of running on from the last word (``""``: none).
         rollback: crop the row back to ``S_t`` (the first alarm) before the refusal.
         stream_hold: tokens a :class:`~safeattn.streaming.SafeTextStreamer` holds back
             (default ``tau``).
@@ -147,6 +150,7 @@ class SafetyConfig:
     escalate: bool = True
     refusal_prefix: str | None = None
     refusal_end: str = "sentence"
+    refusal_break: str = "\n\n"
     rollback: bool = False
     stream_hold: int | None = None
 
@@ -172,6 +176,7 @@ class SafetyConfig:
         need(self.refusal_prefix is None or isinstance(self.refusal_prefix, str),
              "refusal_prefix", "must be None or a str")
         need(self.refusal_end in REFUSAL_ENDS, "refusal_end", f"must be one of {REFUSAL_ENDS}")
+        need(isinstance(self.refusal_break, str), "refusal_break", "must be a str")
         need(isinstance(self.rollback, bool), "rollback", "must be a bool")
         need(isinstance(self.escalate, bool), "escalate", "must be a bool")
         if self.stream_hold is None:
@@ -301,6 +306,13 @@ def _refusal_ids(tokenizer, text: str) -> list[int]:
     if not getattr(tokenizer, "chat_template", None) and not text[0].isspace():
         text = " " + text  # as build_inputs does for responses after the plain template
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _break_ids(tokenizer, safety: "SafetyConfig") -> list[int]:
+    """``safety.refusal_break`` as token ids; none when there is no refusal prefix."""
+    if not (safety.refusal_prefix and safety.refusal_break):
+        return []
+    return list(tokenizer(safety.refusal_break, add_special_tokens=False)["input_ids"])
 
 
 def _window(mode, s_t, n, r1, r2, r3):
@@ -435,8 +447,11 @@ def safe_generate(model, input_ids: torch.Tensor | None = None, attention_mask=N
     max_new = max(int(gc.max_length) - l0, 0)
     sched = safety.check_steps(max_new + 1)
     ref_ids = _refusal_ids(tokenizer, safety.refusal_prefix) if safety.refusal_prefix else []
-    n_ref = len(ref_ids)
-    ref_t = torch.tensor(ref_ids or [pad_id], dtype=torch.long, device=dev)
+    # Forced on refusal: the break, then the prefix; a row with no response text yet skips
+    # the break (it starts at fpos = n_brk).
+    brk_ids = _break_ids(tokenizer, safety)
+    n_brk, n_forced = len(brk_ids), len(brk_ids) + len(ref_ids)
+    ref_t = torch.tensor(brk_ids + ref_ids or [pad_id], dtype=torch.long, device=dev)
     ends = _sentence_end_ids(tokenizer, dev) if safety.refusal_end == "sentence" and \
         tokenizer is not None else None
     gate = getattr(streamer, "safety_update", None)
@@ -447,7 +462,8 @@ def safe_generate(model, input_ids: torch.Tensor | None = None, attention_mask=N
     s_t = torch.full((b,), -1, dtype=torch.int32, device=dev)
     step = torch.zeros(b, dtype=torch.int32, device=dev)
     refused = torch.zeros(b, dtype=torch.bool, device=dev)
-    fpos = torch.zeros(b, dtype=torch.long, device=dev)  # position within the refusal prefix
+    fpos = torch.zeros(b, dtype=torch.long, device=dev)  # position within break + prefix
+    fstart = torch.zeros(b, dtype=torch.long, device=dev)  # where the row's forcing began
     refusal_at = torch.full((b,), -1, dtype=torch.long, device=dev)
     alarm_at = torch.full((b,), -1, dtype=torch.long, device=dev)
     rolled = torch.zeros(b, dtype=torch.bool, device=dev)
@@ -552,8 +568,10 @@ def safe_generate(model, input_ids: torch.Tensor | None = None, attention_mask=N
             refusal_at = torch.where(newly, start, refusal_at)
         else:
             refusal_at = torch.where(newly, n, refusal_at)
-        forcing = refused & (fpos < n_ref)
-        tok = torch.where(forcing, ref_t[fpos.clamp_max(max(n_ref - 1, 0))], tok)
+        fstart = torch.where(newly & (pre + refusal_at == 0), n_brk, fstart)
+        fpos = torch.where(newly, fstart, fpos)
+        forcing = refused & (fpos < n_forced)
+        tok = torch.where(forcing, ref_t[fpos.clamp_max(max(n_forced - 1, 0))], tok)
         fpos = fpos + forcing.long()
         if has_eos:
             tok = tok * unfinished + pad_id * (1 - unfinished)
@@ -651,7 +669,7 @@ def safe_generate(model, input_ids: torch.Tensor | None = None, attention_mask=N
         just = None
         if r >= 0 and tokenizer is not None:
             toks = []
-            for t in new[i, r + n_ref:].tolist():
+            for t in new[i, r + n_forced - int(fstart[i]):].tolist():
                 if t in eos_ids:
                     break
                 toks.append(t)

@@ -79,7 +79,6 @@ from typing import Mapping, Sequence
 from .contrast import contrast_pair
 from .core import (group_key, hashed_choice, load, normalize, prompt_index, render_template,
                    split as split_rows, split_fraction)
-from .core import split_fraction as _hash01  # sha256(key) as a number in [0, 1)
 from .phrasing import pick_forms, rephrase
 from .refusals import REFUSALS, coarse_category, refusal_for
 from .turns import conversations
@@ -557,7 +556,7 @@ def build_samples(split: str = "train", *, benign_responses: Mapping[str, str] |
             templates = [t for t in templates if len(t["prompt"]) <= max_template_chars]
         for r in harmful:
             ranked = sorted(templates,
-                            key=lambda t: _hash01(f"template:{seed}:{r['id']}:{t['id']}"))
+                            key=lambda t: split_fraction(f"template:{seed}:{r['id']}:{t['id']}"))
             for t in ranked[:max_templates_per_prompt]:
                 sid = f"{r['id']}|tmpl:{t['id']}"
                 resp = refusal_for(r, key=sid, category=cats[r["id"]], seed=seed)

@@ -25,7 +25,8 @@ import torch
 from vllm.v1.sample.logits_processor import LogitsProcessor
 
 from .. import generation, ops
-from ..generation import MODE_NAMES, REFUSAL, SafetyConfig, SafetyOutput, _refusal_ids, _window
+from ..generation import (MODE_NAMES, REFUSAL, SafetyConfig, SafetyOutput, _break_ids,
+                          _refusal_ids, _window)
 from ..ops import BENIGN, TRANSITION
 from .models import bridge_for, options
 from .probe import Plan
@@ -85,7 +86,7 @@ class RequestSafety:
     """One request's state machine (the fields of ``safety_step``) and its trace."""
 
     def __init__(self, cfg: SafetyConfig, extras: dict, prompt_ids, output_ids, refusal_ids,
-                 max_tokens: int, default_span):
+                 break_ids, max_tokens: int, default_span):
         self.cfg, self.id = cfg, extras.get("id")
         self.prompt_len = len(prompt_ids)
         qs, qe = extras.get("q_span") or default_span
@@ -95,6 +96,8 @@ class RequestSafety:
         self.qs, self.qe = qs, qe
         self.output_ids = output_ids  # vLLM's live list of the request's generated ids
         self.refusal = list(refusal_ids)
+        self.brk = list(break_ids)
+        self.forced = self.refusal  # break + prefix once refused after response text
         self.schedule = cfg.check_steps(max_tokens + 1)
         self.mode, self.consec, self.s_t, self.refused = BENIGN, 0, -1, False
         self.fpos, self.refusal_step, self.alarm_step = 0, None, None
@@ -219,7 +222,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
         self._tokenizer = None
         self._template = None
         self._sentence = None
-        self._refusals: dict[str, list[int]] = {}
+        self._refusals: dict[tuple, tuple[list[int], list[int]]] = {}
 
     def is_argmax_invariant(self) -> bool:
         return False
@@ -232,16 +235,19 @@ class SafetyLogitsProcessor(LogitsProcessor):
             self._tokenizer = AutoTokenizer.from_pretrained(self.vllm_config.model_config.tokenizer)
         return self._tokenizer
 
-    def _refusal_ids(self, text: str) -> list[int]:
-        if text not in self._refusals:
-            self._refusals[text] = _refusal_ids(self.tokenizer, text)
-        return self._refusals[text]
+    def _refusal_ids(self, cfg: SafetyConfig) -> tuple[list[int], list[int]]:
+        """(the refusal prefix, the break) as token ids, cached per config text."""
+        key = (cfg.refusal_prefix, cfg.refusal_break)
+        if key not in self._refusals:
+            self._refusals[key] = (_refusal_ids(self.tokenizer, cfg.refusal_prefix),
+                                   _break_ids(self.tokenizer, cfg))
+        return self._refusals[key]
 
     def _said_sentence(self, s: RequestSafety, n: int) -> bool:
         """Whether the justification's last token ended a sentence, for a config with
         ``refusal_end="sentence"`` (as the HF decoder stops such a row there)."""
         if getattr(s.cfg, "refusal_end", "free") != "sentence" or n <= s.refusal_step + \
-                len(s.refusal) or self.tokenizer.eos_token_id is None:
+                len(s.forced) or self.tokenizer.eos_token_id is None:
             return False
         if self._sentence is None:
             self._sentence = generation._sentence_end_ids(self.tokenizer, "cpu")
@@ -281,7 +287,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
         cfg = cfg.resolved(br.safety_config)  # threshold=None: the head's calibrated θ
         prompt_ids = prompt_ids or []
         st = RequestSafety(cfg, extras, prompt_ids, output_ids,
-                           self._refusal_ids(cfg.refusal_prefix),
+                           *self._refusal_ids(cfg),
                            params.max_tokens or self.max_len, self._default_span(prompt_ids))
         if valid_key(key):
             st.stream = StreamGate(key, cfg.stream_hold, self.tokenizer, prompt_ids,
@@ -361,12 +367,13 @@ class SafetyLogitsProcessor(LogitsProcessor):
                 continue
             if s.refusal_step is None:
                 s.refusal_step = n
-            if s.fpos < len(s.refusal):
-                _force(logits, row, s.refusal[s.fpos])
+                s.forced = (s.brk if n > 0 else []) + s.refusal
+            if s.fpos < len(s.forced):
+                _force(logits, row, s.forced[s.fpos])
                 s.fpos += 1
             elif self._said_sentence(s, n):  # refusal_end="sentence": the turn ends here
                 _force(logits, row, self.tokenizer.eos_token_id)
                 s.done = True
-            if s.fpos >= len(s.refusal) and getattr(s.cfg, "refusal_end", "free") != "sentence":
+            if s.fpos >= len(s.forced) and getattr(s.cfg, "refusal_end", "free") != "sentence":
                 s.done = True  # the prefix is out; the model writes on freely
         br.post_plan(None, None, None)
