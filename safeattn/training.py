@@ -898,6 +898,7 @@ def _data_kwargs(args, tok, kinds, responses) -> dict:
               suffix_tokens=_int_pair(getattr(args, "suffix_tokens", "10,30")),
               phrasings_per_prompt=getattr(args, "phrasings_per_prompt", 2),
               response_windows=getattr(args, "response_windows", 3),
+              own_response_windows=getattr(args, "own_response_windows", None),
               prefix_ks=tuple(int(k) for k in getattr(args, "prefix_ks", "5,10,20,40")
                               .split(",") if k.strip()),
               missing_response="error" if responses else "empty")

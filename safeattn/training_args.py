@@ -47,6 +47,9 @@ def add_train_arguments(p) -> None:
                    help="surface forms per harmful and benign prompt (kind phrasing)")
     p.add_argument("--response-windows", type=int, default=3,
                    help="probe views per (prompt, response) pair (kind response)")
+    p.add_argument("--own-response-windows", type=int, default=None,
+                   help="probe views per benign prompt and the model's own answer (kind "
+                        "response; default --response-windows)")
     p.add_argument("--prefix-ks", default="5,10,20,40",
                    help="k of the k-token harmful prefixes (kind trajectory)")
     p.add_argument("--val-fraction", type=float, default=0.0,

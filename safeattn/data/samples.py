@@ -401,7 +401,7 @@ def build_samples(split: str = "train", *, benign_responses: Mapping[str, str] |
                   suffixes_per_prompt: int = 1, suffix_tokens: tuple[int, int] = (10, 30),
                   sources: Sequence[str] = HARMFUL_SOURCES, exclude: Sequence[str] = (),
                   phrasings_per_prompt: int = 2, response_windows: int = 3,
-                  response_max_tokens: int = 128,
+                  own_response_windows: int | None = None, response_max_tokens: int = 128,
                   datasets: Mapping[str, list] | None = None) -> list[Sample]:
     """Samples of one split (:data:`SPLITS`: ``"train"``, ``"test"``, ``"val"``, ``"fit"`` or
     ``"all"``); see the module docstring.
@@ -441,6 +441,9 @@ def build_samples(split: str = "train", *, benign_responses: Mapping[str, str] |
             ``phrasing``; :mod:`safeattn.data.phrasing`).
         response_windows: probe views per (prompt, response) pair (kind ``response``;
             :func:`probe_windows`), over the first ``response_max_tokens`` tokens.
+        own_response_windows: probe views per benign prompt and the model's own answer
+            (``benign_responses``; default ``response_windows``): the benign windows that
+            decoding meets most, without more weight on the harmful responses.
         datasets: replace the vendored data (keys ``advbench``, ``benign``, ``xstest_unsafe``,
             ``pyrit_scorer_responses``, ``jailbreak_templates``); for tests.
     """
@@ -643,13 +646,17 @@ def build_samples(split: str = "train", *, benign_responses: Mapping[str, str] |
                                      request=r["prompt"]))
 
     r_samples = []
-    if "response" in include and response_windows > 0:
-        view = dict(tokenizer=tokenizer, windows=response_windows, max_tokens=response_max_tokens)
+    own_windows = response_windows if own_response_windows is None else own_response_windows
+    if "response" in include and own_windows > 0:
         for r in benign:
             if responses[r["id"]]:
                 r_samples += _response_samples(r["id"], r["prompt"], responses[r["id"]], 0,
                                                tag="own", source=r.get("source", "benign"),
-                                               row_id=r["id"], origin=r["origin"], **view)
+                                               row_id=r["id"], origin=r["origin"],
+                                               tokenizer=tokenizer, windows=own_windows,
+                                               max_tokens=response_max_tokens)
+    if "response" in include and response_windows > 0:
+        view = dict(tokenizer=tokenizer, windows=response_windows, max_tokens=response_max_tokens)
         if "pyrit_objectives" in kept and "pyrit_responses" not in exclude:
             decoys = sorted(benign, key=lambda b: b["id"])
             for r in cut(response_rows(datasets=data)):
