@@ -116,7 +116,8 @@ def _decode(model, tokenizer, prompts, safety, max_new_tokens, batch_size):
 
 
 def calibrate(model, tokenizer, rows: Mapping[str, Sequence[Mapping]], *, target_fpr: float,
-              safety=None, max_new_tokens: int = 32, batch_size: int = 8) -> dict:
+              safety=None, max_new_tokens: int = 32, batch_size: int = 8,
+              compare_taus: Sequence[int] = ()) -> dict:
     """Pick θ so that at most ``target_fpr`` of ``rows["benign"]`` refuse, then decode every
     row once at that θ -> the report (``threshold``, the per-set refusal rates predicted from
     the trace and measured at θ, the settings).
@@ -125,7 +126,9 @@ def calibrate(model, tokenizer, rows: Mapping[str, Sequence[Mapping]], *, target
     :func:`is_benign_set`, under ``target_fpr``; every other set is harmful); the report adds
     ``over_refusal``, the ``benign`` rows of that group
     (:data:`safeattn.data.BENIGN_GROUPS`). ``safety``: the schedule, ``τ`` and windows to
-    calibrate for (default ``SafetyConfig()``; its θ is ignored).
+    calibrate for (default ``SafetyConfig()``; its θ is ignored). ``compare_taus``: other τ
+    to calibrate from the same trace (no real decoding) -> ``report["by_tau"]``, per τ its θ
+    and the per-set rates predicted at it.
     """
     from dataclasses import replace
 
@@ -147,14 +150,27 @@ def calibrate(model, tokenizer, rows: Mapping[str, Sequence[Mapping]], *, target
     benign = torch.cat([by_set[n] for n in names if is_benign_set(n)])
     theta = pick_threshold(scores[benign], target_fpr)
 
+    def predicted(s, th):
+        return {n: float((s[idx] >= th).float().mean()) for n, idx in by_set.items() if len(idx)}
+
+    by_tau = {}
+    for tau in compare_taus:
+        s = refusal_scores(p, tau)
+        th = pick_threshold(s[benign], target_fpr)
+        by_tau[str(tau)] = {"threshold": th, "predicted": predicted(s, th)}
+
     real = replace(safety, threshold=theta)
     _, refused = _decode(model, tokenizer, prompts, real, max_new_tokens, batch_size)
-    sets = {n: {"n": len(idx), "predicted": float((scores[idx] >= theta).float().mean()),
+    rates = predicted(scores, theta)
+    sets = {n: {"n": len(idx), "predicted": rates[n],
                 "refused": float(refused[idx].float().mean())} if len(idx) else {"n": 0}
             for n, idx in by_set.items()}
-    return {"threshold": theta, "target_fpr": target_fpr, "tau": safety.tau,
-            "schedule": safety.schedule, "max_new_tokens": max_new_tokens, "sets": sets,
-            "scores": {f"{n}/{rid}": round(float(s), 6) for (n, rid), s in zip(ids, scores)}}
+    report = {"threshold": theta, "target_fpr": target_fpr, "tau": safety.tau,
+              "schedule": safety.schedule, "max_new_tokens": max_new_tokens, "sets": sets,
+              "scores": {f"{n}/{rid}": round(float(s), 6) for (n, rid), s in zip(ids, scores)}}
+    if by_tau:
+        report["by_tau"] = by_tau
+    return report
 
 
 def pick_refusal_prefix(model, tokenizer, rows: Mapping[str, Sequence[Mapping]],

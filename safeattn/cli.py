@@ -242,13 +242,22 @@ def _calibrate(args: argparse.Namespace) -> int:
                   f"{path} (pass --benign-responses)", file=sys.stderr)
             return 2
         answers = load_responses(str(path))
+    try:
+        taus = [int(t) for t in args.compare_tau.split(",") if t.strip()]
+    except ValueError:
+        taus = [0]
+    if any(t < 1 for t in taus):
+        print(f"safeattn calibrate: error: --compare-tau must be integers >= 1, got "
+              f"{args.compare_tau!r}", file=sys.stderr)
+        return 2
     # fails before the model load on a bad fraction
     rows = validation_rows(args.val_fraction, benign_responses=answers, seed=args.seed)
     safety = SafetyConfig(schedule=args.schedule, tau=args.tau)
     model, tok = load_default(args.model, safety_dir=d)
     model = model.to(_device(args.device))
     report = calibrate(model, tok, rows, target_fpr=args.target_fpr, safety=safety,
-                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                       compare_taus=taus)
     report["val_fraction"] = args.val_fraction
     cfg_path = d / "safety_config.json"
     cfg = json.loads(cfg_path.read_text())
@@ -259,6 +268,9 @@ def _calibrate(args: argparse.Namespace) -> int:
         if m["n"]:
             print(f"  {name:19s} n={m['n']:4d}  refused at θ: {m['refused']:.1%} "
                   f"(trace predicts {m['predicted']:.1%})")
+    for tau, m in report.get("by_tau", {}).items():
+        print(f"  τ = {tau}: θ = {m['threshold']:.6f}, predicted " + ", ".join(
+            f"{n} {r:.1%}" for n, r in m["predicted"].items()))
     if args.refusal_prefix:
         picked = pick_refusal_prefix(model, tok, rows, args.refusal_prefix,
                                      safety=replace(safety, threshold=report["threshold"]),
@@ -306,6 +318,9 @@ def _add_calibrate(sub) -> None:
                    help="a candidate refusal prefix; repeat to compare several")
     p.add_argument("--schedule", default="each", help="the schedule to calibrate for")
     p.add_argument("--tau", type=int, default=3, help="consecutive alarms before refusing")
+    p.add_argument("--compare-tau", default="",
+                   help="other τ (comma-separated) to calibrate from the same decoding: θ and "
+                        "the predicted refusal rates per τ, in calibration.json's by_tau")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens decoded per prompt")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto")
