@@ -463,6 +463,17 @@ def test_run_loso_tiny(tmp_path, monkeypatch):
     got = torch.load(cache)
     assert len(got["kv"]) == len(got["keys"]) == rep["pool"]
     assert got["model"]["model_type"] == "gemma3_text"
+    # another recipe adds samples and leaves some out: the file keeps those it left out
+    args = p.parse_args(argv + ["--loso-folds", "", "--context-cache-file", str(cache),
+                                "--kinds", "query,phrasing,trajectory", "--prefix-ks", "3"])
+    args.argv = argv
+    assert T.run_loso(args) == 0
+    grown = torch.load(cache)
+    assert set(grown["keys"]) > set(got["keys"])
+    assert len(grown["keys"]) == len(grown["kv"]) == len(grown["states"])
+    j = grown["keys"].index(got["keys"][-1])
+    assert torch.equal(grown["states"][j], got["states"][len(got["keys"]) - 1])
+    got = grown
     torch.save({"ids": got["keys"], "max_layer": 1, "kv": {}, "states": {}}, cache)
     args = p.parse_args(argv + ["--loso-folds", "", "--context-cache-file", str(cache)])
     with pytest.raises(ValueError, match="older safeattn"):  # keyed by sample id: stale-prone

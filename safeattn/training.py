@@ -1127,6 +1127,7 @@ def run_loso(args) -> int:
           flush=True)
     warm = trainer_for(range(len(pool)), 1)
     saved = Path(args.context_cache_file) if args.context_cache_file else None
+    others = {}  # the file's entries that this pool does not use: kept when it is re-saved
     if saved is not None:
         keys = [_context_key(coll, s) for s in pool]
         model_id = _model_id(model)
@@ -1143,12 +1144,21 @@ def run_loso(args) -> int:
             if k in old and old[k] in got["kv"]:
                 store["kv"][i] = got["kv"][old[k]]
                 store["states"][i] = got["states"][old[k]]
+        mine = set(keys)
+        others = {k: (got["kv"][i], got["states"][i]) for k, i in old.items()
+                  if k not in mine and i in got["kv"]}
+        del got
         print(f"context cache file: {len(store['kv'])} of {len(keys)} samples reused",
               flush=True)
     n_before = len(store["kv"])
     warm.warm_context_cache()
     if saved is not None and len(store["kv"]) > n_before:
-        torch.save({"keys": keys, "model": model_id, "max_layer": max(layers), **store}, saved)
+        kv, states = dict(store["kv"]), dict(store["states"])
+        for j, (k, (a, b)) in enumerate(others.items(), start=len(keys)):
+            kv[j], states[j] = a, b
+        torch.save({"keys": keys + list(others), "model": model_id, "max_layer": max(layers),
+                    "kv": kv, "states": states}, saved)
+    others = None
     t1 = time.time()
     print(f"context cache: {len(store['kv'])} samples in {t1 - t0:.0f}s", flush=True)
     everything = list(range(len(pool)))
