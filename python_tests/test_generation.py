@@ -219,6 +219,14 @@ def test_mid_answer_refusal_starts_after_the_break():
                       skip_special_tokens=True).strip()
     assert isinstance(r.justification, str) and rest.startswith(r.justification)
     assert out.safety.refusal_ids == pre
+    # text that already ends with the break gets none: here the token before the refusal
+    last = tok.decode(new[1, k + 1:k + 2].tolist())
+    _rig(model, {1: {k, k + 1, k + 2}})
+    again = _new(model.generate(**enc, max_new_tokens=16, do_sample=False, pad_token_id=0,
+                                safety=SafetyConfig(refusal_prefix=REFUSAL,
+                                                    refusal_break=last)), enc)
+    assert torch.equal(again[1, :k + 2], new[1, :k + 2])
+    assert again[1, k + 2:k + 2 + len(pre)].tolist() == pre
 
 
 def test_prefill_refusal():

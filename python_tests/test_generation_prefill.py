@@ -81,3 +81,8 @@ def test_refusal_right_after_the_prefill_starts_with_the_break():
     assert new[0, :len(brk) + len(ref)].tolist() == brk + ref  # after the prefill's text
     assert new[1, :len(ref)].tolist() == ref  # no response text yet: no break
     assert out.safety[0].refusal_step == out.safety[1].refusal_step == 0
+    _rig(model, {0: {0}})
+    out = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                         safety=SafetyConfig(tau=1, refusal_prefix=REFUSAL, refusal_break="one"))
+    new = out[:, enc["input_ids"].shape[1]:]  # the prefill ends with "one": no break
+    assert new[0, :len(ref)].tolist() == ref

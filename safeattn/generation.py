@@ -130,8 +130,9 @@ class SafetyConfig:
             writes after the prefix, so the unchecked text after a refusal cannot slide into
             compliance; ``'free'``: the model writes on until EOS or the token limit.
         refusal_break: the text force-fed before the prefix when the row refuses after
-            response text (mid-answer, or after an assistant prefill), so that the refusal
-            starts its own paragraph instead of running on from the last word (``""``: none).
+            response text (mid-answer, or after an assistant prefill) that does not already
+            end with it, so that the refusal starts its own paragraph instead of running on
+            from the last word (``""``: none).
         rollback: crop the row back to ``S_t`` (the first alarm) before the refusal.
         stream_hold: tokens a :class:`~safeattn.streaming.SafeTextStreamer` holds back
             (default ``tau``).
@@ -447,11 +448,12 @@ def safe_generate(model, input_ids: torch.Tensor | None = None, attention_mask=N
     max_new = max(int(gc.max_length) - l0, 0)
     sched = safety.check_steps(max_new + 1)
     ref_ids = _refusal_ids(tokenizer, safety.refusal_prefix) if safety.refusal_prefix else []
-    # Forced on refusal: the break, then the prefix; a row with no response text yet skips
-    # the break (it starts at fpos = n_brk).
+    # Forced on refusal: the break, then the prefix; a row with no response text yet, or
+    # whose text already ends with the break, skips it (it starts at fpos = n_brk).
     brk_ids = _break_ids(tokenizer, safety)
     n_brk, n_forced = len(brk_ids), len(brk_ids) + len(ref_ids)
     ref_t = torch.tensor(brk_ids + ref_ids or [pad_id], dtype=torch.long, device=dev)
+    brk_cols = torch.arange(-n_brk, 0, device=dev)
     ends = _sentence_end_ids(tokenizer, dev) if safety.refusal_end == "sentence" and \
         tokenizer is not None else None
     gate = getattr(streamer, "safety_update", None)
@@ -568,7 +570,12 @@ def safe_generate(model, input_ids: torch.Tensor | None = None, attention_mask=N
             refusal_at = torch.where(newly, start, refusal_at)
         else:
             refusal_at = torch.where(newly, n, refusal_at)
-        fstart = torch.where(newly & (pre + refusal_at == 0), n_brk, fstart)
+        if n_brk:
+            text = pre + refusal_at  # response tokens before the refusal
+            tail_at = ((l0 + refusal_at)[:, None] + brk_cols).clamp_min(0)
+            tail = (seq.gather(1, tail_at) == ref_t[:n_brk]).all(-1)
+            fstart = torch.where(newly & ((text == 0) | ((text >= n_brk) & tail)), n_brk,
+                                 fstart)
         fpos = torch.where(newly, fstart, fpos)
         forcing = refused & (fpos < n_forced)
         tok = torch.where(forcing, ref_t[fpos.clamp_max(max(n_forced - 1, 0))], tok)

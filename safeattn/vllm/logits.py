@@ -367,7 +367,8 @@ class SafetyLogitsProcessor(LogitsProcessor):
                 continue
             if s.refusal_step is None:
                 s.refusal_step = n
-                s.forced = (s.brk if n > 0 else []) + s.refusal
+                ends = n >= len(s.brk) and list(s.output_ids[n - len(s.brk):n]) == s.brk
+                s.forced = ([] if n == 0 or ends else s.brk) + s.refusal
             if s.fpos < len(s.forced):
                 _force(logits, row, s.forced[s.fpos])
                 s.fpos += 1
