@@ -242,11 +242,8 @@ def _calibrate(args: argparse.Namespace) -> int:
                   f"{path} (pass --benign-responses)", file=sys.stderr)
             return 2
         answers = load_responses(str(path))
-    try:
-        taus = [int(t) for t in args.compare_tau.split(",") if t.strip()]
-    except ValueError:
-        taus = [0]
-    if any(t < 1 for t in taus):
+    taus = [t.strip() for t in args.compare_tau.split(",") if t.strip()]
+    if not all(t.isdigit() and int(t) >= 1 for t in taus):
         print(f"safeattn calibrate: error: --compare-tau must be integers >= 1, got "
               f"{args.compare_tau!r}", file=sys.stderr)
         return 2
@@ -257,7 +254,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     model = model.to(_device(args.device))
     report = calibrate(model, tok, rows, target_fpr=args.target_fpr, safety=safety,
                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                       compare_taus=taus)
+                       compare_taus=[int(t) for t in taus])
     report["val_fraction"] = args.val_fraction
     cfg_path = d / "safety_config.json"
     cfg = json.loads(cfg_path.read_text())

@@ -1158,7 +1158,7 @@ def run_loso(args) -> int:
             kv[j], states[j] = a, b
         torch.save({"keys": keys + list(others), "model": model_id, "max_layer": max(layers),
                     "kv": kv, "states": states}, saved)
-    others = None
+    del others  # not needed for training
     t1 = time.time()
     print(f"context cache: {len(store['kv'])} samples in {t1 - t0:.0f}s", flush=True)
     everything = list(range(len(pool)))

@@ -235,7 +235,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
             self._tokenizer = AutoTokenizer.from_pretrained(self.vllm_config.model_config.tokenizer)
         return self._tokenizer
 
-    def _refusal_ids(self, cfg: SafetyConfig) -> tuple[list[int], list[int]]:
+    def _forced_ids(self, cfg: SafetyConfig) -> tuple[list[int], list[int]]:
         """(the refusal prefix, the break) as token ids, cached per config text."""
         key = (cfg.refusal_prefix, cfg.refusal_break)
         if key not in self._refusals:
@@ -287,7 +287,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
         cfg = cfg.resolved(br.safety_config)  # threshold=None: the head's calibrated θ
         prompt_ids = prompt_ids or []
         st = RequestSafety(cfg, extras, prompt_ids, output_ids,
-                           *self._refusal_ids(cfg),
+                           *self._forced_ids(cfg),
                            params.max_tokens or self.max_len, self._default_span(prompt_ids))
         if valid_key(key):
             st.stream = StreamGate(key, cfg.stream_hold, self.tokenizer, prompt_ids,
