@@ -15,7 +15,7 @@ among these: what it measures was never trained on.
 """
 from __future__ import annotations
 
-from .core import hashed_choice, split_fraction as _hash01  # sha256(key) in [0, 1)
+from .core import hashed_choice, split_fraction
 
 __all__ = ["SPLIT_FRAMINGS", "split_turns", "after_context", "conversations"]
 
@@ -37,7 +37,8 @@ def split_turns(prompt: str, key: str) -> list[dict]:
     words = prompt.split()
     if len(words) < 2:
         raise ValueError(f"cannot split a request of {len(words)} word(s): {prompt!r}")
-    cut = min(len(words) - 1, max(1, round(len(words) * (0.3 + 0.4 * _hash01(f"cut:{key}")))))
+    share = 0.3 + 0.4 * split_fraction(f"cut:{key}")
+    cut = min(len(words) - 1, max(1, round(len(words) * share)))
     u1, ack, u2 = hashed_choice(SPLIT_FRAMINGS, f"framing:{key}")
     return [{"role": "user", "content": u1.format(a=" ".join(words[:cut]))},
             {"role": "assistant", "content": ack},
