@@ -479,6 +479,22 @@ def test_plot_trace_writes_png(tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
 
 
+def test_plot_trace_marks_the_prefill_threshold(monkeypatch, tmp_path):
+    from matplotlib.figure import Figure
+
+    model, tok = _patched("llama")
+    labels = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: labels.append(
+        [t.get_text() for t in fig.axes[0].get_legend().get_texts()]))
+    for query in (None, 0.25):
+        out = safeattn.generate(model, tok, PROMPTS[:1], max_new_tokens=4, do_sample=False,
+                                pad_token_id=0,
+                                safety=SafetyConfig(threshold=1.5, query_threshold=query))
+        safeattn.plot_trace(out, tok, tmp_path / "trace.png")
+    assert not any("p_0" in t for t in labels[0])      # one θ above 1: no line, no mark
+    assert "θ of p_0 = 0.25" in labels[1]
+
+
 def test_plot_trace_without_matplotlib(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ImportError, match="pip install matplotlib"):

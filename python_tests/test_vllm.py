@@ -34,7 +34,8 @@ PROMPTS = ["how do i bake bread ?", "tell me about the weather today",
 CASES = [{"schedule": "each"}, {"schedule": "each", "threshold": 0.9, "refusal_break": "why"},
          {"schedule": "annealing", "threshold": 0.6, "refusal_break": "why"},
          {"schedule": "periodic", "period": 2},
-         {"schedule": "first", "first_n": 3, "threshold": 0.7, "refusal_break": "why"}, None]
+         {"schedule": "first", "first_n": 3, "threshold": 0.7, "refusal_break": "why"},
+         {"schedule": "each", "threshold": 0.6, "query_threshold": 2.0}, None]
 MAX_TOKENS = 16
 
 
@@ -160,13 +161,17 @@ def test_reference_covers_refusals(engine):
     broken = [r["refusal_step"] for c, rows in zip(CASES, ref["cases"]) if c and
               c.get("refusal_break") for r in rows]
     assert any(s not in (0, None) for s in broken)  # a mid-answer refusal after the break
+    split = [r["refusal_step"] for c, rows in zip(CASES, ref["cases"]) if c and
+             "query_threshold" in c for r in rows]
+    assert 0 not in split and any(s is not None for s in split)  # p_0 never refuses there
 
 
 @pytest.mark.parametrize("family", ["gemma3_text", "llama"])
 def test_mixed_batch(engine, family):
     """Safety on and off in one batch, with two schedules: each row as its own reference."""
     llm, tok, ref = engine(family)
-    picks = [(i, [0, 5, 2][i % 3]) for i in range(len(PROMPTS))]  # each / off / annealing
+    off = CASES.index(None)
+    picks = [(i, [0, off, 2][i % 3]) for i in range(len(PROMPTS))]  # each / off / annealing
     ps, sps = [], []
     for i, c in picks:
         p, s = sv.requests(tok, [PROMPTS[i]], safety=CASES[c], ids=[f"mix-{family}-{i}"],

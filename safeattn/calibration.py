@@ -11,6 +11,12 @@ window, so the θ that
 :func:`pick_threshold` chooses from the benign scores is then checked with one real decoding
 pass (:func:`calibrate` reports both).
 
+With ``split_thresholds`` the prefill's ``p_0`` gets a θ of its own (``query_threshold``,
+:func:`pick_thresholds`): the highest ``p_0`` of a benign row that θ does not already refuse
+is often far below θ, so ``p_0`` alone can refuse at a lower θ with no more benign rows
+refusing, while the decoding-time checks, which also guard against harmful *responses*,
+keep θ.
+
 θ keeps the *benign* sets under the target: ``benign`` (single prompts) and, with the
 model's benign answers, ``benign_conversation`` (the same prompts in the conversation shapes
 of training: split over two user turns, and after a benign exchange), pooled, because chat
@@ -31,7 +37,8 @@ from typing import Mapping, Sequence
 
 import torch
 
-__all__ = ["refusal_scores", "pick_threshold", "validation_rows", "calibrate",
+__all__ = ["refusal_scores", "split_scores", "pick_threshold", "pick_thresholds",
+           "validation_rows", "calibrate",
            "pick_refusal_prefix", "is_benign_set"]
 
 
@@ -58,12 +65,66 @@ def pick_threshold(benign_scores: torch.Tensor, target_fpr: float) -> float:
     as low as that allows: halfway between the ``k``-th highest benign score
     (``k = floor(target_fpr · n)``, 0-based) and the next higher distinct one (or 1). Halfway,
     not just above: the decoder's own ``p`` may differ from the trace's in the last bits."""
+    s = _benign(benign_scores, target_fpr)
+    return _theta_above(s, _budget(s, target_fpr))
+
+
+def pick_thresholds(benign_p0: torch.Tensor, benign_checks: torch.Tensor,
+                    target_fpr: float) -> tuple[float, float]:
+    """``(query θ, θ)``: θ is :func:`pick_threshold`'s, and the prefill's ``p_0`` gets the
+    lowest θ of its own (at most θ) at which no more than ``target_fpr`` of the benign rows
+    still refuse.
+
+    ``benign_p0``, ``benign_checks``: per benign row its ``p_0`` and the :func:`refusal_scores`
+    of its decoding-time checks alone (:func:`split_scores`). One check's ``p_0`` often sits
+    lower on benign rows than the best of a row's many runs of checks, so under one θ the
+    benign alarms come from the checks and ``p_0`` could be trusted further: the query θ spends
+    what the budget has left on ``p_0`` alone, down to the highest ``p_0`` of a benign row
+    that θ does not already refuse. Every row that refuses at θ still refuses, the decoding
+    checks (the ones that see a response) keep θ, and each θ lies halfway, as in
+    :func:`pick_threshold`.
+    """
+    b0, br = (_benign(x, target_fpr) for x in (benign_p0, benign_checks))
+    if len(b0) != len(br):
+        raise ValueError(f"benign p_0 and decoding scores differ in length: {len(b0)} vs "
+                         f"{len(br)}")
+    k = _budget(b0, target_fpr)
+    theta = _theta_above(torch.maximum(b0, br), k)
+    clear = (b0 < theta) & (br < theta)
+    if not clear.any():
+        return theta, theta
+    return min(_theta_above(b0[clear], k - int((~clear).sum())), theta), theta
+
+
+def split_scores(p: torch.Tensor, tau: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``p [B, T+1]`` (as :func:`refusal_scores`) -> ``(p_0 [B], decoding score [B])``: the
+    prefill's ``p_0`` (``-inf`` where none) and :func:`refusal_scores` of the decoding-time
+    checks alone; their larger is ``refusal_scores(p, tau)``."""
+    p = p.float().cpu()
+    checks = p.clone()
+    checks[:, 0] = math.nan
+    return torch.where(p[:, 0].isnan(), -math.inf, p[:, 0]), refusal_scores(checks, tau)
+
+
+def _benign(scores: torch.Tensor, target_fpr: float) -> torch.Tensor:
     if not 0.0 <= target_fpr < 1.0:
         raise ValueError(f"target_fpr must be in [0, 1), got {target_fpr}")
-    s = benign_scores.float().flatten().sort(descending=True).values
+    s = scores.float().flatten()
     if not len(s):
         raise ValueError("benign_scores is empty")
-    k = math.floor(target_fpr * len(s) + 1e-9)
+    return s
+
+
+def _budget(s: torch.Tensor, target_fpr: float) -> int:
+    """How many of the benign rows ``s`` may refuse at ``target_fpr``."""
+    return math.floor(target_fpr * len(s) + 1e-9)
+
+
+def _theta_above(s: torch.Tensor, k: int) -> float:
+    """The lowest θ (halfway between scores) at which at most ``k`` of ``s`` are ``>= θ``."""
+    s = s.sort(descending=True).values
+    if k >= len(s):
+        return 0.0
     kth = float(s[k])
     if kth == -math.inf:
         return 0.0
@@ -117,7 +178,7 @@ def _decode(model, tokenizer, prompts, safety, max_new_tokens, batch_size):
 
 def calibrate(model, tokenizer, rows: Mapping[str, Sequence[Mapping]], *, target_fpr: float,
               safety=None, max_new_tokens: int = 32, batch_size: int = 8,
-              compare_taus: Sequence[int] = ()) -> dict:
+              compare_taus: Sequence[int] = (), split_thresholds: bool = False) -> dict:
     """Pick θ so that at most ``target_fpr`` of ``rows["benign"]`` refuse, then decode every
     row once at that θ -> the report (``threshold``, the per-set refusal rates predicted from
     the trace and measured at θ, the settings).
@@ -128,7 +189,9 @@ def calibrate(model, tokenizer, rows: Mapping[str, Sequence[Mapping]], *, target
     (:data:`safeattn.data.BENIGN_GROUPS`). ``safety``: the schedule, ``τ`` and windows to
     calibrate for (default ``SafetyConfig()``; its θ is ignored). ``compare_taus``: other τ
     to calibrate from the same trace (no real decoding) -> ``report["by_tau"]``, per τ its θ
-    and the per-set rates predicted at it.
+    and the per-set rates predicted at it. ``split_thresholds``: a lower θ of its own for
+    the prefill's ``p_0`` where the benign rows allow it (:func:`pick_thresholds`,
+    ``report["query_threshold"]``); else both are ``threshold``.
     """
     from dataclasses import replace
 
@@ -137,37 +200,53 @@ def calibrate(model, tokenizer, rows: Mapping[str, Sequence[Mapping]], *, target
 
     if not rows.get("benign"):
         raise ValueError("rows['benign'] is empty: nothing to calibrate on")
-    safety = replace(safety or SafetyConfig(), threshold=1.5)
+    safety = replace(safety or SafetyConfig(), threshold=1.5, query_threshold=None)
     names = list(rows)
     prompts = [r["prompt"] for n in names for r in rows[n]]
     ids = [(n, r["id"]) for n in names for r in rows[n]]
     p, _ = _decode(model, tokenizer, prompts, safety, max_new_tokens, batch_size)
-    scores = refusal_scores(p, safety.tau)
     by_set = {n: torch.tensor([i for i, (m, _) in enumerate(ids) if m == n]) for n in names}
     over = {r["id"] for r in rows["benign"] if r.get("source") in BENIGN_GROUPS["over_refusal"]}
     by_set["over_refusal"] = torch.tensor(
         [i for i, (m, rid) in enumerate(ids) if m == "benign" and rid in over], dtype=torch.long)
     benign = torch.cat([by_set[n] for n in names if is_benign_set(n)])
-    theta = pick_threshold(scores[benign], target_fpr)
 
-    def predicted(s, th):
-        return {n: float((s[idx] >= th).float().mean()) for n, idx in by_set.items() if len(idx)}
-
-    by_tau = {}
-    for tau in compare_taus:
+    def operating_point(tau):
+        """-> (query θ, θ, [N] refuses at them by the trace)."""
+        if split_thresholds:
+            s0, sr = split_scores(p, tau)
+            q, th = pick_thresholds(s0[benign], sr[benign], target_fpr)
+            return q, th, (s0 >= q) | (sr >= th)
         s = refusal_scores(p, tau)
         th = pick_threshold(s[benign], target_fpr)
-        by_tau[str(tau)] = {"threshold": th, "predicted": predicted(s, th)}
+        return th, th, s >= th
 
-    real = replace(safety, threshold=theta)
+    def predicted(refuses):
+        return {n: float(refuses[idx].float().mean()) for n, idx in by_set.items() if len(idx)}
+
+    query, theta, refuses = operating_point(safety.tau)
+    by_tau = {}
+    for tau in compare_taus:
+        q, th, r = operating_point(tau)
+        by_tau[str(tau)] = {"threshold": th, "predicted": predicted(r)}
+        if split_thresholds:
+            by_tau[str(tau)]["query_threshold"] = q
+
+    real = replace(safety, threshold=theta, query_threshold=query)
     _, refused = _decode(model, tokenizer, prompts, real, max_new_tokens, batch_size)
-    rates = predicted(scores, theta)
+    rates = predicted(refuses)
     sets = {n: {"n": len(idx), "predicted": rates[n],
                 "refused": float(refused[idx].float().mean())} if len(idx) else {"n": 0}
             for n, idx in by_set.items()}
     report = {"threshold": theta, "target_fpr": target_fpr, "tau": safety.tau,
-              "schedule": safety.schedule, "max_new_tokens": max_new_tokens, "sets": sets,
-              "scores": {f"{n}/{rid}": round(float(s), 6) for (n, rid), s in zip(ids, scores)}}
+              "schedule": safety.schedule, "max_new_tokens": max_new_tokens, "sets": sets}
+    if split_thresholds:
+        report["query_threshold"] = query
+    report["scores"] = {f"{n}/{rid}": round(float(s), 6)
+                        for (n, rid), s in zip(ids, refusal_scores(p, safety.tau))}
+    if split_thresholds:
+        report["prefill_scores"] = {f"{n}/{rid}": round(float(s), 6)
+                                    for (n, rid), s in zip(ids, split_scores(p, safety.tau)[0])}
     if by_tau:
         report["by_tau"] = by_tau
     return report

@@ -57,7 +57,8 @@ def _eval(args: argparse.Namespace) -> int:
                                        args.response_steps)
             resp = ev.load_response_rows(limit=args.limit)
         ks = [int(k) for k in args.prefill_k.split(",") if k.strip()]
-        safety = SafetyConfig(schedule=args.schedule, threshold=args.threshold, tau=args.tau,
+        safety = SafetyConfig(schedule=args.schedule, threshold=args.threshold,
+                              query_threshold=args.query_threshold, tau=args.tau,
                               period=args.period)
     except (ValueError, ev.EvalError) as e:
         print(f"safeattn eval: error: {e}", file=sys.stderr)
@@ -184,6 +185,9 @@ def _add_eval(sub) -> None:
     p.add_argument("--threshold", type=float, default=None,
                    help="theta: P(malicious) alarm level (default: the model's calibrated theta, "
                         "else 0.5)")
+    p.add_argument("--query-threshold", type=float, default=None,
+                   help="theta of the prefill check p_0 alone (default: the model's calibrated "
+                        "one when --threshold is not given, else --threshold)")
     p.add_argument("--tau", type=int, default=3, help="consecutive alarms before refusing")
     p.add_argument("--max-new-tokens", type=int, default=48, help="tokens generated per prompt")
     p.add_argument("--limit", type=int, default=None,
@@ -254,11 +258,16 @@ def _calibrate(args: argparse.Namespace) -> int:
     model = model.to(_device(args.device))
     report = calibrate(model, tok, rows, target_fpr=args.target_fpr, safety=safety,
                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                       compare_taus=[int(t) for t in taus])
+                       compare_taus=[int(t) for t in taus],
+                       split_thresholds=args.split_thresholds)
     report["val_fraction"] = args.val_fraction
     cfg_path = d / "safety_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["threshold"] = report["threshold"]
+    cfg.pop("query_threshold", None)
+    if "query_threshold" in report:
+        cfg["query_threshold"] = report["query_threshold"]
+        print(f"θ of p_0 = {report['query_threshold']:.6f}, ", end="")
     print(f"θ = {report['threshold']:.6f} (benign val refusals <= {args.target_fpr:.0%} by the "
           f"trace)")
     for name, m in report["sets"].items():
@@ -266,11 +275,14 @@ def _calibrate(args: argparse.Namespace) -> int:
             print(f"  {name:19s} n={m['n']:4d}  refused at θ: {m['refused']:.1%} "
                   f"(trace predicts {m['predicted']:.1%})")
     for tau, m in report.get("by_tau", {}).items():
-        print(f"  τ = {tau}: θ = {m['threshold']:.6f}, predicted " + ", ".join(
+        q = f"θ of p_0 = {m['query_threshold']:.6f}, " if "query_threshold" in m else ""
+        print(f"  τ = {tau}: {q}θ = {m['threshold']:.6f}, predicted " + ", ".join(
             f"{n} {r:.1%}" for n, r in m["predicted"].items()))
     if args.refusal_prefix:
         picked = pick_refusal_prefix(model, tok, rows, args.refusal_prefix,
-                                     safety=replace(safety, threshold=report["threshold"]),
+                                     safety=replace(safety, threshold=report["threshold"],
+                                                    query_threshold=report.get(
+                                                        "query_threshold")),
                                      batch_size=args.batch_size)
         report["refusal_prefix"] = picked
         cfg["refusal_prefix"] = picked["refusal_prefix"]
@@ -307,6 +319,10 @@ def _add_calibrate(sub) -> None:
     p.add_argument("--conversations", action="store_true",
                    help="also hold the benign val prompts split over two turns and after a "
                         "benign exchange (the conversation shapes of training) under the target")
+    p.add_argument("--split-thresholds", action="store_true",
+                   help="also write 'query_threshold': a θ of its own for the prefill's p_0, "
+                        "as low as the benign val rows allow without more of them refusing "
+                        "than the target (θ of the decoding-time checks unchanged)")
     p.add_argument("--benign-responses", default=None,
                    help="the model's benign answers that open those exchanges (default: "
                         "SAFETY/benign_responses.jsonl)")

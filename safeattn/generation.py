@@ -112,6 +112,10 @@ class SafetyConfig:
         threshold: θ; ``p >= θ`` is a hit. ``None`` (default): the model's calibrated θ
             (``threshold`` in its safety config, written by ``safeattn calibrate``), else
             :data:`DEFAULT_THRESHOLD`; :meth:`resolved` fills it in.
+        query_threshold: the θ of the prefill check ``p_0`` alone, which refuses on one hit
+            (the decoding-time checks keep ``threshold``). ``None`` (default): the model's
+            calibrated ``query_threshold`` when ``threshold`` is ``None`` too (``safeattn
+            calibrate --split-thresholds``), else ``threshold``.
         tau: consecutive hits that switch a row to refusal.
         r1, r2, r3: probe windows of Rules 1–3.
         schedule: ``'each'``, ``'first'``, ``'periodic'`` or ``'annealing'`` (module doc).
@@ -139,6 +143,7 @@ class SafetyConfig:
     """
 
     threshold: float | None = None
+    query_threshold: float | None = None
     tau: int = 3
     r1: int = 10
     r2: int = 10
@@ -160,8 +165,9 @@ class SafetyConfig:
             if not ok:
                 raise ValueError(f"SafetyConfig.{name} {what}, got {getattr(self, name)!r}")
 
-        need(self.threshold is None or _is_theta(self.threshold), "threshold",
-             "must be None or a finite number >= 0 (values > 1 never trigger)")
+        for name in ("threshold", "query_threshold"):
+            need(getattr(self, name) is None or _is_theta(getattr(self, name)), name,
+                 "must be None or a finite number >= 0 (values > 1 never trigger)")
         for name, lo in (("tau", 1), ("r1", 0), ("r2", 0), ("r3", 0), ("period", 1),
                          ("first_n", 0)):
             v = getattr(self, name)
@@ -188,26 +194,38 @@ class SafetyConfig:
     def resolved(self, model) -> "SafetyConfig":
         """This config with its model defaults filled in: ``threshold=None`` becomes the
         calibrated ``threshold`` of the safety config (``model.config.safeattn``, or ``model``
-        itself when it is that mapping), else :data:`DEFAULT_THRESHOLD`; ``refusal_prefix=None``
-        becomes its ``refusal_prefix``, else :data:`DEFAULT_REFUSAL_PREFIX`."""
-        if self.threshold is not None and self.refusal_prefix is not None:
+        itself when it is that mapping), else :data:`DEFAULT_THRESHOLD`;
+        ``query_threshold=None`` its ``query_threshold`` when ``threshold`` was ``None`` too,
+        else ``threshold``; ``refusal_prefix=None`` its ``refusal_prefix``, else
+        :data:`DEFAULT_REFUSAL_PREFIX`."""
+        if None not in (self.threshold, self.query_threshold, self.refusal_prefix):
             return self
         cfg = model if isinstance(model, Mapping) else getattr(
             getattr(model, "config", None), "safeattn", None)
         cfg = cfg or {}
-        theta = self.threshold
-        if theta is None:
-            theta = cfg.get("threshold", DEFAULT_THRESHOLD)
+
+        def calibrated(key, default):
+            theta = cfg.get(key, default)
             if not _is_theta(theta):
-                raise ValueError(f"the model's safety config has threshold {theta!r}; expected "
+                raise ValueError(f"the model's safety config has {key} {theta!r}; expected "
                                  "a finite number >= 0")
+            return float(theta)
+
+        theta, query = self.threshold, self.query_threshold
+        if theta is None:
+            theta = calibrated("threshold", DEFAULT_THRESHOLD)
+            if query is None:
+                query = calibrated("query_threshold", theta)
+        if query is None:
+            query = theta
         prefix = self.refusal_prefix
         if prefix is None:
             prefix = cfg.get("refusal_prefix", DEFAULT_REFUSAL_PREFIX)
             if not isinstance(prefix, str):
                 raise ValueError(f"the model's safety config has refusal_prefix {prefix!r}; "
                                  "expected a str")
-        return replace(self, threshold=float(theta), refusal_prefix=prefix)
+        return replace(self, threshold=float(theta), query_threshold=float(query),
+                       refusal_prefix=prefix)
 
     def check_steps(self, max_steps: int) -> list[bool]:
         """``out[n]`` for ``n`` in ``[0, max_steps]``: whether the schedule re-checks at step ``n``
@@ -437,9 +455,7 @@ def safe_generate(model, input_ids: torch.Tensor | None = None, attention_mask=N
     one = torch.ones(1, dtype=torch.float32, device=dev)
     zero = torch.zeros(1, dtype=torch.float32, device=dev)
     hz = torch.zeros(b, 1, dtype=torch.float32, device=dev)
-    th, tau, r1, r2, r3 = float(min(safety.threshold, 1.0)), safety.tau, safety.r1, safety.r2, \
-        safety.r3
-    never = safety.threshold > 1.0  # θ above 1: p >= θ is impossible
+    tau, r1, r2, r3 = safety.tau, safety.r1, safety.r2, safety.r3
 
     pad_t = gc._pad_token_tensor
     pad_id = int(pad_t) if pad_t is not None else (int(gc._eos_token_tensor.reshape(-1)[0])
@@ -473,8 +489,9 @@ def safe_generate(model, input_ids: torch.Tensor | None = None, attention_mask=N
     p_hist, mode_hist, chk_hist = [], [], []
     nonfinite_seen = torch.zeros(b, dtype=torch.bool, device=dev)
 
-    def safety_update(h, active):
-        """Head + op for the checked rows; fail closed on any error. -> (p, next intervals)."""
+    def safety_update(h, active, theta):
+        """Head + op for the checked rows at θ = ``theta``; fail closed on any error.
+        -> (p, next intervals)."""
         nonlocal nonfinite_seen
         try:
             if h is None:
@@ -482,11 +499,11 @@ def safe_generate(model, input_ids: torch.Tensor | None = None, attention_mask=N
             else:
                 logit = head(h.to(head.weight.dtype)).float().reshape(b, 1)
             p_real = torch.sigmoid(logit[:, 0])
-            if never:  # θ > 1: no finite p can hit; non-finite p still fails closed
+            if theta > 1.0:  # no finite p can hit; non-finite p still fails closed
                 logit = torch.where(logit.isfinite(), torch.full_like(logit, -1e4), logit)
             p, iv = _ops.safety_step(logit.contiguous(), one, zero, mode, consec, s_t, step,
-                                     refused, active, q32, rs32, theta=th, tau=tau, r1=r1,
-                                     r2=r2, r3=r3)
+                                     refused, active, q32, rs32, theta=min(theta, 1.0),
+                                     tau=tau, r1=r1, r2=r2, r3=r3)
             bad = active & ~p.isfinite()
             nonfinite_seen = nonfinite_seen | bad
             return torch.where(active, p_real, float("nan")), iv, bad
@@ -511,7 +528,7 @@ def safe_generate(model, input_ids: torch.Tensor | None = None, attention_mask=N
     h0 = out.get("safety_hidden")
     if h0 is None:
         raise RuntimeError("safeattn: the prefill did not tap the [CLS] row")
-    p, iv, _ = safety_update(h0, all_rows)
+    p, iv, _ = safety_update(h0, all_rows, safety.query_threshold)
     # Response tokens already in the input (an assistant prefill, e.g. a prefill attack) count
     # as seen: the probe windows then cover the latest response tokens, prefill included.
     # ``s_t`` is in response coordinates; ``pre`` converts it to generated-token indices.
@@ -634,7 +651,7 @@ def safe_generate(model, input_ids: torch.Tensor | None = None, attention_mask=N
             h = out.get("safety_hidden")
             if h is None:
                 raise RuntimeError("safeattn: the check step did not tap the probe row")
-            p, iv, _ = safety_update(h, active)
+            p, iv, _ = safety_update(h, active, safety.threshold)
         else:
             active = torch.zeros_like(all_rows)
             lay = SafetyLayout(q_span=q_span, cls=cls_col, resp_start=rs,
@@ -642,7 +659,7 @@ def safe_generate(model, input_ids: torch.Tensor | None = None, attention_mask=N
             out = model(input_ids=tok[:, None], attention_mask=am, position_ids=cur_pos[:, None],
                         cache=cache, safety_layout=lay, use_cache=True, logits_to_keep=1)
             # No probe ran: the op only advances `step` and moves the next probe's window.
-            p, iv, _ = safety_update(None, active)
+            p, iv, _ = safety_update(None, active, safety.threshold)
         alarm_at = torch.where(refused & (alarm_at < 0), (s_t - pre).clamp_min(0).long(),
                                alarm_at)
         p_hist.append(p)

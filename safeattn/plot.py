@@ -42,6 +42,10 @@ def plot_trace(output, tokenizer=None, path="safety_trace.png", row: int = 0, *,
     theta = safety.config.threshold
     if theta <= 1.0:
         ax.axhline(theta, color="tab:red", ls="--", lw=1, label=f"θ = {theta:g}")
+    query = getattr(safety.config, "query_threshold", None)
+    if query is not None and query != theta and query <= 1.0:
+        ax.plot([0], [query], marker="_", ms=14, mew=2, color="tab:red", ls="none",
+                label=f"θ of p_0 = {query:g}")
     if rs.refusal_step is not None:
         ax.axvline(rs.refusal_step, color="tab:purple", lw=1.5,
                    label=f"refusal at token {rs.refusal_step}")

@@ -159,8 +159,11 @@ def _template_ids(tokenizer):
     return tuple(enc(a)), tuple(enc(b))
 
 
-def _config_key(cfg: SafetyConfig):
-    return (min(cfg.threshold, 1.0), cfg.threshold > 1.0, cfg.tau, cfg.r1, cfg.r2, cfg.r3)
+def _config_key(cfg: SafetyConfig, n: int):
+    """The ``safety_step`` settings of a check after ``n`` response tokens (``n = 0``: the
+    prefill's ``p_0``, at ``query_threshold``)."""
+    theta = cfg.query_threshold if n == 0 else cfg.threshold
+    return (min(theta, 1.0), theta > 1.0, cfg.tau, cfg.r1, cfg.r2, cfg.r3)
 
 
 def step_states(states: list[RequestSafety], ns: list[int], logits: torch.Tensor) -> torch.Tensor:
@@ -169,7 +172,7 @@ def step_states(states: list[RequestSafety], ns: list[int], logits: torch.Tensor
     p_all = torch.sigmoid(logits.float())
     groups: dict = {}
     for i, s in enumerate(states):
-        groups.setdefault(_config_key(s.cfg), []).append(i)
+        groups.setdefault(_config_key(s.cfg, ns[i]), []).append(i)
     for (theta, never, tau, r1, r2, r3), idx in groups.items():
         sub = [states[i] for i in idx]
         lg = logits[idx].float().reshape(-1, 1)
