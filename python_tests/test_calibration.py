@@ -147,6 +147,14 @@ def _patched():
     return model, tok
 
 
+def _reloaded(model, path) -> dict:
+    """The safety config of a fresh model that load_safety gave ``model``'s saved files."""
+    safeattn.save_safety(model, path)
+    fresh, tok = _patched()
+    safeattn.load_safety(fresh, path, tok)
+    return fresh.config.safeattn
+
+
 def _refused(model, tok, safety):
     out = safeattn.generate(model, tok, PROMPTS, safety=safety, max_new_tokens=4,
                             do_sample=False, return_dict_in_generate=True)
@@ -164,10 +172,7 @@ def test_safety_config_takes_the_models_calibrated_threshold(tmp_path):
     explicit = safeattn.SafetyConfig(tau=1, threshold=0.0)    # an explicit θ wins
     assert _refused(model, tok, explicit) == ([True] * 3, 0.0)
 
-    safeattn.save_safety(model, tmp_path)                     # the files carry θ
-    fresh, tok2 = _patched()
-    safeattn.load_safety(fresh, tmp_path, tok2)
-    assert fresh.config.safeattn["threshold"] == 1.5
+    assert _reloaded(model, tmp_path)["threshold"] == 1.5     # the files carry θ
     model.config.safeattn["threshold"] = "high"
     with pytest.raises(ValueError, match="threshold"):
         cfg.resolved(model)
@@ -185,10 +190,7 @@ def test_safety_config_takes_the_models_refusal_prefix(tmp_path):
     own = safeattn.SafetyConfig(refusal_prefix="")            # an explicit prefix wins
     assert own.resolved(model).refusal_prefix == ""
 
-    safeattn.save_safety(model, tmp_path)                     # the files carry it
-    fresh, tok2 = _patched()
-    safeattn.load_safety(fresh, tmp_path, tok2)
-    assert fresh.config.safeattn["refusal_prefix"] == "your request because"
+    assert _reloaded(model, tmp_path)["refusal_prefix"] == "your request because"  # the files
     model.config.safeattn["refusal_prefix"] = 7
     with pytest.raises(ValueError, match="refusal_prefix"):
         cfg.resolved(model)
@@ -206,10 +208,7 @@ def test_query_threshold_defaults(tmp_path):
     del model.config.safeattn["query_threshold"]               # an older head: θ for both
     assert safeattn.SafetyConfig().resolved(model).query_threshold == 0.9
     model.config.safeattn["query_threshold"] = 0.6
-    safeattn.save_safety(model, tmp_path)                      # the files carry it
-    fresh, tok2 = _patched()
-    safeattn.load_safety(fresh, tmp_path, tok2)
-    assert fresh.config.safeattn["query_threshold"] == 0.6
+    assert _reloaded(model, tmp_path)["query_threshold"] == 0.6  # the files carry it
     model.config.safeattn["query_threshold"] = "low"
     with pytest.raises(ValueError, match="query_threshold"):
         safeattn.SafetyConfig().resolved(model)
