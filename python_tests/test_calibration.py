@@ -122,10 +122,10 @@ def test_pick_thresholds_by_hand():
     # (0.95: one of four rows may refuse), and p_0 alone may refuse from above 0.3 on
     b0, br = torch.tensor([0.1, 0.2, 0.3, 0.4]), torch.tensor([0.9, 0.92, 0.94, 0.96])
     q, th = pick_thresholds(b0, br, 0.25)
-    assert th == pytest.approx(0.95) and q == pytest.approx(0.65)
-    assert pick_thresholds(b0, br, 0.0) == pytest.approx((0.7, 0.98))
+    assert th == pytest.approx(0.95) and q == pytest.approx(0.625)  # halfway: 0.3 and θ
+    assert pick_thresholds(b0, br, 0.0) == pytest.approx((0.69, 0.98))
     assert pick_thresholds(torch.tensor([0.99]), torch.tensor([0.2]), 0.0) == \
-        pytest.approx((0.995, 0.995))  # p_0 sets θ: nothing lower for it
+        pytest.approx((0.9925, 0.995))
     with pytest.raises(ValueError, match="length"):
         pick_thresholds(b0, br[:3], 0.25)
     with pytest.raises(ValueError, match="target_fpr"):

@@ -82,7 +82,7 @@ def pick_thresholds(benign_p0: torch.Tensor, benign_checks: torch.Tensor,
     what the budget has left on ``p_0`` alone, down to the highest ``p_0`` of a benign row
     that θ does not already refuse. Every row that refuses at θ still refuses, the decoding
     checks (the ones that see a response) keep θ, and each θ lies halfway, as in
-    :func:`pick_threshold`.
+    :func:`pick_threshold` (the query θ between that ``p_0`` and θ).
     """
     b0, br = (_benign(x, target_fpr) for x in (benign_p0, benign_checks))
     if len(b0) != len(br):
@@ -93,7 +93,7 @@ def pick_thresholds(benign_p0: torch.Tensor, benign_checks: torch.Tensor,
     clear = (b0 < theta) & (br < theta)
     if not clear.any():
         return theta, theta
-    return min(_theta_above(b0[clear], k - int((~clear).sum())), theta), theta
+    return _theta_above(b0[clear], k - int((~clear).sum()), ceiling=theta), theta
 
 
 def split_scores(p: torch.Tensor, tau: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,8 +120,10 @@ def _budget(s: torch.Tensor, target_fpr: float) -> int:
     return math.floor(target_fpr * len(s) + 1e-9)
 
 
-def _theta_above(s: torch.Tensor, k: int) -> float:
-    """The lowest θ (halfway between scores) at which at most ``k`` of ``s`` are ``>= θ``."""
+def _theta_above(s: torch.Tensor, k: int, ceiling: float = 1.0) -> float:
+    """The lowest θ at which at most ``k`` of ``s`` are ``>= θ``, halfway between the ``k``-th
+    highest score and the next higher distinct one (or ``ceiling``, the lowest θ that is
+    known to be safe)."""
     s = s.sort(descending=True).values
     if k >= len(s):
         return 0.0
@@ -131,7 +133,7 @@ def _theta_above(s: torch.Tensor, k: int) -> float:
     if kth >= 1.0:
         return 1.5  # above 1: never triggers
     higher = s[s > kth]  # ties with the k-th score must stay below θ too
-    return (kth + (float(higher.min()) if len(higher) else 1.0)) / 2
+    return (kth + (float(higher.min()) if len(higher) else ceiling)) / 2
 
 
 def validation_rows(val_fraction: float, *, benign_responses: Mapping[str, str] | None = None,
