@@ -89,7 +89,7 @@ def pick_thresholds(benign_p0: torch.Tensor, benign_checks: torch.Tensor,
         raise ValueError(f"benign p_0 and decoding scores differ in length: {len(b0)} vs "
                          f"{len(br)}")
     k = _budget(b0, target_fpr)
-    theta = _theta_above(torch.maximum(b0, br), k)
+    theta = pick_threshold(torch.maximum(b0, br), target_fpr)
     clear = (b0 < theta) & (br < theta)
     if not clear.any():
         return theta, theta
@@ -214,22 +214,22 @@ def calibrate(model, tokenizer, rows: Mapping[str, Sequence[Mapping]], *, target
     benign = torch.cat([by_set[n] for n in names if is_benign_set(n)])
 
     def operating_point(tau):
-        """-> (query θ, θ, [N] refuses at them by the trace)."""
+        """-> (query θ, θ, [N] refuses at them by the trace, [N] p_0, [N] refusal score)."""
+        s0, sr = split_scores(p, tau)
+        s = torch.maximum(s0, sr)  # refusal_scores(p, tau)
         if split_thresholds:
-            s0, sr = split_scores(p, tau)
             q, th = pick_thresholds(s0[benign], sr[benign], target_fpr)
-            return q, th, (s0 >= q) | (sr >= th)
-        s = refusal_scores(p, tau)
-        th = pick_threshold(s[benign], target_fpr)
-        return th, th, s >= th
+        else:
+            q = th = pick_threshold(s[benign], target_fpr)
+        return q, th, (s0 >= q) | (sr >= th), s0, s
 
     def predicted(refuses):
         return {n: float(refuses[idx].float().mean()) for n, idx in by_set.items() if len(idx)}
 
-    query, theta, refuses = operating_point(safety.tau)
+    query, theta, refuses, prefill, scores = operating_point(safety.tau)
     by_tau = {}
     for tau in compare_taus:
-        q, th, r = operating_point(tau)
+        q, th, r, _, _ = operating_point(tau)
         by_tau[str(tau)] = {"threshold": th, "predicted": predicted(r)}
         if split_thresholds:
             by_tau[str(tau)]["query_threshold"] = q
@@ -240,15 +240,15 @@ def calibrate(model, tokenizer, rows: Mapping[str, Sequence[Mapping]], *, target
     sets = {n: {"n": len(idx), "predicted": rates[n],
                 "refused": float(refused[idx].float().mean())} if len(idx) else {"n": 0}
             for n, idx in by_set.items()}
+
+    def keyed(values):
+        return {f"{n}/{rid}": round(float(x), 6) for (n, rid), x in zip(ids, values)}
+
     report = {"threshold": theta, "target_fpr": target_fpr, "tau": safety.tau,
-              "schedule": safety.schedule, "max_new_tokens": max_new_tokens, "sets": sets}
+              "schedule": safety.schedule, "max_new_tokens": max_new_tokens, "sets": sets,
+              "scores": keyed(scores)}
     if split_thresholds:
-        report["query_threshold"] = query
-    report["scores"] = {f"{n}/{rid}": round(float(s), 6)
-                        for (n, rid), s in zip(ids, refusal_scores(p, safety.tau))}
-    if split_thresholds:
-        report["prefill_scores"] = {f"{n}/{rid}": round(float(s), 6)
-                                    for (n, rid), s in zip(ids, split_scores(p, safety.tau)[0])}
+        report.update(query_threshold=query, prefill_scores=keyed(prefill))
     if by_tau:
         report["by_tau"] = by_tau
     return report

@@ -42,7 +42,7 @@ def plot_trace(output, tokenizer=None, path="safety_trace.png", row: int = 0, *,
     theta = safety.config.threshold
     if theta <= 1.0:
         ax.axhline(theta, color="tab:red", ls="--", lw=1, label=f"θ = {theta:g}")
-    query = getattr(safety.config, "query_threshold", None)
+    query = safety.config.query_threshold
     if query is not None and query != theta and query <= 1.0:
         ax.plot([0], [query], marker="_", ms=14, mew=2, color="tab:red", ls="none",
                 label=f"θ of p_0 = {query:g}")
