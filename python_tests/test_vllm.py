@@ -64,19 +64,27 @@ _ENGINES = {}
 
 @pytest.fixture(scope="module")
 def engine(refs):
-    def get(family):
-        if family not in _ENGINES:
+    def get(family, fold=True):
+        if (family, fold) not in _ENGINES:
             from transformers import AutoTokenizer
 
             d = refs / family
-            _ENGINES[family] = (vllm.LLM(**sv.engine_kwargs(d), dtype="float32",
-                                         enforce_eager=True, max_model_len=256, max_num_seqs=8,
-                                         seed=0, gpu_memory_utilization=0.1),
-                                AutoTokenizer.from_pretrained(d),
-                                json.loads((d / "ref.json").read_text()))
-        return _ENGINES[family]
+            kw = sv.engine_kwargs(d)
+            kw["hf_overrides"]["safeattn_vllm"]["fold_probe"] = fold
+            _ENGINES[family, fold] = (vllm.LLM(**kw, dtype="float32", enforce_eager=True,
+                                               max_model_len=256, max_num_seqs=8, seed=0,
+                                               gpu_memory_utilization=0.1),
+                                      AutoTokenizer.from_pretrained(d),
+                                      json.loads((d / "ref.json").read_text()))
+        return _ENGINES[family, fold]
     yield get
     _ENGINES.clear()
+
+
+def _bridge(llm):
+    from safeattn.vllm.models import bridge_for
+
+    return bridge_for(llm.llm_engine.vllm_config)
 
 
 def _cut(ids, eos):
@@ -100,20 +108,37 @@ def _check_row(got_ids, tr, ref, eos, where):
         assert (math.isnan(a) and math.isnan(b)) or abs(a - b) < 1e-4, f"{where}: p {a} vs {b}"
 
 
-@pytest.mark.parametrize("family", ["gemma3_text", "llama"])
-@pytest.mark.parametrize("case", range(len(CASES)))
-def test_parity_batch8(engine, family, case):
-    """Batch 8, one schedule per call: the same greedy tokens and trace as safeattn.generate."""
-    llm, tok, ref = engine(family)
+def _parity(llm, tok, ref, family, case, tag=""):
     cfg = CASES[case]
-    ids = [f"{family}-{case}-{i}" for i in range(len(PROMPTS))]
+    ids = [f"{family}-{case}-{i}{tag}" for i in range(len(PROMPTS))]
     ps, sps = sv.requests(tok, PROMPTS, safety=cfg, ids=ids, max_tokens=MAX_TOKENS,
                           temperature=0.0)
     outs = llm.generate(ps, sps, use_tqdm=False)
     for i, o in enumerate(outs):
         tr = sv.trace(ids[i])[0] if cfg is not None else None
         _check_row(list(o.outputs[0].token_ids), tr, ref["cases"][case][i], ref["eos"],
-                   f"{family} case {cfg} row {i}")
+                   f"{family} case {cfg} row {i}{tag}")
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "llama"])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_parity_batch8(engine, family, case):
+    """Batch 8, one schedule per call: the same greedy tokens and trace as safeattn.generate
+    (the eager engine carries the probe rows through its main forward)."""
+    llm, tok, ref = engine(family)
+    _parity(llm, tok, ref, family, case)
+    if CASES[case] is not None:
+        assert _bridge(llm).folded is True
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "llama"])
+def test_parity_separate_probe_pass(engine, family):
+    """``fold_probe: false`` (what a compiled engine runs): the probe rows in a pass of their
+    own after the forward give the same tokens and trace."""
+    llm, tok, ref = engine(family, fold=False)
+    for case in range(len(CASES)):
+        _parity(llm, tok, ref, family, case, tag="-separate")
+    assert _bridge(llm).folded is False
 
 
 def test_trace_plots(engine, tmp_path):
@@ -132,24 +157,30 @@ def test_trace_plots(engine, tmp_path):
     assert safeattn.plot_trace(tr, path=tmp_path / "t.png").exists()
 
 
-def test_probe_error_fails_closed(engine, monkeypatch):
-    """An error in the probe refuses the checked requests (θ above 1 would never refuse)."""
+@pytest.mark.parametrize("fold", [True, False])
+def test_probe_error_fails_closed(engine, monkeypatch, fold):
+    """An error in the probe refuses the checked requests (θ above 1 would never refuse); a
+    request without safety in the same batch decodes as if nothing happened."""
     from safeattn.vllm.probe import ProbeRunner
 
-    def boom(self, plan, attn_metadata):
+    def boom(self, *args):
         raise RuntimeError("probe broke")
 
-    monkeypatch.setattr(ProbeRunner, "run", boom)
-    llm, tok, _ = engine("gemma3_text")
-    ids = ["boom-0", "boom-1"]
+    monkeypatch.setattr(ProbeRunner, "attend", boom)  # both the folded and the separate pass
+    llm, tok, ref = engine("gemma3_text", fold=fold)
+    ids = [f"boom-{fold}-0", f"boom-{fold}-1"]
     ps, sps = sv.requests(tok, PROMPTS[:2], safety={"threshold": 2.0}, ids=ids, max_tokens=10,
                           temperature=0.0)
-    outs = llm.generate(ps, sps, use_tqdm=False)
+    ps2, sps2 = sv.requests(tok, PROMPTS[2:3], safety=None, ids=[f"boom-{fold}-plain"],
+                            max_tokens=MAX_TOKENS, temperature=0.0)
+    outs = llm.generate(ps + ps2, sps + sps2, use_tqdm=False)
     for i, o in zip(ids, outs):
         tr = sv.trace(i)
         assert tr[0].refusal_step == 0 and math.isnan(tr[0].p[0])
         n = len(tr.refusal_ids)
         assert list(o.outputs[0].token_ids[:n]) == tr.refusal_ids
+    plain = ref["cases"][CASES.index(None)][2]
+    assert _cut(list(outs[2].outputs[0].token_ids), ref["eos"]) == _cut(plain["ids"], ref["eos"])
 
 
 def test_reference_covers_refusals(engine):

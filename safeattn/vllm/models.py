@@ -1,9 +1,14 @@
-"""vLLM model wrappers (Gemma3, Llama) that run the ``[CLS]`` probe after each forward.
+"""vLLM model wrappers (Gemma3, Llama) that run the ``[CLS]`` probe with each forward.
 
 A wrapper and the logits processor of the same engine share one :class:`Bridge`: before a
 forward the processor posts the step's plan (which rows check, with which window); the model
 runs the probe rows of the plan whose prompt is complete and posts their head logits; the
 processor then runs the state machine on them and forces the refusal prefix.
+
+An eager engine carries the probe rows through the main forward's layers
+(:class:`~safeattn.vllm.probe.FoldedProbe`); a compiled one, or ``fold_probe: false`` in the
+``safeattn_vllm`` option, runs them in a pass of their own after it
+(:meth:`~safeattn.vllm.probe.ProbeRunner.run`). Both compute the same rows.
 """
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .probe import Plan, ProbeRunner, SafetyParts
+from .probe import FoldedProbe, Plan, ProbeRunner, SafetyParts
 
 logger = logging.getLogger("safeattn")
 
@@ -38,6 +43,7 @@ class Bridge:
         self.complete: torch.Tensor | None = None  # [Bs] bool (set by the model)
         self.logits: torch.Tensor | None = None    # [Bs] fp32 head logits (nan: none/failed)
         self.error: str | None = None
+        self.folded: bool | None = None  # the probe rides the main forward (set by the model)
 
     def post_plan(self, plan, expected, due):
         self.plan, self.expected, self.due = plan, expected, due
@@ -53,9 +59,12 @@ def options(hf_config) -> dict:
     opt = getattr(hf_config, OPTION, None) or {}
     if not isinstance(opt, dict):
         raise ValueError(f"{OPTION} must be a dict (hf_overrides), got {type(opt).__name__}")
-    bad = set(opt) - {"safety_dir", "safety"}
+    bad = set(opt) - {"safety_dir", "safety", "fold_probe"}
     if bad:
-        raise ValueError(f"{OPTION}: unknown keys {sorted(bad)} (known: safety_dir, safety)")
+        raise ValueError(f"{OPTION}: unknown keys {sorted(bad)} (known: safety_dir, safety, "
+                         "fold_probe)")
+    if not isinstance(opt.get("fold_probe", True), bool):
+        raise ValueError(f"{OPTION}: fold_probe must be a bool")
     return opt
 
 
@@ -78,18 +87,22 @@ def _wrap(base, family: str):
             opt = options(mc.hf_config)
             d = Path(opt.get("safety_dir") or mc.model)
             self._safety_parts = SafetyParts(d)
-            self._safety_runner = None
+            self._safety_runner = self._safety_fold = None
+            # A compiled forward is traced once: only an eager one can carry the probe rows.
+            self._safety_fold_ok = opt.get("fold_probe", True) and mc.enforce_eager
             self.safety_bridge = Bridge(self._safety_parts.config)
             _BRIDGES[id(vllm_config)] = self.safety_bridge
 
         def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None,
                     **kwargs):
-            # [CLS] holds RoPE position 0: the prompt sits at 1..P, as in safeattn.
-            hidden = super().forward(input_ids, positions + 1, intermediate_tensors,
-                                     inputs_embeds, **kwargs)
-            if self.safety_bridge.plan is not None:
-                self._probe()
-            return hidden
+            due = self._probe_start()
+            try:
+                # [CLS] holds RoPE position 0: the prompt sits at 1..P, as in safeattn.
+                return super().forward(input_ids, positions + 1, intermediate_tensors,
+                                       inputs_embeds, **kwargs)
+            finally:
+                if due is not None:  # also ends a folded probe whatever the forward did
+                    self._probe_finish(*due)
 
         def compute_logits(self, hidden_states):
             logits = super().compute_logits(hidden_states)
@@ -107,19 +120,19 @@ def _wrap(base, family: str):
                                                                    "safety_adapter.")))
             return super().load_weights(keep)
 
-        def _probe(self):
+        def _probe_start(self):
+            """Which rows of the posted plan check in this forward -> ``(indices, sub-plan,
+            attention metadata)``, or None; the folded probe starts carrying them."""
             from vllm.forward_context import get_forward_context
 
             br = self.safety_bridge
-            md = get_forward_context().attn_metadata
+            md = get_forward_context().attn_metadata if br.plan is not None else None
             if md is None:
-                return
+                return None
             if isinstance(md, list):
                 md = md[0]
             if self._safety_runner is None:
-                p = self._safety_parts
-                w = self.model.norm.weight
-                self._safety_runner = ProbeRunner(self.model, p.to(w.device, w.dtype), family)
+                self._start_runner()
             plan = br.plan
             first = self.model.layers[0].self_attn.attn.layer_name
             seq = md[first].seq_lens
@@ -127,19 +140,39 @@ def _wrap(base, family: str):
             ok = rows < seq.numel()
             seen = torch.where(ok, seq[rows.clamp_max(max(seq.numel() - 1, 0))].long().cpu(), -1)
             br.complete = ok & (seen == br.expected)
-            logits = torch.full((len(rows),), float("nan"))
-            run = br.complete & br.due
-            if bool(run.any()):
-                idx = run.nonzero().flatten()
-                sub = Plan(rows[idx], plan.n[idx], plan.prompt_len[idx], plan.qs[idx],
-                           plan.qe[idx], plan.lo[idx], plan.hi[idx])
+            idx = (br.complete & br.due).nonzero().flatten()
+            sub = Plan(rows[idx], plan.n[idx], plan.prompt_len[idx], plan.qs[idx],
+                       plan.qe[idx], plan.lo[idx], plan.hi[idx])
+            if len(idx) and self._safety_fold is not None:
+                self._safety_fold.begin(sub, md)
+            return idx, sub, md
+
+        def _probe_finish(self, idx, sub, md):
+            br = self.safety_bridge
+            logits = torch.full((len(br.plan.rows),), float("nan"))
+            if len(idx):
+                fold, error = self._safety_fold, None
                 try:
-                    logits[idx] = self._safety_runner.run(sub, md).float().cpu()
+                    if fold is not None:
+                        logits[idx] = fold.finish()
+                        error = fold.error
+                    else:
+                        logits[idx] = self._safety_runner.run(sub, md).float().cpu()
                 except Exception as e:  # noqa: BLE001 - fail closed: nan refuses these rows
-                    br.error = f"{type(e).__name__}: {e}"
+                    logits[idx], error = float("nan"), f"{type(e).__name__}: {e}"
+                if error:
+                    br.error = error
                     logger.warning("safeattn: the vLLM probe raised %s; the %d checked "
-                                   "request(s) refuse (fail closed)", br.error, len(idx))
+                                   "request(s) refuse (fail closed)", error, len(idx))
             br.logits = logits
+
+        def _start_runner(self):
+            p = self._safety_parts
+            w = self.model.norm.weight
+            self._safety_runner = ProbeRunner(self.model, p.to(w.device, w.dtype), family)
+            if self._safety_fold_ok:
+                self._safety_fold = FoldedProbe(self._safety_runner)
+            self.safety_bridge.folded = self._safety_fold is not None
 
     Wrapper.__name__ = Wrapper.__qualname__ = f"Safeattn{base.__name__}"
     return Wrapper

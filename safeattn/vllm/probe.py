@@ -3,12 +3,13 @@
 ``[CLS]`` never enters vLLM's token sequence. The wrappers shift every RoPE position by +1 so
 that the prompt sits at ``1..P`` as in safeattn (``[CLS]`` at 0); with
 ``cls_visible_to_response = false`` no ordinary row ever sees ``[CLS]``, so vLLM's stock
-attention is exact for them. After the main forward, every request due for a check gets one
-probe row: the ``[CLS]`` embedding at RoPE position 0, run through decoder layers
-``0..cls_layer`` with their own weights (plus the probe adapter), attending to
-``{itself} ∪ q_span ∪ W_t`` read straight from the paged cache. All probe rows of a step go
-through :func:`safeattn.ops.interval_attention` together, layer by layer; nothing is written
-to the cache.
+attention is exact for them. Every request due for a check gets one probe row: the ``[CLS]``
+embedding at RoPE position 0, run through decoder layers ``0..cls_layer`` with their own
+weights (plus the probe adapter), attending to ``{itself} ∪ q_span ∪ W_t`` read straight from
+the paged cache. All probe rows of a step go through :func:`safeattn.ops.interval_attention`
+together, layer by layer; nothing is written to the cache. :class:`FoldedProbe` carries them
+through the main forward (eager engines); :meth:`ProbeRunner.run` runs them in a pass of
+their own after it.
 """
 from __future__ import annotations
 
@@ -121,8 +122,8 @@ class ProbeRunner:
 
     @torch.no_grad()
     def run(self, plan: Plan, attn_metadata) -> torch.Tensor:
-        """fp32 head logits ``[Bp]`` of the plan's probe rows."""
-        m, parts = self.model, self.parts
+        """fp32 head logits ``[Bp]`` of the plan's probe rows, in a pass of their own."""
+        m = self.model
         cols, count = plan.columns()
         bp = cols.shape[0]
         x = self.cls_row(bp)
@@ -143,8 +144,12 @@ class ProbeRunner:
             else:
                 x, residual = layer.post_attention_layernorm(o, residual)
                 x = self.mlp(li, layer.mlp, x)
-        h, _ = m.norm(x, residual)
-        return h.float() @ parts.head_w + parts.head_b
+        return self.head(x, residual)
+
+    def head(self, x, residual) -> torch.Tensor:
+        """fp32 head logits of the rows leaving layer ``cls_layer`` (``x``, ``residual``)."""
+        h, _ = self.model.norm(x, residual)
+        return h.float() @ self.parts.head_w + self.parts.head_b
 
     def mlp(self, li, mlp, x):
         gu, _ = mlp.gate_up_proj(x)
@@ -163,16 +168,23 @@ class ProbeRunner:
         q = _add(q, parts.delta(li, "q_proj", h))
         k = _add(k, parts.delta(li, "k_proj", h))
         v = _add(v, parts.delta(li, "v_proj", h))
-        hq, hkv, d = a.num_heads, a.num_kv_heads, a.head_dim
         if self.family == "gemma3":
-            q = a.q_norm(q.unflatten(-1, (hq, d))).flatten(-2, -1)
-            k = a.k_norm(k.unflatten(-1, (hkv, d))).flatten(-2, -1)
+            q = a.q_norm(q.unflatten(-1, (a.num_heads, a.head_dim))).flatten(-2, -1)
+            k = a.k_norm(k.unflatten(-1, (a.num_kv_heads, a.head_dim))).flatten(-2, -1)
         q, k = a.rotary_emb(pos0, q, k)
-        attn = a.attn
+        out = self.attend(a.attn, q, k, v, plan, cols, count, attn_metadata, memo).to(h.dtype)
+        o, _ = a.o_proj(out)
+        return _add(o, parts.delta(li, "o_proj", out))
+
+    def attend(self, attn, q, k, v, plan, cols, count, attn_metadata, memo) -> torch.Tensor:
+        """The probe rows' attention output ``[Bp, Hq * D]`` in one layer: their projected,
+        normed, rotated ``q``/``k``/``v`` (``[Bp, H * D]``) against the plan's columns of
+        ``attn``'s paged cache, which already holds this step's tokens."""
         isa = getattr(attn, "isa", None)  # set by the CPU backend only
         if isa not in READABLE_ISA:  # another backend's cache layout: refuse, never misread
             raise NotImplementedError(f"safeattn probe: reads only vLLM's CPU-backend cache "
                                       f"layouts {READABLE_ISA}, this layer has {isa!r}")
+        hq, hkv, d = attn.num_heads, attn.num_kv_heads, attn.head_size
         kv = attn.kv_cache
         nb, _, bs, _ = kv.shape
         md = attn_metadata[attn.layer_name]
@@ -192,9 +204,136 @@ class ProbeRunner:
         out = ops.interval_attention(q.view(-1, hq, 1, d).to(keys.dtype), keys.contiguous(),
                                      vals.contiguous(), iv, scale=attn.impl.scale,
                                      softcap=softcap)
-        out = out.reshape(-1, hq * d).to(h.dtype)
-        o, _ = a.o_proj(out)
-        return _add(o, parts.delta(li, "o_proj", out))
+        return out.reshape(-1, hq * d)
+
+
+class FoldedProbe:
+    """The probe rows carried through the main forward (eager engines only).
+
+    The separate pass (:meth:`ProbeRunner.run`) reads the weights of layers ``0..cls_layer``
+    a second time each step. Here the probe rows ride along as extra rows of the main
+    forward instead: every row-wise module (norms, linears, MLP) takes them with the tokens,
+    so those weights are read once. Forward hooks on the model's own modules, active only
+    between :meth:`begin` and :meth:`finish`, do what differs:
+
+    * layer 0 gets the ``[CLS]`` rows appended, and every probe layer their RoPE position 0;
+    * each attention runs vLLM's kernel on the token rows alone (it writes this step's keys
+      and values to the cache), then :meth:`ProbeRunner.attend` on the probe rows;
+    * the adapter's update is added to the probe rows of each adapted projection;
+    * layer ``cls_layer`` hands the probe rows to the head and passes the token rows on.
+
+    Compiled engines trace the forward once, so they keep the separate pass. An error in the
+    probe part zero-fills the probe rows and their logits come back nan (fail closed); the
+    token rows are never touched.
+    """
+
+    def __init__(self, runner: ProbeRunner):
+        self.runner = runner
+        self.plan = None
+        self.handles = []
+        parts = runner.parts
+        for li in range(runner.depth):
+            layer = runner.model.layers[li]
+            a, mlp = layer.self_attn, layer.mlp
+            self._hook(layer, self._enter_layer, li, pre=True)
+            self._hook(a.attn, self._enter_attn, pre=True)
+            self._hook(a.attn, self._leave_attn, a.attn)
+            for module, projs, widths in (
+                    (a.qkv_proj, ("q_proj", "k_proj", "v_proj"),
+                     (a.q_size, a.kv_size, a.kv_size)),
+                    (a.o_proj, ("o_proj",), (None,)),
+                    (mlp.gate_up_proj, ("gate_proj", "up_proj"), (None, None)),
+                    (mlp.down_proj, ("down_proj",), (None,))):
+                if any(f"{li}_{p}" in parts.adapter for p in projs):
+                    self._hook(module, self._adapt, li, projs, widths)
+        self._hook(runner.model.layers[runner.depth - 1], self._leave_last)
+
+    def _hook(self, module, fn, *bound, pre=False):
+        def call(mod, *a):
+            return None if self.plan is None else fn(*bound, *a)
+        h = (module.register_forward_pre_hook(call, with_kwargs=True) if pre
+             else module.register_forward_hook(call))
+        self.handles.append(h)
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def begin(self, plan: Plan, attn_metadata):
+        self.cols, self.count = plan.columns()
+        self.md, self.memo, self.error, self.out, self.n = attn_metadata, {}, None, None, None
+        self.plan = plan
+
+    def finish(self) -> torch.Tensor:
+        """fp32 head logits ``[Bp]`` on the CPU (nan where the probe failed)."""
+        plan, self.plan = self.plan, None
+        out, self.out, self.md, self.memo = self.out, None, None, None
+        if self.error is None and out is not None:
+            try:
+                return self.runner.head(*out).float().cpu()
+            except Exception as e:  # noqa: BLE001 - fail closed
+                self.error = f"{type(e).__name__}: {e}"
+        if self.error is None:
+            self.error = "the probe rows did not reach layer cls_layer"
+        return torch.full((len(plan.rows),), float("nan"))
+
+    def _fail(self, e: Exception):
+        if self.error is None:
+            self.error = f"{type(e).__name__}: {e}"
+
+    def _bp(self) -> int:
+        return len(self.plan.rows)
+
+    def _enter_layer(self, li, args, kwargs):
+        positions, hidden, residual, *rest = args
+        if li == 0:  # residual is None: one pipeline rank (_check_engine)
+            self.n = hidden.shape[0]
+            hidden = torch.cat([hidden, self.runner.cls_row(self._bp()).to(hidden.dtype)])
+        positions = torch.cat([positions, positions.new_zeros(self._bp())])
+        return (positions, hidden, residual, *rest), kwargs
+
+    def _enter_attn(self, args, kwargs):
+        q, k, v, *rest = args
+        n = self.n
+        self.qkv = q[n:], k[n:], v[n:]
+        return (q[:n], k[:n], v[:n], *rest), kwargs
+
+    def _leave_attn(self, attn, args, output):
+        q, k, v = self.qkv
+        self.qkv = None
+        out = None
+        if self.error is None:
+            try:
+                out = self.runner.attend(attn, q, k, v, self.plan, self.cols, self.count,
+                                         self.md, self.memo)
+            except Exception as e:  # noqa: BLE001 - fail closed
+                self._fail(e)
+        if out is None:
+            out = output.new_zeros(self._bp(), output.shape[-1])
+        return torch.cat([output, out.to(output.dtype)])
+
+    def _adapt(self, li, projs, widths, args, output):
+        if self.error is not None:
+            return None
+        out = output[0] if isinstance(output, tuple) else output
+        try:
+            x = args[0][self.n:]
+            parts = [self.runner.parts.delta(li, p, x) for p in projs]
+            if len(parts) > 1:
+                w = out.shape[-1] // len(parts)
+                parts = [d if d is not None else x.new_zeros(len(x), wd or w)
+                         for d, wd in zip(parts, widths)]
+            out[self.n:] += torch.cat(parts, -1).to(out.dtype)
+        except Exception as e:  # noqa: BLE001 - fail closed
+            self._fail(e)
+        return None
+
+    def _leave_last(self, args, output):
+        h, r = output
+        n = self.n
+        self.out = h[n:], r[n:]
+        return h[:n], r[:n]
 
 
 def _gather_index(md, plan: Plan, cols, count, bs: int, win):
