@@ -57,6 +57,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--out", default=str(HERE / "results" / "vllm.json"))
+    ap.add_argument("--separate-probe", action="store_true",
+                    help="fold_probe: false, the probe rows in a pass of their own after the "
+                         "forward (what a compiled engine runs)")
     args = ap.parse_args()
 
     import torch
@@ -68,8 +71,9 @@ def main():
 
     model_dir = default_cache_dir()
     t0 = time.perf_counter()
-    llm = LLM(**sv.engine_kwargs(model_dir, safety_dir=ARTIFACT_DIR), dtype=args.dtype,
-              enforce_eager=True, max_model_len=1024, max_num_seqs=8, seed=0,
+    kw = sv.engine_kwargs(model_dir, safety_dir=ARTIFACT_DIR)
+    kw["hf_overrides"]["safeattn_vllm"]["fold_probe"] = not args.separate_probe
+    llm = LLM(**kw, dtype=args.dtype, enforce_eager=True, max_model_len=1024, max_num_seqs=8, seed=0,
               gpu_memory_utilization=0.1)
     start_s = time.perf_counter() - t0
     threads = torch.get_num_threads()
@@ -116,7 +120,8 @@ def main():
               "vllm_speedup": vl["tok_s"] / (8 * args.tokens / sec)}
     load = os.getloadavg()
     summary = {"model": "gemma3-270m + shipped head", "dtype": args.dtype, "tokens": args.tokens,
-               "rounds": args.rounds, "threads": threads, "engine_start_s": start_s,
+               "rounds": args.rounds, "threads": threads,
+               "fold_probe": not args.separate_probe, "engine_start_s": start_s,
                "cases": cases, "hf_safeattn_generate": hf, "loadavg_1m_at_end": load[0],
                "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
