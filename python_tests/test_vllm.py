@@ -22,6 +22,8 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
+import torch  # noqa: E402
+
 import safeattn.vllm as sv  # noqa: E402
 from safeattn.vllm import serving  # noqa: E402
 
@@ -181,6 +183,67 @@ def test_probe_error_fails_closed(engine, monkeypatch, fold):
         assert list(o.outputs[0].token_ids[:n]) == tr.refusal_ids
     plain = ref["cases"][CASES.index(None)][2]
     assert _cut(list(outs[2].outputs[0].token_ids), ref["eos"]) == _cut(plain["ids"], ref["eos"])
+
+
+_ISAS = [("vec", torch.float32), ("vec", torch.bfloat16), ("vec16", torch.float32),
+         ("vec16", torch.bfloat16), ("amx", torch.bfloat16)]
+
+
+@pytest.mark.parametrize("isa,dtype", _ISAS)
+def test_probe_reads_each_cache_layout(isa, dtype):
+    """The probe's gather, from the layout it learns, returns exactly the keys and values
+    vLLM's own cache writer stored, for every CPU ISA layout (AMX where the CPU has it)."""
+    from vllm import _custom_ops as vops
+
+    from safeattn.vllm.probe import _flat_index, cache_layout
+
+    if isa == "amx" and not torch.cpu._is_amx_tile_supported():
+        pytest.skip("this CPU has no AMX")
+    nb, hkv, bs, d, n_tok = 4, 2, 32, 64, 70
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(n_tok, hkv, d, generator=g).to(dtype)
+    v = torch.randn(n_tok, hkv, d, generator=g).to(dtype)
+    kv = torch.zeros(nb, hkv, bs, 2 * d, dtype=dtype)
+    kc, vc = kv.view(nb, hkv, 2 * bs, d).chunk(2, dim=2)
+    slots = torch.randperm(nb * bs, generator=g)[:n_tok]  # token i -> slot slots[i]
+    vops.cpu_attn_reshape_and_cache(k, v, kc, vc, slots, isa)
+    kpos, vpos = cache_layout(isa, dtype, bs, d)
+    blk, off = (slots // bs)[None], (slots % bs)[None]  # one probe row reading every token
+    flat = kv.view(-1)
+    assert torch.equal(flat[_flat_index(blk, off, kpos, hkv, bs * d, 0)][0], k)
+    assert torch.equal(flat[_flat_index(blk, off, vpos, hkv, bs * d, 1)][0], v)
+
+
+def test_bf16_engine_probe_reads_its_cache(refs):
+    """A bf16 engine (AMX cache layout on CPUs that have it) checks every step with finite
+    p close to the fp32 HF reference, and θ above 1 refuses nothing."""
+    from transformers import AutoTokenizer
+
+    d = refs / "gemma3_text"
+    llm = vllm.LLM(**sv.engine_kwargs(d), dtype="bfloat16", enforce_eager=True,
+                   max_model_len=256, max_num_seqs=8, seed=0, gpu_memory_utilization=0.1)
+    tok, ref = AutoTokenizer.from_pretrained(d), json.loads((d / "ref.json").read_text())
+    case = CASES.index({"schedule": "each"})
+    ids = [f"bf16-{i}" for i in range(len(PROMPTS))]
+    ps, sps = sv.requests(tok, PROMPTS, safety={"schedule": "each", "threshold": 2.0}, ids=ids,
+                          max_tokens=4, temperature=0.0)
+    llm.generate(ps, sps, use_tqdm=False)
+    for i, rid in enumerate(ids):
+        tr = sv.trace(rid)[0]
+        assert tr.refusal_step is None and len(tr.p) >= 4
+        assert all(math.isfinite(x) for x in tr.p), (rid, tr.p)  # every step read the cache
+        want = ref["cases"][case][i]["p"][0]  # p_0: the same prompt, whatever was decoded
+        assert math.isfinite(tr.p[0]) and abs(tr.p[0] - want) < 0.05, (rid, tr.p[0], want)
+    del llm
+
+
+def test_probe_refuses_a_cache_it_cannot_read():
+    from safeattn.vllm.probe import cache_layout
+
+    with pytest.raises(NotImplementedError, match="another backend"):
+        cache_layout(None, torch.float32, 16, 64)
+    with pytest.raises(NotImplementedError, match="uint8"):
+        cache_layout("vec", torch.uint8, 16, 64)
 
 
 def test_reference_covers_refusals(engine):

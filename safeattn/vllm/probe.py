@@ -13,6 +13,7 @@ their own after it.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -25,9 +26,8 @@ from ..hf.persist import SAFETY_CONFIG, SAFETY_WEIGHTS
 
 logger = logging.getLogger("safeattn")
 
-#: The CPU attention backend's cache layouts the probe can read (keys ``[D, block]``,
-#: values ``[block, D]`` per KV head and block).
-READABLE_ISA = ("vec", "vec16")
+#: Cache element types the probe reads as they are (a quantized cache would need scales).
+READABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class SafetyParts:
@@ -180,22 +180,23 @@ class ProbeRunner:
         """The probe rows' attention output ``[Bp, Hq * D]`` in one layer: their projected,
         normed, rotated ``q``/``k``/``v`` (``[Bp, H * D]``) against the plan's columns of
         ``attn``'s paged cache, which already holds this step's tokens."""
-        isa = getattr(attn, "isa", None)  # set by the CPU backend only
-        if isa not in READABLE_ISA:  # another backend's cache layout: refuse, never misread
-            raise NotImplementedError(f"safeattn probe: reads only vLLM's CPU-backend cache "
-                                      f"layouts {READABLE_ISA}, this layer has {isa!r}")
         hq, hkv, d = attn.num_heads, attn.num_kv_heads, attn.head_size
         kv = attn.kv_cache
-        nb, _, bs, _ = kv.shape
+        bs = kv.shape[2]
         md = attn_metadata[attn.layer_name]
         win = getattr(attn.impl, "sliding_window", -1)
         key = (id(md.block_table), bs, win)
         if key not in memo:  # layers of one KV-cache group share their gather indices
             memo[key] = _gather_index(md, plan, cols, count, bs, win)
         blk, off, seen, iv = memo[key]
-        raw = kv.view(nb, hkv, 2, bs * d)
-        keys = raw[:, :, 0].view(nb, hkv, d, bs)[blk, :, :, off]  # [Bp, T, Hkv, D]
-        vals = raw[:, :, 1].view(nb, hkv, bs, d)[blk, :, off, :]
+        lay = (key, "layout", hkv, d, kv.dtype)
+        if lay not in memo:
+            kpos, vpos = cache_layout(getattr(attn, "isa", None), kv.dtype, bs, d)
+            memo[lay] = _flat_index(blk, off, kpos, hkv, bs * d, 0), \
+                _flat_index(blk, off, vpos, hkv, bs * d, 1)
+        kidx, vidx = memo[lay]
+        flat = kv.view(-1)
+        keys, vals = flat[kidx], flat[vidx]  # [Bp, T, Hkv, D]
         keys = torch.where(seen, keys, 0)  # stale blocks never reach the op
         vals = torch.where(seen, vals, 0)
         keys = torch.cat([keys, k.view(-1, 1, hkv, d).to(keys.dtype)], 1).transpose(1, 2)
@@ -334,6 +335,51 @@ class FoldedProbe:
         n = self.n
         self.out = h[n:], r[n:]
         return h[:n], r[:n]
+
+
+@functools.lru_cache(maxsize=None)
+def cache_layout(isa: str | None, dtype: torch.dtype, block_size: int,
+                 head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where vLLM's CPU backend keeps token ``t``, channel ``c`` of one block and KV head ->
+    ``(key offset [block, D], value offset [block, D])`` within that head's key / value half.
+
+    Each ISA packs the block its own way (``vec``: keys ``[D, block]``, values ``[block, D]``;
+    ``amx``: VNNI pairs), so the layout is learnt from the backend itself: a block of
+    numbered keys and values goes through its ``cpu_attn_reshape_and_cache`` and is read
+    back. A layout that is not a plain permutation is refused, never misread.
+    """
+    from vllm import _custom_ops as vops
+
+    if isa is None:
+        raise NotImplementedError("safeattn probe: reads only vLLM's CPU-backend paged cache "
+                                  "(this layer has no `isa`: another backend)")
+    if dtype not in READABLE_DTYPES:
+        raise NotImplementedError(f"safeattn probe: cannot read a {dtype} KV cache (only "
+                                  f"{[str(t) for t in READABLE_DTYPES]})")
+    n = block_size * head_size
+    src = torch.arange(n).view(block_size, 1, head_size)
+    cache = torch.zeros(1, 1, 2 * block_size, head_size, dtype=dtype)
+    kc, vc = cache.chunk(2, dim=2)
+    code = torch.zeros(2, n, dtype=torch.long)
+    for digit in (1, 256):  # base-256 digits: exact in bf16 / fp16
+        part = (src // digit % 256).to(dtype)
+        cache.zero_()
+        vops.cpu_attn_reshape_and_cache(part, part.clone(), kc, vc,
+                                        torch.arange(block_size), isa)
+        code += cache.view(2, n).round().long() * digit
+    pos = code.argsort(dim=1)  # code[pos[i]] == i when the layout is a permutation
+    if not torch.equal(code.gather(1, pos), torch.arange(n).expand(2, n)):
+        raise NotImplementedError(f"safeattn probe: vLLM's {isa!r} cache layout for {dtype} "
+                                  "is not a permutation of the block; cannot read it")
+    return pos[0].view(block_size, head_size), pos[1].view(block_size, head_size)
+
+
+def _flat_index(blk, off, pos, hkv: int, n: int, half: int) -> torch.Tensor:
+    """Flat cache indices ``[Bp, T, Hkv, D]`` of the keys (``half`` 0) or values (1) at
+    block ``blk``, offset ``off`` (``[Bp, T]``), for a cache ``[blocks, Hkv, 2, n]``."""
+    h = torch.arange(hkv, device=blk.device)[:, None]
+    base = ((blk[..., None, None] * hkv + h) * 2 + half) * n  # [Bp, T, Hkv, 1]
+    return base + pos.to(blk.device)[off][:, :, None, :]
 
 
 def _gather_index(md, plan: Plan, cols, count, bs: int, win):
