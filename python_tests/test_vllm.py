@@ -66,19 +66,19 @@ _ENGINES = {}
 
 @pytest.fixture(scope="module")
 def engine(refs):
-    def get(family, fold=True):
-        if (family, fold) not in _ENGINES:
-            from transformers import AutoTokenizer
+    def get(family, fold=True, dtype="float32"):
+        key = family, fold, dtype
+        if key not in _ENGINES:  # engines live to the module's end (a shut-down in-process
+            from transformers import AutoTokenizer  # engine tears down vLLM's global groups)
 
             d = refs / family
             kw = sv.engine_kwargs(d)
             kw["hf_overrides"]["safeattn_vllm"]["fold_probe"] = fold
-            _ENGINES[family, fold] = (vllm.LLM(**kw, dtype="float32", enforce_eager=True,
-                                               max_model_len=256, max_num_seqs=8, seed=0,
-                                               gpu_memory_utilization=0.1),
-                                      AutoTokenizer.from_pretrained(d),
-                                      json.loads((d / "ref.json").read_text()))
-        return _ENGINES[family, fold]
+            _ENGINES[key] = (vllm.LLM(**kw, dtype=dtype, enforce_eager=True, max_model_len=256,
+                                      max_num_seqs=8, seed=0, gpu_memory_utilization=0.1),
+                             AutoTokenizer.from_pretrained(d),
+                             json.loads((d / "ref.json").read_text()))
+        return _ENGINES[key]
     yield get
     _ENGINES.clear()
 
@@ -214,15 +214,10 @@ def test_probe_reads_each_cache_layout(isa, dtype):
     assert torch.equal(flat[_flat_index(blk, off, vpos, hkv, bs * d, 1)][0], v)
 
 
-def test_bf16_engine_probe_reads_its_cache(refs):
+def test_bf16_engine_probe_reads_its_cache(engine):
     """A bf16 engine (AMX cache layout on CPUs that have it) checks every step with finite
     p close to the fp32 HF reference, and θ above 1 refuses nothing."""
-    from transformers import AutoTokenizer
-
-    d = refs / "gemma3_text"
-    llm = vllm.LLM(**sv.engine_kwargs(d), dtype="bfloat16", enforce_eager=True,
-                   max_model_len=256, max_num_seqs=8, seed=0, gpu_memory_utilization=0.1)
-    tok, ref = AutoTokenizer.from_pretrained(d), json.loads((d / "ref.json").read_text())
+    llm, tok, ref = engine("gemma3_text", dtype="bfloat16")
     case = CASES.index({"schedule": "each"})
     ids = [f"bf16-{i}" for i in range(len(PROMPTS))]
     ps, sps = sv.requests(tok, PROMPTS, safety={"schedule": "each", "threshold": 2.0}, ids=ids,
@@ -234,7 +229,6 @@ def test_bf16_engine_probe_reads_its_cache(refs):
         assert all(math.isfinite(x) for x in tr.p), (rid, tr.p)  # every step read the cache
         want = ref["cases"][case][i]["p"][0]  # p_0: the same prompt, whatever was decoded
         assert math.isfinite(tr.p[0]) and abs(tr.p[0] - want) < 0.05, (rid, tr.p[0], want)
-    del llm
 
 
 def test_probe_refuses_a_cache_it_cannot_read():
