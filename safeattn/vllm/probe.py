@@ -231,7 +231,6 @@ class FoldedProbe:
     def __init__(self, runner: ProbeRunner):
         self.runner = runner
         self.plan = None
-        self.handles = []
         parts = runner.parts
         for li in range(runner.depth):
             layer = runner.model.layers[li]
@@ -252,14 +251,10 @@ class FoldedProbe:
     def _hook(self, module, fn, *bound, pre=False):
         def call(mod, *a):
             return None if self.plan is None else fn(*bound, *a)
-        h = (module.register_forward_pre_hook(call, with_kwargs=True) if pre
-             else module.register_forward_hook(call))
-        self.handles.append(h)
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
-        self.handles = []
+        if pre:
+            module.register_forward_pre_hook(call, with_kwargs=True)
+        else:
+            module.register_forward_hook(call)
 
     def begin(self, plan: Plan, attn_metadata):
         self.cols, self.count = plan.columns()
@@ -274,7 +269,7 @@ class FoldedProbe:
             try:
                 return self.runner.head(*out).float().cpu()
             except Exception as e:  # noqa: BLE001 - fail closed
-                self.error = f"{type(e).__name__}: {e}"
+                self._fail(e)
         if self.error is None:
             self.error = "the probe rows did not reach layer cls_layer"
         return torch.full((len(plan.rows),), float("nan"))
