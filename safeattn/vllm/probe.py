@@ -315,12 +315,11 @@ class FoldedProbe:
         out = output[0] if isinstance(output, tuple) else output
         try:
             x = args[0][self.n:]
-            parts = [self.runner.parts.delta(li, p, x) for p in projs]
-            if len(parts) > 1:
-                w = out.shape[-1] // len(parts)
-                parts = [d if d is not None else x.new_zeros(len(x), wd or w)
-                         for d, wd in zip(parts, widths)]
-            out[self.n:] += torch.cat(parts, -1).to(out.dtype)
+            even = out.shape[-1] // len(projs)
+            for p, cols in zip(projs, out[self.n:].split([w or even for w in widths], -1)):
+                d = self.runner.parts.delta(li, p, x)
+                if d is not None:
+                    cols += d.to(cols.dtype)  # a view: adds to the probe rows of `out`
         except Exception as e:  # noqa: BLE001 - fail closed
             self._fail(e)
         return None
