@@ -209,9 +209,11 @@ def test_probe_reads_each_cache_layout(isa, dtype):
     vops.cpu_attn_reshape_and_cache(k, v, kc, vc, slots, isa)
     kpos, vpos = cache_layout(isa, dtype, bs, d)
     blk, off = (slots // bs)[None], (slots % bs)[None]  # one probe row reading every token
+    kidx, vidx = _flat_index(blk, kpos[off][:, None], vpos[off][:, None], hkv, bs * d)
     flat = kv.view(-1)
-    assert torch.equal(flat[_flat_index(blk, off, kpos, hkv, bs * d, 0)][0], k)
-    assert torch.equal(flat[_flat_index(blk, off, vpos, hkv, bs * d, 1)][0], v)
+    # [Bp, Hkv, T, D], head-major as the op takes it
+    assert torch.equal(flat[kidx][0], k.transpose(0, 1))
+    assert torch.equal(flat[vidx][0], v.transpose(0, 1))
 
 
 def test_bf16_engine_probe_reads_its_cache(engine):

@@ -63,13 +63,24 @@ class SafetyParts:
                     key = k[len("safety_adapter.a."):]
                     self.adapter[key] = (v, t[f"safety_adapter.b.{key}"])
 
-    def delta(self, layer: int, proj: str, x: torch.Tensor) -> torch.Tensor | None:
-        """The adapter's update of ``proj`` in ``layer`` for input rows ``x`` (None: none)."""
-        ab = self.adapter.get(f"{layer}_{proj}")
-        if ab is None:
+    def fuse(self, layer: int, projs: tuple[str, ...], widths: tuple[int, ...]):
+        """One low-rank update for a fused linear whose output is ``projs`` side by side
+        (``widths`` wide) -> ``(A [in, Σr], B [Σr, Σwidths])`` with the scale folded into the
+        block-diagonal ``B`` (zero for a projection without an adapter), or None if none of
+        ``projs`` in ``layer`` has one."""
+        ab = [self.adapter.get(f"{layer}_{p}") for p in projs]
+        if all(x is None for x in ab):
             return None
-        a, b = ab
-        return (((x.to(a.dtype) @ a.t()) @ b.t()) * self.scale)
+        a = torch.cat([x[0] for x in ab if x is not None]).t().contiguous()
+        b = a.new_zeros(a.shape[1], sum(widths))
+        r0, c0 = 0, 0
+        for w, x in zip(widths, ab):
+            if x is not None:
+                r = x[0].shape[0]
+                b[r0:r0 + r, c0:c0 + w] = x[1].t() * self.scale
+                r0 += r
+            c0 += w
+        return a, b
 
     def to(self, device, dtype):
         self.cls_embedding = self.cls_embedding.to(device=device, dtype=dtype)
@@ -78,8 +89,21 @@ class SafetyParts:
         return self
 
 
-def _add(out: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
-    return out if delta is None else out + delta.to(out.dtype)
+def _lowrank(ab, x: torch.Tensor) -> torch.Tensor:
+    """The adapter's update ``(x A) B`` in the adapter's dtype (added in place, one rounding
+    to the model's dtype)."""
+    a, b = ab
+    return (x.to(a.dtype) @ a) @ b
+
+
+def _projections(layer):
+    """The linears of a vLLM decoder layer that the adapter may update -> ``(module, adapter
+    targets, their output widths)``."""
+    a, mlp = layer.self_attn, layer.mlp
+    return ((a.qkv_proj, ("q_proj", "k_proj", "v_proj"), (a.q_size, a.kv_size, a.kv_size)),
+            (a.o_proj, ("o_proj",), (a.o_proj.output_size,)),
+            (mlp.gate_up_proj, ("gate_proj", "up_proj"), tuple(mlp.gate_up_proj.output_sizes)),
+            (mlp.down_proj, ("down_proj",), (mlp.down_proj.output_size,)))
 
 
 class Plan:
@@ -112,6 +136,13 @@ class ProbeRunner:
         self.depth = n if parts.cls_layer is None else parts.cls_layer + 1
         if not 0 < self.depth <= n:
             raise ValueError(f"cls_layer {parts.cls_layer} is outside the model's {n} layers")
+        #: the adapter's fused low-rank update of each adapted linear of the probe layers
+        self.adapters = {}
+        for li in range(self.depth):
+            for module, projs, widths in _projections(model.layers[li]):
+                ab = parts.fuse(li, projs, widths)
+                if ab is not None:
+                    self.adapters[module] = ab
 
     def cls_row(self, count: int) -> torch.Tensor:
         m = self.model
@@ -135,15 +166,15 @@ class ProbeRunner:
                 residual, h = x, layer.input_layernorm(x)
             else:
                 h, residual = layer.input_layernorm(x, residual)
-            o = self.attention(li, layer.self_attn, h, pos0, plan, cols, count, attn_metadata,
+            o = self.attention(layer.self_attn, h, pos0, plan, cols, count, attn_metadata,
                                memo)
             if self.family == "gemma3":
                 x = layer.post_attention_layernorm(o)
                 x, residual = layer.pre_feedforward_layernorm(x, residual)
-                x = layer.post_feedforward_layernorm(self.mlp(li, layer.mlp, x))
+                x = layer.post_feedforward_layernorm(self.mlp(layer.mlp, x))
             else:
                 x, residual = layer.post_attention_layernorm(o, residual)
-                x = self.mlp(li, layer.mlp, x)
+                x = self.mlp(layer.mlp, x)
         return self.head(x, residual)
 
     def head(self, x, residual) -> torch.Tensor:
@@ -151,30 +182,25 @@ class ProbeRunner:
         h, _ = self.model.norm(x, residual)
         return h.float() @ self.parts.head_w + self.parts.head_b
 
-    def mlp(self, li, mlp, x):
-        gu, _ = mlp.gate_up_proj(x)
-        dg, du = self.parts.delta(li, "gate_proj", x), self.parts.delta(li, "up_proj", x)
-        if dg is not None or du is not None:
-            g, u = gu.chunk(2, dim=-1)
-            gu = torch.cat([_add(g, dg), _add(u, du)], -1)
-        y = mlp.act_fn(gu)
-        out, _ = mlp.down_proj(y)
-        return _add(out, self.parts.delta(li, "down_proj", y))
+    def linear(self, module, x):
+        """A linear of the probe layers on the probe rows, with the adapter's update."""
+        y, _ = module(x)
+        ab = self.adapters.get(module)
+        if ab is not None:
+            y += _lowrank(ab, x)
+        return y
 
-    def attention(self, li, a, h, pos0, plan, cols, count, attn_metadata, memo):
-        parts = self.parts
-        qkv, _ = a.qkv_proj(h)
-        q, k, v = qkv.split([a.q_size, a.kv_size, a.kv_size], dim=-1)
-        q = _add(q, parts.delta(li, "q_proj", h))
-        k = _add(k, parts.delta(li, "k_proj", h))
-        v = _add(v, parts.delta(li, "v_proj", h))
+    def mlp(self, mlp, x):
+        return self.linear(mlp.down_proj, mlp.act_fn(self.linear(mlp.gate_up_proj, x)))
+
+    def attention(self, a, h, pos0, plan, cols, count, attn_metadata, memo):
+        q, k, v = self.linear(a.qkv_proj, h).split([a.q_size, a.kv_size, a.kv_size], dim=-1)
         if self.family == "gemma3":
             q = a.q_norm(q.unflatten(-1, (a.num_heads, a.head_dim))).flatten(-2, -1)
             k = a.k_norm(k.unflatten(-1, (a.num_kv_heads, a.head_dim))).flatten(-2, -1)
         q, k = a.rotary_emb(pos0, q, k)
         out = self.attend(a.attn, q, k, v, plan, cols, count, attn_metadata, memo).to(h.dtype)
-        o, _ = a.o_proj(out)
-        return _add(o, parts.delta(li, "o_proj", out))
+        return self.linear(a.o_proj, out)
 
     def attend(self, attn, q, k, v, plan, cols, count, attn_metadata, memo) -> torch.Tensor:
         """The probe rows' attention output ``[Bp, Hq * D]`` in one layer: their projected,
@@ -185,26 +211,26 @@ class ProbeRunner:
         bs = kv.shape[2]
         md = attn_metadata[attn.layer_name]
         win = getattr(attn.impl, "sliding_window", -1)
-        key = (id(md.block_table), bs, win)
-        if key not in memo:  # layers of one KV-cache group share their gather indices
-            memo[key] = _gather_index(md, plan, cols, count, bs, win)
-        blk, off, seen, iv = memo[key]
-        lay = (key, "layout", hkv, d, kv.dtype)
+        seen = ("columns", bs, win)  # every KV-cache group with this block size and window
+        if seen not in memo:
+            memo[seen] = _visible(md, plan, cols, count, bs, win)
+        c, off, iv = memo[seen]
+        lay = (seen, kv.dtype, d)
         if lay not in memo:
             kpos, vpos = cache_layout(getattr(attn, "isa", None), kv.dtype, bs, d)
-            memo[lay] = _flat_index(blk, off, kpos, hkv, bs * d, 0), \
-                _flat_index(blk, off, vpos, hkv, bs * d, 1)
-        kidx, vidx = memo[lay]
+            memo[lay] = kpos[off][:, None], vpos[off][:, None]
+        group = (lay, id(md.block_table), hkv)
+        if group not in memo:  # the layers of one KV-cache group share their blocks
+            blk = md.block_table[plan.rows.to(c.device)[:, None], c // bs]
+            memo[group] = _flat_index(blk, *memo[lay], hkv, bs * d)
+        kidx, vidx = memo[group]
         flat = kv.view(-1)
-        keys, vals = flat[kidx], flat[vidx]  # [Bp, T, Hkv, D]
-        keys = torch.where(seen, keys, 0)  # stale blocks never reach the op
-        vals = torch.where(seen, vals, 0)
-        keys = torch.cat([keys, k.view(-1, 1, hkv, d).to(keys.dtype)], 1).transpose(1, 2)
-        vals = torch.cat([vals, v.view(-1, 1, hkv, d).to(vals.dtype)], 1).transpose(1, 2)
+        own = (-1, hkv, 1, d)  # the probe's own key and value go last, at column T
+        keys = torch.cat([_take(flat, kidx), k.view(own).to(kv.dtype)], 2)  # [Bp, Hkv, T+1, D]
+        vals = torch.cat([_take(flat, vidx), v.view(own).to(kv.dtype)], 2)
         softcap = getattr(attn.impl, "logits_soft_cap", None) or None
-        out = ops.interval_attention(q.view(-1, hq, 1, d).to(keys.dtype), keys.contiguous(),
-                                     vals.contiguous(), iv, scale=attn.impl.scale,
-                                     softcap=softcap)
+        out = ops.interval_attention(q.view(-1, hq, 1, d).to(keys.dtype), keys, vals, iv,
+                                     scale=attn.impl.scale, softcap=softcap)
         return out.reshape(-1, hq * d)
 
 
@@ -231,21 +257,13 @@ class FoldedProbe:
     def __init__(self, runner: ProbeRunner):
         self.runner = runner
         self.plan = None
-        parts = runner.parts
         for li in range(runner.depth):
             layer = runner.model.layers[li]
-            a, mlp = layer.self_attn, layer.mlp
             self._hook(layer, self._enter_layer, li, pre=True)
-            self._hook(a.attn, self._enter_attn, pre=True)
-            self._hook(a.attn, self._leave_attn, a.attn)
-            for module, projs, widths in (
-                    (a.qkv_proj, ("q_proj", "k_proj", "v_proj"),
-                     (a.q_size, a.kv_size, a.kv_size)),
-                    (a.o_proj, ("o_proj",), (None,)),
-                    (mlp.gate_up_proj, ("gate_proj", "up_proj"), (None, None)),
-                    (mlp.down_proj, ("down_proj",), (None,))):
-                if any(f"{li}_{p}" in parts.adapter for p in projs):
-                    self._hook(module, self._adapt, li, projs, widths)
+            self._hook(layer.self_attn.attn, self._enter_attn, pre=True)
+            self._hook(layer.self_attn.attn, self._leave_attn, layer.self_attn.attn)
+        for module, ab in runner.adapters.items():
+            self._hook(module, self._adapt, ab)
         self._hook(runner.model.layers[runner.depth - 1], self._leave_last)
 
     def _hook(self, module, fn, *bound, pre=False):
@@ -309,17 +327,12 @@ class FoldedProbe:
             out = output.new_zeros(self._bp(), output.shape[-1])
         return torch.cat([output, out.to(output.dtype)])
 
-    def _adapt(self, li, projs, widths, args, output):
+    def _adapt(self, ab, args, output):
         if self.error is not None:
             return None
         out = output[0] if isinstance(output, tuple) else output
         try:
-            x = args[0][self.n:]
-            even = out.shape[-1] // len(projs)
-            for p, cols in zip(projs, out[self.n:].split([w or even for w in widths], -1)):
-                d = self.runner.parts.delta(li, p, x)
-                if d is not None:
-                    cols += d.to(cols.dtype)  # a view: adds to the probe rows of `out`
+            out[self.n:] += _lowrank(ab, args[0][self.n:])  # the probe rows, in place
         except Exception as e:  # noqa: BLE001 - fail closed
             self._fail(e)
         return None
@@ -368,33 +381,43 @@ def cache_layout(isa: str | None, dtype: torch.dtype, block_size: int,
     return pos[0].view(block_size, head_size), pos[1].view(block_size, head_size)
 
 
-def _flat_index(blk, off, pos, hkv: int, n: int, half: int) -> torch.Tensor:
-    """Flat cache indices ``[Bp, T, Hkv, D]`` of the keys (``half`` 0) or values (1) at
-    block ``blk``, offset ``off`` (``[Bp, T]``), for a cache ``[blocks, Hkv, 2, n]``."""
-    h = torch.arange(hkv, device=blk.device)[:, None]
-    base = ((blk[..., None, None] * hkv + h) * 2 + half) * n  # [Bp, T, Hkv, 1]
-    return base + pos.to(blk.device)[off][:, :, None, :]
+def _take(flat: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``flat[index]`` for a contiguous index (index_select is about twice as fast here)."""
+    return flat.index_select(0, index.view(-1)).view(index.shape)
 
 
-def _gather_index(md, plan: Plan, cols, count, bs: int, win):
-    """Where a KV-cache group keeps the plan's columns -> (block ``[Bp, T]``, offset, visible
-    ``[Bp, T, 1, 1]``, intervals ``[Bp, 1, 2, 2]`` over ``[columns..., the probe itself]``)."""
+def _flat_index(blk, kin, vin, hkv: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat indices ``[Bp, Hkv, T, D]`` of the keys and values of a cache ``[blocks, Hkv, 2,
+    n]`` at block ``blk`` (``[Bp, T]``), where ``kin`` / ``vin`` (``[Bp, 1, T, D]``) are their
+    offsets within a block's key / value half (:func:`cache_layout`)."""
+    h = torch.arange(hkv, device=blk.device)[:, None, None]
+    base = (blk.long()[:, None, :, None] * hkv + h) * (2 * n)  # [Bp, Hkv, T, 1]
+    return base + kin, base + (n + vin)
+
+
+def _visible(md, plan: Plan, cols, count, bs: int, win):
+    """The plan's columns as one KV-cache window sees them -> (columns to read ``[Bp, T]``,
+    their offset in a block, intervals ``[Bp, 1, 2, 2]`` over ``[columns..., the probe]``).
+
+    Columns a probe does not see (padding, or outside a sliding window, whose block vLLM may
+    have freed) are read from the step's own token instead, which is in the cache and in
+    every window: the op never weighs them, but they stay finite."""
     dev = md.block_table.device
     rows, c = plan.rows.to(dev), cols.to(dev)
-    blk = md.block_table[rows[:, None], c // bs].long()
     t = c.shape[1]
     pos = torch.arange(t, device=dev)[None]
     seen = pos < count.to(dev)[:, None]
+    seq = md.seq_lens[rows].long()
     first = torch.zeros_like(count)
     if win is not None and win > 0:
         # As the HF decoder's sliding cache layers do: the [token, probe] query rows see the
         # last `win` cached columns (the token's window) plus the probe itself. The prefill
         # [CLS] row (n = 0) sees the whole q_span, as in an HF prefill.
-        seq = md.seq_lens[rows].long()
         cut = torch.where(plan.n.to(dev) > 0, seq - win, 0)
         first = ((c < cut[:, None]) & seen).sum(1).cpu()
         seen &= pos >= first.to(dev)[:, None]
+    c = torch.where(seen, c, (seq - 1)[:, None])
     iv = torch.stack([torch.stack([first, count], -1),
                       torch.tensor([t, t + 1]).expand(len(count), 2)], 1)
     iv = iv[:, None].to(device=dev, dtype=torch.int32).contiguous()
-    return blk, c % bs, seen[..., None, None], iv
+    return c, c % bs, iv
