@@ -404,6 +404,36 @@ def test_shipped_artifact_on_every_source():
         assert fold[shipped]["auroc"] > fold["frozen_probe"]["auroc"], src
 
 
+def test_loso_pool_keeps_only_what_the_context_cache_holds(tmp_path):
+    """With sliding-window layers the context cache skips every batch that reaches the
+    window, so ``run_loso`` keeps only samples shorter than it: after that every kept sample
+    is cached (a long conversation sample once left a whole batch out and ``cached_logits``
+    raised)."""
+    from safeattn.training import _cacheable
+
+    tok = tiny_tokenizer()
+    long = dict(prompt=" ".join(["tell me about the weather today"] * 6), response=HELP,
+                label=0, kind="query")
+    samples = toy_samples() + [long]
+    for family, window in (("gemma3_text", 16), ("llama", None)):
+        model = tiny_model(family, vocab_size=len(tok) + 1,
+                           **({"window": window} if window else {}))
+        model = prepare_model(model, tok, "head", cls_layer=1)
+        coll = SafetyDataCollator(tok)
+        lens = [len(coll.encode_one(x)["ids"]) for x in samples]
+        kept, n = _cacheable(samples, coll, model)
+        if window is None:
+            assert kept == samples and n == 0
+            continue
+        assert n == sum(ln >= window - 1 for ln in lens) >= 1 and len(kept) == len(samples) - n
+        assert all(len(coll.encode_one(x)["ids"]) < window - 1 for x in kept)
+        tr = SafetyTrainer(model=model, args=_targs(tmp_path), data_collator=coll,
+                           train_dataset=SafetyDataset(kept), train_mode="head",
+                           context_cache=True)
+        assert tr.warm_context_cache(progress=False) == len(kept)
+        tr.cached_logits(range(len(kept)))  # raises for any key the cache lacks
+
+
 def test_run_loso_tiny(tmp_path, monkeypatch):
     """``safeattn train --loso`` end to end on a tiny model and every 16th row of each set:
     every fold reports all three heads, the shipped files load, and no fold trains on the

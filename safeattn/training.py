@@ -1067,6 +1067,21 @@ def _logistic(train_x, train_y, l2_grid=(1e-3, 1e-2, 1e-1, 1.0), layers=None, se
     return FrozenProbe().fit(train_x, train_y, layers=layers, l2_grid=l2_grid, seed=seed)
 
 
+def _cacheable(samples, coll, model) -> tuple[list, int]:
+    """-> (the samples the head-only context cache holds exactly, how many were left out).
+    With sliding-window layers those are the ones shorter than the window: HF's sliding cache
+    layers drop the older keys, which the ``[CLS]`` row may still read (``_use_cache_path``)."""
+    win = getattr(_inner(model).config.get_text_config(), "sliding_window", None)
+    if not win:
+        return list(samples), 0
+    keep = [s for s in samples if len(coll.encode_one(s)["ids"]) < win - 1]
+    n = len(samples) - len(keep)
+    if n:
+        print(f"left out {n} of {len(samples)} samples of {win - 1}+ tokens: the context "
+              f"cache cannot hold them exactly (sliding window {win})", flush=True)
+    return keep, n
+
+
 def run_loso(args) -> int:
     """``safeattn train --loso``: leave-one-source-out validation (:mod:`safeattn.loso`) of
     three heads on the same folds and the same frozen forward of every sample:
@@ -1099,15 +1114,16 @@ def run_loso(args) -> int:
                          f"{args.loso_variants!r}")
     t0 = time.time()
     out_dir, model, tok, _, train = _start(args)
-    plan = loso.plan(train, tok)
-    pool = plan.pool
     layers = [int(x) for x in args.layers.split(",")]
     model = prepare_model(model, tok, "head", cls_layer=max(layers),
                           probe_adapter=args.probe_adapter)
-    snap = _head_snapshot(model)
-    store: dict = {}
     coll = SafetyDataCollator(tok, max_prompt_tokens=args.max_prompt_tokens,
                               max_length=args.max_length)
+    train, too_long = _cacheable(train, coll, model)
+    plan = loso.plan(train, tok)
+    pool = plan.pool
+    snap = _head_snapshot(model)
+    store: dict = {}
 
     def trainer_for(indices, epochs):
         targs = TrainingArguments(
@@ -1174,7 +1190,7 @@ def run_loso(args) -> int:
     apply_safeattn(_inner(model), cls_layer=cls_layer)
 
     report = {"command": "safeattn train " + " ".join(args.argv), "pool": len(pool),
-              "n_train": plan.n_train, "cls_layer": cls_layer,
+              "n_train": plan.n_train, "left_out_too_long": too_long, "cls_layer": cls_layer,
               "layer_cv_auroc": layer_cv,
               "folds": {}}
     feats_last = {l + 1: last[:, l] for l in range(last.shape[1])}  # hidden state l+1
