@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -618,10 +619,7 @@ class SafetyTrainer(_trainer_base()):
             return False
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             return False
-        cfg = _inner(model).config.get_text_config()
-        win = getattr(cfg, "sliding_window", None)
-        # sliding cache layers drop keys beyond the window: keep the cache exact
-        return not (win and inputs["input_ids"].shape[1] >= win - 1)
+        return _cache_holds(model, inputs["input_ids"].shape[1])
 
     @torch.no_grad()
     def _fill_context(self, model, inputs: dict, rows: list[int], keys: list[int]) -> None:
@@ -1067,18 +1065,22 @@ def _logistic(train_x, train_y, l2_grid=(1e-3, 1e-2, 1e-1, 1.0), layers=None, se
     return FrozenProbe().fit(train_x, train_y, layers=layers, l2_grid=l2_grid, seed=seed)
 
 
-def _cacheable(samples, coll, model) -> tuple[list, int]:
-    """-> (the samples the head-only context cache holds exactly, how many were left out).
-    With sliding-window layers those are the ones shorter than the window: HF's sliding cache
-    layers drop the older keys, which the ``[CLS]`` row may still read (``_use_cache_path``)."""
+def _cache_holds(model, length: int) -> bool:
+    """Whether the head-only context cache holds a row of ``length`` tokens exactly: HF's
+    sliding cache layers drop the keys beyond the window, which the ``[CLS]`` row may read."""
     win = getattr(_inner(model).config.get_text_config(), "sliding_window", None)
-    if not win:
+    return not (win and length >= win - 1)
+
+
+def _cacheable(samples, coll, model) -> tuple[list, int]:
+    """-> (the samples the head-only context cache holds exactly, how many were left out)."""
+    if _cache_holds(model, sys.maxsize):  # no sliding window: no need to encode them all
         return list(samples), 0
-    keep = [s for s in samples if len(coll.encode_one(s)["ids"]) < win - 1]
+    keep = [s for s in samples if _cache_holds(model, len(coll.encode_one(s)["ids"]))]
     n = len(samples) - len(keep)
     if n:
-        print(f"left out {n} of {len(samples)} samples of {win - 1}+ tokens: the context "
-              f"cache cannot hold them exactly (sliding window {win})", flush=True)
+        print(f"left out {n} of {len(samples)} samples the context cache cannot hold exactly "
+              "(the model's sliding window)", flush=True)
     return keep, n
 
 
