@@ -211,11 +211,11 @@ class ProbeRunner:
         bs = kv.shape[2]
         md = attn_metadata[attn.layer_name]
         win = getattr(attn.impl, "sliding_window", -1)
-        seen = ("columns", bs, win)  # every KV-cache group with this block size and window
-        if seen not in memo:
-            memo[seen] = _visible(md, plan, cols, count, bs, win)
-        c, off, iv = memo[seen]
-        lay = (seen, kv.dtype, d)
+        view = ("columns", bs, win)  # every KV-cache group with this block size and window
+        if view not in memo:
+            memo[view] = _visible(md, plan, cols, count, bs, win)
+        c, off, iv = memo[view]
+        lay = (view, kv.dtype, d)
         if lay not in memo:
             kpos, vpos = cache_layout(getattr(attn, "isa", None), kv.dtype, bs, d)
             memo[lay] = kpos[off][:, None], vpos[off][:, None]
