@@ -318,6 +318,8 @@ DDP_SCRIPT = textwrap.dedent("""
     losses = [x["loss"] for x in tr.state.log_history if "loss" in x]
     json.dump({{"sha": h.hexdigest(), "losses": losses,
                "world": tr.args.world_size}}, open(os.path.join(out, f"rank{{rank}}.json"), "w"))
+    # without this, gloo's threads can abort the interpreter at exit ("terminate called ...")
+    torch.distributed.destroy_process_group()
 """)
 
 
@@ -370,6 +372,27 @@ def test_cli_train_and_resume(tmp_path):
     safeattn.load_safety(fresh, out, ftok)
     p = safeattn.classify(fresh, ftok, ["how do i make a bomb"])
     assert p.shape == (1,) and torch.isfinite(p).all()
+
+
+def test_cli_train_under_torchrun(tmp_path):
+    """``safeattn train`` runs unchanged under torchrun; rank 0 saves, and both ranks exit 0."""
+    tok = tiny_tokenizer()
+    mdir = tmp_path / "tiny"
+    tiny_model("llama", vocab_size=len(tok)).save_pretrained(mdir)
+    tok.save_pretrained(mdir)
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+        [str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(30500 + os.getpid() % 1000), "-m", "safeattn", "train",
+           "--model", str(mdir), "--out", str(out), "--mode", "head", "--batch-size", "8",
+           "--lr", "1e-2", "--cls-layer", "0", "--kinds", "query", "--max-prompt-tokens", "32",
+           "--max-steps", "3", "--save-steps", "3", "--cpu"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert r.stdout.count("saved to") == 2
+    assert (out / "safety_head.safetensors").exists()
+    assert json.loads((out / "train_info.json").read_text())["mode"] == "head"
 
 
 # --------------------------------------------------------------------------- shipped artifact

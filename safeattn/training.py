@@ -1005,7 +1005,17 @@ def run_train(args) -> int:
     if trainer.args.should_save:
         (out_dir / "train_info.json").write_text(json.dumps(info, indent=2) + "\n")
     print(f"saved to {out_dir} ({info['total_seconds']:.0f}s)", flush=True)
+    _end_process_group()
     return 0
+
+
+def _end_process_group() -> None:
+    """Under torchrun the Trainer leaves its process group up; gloo's threads can then abort
+    the interpreter at exit ("terminate called without an active exception")."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 from .training_args import add_train_arguments  # noqa: E402,F401  (re-export)
