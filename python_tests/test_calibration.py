@@ -196,6 +196,23 @@ def test_safety_config_takes_the_models_refusal_prefix(tmp_path):
         cfg.resolved(model)
 
 
+def test_safety_config_takes_the_models_probe_window(tmp_path):
+    model, tok = _patched()
+    r = safeattn.SafetyConfig().resolved(model)                # no saved window: the paper's
+    assert (r.r1, r.r2, r.r3) == (10, 10, 10) == (safeattn.generation.DEFAULT_WINDOW,) * 3
+    model.config.safeattn["probe_window"] = 24
+    r = safeattn.SafetyConfig(r3=5).resolved(model)            # an explicit window wins
+    assert (r.r1, r.r2, r.r3) == (24, 24, 5)
+    out = safeattn.generate(model, tok, PROMPTS[:1], safety=safeattn.SafetyConfig(),
+                            max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+    assert out.safety.config.r2 == 24
+    assert _reloaded(model, tmp_path)["probe_window"] == 24    # the files carry it
+    for bad in (0, 2.5, True):
+        model.config.safeattn["probe_window"] = bad
+        with pytest.raises(ValueError, match="probe_window"):
+            safeattn.SafetyConfig().resolved(model)
+
+
 def test_query_threshold_defaults(tmp_path):
     model, tok = _patched()
     model.config.safeattn.update(threshold=0.9, query_threshold=0.6)

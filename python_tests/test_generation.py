@@ -79,7 +79,8 @@ def test_config_validation(kw, name):
 def test_config_defaults_and_schedules():
     c = SafetyConfig()
     assert (c.threshold, c.tau, c.r1, c.r2, c.r3, c.schedule, c.rollback, c.stream_hold) == \
-        (None, 3, 10, 10, 10, "each", False, 3)  # θ None: the model's calibrated one
+        (None, 3, None, None, None, "each", False, 3)  # None: the model's θ and window
+    assert (c.resolved({}).r1, c.resolved({}).r2, c.resolved({}).r3) == (10, 10, 10)
     assert c.refusal_prefix is None  # the model's, else the paper's
     assert c.resolved({}).refusal_prefix == "Sorry, I cannot fulfill your request because"
 
@@ -329,8 +330,9 @@ def test_generation_trace_replays_on_reference(schedule):
         active = torch.tensor([s[i].checked[n] for i in range(b)])
         p = s.p[:, n].double().clamp(1e-12, 1 - 1e-12)
         logit = torch.where(active, torch.log(p / (1 - p)), torch.zeros_like(p))
+        c = s.config  # resolved: the model's window
         ref.safety_step(logit[:, None], torch.ones(1), torch.zeros(1), *st, active, q, rs,
-                        cfg.threshold, cfg.tau, cfg.r1, cfg.r2, cfg.r3)
+                        c.threshold, c.tau, c.r1, c.r2, c.r3)
         want = torch.where(st[4], 3, st[0])
         assert torch.equal(s.mode[:, n], want), n
 

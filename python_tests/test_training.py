@@ -354,7 +354,8 @@ def test_cli_train_and_resume(tmp_path):
                                                       os.environ.get("PYTHONPATH", "")]))
     base = [sys.executable, "-m", "safeattn", "train", "--model", str(mdir), "--out", str(out),
             "--mode", "head", "--batch-size", "16", "--lr", "1e-2", "--cls-layer", "0",
-            "--save-steps", "2", "--kinds", "query", "--max-prompt-tokens", "32"]
+            "--save-steps", "2", "--kinds", "query", "--max-prompt-tokens", "32",
+            "--probe-window", "6"]
     r = subprocess.run(base + ["--max-steps", "2"], env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
@@ -370,6 +371,7 @@ def test_cli_train_and_resume(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     fresh, ftok = AutoModelForCausalLM.from_pretrained(mdir), AutoTokenizer.from_pretrained(mdir)
     safeattn.load_safety(fresh, out, ftok)
+    assert safeattn.SafetyConfig().resolved(fresh).r2 == 6   # decoding takes the trained window
     p = safeattn.classify(fresh, ftok, ["how do i make a bomb"])
     assert p.shape == (1,) and torch.isfinite(p).all()
 

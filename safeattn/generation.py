@@ -82,6 +82,8 @@ def _fib_gaps():
 DEFAULT_THRESHOLD = 0.5
 #: The paper's refusal prefix; the prefix of a model whose safety config names none.
 DEFAULT_REFUSAL_PREFIX = "Sorry, I cannot fulfill your request because"
+#: r1 = r2 = r3 (the paper's) of a model whose safety config has no ``probe_window``.
+DEFAULT_WINDOW = 10
 
 
 def _is_theta(x) -> bool:
@@ -117,7 +119,9 @@ class SafetyConfig:
             calibrated ``query_threshold`` when ``threshold`` is ``None`` too (``safeattn
             calibrate --split-thresholds``), else ``threshold``.
         tau: consecutive hits that switch a row to refusal.
-        r1, r2, r3: probe windows of Rules 1–3.
+        r1, r2, r3: probe windows of Rules 1–3. ``None`` (default): the model's
+            ``probe_window`` (the window its head was trained on, ``safeattn train
+            --probe-window``), else :data:`DEFAULT_WINDOW`.
         schedule: ``'each'``, ``'first'``, ``'periodic'`` or ``'annealing'`` (module doc).
         period: ``k`` of ``'periodic'``.
         first_n: how many steps ``'first'`` re-checks.
@@ -145,9 +149,9 @@ class SafetyConfig:
     threshold: float | None = None
     query_threshold: float | None = None
     tau: int = 3
-    r1: int = 10
-    r2: int = 10
-    r3: int = 10
+    r1: int | None = None
+    r2: int | None = None
+    r3: int | None = None
     schedule: str = "each"
     period: int = 4
     first_n: int = 10
@@ -171,6 +175,8 @@ class SafetyConfig:
         for name, lo in (("tau", 1), ("r1", 0), ("r2", 0), ("r3", 0), ("period", 1),
                          ("first_n", 0)):
             v = getattr(self, name)
+            if v is None and name in ("r1", "r2", "r3"):
+                continue
             need(isinstance(v, int) and not isinstance(v, bool) and v >= lo, name,
                  f"must be an int >= {lo}")
         need(self.schedule in SCHEDULES, "schedule", f"must be one of {SCHEDULES}")
@@ -197,8 +203,10 @@ class SafetyConfig:
         itself when it is that mapping), else :data:`DEFAULT_THRESHOLD`;
         ``query_threshold=None`` its ``query_threshold`` when ``threshold`` was ``None`` too,
         else ``threshold``; ``refusal_prefix=None`` its ``refusal_prefix``, else
-        :data:`DEFAULT_REFUSAL_PREFIX`."""
-        if None not in (self.threshold, self.query_threshold, self.refusal_prefix):
+        :data:`DEFAULT_REFUSAL_PREFIX`; ``r1``-``r3`` ``None`` its ``probe_window``, else
+        :data:`DEFAULT_WINDOW`."""
+        if None not in (self.threshold, self.query_threshold, self.refusal_prefix, self.r1,
+                        self.r2, self.r3):
             return self
         cfg = model if isinstance(model, Mapping) else getattr(
             getattr(model, "config", None), "safeattn", None)
@@ -224,8 +232,13 @@ class SafetyConfig:
             if not isinstance(prefix, str):
                 raise ValueError(f"the model's safety config has refusal_prefix {prefix!r}; "
                                  "expected a str")
+        window = cfg.get("probe_window", DEFAULT_WINDOW)
+        if not (isinstance(window, int) and not isinstance(window, bool) and window >= 1):
+            raise ValueError(f"the model's safety config has probe_window {window!r}; "
+                             "expected an int >= 1")
+        r1, r2, r3 = (window if r is None else r for r in (self.r1, self.r2, self.r3))
         return replace(self, threshold=float(theta), query_threshold=float(query),
-                       refusal_prefix=prefix)
+                       refusal_prefix=prefix, r1=r1, r2=r2, r3=r3)
 
     def check_steps(self, max_steps: int) -> list[bool]:
         """``out[n]`` for ``n`` in ``[0, max_steps]``: whether the schedule re-checks at step ``n``

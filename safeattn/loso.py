@@ -35,6 +35,7 @@ import torch
 from .data import (BENIGN_GROUPS, EVAL_NEUTRAL_PROMPT, HARMFUL_SOURCES, Sample, benign_rows,
                    group_key, harmful_rows, response_rows, split)
 from .data.samples import _response_samples
+from .generation import DEFAULT_WINDOW
 from .metrics import auroc, separation
 
 __all__ = ["Plan", "plan", "fold_metrics", "test_metrics", "response_sweep", "FOLDS"]
@@ -44,7 +45,7 @@ FOLDS = tuple(HARMFUL_SOURCES) + tuple(BENIGN_GROUPS)
 
 
 def response_sweep(rows, tokenizer=None, *, every: int = 8, max_tokens: int = 64,
-                   r2: int = 10, prompt: str = EVAL_NEUTRAL_PROMPT) -> list[Sample]:
+                   r2: int = DEFAULT_WINDOW, prompt: str = EVAL_NEUTRAL_PROMPT) -> list[Sample]:
     """Rule-2 probe views of each response row (``id``, ``response``, ``label``) after
     ``prompt``: after ``every, 2·every, … ≤ max_tokens`` seen tokens (and the last token when
     the response is shorter), the window of the last ``r2``. Sample ids are
@@ -78,7 +79,8 @@ class Plan:
 
 
 def plan(train: Sequence[Sample], tokenizer=None, *, test_fraction: float = 0.2,
-         salt: str = "", sweep_every: int = 8, sweep_tokens: int = 64) -> Plan:
+         salt: str = "", sweep_every: int = 8, sweep_tokens: int = 64,
+         window: int = DEFAULT_WINDOW) -> Plan:
     """Pool and folds for the train-split samples ``train`` (from
     :func:`safeattn.data.build_samples`). Plain prompts that are already in ``train`` (kind
     ``query``) are scored from there; the others are added to the pool with an empty
@@ -99,7 +101,7 @@ def plan(train: Sequence[Sample], tokenizer=None, *, test_fraction: float = 0.2,
     labelled = response_rows()
     start = len(pool)
     pool += response_sweep(split(labelled, test_fraction, salt=salt)[1], tokenizer,
-                           every=sweep_every, max_tokens=sweep_tokens)
+                           every=sweep_every, max_tokens=sweep_tokens, r2=window)
     sweep = list(range(start, len(pool)))
     validation = [i for g in BENIGN_GROUPS for i in prompts[g] if pool[i].row_id in test_ids]
     harmful_test = [i for s in HARMFUL_SOURCES for i in prompts[s] if pool[i].row_id in test_ids]

@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .generation import DEFAULT_WINDOW
 from .hf.surgery import _base, cls_token_id, safety_config
 from .hf.template import encode_prompt, encode_text
 
@@ -897,6 +898,7 @@ def _data_kwargs(args, tok, kinds, responses) -> dict:
               phrasings_per_prompt=getattr(args, "phrasings_per_prompt", 2),
               response_windows=getattr(args, "response_windows", 3),
               own_response_windows=getattr(args, "own_response_windows", None),
+              probe_window=getattr(args, "probe_window", DEFAULT_WINDOW),
               prefix_ks=tuple(int(k) for k in getattr(args, "prefix_ks", "5,10,20,40")
                               .split(",") if k.strip()),
               missing_response="error" if responses else "empty")
@@ -935,8 +937,6 @@ def run_train(args) -> int:
     from pathlib import Path
 
     from transformers import TrainingArguments
-
-    from .hf.persist import save_safety
 
     t0 = time.time()
     out_dir, model, tok, kinds, train = _start(args)
@@ -990,11 +990,9 @@ def run_train(args) -> int:
     inner = _inner(trainer.model)
     sync_cls_row(inner)
     if trainer.args.should_save:
-        if args.mode == "head":
-            save_safety(inner, out_dir)
-        else:
+        if args.mode != "head":
             trainer.save_model(str(out_dir))
-            save_safety(inner, out_dir)
+        _save_trained(inner, out_dir, args)
     info.update(train_seconds=round(t2 - t1, 1), cls_layer=cls_layer, mode=args.mode,
                 safety_lambda=lam if lam is not None else DEFAULT_LAMBDA["sft"])
     if args.eval and trainer.args.should_save:
@@ -1007,6 +1005,14 @@ def run_train(args) -> int:
     print(f"saved to {out_dir} ({info['total_seconds']:.0f}s)", flush=True)
     _end_process_group()
     return 0
+
+
+def _save_trained(inner, out_dir, args) -> None:
+    """``save_safety`` with the probe window the views were cut for, so that decoding uses it
+    (``SafetyConfig`` r1-r3 default to the saved ``probe_window``)."""
+    from .hf.persist import save_safety
+    inner.config.safeattn["probe_window"] = getattr(args, "probe_window", DEFAULT_WINDOW)
+    save_safety(inner, out_dir)
 
 
 def _end_process_group() -> None:
@@ -1117,7 +1123,6 @@ def run_loso(args) -> int:
 
     from . import loso
     from .hf.patch import apply_safeattn
-    from .hf.persist import save_safety
 
     variants = [v for v in args.loso_variants.split(",") if v]
     allowed = ["cls"] + (["cls_adapter"] if args.probe_adapter else [])
@@ -1132,7 +1137,7 @@ def run_loso(args) -> int:
     coll = SafetyDataCollator(tok, max_prompt_tokens=args.max_prompt_tokens,
                               max_length=args.max_length)
     train, too_long = _cacheable(train, coll, model)
-    plan = loso.plan(train, tok)
+    plan = loso.plan(train, tok, window=args.probe_window)
     pool = plan.pool
     snap = _head_snapshot(model)
     store: dict = {}
@@ -1262,7 +1267,7 @@ def run_loso(args) -> int:
     if best != "cls_adapter" and getattr(inner, "safety_adapter", None) is not None:
         from .hf.adapter import detach_probe_adapter
         detach_probe_adapter(inner)
-    save_safety(inner, out_dir)
+    _save_trained(inner, out_dir, args)
     report["total_seconds"] = round(time.time() - t0, 1)
     (out_dir / "loso.json").write_text(json.dumps(report, indent=1) + "\n")
     print(f"saved the head trained on all {len(tr)} samples to {out_dir} "

@@ -50,6 +50,9 @@ def add_train_arguments(p) -> None:
     p.add_argument("--own-response-windows", type=int, default=None,
                    help="probe views per benign prompt and the model's own answer (kind "
                         "response; default --response-windows)")
+    p.add_argument("--probe-window", type=int, default=10,  # generation.DEFAULT_WINDOW
+                   help="r1 = r2 = r3 of the response views (DESIGN.md §3, Rules 1-3); saved, "
+                        "and generation's default window")
     p.add_argument("--prefix-ks", default="5,10,20,40",
                    help="k of the k-token harmful prefixes (kind trajectory)")
     p.add_argument("--val-fraction", type=float, default=0.0,

@@ -82,7 +82,7 @@ from .core import (group_key, hashed_choice, load, normalize, prompt_index, rend
 from .phrasing import pick_forms, rephrase
 from .refusals import REFUSALS, coarse_category, refusal_for
 from .turns import conversations
-from ..generation import DEFAULT_REFUSAL_PREFIX
+from ..generation import DEFAULT_REFUSAL_PREFIX, DEFAULT_WINDOW
 
 __all__ = ["Sample", "build_samples", "eval_sets", "truncate_tokens", "suffix_pool", "KINDS",
            "DEFAULT_KINDS", "REFUSAL_PREFIX", "HARMFUL_SOURCES", "BENIGN_GROUPS",
@@ -332,8 +332,8 @@ def _token_spans(text: str, tokenizer) -> list[tuple[int, int]]:
     return [(a, max(b, a + 1)) for a, b in enc["offset_mapping"]]
 
 
-def probe_windows(n_tokens: int, count: int, key: str, *, r1: int = 10, r2: int = 10,
-                  r3: int = 10, max_tokens: int = 128) -> list[tuple[int, int, int]]:
+def probe_windows(n_tokens: int, count: int, key: str, *, r1: int = DEFAULT_WINDOW,
+                  r2: int = DEFAULT_WINDOW, r3: int = DEFAULT_WINDOW, max_tokens: int = 128) -> list[tuple[int, int, int]]:
     """``count`` probe views of a response of ``n_tokens`` tokens, as the strategic decoder
     makes them (DESIGN.md §3): ``(seen, lo, hi)`` = after ``seen`` response tokens the probe
     sees tokens ``[lo, hi)``. Views alternate Rule 2 (the last ``r2`` tokens), Rule 3
@@ -365,15 +365,16 @@ def probe_windows(n_tokens: int, count: int, key: str, *, r1: int = 10, r2: int 
 
 def _response_samples(resp_id: str, prompt: str, response: str, label: int, *, tokenizer,
                       tag: str, source: str, row_id: str, origin: str, windows: int = 0,
-                      max_tokens: int = 128, views=None, category=None,
-                      prompt_origin=None) -> list[Sample]:
+                      max_tokens: int = 128, probe_window: int = DEFAULT_WINDOW, views=None,
+                      category=None, prompt_origin=None) -> list[Sample]:
     """Probe views of one (prompt, response) pair: the response cut after the view's last seen
     token, the window over the view's tokens (char spans). ``views(n_tokens)`` gives the
     ``(seen, lo, hi)`` views; default ``windows`` of :func:`probe_windows`."""
     spans = _token_spans(response, tokenizer)
     if views is None:
         def views(n):
-            return probe_windows(n, windows, f"{resp_id}|{tag}", max_tokens=max_tokens)
+            return probe_windows(n, windows, f"{resp_id}|{tag}", r1=probe_window,
+                                 r2=probe_window, r3=probe_window, max_tokens=max_tokens)
     out = []
     for seen, lo, hi in views(len(spans)):
         text = response[:spans[seen - 1][1]]
@@ -402,7 +403,7 @@ def build_samples(split: str = "train", *, benign_responses: Mapping[str, str] |
                   sources: Sequence[str] = HARMFUL_SOURCES, exclude: Sequence[str] = (),
                   phrasings_per_prompt: int = 2, response_windows: int = 3,
                   own_response_windows: int | None = None, response_max_tokens: int = 128,
-                  datasets: Mapping[str, list] | None = None) -> list[Sample]:
+                  probe_window: int = DEFAULT_WINDOW, datasets: Mapping[str, list] | None = None) -> list[Sample]:
     """Samples of one split (:data:`SPLITS`: ``"train"``, ``"test"``, ``"val"``, ``"fit"`` or
     ``"all"``); see the module docstring.
 
@@ -444,6 +445,8 @@ def build_samples(split: str = "train", *, benign_responses: Mapping[str, str] |
         own_response_windows: probe views per benign prompt and the model's own answer
             (``benign_responses``; default ``response_windows``): the benign windows that
             decoding meets most, without more weight on the harmful responses.
+        probe_window: ``r1 = r2 = r3`` of those views: the decoder's window (the model's
+            saved ``probe_window``, :class:`safeattn.SafetyConfig`).
         datasets: replace the vendored data (keys ``advbench``, ``benign``, ``xstest_unsafe``,
             ``pyrit_scorer_responses``, ``jailbreak_templates``); for tests.
     """
@@ -654,9 +657,11 @@ def build_samples(split: str = "train", *, benign_responses: Mapping[str, str] |
                                                tag="own", source=r.get("source", "benign"),
                                                row_id=r["id"], origin=r["origin"],
                                                tokenizer=tokenizer, windows=own_windows,
-                                               max_tokens=response_max_tokens)
+                                               max_tokens=response_max_tokens,
+                                               probe_window=probe_window)
     if "response" in include and response_windows > 0:
-        view = dict(tokenizer=tokenizer, windows=response_windows, max_tokens=response_max_tokens)
+        view = dict(tokenizer=tokenizer, windows=response_windows, max_tokens=response_max_tokens,
+                    probe_window=probe_window)
         if "pyrit_objectives" in kept and "pyrit_responses" not in exclude:
             decoys = sorted(benign, key=lambda b: b["id"])
             for r in cut(response_rows(datasets=data)):

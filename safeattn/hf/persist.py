@@ -69,7 +69,8 @@ def load_safety(model, load_directory, tokenizer=None):
     else:
         cls_token_id(model)  # raises when the model has no [CLS]
     cfg = safety_config(model) or {}
-    for key in ("adapter", "threshold", "query_threshold", "refusal_prefix"):  # the files
+    for key in ("adapter", "threshold", "query_threshold", "refusal_prefix",
+                "probe_window"):  # the files
         cfg.pop(key, None)
         if meta.get(key) is not None:
             cfg[key] = meta[key]
