@@ -333,7 +333,8 @@ def _token_spans(text: str, tokenizer) -> list[tuple[int, int]]:
 
 
 def probe_windows(n_tokens: int, count: int, key: str, *, r1: int = DEFAULT_WINDOW,
-                  r2: int = DEFAULT_WINDOW, r3: int = DEFAULT_WINDOW, max_tokens: int = 128) -> list[tuple[int, int, int]]:
+                  r2: int = DEFAULT_WINDOW, r3: int = DEFAULT_WINDOW,
+                  max_tokens: int = 128) -> list[tuple[int, int, int]]:
     """``count`` probe views of a response of ``n_tokens`` tokens, as the strategic decoder
     makes them (DESIGN.md §3): ``(seen, lo, hi)`` = after ``seen`` response tokens the probe
     sees tokens ``[lo, hi)``. Views alternate Rule 2 (the last ``r2`` tokens), Rule 3
@@ -403,7 +404,8 @@ def build_samples(split: str = "train", *, benign_responses: Mapping[str, str] |
                   sources: Sequence[str] = HARMFUL_SOURCES, exclude: Sequence[str] = (),
                   phrasings_per_prompt: int = 2, response_windows: int = 3,
                   own_response_windows: int | None = None, response_max_tokens: int = 128,
-                  probe_window: int = DEFAULT_WINDOW, datasets: Mapping[str, list] | None = None) -> list[Sample]:
+                  probe_window: int = DEFAULT_WINDOW,
+                  datasets: Mapping[str, list] | None = None) -> list[Sample]:
     """Samples of one split (:data:`SPLITS`: ``"train"``, ``"test"``, ``"val"``, ``"fit"`` or
     ``"all"``); see the module docstring.
 
