@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shlex
 import sys
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -940,7 +941,7 @@ def run_train(args) -> int:
 
     t0 = time.time()
     out_dir, model, tok, kinds, train = _start(args)
-    info = {"command": "safeattn train " + " ".join(args.argv), "samples": len(train)}
+    info = {"command": "safeattn train " + shlex.join(args.argv), "samples": len(train)}
     cls_layer = args.cls_layer
     if cls_layer == "auto":
         q = [s for s in train if s.kind == "query"]
@@ -1206,7 +1207,7 @@ def run_loso(args) -> int:
           f"{ {k: round(v, 4) for k, v in layer_cv.items()} })", flush=True)
     apply_safeattn(_inner(model), cls_layer=cls_layer)
 
-    report = {"command": "safeattn train " + " ".join(args.argv), "pool": len(pool),
+    report = {"command": "safeattn train " + shlex.join(args.argv), "pool": len(pool),
               "n_train": plan.n_train, "left_out_too_long": too_long, "cls_layer": cls_layer,
               "layer_cv_auroc": layer_cv,
               "folds": {}}
