@@ -359,7 +359,9 @@ def test_cli_train_and_resume(tmp_path):
     r = subprocess.run(base + ["--max-steps", "2"], env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
-    assert (out / "checkpoints" / "checkpoint-2" / "safety_head.safetensors").exists()
+    ckpt = out / "checkpoints" / "checkpoint-2"
+    assert (ckpt / "safety_head.safetensors").exists()
+    assert json.loads((ckpt / "safety_config.json").read_text())["probe_window"] == 6
     r = subprocess.run(base + ["--max-steps", "4", "--resume"], env=env, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]

@@ -321,7 +321,7 @@ def prepare_model(model, tokenizer, mode: str = "head", *, cls_layer: int | None
                   cls_visible_to_response: bool | None = None, top_layers: int = 0,
                   lora_r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.0,
                   lora_target_modules: Sequence[str] | str | None = None,
-                  probe_adapter: int = 0):
+                  probe_adapter: int = 0, probe_window: int = DEFAULT_WINDOW):
     """Patch ``model`` with ``[CLS]`` + head and set which parameters train -> the model to
     train (a ``PeftModel`` in ``'lora'`` mode).
 
@@ -336,7 +336,8 @@ def prepare_model(model, tokenizer, mode: str = "head", *, cls_layer: int | None
     only the ``[CLS]`` / probe row uses, so the language model is unchanged.
 
     ``cls_visible_to_response`` defaults to on for ``'full'``/``'lora'`` (joint LM training)
-    and off for ``'head'`` (DESIGN.md §2).
+    and off for ``'head'`` (DESIGN.md §2). ``probe_window`` (the width the response views are
+    cut for) goes into the safety config, so every save carries it and decoding uses it.
     """
     from .hf.patch import apply_safeattn
 
@@ -348,6 +349,7 @@ def prepare_model(model, tokenizer, mode: str = "head", *, cls_layer: int | None
         cls_visible_to_response = mode != "head"
     apply_safeattn(model, tokenizer, cls_layer=cls_layer,
                    cls_visible_to_response=cls_visible_to_response)
+    model.config.safeattn["probe_window"] = probe_window
     for p in model.parameters():
         p.requires_grad_(mode == "full")
     if mode == "full":
@@ -939,6 +941,8 @@ def run_train(args) -> int:
 
     from transformers import TrainingArguments
 
+    from .hf.persist import save_safety
+
     t0 = time.time()
     out_dir, model, tok, kinds, train = _start(args)
     info = {"command": "safeattn train " + shlex.join(args.argv), "samples": len(train)}
@@ -957,7 +961,7 @@ def run_train(args) -> int:
         cls_layer = int(cls_layer)
     model = prepare_model(model, tok, args.mode, cls_layer=cls_layer,
                           top_layers=args.top_layers, lora_r=args.lora_r,
-                          probe_adapter=args.probe_adapter)
+                          probe_adapter=args.probe_adapter, probe_window=args.probe_window)
     lam = args.safety_lambda
     targs = TrainingArguments(
         output_dir=str(out_dir / "checkpoints"), per_device_train_batch_size=args.batch_size,
@@ -993,7 +997,7 @@ def run_train(args) -> int:
     if trainer.args.should_save:
         if args.mode != "head":
             trainer.save_model(str(out_dir))
-        _save_trained(inner, out_dir, args)
+        save_safety(inner, out_dir)
     info.update(train_seconds=round(t2 - t1, 1), cls_layer=cls_layer, mode=args.mode,
                 safety_lambda=lam if lam is not None else DEFAULT_LAMBDA["sft"])
     if args.eval and trainer.args.should_save:
@@ -1006,14 +1010,6 @@ def run_train(args) -> int:
     print(f"saved to {out_dir} ({info['total_seconds']:.0f}s)", flush=True)
     _end_process_group()
     return 0
-
-
-def _save_trained(inner, out_dir, args) -> None:
-    """``save_safety`` with the probe window the views were cut for, so that decoding uses it
-    (``SafetyConfig`` r1-r3 default to the saved ``probe_window``)."""
-    from .hf.persist import save_safety
-    inner.config.safeattn["probe_window"] = getattr(args, "probe_window", DEFAULT_WINDOW)
-    save_safety(inner, out_dir)
 
 
 def _end_process_group() -> None:
@@ -1124,6 +1120,7 @@ def run_loso(args) -> int:
 
     from . import loso
     from .hf.patch import apply_safeattn
+    from .hf.persist import save_safety
 
     variants = [v for v in args.loso_variants.split(",") if v]
     allowed = ["cls"] + (["cls_adapter"] if args.probe_adapter else [])
@@ -1134,7 +1131,7 @@ def run_loso(args) -> int:
     out_dir, model, tok, _, train = _start(args)
     layers = [int(x) for x in args.layers.split(",")]
     model = prepare_model(model, tok, "head", cls_layer=max(layers),
-                          probe_adapter=args.probe_adapter)
+                          probe_adapter=args.probe_adapter, probe_window=args.probe_window)
     coll = SafetyDataCollator(tok, max_prompt_tokens=args.max_prompt_tokens,
                               max_length=args.max_length)
     train, too_long = _cacheable(train, coll, model)
@@ -1268,7 +1265,7 @@ def run_loso(args) -> int:
     if best != "cls_adapter" and getattr(inner, "safety_adapter", None) is not None:
         from .hf.adapter import detach_probe_adapter
         detach_probe_adapter(inner)
-    _save_trained(inner, out_dir, args)
+    save_safety(inner, out_dir)
     report["total_seconds"] = round(time.time() - t0, 1)
     (out_dir / "loso.json").write_text(json.dumps(report, indent=1) + "\n")
     print(f"saved the head trained on all {len(tr)} samples to {out_dir} "
