@@ -229,6 +229,9 @@ def test_response_views_follow_the_probe_window():
         widths[r] = [s.prefix_tokens for s in out]
         assert out and all(1 <= w <= 2 * r + 1 for w in widths[r])  # Rule 3: r2 + 1 + r3
     assert max(widths[4]) <= 9 and max(widths[32]) > 10
+    for bad in (0, -3, True):
+        with pytest.raises(ValueError, match="probe_window"):
+            D.build_samples("all", probe_window=bad, **kw)
 
 
 def test_response_samples_hand_checked():

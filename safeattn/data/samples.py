@@ -464,6 +464,9 @@ def build_samples(split: str = "train", *, benign_responses: Mapping[str, str] |
                          f"got {tuple(suffix_tokens)}")
     if any(int(k) <= 0 for k in prefix_ks):
         raise ValueError(f"prefix_ks must be positive, got {tuple(prefix_ks)}")
+    if not (isinstance(probe_window, int) and not isinstance(probe_window, bool)
+            and probe_window >= 1):
+        raise ValueError(f"probe_window must be an int >= 1, got {probe_window!r}")
     data = dict(datasets or {})
 
     def get(name):
