@@ -280,7 +280,7 @@ def test_rollback_crops_to_s_t(family):
 @pytest.mark.parametrize("schedule", SCHEDS)
 def test_op_matches_reference_state_machine(schedule):
     """Random p sequences, schedule-driven active masks: fused op == reference, step by step."""
-    g = torch.Generator().manual_seed(hash(schedule) % 1000)
+    g = torch.Generator().manual_seed(SCHEDS.index(schedule))
     rng = random.Random(1)
     cfg = SafetyConfig(schedule=schedule, period=3, first_n=5, tau=2, r1=3, r2=4, r3=2,
                        threshold=0.5)
