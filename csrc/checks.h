@@ -45,6 +45,53 @@ inline AttnDims check_interval_attention(const at::Tensor& q, const at::Tensor& 
   return d;
 }
 
+// paged_interval_attention: q [B,Hq,Tq,D], cache [N,Hkv,S] (N pages), slots [B,Tc] int64,
+// key_offsets / value_offsets [P,D] int64, k_new / v_new [B,Hkv,Tn,D], intervals over the
+// Tc + Tn key columns. Slot and offset ranges are checked by each backend.
+inline AttnDims check_paged_interval_attention(const at::Tensor& q, const at::Tensor& cache,
+                                               const at::Tensor& slots,
+                                               const at::Tensor& key_offsets,
+                                               const at::Tensor& value_offsets,
+                                               const at::Tensor& k_new, const at::Tensor& v_new,
+                                               const at::Tensor& intervals) {
+  constexpr const char* op = "paged_interval_attention";
+  TORCH_CHECK(q.dim() == 4, op, ": q must be 4-D [B,Hq,Tq,D], got ", q.sizes());
+  const int64_t B = q.size(0), D = q.size(3);
+  TORCH_CHECK(cache.dim() == 3, op, ": cache must be 3-D [pages,Hkv,S], got ", cache.sizes());
+  TORCH_CHECK(cache.is_contiguous(), op, ": cache must be contiguous");
+  TORCH_CHECK(slots.dim() == 2 && slots.size(0) == B, op, ": slots must be [B=", B,
+              ",Tc], got ", slots.sizes());
+  TORCH_CHECK(slots.size(1) == 0 || cache.numel() > 0, op, ": slots name ", slots.size(1),
+              " columns of an empty cache ", cache.sizes());
+  TORCH_CHECK(key_offsets.dim() == 2 && key_offsets.size(0) > 0 && key_offsets.size(1) == D,
+              op, ": key_offsets must be [P,D=", D, "] with P >= 1, got ", key_offsets.sizes());
+  TORCH_CHECK(value_offsets.sizes() == key_offsets.sizes(), op, ": value_offsets must be ",
+              key_offsets.sizes(), " like key_offsets, got ", value_offsets.sizes());
+  const std::pair<const char*, const at::Tensor*> index[] = {
+      {"slots", &slots}, {"key_offsets", &key_offsets}, {"value_offsets", &value_offsets}};
+  for (const auto& [name, t] : index) {
+    TORCH_CHECK(t->scalar_type() == at::kLong, op, ": ", name, " must be int64, got ",
+                t->scalar_type());
+    TORCH_CHECK(t->device() == q.device(), op, ": ", name, " is on ", t->device(), ", q on ",
+                q.device());
+  }
+  const std::pair<const char*, const at::Tensor*> data[] = {
+      {"cache", &cache}, {"k_new", &k_new}, {"v_new", &v_new}};
+  for (const auto& [name, t] : data)
+    TORCH_CHECK(t->scalar_type() == q.scalar_type() && t->device() == q.device(), op, ": ",
+                name, " must be ", q.scalar_type(), " on ", q.device(), " like q, got ",
+                t->scalar_type(), " on ", t->device());
+  TORCH_CHECK(k_new.dim() == 4 && k_new.size(0) == B && k_new.size(1) == cache.size(1) &&
+                  k_new.size(3) == D,
+              op, ": k_new must be [B=", B, ",Hkv=", cache.size(1), ",Tn,D=", D, "], got ",
+              k_new.sizes());
+  TORCH_CHECK(v_new.sizes() == k_new.sizes(), op, ": v_new must be ", k_new.sizes(),
+              " like k_new, got ", v_new.sizes());
+  AttnDims d = check_interval_attention(q, k_new, v_new, intervals);
+  d.Tk += slots.size(1);
+  return d;
+}
+
 // interval_attention_bwd: the forward's checks plus grad_out/out/lse against q.
 inline AttnDims check_interval_attention_bwd(const at::Tensor& grad_out, const at::Tensor& q,
                                              const at::Tensor& k, const at::Tensor& v,

@@ -27,6 +27,14 @@ TORCH_LIBRARY(safeattn, m) {
       "interval_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor lse, Tensor intervals, float? scale=None, float? softcap=None) "
       "-> (Tensor, Tensor, Tensor)");
+  // interval_attention against a paged KV cache, read in place: key column j < Tc of row b
+  // is token slots[b,j] % P of page slots[b,j] / P, channel d of kv head h at
+  // cache[page][h][key_offsets[token][d]] (values: value_offsets); columns Tc.. are
+  // k_new/v_new [B,Hkv,Tn,D]. cache [pages,Hkv,S]; offsets [P,D] int64; intervals over Tc+Tn.
+  m.def(
+      "paged_interval_attention(Tensor q, Tensor cache, Tensor slots, Tensor key_offsets, "
+      "Tensor value_offsets, Tensor k_new, Tensor v_new, Tensor intervals, float? scale=None, "
+      "float? softcap=None) -> Tensor");
   // One strategic-decoding step for every row: head, state machine, next probe window.
   // Returns p [B] float32 and the next probe's intervals [B,2,2] int32 (q_span, window).
   m.def(

@@ -143,7 +143,7 @@ def decode_intervals(rng, g, layout, b, tq, tk):
 
 
 def test_cuda_kernels_are_registered():
-    for op in ("interval_attention", "safety_step"):
+    for op in ("interval_attention", "paged_interval_attention", "safety_step"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"safeattn::{op}", "CUDA"), (
             f"safeattn::{op} has no CUDA kernel: build with SAFEATTN_CUDA=1")
         assert safeattn.ops.kernel_for(op, torch.device(DEV), torch.float16) == "cuda"
@@ -1007,3 +1007,42 @@ def test_end_to_end_training_step():
         s = w64.grad.abs().max().item()
         err = (w.grad.double() - w64.grad).abs().max().item()
         assert err <= 1e-4 * s, f"max|grad-ref| = {err:.3g} > 1e-4 * {s:.3g}"
+
+
+# --------------------------------------------------------------- paged_interval_attention
+def _paged_cases():
+    from test_paged_attention import _cases
+    return _cases()
+
+
+@pytest.mark.parametrize("case", _paged_cases(),
+                         ids=lambda c: f"{c['dtype']}-{c['kind']}-tc{c['tc']}")
+def test_paged_matches_reference(case):
+    from test_paged_attention import gathered, paged_inputs
+    c = dict(case)
+    softcap, scale = c.pop("softcap"), c.pop("scale")
+    g = torch.Generator().manual_seed(seed_of(sorted(case.items(), key=str)))
+    args = [t.to(DEV) for t in paged_inputs(g, **c)]
+    tk = c["tc"] + c["tn"]
+    iv = random_intervals(random.Random(seed_of(tk, c["tq"])), c["b"], c["tq"], tk, 3).to(DEV)
+    out = safeattn.ops.paged_interval_attention(*args, iv, scale=scale, softcap=softcap)
+    k, v = gathered(*args[1:])
+    assert_matches_reference(out, args[0], k, v, iv, scale, softcap)
+
+
+def test_paged_out_of_range_inputs_are_clamped_by_the_kernel():
+    """The Python wrapper rejects them; the op itself must still never read out of bounds."""
+    from test_paged_attention import paged_inputs
+    g = torch.Generator().manual_seed(5)
+    q, cache, slots, ko, vo, kn, vn = (t.to(DEV) for t in paged_inputs(
+        g, 2, 4, 2, 1, 20, 1, 64, 16, 3, torch.float32))
+    iv = torch.tensor([[-50, 10], [15, 100]], dtype=torch.int32).expand(2, 1, 2, 2)
+    bad = slots.clone()
+    bad[:, 3] = 10**9
+    bad[:, 4] = -7
+    out = torch.ops.safeattn.paged_interval_attention.default(
+        q, cache, bad, ko, vo, kn, vn, iv.contiguous().to(DEV), None, None)
+    fixed = bad.clamp(0, cache.shape[0] * ko.shape[0] - 1)
+    want = ref.paged_interval_attention(q.double(), cache.double(), fixed, ko, vo, kn.double(),
+                                        vn.double(), iv.clamp(0, 21).to(DEV))
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=0)

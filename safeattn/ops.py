@@ -11,8 +11,8 @@ import torch
 
 from . import _C  # noqa: F401  (loading the library registers the ops)
 
-__all__ = ["interval_attention", "safety_step", "kernel_for", "BENIGN", "MALICIOUS",
-           "TRANSITION"]
+__all__ = ["interval_attention", "paged_interval_attention", "safety_step", "kernel_for",
+           "BENIGN", "MALICIOUS", "TRANSITION"]
 
 BENIGN, MALICIOUS, TRANSITION = 0, 1, 2
 
@@ -44,7 +44,7 @@ def kernel_for(op: str, device: torch.device, dtype: torch.dtype) -> str:
                                 if backend == "cuda" else "not built")
         elif device.type != backend:
             reasons[backend] = f"tensors are on {device.type}"
-        elif op.startswith("interval_attention") and dtype not in _DTYPES[backend]:
+        elif "interval_attention" in op and dtype not in _DTYPES[backend]:
             reasons[backend] = f"dtype {dtype} not in {_DTYPES[backend]}"
         else:
             _FOUND[ask] = backend
@@ -140,6 +140,114 @@ def _attention(q, k, v, intervals, scale, softcap):
     return torch.ops.safeattn.interval_attention.default(q, k, v, intervals, scale, softcap)
 
 
+def paged_interval_attention(q: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor,
+                             key_offsets: torch.Tensor, value_offsets: torch.Tensor,
+                             k_new: torch.Tensor, v_new: torch.Tensor, intervals: torch.Tensor,
+                             *, scale: float | None = None,
+                             softcap: float | None = None) -> torch.Tensor:
+    """:func:`interval_attention` against a paged KV cache, read in place: no gathered copy.
+
+    Key column ``j`` of batch row ``b``:
+
+    * ``j < Tc``: token ``t = slots[b, j] % P`` of page ``slots[b, j] // P``. Channel ``d``
+      of its key for kv head ``h`` is ``cache[page, h, key_offsets[t, d]]``, of its value
+      ``cache[page, h, value_offsets[t, d]]``, so the offsets describe any layout of a page
+      (vLLM's CPU blocks keep keys and values of a head in one row, each ISA its own way).
+    * ``Tc <= j < Tc + Tn``: ``k_new[b, :, j - Tc]`` and ``v_new[b, :, j - Tc]``, keys that
+      are not in the cache (a probe's own, say).
+
+    Args:
+        q: ``[B, Hq, Tq, D]``.
+        cache: ``[pages, Hkv, S]``, contiguous, in q's dtype.
+        slots: ``[B, Tc]`` int64 in ``[0, pages * P)``. Columns that no row sees are not
+            read, but must still be in range.
+        key_offsets, value_offsets: ``[P, D]`` int64 in ``[0, S)``.
+        k_new, v_new: ``[B, Hkv, Tn, D]`` in q's dtype, ``Hq % Hkv == 0``.
+        intervals: ``[B, Tq, NI, 2]`` int32 key ranges over the ``Tc + Tn`` columns.
+        scale, softcap: as in :func:`interval_attention`.
+
+    Returns:
+        ``[B, Hq, Tq, D]`` in q's dtype: :func:`interval_attention` of q against the
+        gathered columns followed by ``k_new``/``v_new``. Inference only (no gradient).
+    """
+    _check_paged(q, cache, slots, key_offsets, value_offsets, k_new, v_new, intervals)
+    if softcap is not None and softcap <= 0:
+        raise ValueError(f"softcap must be > 0, got {softcap}")
+    args = (q, cache, slots, key_offsets, value_offsets, k_new, v_new, intervals, scale,
+            softcap)
+    if torch.compiler.is_compiling():
+        return torch.ops.safeattn.paged_interval_attention.default(*args)
+    kernel_for("paged_interval_attention", q.device, q.dtype)
+    if q.device.type not in _RANGE_CHECKED:
+        _check_ranges(intervals, slots.shape[1] + k_new.shape[2])
+        _check_paged_ranges(cache, slots, key_offsets, value_offsets)
+        return torch.ops.safeattn.paged_interval_attention.default(*args)
+    try:
+        return torch.ops.safeattn.paged_interval_attention.default(*args)
+    except RuntimeError as e:  # the kernel's range checks: same message, as a ValueError
+        msg = str(e).split("\n", 1)[0]
+        if " is out of range: " not in msg:
+            raise
+        raise ValueError(msg) from None
+
+
+def _check_paged(q, cache, slots, key_offsets, value_offsets, k_new, v_new, intervals):
+    named = (("q", q, 4), ("cache", cache, 3), ("slots", slots, 2),
+             ("key_offsets", key_offsets, 2), ("value_offsets", value_offsets, 2),
+             ("k_new", k_new, 4), ("v_new", v_new, 4), ("intervals", intervals, 4))
+    for name, t, dim in named:
+        if not isinstance(t, torch.Tensor) or t.dim() != dim:
+            raise ValueError(f"{name} must be a {dim}-D tensor, got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t)}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    b, hq, tq, d = q.shape
+    for name, t in (("cache", cache), ("k_new", k_new), ("v_new", v_new)):
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name} must be {q.dtype} like q, got {t.dtype}")
+    for name, t in (("slots", slots), ("key_offsets", key_offsets),
+                    ("value_offsets", value_offsets)):
+        if t.dtype != torch.int64:
+            raise ValueError(f"{name} must be int64, got {t.dtype}")
+    if not cache.is_contiguous():
+        raise ValueError("cache must be contiguous")
+    if slots.shape[0] != b:
+        raise ValueError(f"slots must be [B={b}, Tc], got {tuple(slots.shape)}")
+    if key_offsets.shape[0] == 0 or key_offsets.shape[1] != d:
+        raise ValueError(f"key_offsets must be [P, D={d}] with P >= 1, got "
+                         f"{tuple(key_offsets.shape)}")
+    if value_offsets.shape != key_offsets.shape:
+        raise ValueError(f"value_offsets must be {tuple(key_offsets.shape)} like key_offsets, "
+                         f"got {tuple(value_offsets.shape)}")
+    hkv = cache.shape[1]
+    if tuple(k_new.shape) != (b, hkv, k_new.shape[2], d):
+        raise ValueError(f"k_new must be [B={b}, Hkv={hkv}, Tn, D={d}], got "
+                         f"{tuple(k_new.shape)}")
+    if v_new.shape != k_new.shape:
+        raise ValueError(f"v_new must be {tuple(k_new.shape)} like k_new, got "
+                         f"{tuple(v_new.shape)}")
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"q heads ({hq}) must be a multiple of cache heads ({hkv})")
+    if intervals.dtype != torch.int32 or intervals.shape[-1] != 2 or \
+            tuple(intervals.shape[:2]) != (b, tq):
+        raise ValueError(f"intervals must be int32 [B={b}, Tq={tq}, NI, 2], got "
+                         f"{intervals.dtype} {tuple(intervals.shape)}")
+
+
+def _check_paged_ranges(cache, slots, key_offsets, value_offsets) -> None:
+    if torch.compiler.is_compiling():
+        return
+    limits = (("slots", slots, cache.shape[0] * key_offsets.shape[0], "slot < pages * P"),
+              ("key_offsets", key_offsets, cache.shape[2], "offset < S"),
+              ("value_offsets", value_offsets, cache.shape[2], "offset < S"))
+    for name, t, hi, what in limits:  # the messages of the CPU kernel's own check
+        bad = (t < 0) | (t >= hi)
+        if t.numel() and bool(bad.any()):
+            i = tuple(int(x) for x in bad.nonzero()[0])
+            raise ValueError(f"paged_interval_attention: {name}{''.join(f'[{x}]' for x in i)} "
+                             f"= {int(t[i])} is out of range: need 0 <= {what} = {hi}")
+
+
 def _devices_with(op: str) -> frozenset:
     return frozenset(b for b, key in (("cpu", "CPU"), ("cuda", "CUDA")) if _has_kernel(op, key))
 
@@ -159,6 +267,13 @@ def _(q, k, v, intervals, scale=None, softcap=None):
 def _(q, k, v, intervals, scale=None, softcap=None):
     torch._check(q.dim() == 4 and k.dim() == 4 and intervals.dim() == 4)
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.register_fake("safeattn::paged_interval_attention")
+def _(q, cache, slots, key_offsets, value_offsets, k_new, v_new, intervals, scale=None,
+      softcap=None):
+    torch._check(q.dim() == 4 and cache.dim() == 3 and intervals.dim() == 4)
+    return q.new_empty(q.shape)
 
 
 @torch.library.register_fake("safeattn::interval_attention_bwd")

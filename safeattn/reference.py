@@ -39,6 +39,25 @@ def interval_attention(q, k, v, intervals, scale=None, softcap=None):
     return p @ v
 
 
+def paged_gather(cache, slots, key_offsets, value_offsets):
+    """The keys and values ``[B, Hkv, Tc, D]`` that ``slots`` name in a paged ``cache``
+    (see :func:`paged_interval_attention`)."""
+    hkv, s = cache.shape[1], cache.shape[2]
+    page, token = slots // key_offsets.shape[0], slots % key_offsets.shape[0]
+    heads = torch.arange(hkv, device=cache.device)[None, :, None, None]
+    base = (page[:, None, :, None] * hkv + heads) * s  # [B, Hkv, Tc, 1]
+    flat = cache.reshape(-1)
+    return flat[base + key_offsets[token][:, None]], flat[base + value_offsets[token][:, None]]
+
+
+def paged_interval_attention(q, cache, slots, key_offsets, value_offsets, k_new, v_new,
+                             intervals, scale=None, softcap=None):
+    """:func:`interval_attention` over the gathered cache columns, then ``k_new``/``v_new``."""
+    k, v = paged_gather(cache, slots, key_offsets, value_offsets)
+    return interval_attention(q, torch.cat([k, k_new], 2), torch.cat([v, v_new], 2), intervals,
+                              scale, softcap)
+
+
 def interval_attention_lse(q, k, intervals, scale=None, softcap=None):
     """Row log-sum-exp [B,Hq,Tq] of the scaled (soft-capped) scores over each row's visible
     keys, -inf for rows that see none: what ``interval_attention_fwd`` returns beside out."""

@@ -52,13 +52,62 @@ struct Params {
   float cap;
 };
 
+// Where key/value column c of (batch b, kv head h) lives. Dense: k/v [B,Hkv,Tk,D] tensors,
+// whose fp32 rows the GEMMs read in place.
 template <typename T>
+struct DenseKV {
+  static constexpr bool kInPlace = std::is_same_v<T, float>;
+  const T *k, *v;
+  int64_t ks0, ks1, ks2, vs0, vs1, vs2;
+
+  DenseKV(const at::Tensor& kt, const at::Tensor& vt)
+      : k(kt.data_ptr<T>()), v(vt.data_ptr<T>()), ks0(kt.stride(0)), ks1(kt.stride(1)),
+        ks2(kt.stride(2)), vs0(vt.stride(0)), vs1(vt.stride(1)), vs2(vt.stride(2)) {}
+  const T* key(int64_t b, int64_t h, int64_t c) const { return k + b * ks0 + h * ks1 + c * ks2; }
+  const T* value(int64_t b, int64_t h, int64_t c) const {
+    return v + b * vs0 + h * vs1 + c * vs2;
+  }
+  void load(int64_t b, int64_t h, int64_t c, float* kd, float* vd, int64_t D) const {
+    to_float(key(b, h, c), kd, D);
+    to_float(value(b, h, c), vd, D);
+  }
+};
+
+// Paged: columns [0, Tc) are cache slots (page = slot / P, token slot % P of the page, whose
+// channel d sits at key_offsets[token][d] / value_offsets[token][d] within cache[page][h]);
+// columns [Tc, Tc + Tn) are k_new / v_new [B,Hkv,Tn,D].
+template <typename T>
+struct PagedKV {
+  static constexpr bool kInPlace = false;
+  const T* cache;
+  int64_t Hkv, S, P, Tc;
+  const int64_t *slots, *koff, *voff;
+  DenseKV<T> fresh;
+
+  PagedKV(const at::Tensor& c, const at::Tensor& sl, const at::Tensor& ko, const at::Tensor& vo,
+          const at::Tensor& kn, const at::Tensor& vn)
+      : cache(c.data_ptr<T>()), Hkv(c.size(1)), S(c.size(2)), P(ko.size(0)), Tc(sl.size(1)),
+        slots(sl.data_ptr<int64_t>()), koff(ko.data_ptr<int64_t>()),
+        voff(vo.data_ptr<int64_t>()), fresh(kn, vn) {}
+  void load(int64_t b, int64_t h, int64_t c, float* kd, float* vd, int64_t D) const {
+    if (c >= Tc) return fresh.load(b, h, c - Tc, kd, vd, D);
+    const int64_t slot = slots[b * Tc + c], tok = slot % P;
+    const T* page = cache + ((slot / P) * Hkv + h) * S;
+    const int64_t *ko = koff + tok * D, *vo = voff + tok * D;
+    for (int64_t d = 0; d < D; ++d) {
+      kd[d] = static_cast<float>(page[ko[d]]);
+      vd[d] = static_cast<float>(page[vo[d]]);
+    }
+  }
+};
+
+template <typename T, typename KV>
 class Kernel {
  public:
-  Kernel(const Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-         const std::vector<int32_t>& rows, const std::vector<int32_t>& nrows,
-         const std::vector<int32_t>& uni, const std::vector<int32_t>& nuni)
-      : p_(p), q_(q), k_(k), v_(v), rows_(rows), nrows_(nrows), uni_(uni), nuni_(nuni) {}
+  Kernel(const Params& p, const at::Tensor& q, const KV& kv, const std::vector<int32_t>& rows,
+         const std::vector<int32_t>& nrows, const std::vector<int32_t>& uni,
+         const std::vector<int32_t>& nuni)
+      : p_(p), q_(q), kv_(kv), rows_(rows), nrows_(nrows), uni_(uni), nuni_(nuni) {}
 
   // Runs one unit; writes (acc, m, l) for its rows (acc un-normalised).
   void run(const Unit& u, float* acc, float* m, float* l, std::vector<float>& scratch) const {
@@ -92,10 +141,6 @@ class Kernel {
     for (int32_t i = 0; i < nU; ++i) total += U[2 * i + 1] - U[2 * i];
     const int64_t lo = total * u.split / p_.nsplit, hi = total * (u.split + 1) / p_.nsplit;
 
-    const T* kd = k_.data_ptr<T>() + u.b * k_.stride(0) + u.h * k_.stride(1);
-    const T* vd = v_.data_ptr<T>() + u.b * v_.stride(0) + u.h * v_.stride(1);
-    const int64_t kst = k_.stride(2), vst = v_.stride(2);
-
     int64_t seen = 0;
     for (int32_t i = 0; i < nU && seen < hi; ++i) {
       const int64_t s0 = U[2 * i], len = U[2 * i + 1] - s0;
@@ -103,7 +148,7 @@ class Kernel {
       seen += len;
       for (int64_t c0 = s0 + a; c0 < s0 + z; c0 += BK) {
         const int64_t c1 = std::min<int64_t>(s0 + z, c0 + BK);
-        tile(u, t0, t1, c0, c1, kd, vd, kst, vst, qp, s, kb, vb, vis, acc, m, l);
+        tile(u, t0, t1, c0, c1, qp, s, kb, vb, vis, acc, m, l);
       }
     }
   }
@@ -138,9 +183,8 @@ class Kernel {
   // Query rows of block [t0, t1) against key columns [c0, c1). Rows that see most of the
   // tile go through two GEMMs; rows that see little of it (a probe row, say) only touch
   // their visible columns, so a probe costs O(|visible|) while sharing the K/V reads.
-  void tile(const Unit& u, int64_t t0, int64_t t1, int64_t c0, int64_t c1, const T* kd,
-            const T* vd, int64_t kst, int64_t vst, const float* qp, float* s, float* kb,
-            float* vb, float* vis, float* acc, float* m, float* l) const {
+  void tile(const Unit& u, int64_t t0, int64_t t1, int64_t c0, int64_t c1, const float* qp,
+            float* s, float* kb, float* vb, float* vis, float* acc, float* m, float* l) const {
     const int64_t G = p_.G, D = p_.D, n = c1 - c0, lds = p_.BK;
     enum Kind : uint8_t { kSkip, kDense, kMasked, kSparse };
     Kind kind[256];  // BQ <= 256 (see block sizes)
@@ -170,16 +214,13 @@ class Kernel {
     const float* kt;
     const float* vt;
     int64_t ldk, ldv;
-    if constexpr (std::is_same_v<T, float>) {
-      kt = kd + c0 * kst;
-      vt = vd + c0 * vst;
-      ldk = kst;
-      ldv = vst;
+    if constexpr (KV::kInPlace) {
+      kt = kv_.key(u.b, u.h, c0);
+      vt = kv_.value(u.b, u.h, c0);
+      ldk = kv_.ks2;
+      ldv = kv_.vs2;
     } else {
-      for (int64_t c = 0; c < n; ++c) {
-        to_float(kd + (c0 + c) * kst, kb + c * D, D);
-        to_float(vd + (c0 + c) * vst, vb + c * D, D);
-      }
+      for (int64_t c = 0; c < n; ++c) kv_.load(u.b, u.h, c0 + c, kb + c * D, vb + c * D, D);
       kt = kb;
       vt = vb;
       ldk = ldv = D;
@@ -242,7 +283,8 @@ class Kernel {
   }
 
   const Params& p_;
-  const at::Tensor &q_, &k_, &v_;
+  const at::Tensor& q_;
+  const KV& kv_;
   const std::vector<int32_t>&rows_, &nrows_, &uni_, &nuni_;
 };
 
@@ -251,26 +293,48 @@ void write_row(T* dst, const float* src, float inv, int64_t D) {
   for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(src[d] * inv);
 }
 
+// Every slot must name a cache page, and every offset a place within cache[page][h].
+void check_paged_ranges(const at::Tensor& cache, const at::Tensor& slots,
+                        const at::Tensor& key_offsets, const at::Tensor& value_offsets) {
+  const int64_t S = cache.size(2), nslot = cache.size(0) * key_offsets.size(0);
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  for (int64_t i = 0; i < slots.numel(); ++i)
+    TORCH_CHECK(0 <= sp[i] && sp[i] < nslot, "paged_interval_attention: slots[",
+                i / slots.size(1), "][", i % slots.size(1), "] = ", sp[i],
+                " is out of range: need 0 <= slot < pages * P = ", nslot);
+  for (const auto& [name, t] : {std::pair<const char*, at::Tensor>{"key_offsets", key_offsets},
+                                {"value_offsets", value_offsets}}) {
+    const int64_t* op = t.data_ptr<int64_t>();
+    for (int64_t i = 0; i < t.numel(); ++i)
+      TORCH_CHECK(0 <= op[i] && op[i] < S, "paged_interval_attention: ", name, "[",
+                  i / t.size(1), "][", i % t.size(1), "] = ", op[i],
+                  " is out of range: need 0 <= offset < S = ", S);
+  }
+}
+
+void check_cpu_dtype(const at::Tensor& q, std::optional<double> softcap, const char* op) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16 ||
+                  q.scalar_type() == at::kHalf,
+              op, " (CPU): q must be float32, bfloat16 or float16, got ", q.scalar_type());
+  TORCH_CHECK(!softcap.has_value() || *softcap > 0, op, ": softcap must be > 0");
+}
+
 // Returns out [B,Hq,Tq,D] and, when want_lse, the row log-sum-exp [B,Hq,Tq] fp32 of the
-// scaled (soft-capped) scores over visible keys (-inf for rows that see nothing).
-std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q_in, const at::Tensor& k_in,
-                                           const at::Tensor& v_in, const at::Tensor& intervals,
+// scaled (soft-capped) scores over visible keys (-inf for rows that see nothing). The key
+// columns come from make_kv(scalar_t{}) (DenseKV or PagedKV).
+template <typename MakeKV>
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const AttnDims& d,
+                                           const at::Tensor& intervals,
                                            std::optional<double> scale,
-                                           std::optional<double> softcap, bool want_lse) {
-  const AttnDims d = check_interval_attention(q_in, k_in, v_in, intervals);
-  TORCH_CHECK(q_in.scalar_type() == at::kFloat || q_in.scalar_type() == at::kBFloat16 ||
-                  q_in.scalar_type() == at::kHalf,
-              "interval_attention (CPU): q must be float32, bfloat16 or float16, got ",
-              q_in.scalar_type());
-  TORCH_CHECK(!softcap.has_value() || *softcap > 0, "interval_attention: softcap must be > 0");
-  const at::Tensor q = last_contig(q_in), k = last_contig(k_in), v = last_contig(v_in);
+                                           std::optional<double> softcap, bool want_lse,
+                                           const char* op, MakeKV make_kv) {
   auto out = at::empty({d.B, d.Hq, d.Tq, d.D}, q.options());
   auto lse = at::empty({want_lse ? d.B : 0, d.Hq, d.Tq}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse.fill_(kNegInf)};
   float* lsep = want_lse ? lse.data_ptr<float>() : nullptr;
 
   std::vector<int32_t> rows, nrows;
-  merged_rows(intervals, d.Tk, "interval_attention", rows, nrows);
+  merged_rows(intervals, d.Tk, op, rows, nrows);
 
   Params p{};
   p.B = d.B; p.Hq = d.Hq; p.Hkv = d.Hkv; p.G = d.Hq / d.Hkv; p.Tq = d.Tq; p.Tk = d.Tk;
@@ -340,7 +404,8 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q_in, const at::Ten
   };
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "interval_attention_cpu", [&] {
-    Kernel<scalar_t> ker(p, q, k, v, rows, nrows, uni, nuni);
+    const auto kv = make_kv(scalar_t{});
+    Kernel<scalar_t, std::decay_t<decltype(kv)>> ker(p, q, kv, rows, nrows, uni, nuni);
     scalar_t* od = out.data_ptr<scalar_t>();
     std::atomic<int64_t> next{0};
     at::parallel_for(0, nth, 1, [&](int64_t, int64_t) {
@@ -404,16 +469,46 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q_in, const at::Ten
   return {out, lse};
 }
 
+std::tuple<at::Tensor, at::Tensor> dense(const at::Tensor& q_in, const at::Tensor& k_in,
+                                         const at::Tensor& v_in, const at::Tensor& intervals,
+                                         std::optional<double> scale,
+                                         std::optional<double> softcap, bool want_lse) {
+  const AttnDims d = check_interval_attention(q_in, k_in, v_in, intervals);
+  check_cpu_dtype(q_in, softcap, "interval_attention");
+  const at::Tensor q = last_contig(q_in), k = last_contig(k_in), v = last_contig(v_in);
+  return forward(q, d, intervals, scale, softcap, want_lse, "interval_attention",
+                 [&](auto t) { return DenseKV<decltype(t)>(k, v); });
+}
+
 at::Tensor interval_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                   const at::Tensor& intervals, std::optional<double> scale,
                                   std::optional<double> softcap) {
-  return std::get<0>(forward(q, k, v, intervals, scale, softcap, false));
+  return std::get<0>(dense(q, k, v, intervals, scale, softcap, false));
 }
 
 std::tuple<at::Tensor, at::Tensor> interval_attention_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& intervals,
     std::optional<double> scale, std::optional<double> softcap) {
-  return forward(q, k, v, intervals, scale, softcap, true);
+  return dense(q, k, v, intervals, scale, softcap, true);
+}
+
+at::Tensor paged_interval_attention_cpu(const at::Tensor& q_in, const at::Tensor& cache,
+                                        const at::Tensor& slots, const at::Tensor& key_offsets,
+                                        const at::Tensor& value_offsets, const at::Tensor& k_new,
+                                        const at::Tensor& v_new, const at::Tensor& intervals,
+                                        std::optional<double> scale,
+                                        std::optional<double> softcap) {
+  const AttnDims d = check_paged_interval_attention(q_in, cache, slots, key_offsets,
+                                                    value_offsets, k_new, v_new, intervals);
+  check_cpu_dtype(q_in, softcap, "paged_interval_attention");
+  const at::Tensor sl = slots.contiguous(), ko = key_offsets.contiguous(),
+                   vo = value_offsets.contiguous();
+  check_paged_ranges(cache, sl, ko, vo);
+  const at::Tensor q = last_contig(q_in), kn = last_contig(k_new), vn = last_contig(v_new);
+  return std::get<0>(forward(q, d, intervals, scale, softcap, false, "paged_interval_attention",
+                             [&](auto t) {
+                               return PagedKV<decltype(t)>(cache, sl, ko, vo, kn, vn);
+                             }));
 }
 
 }  // namespace
@@ -421,6 +516,7 @@ std::tuple<at::Tensor, at::Tensor> interval_attention_fwd_cpu(
 TORCH_LIBRARY_IMPL(safeattn, CPU, m) {
   m.impl("interval_attention", &interval_attention_cpu);
   m.impl("interval_attention_fwd", &interval_attention_fwd_cpu);
+  m.impl("paged_interval_attention", &paged_interval_attention_cpu);
 }
 
 }  // namespace safeattn
