@@ -191,11 +191,14 @@ _ISAS = [("vec", torch.float32), ("vec", torch.bfloat16), ("vec16", torch.float3
 
 @pytest.mark.parametrize("isa,dtype", _ISAS)
 def test_probe_reads_each_cache_layout(isa, dtype):
-    """The probe's gather, from the layout it learns, returns exactly the keys and values
-    vLLM's own cache writer stored, for every CPU ISA layout (AMX where the CPU has it)."""
+    """The layout the probe learns names exactly the keys and values vLLM's own cache
+    writer stored, for every CPU ISA layout (AMX where the CPU has it), and the paged op
+    reads them from there."""
     from vllm import _custom_ops as vops
 
-    from safeattn.vllm.probe import _flat_index, cache_layout
+    import safeattn
+    from safeattn import reference as ref
+    from safeattn.vllm.probe import cache_layout
 
     if isa == "amx" and not torch.cpu._is_amx_tile_supported():
         pytest.skip("this CPU has no AMX")
@@ -208,12 +211,17 @@ def test_probe_reads_each_cache_layout(isa, dtype):
     slots = torch.randperm(nb * bs, generator=g)[:n_tok]  # token i -> slot slots[i]
     vops.cpu_attn_reshape_and_cache(k, v, kc, vc, slots, isa)
     kpos, vpos = cache_layout(isa, dtype, bs, d)
-    blk, off = (slots // bs)[None], (slots % bs)[None]  # one probe row reading every token
-    kidx, vidx = _flat_index(blk, kpos[off][:, None], vpos[off][:, None], hkv, bs * d)
-    flat = kv.view(-1)
-    # [Bp, Hkv, T, D], head-major as the op takes it
-    assert torch.equal(flat[kidx][0], k.transpose(0, 1))
-    assert torch.equal(flat[vidx][0], v.transpose(0, 1))
+    pages, voff = kv.view(nb, hkv, -1), vpos + bs * d
+    keys, values = ref.paged_gather(pages, slots[None], kpos, voff)  # one row, every token
+    assert torch.equal(keys[0], k.transpose(0, 1))  # [Hkv, T, D], head-major as the op takes
+    assert torch.equal(values[0], v.transpose(0, 1))
+    # one query row per token that sees that token alone gets its value back
+    q = torch.randn(n_tok, hkv, 1, d, generator=g).to(dtype)
+    iv = torch.stack([torch.arange(n_tok), torch.arange(1, n_tok + 1)], -1)
+    none = torch.zeros(n_tok, hkv, 0, d, dtype=dtype)
+    out = safeattn.ops.paged_interval_attention(q, pages, slots[None].expand(n_tok, -1), kpos,
+                                                voff, none, none, iv.int().view(n_tok, 1, 1, 2))
+    assert torch.equal(out[:, :, 0], v)
 
 
 def test_bf16_engine_probe_reads_its_cache(engine):

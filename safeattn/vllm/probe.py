@@ -214,23 +214,21 @@ class ProbeRunner:
         view = ("columns", bs, win)  # every KV-cache group with this block size and window
         if view not in memo:
             memo[view] = _visible(md, plan, cols, count, bs, win)
-        c, off, iv = memo[view]
+        c, iv = memo[view]
         lay = (view, kv.dtype, d)
-        if lay not in memo:
+        if lay not in memo:  # where a token's key and value channels sit in a block's row
             kpos, vpos = cache_layout(getattr(attn, "isa", None), kv.dtype, bs, d)
-            memo[lay] = kpos[off][:, None], vpos[off][:, None]
-        group = (lay, id(md.block_table), hkv)
+            memo[lay] = kpos.to(c.device), (vpos + bs * d).to(c.device)
+        group = (view, id(md.block_table))
         if group not in memo:  # the layers of one KV-cache group share their blocks
             blk = md.block_table[plan.rows.to(c.device)[:, None], c // bs]
-            memo[group] = _flat_index(blk, *memo[lay], hkv, bs * d)
-        kidx, vidx = memo[group]
-        flat = kv.view(-1)
-        own = (-1, hkv, 1, d)  # the probe's own key and value go last, at column T
-        keys = torch.cat([_take(flat, kidx), k.view(own).to(kv.dtype)], 2)  # [Bp, Hkv, T+1, D]
-        vals = torch.cat([_take(flat, vidx), v.view(own).to(kv.dtype)], 2)
+            memo[group] = blk.long() * bs + c % bs
+        own = (-1, hkv, 1, d)  # the probe's own key and value: column T, after the cache's
         softcap = getattr(attn.impl, "logits_soft_cap", None) or None
-        out = ops.interval_attention(q.view(-1, hq, 1, d).to(keys.dtype), keys, vals, iv,
-                                     scale=attn.impl.scale, softcap=softcap)
+        out = ops.paged_interval_attention(
+            q.view(-1, hq, 1, d).to(kv.dtype), kv.view(kv.shape[0], hkv, -1), memo[group],
+            *memo[lay], k.view(own).to(kv.dtype), v.view(own).to(kv.dtype), iv,
+            scale=attn.impl.scale, softcap=softcap)
         return out.reshape(-1, hq * d)
 
 
@@ -381,27 +379,13 @@ def cache_layout(isa: str | None, dtype: torch.dtype, block_size: int,
     return pos[0].view(block_size, head_size), pos[1].view(block_size, head_size)
 
 
-def _take(flat: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``flat[index]`` for a contiguous index (index_select is about twice as fast here)."""
-    return flat.index_select(0, index.view(-1)).view(index.shape)
-
-
-def _flat_index(blk, kin, vin, hkv: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat indices ``[Bp, Hkv, T, D]`` of the keys and values of a cache ``[blocks, Hkv, 2,
-    n]`` at block ``blk`` (``[Bp, T]``), where ``kin`` / ``vin`` (``[Bp, 1, T, D]``) are their
-    offsets within a block's key / value half (:func:`cache_layout`)."""
-    h = torch.arange(hkv, device=blk.device)[:, None, None]
-    base = (blk.long()[:, None, :, None] * hkv + h) * (2 * n)  # [Bp, Hkv, T, 1]
-    return base + kin, base + (n + vin)
-
-
 def _visible(md, plan: Plan, cols, count, bs: int, win):
     """The plan's columns as one KV-cache window sees them -> (columns to read ``[Bp, T]``,
-    their offset in a block, intervals ``[Bp, 1, 2, 2]`` over ``[columns..., the probe]``).
+    intervals ``[Bp, 1, 2, 2]`` over ``[columns..., the probe]``).
 
     Columns a probe does not see (padding, or outside a sliding window, whose block vLLM may
-    have freed) are read from the step's own token instead, which is in the cache and in
-    every window: the op never weighs them, but they stay finite."""
+    have freed) point at the step's own token instead, which is in the cache and in every
+    window: the op never reads them, but every slot it is given must be a real one."""
     dev = md.block_table.device
     rows, c = plan.rows.to(dev), cols.to(dev)
     t = c.shape[1]
@@ -420,4 +404,4 @@ def _visible(md, plan: Plan, cols, count, bs: int, win):
     iv = torch.stack([torch.stack([first, count], -1),
                       torch.tensor([t, t + 1]).expand(len(count), 2)], 1)
     iv = iv[:, None].to(device=dev, dtype=torch.int32).contiguous()
-    return c, c % bs, iv
+    return c, iv
