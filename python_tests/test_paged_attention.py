@@ -197,3 +197,10 @@ def test_python_range_check_says_what_the_kernel_says(name, value):
         safeattn.ops._check_paged_ranges(args["cache"], args["slots"], args["key_offsets"],
                                          args["value_offsets"])
     assert str(python.value) == str(kernel.value).split("\n", 1)[0]
+
+
+def test_no_kernel_says_why():
+    args = [t.double() if t.is_floating_point() else t for t in next(_samples())[0]]
+    with pytest.raises(NotImplementedError, match=r"paged_interval_attention: no kernel fits "
+                                                  r"\(cpu: dtype torch.float64 not in"):
+        safeattn.ops.paged_interval_attention(*args)
