@@ -343,6 +343,16 @@ def test_ddp_two_processes_gloo(tmp_path):
 # --------------------------------------------------------------------------- CLI
 
 
+@pytest.mark.parametrize("option,value", [("--probe-window", "0"), ("--probe-window", "2.5"),
+                                          ("--batch-size", "-1"), ("--batch-size", "x")])
+def test_cli_train_bad_counts_are_usage_errors(option, value, capsys):
+    from safeattn.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--out", "unused", option, value])
+    assert e.value.code == 2
+    assert f"argument {option}: must be an integer >= 1, got '{value}'" in capsys.readouterr().err
+
+
 def test_cli_train_and_resume(tmp_path):
     tok = tiny_tokenizer()
     model = tiny_model("llama", vocab_size=len(tok))

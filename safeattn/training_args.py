@@ -2,7 +2,20 @@
 CLI parser imports neither torch nor transformers)."""
 from __future__ import annotations
 
+import argparse
+
 TRAIN_MODES = ("full", "lora", "head")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1, else a usage error that names the option."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
 
 
 def add_train_arguments(p) -> None:
@@ -17,7 +30,7 @@ def add_train_arguments(p) -> None:
     p.add_argument("--epochs", type=float, default=3.0)
     p.add_argument("--max-steps", type=int, default=0, help="overrides --epochs when > 0")
     p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cls-layer", default="final",
                    help="decoder layer the head reads (0-based), 'final', or 'auto' (FrozenProbe "
@@ -50,7 +63,7 @@ def add_train_arguments(p) -> None:
     p.add_argument("--own-response-windows", type=int, default=None,
                    help="probe views per benign prompt and the model's own answer (kind "
                         "response; default --response-windows)")
-    p.add_argument("--probe-window", type=int, default=10,  # generation.DEFAULT_WINDOW
+    p.add_argument("--probe-window", type=positive_int, default=10,  # generation.DEFAULT_WINDOW
                    help="r1 = r2 = r3 of the response views (DESIGN.md §3, Rules 1-3); saved, "
                         "and generation's default window")
     p.add_argument("--prefix-ks", default="5,10,20,40",
