@@ -299,3 +299,57 @@ def test_prefill_vs_flex(compare, note_not_run, model, layout, t):
     check_close(ours(), base(), dtype)
     case["flex_first_call_s"] = first
     compare(case, ours, base, **_prefill_budget(t))
+
+
+PAGED_CASES = [("gemma3-270m", b, dt) for b in (1, 8) for dt in DTYPES] + [
+    ("llama3-8b", 8, "bfloat16")]
+
+
+@pytest.mark.parametrize("model,b,dtype", PAGED_CASES,
+                         ids=[f"{m}-B{b}-{dt}" for m, b, dt in PAGED_CASES])
+def test_paged_probe(compare, model, b, dtype):
+    """The vLLM probe's attention: one row per request over its q_span (40 tokens) and a
+    32-token window of a 600-token sequence in a paged cache (16-token blocks, keys [D, 16]
+    and values [16, D] per head as vLLM's CPU ``vec`` layout), plus its own key. Ours reads
+    the cache in place; the baseline is what the probe did before: gather the columns with
+    ``index_select`` from precomputed flat indices, ``cat`` the own key, then
+    ``interval_attention``."""
+    hq, hkv, d = MODELS[model]
+    bs, seq, pages = 16, 600, 64 * b
+    g = torch.Generator().manual_seed(0)
+    dt = DTYPES[dtype]
+    cache = torch.randn(pages, hkv, 2 * bs * d, generator=g).to(dt)
+    t, c = torch.arange(bs)[:, None], torch.arange(d)[None]
+    koff, voff = c * bs + t, bs * d + t * d + c
+    table = torch.randperm(pages, generator=g)[:b * (seq // bs + 1)].view(b, -1)
+    cols = torch.cat([torch.arange(1, 41), torch.arange(seq - 32, seq)])[None].expand(b, -1)
+    slots = table.gather(1, cols // bs) * bs + cols % bs
+    q = torch.randn(b, hq, 1, d, generator=g).to(dt)
+    kn = torch.randn(b, hkv, 1, d, generator=g).to(dt)
+    vn = torch.randn(b, hkv, 1, d, generator=g).to(dt)
+    n = cols.shape[1]
+    iv = torch.tensor([[0, n], [n, n + 1]], dtype=torch.int32).expand(b, 1, 2, 2).contiguous()
+    heads = torch.arange(hkv)[:, None, None]
+    base_at = ((slots // bs)[:, None, :, None] * hkv + heads) * (2 * bs * d)
+    kidx = (base_at + koff[slots % bs][:, None]).contiguous()
+    vidx = (base_at + voff[slots % bs][:, None]).contiguous()
+    flat = cache.view(-1)
+    scale = d ** -0.5
+
+    def take(index):
+        return flat.index_select(0, index.view(-1)).view(index.shape)
+
+    def ours():
+        return ops.paged_interval_attention(q, cache, slots, koff, voff, kn, vn, iv, scale=scale)
+
+    def base():
+        return ops.interval_attention(q, torch.cat([take(kidx), kn], 2),
+                                      torch.cat([take(vidx), vn], 2), iv, scale=scale)
+
+    check_close(ours(), base(), dtype)
+    k_all = torch.cat([take(kidx), kn], 2)
+    case = describe("paged_probe", f"paged_probe/{model}-B{b}-{dtype}", model, q, k_all, iv,
+                    dtype, ("speedup", ">=", 1.0),
+                    "index_select K and V out of the paged cache, cat the own key, "
+                    "interval_attention")
+    compare(case, ours, base, budget_s=1.0)
