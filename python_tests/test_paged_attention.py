@@ -204,3 +204,19 @@ def test_no_kernel_says_why():
     with pytest.raises(NotImplementedError, match=r"paged_interval_attention: no kernel fits "
                                                   r"\(cpu: dtype torch.float64 not in"):
         safeattn.ops.paged_interval_attention(*args)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_long_rows_split_over_threads(dtype):
+    """One row over 1,200 cached columns with 4 threads: the kernel splits the columns across
+    threads and merges the partial softmax states (see kv_splits in test_interval_attention)."""
+    from test_interval_attention import kv_splits, num_threads
+
+    g = torch.Generator().manual_seed(6)
+    q, cache, slots, ko, vo, kn, vn = paged_inputs(g, 1, 2, 1, 1, 1200, 1, 64, 16, 80, dtype,
+                                                   "shuffled")
+    iv = torch.tensor([[[[0, 700], [650, 1201]]]], dtype=torch.int32)
+    with num_threads(4):
+        assert kv_splits(1, 1, 2, 1, 1201, 4) > 1
+        out = safeattn.ops.paged_interval_attention(q, cache, slots, ko, vo, kn, vn, iv)
+    assert_matches_reference(out, q, *gathered(cache, slots, ko, vo, kn, vn), iv)
