@@ -224,6 +224,29 @@ def test_probe_reads_each_cache_layout(isa, dtype):
     assert torch.equal(out[:, :, 0], v)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_adapter_matches_hf(dtype):
+    """The probe's one fused q/k/v update (scale folded into a block-diagonal ``B``) adds to
+    each projection what the HF adapter's ``delta`` gives it, for a model of either dtype."""
+    from safeattn.models import artifact_dir
+    from safeattn.vllm.probe import SafetyParts, _lowrank
+
+    parts = SafetyParts(artifact_dir("gemma3-270m")).to("cpu", dtype)
+    projs = ("q_proj", "k_proj", "v_proj")
+    widths = tuple(parts.adapter[f"0_{p}"][1].shape[0] for p in projs)
+    ab = parts.fuse(0, projs, widths)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, ab[0].shape[0], generator=g).to(dtype)
+    got = _lowrank(ab, x)  # added to the model's output in place, one rounding
+    want = []
+    for p in projs:  # ProbeAdapter.delta, with the adapter's fp32 weights
+        a, b = parts.adapter[f"0_{p}"]
+        want.append(((x.to(a.dtype) @ a.t()) @ b.t()) * parts.scale)
+    want = torch.cat(want, 1)
+    assert want.abs().max() > 0.01  # a trained adapter
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_bf16_engine_probe_reads_its_cache(engine):
     """A bf16 engine (AMX cache layout on CPUs that have it) checks every step with finite
     p close to the fp32 HF reference, and θ above 1 refuses nothing."""
