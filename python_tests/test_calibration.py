@@ -264,6 +264,10 @@ def test_calibrate_on_a_tiny_model():
     assert rep["threshold"] == pytest.approx(pick_threshold(benign, 0.34), abs=1e-5)
     assert rep["sets"]["benign"]["predicted"] <= 0.34
     assert rep["sets"]["over_refusal"]["n"] == 2
+    h = rep["scores"]["advbench/h0"]  # AUROC by hand: the benign rows it outranks, ties 1/2
+    want = sum(1.0 if h > b else 0.5 if h == b else 0.0 for b in benign.tolist()) / 3
+    assert rep["sets"]["advbench"]["auroc"] == pytest.approx(want)
+    assert "auroc" not in rep["sets"]["benign"] and "auroc" not in rep["sets"]["over_refusal"]
     # τ = 1: a row refuses at its first hit, before which it decodes the trace's text, so the
     # prediction from the trace is exact
     for m in rep["sets"].values():

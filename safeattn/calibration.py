@@ -183,7 +183,8 @@ def calibrate(model, tokenizer, rows: Mapping[str, Sequence[Mapping]], *, target
               compare_taus: Sequence[int] = (), split_thresholds: bool = False) -> dict:
     """Pick θ so that at most ``target_fpr`` of ``rows["benign"]`` refuse, then decode every
     row once at that θ -> the report (``threshold``, the per-set refusal rates predicted from
-    the trace and measured at θ, the settings).
+    the trace and measured at θ, each harmful set's ``auroc`` against the benign rows by
+    refusal score, the settings).
 
     ``rows``: :func:`validation_rows` (``benign`` is required; θ keeps the pooled benign sets,
     :func:`is_benign_set`, under ``target_fpr``; every other set is harmful); the report adds
@@ -240,6 +241,9 @@ def calibrate(model, tokenizer, rows: Mapping[str, Sequence[Mapping]], *, target
     sets = {n: {"n": len(idx), "predicted": rates[n],
                 "refused": float(refused[idx].float().mean())} if len(idx) else {"n": 0}
             for n, idx in by_set.items()}
+    for n, idx in by_set.items():
+        if len(idx) and not is_benign_set(n) and n != "over_refusal":
+            sets[n]["auroc"] = _auroc_vs(scores, idx, benign)
 
     def keyed(values):
         return {f"{n}/{rid}": round(float(x), 6) for (n, rid), x in zip(ids, values)}
@@ -252,6 +256,16 @@ def calibrate(model, tokenizer, rows: Mapping[str, Sequence[Mapping]], *, target
     if by_tau:
         report["by_tau"] = by_tau
     return report
+
+
+def _auroc_vs(scores: torch.Tensor, harmful: torch.Tensor, benign: torch.Tensor) -> float:
+    """AUROC of the refusal scores of the ``harmful`` rows against the ``benign`` ones: the
+    threshold-free view of a set, steadier than its rate at one θ (which a few benign rows
+    set)."""
+    from .metrics import auroc
+
+    labels = torch.cat([torch.ones(len(harmful)), torch.zeros(len(benign))])
+    return float(auroc(torch.cat([scores[harmful], scores[benign]]), labels))
 
 
 def pick_refusal_prefix(model, tokenizer, rows: Mapping[str, Sequence[Mapping]],

@@ -272,8 +272,9 @@ def _calibrate(args: argparse.Namespace) -> int:
           f"trace)")
     for name, m in report["sets"].items():
         if m["n"]:
+            auc = f", AUROC vs benign {m['auroc']:.3f}" if "auroc" in m else ""
             print(f"  {name:19s} n={m['n']:4d}  refused at θ: {m['refused']:.1%} "
-                  f"(trace predicts {m['predicted']:.1%})")
+                  f"(trace predicts {m['predicted']:.1%}{auc})")
     for tau, m in report.get("by_tau", {}).items():
         q = f"θ of p_0 = {m['query_threshold']:.6f}, " if "query_threshold" in m else ""
         print(f"  τ = {tau}: {q}θ = {m['threshold']:.6f}, predicted " + ", ".join(
