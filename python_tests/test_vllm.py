@@ -228,6 +228,9 @@ def test_probe_reads_each_cache_layout(isa, dtype):
 def test_fused_adapter_matches_hf(dtype):
     """The probe's one fused q/k/v update (scale folded into a block-diagonal ``B``) adds to
     each projection what the HF adapter's ``delta`` gives it, for a model of either dtype."""
+    from types import SimpleNamespace
+
+    from safeattn.hf.adapter import ProbeAdapter
     from safeattn.models import artifact_dir
     from safeattn.vllm.probe import SafetyParts, _lowrank
 
@@ -238,11 +241,9 @@ def test_fused_adapter_matches_hf(dtype):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(5, ab[0].shape[0], generator=g).to(dtype)
     got = _lowrank(ab, x)  # added to the model's output in place, one rounding
-    want = []
-    for p in projs:  # ProbeAdapter.delta, with the adapter's fp32 weights
-        a, b = parts.adapter[f"0_{p}"]
-        want.append(((x.to(a.dtype) @ a.t()) @ b.t()) * parts.scale)
-    want = torch.cat(want, 1)
+    hf = SimpleNamespace(a={k: a for k, (a, _) in parts.adapter.items()},  # fp32 weights
+                         b={k: b for k, (_, b) in parts.adapter.items()}, scale=parts.scale)
+    want = torch.cat([ProbeAdapter.delta(hf, f"0_{p}", x) for p in projs], 1)
     assert want.abs().max() > 0.01  # a trained adapter
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
