@@ -241,9 +241,9 @@ def calibrate(model, tokenizer, rows: Mapping[str, Sequence[Mapping]], *, target
     sets = {n: {"n": len(idx), "predicted": rates[n],
                 "refused": float(refused[idx].float().mean())} if len(idx) else {"n": 0}
             for n, idx in by_set.items()}
-    for n, idx in by_set.items():
-        if len(idx) and not is_benign_set(n) and n != "over_refusal":
-            sets[n]["auroc"] = _auroc_vs(scores, idx, benign)
+    for n in names:  # the harmful sets of rows (over_refusal is a benign subset)
+        if len(by_set[n]) and not is_benign_set(n):
+            sets[n]["auroc"] = _auroc_vs(scores, by_set[n], benign)
 
     def keyed(values):
         return {f"{n}/{rid}": round(float(x), 6) for (n, rid), x in zip(ids, values)}
