@@ -297,6 +297,27 @@ def test_calibrate_split_thresholds():
     assert float(refuses[ben].float().mean()) == pytest.approx(rep["sets"]["benign"]["predicted"])
 
 
+def test_calibrate_counts_a_failed_check_as_refusing_at_every_theta(monkeypatch):
+    import safeattn.calibration as cal
+
+    model, tok = _patched()
+    rows = {"benign": [{"id": f"b{i}", "prompt": f"benign {i}"} for i in range(4)],
+            "advbench": [{"id": "h0", "prompt": "harmful"}]}
+    # b0 failed closed in the θ > 1 pass: its checks are nan, yet it refused
+    p = torch.tensor([[NAN, NAN, NAN], [0.1, 0.2, 0.3], [0.2, 0.1, 0.1], [0.3, 0.1, 0.1],
+                      [0.9, 0.8, 0.9]])
+    failed = torch.tensor([True, False, False, False, False])
+    monkeypatch.setattr(cal, "_decode", lambda *a: (p, failed))
+    rep = calibrate(model, tok, rows, target_fpr=0.25, safety=safeattn.SafetyConfig(tau=1),
+                    split_thresholds=True)
+    assert rep["scores"]["benign/b0"] == math.inf
+    # b0 spends the one refusal the budget allows, so θ must clear every other benign row
+    assert 0.3 < rep["threshold"] <= 0.9 and rep["query_threshold"] <= rep["threshold"]
+    assert rep["sets"]["benign"]["predicted"] == 0.25
+    with pytest.raises(ValueError, match="failed closed on 1 of 4 benign"):
+        calibrate(model, tok, rows, target_fpr=0.2, safety=safeattn.SafetyConfig(tau=1))
+
+
 def test_compare_taus_match_calibrating_at_each_tau():
     model, tok = _patched()
     rows = {"benign": [{"id": f"b{i}", "prompt": p} for i, p in enumerate(PROMPTS)],

@@ -32,10 +32,13 @@ held out of training with ``safeattn train --val-fraction``; the test split is n
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Mapping, Sequence
 
 import torch
+
+logger = logging.getLogger("safeattn")
 
 __all__ = ["refusal_scores", "split_scores", "pick_threshold", "pick_thresholds",
            "validation_rows", "calibrate",
@@ -132,7 +135,8 @@ def _theta_above(s: torch.Tensor, k: int, ceiling: float = 1.0) -> float:
         return 0.0
     if kth >= 1.0:
         return 1.5  # above 1: never triggers
-    higher = s[s > kth]  # ties with the k-th score must stay below θ too
+    higher = s[(s > kth) & (s <= ceiling)]  # ties with the k-th score stay below θ too; +inf
+    # (a row that failed closed) refuses at any θ and bounds nothing
     return (kth + (float(higher.min()) if len(higher) else ceiling)) / 2
 
 
@@ -207,16 +211,27 @@ def calibrate(model, tokenizer, rows: Mapping[str, Sequence[Mapping]], *, target
     names = list(rows)
     prompts = [r["prompt"] for n in names for r in rows[n]]
     ids = [(n, r["id"]) for n in names for r in rows[n]]
-    p, _ = _decode(model, tokenizer, prompts, safety, max_new_tokens, batch_size)
+    # No finite p reaches θ > 1, so a row that refuses in this pass failed closed (a
+    # non-finite p or an error in the check, trace p nan): it refuses at every θ.
+    p, failed = _decode(model, tokenizer, prompts, safety, max_new_tokens, batch_size)
     by_set = {n: torch.tensor([i for i, (m, _) in enumerate(ids) if m == n]) for n in names}
     over = {r["id"] for r in rows["benign"] if r.get("source") in BENIGN_GROUPS["over_refusal"]}
     by_set["over_refusal"] = torch.tensor(
         [i for i, (m, rid) in enumerate(ids) if m == "benign" and rid in over], dtype=torch.long)
     benign = torch.cat([by_set[n] for n in names if is_benign_set(n)])
+    if failed.any():
+        bad = [f"{n}/{rid}" for (n, rid), f in zip(ids, failed.tolist()) if f]
+        logger.warning("safeattn calibrate: the safety check failed closed on %d row(s) (%s); "
+                       "they count as refusing at every θ", len(bad), ", ".join(bad[:5]))
+        if failed[benign].sum() > _budget(p[benign, 0], target_fpr):
+            raise ValueError(f"the safety check failed closed on {int(failed[benign].sum())} "
+                             f"of {len(benign)} benign rows, more than target_fpr="
+                             f"{target_fpr} allows: no θ can meet it")
 
     def operating_point(tau):
         """-> (query θ, θ, [N] refuses at them by the trace, [N] p_0, [N] refusal score)."""
         s0, sr = split_scores(p, tau)
+        sr = torch.where(failed, math.inf, sr)
         s = torch.maximum(s0, sr)  # refusal_scores(p, tau)
         if split_thresholds:
             q, th = pick_thresholds(s0[benign], sr[benign], target_fpr)
