@@ -24,9 +24,9 @@ import weakref
 import torch
 from vllm.v1.sample.logits_processor import LogitsProcessor
 
-from .. import generation, ops
+from .. import generation, ops, reference
 from ..generation import (MODE_NAMES, REFUSAL, SafetyConfig, SafetyOutput, _break_ids,
-                          _refusal_ids, _window)
+                          _refusal_ids)
 from ..ops import BENIGN, TRANSITION
 from .models import bridge_for, options
 from .probe import Plan
@@ -113,9 +113,10 @@ class RequestSafety:
         return sched or (self.cfg.escalate and self.mode == TRANSITION)
 
     def window(self, n: int) -> tuple[int, int]:
+        # the scalar rules, not generation's batched ones: one request's tensors of one
+        # element cost about 0.3 ms a call, every request, every step
         c = self.cfg
-        lo, hi = _window(*(torch.tensor([v]) for v in (self.mode, self.s_t, n)), c.r1, c.r2, c.r3)
-        return int(lo), int(hi)
+        return reference.window(self.mode, self.s_t, n, c.r1, c.r2, c.r3)
 
     def trace(self) -> SafetyOutput:
         """The trace as the HF decoder gives it: a one-row :class:`safeattn.SafetyOutput`
@@ -170,6 +171,7 @@ def step_states(states: list[RequestSafety], ns: list[int], logits: torch.Tensor
     """Run ``safety_step`` on the checked requests (grouped by their θ, τ, r1-r3); updates them
     in place and records the trace -> p ``[len(states)]``."""
     p_all = torch.sigmoid(logits.float())
+    ps = p_all.tolist()
     groups: dict = {}
     for i, s in enumerate(states):
         groups.setdefault(_config_key(s.cfg, ns[i]), []).append(i)
@@ -187,15 +189,17 @@ def step_states(states: list[RequestSafety], ns: list[int], logits: torch.Tensor
         rs = i32([s.prompt_len for s in sub])
         ops.safety_step(lg.contiguous(), torch.ones(1), torch.zeros(1), mode, consec, s_t, step,
                         refused, active, q, rs, theta=theta, tau=tau, r1=r1, r2=r2, r3=r3)
-        for j, s in enumerate(sub):
-            n = ns[idx[j]]
-            s.mode, s.consec, s.s_t = int(mode[j]), int(consec[j]), int(s_t[j])
-            if bool(refused[j]) and not s.refused:
-                s.refused, s.alarm_step = True, max(s.s_t, 0)
-            if not math.isfinite(float(p_all[idx[j]])):
+        # read back as lists: indexing a tensor element by element costs µs per read
+        for s, i, m, c, t, r in zip(sub, idx, mode.tolist(), consec.tolist(), s_t.tolist(),
+                                    refused.tolist()):
+            n, p = ns[i], ps[i]
+            s.mode, s.consec, s.s_t = m, c, t
+            if r and not s.refused:
+                s.refused, s.alarm_step = True, max(t, 0)
+            if not math.isfinite(p):
                 logger.warning("safeattn: non-finite safety probability for request %s at step "
                                "%d; it refuses (fail closed)", s.id, n)
-            s.p[n] = float(p_all[idx[j]])
+            s.p[n] = p
             s.modes[n] = REFUSAL if s.refused else s.mode
     return p_all
 
@@ -360,12 +364,13 @@ class SafetyLogitsProcessor(LogitsProcessor):
     def _step(self, br, logits: torch.Tensor) -> None:
         """The checks of this step (``safety_step``) and the forced refusal tokens."""
         plan, complete = br.plan, br.complete
+        rows, ns = plan.rows.tolist(), plan.n.tolist()
         checked = (complete & br.due).nonzero().flatten().tolist()
         if checked:
-            step_states([self._live[i] for i in checked], [int(plan.n[i]) for i in checked],
+            step_states([self._live[i] for i in checked], [ns[i] for i in checked],
                         br.logits[checked])
         for i in complete.nonzero().flatten().tolist():
-            s, row, n = self._live[i], int(plan.rows[i]), int(plan.n[i])
+            s, row, n = self._live[i], rows[i], ns[i]
             if not s.refused:
                 continue
             if s.refusal_step is None:
