@@ -304,6 +304,30 @@ def test_template_samples():
     assert D.build_samples("train", max_templates_per_prompt=0, **kw) == []
 
 
+def test_benign_template_samples():
+    kw = dict(benign_responses=fake_responses(), include=("template",), seed=3)
+    harmful = D.build_samples("train", **kw)
+    both = D.build_samples("train", benign_templates=True, **kw)
+    assert [s for s in both if s.label == 1] == harmful       # the harmful ones are unchanged
+    benign = [s for s in both if s.label == 0]
+    assert len(benign) == len({s.row_id for s in benign}) > 100  # one template per prompt
+    query = {s.row_id: s for s in D.build_samples("train", **{**kw, "include": ("query",)})
+             if s.label == 0}
+    assert {s.row_id for s in benign} == set(query)           # every benign train prompt
+    templates = {t["id"]: t for t in D.load("jailbreak_templates")}
+    for s in benign:
+        assert s.kind == "template" and s.response == query[s.row_id].response
+        assert s.request == query[s.row_id].prompt
+        assert s.prompt == D.render_template(templates[s.template_id], s.request)
+        assert s.lm_span == (0, len(s.response))
+    # same template pool, picked the same way, for both labels: no template predicts the label
+    used = lambda lab: {s.template_id for s in both if s.label == lab}  # noqa: E731
+    assert len(used(0) & used(1)) > 50
+    assert not {s.template_id for s in D.build_samples("test", benign_templates=True, **kw)} \
+        & (used(0) | used(1))
+    assert both == D.build_samples("train", benign_templates=True, **kw)  # seeded
+
+
 def test_suffix_samples():
     from _data_tiny import tiny_tokenizer
 

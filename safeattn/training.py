@@ -896,6 +896,7 @@ def _data_kwargs(args, tok, kinds, responses) -> dict:
     kw = dict(tokenizer=tok, seed=args.seed, include=kinds, benign_responses=responses,
               shuffle=True, max_templates_per_prompt=args.templates_per_prompt,
               max_template_chars=args.max_template_chars,
+              benign_templates=getattr(args, "benign_templates", False),
               suffixes_per_prompt=getattr(args, "suffixes_per_prompt", 1),
               suffix_tokens=_int_pair(getattr(args, "suffix_tokens", "10,30")),
               phrasings_per_prompt=getattr(args, "phrasings_per_prompt", 2),

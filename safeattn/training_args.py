@@ -50,6 +50,9 @@ def add_train_arguments(p) -> None:
                         "benign samples have no response (fine for head mode)")
     p.add_argument("--templates-per-prompt", type=int, default=1)
     p.add_argument("--max-template-chars", type=int, default=4000)
+    p.add_argument("--benign-templates", action="store_true",
+                   help="kind template: benign prompts inside jailbreak templates too (label "
+                        "0), so that the template alone does not predict the label")
     p.add_argument("--suffixes-per-prompt", type=int, default=1,
                    help="noise-suffix samples per harmful and per benign prompt (kind suffix)")
     p.add_argument("--suffix-tokens", default="10,30",

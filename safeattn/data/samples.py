@@ -33,7 +33,9 @@ Kinds of samples (:class:`Sample`)
 * ``template`` — a harmful train prompt inside a jailbreak template (every ``{{REQUEST}}``
   replaced), with a refusal, label 1. Each harmful prompt gets ``max_templates_per_prompt``
   templates picked by a hash of (seed, prompt id, template id), among the split's templates
-  of at most ``max_template_chars`` characters.
+  of at most ``max_template_chars`` characters. With ``benign_templates=True`` each benign
+  prompt gets templates the same way, with its own response, label 0: the template alone
+  then predicts nothing, and the head has to read the request inside it.
 * ``suffix`` — noise-suffix augmentation: a harmful *or* benign prompt followed by a space and
   ``n`` random vocabulary tokens joined by spaces, same label as the plain prompt (harmful:
   a refusal; benign: its response), so the noise itself carries no label signal. ``n`` is
@@ -396,6 +398,7 @@ def build_samples(split: str = "train", *, benign_responses: Mapping[str, str] |
                   harmful_continuations: Mapping[str, str] | None = None, tokenizer=None,
                   prefix_ks: Sequence[int] = (5, 10, 20, 40), seed: int = 0,
                   max_templates_per_prompt: int = 1, max_template_chars: int | None = 4000,
+                  benign_templates: bool = False,
                   include: Sequence[str] = DEFAULT_KINDS, target_prefill: bool = True,
                   trajectory_recovery: bool = False, missing_response: str = "error",
                   test_fraction: float = 0.2, salt: str = "", val_fraction: float = 0.0,
@@ -421,6 +424,7 @@ def build_samples(split: str = "train", *, benign_responses: Mapping[str, str] |
         max_templates_per_prompt: templates per harmful prompt (0: no template samples).
         max_template_chars: only templates up to this many characters (None: all); the
             longest in-the-wild templates run to 25k characters.
+        benign_templates: benign prompts get templates too (label 0; kind ``template``).
         include: which kinds to build (default :data:`DEFAULT_KINDS`; ``suffix`` is opt-in).
         target_prefill: add the full-``target`` trajectory sample of each harmful prompt.
         trajectory_recovery: append a refusal (with LM loss) after each harmful prefix.
@@ -565,15 +569,28 @@ def build_samples(split: str = "train", *, benign_responses: Mapping[str, str] |
         templates = cut(get("jailbreak_templates"))
         if max_template_chars is not None:
             templates = [t for t in templates if len(t["prompt"]) <= max_template_chars]
-        for r in harmful:
+
+        def picked(r):
             ranked = sorted(templates,
                             key=lambda t: split_fraction(f"template:{seed}:{r['id']}:{t['id']}"))
-            for t in ranked[:max_templates_per_prompt]:
+            return ranked[:max_templates_per_prompt]
+
+        for r in harmful:
+            for t in picked(r):
                 sid = f"{r['id']}|tmpl:{t['id']}"
                 resp = refusal_for(r, key=sid, category=cats[r["id"]], seed=seed)
                 t_samples.append(Sample(sid, render_template(t, r["prompt"]), resp, 1,
                                         "template", r.get("source", "advbench"), r["id"],
                                         cats[r["id"]], lm_span=(0, len(resp)),
+                                        template_id=t["id"], request=r["prompt"]))
+        for r in benign if benign_templates else []:
+            resp = responses[r["id"]]
+            for t in picked(r):
+                t_samples.append(Sample(f"{r['id']}|tmpl:{t['id']}",
+                                        render_template(t, r["prompt"]), resp or "", 0,
+                                        "template", r.get("source", "benign"), r["id"],
+                                        r.get("category"),
+                                        lm_span=(0, len(resp)) if resp else None,
                                         template_id=t["id"], request=r["prompt"]))
 
     hs_samples, bs_samples = [], []
