@@ -407,6 +407,22 @@ def test_calibrate_cli_needs_the_answers_for_conversations(tmp_path, capsys):
     assert "benign_responses.jsonl" in capsys.readouterr().err  # before any model load
 
 
+def test_cli_reports_a_bad_value_without_a_traceback(tmp_path, capsys, monkeypatch):
+    from safeattn.cli import main
+
+    (tmp_path / "safety_config.json").write_text("{}")
+    argv = ["calibrate", "--model", "smollm2-135m-instruct", "--safety", str(tmp_path),
+            "--val-fraction", "0"]
+    monkeypatch.delenv("SAFEATTN_TRACEBACK", raising=False)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("safeattn calibrate: error: val_fraction must be > 0")
+    assert "Traceback" not in err
+    monkeypatch.setenv("SAFEATTN_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="val_fraction"):
+        main(argv)
+
+
 @pytest.mark.parametrize("bad", ["0", "3,x", "-2"])
 def test_calibrate_cli_rejects_a_bad_compare_tau(tmp_path, capsys, bad):
     from safeattn.cli import main

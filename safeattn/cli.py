@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from pathlib import Path
 
 
@@ -40,7 +42,6 @@ def _load_model(spec: str, device: str | None = None):
 
 def _eval(args: argparse.Namespace) -> int:
     import json
-    import sys
 
     from . import eval as ev
     from .generation import SafetyConfig
@@ -124,7 +125,6 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     import subprocess
-    import sys
 
     root = Path(__file__).resolve().parent.parent
     if not (root / "bench" / "conftest.py").exists():
@@ -225,7 +225,6 @@ def _add_eval(sub) -> None:
 
 def _calibrate(args: argparse.Namespace) -> int:
     import json
-    import sys
     from dataclasses import replace
 
     import torch
@@ -386,6 +385,13 @@ def main(argv: list[str] | None = None) -> int:
     bench.set_defaults(func=_bench)
     args = parser.parse_args(argv)
     if args.command == "train":
-        import sys
         args.argv = list(argv if argv is not None else sys.argv[1:])[1:]
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ValueError as e:
+        # Bad input: the message names the setting, so a traceback only buries it.
+        if os.environ.get("SAFEATTN_TRACEBACK"):
+            raise
+        print(f"safeattn {args.command}: error: {e} (SAFEATTN_TRACEBACK=1 shows where)",
+              file=sys.stderr)
+        return 2
