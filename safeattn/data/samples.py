@@ -394,6 +394,14 @@ def _clean_response(text: str) -> str:
     return first_turn(text).strip()
 
 
+def _benign_sample(r: dict, sid: str, prompt, resp: str | None, kind: str,
+                   **extra) -> Sample:
+    """A benign request with the model's own answer ``resp`` (label 0; LM loss on the answer,
+    none when there is no answer)."""
+    return Sample(sid, prompt, resp or "", 0, kind, r.get("source", "benign"), r["id"],
+                  r.get("category"), lm_span=(0, len(resp)) if resp else None, **extra)
+
+
 def build_samples(split: str = "train", *, benign_responses: Mapping[str, str] | None = None,
                   harmful_continuations: Mapping[str, str] | None = None, tokenizer=None,
                   prefix_ks: Sequence[int] = (5, 10, 20, 40), seed: int = 0,
@@ -509,17 +517,18 @@ def build_samples(split: str = "train", *, benign_responses: Mapping[str, str] |
     h_samples, b_samples, ht_samples, bt_samples, t_samples = [], [], [], [], []
     cats = {r["id"]: coarse_category(r) for r in harmful}
 
+    def harmful_sample(r, sid, prompt, resp, kind, **extra) -> Sample:
+        """A harmful request answered with its refusal ``resp`` (label 1, LM loss on it)."""
+        return Sample(sid, prompt, resp, 1, kind, r.get("source", "advbench"), r["id"],
+                      cats[r["id"]], lm_span=(0, len(resp)), **extra)
+
     if "query" in include:
         for r in harmful:
             resp = refusal_for(r, category=cats[r["id"]], seed=seed)
-            h_samples.append(Sample(f"{r['id']}|query", r["prompt"], resp, 1, "query",
-                                    r.get("source", "advbench"), r["id"], cats[r["id"]],
-                                    lm_span=(0, len(resp))))
+            h_samples.append(harmful_sample(r, f"{r['id']}|query", r["prompt"], resp, "query"))
         for r in benign:
             resp = responses[r["id"]]
-            b_samples.append(Sample(f"{r['id']}|query", r["prompt"], resp or "", 0, "query",
-                                    r.get("source", "benign"), r["id"], r.get("category"),
-                                    lm_span=(0, len(resp)) if resp else None))
+            b_samples.append(_benign_sample(r, f"{r['id']}|query", r["prompt"], resp, "query"))
 
     if "trajectory" in include:
         recov = {c: [x for x in v if x.startswith(REFUSAL_PREFIX)] for c, v in REFUSALS.items()}
@@ -579,19 +588,16 @@ def build_samples(split: str = "train", *, benign_responses: Mapping[str, str] |
             for t in picked(r):
                 sid = f"{r['id']}|tmpl:{t['id']}"
                 resp = refusal_for(r, key=sid, category=cats[r["id"]], seed=seed)
-                t_samples.append(Sample(sid, render_template(t, r["prompt"]), resp, 1,
-                                        "template", r.get("source", "advbench"), r["id"],
-                                        cats[r["id"]], lm_span=(0, len(resp)),
-                                        template_id=t["id"], request=r["prompt"]))
+                t_samples.append(harmful_sample(r, sid, render_template(t, r["prompt"]), resp,
+                                                "template", template_id=t["id"],
+                                                request=r["prompt"]))
         for r in benign if benign_templates else []:
             resp = responses[r["id"]]
             for t in picked(r):
-                t_samples.append(Sample(f"{r['id']}|tmpl:{t['id']}",
-                                        render_template(t, r["prompt"]), resp or "", 0,
-                                        "template", r.get("source", "benign"), r["id"],
-                                        r.get("category"),
-                                        lm_span=(0, len(resp)) if resp else None,
-                                        template_id=t["id"], request=r["prompt"]))
+                t_samples.append(_benign_sample(r, f"{r['id']}|tmpl:{t['id']}",
+                                                render_template(t, r["prompt"]), resp,
+                                                "template", template_id=t["id"],
+                                                request=r["prompt"]))
 
     hs_samples, bs_samples = [], []
     if "suffix" in include and suffixes_per_prompt > 0:
@@ -606,17 +612,13 @@ def build_samples(split: str = "train", *, benign_responses: Mapping[str, str] |
             for j in range(suffixes_per_prompt):
                 sid = f"{r['id']}|sfx{j}"
                 resp = refusal_for(r, key=sid, category=cats[r["id"]], seed=seed)
-                hs_samples.append(Sample(sid, noisy(r, j), resp, 1, "suffix",
-                                         r.get("source", "advbench"), r["id"], cats[r["id"]],
-                                         lm_span=(0, len(resp)), request=r["prompt"]))
+                hs_samples.append(harmful_sample(r, sid, noisy(r, j), resp, "suffix",
+                                                 request=r["prompt"]))
         for r in benign:
             resp = responses[r["id"]]
             for j in range(suffixes_per_prompt):
-                bs_samples.append(Sample(f"{r['id']}|sfx{j}", noisy(r, j), resp or "", 0,
-                                         "suffix", r.get("source", "benign"), r["id"],
-                                         r.get("category"),
-                                         lm_span=(0, len(resp)) if resp else None,
-                                         request=r["prompt"]))
+                bs_samples.append(_benign_sample(r, f"{r['id']}|sfx{j}", noisy(r, j), resp,
+                                                 "suffix", request=r["prompt"]))
 
     hp_samples, bp_samples = [], []
     if "phrasing" in include and phrasings_per_prompt > 0:
@@ -624,19 +626,15 @@ def build_samples(split: str = "train", *, benign_responses: Mapping[str, str] |
             for form in pick_forms(r, phrasings_per_prompt, seed):
                 sid = f"{r['id']}|form:{form}"
                 resp = refusal_for(r, key=sid, category=cats[r["id"]], seed=seed)
-                hp_samples.append(Sample(sid, rephrase(r["prompt"], form, f"{seed}:{r['id']}"),
-                                         resp, 1, "phrasing", r.get("source", "advbench"),
-                                         r["id"], cats[r["id"]], lm_span=(0, len(resp)),
-                                         request=r["prompt"]))
+                hp_samples.append(harmful_sample(
+                    r, sid, rephrase(r["prompt"], form, f"{seed}:{r['id']}"), resp, "phrasing",
+                    request=r["prompt"]))
         for r in benign:
             resp = responses[r["id"]]
             for form in pick_forms(r, phrasings_per_prompt, seed):
-                bp_samples.append(Sample(f"{r['id']}|form:{form}",
-                                         rephrase(r["prompt"], form, f"{seed}:{r['id']}"),
-                                         resp or "", 0, "phrasing", r.get("source", "benign"),
-                                         r["id"], r.get("category"),
-                                         lm_span=(0, len(resp)) if resp else None,
-                                         request=r["prompt"]))
+                bp_samples.append(_benign_sample(
+                    r, f"{r['id']}|form:{form}", rephrase(r["prompt"], form, f"{seed}:{r['id']}"),
+                    resp, "phrasing", request=r["prompt"]))
 
     hc_samples, bc_samples = [], []
     if "conversation" in include:
@@ -645,18 +643,15 @@ def build_samples(split: str = "train", *, benign_responses: Mapping[str, str] |
             for tag, chat, prompt_origin in conversations(r, openers, responses, seed):
                 sid = f"{r['id']}|{tag}"
                 resp = refusal_for(r, key=sid, category=cats[r["id"]], seed=seed)
-                hc_samples.append(Sample(sid, chat, resp, 1, "conversation",
-                                         r.get("source", "advbench"), r["id"], cats[r["id"]],
-                                         lm_span=(0, len(resp)), request=r["prompt"],
-                                         prompt_origin=prompt_origin))
+                hc_samples.append(harmful_sample(r, sid, chat, resp, "conversation",
+                                                 request=r["prompt"],
+                                                 prompt_origin=prompt_origin))
         for r in benign:
             resp = responses[r["id"]]
             for tag, chat, prompt_origin in conversations(r, openers, responses, seed):
-                bc_samples.append(Sample(f"{r['id']}|{tag}", chat, resp or "", 0,
-                                         "conversation", r.get("source", "benign"), r["id"],
-                                         r.get("category"),
-                                         lm_span=(0, len(resp)) if resp else None,
-                                         request=r["prompt"], prompt_origin=prompt_origin))
+                bc_samples.append(_benign_sample(r, f"{r['id']}|{tag}", chat, resp,
+                                                 "conversation", request=r["prompt"],
+                                                 prompt_origin=prompt_origin))
 
     ca_samples, cf_samples = [], []
     if "contrast" in include:
