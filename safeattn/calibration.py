@@ -223,7 +223,7 @@ def calibrate(model, tokenizer, rows: Mapping[str, Sequence[Mapping]], *, target
         bad = [f"{n}/{rid}" for (n, rid), f in zip(ids, failed.tolist()) if f]
         logger.warning("safeattn calibrate: the safety check failed closed on %d row(s) (%s); "
                        "they count as refusing at every θ", len(bad), ", ".join(bad[:5]))
-        if failed[benign].sum() > _budget(p[benign, 0], target_fpr):
+        if failed[benign].sum() > _budget(benign, target_fpr):
             raise ValueError(f"the safety check failed closed on {int(failed[benign].sum())} "
                              f"of {len(benign)} benign rows, more than target_fpr="
                              f"{target_fpr} allows: no θ can meet it")
