@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from safeattn.baselines import FrozenProbe, extract_last_token_states, stratified_folds
-from safeattn.metrics import auroc, binary_metrics, roc_curve, tpr_at_fpr
+from safeattn.metrics import auroc, binary_metrics, roc_curve, tpr_at_fpr, wilson_interval
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -51,6 +51,23 @@ def test_metric_input_errors():
         binary_metrics([0.3, 0.7], [0, 1])
     with pytest.raises(ValueError):
         binary_metrics([], [])
+
+
+def test_wilson_interval():
+    # Newcombe (1998), Table I: 81/263 -> 0.2553-0.3662; 0/10 -> 0-0.2775; 1/29 ->
+    # 0.0061-0.1718 (Wilson, without continuity correction)
+    for (k, n), want in (((81, 263), (0.2553, 0.3662)), ((0, 10), (0.0, 0.2775)),
+                         ((1, 29), (0.0061, 0.1718))):
+        assert wilson_interval(k, n) == pytest.approx(want, abs=1e-4)
+    lo, hi = wilson_interval(3, 50)
+    assert (1 - hi, 1 - lo) == pytest.approx(wilson_interval(47, 50))  # symmetric
+    assert wilson_interval(50, 50)[1] == 1.0 and wilson_interval(0, 50)[0] == 0.0
+    assert wilson_interval(3, 50, z=2.576)[1] > hi  # 99% is wider
+    for bad in ((4, 3), (-1, 3), (1, 0), (0.5, 3), (True, 3)):
+        with pytest.raises(ValueError, match="k"):
+            wilson_interval(*bad)
+    with pytest.raises(ValueError, match="z"):
+        wilson_interval(1, 3, z=0)
 
 
 def test_tpr_at_fpr_hand_computed():

@@ -201,6 +201,9 @@ def test_report_shape_and_refusals_when_head_fires():
         assert {"attack", "variant", "mode", "label", "n", "refused"} <= set(r)
         assert ("asr" in r) == (r["label"] == "harmful")
         assert ("over_refusal" in r) == (r["label"] == "benign")
+        metric = "asr" if r["label"] == "harmful" else "over_refusal"
+        lo, hi = r[f"{metric}_ci95"]
+        assert lo <= r[metric] <= hi and hi - lo > 0.3  # n <= 2: a wide interval
         if r["mode"] == "safe":
             # the head fires on p_0, and the prefill check refuses at once: step 0
             assert (r.get("asr") or 0.0) == 0.0
@@ -239,7 +242,8 @@ def test_response_attack_refusal_by_the_trace():
     assert [e["refusal_step"] for e in safe] == [0] * 4
     assert all(e["response"].strip() == REFUSAL for e in safe)
     assert all(e["prompt"] == EVAL_NEUTRAL_PROMPT for e in rep["examples"])
-    assert "| response |  | harmful (ASR) | 2 | 100.0% | 0.0% | 0.0 |" in ev.to_markdown(rep)
+    assert ("| response |  | harmful (ASR) | 2 | 100.0% (34.2–100.0) | 0.0% (0.0–65.8) | 0.0 |"
+            in ev.to_markdown(rep))
     # θ > 1: the decoder never refuses; safe = plain, token for token
     rep = ev.evaluate(model, tok, ROWS, safety=SafetyConfig(threshold=1.5,
                                                             refusal_prefix=REFUSAL), **kw)

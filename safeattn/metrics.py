@@ -1,13 +1,16 @@
-"""Classification metrics in pure torch: AUROC, TPR at a fixed FPR, accuracy/precision/recall/F1.
+"""Classification metrics in pure torch: AUROC, TPR at a fixed FPR, accuracy/precision/recall/F1,
+and the Wilson interval of a rate.
 
 ``labels`` are 0/1 (1 = positive = malicious); ``scores`` are any real numbers where larger
 means more likely positive. Inputs may be tensors, lists or arrays of shape ``[N]``.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
-__all__ = ["auroc", "tpr_at_fpr", "binary_metrics", "roc_curve"]
+__all__ = ["auroc", "tpr_at_fpr", "binary_metrics", "roc_curve", "wilson_interval"]
 
 
 def _vec(x, name: str, dtype=torch.float64) -> torch.Tensor:
@@ -88,6 +91,24 @@ def separation(pos, neg, fpr: float = 0.02) -> tuple[float, float, float]:
     y = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))]).to(s.dtype)
     tpr, t = tpr_at_fpr(s, y, fpr, return_threshold=True)
     return auroc(s, y), tpr, float(t)
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a rate ``k / n`` (default 95%) -> ``(low, high)``.
+
+    The eval's rates come from 38-100 prompts, where the normal approximation breaks down
+    at 0% and 100%; Wilson's interval stays inside [0, 1] and is not empty there.
+    """
+    if isinstance(k, bool) or isinstance(n, bool) or k != int(k) or n != int(n):
+        raise ValueError(f"k and n must be integer counts, got k={k!r}, n={n!r}")
+    if n < 1 or not 0 <= k <= n:
+        raise ValueError(f"need 0 <= k <= n and n >= 1, got k={k}, n={n}")
+    if not z > 0:
+        raise ValueError(f"z must be > 0, got {z}")
+    p, z2 = k / n, z * z
+    mid = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return max(0.0, mid - half), min(1.0, mid + half)
 
 
 def binary_metrics(pred, labels, *, threshold: float | None = None) -> dict[str, float]:
