@@ -374,6 +374,24 @@ def test_fold_metrics_on_known_scores(train):
 
     ben = loso.fold_metrics(p, "over_refusal", flag_over_refusal)
     assert ben["fpr_at_theta"] == 1.0 and ben["auroc"] == 0.5
+    assert "missed" not in row and "false_alarms" not in ben  # examples=0: none named
+
+    def by_id(idx):  # a score per prompt that orders them: the errors can be checked
+        return torch.tensor([float(i % 1000) - 500.0 for i in idx])
+
+    held, neg = p.prompts["xstest_unsafe"], p.validation
+    row = loso.fold_metrics(p, "xstest_unsafe", by_id, examples=3)
+    low = sorted(held, key=lambda i: i % 1000)[:3]
+    assert [x["row_id"] for x in row["missed"]] == [p.pool[i].row_id for i in low]
+    assert [x["score"] for x in row["missed"]] == [float(i % 1000) - 500.0 for i in low]
+    high = sorted(neg, key=lambda i: -(i % 1000))[:3]
+    assert [x["row_id"] for x in row["false_alarms"]] == [p.pool[i].row_id for i in high]
+    assert row["missed"][0]["prompt"] == p.pool[low[0]].prompt[:loso.EXAMPLE_CHARS]
+    ben = loso.fold_metrics(p, "over_refusal", flag_over_refusal, examples=2)
+    assert len(ben["false_alarms"]) == 2
+    assert all(x["score"] == 1.0 for x in ben["false_alarms"])  # its own prompts, flagged
+    assert {x["row_id"] for x in ben["false_alarms"]} <= {
+        p.pool[i].row_id for i in p.prompts["over_refusal"]}
     t = loso.test_metrics(p, perfect)
     assert t["advbench"]["n"] == 105 and t["benign"]["fpr_at_0.5"] == 0.0
     assert t["responses"]["auroc"] == 1.0 and t["responses"]["n"] == 79

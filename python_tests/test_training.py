@@ -510,6 +510,11 @@ def test_run_loso_tiny(tmp_path, monkeypatch):
         assert set(rows) == {"cls", "cls_adapter", "cls_frozen_row", "frozen_probe"}
         for r in rows.values():
             assert 0.0 <= r["auroc"] <= 1.0 and r["n_heldout"] > 0
+        # --loso-examples (default 10): the trained variants name their errors
+        assert len(rows["cls_adapter"]["false_alarms"]) == min(10, rows["cls_adapter"].get(
+            "n_benign", rows["cls_adapter"]["n_heldout"]))
+        assert ("missed" in rows["cls_adapter"]) == (fold in ("advbench", "xstest_unsafe",
+                                                              "pyrit_objectives"))
     # seen[0] is the whole pool (cache warm-up), then two training sets per fold (with and
     # without the probe adapter), then all
     assert len(seen) == 2 * len(FOLDS) + 2

@@ -42,6 +42,8 @@ __all__ = ["Plan", "plan", "fold_metrics", "test_metrics", "response_sweep", "FO
 
 #: Every LOSO fold: the harmful sources, then the benign groups.
 FOLDS = tuple(HARMFUL_SOURCES) + tuple(BENIGN_GROUPS)
+#: A fold's error examples keep this much of each prompt.
+EXAMPLE_CHARS = 300
 
 
 def response_sweep(rows, tokenizer=None, *, every: int = 8, max_tokens: int = 64,
@@ -127,24 +129,40 @@ def _max_per_row(pool, idx, scores) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor([v[0] for v in vals]), torch.tensor([float(v[1]) for v in vals])
 
 
-def fold_metrics(p: Plan, fold: str, score) -> dict:
+def _extremes(p: Plan, idx: list[int], scores: torch.Tensor, k: int,
+              highest: bool) -> list[dict]:
+    """The ``k`` prompts of ``idx`` that score highest (or lowest), for reading the errors."""
+    order = scores.argsort(descending=highest)[:k].tolist()
+    return [{"row_id": p.pool[idx[j]].row_id, "score": round(float(scores[j]), 4),
+             "prompt": str(p.pool[idx[j]].prompt)[:EXAMPLE_CHARS]} for j in order]
+
+
+def fold_metrics(p: Plan, fold: str, score, examples: int = 0) -> dict:
     """The report row of one fold from ``score(indices) -> [N]`` scores (higher = more
-    malicious) of the model trained on ``p.folds[fold]`` (see the module docstring)."""
+    malicious) of the model trained on ``p.folds[fold]`` (see the module docstring). With
+    ``examples``, the row also names that many of its errors: the held-out harmful prompts
+    that score lowest (``missed``) and the benign validation prompts that score highest
+    (``false_alarms``); for a benign fold, its held-out prompts that score highest."""
     val_neg = [i for i in p.validation if p.origin_of(i) != fold]
     neg = score(val_neg)
+    held = p.prompts[fold]
     if fold in HARMFUL_SOURCES:
-        held = p.prompts[fold]
-        auc, tpr, theta = separation(score(held), neg)
+        pos = score(held)
+        auc, tpr, theta = separation(pos, neg)
         row = {"fold": fold, "kind": "harmful", "n_heldout": len(held), "n_benign": len(neg),
                "auroc": auc, "tpr_at_2fpr": tpr, "theta": theta}
+        if examples:
+            row["missed"] = _extremes(p, held, pos, examples, highest=False)
+            row["false_alarms"] = _extremes(p, val_neg, neg, examples, highest=True)
     else:
-        held = p.prompts[fold]
         hneg = score(held)
         pos = score(p.harmful_test)
         _, _, theta = separation(pos, neg)
         row = {"fold": fold, "kind": "benign", "n_heldout": len(held), "n_harmful": len(pos),
                "auroc": separation(pos, hneg)[0],
                "fpr_at_theta": float((hneg >= theta).float().mean()), "theta": theta}
+        if examples:
+            row["false_alarms"] = _extremes(p, held, hneg, examples, highest=True)
     if p.sweep:
         rs, ry = _max_per_row(p.pool, p.sweep, score(p.sweep))
         row["response_auroc"] = auroc(rs, ry) if 0 < int(ry.sum()) < len(ry) else float("nan")

@@ -1233,7 +1233,8 @@ def run_loso(args) -> int:
         rows = {}
         for variant in variants:
             trainer = train_variant(variant, idx, args.epochs)
-            rows[variant] = loso.fold_metrics(plan, fold, trainer.cached_logits)
+            rows[variant] = loso.fold_metrics(plan, fold, trainer.cached_logits,
+                                              examples=args.loso_examples)
         head = _logistic({cls_layer: cls0[idx, cls_layer]}, y[idx], seed=args.seed)
         probe = _logistic({k: v[idx] for k, v in feats_last.items()}, y[idx], seed=args.seed)
         rows["cls_frozen_row"] = loso.fold_metrics(

@@ -7,15 +7,21 @@ import argparse
 TRAIN_MODES = ("full", "lora", "head")
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an int >= 1, else a usage error that names the option."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return value
+def _int_from(low: int):
+    def parse(text: str) -> int:
+        """argparse type: an int >= ``low``, else a usage error that names the option."""
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
+        return value
+    return parse
+
+
+positive_int = _int_from(1)
+count = _int_from(0)
 
 
 def add_train_arguments(p) -> None:
@@ -88,6 +94,10 @@ def add_train_arguments(p) -> None:
                    help="--loso: the trained variants each fold runs (comma-separated): cls "
                         "(head + [CLS] row), cls_adapter (also the probe adapter; needs "
                         "--probe-adapter); the frozen baselines always run")
+    p.add_argument("--loso-examples", type=count, default=10,
+                   help="--loso: each fold of a trained variant names this many of its errors "
+                        "in loso.json (held-out harmful prompts scored lowest, benign prompts "
+                        "scored highest)")
     p.add_argument("--context-cache-file", default=None,
                    help="--loso: keep the frozen forward of the pool (keys, values, states) in "
                         "this file and reuse it on the next run with the same data and layers")
