@@ -21,7 +21,7 @@ def _int_from(low: int):
 
 
 positive_int = _int_from(1)
-count = _int_from(0)
+non_negative_int = _int_from(0)
 
 
 def add_train_arguments(p) -> None:
@@ -94,7 +94,7 @@ def add_train_arguments(p) -> None:
                    help="--loso: the trained variants each fold runs (comma-separated): cls "
                         "(head + [CLS] row), cls_adapter (also the probe adapter; needs "
                         "--probe-adapter); the frozen baselines always run")
-    p.add_argument("--loso-examples", type=count, default=10,
+    p.add_argument("--loso-examples", type=non_negative_int, default=10,
                    help="--loso: each fold of a trained variant names this many of its errors "
                         "in loso.json (held-out harmful prompts scored lowest, benign prompts "
                         "scored highest)")
