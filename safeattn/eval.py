@@ -49,9 +49,10 @@ Report (:func:`evaluate` returns it; the CLI writes it as JSON)::
 
 ``asr`` (harmful rows) = share of prompts whose response does not refuse; ``over_refusal``
 (benign rows) = share refused; ``asr_ci95`` / ``over_refusal_ci95`` its 95% Wilson interval
-``[low, high]`` (:func:`safeattn.metrics.wilson_interval`). ``mean_refusal_step`` (safe mode) is the mean response index
-where the refusal prefix began, over the rows that refused. ``cls_flagged`` (safe mode) is the
-share of rows whose ``[CLS]`` probe reached θ at least once.
+``[low, high]`` (:func:`safeattn.metrics.wilson_interval`). ``mean_refusal_step`` (safe
+mode) is the mean response index where the refusal prefix began, over the rows that refused.
+``cls_flagged`` (safe mode) is the share of rows whose ``[CLS]`` probe reached θ at least
+once.
 """
 from __future__ import annotations
 
@@ -772,8 +773,7 @@ def to_markdown(report: dict) -> str:
         key = (r["attack"], r["variant"], r["label"])
         rows.setdefault(key, {})[r["mode"]] = r
     lines = ["| attack | variant | prompts | n | plain (95% CI) | safeattn (95% CI) | "
-             "safe: mean refusal step | "
-             "[CLS] flagged | tok/s plain | tok/s safe |",
+             "safe: mean refusal step | [CLS] flagged | tok/s plain | tok/s safe |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for (attack, var, label), by in rows.items():
         metric = "asr" if label == "harmful" else "over_refusal"
