@@ -9,7 +9,8 @@ run with the same engine settings: a plain request carries no ``extra_args["safe
 probe never runs; the wrapper only shifts RoPE positions). Each request decodes exactly
 ``--tokens`` tokens (``min_tokens`` = ``max_tokens``, θ above 1 so nothing refuses). Rounds
 interleave plain, each, annealing at batch 1 and 8 to cancel drift; the ratio is the median
-time of a case over the median plain time of the same batch. With ``SAFEATTN_REF_PYTHON`` (the
+time of a case over the median plain time of the same batch (``round_ratios``: each
+round's own ratio, which shows how noisy the machine was). With ``SAFEATTN_REF_PYTHON`` (the
 main venv's python) the same run also times ``safeattn.generate`` (HF) at batch 8, ``each``,
 with the same thread count. Writes ``bench/results/vllm.json``.
 """
@@ -102,8 +103,11 @@ def main():
         base = statistics.median(times[(b, "plain")])
         for s in SCHEDULES:
             med = statistics.median(times[(b, s)])
+            # Each round times every case back to back: its own ratio shows the noise.
+            per_round = [t / p for t, p in zip(times[(b, s)], times[(b, "plain")])]
             c = {"batch": b, "schedule": s, "seconds": times[(b, s)],
                  "tok_s": b * args.tokens / med, "ratio": med / base,
+                 "round_ratios": per_round,
                  "same_ids_as_plain": ids[(b, s)] == ids[(b, "plain")]}
             if b == 8 and s in TARGET:
                 c["target"] = TARGET[s]
@@ -127,8 +131,10 @@ def main():
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(summary, indent=1) + "\n")
     for c in cases:
+        rr = c["round_ratios"]
         print(f"batch {c['batch']} {c['schedule']:9s} {c['tok_s']:7.1f} tok/s  "
-              f"ratio {c['ratio']:.3f}  same ids {c['same_ids_as_plain']}")
+              f"ratio {c['ratio']:.3f} (rounds {min(rr):.3f}-{max(rr):.3f})  "
+              f"same ids {c['same_ids_as_plain']}")
     if hf:
         print(f"HF safeattn.generate batch 8 each: {hf['tok_s']:.1f} tok/s; vLLM is "
               f"{hf['vllm_speedup']:.2f}x")
