@@ -219,6 +219,35 @@ def test_report_shape_and_refusals_when_head_fires():
     assert "| attack |" in md and "| response |  | benign (over-refusal) | 1 |" in md
 
 
+def test_rates_by_category():
+    """Each category's rate counts its own prompts; "a; b" counts in both; none -> no key."""
+    rows = [dict(ROWS[0], category="weapons; violence"), dict(ROWS[1], category="theft"),
+            dict(ROWS[2], category="cooking")]
+    model, tok = _patched(logit=-10.0)  # the head never fires: safe = plain
+    rep = ev.evaluate(model, tok, rows, modes=("safe",), max_new_tokens=3, batch_size=3,
+                      safety=SafetyConfig(refusal_prefix=REFUSAL))
+    got = _by_mode_label(rep)
+    h, b = got[("safe", "harmful")], got[("safe", "benign")]
+    assert list(h["by_category"]) == ["theft", "violence", "weapons"]
+    for c in h["by_category"].values():
+        assert c == {"n": 1, "refused": 0, "asr": 1.0}
+    assert b["by_category"] == {"cooking": {"n": 1, "refused": 0, "over_refusal": 0.0}}
+    md = ev.to_markdown(rep)
+    assert "| direct |  | harmful | weapons | 1 | – | 100.0% (1/1) |" in md
+    assert "| direct |  | benign | cooking | 1 | – | 0.0% (0/1) |" in md
+
+    recs = [{"case": ev.case(r, "direct", None, r["prompt"]), "refused": k}
+            for r, k in zip(rows[:2], (True, False))]
+    recs.append({"case": ev.case(ROWS[1], "direct", None, "x"), "refused": True})
+    assert ev.by_category(recs, "asr") == {"theft": {"n": 1, "refused": 0, "asr": 1.0},
+                                           "violence": {"n": 1, "refused": 1, "asr": 0.0},
+                                           "weapons": {"n": 1, "refused": 1, "asr": 0.0}}
+    plain = ev.evaluate(model, tok, ROWS, modes=("safe",), max_new_tokens=3, batch_size=3,
+                        safety=SafetyConfig(refusal_prefix=REFUSAL))
+    assert not any("by_category" in r for r in plain["results"])
+    assert "By category" not in ev.to_markdown(plain)
+
+
 def _by_mode_label(rep):
     return {(r["mode"], r["label"]): r for r in rep["results"]}
 
@@ -330,11 +359,12 @@ def test_load_prompts(tmp_path):
         got = ev.load_prompts(name)
         assert [r["id"] for r in got] == [r["id"] for r in eval_sets("test")[name]]
         assert {r["label"] for r in got} == {"harmful"}
+    assert rows[0]["category"] == eval_sets("test")["harmful"][0]["category"]
     p = _write(tmp_path, ['{"prompt": "a", "label": "harmful", "target": "Sure"}',
-                          '', '{"prompt": "b", "label": 0, "id": "x"}'])
+                          '', '{"prompt": "b", "label": 0, "id": "x", "category": "c"}'])
     assert ev.load_prompts(p) == [
-        {"id": "line1", "prompt": "a", "label": "harmful", "target": "Sure"},
-        {"id": "x", "prompt": "b", "label": "benign", "target": None}]
+        {"id": "line1", "prompt": "a", "label": "harmful", "target": "Sure", "category": None},
+        {"id": "x", "prompt": "b", "label": "benign", "target": None, "category": "c"}]
 
 
 @pytest.mark.parametrize("lines,msg", [
@@ -342,6 +372,7 @@ def test_load_prompts(tmp_path):
      r"p\.jsonl:2: malformed JSON"),
     (['{"prompt": "a", "label": "toxic"}'], r":1: 'label' must be"),
     (['{"label": "harmful"}'], r":1: 'prompt' missing"),
+    (['{"prompt": "a", "label": 1, "category": ["x"]}'], r":1: 'category' must be a string"),
     (['["a"]'], ":1: expected a JSON object"),
     (['{"prompt": "a", "label": 1, "id": "d"}', '{"prompt": "b", "label": 1, "id": "d"}'],
      ":2: duplicate id"),

@@ -124,27 +124,28 @@ def _parse_jsonl(text: str, where: str) -> list[dict]:
         if label is None:
             raise EvalError(f"{where}:{lineno}: 'label' must be 'harmful' or 'benign' (or 1/0), "
                             f"got {row.get('label')!r}")
-        if row.get("target") is not None and not isinstance(row["target"], str):
-            raise EvalError(f"{where}:{lineno}: 'target' must be a string")
+        for key in ("target", "category"):
+            if row.get(key) is not None and not isinstance(row[key], str):
+                raise EvalError(f"{where}:{lineno}: {key!r} must be a string")
         rid = str(row.get("id", f"line{lineno}"))
         if rid in seen:
             raise EvalError(f"{where}:{lineno}: duplicate id {rid!r}")
         seen.add(rid)
         rows.append({"id": rid, "prompt": row["prompt"], "label": label,
-                     "target": row.get("target")})
+                     "target": row.get("target"), "category": row.get("category")})
     if not rows:
         raise EvalError(f"{where}: no prompts")
     return rows
 
 
 def load_prompts(data: str = "test", *, limit: int | None = None) -> list[dict]:
-    """Evaluation prompts -> rows ``{"id", "prompt", "label", "target"}``.
+    """Evaluation prompts -> rows ``{"id", "prompt", "label", "target", "category"}``.
 
     ``data`` is a ``.jsonl`` path (objects with ``prompt``, ``label`` = ``harmful``/``benign``
-    or 1/0, optional ``target`` and ``id``), or a built-in set: ``test`` (AdvBench + benign of
-    the test split, the default), ``harmful``, ``benign``, ``over_refusal`` (the test split's
-    scary-sounding safe prompts), ``xstest_unsafe`` or ``pyrit_objectives`` (the test splits
-    of those harmful sources). ``limit`` keeps the first ``limit`` rows *of each label* (so a
+    or 1/0, optional ``target``, ``id`` and ``category``), or a built-in set: ``test``
+    (AdvBench + benign of the test split, the default), ``harmful``, ``benign``,
+    ``over_refusal`` (the test split's scary-sounding safe prompts), ``xstest_unsafe`` or
+    ``pyrit_objectives`` (the test splits of those harmful sources). ``limit`` keeps the first ``limit`` rows *of each label* (so a
     small run still measures both).
     """
     from .data import eval_sets
@@ -166,7 +167,8 @@ def load_prompts(data: str = "test", *, limit: int | None = None) -> list[dict]:
                             f"{sorted(names)}")
         rows = [{"id": r["id"], "prompt": r["prompt"],
                  "label": "benign" if r["label"] == "benign" else "harmful",
-                 "target": r.get("target")} for n in names[data] for r in sets[n]]
+                 "target": r.get("target"), "category": r.get("category")}
+                for n in names[data] for r in sets[n]]
     if limit is not None:
         count: dict[str, int] = {}
         kept = []
@@ -209,6 +211,13 @@ class Case:
     prompt: str | list                # the user turn as sent, or a conversation (messages)
     prefill: str | None = None        # attacker text that starts the assistant turn
     sampling: tuple | None = None     # sorted (name, value) pairs; None = greedy
+    category: str | None = None       # the row's harm or benign category ("a; b": several)
+
+
+def case(row: Mapping, attack: str, variant: str | None, prompt, **kw) -> Case:
+    """The :class:`Case` of ``row`` (its id, label and category) under one attack variant."""
+    return Case(row["id"], row["label"], attack, variant, prompt,
+                category=row.get("category"), **kw)
 
 
 def _hash(*parts) -> int:
@@ -269,20 +278,20 @@ def build_cases(rows: Sequence[Mapping], attack: str, *, tokenizer=None, seed: i
     from .data import EVAL_NEUTRAL_PROMPT, render_template, suffix_pool, truncate_tokens
 
     if attack == "direct":
-        return [Case(r["id"], r["label"], attack, None, r["prompt"]) for r in rows]
+        return [case(r, attack, None, r["prompt"]) for r in rows]
     if attack == "prefill":
-        out = [Case(r["id"], r["label"], attack, "target", r["prompt"],
+        out = [case(r, attack, "target", r["prompt"],
                     prefill=r.get("target") or DEFAULT_PREFILL) for r in rows]
         if continuations is not None:
             for k in prefill_ks:
                 for r in rows:
                     src = (r.get("target") or DEFAULT_PREFILL) + continuations.get(r["id"], "")
                     pre, _ = truncate_tokens(src, k, tokenizer)
-                    out.append(Case(r["id"], r["label"], attack, f"k={k}", r["prompt"],
+                    out.append(case(r, attack, f"k={k}", r["prompt"],
                                     prefill=pre))
         return out
     if attack == "decoding":
-        return [Case(r["id"], r["label"], attack, name, r["prompt"],
+        return [case(r, attack, name, r["prompt"],
                      sampling=tuple(sorted(kw.items())))
                 for name, kw in DECODING_SWEEP for r in rows]
     if attack == "template":
@@ -290,7 +299,7 @@ def build_cases(rows: Sequence[Mapping], attack: str, *, tokenizer=None, seed: i
         out = []
         for r in rows:
             t = ts[_hash(seed, r["id"]) % len(ts)]
-            out.append(Case(r["id"], r["label"], attack, None,
+            out.append(case(r, attack, None,
                             render_template(t, r["prompt"])))
         return out
     if attack == "suffix":
@@ -301,18 +310,18 @@ def build_cases(rows: Sequence[Mapping], attack: str, *, tokenizer=None, seed: i
         for r in rows:
             rng = random.Random(_hash(seed, "suffix", r["id"]))
             suffix = " ".join(rng.choice(pool) for _ in range(suffix_tokens))
-            out.append(Case(r["id"], r["label"], attack, None, f"{r['prompt']} {suffix}"))
+            out.append(case(r, attack, None, f"{r['prompt']} {suffix}"))
         return out
     if attack == "response":
         _check_response_rows(rows)
-        return [Case(r["id"], r["label"], attack, None, EVAL_NEUTRAL_PROMPT,
+        return [case(r, attack, None, EVAL_NEUTRAL_PROMPT,
                      prefill=truncate_tokens(r["response"], response_tokens, tokenizer)[0])
                 for r in rows]
     if attack == "split":
-        return [Case(r["id"], r["label"], attack, None, split_request(r["prompt"]))
+        return [case(r, attack, None, split_request(r["prompt"]))
                 for r in rows]
     if attack == "context":
-        return [Case(r["id"], r["label"], attack, None, after_opening(r["id"], r["prompt"]))
+        return [case(r, attack, None, after_opening(r["id"], r["prompt"]))
                 for r in rows]
     raise EvalError(f"unknown attack {attack!r}: expected one of {list(ATTACKS)}")
 
@@ -478,6 +487,9 @@ def _summary(attack, variant, mode, label, recs, tokens, seconds) -> dict:
     row[metric] = k / n if n else None
     row[f"{metric}_ci95"] = list(wilson_interval(k, n)) if n else None
     row["refused"] = refused
+    cats = by_category(recs, metric)
+    if cats:
+        row["by_category"] = cats
     if mode == "safe":
         steps = [r["refusal_step"] for r in recs if r.get("refusal_step") is not None]
         row["cls_flagged"] = sum(bool(r.get("flagged")) for r in recs) / n if n else None
@@ -495,6 +507,25 @@ def _summary(attack, variant, mode, label, recs, tokens, seconds) -> dict:
     return row
 
 
+def categories(category: str | None) -> list[str]:
+    """``"a; b"`` -> ``["a", "b"]`` (AdvBench rows carry several); None -> ``[]``."""
+    return [c.strip() for c in (category or "").split(";") if c.strip()]
+
+
+def by_category(recs, metric: str) -> dict:
+    """``{category: {"n", metric, "refused"}}`` over the records whose case has a category;
+    a record with several categories counts in each."""
+    out: dict = {}
+    for r in recs:
+        for c in categories(r["case"].category):
+            d = out.setdefault(c, {"n": 0, "refused": 0})
+            d["n"] += 1
+            d["refused"] += bool(r["refused"])
+    for d in out.values():
+        d[metric] = (d["n"] - d["refused"] if metric == "asr" else d["refused"]) / d["n"]
+    return dict(sorted(out.items()))
+
+
 def _any_row(attack, mode, label, recs) -> dict:
     """A prompt is broken when any variant broke it (harmful), refused when any refused (benign)."""
     by_id: dict[str, list] = {}
@@ -506,7 +537,7 @@ def _any_row(attack, mode, label, recs) -> dict:
             refused = all(r["refused"] for r in rs)
         else:
             refused = any(r["refused"] for r in rs)
-        merged.append({"refused": refused})
+        merged.append({"refused": refused, "case": rs[0]["case"]})
     row = _summary(attack, "any", mode, label, merged, 0, 0.0)
     row.update(cls_flagged=None, mean_refusal_step=None, tokens=None, seconds=None,
                tokens_per_s=None)
@@ -766,6 +797,30 @@ def _rate(row: dict | None, metric: str) -> str:
     return f"{_pct(row[metric])} ({100 * ci[0]:.1f}–{100 * ci[1]:.1f})"
 
 
+def _category_lines(rows: dict) -> list[str]:
+    """The by-category table of :func:`to_markdown` (``[]`` when no row has categories)."""
+    def cell(x, metric):
+        if x is None:
+            return "–"
+        k = x["n"] - x["refused"] if metric == "asr" else x["refused"]
+        return f"{_pct(x[metric])} ({k}/{x['n']})"
+
+    out = []
+    for (attack, var, label), by in rows.items():
+        metric = "asr" if label == "harmful" else "over_refusal"
+        cats = {m: (by.get(m) or {}).get("by_category", {}) for m in ("plain", "safe")}
+        for c in sorted(set(cats["plain"]) | set(cats["safe"])):
+            p, s = cats["plain"].get(c), cats["safe"].get(c)
+            out.append(f"| {attack} | {var or ''} | {label} | {c} | {(p or s)['n']} | "
+                       f"{cell(p, metric)} | {cell(s, metric)} |")
+    if not out:
+        return []
+    return ["", "By category (a prompt with several categories counts in each; ASR for harmful "
+            "prompts, over-refusal for benign ones):", "",
+            "| attack | variant | prompts | category | n | plain | safeattn |",
+            "|---|---|---|---|---:|---:|---:|", *out]
+
+
 def to_markdown(report: dict) -> str:
     """The results as a Markdown table: plain vs safe per attack, variant and label."""
     rows: dict = {}
@@ -789,6 +844,7 @@ def to_markdown(report: dict) -> str:
             f"{'–' if step is None else f'{step:.1f}'} | "
             f"{_pct(s.get('cls_flagged')) if s else '–'} | "
             f"{'–' if tp is None else tp} | {'–' if ts is None else ts} |")
+    lines += _category_lines(rows)
     c = report["meta"].get("calibration") or {}
     if c.get("auroc") is not None:
         lines.append("")
