@@ -67,6 +67,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from .data.core import hash64
 from .metrics import wilson_interval
 
 __all__ = ["ATTACKS", "MODES", "PREFILL_KS", "DECODING_SWEEP", "Case", "StopAfterRefusal",
@@ -221,7 +222,7 @@ def case(row: Mapping, attack: str, variant: str | None, prompt, **kw) -> Case:
 
 
 def _hash(*parts) -> int:
-    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "big")
+    return hash64(":".join(map(str, parts)))
 
 
 def parse_attacks(spec: str | Sequence[str]) -> list[str]:

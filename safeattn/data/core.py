@@ -96,10 +96,15 @@ def load(name: str) -> list[dict]:
     return copy.deepcopy(list(_load_vendored(name)))
 
 
+def hash64(key: str) -> int:
+    """The first 8 bytes of ``sha256(key)`` as an unsigned integer: every seeded, order-free
+    choice in the package (splits, phrasings, refusals, attack variants) starts here."""
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big")
+
+
 def split_fraction(row_id: str, salt: str = "") -> float:
     """``sha256(salt + id)`` mapped to ``[0, 1)``: the split coordinate of one row."""
-    digest = hashlib.sha256((salt + row_id).encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0 ** 64
+    return hash64(salt + row_id) / 2.0 ** 64
 
 
 def hashed_choice(options, key: str):

@@ -25,8 +25,9 @@ several lines keep their lines (the wrapping goes around them).
 """
 from __future__ import annotations
 
-import hashlib
 from typing import Mapping
+
+from .core import hash64
 
 __all__ = ["FORMS", "rephrase", "pick_forms", "is_question"]
 
@@ -76,10 +77,6 @@ _WORDINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 
 
-def _hash(key: str) -> int:
-    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big")
-
-
 def is_question(text: str) -> bool:
     """Whether a request reads as a question (its last line ends with ``?``)."""
     return text.rstrip().endswith("?")
@@ -108,7 +105,7 @@ def rephrase(text: str, form: str, key: str = "") -> str:
         raise ValueError("cannot rephrase an empty request")
     question = is_question(text)
     options = _WORDINGS[form][1 if question else 0]
-    wording = options[_hash(f"wording:{form}:{key}") % len(options)]
+    wording = options[hash64(f"wording:{form}:{key}") % len(options)]
     bare = text.rstrip(" .!?;:")
     if not bare:
         bare = text
@@ -123,5 +120,5 @@ def pick_forms(row: Mapping | str, n: int, seed: int = 0) -> list[str]:
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     key = row if isinstance(row, str) else row["id"]
-    ranked = sorted(FORMS, key=lambda f: _hash(f"form:{seed}:{key}:{f}"))
+    ranked = sorted(FORMS, key=lambda f: hash64(f"form:{seed}:{key}:{f}"))
     return ranked[:min(n, len(FORMS))]

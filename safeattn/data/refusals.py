@@ -23,9 +23,10 @@ continues that prefix fluently; every one contains a phrase of the AdvBench/GCG 
 """
 from __future__ import annotations
 
-import hashlib
 import re
 from typing import Mapping
+
+from .core import hash64
 
 __all__ = ["CATEGORIES", "REFUSALS", "coarse_category", "refusal_for"]
 
@@ -261,10 +262,6 @@ REFUSALS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _pick(n: int, key: str) -> int:
-    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") % n
-
-
 def refusal_for(row: Mapping | str, key: str | None = None, *, category: str | None = None,
                 seed: int = 0) -> str:
     """A refusal fitting the row's coarse category, chosen deterministically.
@@ -281,4 +278,4 @@ def refusal_for(row: Mapping | str, key: str | None = None, *, category: str | N
     if cat not in REFUSALS:
         raise ValueError(f"unknown category {cat!r}; expected one of {CATEGORIES}")
     options = REFUSALS[cat]
-    return options[_pick(len(options), f"refusal:{seed}:{rid}")]
+    return options[hash64(f"refusal:{seed}:{rid}") % len(options)]
