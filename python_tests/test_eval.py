@@ -225,7 +225,8 @@ def test_rates_by_category():
             dict(ROWS[2], category="cooking")]
     model, tok = _patched(logit=-10.0)  # the head never fires: safe = plain
     rep = ev.evaluate(model, tok, rows, modes=("safe",), max_new_tokens=3, batch_size=3,
-                      safety=SafetyConfig(refusal_prefix=REFUSAL))
+                      safety=SafetyConfig(refusal_prefix=REFUSAL), keep_responses=True)
+    assert [e["category"] for e in rep["examples"]] == [r["category"] for r in rows]
     got = _by_mode_label(rep)
     h, b = got[("safe", "harmful")], got[("safe", "benign")]
     assert list(h["by_category"]) == ["theft", "violence", "weapons"]

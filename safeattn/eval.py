@@ -688,7 +688,8 @@ def evaluate(model, tokenizer, rows: Sequence[Mapping], *, attacks: Sequence[str
             if keep_responses:
                 for x in recs[m]:
                     c = x["case"]
-                    examples.append({"id": c.id, "label": c.label, "attack": attack,
+                    examples.append({"id": c.id, "label": c.label, "category": c.category,
+                                     "attack": attack,
                                      "variant": c.variant, "mode": m, "prompt": c.prompt,
                                      "prefill": c.prefill, "response": x["response"],
                                      "refused": x["refused"], "p0": x.get("p0"),
