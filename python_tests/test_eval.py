@@ -243,10 +243,10 @@ def test_rates_by_category():
     assert ev.by_category(recs, "asr") == {"theft": {"n": 1, "refused": 0, "asr": 1.0},
                                            "violence": {"n": 1, "refused": 1, "asr": 0.0},
                                            "weapons": {"n": 1, "refused": 1, "asr": 0.0}}
-    plain = ev.evaluate(model, tok, ROWS, modes=("safe",), max_new_tokens=3, batch_size=3,
-                        safety=SafetyConfig(refusal_prefix=REFUSAL))
-    assert not any("by_category" in r for r in plain["results"])
-    assert "By category" not in ev.to_markdown(plain)
+    bare = ev.evaluate(model, tok, ROWS, modes=("safe",), max_new_tokens=3, batch_size=3,
+                       safety=SafetyConfig(refusal_prefix=REFUSAL))  # rows without categories
+    assert not any("by_category" in r for r in bare["results"])
+    assert "By category" not in ev.to_markdown(bare)
 
 
 def _by_mode_label(rep):

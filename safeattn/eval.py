@@ -146,8 +146,8 @@ def load_prompts(data: str = "test", *, limit: int | None = None) -> list[dict]:
     or 1/0, optional ``target``, ``id`` and ``category``), or a built-in set: ``test``
     (AdvBench + benign of the test split, the default), ``harmful``, ``benign``,
     ``over_refusal`` (the test split's scary-sounding safe prompts), ``xstest_unsafe`` or
-    ``pyrit_objectives`` (the test splits of those harmful sources). ``limit`` keeps the first ``limit`` rows *of each label* (so a
-    small run still measures both).
+    ``pyrit_objectives`` (the test splits of those harmful sources). ``limit`` keeps the first
+    ``limit`` rows *of each label* (so a small run still measures both).
     """
     from .data import eval_sets
 
@@ -281,27 +281,24 @@ def build_cases(rows: Sequence[Mapping], attack: str, *, tokenizer=None, seed: i
     if attack == "direct":
         return [case(r, attack, None, r["prompt"]) for r in rows]
     if attack == "prefill":
-        out = [case(r, attack, "target", r["prompt"],
-                    prefill=r.get("target") or DEFAULT_PREFILL) for r in rows]
+        out = [case(r, attack, "target", r["prompt"], prefill=r.get("target") or DEFAULT_PREFILL)
+               for r in rows]
         if continuations is not None:
             for k in prefill_ks:
                 for r in rows:
                     src = (r.get("target") or DEFAULT_PREFILL) + continuations.get(r["id"], "")
                     pre, _ = truncate_tokens(src, k, tokenizer)
-                    out.append(case(r, attack, f"k={k}", r["prompt"],
-                                    prefill=pre))
+                    out.append(case(r, attack, f"k={k}", r["prompt"], prefill=pre))
         return out
     if attack == "decoding":
-        return [case(r, attack, name, r["prompt"],
-                     sampling=tuple(sorted(kw.items())))
+        return [case(r, attack, name, r["prompt"], sampling=tuple(sorted(kw.items())))
                 for name, kw in DECODING_SWEEP for r in rows]
     if attack == "template":
         ts = _templates(template_max_chars)
         out = []
         for r in rows:
             t = ts[_hash(seed, r["id"]) % len(ts)]
-            out.append(case(r, attack, None,
-                            render_template(t, r["prompt"])))
+            out.append(case(r, attack, None, render_template(t, r["prompt"])))
         return out
     if attack == "suffix":
         if tokenizer is None:
@@ -319,11 +316,9 @@ def build_cases(rows: Sequence[Mapping], attack: str, *, tokenizer=None, seed: i
                      prefill=truncate_tokens(r["response"], response_tokens, tokenizer)[0])
                 for r in rows]
     if attack == "split":
-        return [case(r, attack, None, split_request(r["prompt"]))
-                for r in rows]
+        return [case(r, attack, None, split_request(r["prompt"])) for r in rows]
     if attack == "context":
-        return [case(r, attack, None, after_opening(r["id"], r["prompt"]))
-                for r in rows]
+        return [case(r, attack, None, after_opening(r["id"], r["prompt"])) for r in rows]
     raise EvalError(f"unknown attack {attack!r}: expected one of {list(ATTACKS)}")
 
 

@@ -97,8 +97,9 @@ def load(name: str) -> list[dict]:
 
 
 def hash64(key: str) -> int:
-    """The first 8 bytes of ``sha256(key)`` as an unsigned integer: every seeded, order-free
-    choice in the package (splits, phrasings, refusals, attack variants) starts here."""
+    """The first 8 bytes of ``sha256(key)`` as an unsigned integer: the seeded, order-free
+    choices of the data and the eval (splits, phrasings, refusals, attack variants) start
+    here."""
     return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big")
 
 
