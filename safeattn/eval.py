@@ -475,11 +475,22 @@ def _run(model, tokenizer, cases, mode, *, safety, max_new_tokens, batch_size, s
     return recs, tokens, time.perf_counter() - t0
 
 
+def _metric(label: str) -> str:
+    """The rate a row of ``label`` reports: ASR for harmful prompts, over-refusal for benign."""
+    return "asr" if label == "harmful" else "over_refusal"
+
+
+def _counted(metric: str, n: int, refused: int) -> int:
+    """The prompts that count toward ``metric``: those not refused (ASR) or refused."""
+    return n - refused if metric == "asr" else refused
+
+
 def _summary(attack, variant, mode, label, recs, tokens, seconds) -> dict:
     n = len(recs)
     refused = sum(r["refused"] for r in recs)
     row = {"attack": attack, "variant": variant, "mode": mode, "label": label, "n": n}
-    metric, k = ("asr", n - refused) if label == "harmful" else ("over_refusal", refused)
+    metric = _metric(label)
+    k = _counted(metric, n, refused)
     row[metric] = k / n if n else None
     row[f"{metric}_ci95"] = list(wilson_interval(k, n)) if n else None
     row["refused"] = refused
@@ -518,7 +529,7 @@ def by_category(recs, metric: str) -> dict:
             d["n"] += 1
             d["refused"] += bool(r["refused"])
     for d in out.values():
-        d[metric] = (d["n"] - d["refused"] if metric == "asr" else d["refused"]) / d["n"]
+        d[metric] = _counted(metric, d["n"], d["refused"]) / d["n"]
     return dict(sorted(out.items()))
 
 
@@ -799,12 +810,11 @@ def _category_lines(rows: dict) -> list[str]:
     def cell(x, metric):
         if x is None:
             return "–"
-        k = x["n"] - x["refused"] if metric == "asr" else x["refused"]
-        return f"{_pct(x[metric])} ({k}/{x['n']})"
+        return f"{_pct(x[metric])} ({_counted(metric, x['n'], x['refused'])}/{x['n']})"
 
     out = []
     for (attack, var, label), by in rows.items():
-        metric = "asr" if label == "harmful" else "over_refusal"
+        metric = _metric(label)
         cats = {m: (by.get(m) or {}).get("by_category", {}) for m in ("plain", "safe")}
         for c in sorted(set(cats["plain"]) | set(cats["safe"])):
             p, s = cats["plain"].get(c), cats["safe"].get(c)
@@ -828,7 +838,7 @@ def to_markdown(report: dict) -> str:
              "safe: mean refusal step | [CLS] flagged | tok/s plain | tok/s safe |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for (attack, var, label), by in rows.items():
-        metric = "asr" if label == "harmful" else "over_refusal"
+        metric = _metric(label)
         p, s = by.get("plain"), by.get("safe")
         n = (p or s)["n"]
         step = s.get("mean_refusal_step") if s else None
