@@ -394,6 +394,356 @@ def _prepare(model, input_ids, generation_config, logits_processor, stopping_cri
 
 
 # --------------------------------------------------------------------------- the decoder
+class _Decode:
+    """One safe ``generate`` call: what it fixes up front, the row state its steps share, and
+    the trace. :func:`safe_generate` runs :meth:`prefill`, then per token :meth:`choose`,
+    :meth:`force_refusals`, :meth:`emit` and :meth:`forward`, then :meth:`outputs`.
+
+    Per row, on the device: the state ``safety_step`` updates in place (``mode``, ``consec``,
+    ``s_t``, ``step``, ``refused``); ``fpos``, the row's position in the forced break +
+    prefix (``fstart`` where it began); ``refusal_at`` / ``alarm_at`` (-1: none);
+    ``rolled`` / ``drop_upto``, the span a rollback hides; ``unfinished``.
+    """
+
+    def __init__(self, model, tokenizer, safety, input_ids, attention_mask, q_span,
+                 response_start, position_ids, gc, procs, stops, streamer):
+        from .hf.surgery import cls_token_id
+
+        dev = input_ids.device
+        b, l0 = input_ids.shape
+        self.model, self.tokenizer, self.safety = model, tokenizer, safety
+        self.gc, self.procs, self.stops, self.streamer = gc, procs, stops, streamer
+        self.dev, self.b, self.l0 = dev, b, l0
+        self.am = (torch.ones_like(input_ids) if attention_mask is None
+                   else attention_mask.to(dev)).long()
+        self.q_span = torch.as_tensor(q_span, device=dev).long()
+        self.cls_col = self.am.argmax(-1)
+        self.rs = (torch.full((b,), l0, dtype=torch.long, device=dev) if response_start is None
+                   else torch.as_tensor(response_start, device=dev).long().reshape(b))
+        self.pos = ((self.am.cumsum(-1) - 1).clamp_min(0) if position_ids is None
+                    else position_ids.to(dev).long())
+        self.cid = cls_token_id(model)
+        self.vis = bool((model.config.safeattn or {}).get("cls_visible_to_response", False))
+        self.q32, self.rs32 = self.q_span.int().contiguous(), self.rs.int().contiguous()
+        self.one = torch.ones(1, dtype=torch.float32, device=dev)
+        self.zero = torch.zeros(1, dtype=torch.float32, device=dev)
+        self.no_probe = torch.zeros(b, 1, dtype=torch.float32, device=dev)
+
+        pad_t = gc._pad_token_tensor
+        self.pad_id = int(pad_t) if pad_t is not None else (
+            int(gc._eos_token_tensor.reshape(-1)[0]) if gc._eos_token_tensor is not None else 0)
+        self.has_eos = any(hasattr(c, "eos_token_id") for c in stops)
+        self.max_new = max(int(gc.max_length) - l0, 0)
+        self.sched = safety.check_steps(self.max_new + 1)
+        ref_ids = _refusal_ids(tokenizer, safety.refusal_prefix) if safety.refusal_prefix else []
+        # Forced on refusal: the break, then the prefix; a row with no response text yet, or
+        # whose text already ends with the break, skips it (it starts at fpos = n_brk).
+        brk_ids = _break_ids(tokenizer, safety)
+        self.ref_ids = ref_ids
+        self.n_brk, self.n_forced = len(brk_ids), len(brk_ids) + len(ref_ids)
+        self.forced = torch.tensor(brk_ids + ref_ids or [self.pad_id], dtype=torch.long,
+                                   device=dev)
+        self.brk_cols = torch.arange(-self.n_brk, 0, device=dev)
+        self.ends = _sentence_end_ids(tokenizer, dev) if safety.refusal_end == "sentence" and \
+            tokenizer is not None else None
+        self.gate = getattr(streamer, "safety_update", None)
+        want = gc.return_dict_in_generate
+        self.scores_out = [] if (want and gc.output_scores) else None
+        self.logits_out = [] if (want and gc.output_logits) else None
+
+        def rows(fill, dtype):
+            return torch.full((b,), fill, dtype=dtype, device=dev)
+
+        self.mode = rows(BENIGN, torch.int32)
+        self.consec, self.s_t = rows(0, torch.int32), rows(-1, torch.int32)
+        self.step, self.refused = rows(0, torch.int32), rows(False, torch.bool)
+        self.fpos, self.fstart = rows(0, torch.long), rows(0, torch.long)
+        self.refusal_at, self.alarm_at = rows(-1, torch.long), rows(-1, torch.long)
+        self.rolled, self.drop_upto = rows(False, torch.bool), rows(0, torch.long)
+        self.unfinished = rows(1, torch.long)
+        self.nonfinite_seen = rows(False, torch.bool)
+        self.all_rows = rows(True, torch.bool)
+        # Response tokens already in the input (an assistant prefill, e.g. a prefill attack)
+        # count as seen: the probe windows then cover the latest response tokens, prefill
+        # included. ``s_t`` is in response coordinates; ``pre`` converts it to generated-token
+        # indices.
+        self.pre = (l0 - self.rs).clamp_min(0).int()
+        self.p_hist, self.mode_hist, self.chk_hist = [], [], []
+        self.cache = DynamicCache(config=model.config)
+        self.seq = input_ids
+        self.cur_pos = self.pos[:, -1] + 1  # RoPE position of the next token
+        self.base_pos = self.cur_pos.clone()  # position of response token 0
+        self.col = torch.arange(l0 + self.max_new + 1, device=dev)
+        self.n = 0  # response tokens in the cache
+        self.out = self.iv = self.tok = self.flags = self.live = self.escal = None
+        # A head on decoder layer k: the probe row of a check step runs through layers 0..k
+        # only, so only their cache layers get (and drop) its K/V. The LM head keeps the token
+        # row: the last row then, else row 0 of [token, probe].
+        self.exit_at = getattr(model, "_safeattn_state", {}).get("exit_layer")
+        self.probe_layers = (self.cache.layers if self.exit_at is None
+                             else self.cache.layers[:self.exit_at + 1])
+        self.keep = 1 if self.exit_at is not None else torch.zeros(1, dtype=torch.long,
+                                                                   device=dev)
+
+    # ---- the safety check
+    def layout(self, active=None):
+        """The :class:`~safeattn.hf.SafetyLayout` of a forward; with ``active``, of a check
+        step whose probe sees the next ranges ``iv``."""
+        from .hf import SafetyLayout
+
+        probe = {} if active is None else {"probe_window": self.iv[:, 1],
+                                           "probe_active": active}
+        return SafetyLayout(q_span=self.q_span, cls=self.cls_col, resp_start=self.rs,
+                            cls_visible_to_response=self.vis, **probe)
+
+    def ranges(self) -> torch.Tensor:
+        """The next probe's ranges ``[B, 2, 2]`` from the row state, as ``safety_step``
+        returns them."""
+        s = self.safety
+        lo, hi = _window(self.mode, self.s_t, self.step, s.r1, s.r2, s.r3)
+        return torch.stack([self.q32, torch.stack([self.rs32 + lo, self.rs32 + hi], -1)],
+                           1).int()
+
+    def check(self, h, active, theta) -> torch.Tensor:
+        """The head on the probe rows ``h`` (``None``: no probe ran, the op only advances
+        ``step``) and ``safety_step`` at θ = ``theta``; sets the next ranges ``iv`` -> ``p``
+        (nan where unchecked). Fails closed: an exception refuses the checked rows."""
+        s = self.safety
+        try:
+            if h is None:
+                logit = self.no_probe
+            else:
+                head = self.model.safety_head
+                logit = head(h.to(head.weight.dtype)).float().reshape(self.b, 1)
+            p_real = torch.sigmoid(logit[:, 0])
+            if theta > 1.0:  # no finite p can hit; non-finite p still fails closed
+                logit = torch.where(logit.isfinite(), torch.full_like(logit, -1e4), logit)
+            p, self.iv = _ops.safety_step(
+                logit.contiguous(), self.one, self.zero, self.mode, self.consec, self.s_t,
+                self.step, self.refused, active, self.q32, self.rs32, theta=min(theta, 1.0),
+                tau=s.tau, r1=s.r1, r2=s.r2, r3=s.r3)
+            self.nonfinite_seen = self.nonfinite_seen | (active & ~p.isfinite())
+            return torch.where(active, p_real, float("nan"))
+        except Exception as e:  # noqa: BLE001 - fail closed, loudly
+            logger.warning("safeattn: the safety check raised %s: %s; the %s checked row(s) "
+                           "refuse (fail closed)", type(e).__name__, e, "affected")
+            newly = active & ~self.refused
+            self.consec.copy_(torch.where(newly & (self.consec == 0), 1, self.consec))
+            self.s_t.copy_(torch.where(newly & (self.s_t < 0), (self.step - 1).clamp_min(0),
+                                       self.s_t))
+            self.refused.copy_(self.refused | active)
+            self.step.add_(1)
+            self.iv = self.ranges()
+            return torch.full((self.b,), float("nan"), device=self.dev)
+
+    def record(self, p, active) -> None:
+        """The trace of this step: ``p``, the modes, the rows checked, new alarms."""
+        self.alarm_at = torch.where(self.refused & (self.alarm_at < 0),
+                                    (self.s_t - self.pre).clamp_min(0).long(), self.alarm_at)
+        self.p_hist.append(p)
+        self.mode_hist.append(torch.where(self.refused, REFUSAL, self.mode))
+        self.chk_hist.append(active)
+
+    # ---- the steps
+    def prefill(self) -> None:
+        """``[CLS]`` + prompt: the cache, the first logits, and ``p_0`` from the [CLS] row."""
+        self.out = self.model(input_ids=self.seq, attention_mask=self.am,
+                              position_ids=self.pos, cache=self.cache,
+                              safety_layout=self.layout(), logits_to_keep=1, use_cache=True)
+        h0 = self.out.get("safety_hidden")
+        if h0 is None:
+            raise RuntimeError("safeattn: the prefill did not tap the [CLS] row")
+        p = self.check(h0, self.all_rows, self.safety.query_threshold)
+        if bool(self.pre.any()):
+            self.step.add_(self.pre)
+            self.iv = self.ranges()
+        self.record(p, self.all_rows)
+
+    def choose(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The token at response index ``n`` of every row, from the last forward's logits
+        through HF's processors, greedy or sampled -> ``(tokens [B], scores [B, V])``."""
+        logits = self.out.logits[:, -1].to(copy=True, dtype=torch.float32)
+        self.out = None
+        scores = self.procs(self.seq, logits)
+        if self.scores_out is not None:
+            self.scores_out.append(scores)
+        if self.logits_out is not None:
+            self.logits_out.append(logits)
+        if self.gc.do_sample:
+            return torch.multinomial(torch.softmax(scores, -1), num_samples=1).squeeze(1), scores
+        return scores.argmax(-1), scores
+
+    def force_refusals(self, tok) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows that refused at the last check start their refusal here (rolled back to
+        ``S_t`` first with ``rollback``); every row inside its break + prefix takes the next
+        forced token instead of ``tok`` -> ``(tokens, forced [B])``."""
+        newly = self.refused & (self.refusal_at < 0) & self.unfinished.bool()
+        if self.safety.rollback:
+            self.roll_back(newly)
+        else:
+            self.refusal_at = torch.where(newly, self.n, self.refusal_at)
+        if self.n_brk:
+            text = self.pre + self.refusal_at  # response tokens before the refusal
+            tail_at = ((self.l0 + self.refusal_at)[:, None] + self.brk_cols).clamp_min(0)
+            tail = (self.seq.gather(1, tail_at) == self.forced[:self.n_brk]).all(-1)
+            skip = newly & ((text == 0) | ((text >= self.n_brk) & tail))
+            self.fstart = torch.where(skip, self.n_brk, self.fstart)
+        self.fpos = torch.where(newly, self.fstart, self.fpos)
+        forcing = self.refused & (self.fpos < self.n_forced)
+        tok = torch.where(forcing, self.forced[self.fpos.clamp_max(max(self.n_forced - 1, 0))],
+                          tok)
+        self.fpos = self.fpos + forcing.long()
+        return tok, forcing
+
+    def roll_back(self, newly) -> None:
+        """Hide the ``newly`` refused rows' response from ``S_t`` on (a prefill never rolls
+        back): zero those mask columns and restart the rows' positions at ``S_t``."""
+        s_gen = (self.s_t - self.pre).clamp_min(0).long()
+        rb = newly & (self.s_t >= 0) & (s_gen < self.n)
+        start = torch.where(rb, s_gen, self.n)
+        cols = self.col[: self.am.shape[1]]
+        hole = rb[:, None] & (cols[None] >= self.l0 + start[:, None]) & \
+            (cols[None] < self.l0 + self.n)
+        self.am = self.am.masked_fill(hole, 0)
+        self.cur_pos = torch.where(rb, self.base_pos + start, self.cur_pos)
+        self.drop_upto = torch.where(rb, self.n, self.drop_upto)
+        self.rolled = self.rolled | rb
+        self.refusal_at = torch.where(newly, start, self.refusal_at)
+
+    def emit(self, tok, forcing, scores) -> bool:
+        """Append ``tok``; apply the stopping criteria and end refused turns at their
+        justification's first sentence; the one host read of the step; the streamer ->
+        whether to decode on."""
+        if self.has_eos:
+            tok = tok * self.unfinished + self.pad_id * (1 - self.unfinished)
+        self.seq = torch.cat([self.seq, tok[:, None]], -1)
+        self.unfinished = self.unfinished & (~self.stops(self.seq, scores)).long()
+        if self.ends is not None:
+            said = self.refused & ~forcing & self.ends[tok.clamp(0, self.ends.shape[0] - 1)]
+            self.unfinished = self.unfinished & (~said).long()
+        self.n += 1
+        live = self.unfinished.bool() & ~self.refused
+        escal = (self.mode == TRANSITION) & live if self.safety.escalate \
+            else torch.zeros_like(live)
+        want = [self.unfinished.any(), escal.any(), self.nonfinite_seen.any(), live.any()]
+        if self.gate is not None:
+            want += [self.refused[0], self.mode[0] == BENIGN, self.chk_hist[-1][0]]
+        flags = torch.stack(want).tolist()
+        if self.gate is not None:
+            self.gate(checked=bool(flags[6]), benign=bool(flags[5]) and not flags[4],
+                      refused=bool(flags[4]), seen=self.n - 1)
+        if self.streamer is not None:
+            self.streamer.put(tok.cpu())
+        if flags[2]:
+            rows = self.nonfinite_seen.nonzero().flatten().tolist()
+            logger.warning("safeattn: non-finite safety probability for row(s) %s; they "
+                           "refuse (fail closed)", rows)
+            self.nonfinite_seen = torch.zeros_like(self.nonfinite_seen)
+        self.tok, self.flags, self.live, self.escal = tok, flags, live, escal
+        return bool(flags[0]) and self.n < self.max_new
+
+    def forward(self) -> None:
+        """Feed token ``n - 1``. On a check step (the schedule's, or a row mid-alarm) the
+        probe rides along as a second query row and sees response tokens ``[0, n)``."""
+        any_escal, any_live = self.flags[1], self.flags[3]
+        self.am = torch.cat([self.am, torch.ones_like(self.am[:, :1])], -1)
+        if (self.sched[self.n] and any_live) or any_escal:
+            active = self.live if self.sched[self.n] else self.live & self.escal
+            self.out = self.probe_forward(active)
+            h = self.out.get("safety_hidden")
+            if h is None:
+                raise RuntimeError("safeattn: the check step did not tap the probe row")
+            p = self.check(h, active, self.safety.threshold)
+        else:
+            active = torch.zeros_like(self.all_rows)
+            self.out = self.model(input_ids=self.tok[:, None], attention_mask=self.am,
+                                  position_ids=self.cur_pos[:, None], cache=self.cache,
+                                  safety_layout=self.layout(), use_cache=True,
+                                  logits_to_keep=1)
+            p = self.check(None, active, self.safety.threshold)
+        self.record(p, active)
+        self.cur_pos = self.cur_pos + 1
+
+    def probe_forward(self, active):
+        """``[token, probe]`` in one forward; the probe's K/V leaves the cache again."""
+        ids = torch.stack([self.tok, torch.full_like(self.tok, self.cid)], 1)
+        for layer in self.probe_layers:
+            if hasattr(layer, "activate_past_recording"):
+                layer.activate_past_recording()
+        try:
+            out = self.model(
+                input_ids=ids, attention_mask=torch.cat([self.am, self.am[:, -1:]], -1),
+                position_ids=torch.stack([self.cur_pos, torch.zeros_like(self.cur_pos)], 1),
+                cache=self.cache, safety_layout=self.layout(active), use_cache=True,
+                probe_exit=self.exit_at is not None, logits_to_keep=self.keep)
+            for layer in self.probe_layers:  # drop the probe's K/V (sliding layers restore
+                layer.crop(-1)               # their window); later layers never got it
+        finally:
+            for layer in self.probe_layers:
+                if getattr(layer, "record_past", False):
+                    layer.record_past = False
+        return out
+
+    # ---- the result
+    def sequences(self) -> torch.Tensor:
+        """``[B, L + T]``: the rows with their rolled-back spans left out (right-padded)."""
+        seq = self.seq
+        if not bool(self.rolled.any()):
+            return seq
+        keep = torch.ones_like(seq, dtype=torch.bool)
+        for i in self.rolled.nonzero().flatten().tolist():
+            keep[i, self.l0 + int(self.refusal_at[i]):self.l0 + int(self.drop_upto[i])] = False
+        rows = [seq[i][keep[i]] for i in range(self.b)]
+        out = torch.full_like(seq, self.pad_id)
+        for i, r in enumerate(rows):
+            out[i, : r.shape[0]] = r
+        return out
+
+    def justification(self, new_row: list[int], refusal_at: int, fstart: int, eos) -> str:
+        """The text a refused row wrote after its forced tokens, up to EOS."""
+        toks = []
+        for t in new_row[refusal_at + self.n_forced - fstart:]:
+            if t in eos:
+                break
+            toks.append(t)
+        return self.tokenizer.decode(toks, skip_special_tokens=True).strip()
+
+    def outputs(self):
+        """The sequences with ``.safety`` (or a :class:`SafeGenerateOutput`)."""
+        seq = self.sequences()
+        p_all = torch.stack(self.p_hist, 1).float().cpu()
+        mode_all = torch.stack(self.mode_hist, 1).cpu()
+        chk_all = torch.stack(self.chk_hist, 1).cpu()
+        ref_at, fstart = self.refusal_at.cpu(), self.fstart.cpu()
+        eos_t = self.gc._eos_token_tensor
+        eos = set(eos_t.reshape(-1).tolist()) if eos_t is not None else set()
+        new = seq[:, self.l0:].cpu()
+        res = []
+        for i in range(self.b):
+            r = int(ref_at[i])
+            just = None
+            if r >= 0 and self.tokenizer is not None:
+                just = self.justification(new[i].tolist(), r, int(fstart[i]), eos)
+            res.append(RowSafety(
+                p=p_all[i].tolist(), checked=chk_all[i].tolist(),
+                mode=["refusal" if m == REFUSAL else MODE_NAMES[m] for m in mode_all[i].tolist()],
+                refusal_step=r if r >= 0 else None,
+                alarm_step=int(self.alarm_at[i]) if r >= 0 and int(self.alarm_at[i]) >= 0
+                else None,
+                justification=just, rolled_back=bool(self.rolled[i])))
+        info = SafetyOutput(rows=res, p=p_all, mode=mode_all, refused=self.refused.cpu(),
+                            refusal_step=ref_at, config=self.safety, prompt_length=self.l0,
+                            refusal_ids=self.ref_ids)
+        if self.gc.return_dict_in_generate:
+            return SafeGenerateOutput(
+                sequences=seq,
+                scores=tuple(self.scores_out) if self.scores_out is not None else None,
+                logits=tuple(self.logits_out) if self.logits_out is not None else None,
+                cache=self.cache, safety=info)
+        seq.safety = info
+        return seq
+
+
 @torch.no_grad()
 def safe_generate(model, input_ids: torch.Tensor | None = None, attention_mask=None, *,
                   safety: SafetyConfig, q_span=None, response_start=None, position_ids=None,
@@ -421,8 +771,7 @@ def safe_generate(model, input_ids: torch.Tensor | None = None, attention_mask=N
         ``.safety`` attribute, or a :class:`SafeGenerateOutput` when
         ``return_dict_in_generate``. ``.safety`` is a :class:`SafetyOutput`.
     """
-    from .hf import SafetyLayout, is_patched
-    from .hf.surgery import cls_token_id
+    from .hf import is_patched
 
     if not isinstance(safety, SafetyConfig):
         raise ValueError(f"safety must be a safeattn.SafetyConfig, got {type(safety).__name__}")
@@ -443,7 +792,6 @@ def safe_generate(model, input_ids: torch.Tensor | None = None, attention_mask=N
                          "tokenizer=..., or give it to apply_safeattn(model, tokenizer)")
     dev = model.get_input_embeddings().weight.device
     input_ids = input_ids.to(dev)
-    b, l0 = input_ids.shape
     gc, extra, procs, stops = _prepare(model, input_ids, generation_config, logits_processor,
                                        stopping_criteria, kwargs, tokenizer)
     for k in ("attention_mask", "position_ids", "q_span", "response_start", "logits_to_keep",
@@ -454,279 +802,18 @@ def safe_generate(model, input_ids: torch.Tensor | None = None, attention_mask=N
     if streamer is not None:
         streamer.put(input_ids.cpu())
 
-    am = (torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(dev)).long()
-    q_span = torch.as_tensor(q_span, device=dev).long()
-    cls_col = am.argmax(-1)
-    rs = (torch.full((b,), l0, dtype=torch.long, device=dev) if response_start is None
-          else torch.as_tensor(response_start, device=dev).long().reshape(b))
-    pos = ((am.cumsum(-1) - 1).clamp_min(0) if position_ids is None
-           else position_ids.to(dev).long())
-    cid = cls_token_id(model)
-    vis = bool((model.config.safeattn or {}).get("cls_visible_to_response", False))
-    q32, rs32 = q_span.int().contiguous(), rs.int().contiguous()
-    head = model.safety_head
-    one = torch.ones(1, dtype=torch.float32, device=dev)
-    zero = torch.zeros(1, dtype=torch.float32, device=dev)
-    hz = torch.zeros(b, 1, dtype=torch.float32, device=dev)
-    tau, r1, r2, r3 = safety.tau, safety.r1, safety.r2, safety.r3
-
-    pad_t = gc._pad_token_tensor
-    pad_id = int(pad_t) if pad_t is not None else (int(gc._eos_token_tensor.reshape(-1)[0])
-                                                   if gc._eos_token_tensor is not None else 0)
-    has_eos = any(hasattr(c, "eos_token_id") for c in stops)
-    max_new = max(int(gc.max_length) - l0, 0)
-    sched = safety.check_steps(max_new + 1)
-    ref_ids = _refusal_ids(tokenizer, safety.refusal_prefix) if safety.refusal_prefix else []
-    # Forced on refusal: the break, then the prefix; a row with no response text yet, or
-    # whose text already ends with the break, skips it (it starts at fpos = n_brk).
-    brk_ids = _break_ids(tokenizer, safety)
-    n_brk, n_forced = len(brk_ids), len(brk_ids) + len(ref_ids)
-    ref_t = torch.tensor(brk_ids + ref_ids or [pad_id], dtype=torch.long, device=dev)
-    brk_cols = torch.arange(-n_brk, 0, device=dev)
-    ends = _sentence_end_ids(tokenizer, dev) if safety.refusal_end == "sentence" and \
-        tokenizer is not None else None
-    gate = getattr(streamer, "safety_update", None)
-
-    # Row state for the fused op (int32 / bool on the device).
-    mode = torch.full((b,), BENIGN, dtype=torch.int32, device=dev)
-    consec = torch.zeros(b, dtype=torch.int32, device=dev)
-    s_t = torch.full((b,), -1, dtype=torch.int32, device=dev)
-    step = torch.zeros(b, dtype=torch.int32, device=dev)
-    refused = torch.zeros(b, dtype=torch.bool, device=dev)
-    fpos = torch.zeros(b, dtype=torch.long, device=dev)  # position within break + prefix
-    fstart = torch.zeros(b, dtype=torch.long, device=dev)  # where the row's forcing began
-    refusal_at = torch.full((b,), -1, dtype=torch.long, device=dev)
-    alarm_at = torch.full((b,), -1, dtype=torch.long, device=dev)
-    rolled = torch.zeros(b, dtype=torch.bool, device=dev)
-    unfinished = torch.ones(b, dtype=torch.long, device=dev)
-    p_hist, mode_hist, chk_hist = [], [], []
-    nonfinite_seen = torch.zeros(b, dtype=torch.bool, device=dev)
-
-    def safety_update(h, active, theta):
-        """Head + op for the checked rows at θ = ``theta``; fail closed on any error.
-        -> (p, next intervals)."""
-        nonlocal nonfinite_seen
-        try:
-            if h is None:
-                logit = hz  # no probe ran (active is all False): the op only advances `step`
-            else:
-                logit = head(h.to(head.weight.dtype)).float().reshape(b, 1)
-            p_real = torch.sigmoid(logit[:, 0])
-            if theta > 1.0:  # no finite p can hit; non-finite p still fails closed
-                logit = torch.where(logit.isfinite(), torch.full_like(logit, -1e4), logit)
-            p, iv = _ops.safety_step(logit.contiguous(), one, zero, mode, consec, s_t, step,
-                                     refused, active, q32, rs32, theta=min(theta, 1.0),
-                                     tau=tau, r1=r1, r2=r2, r3=r3)
-            bad = active & ~p.isfinite()
-            nonfinite_seen = nonfinite_seen | bad
-            return torch.where(active, p_real, float("nan")), iv, bad
-        except Exception as e:  # noqa: BLE001 - fail closed, loudly
-            logger.warning("safeattn: the safety check raised %s: %s; the %s checked row(s) "
-                           "refuse (fail closed)", type(e).__name__, e, "affected")
-            newly = active & ~refused
-            consec.copy_(torch.where(newly & (consec == 0), 1, consec))
-            s_t.copy_(torch.where(newly & (s_t < 0), (step - 1).clamp_min(0), s_t))
-            refused.copy_(refused | active)
-            step.add_(1)
-            lo, hi = _window(mode, s_t, step, r1, r2, r3)
-            iv = torch.stack([q32, torch.stack([rs32 + lo, rs32 + hi], -1)], 1).int()
-            return torch.full((b,), float("nan"), device=dev), iv, torch.zeros_like(active)
-
-    # ---- prefill: [CLS] + prompt; p_0 from the [CLS] row.
-    cache = DynamicCache(config=model.config)
-    lay = SafetyLayout(q_span=q_span, cls=cls_col, resp_start=rs, cls_visible_to_response=vis)
-    out = model(input_ids=input_ids, attention_mask=am, position_ids=pos, cache=cache,
-                safety_layout=lay, logits_to_keep=1, use_cache=True)
-    all_rows = torch.ones(b, dtype=torch.bool, device=dev)
-    h0 = out.get("safety_hidden")
-    if h0 is None:
-        raise RuntimeError("safeattn: the prefill did not tap the [CLS] row")
-    p, iv, _ = safety_update(h0, all_rows, safety.query_threshold)
-    # Response tokens already in the input (an assistant prefill, e.g. a prefill attack) count
-    # as seen: the probe windows then cover the latest response tokens, prefill included.
-    # ``s_t`` is in response coordinates; ``pre`` converts it to generated-token indices.
-    pre = (l0 - rs).clamp_min(0).int()
-    if bool(pre.any()):
-        step.add_(pre)
-        lo, hi = _window(mode, s_t, step, r1, r2, r3)
-        iv = torch.stack([q32, torch.stack([rs32 + lo, rs32 + hi], -1)], 1).int()
-    alarm_at = torch.where(refused & (alarm_at < 0), (s_t - pre).clamp_min(0).long(), alarm_at)
-    p_hist.append(p)
-    mode_hist.append(torch.where(refused, REFUSAL, mode))
-    chk_hist.append(all_rows)
-    cur_pos = pos[:, -1] + 1  # RoPE position of the next token
-    base_pos = cur_pos.clone()  # position of response token 0
-    seq = input_ids
-    scores_out = [] if (gc.return_dict_in_generate and gc.output_scores) else None
-    logits_out = [] if (gc.return_dict_in_generate and gc.output_logits) else None
-    col = torch.arange(l0 + max_new + 1, device=dev)
-    n = 0  # response tokens in the cache
-    flags = None
-    drop_upto = torch.zeros(b, dtype=torch.long, device=dev)
-
-    # A head on decoder layer k: the probe row of a check step runs through layers 0..k
-    # only, so only their cache layers get (and drop) its K/V. The LM head keeps the token
-    # row: the last row then, else row 0 of [token, probe].
-    exit_at = getattr(model, "_safeattn_state", {}).get("exit_layer")
-    probe_layers = cache.layers if exit_at is None else cache.layers[:exit_at + 1]
-    keep = 1 if exit_at is not None else torch.zeros(1, dtype=torch.long, device=dev)
-
+    dec = _Decode(model, tokenizer, safety, input_ids, attention_mask, q_span, response_start,
+                  position_ids, gc, procs, stops, streamer)
+    dec.prefill()
     while True:
-        # ---- choose the token at response index n from the last forward's logits.
-        logits = out.logits[:, -1].to(copy=True, dtype=torch.float32)
-        del out
-        scores = procs(seq, logits)
-        if scores_out is not None:
-            scores_out.append(scores)
-        if logits_out is not None:
-            logits_out.append(logits)
-        if gc.do_sample:
-            tok = torch.multinomial(torch.softmax(scores, -1), num_samples=1).squeeze(1)
-        else:
-            tok = scores.argmax(-1)
-        # Refusal: the newly refused rows (optionally) roll back to S_t, then every refusing
-        # row takes the next prefix token.
-        newly = refused & (refusal_at < 0) & unfinished.bool()
-        if safety.rollback:
-            s_gen = (s_t - pre).clamp_min(0).long()  # a prefill is never rolled back
-            rb = newly & (s_t >= 0) & (s_gen < n)
-            start = torch.where(rb, s_gen, n)
-            cols = col[: am.shape[1]]
-            hole = rb[:, None] & (cols[None] >= l0 + start[:, None]) & (cols[None] < l0 + n)
-            am = am.masked_fill(hole, 0)
-            cur_pos = torch.where(rb, base_pos + start, cur_pos)
-            drop_upto = torch.where(rb, n, drop_upto)
-            rolled = rolled | rb
-            refusal_at = torch.where(newly, start, refusal_at)
-        else:
-            refusal_at = torch.where(newly, n, refusal_at)
-        if n_brk:
-            text = pre + refusal_at  # response tokens before the refusal
-            tail_at = ((l0 + refusal_at)[:, None] + brk_cols).clamp_min(0)
-            tail = (seq.gather(1, tail_at) == ref_t[:n_brk]).all(-1)
-            fstart = torch.where(newly & ((text == 0) | ((text >= n_brk) & tail)), n_brk,
-                                 fstart)
-        fpos = torch.where(newly, fstart, fpos)
-        forcing = refused & (fpos < n_forced)
-        tok = torch.where(forcing, ref_t[fpos.clamp_max(max(n_forced - 1, 0))], tok)
-        fpos = fpos + forcing.long()
-        if has_eos:
-            tok = tok * unfinished + pad_id * (1 - unfinished)
-        seq = torch.cat([seq, tok[:, None]], -1)
-        unfinished = unfinished & (~stops(seq, scores)).long()
-        if ends is not None:  # the justification's first sentence ends the refused turn
-            said = refused & ~forcing & ends[tok.clamp(0, ends.shape[0] - 1)]
-            unfinished = unfinished & (~said).long()
-        n += 1
-        live = unfinished.bool() & ~refused
-        escal = (mode == TRANSITION) & live if safety.escalate else torch.zeros_like(live)
-        want = [unfinished.any(), escal.any(), nonfinite_seen.any(), live.any()]
-        if gate is not None:
-            want += [refused[0], mode[0] == BENIGN, chk_hist[-1][0]]
-        flags = torch.stack(want).tolist()  # the one host read per step
-        if gate is not None:
-            gate(checked=bool(flags[6]), benign=bool(flags[5]) and not flags[4],
-                 refused=bool(flags[4]), seen=n - 1)
-        if streamer is not None:
-            streamer.put(tok.cpu())
-        if flags[2]:
-            rows = nonfinite_seen.nonzero().flatten().tolist()
-            logger.warning("safeattn: non-finite safety probability for row(s) %s; they refuse "
-                           "(fail closed)", rows)
-            nonfinite_seen = torch.zeros_like(nonfinite_seen)
-        if not flags[0] or n >= max_new:
+        tok, scores = dec.choose()
+        tok, forcing = dec.force_refusals(tok)
+        if not dec.emit(tok, forcing, scores):
             break
-
-        # ---- decode step: feed token n-1; the probe (if any) sees response tokens [0, n).
-        check = (sched[n] and bool(flags[3])) or bool(flags[1])
-        am = torch.cat([am, torch.ones_like(am[:, :1])], -1)
-        if check:
-            static = all_rows if sched[n] else torch.zeros_like(all_rows)
-            active = live & (static | escal)
-            lay = SafetyLayout(q_span=q_span, cls=cls_col, resp_start=rs,
-                               cls_visible_to_response=vis, probe_window=iv[:, 1],
-                               probe_active=active)
-            ids = torch.stack([tok, torch.full_like(tok, cid)], 1)
-            for layer in probe_layers:
-                if hasattr(layer, "activate_past_recording"):
-                    layer.activate_past_recording()
-            try:
-                out = model(input_ids=ids, attention_mask=torch.cat([am, am[:, -1:]], -1),
-                            position_ids=torch.stack([cur_pos, torch.zeros_like(cur_pos)], 1),
-                            cache=cache, safety_layout=lay, use_cache=True,
-                            probe_exit=exit_at is not None, logits_to_keep=keep)
-                for layer in probe_layers:  # drop the probe's K/V (sliding layers restore
-                    layer.crop(-1)          # their window); later layers never got it
-            finally:
-                for layer in probe_layers:
-                    if getattr(layer, "record_past", False):
-                        layer.record_past = False
-            h = out.get("safety_hidden")
-            if h is None:
-                raise RuntimeError("safeattn: the check step did not tap the probe row")
-            p, iv, _ = safety_update(h, active, safety.threshold)
-        else:
-            active = torch.zeros_like(all_rows)
-            lay = SafetyLayout(q_span=q_span, cls=cls_col, resp_start=rs,
-                               cls_visible_to_response=vis)
-            out = model(input_ids=tok[:, None], attention_mask=am, position_ids=cur_pos[:, None],
-                        cache=cache, safety_layout=lay, use_cache=True, logits_to_keep=1)
-            # No probe ran: the op only advances `step` and moves the next probe's window.
-            p, iv, _ = safety_update(None, active, safety.threshold)
-        alarm_at = torch.where(refused & (alarm_at < 0), (s_t - pre).clamp_min(0).long(),
-                               alarm_at)
-        p_hist.append(p)
-        mode_hist.append(torch.where(refused, REFUSAL, mode))
-        chk_hist.append(active)
-        cur_pos = cur_pos + 1
-
+        dec.forward()
     if streamer is not None:
         streamer.end()
-
-    # ---- outputs: drop rolled-back spans, build the trace.
-    if bool(rolled.any()):
-        keep = torch.ones_like(seq, dtype=torch.bool)
-        for i in rolled.nonzero().flatten().tolist():
-            a, z = l0 + int(refusal_at[i]), l0 + int(drop_upto[i])
-            keep[i, a:z] = False
-        rows = [seq[i][keep[i]] for i in range(b)]
-        seq = torch.full_like(seq, pad_id)
-        for i, r in enumerate(rows):
-            seq[i, : r.shape[0]] = r
-    p_all = torch.stack(p_hist, 1).float().cpu()
-    mode_all = torch.stack(mode_hist, 1).cpu()
-    chk_all = torch.stack(chk_hist, 1).cpu()
-    ref_at = refusal_at.cpu()
-    res = []
-    eos_ids = set(gc._eos_token_tensor.reshape(-1).tolist()) if gc._eos_token_tensor is not None \
-        else set()
-    new = seq[:, l0:].cpu()
-    for i in range(b):
-        r = int(ref_at[i])
-        just = None
-        if r >= 0 and tokenizer is not None:
-            toks = []
-            for t in new[i, r + n_forced - int(fstart[i]):].tolist():
-                if t in eos_ids:
-                    break
-                toks.append(t)
-            just = tokenizer.decode(toks, skip_special_tokens=True).strip()
-        res.append(RowSafety(
-            p=p_all[i].tolist(), checked=chk_all[i].tolist(),
-            mode=["refusal" if m == REFUSAL else MODE_NAMES[m] for m in mode_all[i].tolist()],
-            refusal_step=r if r >= 0 else None,
-            alarm_step=int(alarm_at[i]) if r >= 0 and int(alarm_at[i]) >= 0 else None,
-            justification=just, rolled_back=bool(rolled[i])))
-    info = SafetyOutput(rows=res, p=p_all, mode=mode_all, refused=refused.cpu(),
-                        refusal_step=ref_at, config=safety, prompt_length=l0,
-                        refusal_ids=ref_ids)
-    if gc.return_dict_in_generate:
-        return SafeGenerateOutput(
-            sequences=seq, scores=tuple(scores_out) if scores_out is not None else None,
-            logits=tuple(logits_out) if logits_out is not None else None,
-            cache=cache, safety=info)
-    seq.safety = info
-    return seq
+    return dec.outputs()
 
 
 def generate(model, tokenizer, prompts, *, safety: SafetyConfig | None = None,
