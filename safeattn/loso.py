@@ -34,7 +34,7 @@ import torch
 
 from .data import (BENIGN_GROUPS, EVAL_NEUTRAL_PROMPT, HARMFUL_SOURCES, Sample, benign_rows,
                    group_key, harmful_rows, response_rows, split)
-from .data.samples import _response_samples
+from .data.samples import _response_views
 from .generation import DEFAULT_WINDOW
 from .metrics import auroc, separation
 
@@ -57,7 +57,7 @@ def response_sweep(rows, tokenizer=None, *, every: int = 8, max_tokens: int = 64
         return [(seen, max(0, seen - r2), seen)
                 for seen in sorted({*range(every, top + 1, every), top} - {0})]
 
-    return [x for r in rows for x in _response_samples(
+    return [x for r in rows for x in _response_views(
         r["id"], prompt, r["response"], int(r["label"]), tokenizer=tokenizer, tag="sweep",
         source="pyrit_scorer_responses", row_id=r["id"], origin="pyrit_responses",
         views=views, category=r.get("category"))]

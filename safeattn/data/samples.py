@@ -366,7 +366,7 @@ def probe_windows(n_tokens: int, count: int, key: str, *, r1: int = DEFAULT_WIND
     return out
 
 
-def _response_samples(resp_id: str, prompt: str, response: str, label: int, *, tokenizer,
+def _response_views(resp_id: str, prompt: str, response: str, label: int, *, tokenizer,
                       tag: str, source: str, row_id: str, origin: str, windows: int = 0,
                       max_tokens: int = 128, probe_window: int = DEFAULT_WINDOW, views=None,
                       category=None, prompt_origin=None) -> list[Sample]:
@@ -394,12 +394,209 @@ def _clean_response(text: str) -> str:
     return first_turn(text).strip()
 
 
-def _benign_sample(r: dict, sid: str, prompt, resp: str | None, kind: str,
-                   **extra) -> Sample:
-    """A benign request with the model's own answer ``resp`` (label 0; LM loss on the answer,
-    none when there is no answer)."""
-    return Sample(sid, prompt, resp or "", 0, kind, r.get("source", "benign"), r["id"],
-                  r.get("category"), lm_span=(0, len(resp)) if resp else None, **extra)
+@dataclasses.dataclass
+class _Rows:
+    """What every kind's builder reads: the split's harmful and benign rows, the benign
+    answers (``None``: none), each harmful row's coarse category, the seed, the tokenizer."""
+
+    harmful: list[dict]
+    benign: list[dict]
+    responses: dict[str, str | None]
+    cats: dict[str, str]
+    seed: int
+    tokenizer: object = None
+
+    def refused(self, r, sid, prompt, kind, key=None, **extra) -> Sample:
+        """A harmful request answered with its refusal (label 1, LM loss on it); the refusal
+        is picked by ``key`` (default: the row id)."""
+        resp = refusal_for(r, key=key, category=self.cats[r["id"]], seed=self.seed)
+        return Sample(sid, prompt, resp, 1, kind, r.get("source", "advbench"), r["id"],
+                      self.cats[r["id"]], lm_span=(0, len(resp)), **extra)
+
+    def answered(self, r, sid, prompt, kind, **extra) -> Sample:
+        """A benign request with the model's own answer (label 0; LM loss on the answer, none
+        when there is no answer)."""
+        resp = self.responses[r["id"]]
+        return Sample(sid, prompt, resp or "", 0, kind, r.get("source", "benign"), r["id"],
+                      r.get("category"), lm_span=(0, len(resp)) if resp else None, **extra)
+
+
+def _query_samples(rows: _Rows) -> list[Sample]:
+    return [rows.refused(r, f"{r['id']}|query", r["prompt"], "query") for r in rows.harmful] \
+        + [rows.answered(r, f"{r['id']}|query", r["prompt"], "query") for r in rows.benign]
+
+
+def _trajectory_samples(rows: _Rows, continuations, prefix_ks, target_prefill,
+                        recovery) -> list[Sample]:
+    """k-token prefixes of the AdvBench targets (label 1; with ``recovery`` a refusal follows)
+    and of the model's benign answers (label 0)."""
+    tokenizer, out = rows.tokenizer, []
+    recov = {c: [x for x in v if x.startswith(REFUSAL_PREFIX)] for c, v in REFUSALS.items()}
+    for r in rows.harmful:
+        target = (r.get("target") or "").strip()
+        if not target:
+            continue
+        full = target + continuations.get(r["id"], "")
+        cands = [(None, target)] if target_prefill else []
+        cands += [(int(k), truncate_tokens(full, int(k), tokenizer)[0]) for k in prefix_ks]
+        seen = set()
+        for k, prefix in cands:
+            prefix = prefix.rstrip()
+            if not prefix or prefix in seen:
+                continue
+            seen.add(prefix)
+            sid = f"{r['id']}|" + ("target" if k is None else f"k{k}")
+            resp, lm = prefix, None
+            if recovery:
+                tail = hashed_choice(recov[rows.cats[r["id"]]], f"recovery:{rows.seed}:{sid}")
+                resp = prefix + "\n\n" + tail
+                lm = (len(prefix) + 2, len(resp))
+            out.append(Sample(sid, r["prompt"], resp, 1, "trajectory",
+                              r.get("source", "advbench"), r["id"], rows.cats[r["id"]],
+                              window=(0, len(prefix)),
+                              prefix_tokens=_count_tokens(prefix, tokenizer), prefix_k=k,
+                              lm_span=lm))
+    for r in rows.benign:
+        resp = rows.responses[r["id"]]
+        if not resp:
+            continue
+        seen = set()
+        for k in prefix_ks:
+            prefix = truncate_tokens(resp, int(k), tokenizer)[0].rstrip()
+            if not prefix or prefix in seen:
+                continue
+            seen.add(prefix)
+            out.append(Sample(f"{r['id']}|k{int(k)}", r["prompt"], prefix, 0, "trajectory",
+                              r.get("source", "benign"), r["id"], r.get("category"),
+                              window=(0, len(prefix)),
+                              prefix_tokens=_count_tokens(prefix, tokenizer), prefix_k=int(k),
+                              lm_span=(0, len(prefix))))
+    return out
+
+
+def _template_samples(rows: _Rows, templates, per_prompt, benign_too) -> list[Sample]:
+    """Each harmful prompt (and with ``benign_too`` each benign one) inside ``per_prompt``
+    of ``templates``, picked by a seeded hash of the row and template ids."""
+    def picked(r):
+        ranked = sorted(templates,
+                        key=lambda t: split_fraction(f"template:{rows.seed}:{r['id']}:{t['id']}"))
+        return ranked[:per_prompt]
+
+    out = []
+    for r in rows.harmful:
+        for t in picked(r):
+            sid = f"{r['id']}|tmpl:{t['id']}"
+            out.append(rows.refused(r, sid, render_template(t, r["prompt"]), "template",
+                                    key=sid, template_id=t["id"], request=r["prompt"]))
+    for r in rows.benign if benign_too else []:
+        for t in picked(r):
+            out.append(rows.answered(r, f"{r['id']}|tmpl:{t['id']}",
+                                     render_template(t, r["prompt"]), "template",
+                                     template_id=t["id"], request=r["prompt"]))
+    return out
+
+
+def _suffix_samples(rows: _Rows, per_prompt, lo, hi) -> list[Sample]:
+    """Each prompt followed by ``lo``..``hi`` random vocabulary tokens, ``per_prompt`` times."""
+    pool = suffix_pool(rows.tokenizer)
+
+    def noisy(r, j):
+        rng = random.Random(f"train-suffix:{rows.seed}:{r['id']}:{j}")
+        n = rng.randint(lo, hi)
+        return f"{r['prompt']} " + " ".join(rng.choice(pool) for _ in range(n))
+
+    return [rows.refused(r, f"{r['id']}|sfx{j}", noisy(r, j), "suffix", key=f"{r['id']}|sfx{j}",
+                         request=r["prompt"])
+            for r in rows.harmful for j in range(per_prompt)] \
+        + [rows.answered(r, f"{r['id']}|sfx{j}", noisy(r, j), "suffix", request=r["prompt"])
+           for r in rows.benign for j in range(per_prompt)]
+
+
+def _phrasing_samples(rows: _Rows, per_prompt) -> list[Sample]:
+    """Each prompt in ``per_prompt`` surface forms (:mod:`safeattn.data.phrasing`)."""
+    def forms(r):
+        return [(f"{r['id']}|form:{form}", rephrase(r["prompt"], form, f"{rows.seed}:{r['id']}"))
+                for form in pick_forms(r, per_prompt, rows.seed)]
+
+    return [rows.refused(r, sid, text, "phrasing", key=sid, request=r["prompt"])
+            for r in rows.harmful for sid, text in forms(r)] \
+        + [rows.answered(r, sid, text, "phrasing", request=r["prompt"])
+           for r in rows.benign for sid, text in forms(r)]
+
+
+def _conversation_samples(rows: _Rows) -> list[Sample]:
+    """Each prompt split over two user turns and asked after a benign exchange
+    (:mod:`safeattn.data.turns`)."""
+    openers = _openers(rows.benign, rows.responses)
+
+    def chats(r):
+        return [(f"{r['id']}|{tag}", chat, origin)
+                for tag, chat, origin in conversations(r, openers, rows.responses, rows.seed)]
+
+    return [rows.refused(r, sid, chat, "conversation", key=sid, request=r["prompt"],
+                         prompt_origin=origin)
+            for r in rows.harmful for sid, chat, origin in chats(r)] \
+        + [rows.answered(r, sid, chat, "conversation", request=r["prompt"],
+                         prompt_origin=origin)
+           for r in rows.benign for sid, chat, origin in chats(r)]
+
+
+def _contrast_samples(rows: _Rows) -> list[Sample]:
+    """Each harmful prompt quoted, then asked about (label 0) or for (label 1)
+    (:mod:`safeattn.data.contrast`): all the *about* samples, then all the *for* ones."""
+    pairs = [(r, *contrast_pair(r["prompt"], f"{rows.seed}:{r['id']}")) for r in rows.harmful]
+    return [Sample(f"{r['id']}|about", about, "", 0, "contrast", r.get("source", "advbench"),
+                   r["id"], rows.cats[r["id"]], request=r["prompt"])
+            for r, about, _ in pairs] \
+        + [rows.refused(r, f"{r['id']}|for", demand, "contrast", key=f"{r['id']}|for",
+                        request=r["prompt"])
+           for r, _, demand in pairs]
+
+
+def _response_samples(rows: _Rows, pyrit, windows, own_windows, **view) -> list[Sample]:
+    """Probe views of the model's own benign answers (``own_windows`` each), then of the
+    ``pyrit`` responses (``windows`` each) after their objective, a neutral prompt and (harmful
+    ones) a benign decoy prompt, with the neutral prompt alone as a benign query."""
+    out = []
+    for r in rows.benign if own_windows > 0 else []:
+        if rows.responses[r["id"]]:
+            out += _response_views(r["id"], r["prompt"], rows.responses[r["id"]], 0,
+                                     tag="own", source=r.get("source", "benign"),
+                                     row_id=r["id"], origin=r["origin"],
+                                     tokenizer=rows.tokenizer, windows=own_windows, **view)
+    if windows <= 0:
+        return out
+    decoys = sorted(rows.benign, key=lambda b: b["id"])
+    for r in pyrit:
+        neutral = hashed_choice(NEUTRAL_PROMPTS, f"neutral:{rows.seed}:{r['id']}")
+        prompts = [("own", r["prompt"], r["objective_origin"]), ("neutral", neutral, None)]
+        if r["label"] == 1 and decoys:
+            decoy = hashed_choice(decoys, f"decoy:{rows.seed}:{r['id']}")
+            prompts.append(("decoy", decoy["prompt"], decoy["origin"]))
+        # the neutral prompt alone is benign: what p_0 sees before any response
+        out.append(Sample(f"{r['id']}|neutral", neutral, "", 0, "query", "neutral_prompts",
+                          r["id"], origin="pyrit_responses"))
+        for tag, prompt, prompt_origin in prompts:
+            out += _response_views(r["id"], prompt, r["response"], r["label"], tag=tag,
+                                     source="pyrit_scorer_responses", row_id=r["id"],
+                                     origin="pyrit_responses", prompt_origin=prompt_origin,
+                                     category=r.get("category"), tokenizer=rows.tokenizer,
+                                     windows=windows, **view)
+    return out
+
+
+def _answers(benign, benign_responses, missing_response, split) -> dict[str, str | None]:
+    """Each benign row's cleaned answer (``None``: none; an error when ``missing_response``
+    is ``"error"``)."""
+    missing = [r["id"] for r in benign if r["id"] not in benign_responses]
+    if missing and missing_response == "error":
+        raise ValueError(
+            f"{len(missing)} of {len(benign)} benign {split} rows have no response in "
+            f"benign_responses (e.g. {missing[:3]}); generate them with "
+            "safeattn.data.cache_responses(model, tokenizer, rows, path), or pass "
+            "missing_response='empty' (classification only) or 'skip'")
+    return {r["id"]: _clean_response(benign_responses[r["id"]])
+            if r["id"] in benign_responses else None for r in benign}
 
 
 def build_samples(split: str = "train", *, benign_responses: Mapping[str, str] | None = None,
@@ -489,223 +686,53 @@ def build_samples(split: str = "train", *, benign_responses: Mapping[str, str] |
         raise ValueError(f"unknown origins to exclude {sorted(set(exclude) - known)}; "
                          f"expected a subset of {sorted(known)}")
     kept = [src for src in sources if src not in exclude]
+
     def cut(rows):
         return _split(rows, split, test_fraction, salt, val_fraction)
 
     harmful = cut(harmful_rows(kept, datasets=data))
     benign = [r for r in cut(benign_rows(datasets=data)) if r["origin"] not in exclude]
     origins = {r["id"]: r["origin"] for r in harmful + benign}
-    benign_responses = dict(benign_responses or {})
-    harmful_continuations = dict(harmful_continuations or {})
-
-    responses: dict[str, str | None] = {}
-    missing = [r["id"] for r in benign if r["id"] not in benign_responses]
-    if missing and missing_response == "error":
-        raise ValueError(
-            f"{len(missing)} of {len(benign)} benign {split} rows have no response in "
-            f"benign_responses (e.g. {missing[:3]}); generate them with "
-            "safeattn.data.cache_responses(model, tokenizer, rows, path), or pass "
-            "missing_response='empty' (classification only) or 'skip'")
-    for r in benign:
-        if r["id"] in benign_responses:
-            responses[r["id"]] = _clean_response(benign_responses[r["id"]])
-        else:
-            responses[r["id"]] = None
+    responses = _answers(benign, dict(benign_responses or {}), missing_response, split)
     if missing_response == "skip":
         benign = [r for r in benign if responses[r["id"]] is not None]
+    rows = _Rows(harmful, benign, responses, {r["id"]: coarse_category(r) for r in harmful},
+                 seed, tokenizer)
 
-    h_samples, b_samples, ht_samples, bt_samples, t_samples = [], [], [], [], []
-    cats = {r["id"]: coarse_category(r) for r in harmful}
+    def templates():
+        ts = cut(get("jailbreak_templates"))
+        return ts if max_template_chars is None else \
+            [t for t in ts if len(t["prompt"]) <= max_template_chars]
 
-    def harmful_sample(r, sid, prompt, resp, kind, **extra) -> Sample:
-        """A harmful request answered with its refusal ``resp`` (label 1, LM loss on it)."""
-        return Sample(sid, prompt, resp, 1, kind, r.get("source", "advbench"), r["id"],
-                      cats[r["id"]], lm_span=(0, len(resp)), **extra)
-
-    if "query" in include:
-        for r in harmful:
-            resp = refusal_for(r, category=cats[r["id"]], seed=seed)
-            h_samples.append(harmful_sample(r, f"{r['id']}|query", r["prompt"], resp, "query"))
-        for r in benign:
-            resp = responses[r["id"]]
-            b_samples.append(_benign_sample(r, f"{r['id']}|query", r["prompt"], resp, "query"))
-
-    if "trajectory" in include:
-        recov = {c: [x for x in v if x.startswith(REFUSAL_PREFIX)] for c, v in REFUSALS.items()}
-        for r in harmful:
-            target = (r.get("target") or "").strip()
-            if not target:
-                continue
-            full = target + harmful_continuations.get(r["id"], "")
-            cands = [(None, target)] if target_prefill else []
-            cands += [(int(k), truncate_tokens(full, int(k), tokenizer)[0]) for k in prefix_ks]
-            seen = set()
-            for k, prefix in cands:
-                prefix = prefix.rstrip()
-                if not prefix or prefix in seen:
-                    continue
-                seen.add(prefix)
-                sid = f"{r['id']}|" + ("target" if k is None else f"k{k}")
-                resp, lm = prefix, None
-                if trajectory_recovery:
-                    opts = recov[cats[r["id"]]]
-                    tail = hashed_choice(opts, f"recovery:{seed}:{sid}")
-                    resp = prefix + "\n\n" + tail
-                    lm = (len(prefix) + 2, len(resp))
-                ht_samples.append(Sample(sid, r["prompt"], resp, 1, "trajectory",
-                                         r.get("source", "advbench"), r["id"], cats[r["id"]],
-                                         window=(0, len(prefix)),
-                                         prefix_tokens=_count_tokens(prefix, tokenizer),
-                                         prefix_k=k, lm_span=lm))
-        for r in benign:
-            resp = responses[r["id"]]
-            if not resp:
-                continue
-            seen = set()
-            for k in prefix_ks:
-                prefix, n = truncate_tokens(resp, int(k), tokenizer)
-                prefix = prefix.rstrip()
-                if not prefix or prefix in seen:
-                    continue
-                seen.add(prefix)
-                bt_samples.append(Sample(f"{r['id']}|k{int(k)}", r["prompt"], prefix, 0,
-                                         "trajectory", r.get("source", "benign"), r["id"],
-                                         r.get("category"), window=(0, len(prefix)),
-                                         prefix_tokens=_count_tokens(prefix, tokenizer),
-                                         prefix_k=int(k), lm_span=(0, len(prefix))))
-
-    if "template" in include and max_templates_per_prompt > 0:
-        templates = cut(get("jailbreak_templates"))
-        if max_template_chars is not None:
-            templates = [t for t in templates if len(t["prompt"]) <= max_template_chars]
-
-        def picked(r):
-            ranked = sorted(templates,
-                            key=lambda t: split_fraction(f"template:{seed}:{r['id']}:{t['id']}"))
-            return ranked[:max_templates_per_prompt]
-
-        for r in harmful:
-            for t in picked(r):
-                sid = f"{r['id']}|tmpl:{t['id']}"
-                resp = refusal_for(r, key=sid, category=cats[r["id"]], seed=seed)
-                t_samples.append(harmful_sample(r, sid, render_template(t, r["prompt"]), resp,
-                                                "template", template_id=t["id"],
-                                                request=r["prompt"]))
-        for r in benign if benign_templates else []:
-            resp = responses[r["id"]]
-            for t in picked(r):
-                t_samples.append(_benign_sample(r, f"{r['id']}|tmpl:{t['id']}",
-                                                render_template(t, r["prompt"]), resp,
-                                                "template", template_id=t["id"],
-                                                request=r["prompt"]))
-
-    hs_samples, bs_samples = [], []
-    if "suffix" in include and suffixes_per_prompt > 0:
-        pool = suffix_pool(tokenizer)
-
-        def noisy(r, j):
-            rng = random.Random(f"train-suffix:{seed}:{r['id']}:{j}")
-            n = rng.randint(lo, hi)
-            return f"{r['prompt']} " + " ".join(rng.choice(pool) for _ in range(n))
-
-        for r in harmful:
-            for j in range(suffixes_per_prompt):
-                sid = f"{r['id']}|sfx{j}"
-                resp = refusal_for(r, key=sid, category=cats[r["id"]], seed=seed)
-                hs_samples.append(harmful_sample(r, sid, noisy(r, j), resp, "suffix",
-                                                 request=r["prompt"]))
-        for r in benign:
-            resp = responses[r["id"]]
-            for j in range(suffixes_per_prompt):
-                bs_samples.append(_benign_sample(r, f"{r['id']}|sfx{j}", noisy(r, j), resp,
-                                                 "suffix", request=r["prompt"]))
-
-    hp_samples, bp_samples = [], []
-    if "phrasing" in include and phrasings_per_prompt > 0:
-        for r in harmful:
-            for form in pick_forms(r, phrasings_per_prompt, seed):
-                sid = f"{r['id']}|form:{form}"
-                resp = refusal_for(r, key=sid, category=cats[r["id"]], seed=seed)
-                hp_samples.append(harmful_sample(
-                    r, sid, rephrase(r["prompt"], form, f"{seed}:{r['id']}"), resp, "phrasing",
-                    request=r["prompt"]))
-        for r in benign:
-            resp = responses[r["id"]]
-            for form in pick_forms(r, phrasings_per_prompt, seed):
-                bp_samples.append(_benign_sample(
-                    r, f"{r['id']}|form:{form}", rephrase(r["prompt"], form, f"{seed}:{r['id']}"),
-                    resp, "phrasing", request=r["prompt"]))
-
-    hc_samples, bc_samples = [], []
-    if "conversation" in include:
-        openers = _openers(benign, responses)
-        for r in harmful:
-            for tag, chat, prompt_origin in conversations(r, openers, responses, seed):
-                sid = f"{r['id']}|{tag}"
-                resp = refusal_for(r, key=sid, category=cats[r["id"]], seed=seed)
-                hc_samples.append(harmful_sample(r, sid, chat, resp, "conversation",
-                                                 request=r["prompt"],
-                                                 prompt_origin=prompt_origin))
-        for r in benign:
-            resp = responses[r["id"]]
-            for tag, chat, prompt_origin in conversations(r, openers, responses, seed):
-                bc_samples.append(_benign_sample(r, f"{r['id']}|{tag}", chat, resp,
-                                                 "conversation", request=r["prompt"],
-                                                 prompt_origin=prompt_origin))
-
-    ca_samples, cf_samples = [], []
-    if "contrast" in include:
-        for r in harmful:
-            about, demand = contrast_pair(r["prompt"], f"{seed}:{r['id']}")
-            src = r.get("source", "advbench")
-            ca_samples.append(Sample(f"{r['id']}|about", about, "", 0, "contrast", src, r["id"],
-                                     cats[r["id"]], request=r["prompt"]))
-            resp = refusal_for(r, key=f"{r['id']}|for", category=cats[r["id"]], seed=seed)
-            cf_samples.append(Sample(f"{r['id']}|for", demand, resp, 1, "contrast", src,
-                                     r["id"], cats[r["id"]], lm_span=(0, len(resp)),
-                                     request=r["prompt"]))
-
-    r_samples = []
-    own_windows = response_windows if own_response_windows is None else own_response_windows
-    if "response" in include and own_windows > 0:
-        for r in benign:
-            if responses[r["id"]]:
-                r_samples += _response_samples(r["id"], r["prompt"], responses[r["id"]], 0,
-                                               tag="own", source=r.get("source", "benign"),
-                                               row_id=r["id"], origin=r["origin"],
-                                               tokenizer=tokenizer, windows=own_windows,
-                                               max_tokens=response_max_tokens,
-                                               probe_window=probe_window)
-    if "response" in include and response_windows > 0:
-        view = dict(tokenizer=tokenizer, windows=response_windows, max_tokens=response_max_tokens,
-                    probe_window=probe_window)
+    def pyrit():
         if "pyrit_objectives" in kept and "pyrit_responses" not in exclude:
-            decoys = sorted(benign, key=lambda b: b["id"])
-            for r in cut(response_rows(datasets=data)):
-                neutral = hashed_choice(NEUTRAL_PROMPTS, f"neutral:{seed}:{r['id']}")
-                prompts = [("own", r["prompt"], r["objective_origin"]),
-                           ("neutral", neutral, None)]
-                if r["label"] == 1 and decoys:
-                    decoy = hashed_choice(decoys, f"decoy:{seed}:{r['id']}")
-                    prompts.append(("decoy", decoy["prompt"], decoy["origin"]))
-                # the neutral prompt alone is benign: what p_0 sees before any response
-                r_samples.append(Sample(f"{r['id']}|neutral", neutral, "", 0, "query",
-                                        "neutral_prompts", r["id"], origin="pyrit_responses"))
-                for tag, prompt, prompt_origin in prompts:
-                    r_samples += _response_samples(r["id"], prompt, r["response"], r["label"],
-                                                   tag=tag, source="pyrit_scorer_responses",
-                                                   row_id=r["id"], origin="pyrit_responses",
-                                                   prompt_origin=prompt_origin,
-                                                   category=r.get("category"), **view)
+            return cut(response_rows(datasets=data))
+        return []
 
-    out = h_samples + b_samples + ht_samples + bt_samples + t_samples + hs_samples + bs_samples \
-        + hp_samples + bp_samples + hc_samples + bc_samples + ca_samples + cf_samples + r_samples
+    builders = {  # the output order: kind by kind, response last
+        "query": lambda: _query_samples(rows),
+        "trajectory": lambda: _trajectory_samples(rows, dict(harmful_continuations or {}),
+                                                  prefix_ks, target_prefill,
+                                                  trajectory_recovery),
+        "template": lambda: _template_samples(rows, templates(), max_templates_per_prompt,
+                                              benign_templates)
+        if max_templates_per_prompt > 0 else [],
+        "suffix": lambda: _suffix_samples(rows, suffixes_per_prompt, lo, hi)
+        if suffixes_per_prompt > 0 else [],
+        "phrasing": lambda: _phrasing_samples(rows, phrasings_per_prompt),
+        "conversation": lambda: _conversation_samples(rows),
+        "contrast": lambda: _contrast_samples(rows),
+        "response": lambda: _response_samples(
+            rows, pyrit(), response_windows,
+            response_windows if own_response_windows is None else own_response_windows,
+            max_tokens=response_max_tokens, probe_window=probe_window),
+    }
+    out = [s for kind, build in builders.items() if kind in include for s in build()]
     out = [x if x.origin else dataclasses.replace(x, origin=origins.get(x.row_id)) for x in out]
     out = [x for x in out if not x.origins & set(exclude)]
     if shuffle:
         random.Random(seed).shuffle(out)
     return out
-
 
 def _openers(benign, responses) -> list[dict]:
     """The benign rows that can open a conversation: answered (``responses[id]``) and at most
