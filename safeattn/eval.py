@@ -607,7 +607,6 @@ def evaluate(model, tokenizer, rows: Sequence[Mapping], *, attacks: Sequence[str
         ``"examples"`` too. The private key ``"_traces"`` holds up to two safe outputs (one
         harmful, one benign) for :func:`write_plots`.
     """
-    from . import __version__
     from .generation import SafetyConfig
     from .hf import is_patched
 
@@ -637,92 +636,35 @@ def evaluate(model, tokenizer, rows: Sequence[Mapping], *, attacks: Sequence[str
         response_rows = None
     started = time.time()
     results, examples, traces = [], [], {}
-    kw = dict(safety=safety, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
-              stop_at_refusal=stop_at_refusal)
+    run = dict(safety=safety, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
+               stop_at_refusal=stop_at_refusal)
+    attack_settings = dict(prefill_ks=prefill_ks, template_max_chars=template_max_chars,
+                           suffix_tokens=suffix_tokens, response_tokens=response_tokens)
     for attack in attacks:
-        conts = None
         if attack == "response":
             rows_a = response_rows
         else:
             rows_a = [r for r in rows if r["label"] == "harmful" or attack in benign_attacks]
         if not rows_a:
             continue
-        cases = build_cases(rows_a, attack, tokenizer=tokenizer, seed=seed, prefill_ks=prefill_ks,
-                            template_max_chars=template_max_chars, suffix_tokens=suffix_tokens,
-                            response_tokens=response_tokens)
-        recs = {m: [] for m in modes}
-        stats = {}
-        if attack == "prefill" and prefill_ks:
-            # k-token prefixes continue the target with the plain model's own greedy text.
-            tgt = cases
-            for m in dict.fromkeys(["plain", *modes]):
-                r, tok, sec = _run(model, tokenizer, tgt, m, desc=f"prefill/target {m}",
-                                   examples=None, **kw)
-                if m in modes:
-                    recs[m] += r
-                    stats[("target", m)] = (tok, sec)
-                if m == "plain":
-                    conts = {x["case"].id: x["response"] for x in r}
-            cases = [c for c in build_cases(rows_a, attack, tokenizer=tokenizer, seed=seed,
-                                            prefill_ks=prefill_ks, continuations=conts)
-                     if c.variant != "target"]
-        for m in modes:
-            by_var: dict = {}
-            for c in cases:
-                by_var.setdefault(c.variant, []).append(c)
-            for var, cs in by_var.items():
-                ex = [] if m == "safe" and attack == "direct" else None
-                r, tok, sec = _run(model, tokenizer, cs, m, desc=f"{attack}/{var or '-'} {m}",
-                                   examples=ex, refusal_steps=response_steps
-                                   if attack == "response" else None, **kw)
-                recs[m] += r
-                stats[(var, m)] = (tok, sec)
-                for e in ex or []:
-                    traces.setdefault(e["case"].label, e)
-        for m in modes:
-            variants = list(dict.fromkeys(x["case"].variant for x in recs[m]))
-            for label in ("harmful", "benign"):
-                lab = [x for x in recs[m] if x["case"].label == label]
-                if not lab:
-                    continue
-                for var in variants:
-                    sub = [x for x in lab if x["case"].variant == var]
-                    tok, sec = stats[(var, m)]
-                    results.append(_summary(attack, var, m, label, sub, tok, sec))
-                if len(variants) > 1:
-                    results.append(_any_row(attack, m, label, lab))
-            if keep_responses:
-                for x in recs[m]:
-                    c = x["case"]
-                    examples.append({"id": c.id, "label": c.label, "category": c.category,
-                                     "attack": attack,
-                                     "variant": c.variant, "mode": m, "prompt": c.prompt,
-                                     "prefill": c.prefill, "response": x["response"],
-                                     "refused": x["refused"], "p0": x.get("p0"),
-                                     "refusal_step": x.get("refusal_step"),
-                                     "ended": x["ended"], "check": x.get("check")})
-    calib = _calibration(model, tokenizer, rows, target_fpr, batch_size)
+        recs, stats = _run_attack(model, tokenizer, attack, rows_a, modes, traces, run,
+                                  attack_settings, response_steps)
+        results += _attack_results(attack, modes, recs, stats)
+        if keep_responses:
+            examples += [_example(attack, m, x) for m in modes for x in recs[m]]
     meta = {
         "model": model_name or getattr(model.config, "_name_or_path", None),
-        "n_prompts": {lab: sum(r["label"] == lab for r in rows) for lab in ("harmful", "benign")},
-        "attacks": attacks, "benign_attacks": benign_attacks, "modes": list(modes), "max_new_tokens": max_new_tokens,
-        "batch_size": batch_size, "seed": seed, "stop_at_refusal": stop_at_refusal,
-        "prefill_ks": list(prefill_ks),
+        "n_prompts": _label_counts(rows), "attacks": attacks,
+        "benign_attacks": benign_attacks, "modes": list(modes),
+        "max_new_tokens": max_new_tokens, "batch_size": batch_size, "seed": seed,
+        "stop_at_refusal": stop_at_refusal, "prefill_ks": list(prefill_ks),
         "decoding_sweep": [dict(name=n, **k) for n, k in DECODING_SWEEP],
         "template_max_chars": template_max_chars, "suffix_tokens": suffix_tokens,
         # the response attack's settings; None when it did not run
         "response_tokens": response_tokens if response_rows is not None else None,
         "response_steps": response_steps if response_rows is not None else None,
-        "n_responses": None if response_rows is None else
-        {lab: sum(r["label"] == lab for r in response_rows) for lab in ("harmful", "benign")},
-        "safety": {k: v for k, v in dataclasses.asdict(safety).items()
-                   if isinstance(v, (int, float, str, bool, type(None)))},
-        "judge": "safeattn.judge.is_refusal(mode='phrase') on the model's own first turn",
-        "calibration": calib,
-        "torch": torch.__version__, "safeattn": __version__, "threads": torch.get_num_threads(),
-        "device": str(model.get_input_embeddings().weight.device),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(started)),
-        "seconds": round(time.time() - started, 1),
+        "n_responses": None if response_rows is None else _label_counts(response_rows),
+        **_run_meta(model, tokenizer, rows, safety, target_fpr, batch_size, started),
     }
     report = {"results": results, "meta": meta}
     if keep_responses:
@@ -730,6 +672,91 @@ def evaluate(model, tokenizer, rows: Sequence[Mapping], *, attacks: Sequence[str
     report["_traces"] = traces
     return report
 
+
+def _label_counts(rows) -> dict[str, int]:
+    return {lab: sum(r["label"] == lab for r in rows) for lab in ("harmful", "benign")}
+
+
+def _run_attack(model, tokenizer, attack, rows, modes, traces, run: dict, settings: dict,
+                response_steps):
+    """One attack's cases in each mode -> (records per mode, ``(tokens, seconds)`` per
+    ``(variant, mode)``). The first safe ``direct`` output of each label goes to ``traces``.
+    ``run``: :func:`_run`'s settings; ``settings``: :func:`build_cases`'."""
+    cases = build_cases(rows, attack, tokenizer=tokenizer, seed=run["seed"], **settings)
+    recs, stats = {m: [] for m in modes}, {}
+    if attack == "prefill" and settings["prefill_ks"]:
+        # k-token prefixes continue the target with the plain model's own greedy text.
+        conts = None
+        for m in dict.fromkeys(["plain", *modes]):
+            r, tok, sec = _run(model, tokenizer, cases, m, desc=f"prefill/target {m}",
+                               examples=None, **run)
+            if m in modes:
+                recs[m] += r
+                stats[("target", m)] = (tok, sec)
+            if m == "plain":
+                conts = {x["case"].id: x["response"] for x in r}
+        cases = [c for c in build_cases(rows, attack, tokenizer=tokenizer, seed=run["seed"],
+                                        prefill_ks=settings["prefill_ks"], continuations=conts)
+                 if c.variant != "target"]
+    by_var: dict = {}
+    for c in cases:
+        by_var.setdefault(c.variant, []).append(c)
+    for m in modes:
+        for var, cs in by_var.items():
+            ex = [] if m == "safe" and attack == "direct" else None
+            r, tok, sec = _run(model, tokenizer, cs, m, desc=f"{attack}/{var or '-'} {m}",
+                               examples=ex, refusal_steps=response_steps
+                               if attack == "response" else None, **run)
+            recs[m] += r
+            stats[(var, m)] = (tok, sec)
+            for e in ex or []:
+                traces.setdefault(e["case"].label, e)
+    return recs, stats
+
+
+def _attack_results(attack, modes, recs, stats) -> list[dict]:
+    """The report rows of one attack: per mode, label and variant, and an ``any`` row per
+    mode and label when the attack has several variants."""
+    out = []
+    for m in modes:
+        variants = list(dict.fromkeys(x["case"].variant for x in recs[m]))
+        for label in ("harmful", "benign"):
+            lab = [x for x in recs[m] if x["case"].label == label]
+            if not lab:
+                continue
+            for var in variants:
+                sub = [x for x in lab if x["case"].variant == var]
+                out.append(_summary(attack, var, m, label, sub, *stats[(var, m)]))
+            if len(variants) > 1:
+                out.append(_any_row(attack, m, label, lab))
+    return out
+
+
+def _example(attack, mode, rec) -> dict:
+    """One response of the report's ``examples``."""
+    c = rec["case"]
+    return {"id": c.id, "label": c.label, "category": c.category, "attack": attack,
+            "variant": c.variant, "mode": mode, "prompt": c.prompt, "prefill": c.prefill,
+            "response": rec["response"], "refused": rec["refused"], "p0": rec.get("p0"),
+            "refusal_step": rec.get("refusal_step"), "ended": rec["ended"],
+            "check": rec.get("check")}
+
+
+def _run_meta(model, tokenizer, rows, safety, target_fpr, batch_size, started) -> dict:
+    """The report meta that describes the run rather than the attacks: the safety settings,
+    the judge, θ calibrated on ``rows``, versions, device and time."""
+    from . import __version__
+
+    return {
+        "safety": {k: v for k, v in dataclasses.asdict(safety).items()
+                   if isinstance(v, (int, float, str, bool, type(None)))},
+        "judge": "safeattn.judge.is_refusal(mode='phrase') on the model's own first turn",
+        "calibration": _calibration(model, tokenizer, rows, target_fpr, batch_size),
+        "torch": torch.__version__, "safeattn": __version__, "threads": torch.get_num_threads(),
+        "device": str(model.get_input_embeddings().weight.device),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(started)),
+        "seconds": round(time.time() - started, 1),
+    }
 
 _SAME = ("n_prompts", "max_new_tokens", "seed", "prefill_ks", "template_max_chars",
          "suffix_tokens", "benign_attacks")
