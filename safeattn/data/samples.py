@@ -408,8 +408,9 @@ class _Rows:
 
     def refused(self, r, sid, prompt, kind, key=None, **extra) -> Sample:
         """A harmful request answered with its refusal (label 1, LM loss on it); the refusal
-        is picked by ``key`` (default: the row id)."""
-        resp = refusal_for(r, key=key, category=self.cats[r["id"]], seed=self.seed)
+        is picked by ``key`` (default: the sample id ``sid``)."""
+        resp = refusal_for(r, key=sid if key is None else key, category=self.cats[r["id"]],
+                           seed=self.seed)
         return Sample(sid, prompt, resp, 1, kind, r.get("source", "advbench"), r["id"],
                       self.cats[r["id"]], lm_span=(0, len(resp)), **extra)
 
@@ -422,7 +423,8 @@ class _Rows:
 
 
 def _query_samples(rows: _Rows) -> list[Sample]:
-    return [rows.refused(r, f"{r['id']}|query", r["prompt"], "query") for r in rows.harmful] \
+    return [rows.refused(r, f"{r['id']}|query", r["prompt"], "query", key=r["id"])
+            for r in rows.harmful] \
         + [rows.answered(r, f"{r['id']}|query", r["prompt"], "query") for r in rows.benign]
 
 
@@ -487,7 +489,7 @@ def _template_samples(rows: _Rows, templates, per_prompt, benign_too) -> list[Sa
         for t in picked(r):
             sid = f"{r['id']}|tmpl:{t['id']}"
             out.append(rows.refused(r, sid, render_template(t, r["prompt"]), "template",
-                                    key=sid, template_id=t["id"], request=r["prompt"]))
+                                    template_id=t["id"], request=r["prompt"]))
     for r in rows.benign if benign_too else []:
         for t in picked(r):
             out.append(rows.answered(r, f"{r['id']}|tmpl:{t['id']}",
@@ -505,8 +507,7 @@ def _suffix_samples(rows: _Rows, per_prompt, lo, hi) -> list[Sample]:
         n = rng.randint(lo, hi)
         return f"{r['prompt']} " + " ".join(rng.choice(pool) for _ in range(n))
 
-    return [rows.refused(r, f"{r['id']}|sfx{j}", noisy(r, j), "suffix", key=f"{r['id']}|sfx{j}",
-                         request=r["prompt"])
+    return [rows.refused(r, f"{r['id']}|sfx{j}", noisy(r, j), "suffix", request=r["prompt"])
             for r in rows.harmful for j in range(per_prompt)] \
         + [rows.answered(r, f"{r['id']}|sfx{j}", noisy(r, j), "suffix", request=r["prompt"])
            for r in rows.benign for j in range(per_prompt)]
@@ -518,7 +519,7 @@ def _phrasing_samples(rows: _Rows, per_prompt) -> list[Sample]:
         return [(f"{r['id']}|form:{form}", rephrase(r["prompt"], form, f"{rows.seed}:{r['id']}"))
                 for form in pick_forms(r, per_prompt, rows.seed)]
 
-    return [rows.refused(r, sid, text, "phrasing", key=sid, request=r["prompt"])
+    return [rows.refused(r, sid, text, "phrasing", request=r["prompt"])
             for r in rows.harmful for sid, text in forms(r)] \
         + [rows.answered(r, sid, text, "phrasing", request=r["prompt"])
            for r in rows.benign for sid, text in forms(r)]
@@ -533,7 +534,7 @@ def _conversation_samples(rows: _Rows) -> list[Sample]:
         return [(f"{r['id']}|{tag}", chat, origin)
                 for tag, chat, origin in conversations(r, openers, rows.responses, rows.seed)]
 
-    return [rows.refused(r, sid, chat, "conversation", key=sid, request=r["prompt"],
+    return [rows.refused(r, sid, chat, "conversation", request=r["prompt"],
                          prompt_origin=origin)
             for r in rows.harmful for sid, chat, origin in chats(r)] \
         + [rows.answered(r, sid, chat, "conversation", request=r["prompt"],
@@ -548,8 +549,7 @@ def _contrast_samples(rows: _Rows) -> list[Sample]:
     return [Sample(f"{r['id']}|about", about, "", 0, "contrast", r.get("source", "advbench"),
                    r["id"], rows.cats[r["id"]], request=r["prompt"])
             for r, about, _ in pairs] \
-        + [rows.refused(r, f"{r['id']}|for", demand, "contrast", key=f"{r['id']}|for",
-                        request=r["prompt"])
+        + [rows.refused(r, f"{r['id']}|for", demand, "contrast", request=r["prompt"])
            for r, _, demand in pairs]
 
 
