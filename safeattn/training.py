@@ -1098,6 +1098,62 @@ def _cacheable(samples, coll, model) -> tuple[list, int]:
     return keep, n
 
 
+def _reuse_context_file(saved, store: dict, keys: list[str], model_id: dict) -> dict:
+    """Fill the context ``store`` with the entries of the file ``saved`` whose content key is
+    in ``keys`` -> the file's other entries, ``{key: (kv, states)}``. ``model_id``: the
+    model and ``max_layer`` the file must have been written for."""
+    got = torch.load(saved, weights_only=True)
+    if "keys" not in got or got.get("model") != model_id["model"]:
+        raise ValueError(f"{saved} was written for another model or by an older safeattn "
+                         f"(keyed by sample id); delete it")
+    if got["max_layer"] != model_id["max_layer"]:
+        raise ValueError(f"{saved} caches layers 0..{got['max_layer']}, not "
+                         f"0..{model_id['max_layer']}; delete it")
+    old = {k: i for i, k in enumerate(got["keys"])}
+    for i, k in enumerate(keys):
+        if k in old and old[k] in got["kv"]:
+            store["kv"][i] = got["kv"][old[k]]
+            store["states"][i] = got["states"][old[k]]
+    mine = set(keys)
+    others = {k: (got["kv"][i], got["states"][i]) for k, i in old.items()
+              if k not in mine and i in got["kv"]}
+    print(f"context cache file: {len(store['kv'])} of {len(keys)} samples reused", flush=True)
+    return others
+
+
+def _save_context_file(saved, store: dict, keys: list[str], others: dict,
+                       model_id: dict) -> None:
+    """Write the context ``store`` (entries in ``keys`` order) and ``others`` to ``saved``."""
+    kv, states = dict(store["kv"]), dict(store["states"])
+    for j, (a, b) in enumerate(others.values(), start=len(keys)):
+        kv[j], states[j] = a, b
+    torch.save({"keys": keys + list(others), **model_id, "kv": kv, "states": states}, saved)
+
+
+def _frozen_rows(plan, fold: str, cls0, cls_layer: int, feats_last: dict, y,
+                 seed: int) -> dict:
+    """The fold's two frozen baselines, fitted on its training indices: ``cls_frozen_row``,
+    a logistic head on the frozen-row ``[CLS]`` states ``cls0 [N, L+1, D]`` at
+    ``cls_layer``, and ``frozen_probe``, a :class:`~safeattn.baselines.FrozenProbe` on the
+    last seen token's hidden states ``feats_last`` (its layer picked by CV)."""
+    from . import loso
+
+    idx = plan.folds[fold]
+    head = _logistic({cls_layer: cls0[idx, cls_layer]}, y[idx], seed=seed)
+    probe = _logistic({k: v[idx] for k, v in feats_last.items()}, y[idx], seed=seed)
+
+    def head_scores(k):
+        return head.decision_function(cls0[k, cls_layer])
+
+    def probe_scores(k):
+        return probe.decision_function({probe.layer: feats_last[probe.layer][k]})
+
+    rows = {"cls_frozen_row": loso.fold_metrics(plan, fold, head_scores),
+            "frozen_probe": loso.fold_metrics(plan, fold, probe_scores)}
+    rows["frozen_probe"]["layer"] = probe.layer
+    return rows
+
+
 def run_loso(args) -> int:
     """``safeattn train --loso``: leave-one-source-out validation (:mod:`safeattn.loso`) of
     three heads on the same folds and the same frozen forward of every sample:
@@ -1162,34 +1218,13 @@ def run_loso(args) -> int:
     others = {}  # the file's entries that this pool does not use: kept when it is re-saved
     if saved is not None:
         keys = [_context_key(coll, s) for s in pool]
-        model_id = _model_id(model)
-    if saved is not None and saved.exists():  # reuse the samples it has (by content key)
-        got = torch.load(saved, weights_only=True)
-        if "keys" not in got or got.get("model") != model_id:
-            raise ValueError(f"{saved} was written for another model or by an older safeattn "
-                             f"(keyed by sample id); delete it")
-        if got["max_layer"] != max(layers):
-            raise ValueError(f"{saved} caches layers 0..{got['max_layer']}, not "
-                             f"0..{max(layers)}; delete it")
-        old = {k: i for i, k in enumerate(got["keys"])}
-        for i, k in enumerate(keys):
-            if k in old and old[k] in got["kv"]:
-                store["kv"][i] = got["kv"][old[k]]
-                store["states"][i] = got["states"][old[k]]
-        mine = set(keys)
-        others = {k: (got["kv"][i], got["states"][i]) for k, i in old.items()
-                  if k not in mine and i in got["kv"]}
-        del got
-        print(f"context cache file: {len(store['kv'])} of {len(keys)} samples reused",
-              flush=True)
+        model_id = {"model": _model_id(model), "max_layer": max(layers)}
+        if saved.exists():  # reuse the samples it has (by content key)
+            others = _reuse_context_file(saved, store, keys, model_id)
     n_before = len(store["kv"])
     warm.warm_context_cache()
     if saved is not None and len(store["kv"]) > n_before:
-        kv, states = dict(store["kv"]), dict(store["states"])
-        for j, (k, (a, b)) in enumerate(others.items(), start=len(keys)):
-            kv[j], states[j] = a, b
-        torch.save({"keys": keys + list(others), "model": model_id, "max_layer": max(layers),
-                    "kv": kv, "states": states}, saved)
+        _save_context_file(saved, store, keys, others, model_id)
     del others  # not needed for training
     t1 = time.time()
     print(f"context cache: {len(store['kv'])} samples in {t1 - t0:.0f}s", flush=True)
@@ -1235,14 +1270,7 @@ def run_loso(args) -> int:
             trainer = train_variant(variant, idx, args.epochs)
             rows[variant] = loso.fold_metrics(plan, fold, trainer.cached_logits,
                                               examples=args.loso_examples)
-        head = _logistic({cls_layer: cls0[idx, cls_layer]}, y[idx], seed=args.seed)
-        probe = _logistic({k: v[idx] for k, v in feats_last.items()}, y[idx], seed=args.seed)
-        rows["cls_frozen_row"] = loso.fold_metrics(
-            plan, fold, lambda k: head.decision_function(cls0[k, cls_layer]))
-        rows["frozen_probe"] = loso.fold_metrics(
-            plan, fold, lambda k: probe.decision_function({probe.layer: feats_last[
-                probe.layer][k]}))
-        rows["frozen_probe"]["layer"] = probe.layer
+        rows.update(_frozen_rows(plan, fold, cls0, cls_layer, feats_last, y, args.seed))
         report["folds"][fold] = rows
         print(f"[{fold}] {time.time() - tf:.0f}s " + json.dumps(
             {m: {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()
