@@ -715,6 +715,7 @@ class _Decode:
         mode_all = torch.stack(self.mode_hist, 1).cpu()
         chk_all = torch.stack(self.chk_hist, 1).cpu()
         ref_at, fstart = self.refusal_at.cpu(), self.fstart.cpu()
+        alarm_at, rolled = self.alarm_at.cpu(), self.rolled.cpu()
         eos_t = self.gc._eos_token_tensor
         eos = set(eos_t.reshape(-1).tolist()) if eos_t is not None else set()
         new = seq[:, self.l0:].cpu()
@@ -728,9 +729,8 @@ class _Decode:
                 p=p_all[i].tolist(), checked=chk_all[i].tolist(),
                 mode=["refusal" if m == REFUSAL else MODE_NAMES[m] for m in mode_all[i].tolist()],
                 refusal_step=r if r >= 0 else None,
-                alarm_step=int(self.alarm_at[i]) if r >= 0 and int(self.alarm_at[i]) >= 0
-                else None,
-                justification=just, rolled_back=bool(self.rolled[i])))
+                alarm_step=int(alarm_at[i]) if r >= 0 and int(alarm_at[i]) >= 0 else None,
+                justification=just, rolled_back=bool(rolled[i])))
         info = SafetyOutput(rows=res, p=p_all, mode=mode_all, refused=self.refused.cpu(),
                             refusal_step=ref_at, config=self.safety, prompt_length=self.l0,
                             refusal_ids=self.ref_ids)

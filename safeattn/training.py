@@ -1098,17 +1098,17 @@ def _cacheable(samples, coll, model) -> tuple[list, int]:
     return keep, n
 
 
-def _reuse_context_file(saved, store: dict, keys: list[str], model_id: dict) -> dict:
+def _reuse_context_file(saved, store: dict, keys: list[str], written_for: dict) -> dict:
     """Fill the context ``store`` with the entries of the file ``saved`` whose content key is
-    in ``keys`` -> the file's other entries, ``{key: (kv, states)}``. ``model_id``: the
-    model and ``max_layer`` the file must have been written for."""
+    in ``keys`` -> the file's other entries, ``{key: (kv, states)}``. ``written_for``: the
+    ``model`` (:func:`_model_id`) and ``max_layer`` the file must have been written for."""
     got = torch.load(saved, weights_only=True)
-    if "keys" not in got or got.get("model") != model_id["model"]:
+    if "keys" not in got or got.get("model") != written_for["model"]:
         raise ValueError(f"{saved} was written for another model or by an older safeattn "
                          f"(keyed by sample id); delete it")
-    if got["max_layer"] != model_id["max_layer"]:
+    if got["max_layer"] != written_for["max_layer"]:
         raise ValueError(f"{saved} caches layers 0..{got['max_layer']}, not "
-                         f"0..{model_id['max_layer']}; delete it")
+                         f"0..{written_for['max_layer']}; delete it")
     old = {k: i for i, k in enumerate(got["keys"])}
     for i, k in enumerate(keys):
         if k in old and old[k] in got["kv"]:
@@ -1122,12 +1122,12 @@ def _reuse_context_file(saved, store: dict, keys: list[str], model_id: dict) -> 
 
 
 def _save_context_file(saved, store: dict, keys: list[str], others: dict,
-                       model_id: dict) -> None:
+                       written_for: dict) -> None:
     """Write the context ``store`` (entries in ``keys`` order) and ``others`` to ``saved``."""
     kv, states = dict(store["kv"]), dict(store["states"])
     for j, (a, b) in enumerate(others.values(), start=len(keys)):
         kv[j], states[j] = a, b
-    torch.save({"keys": keys + list(others), **model_id, "kv": kv, "states": states}, saved)
+    torch.save({"keys": keys + list(others), **written_for, "kv": kv, "states": states}, saved)
 
 
 def _frozen_rows(plan, fold: str, cls0, cls_layer: int, feats_last: dict, y,
@@ -1218,13 +1218,13 @@ def run_loso(args) -> int:
     others = {}  # the file's entries that this pool does not use: kept when it is re-saved
     if saved is not None:
         keys = [_context_key(coll, s) for s in pool]
-        model_id = {"model": _model_id(model), "max_layer": max(layers)}
+        written_for = {"model": _model_id(model), "max_layer": max(layers)}
         if saved.exists():  # reuse the samples it has (by content key)
-            others = _reuse_context_file(saved, store, keys, model_id)
+            others = _reuse_context_file(saved, store, keys, written_for)
     n_before = len(store["kv"])
     warm.warm_context_cache()
     if saved is not None and len(store["kv"]) > n_before:
-        _save_context_file(saved, store, keys, others, model_id)
+        _save_context_file(saved, store, keys, others, written_for)
     del others  # not needed for training
     t1 = time.time()
     print(f"context cache: {len(store['kv'])} samples in {t1 - t0:.0f}s", flush=True)
