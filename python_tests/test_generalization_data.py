@@ -322,6 +322,20 @@ def test_xstest_pairs_and_objectives_share_a_split():
     assert not {r["objective"] for r in tr} & {r["objective"] for r in test}
 
 
+def test_source_weights_hand_checked():
+    def smp(origin, label=1):
+        return D.Sample(f"{origin}{len(rows)}", "p", "", label, "query", "x", "r", origin=origin)
+    rows = []
+    for origin, n in (("advbench", 6), ("xstest_unsafe", 2), ("pyrit_objectives", 1)):
+        rows += [smp(origin) for _ in range(n)]
+    rows += [smp("instructions", 0), smp("pyrit_responses")]
+    w = D.source_weights(rows)
+    assert w == [0.5] * 6 + [1.5] * 2 + [3.0] + [1.0, 1.0]  # 9 harmful rows, 3 per source
+    # a held-out source takes no share; with none of them, nothing changes
+    assert D.source_weights(rows[:8]) == [4 / 6] * 6 + [2.0] * 2
+    assert D.source_weights(rows[-2:]) == [1.0, 1.0]
+
+
 def test_loso_plan_hygiene(train):
     p = loso.plan(train)
     assert p.n_train == len(train) and set(p.folds) == set(loso.FOLDS)

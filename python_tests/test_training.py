@@ -1,4 +1,5 @@
 """Training (safeattn.training): collator, trainer modes, context cache, DDP, CLI, artifact."""
+import collections
 import json
 import os
 import subprocess
@@ -142,6 +143,40 @@ def test_tiny_model_learns_separable_toy_set(tmp_path):
     assert after["eval_loss"] < 0.5 * before["eval_loss"]
     logs = [h for h in tr.state.log_history if "head_acc" in h]
     assert logs and logs[-1]["head_acc"] >= 0.9 and "bce" in logs[-1]
+
+
+def test_weighted_bce(tmp_path):
+    """Sample weights reach the BCE term through the dataset and the collator: weights of 1
+    give the unweighted loss, others the weighted mean, and a zero weight drops a sample."""
+    import torch.nn.functional as F
+    model, tok = _patched("llama", mode="head", cls_layer=1)
+    samples = toy_samples(trajectory=False)
+    coll = SafetyDataCollator(tok)
+    trainer = SafetyTrainer(model=model, args=_targs(tmp_path), train_dataset=SafetyDataset(
+        samples), data_collator=coll, train_mode="head")
+    plain = coll([SafetyDataset(samples)[i] for i in range(len(samples))])
+    assert "safety_weights" not in plain
+    w = torch.arange(len(samples), dtype=torch.float32) % 3
+    ds = SafetyDataset(samples, weights=w.tolist())
+    batch = coll([ds[i] for i in range(len(ds))])
+    assert torch.equal(batch["safety_weights"], w)
+    ones = coll([SafetyDataset(samples, weights=[1.0] * len(samples))[i]
+                 for i in range(len(samples))])
+    with torch.no_grad():
+        loss0, _, _, logit, y = trainer._loss(model, plain)
+        loss1 = trainer._loss(model, ones)[0]
+        loss_w = trainer._loss(model, batch)[0]
+    lam = trainer._lam("sft")
+    torch.testing.assert_close(loss1, loss0)
+    want = lam * (w * F.binary_cross_entropy_with_logits(logit, y, reduction="none")).mean()
+    torch.testing.assert_close(loss_w, want)
+    model.zero_grad()
+    trainer._loss(model, coll([ds[i] for i in range(len(ds)) if w[i] == 0]))[0].backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+    trainer._loss(model, batch)[0].backward()
+    assert any(p.grad is not None and p.grad.any() for p in model.parameters())
+    with pytest.raises(ValueError, match="weights"):
+        SafetyDataset(samples, weights=[1.0])
 
 
 def test_full_mode_joint_loss_falls(tmp_path):
@@ -490,11 +525,12 @@ def test_run_loso_tiny(tmp_path, monkeypatch):
     model = tiny_model("gemma3_text", vocab_size=len(tok) + 1, window=512)
     monkeypatch.setattr(T, "load_model", lambda name, dtype=None: (model, tok))
     monkeypatch.setattr(S, "load", lambda name: load(name)[::16])
-    seen = []
+    seen, weighed = [], []
     real_subset = T.SafetyDataset.subset
     monkeypatch.setattr(T.SafetyDataset, "subset", classmethod(
-        lambda cls, pool, idx: seen.append({pool[i].origin for i in idx}) or
-        real_subset.__func__(cls, pool, idx)))
+        lambda cls, pool, idx, weights=None: seen.append({pool[i].origin for i in idx}) or
+        weighed.append(([pool[i] for i in idx], weights)) or
+        real_subset.__func__(cls, pool, idx, weights)))
     p = argparse.ArgumentParser()
     add_train_arguments(p)
     argv = ["--out", str(tmp_path), "--loso", "--layers", "0,1", "--kinds",
@@ -554,6 +590,20 @@ def test_run_loso_tiny(tmp_path, monkeypatch):
     args = p.parse_args(argv + ["--loso-folds", "", "--context-cache-file", str(cache)])
     with pytest.raises(ValueError, match="older safeattn"):  # keyed by sample id: stale-prone
         T.run_loso(args)
+    # --balance-sources: each fold's harmful sources weigh the same in the BCE term
+    weighed.clear()
+    args = p.parse_args(argv + ["--loso-folds", "xstest_unsafe", "--loso-variants", "cls",
+                                "--balance-sources"])
+    args.argv = argv
+    assert T.run_loso(args) == 0
+    for samples, weights in weighed:
+        totals = collections.Counter()
+        for smp, w in zip(samples, weights):
+            totals[smp.origin if smp.origin in S.HARMFUL_SOURCES else "other"] += w
+            assert smp.origin in S.HARMFUL_SOURCES or w == 1.0
+        harmful = [v for k, v in totals.items() if k != "other"]
+        assert len(harmful) >= 2 and max(harmful) - min(harmful) < 1e-6
+    assert "xstest_unsafe" not in {smp.origin for smp, _ in zip(*weighed[1])}
     # --loso-variants picks what trains: without the adapter variant none ships
     args = p.parse_args(argv + ["--loso-folds", "", "--loso-variants", "cls"])
     args.argv = argv

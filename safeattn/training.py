@@ -93,19 +93,26 @@ def truncate_middle(tokenizer, text: str, max_tokens: int | None) -> str:
 class SafetyDataset(torch.utils.data.Dataset):
     """A list of samples as a map-style dataset; items are dicts with an ``index`` added (the
     key of the head-only context cache). ``indices`` gives the samples other keys (default
-    ``0..n-1``): datasets cut from one pool by its indices can share one context cache."""
+    ``0..n-1``): datasets cut from one pool by its indices can share one context cache.
+    ``weights``: each sample's weight in the BCE term (a ``weight`` in its item); ``None``:
+    every sample weighs 1."""
 
-    def __init__(self, samples: Sequence, indices: Sequence[int] | None = None):
+    def __init__(self, samples: Sequence, indices: Sequence[int] | None = None,
+                 weights: Sequence[float] | None = None):
         self.samples = list(samples)
         self.indices = list(range(len(self.samples))) if indices is None else \
             [int(i) for i in indices]
+        self.weights = None if weights is None else [float(w) for w in weights]
         if len(self.indices) != len(self.samples):
             raise ValueError(f"{len(self.samples)} samples but {len(self.indices)} indices")
+        if self.weights is not None and len(self.weights) != len(self.samples):
+            raise ValueError(f"{len(self.samples)} samples but {len(self.weights)} weights")
 
     @classmethod
-    def subset(cls, pool: Sequence, indices: Sequence[int]) -> "SafetyDataset":
+    def subset(cls, pool: Sequence, indices: Sequence[int],
+               weights: Sequence[float] | None = None) -> "SafetyDataset":
         """The samples ``pool[i]`` for ``i`` in ``indices``, keyed by their pool index."""
-        return cls([pool[i] for i in indices], indices)
+        return cls([pool[i] for i in indices], indices, weights)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -114,6 +121,8 @@ class SafetyDataset(torch.utils.data.Dataset):
         s = self.samples[i]
         d = dict(s) if isinstance(s, Mapping) else s.to_dict()
         d["index"] = self.indices[i]
+        if self.weights is not None:
+            d["weight"] = self.weights[i]
         return d
 
 
@@ -217,7 +226,7 @@ class SafetyDataCollator:
             ws, we = min(ws, n), min(we, n)
         return {"ids": ids, "labels": labels, "q": (qs, qe), "rs": rs, "win": (ws, we),
                 "has_window": window is not None, "y": float(_get(s, "label")),
-                "index": _get(s, "index", -1)}
+                "index": _get(s, "index", -1), "w": _get(s, "weight")}
 
     # ---- a batch
     def __call__(self, features: Sequence) -> dict:
@@ -251,6 +260,9 @@ class SafetyDataCollator:
         }
         if mode == "trajectory":
             out["response_window"] = torch.tensor([r["win"] for r in rows]) + pad[:, None]
+        if any(r["w"] is not None for r in rows):
+            out["safety_weights"] = torch.tensor([1.0 if r["w"] is None else float(r["w"])
+                                                  for r in rows])
         return out
 
 
@@ -515,6 +527,18 @@ class SafetyTrainer(_trainer_base()):
     def _lam(self, mode: str) -> float:
         return self.safety_lambda if self.safety_lambda is not None else DEFAULT_LAMBDA[mode]
 
+    def _loss(self, model, inputs: dict):
+        """-> (loss, lm_loss or None, bce, safety_logit [B], y [B]); the BCE term is weighted
+        by ``safety_weights`` when the batch has them."""
+        inputs = dict(inputs)
+        mode = inputs.get("safety_mode", "sft")
+        w = inputs.pop("safety_weights", None)
+        lm, logit, y = self._forward(model, inputs)
+        bce = F.binary_cross_entropy_with_logits(
+            logit.float(), y.float(), weight=None if w is None else w.to(logit.device).float())
+        loss = self._lam(mode) * bce if lm is None else lm + self._lam(mode) * bce
+        return loss, lm, bce, logit, y
+
     def _forward(self, model, inputs: dict):
         """-> (lm_loss or None, safety_logit [B], y [B])."""
         inputs = dict(inputs)
@@ -540,10 +564,7 @@ class SafetyTrainer(_trainer_base()):
 
     def compute_loss(self, model, inputs, return_outputs: bool = False,
                      num_items_in_batch=None):
-        mode = inputs.get("safety_mode", "sft")
-        lm, logit, y = self._forward(model, inputs)
-        bce = F.binary_cross_entropy_with_logits(logit.float(), y.float())
-        loss = self._lam(mode) * bce if lm is None else lm + self._lam(mode) * bce
+        loss, lm, bce, logit, y = self._loss(model, inputs)
         if model.training:
             a = self._acc
             a["lm"] += float(lm.detach()) if lm is not None else 0.0
@@ -557,11 +578,8 @@ class SafetyTrainer(_trainer_base()):
 
     def prediction_step(self, model, inputs, prediction_loss_only: bool, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
-        mode = inputs.get("safety_mode", "sft")
         with torch.no_grad():
-            lm, logit, y = self._forward(model, inputs)
-            bce = F.binary_cross_entropy_with_logits(logit.float(), y.float())
-            loss = self._lam(mode) * bce if lm is None else lm + self._lam(mode) * bce
+            loss, _, _, logit, y = self._loss(model, inputs)
         if prediction_loss_only:
             return loss.detach(), None, None
         return loss.detach(), logit.detach().float(), y.detach().float()
@@ -911,6 +929,13 @@ def _data_kwargs(args, tok, kinds, responses) -> dict:
     return kw
 
 
+def _weights(args, samples) -> list[float] | None:
+    """The BCE weights of ``--balance-sources`` for ``samples`` (``None`` without it)."""
+    from .data import source_weights
+
+    return source_weights(samples) if getattr(args, "balance_sources", False) else None
+
+
 def _start(args):
     """What every ``safeattn train`` run does first: seed, threads, the output directory, the
     model and the training samples -> ``(out_dir, model, tokenizer, kinds, samples)``."""
@@ -976,7 +1001,9 @@ def run_train(args) -> int:
         save_only_model=False)
     coll = SafetyDataCollator(tok, max_prompt_tokens=args.max_prompt_tokens,
                               max_length=args.max_length)
-    trainer = SafetyTrainer(model=model, args=targs, train_dataset=SafetyDataset(train),
+    weights = _weights(args, train)
+    trainer = SafetyTrainer(model=model, args=targs,
+                            train_dataset=SafetyDataset(train, weights=weights),
                             data_collator=coll, safety_lambda=lam, train_mode=args.mode,
                             context_cache=args.mode == "head" and not args.no_context_cache)
     summ = trainable_summary(model)
@@ -1205,8 +1232,9 @@ def run_loso(args) -> int:
             logging_steps=args.logging_steps, save_strategy="no", seed=args.seed,
             data_seed=args.seed, report_to=[], remove_unused_columns=False,
             dataloader_num_workers=0, disable_tqdm=True, use_cpu=args.cpu)
+        weights = _weights(args, [pool[i] for i in indices])
         return SafetyTrainer(model=model, args=targs,
-                             train_dataset=SafetyDataset.subset(pool, indices),
+                             train_dataset=SafetyDataset.subset(pool, indices, weights),
                              data_collator=coll, train_mode="head", context_cache=True,
                              context_store=store, cache_dtype=torch.bfloat16,
                              keep_states=True)

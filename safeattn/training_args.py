@@ -65,6 +65,9 @@ def add_train_arguments(p) -> None:
                    help="MIN,MAX random vocabulary tokens per noise suffix (kind suffix)")
     p.add_argument("--sources", default="advbench,xstest_unsafe,pyrit_objectives",
                    help="harmful prompt sources (safeattn.data.HARMFUL_SOURCES)")
+    p.add_argument("--balance-sources", action="store_true",
+                   help="weight the BCE term so that each harmful source of the training "
+                        "samples has the same total weight (safeattn.data.source_weights)")
     p.add_argument("--phrasings-per-prompt", type=int, default=2,
                    help="surface forms per harmful and benign prompt (kind phrasing)")
     p.add_argument("--response-windows", type=int, default=3,

@@ -32,8 +32,8 @@ from .turns import SPLIT_FRAMINGS, after_context, split_turns
 from .samples import (BENIGN_GROUPS, DEFAULT_KINDS, EVAL_NEUTRAL_PROMPT, HARMFUL_SOURCES, KINDS,
                       NEUTRAL_PROMPTS, REFUSAL_PREFIX, SPLITS, Sample, benign_rows, build_samples,
                       conversation_rows,
-                      eval_sets, harmful_rows, probe_windows, response_rows, suffix_pool,
-                      truncate_tokens)
+                      eval_sets, harmful_rows, probe_windows, response_rows, source_weights,
+                      suffix_pool, truncate_tokens)
 
 __all__ = [
     "DATASETS", "PLACEHOLDER", "data_path", "in_test", "load", "render_template", "split",
@@ -42,6 +42,6 @@ __all__ = [
     "DEFAULT_KINDS", "REFUSAL_PREFIX", "Sample", "build_samples", "eval_sets", "suffix_pool",
     "truncate_tokens", "group_key", "normalize", "prompt_index", "FORMS", "pick_forms",
     "rephrase", "BENIGN_GROUPS", "EVAL_NEUTRAL_PROMPT", "HARMFUL_SOURCES", "NEUTRAL_PROMPTS",
-    "benign_rows", "harmful_rows", "probe_windows", "response_rows", "SPLITS",
+    "benign_rows", "harmful_rows", "probe_windows", "response_rows", "source_weights", "SPLITS",
     "SPLIT_FRAMINGS", "after_context", "split_turns", "conversation_rows",
 ]

@@ -761,6 +761,23 @@ def conversation_rows(rows: Sequence[Mapping], benign_responses: Mapping[str, st
             for tag, chat, _ in conversations(r, openers, responses, seed)]
 
 
+def source_weights(samples: Sequence[Sample],
+                   sources: Sequence[str] = HARMFUL_SOURCES) -> list[float]:
+    """Per-sample loss weights that give each harmful source in ``sources`` the same total
+    weight, keeping the sum over them; every other sample weighs 1.
+
+    AdvBench is more than half of the harmful prompts (and half of it is financial or
+    business crime), so without weights a head can fit its phrasing and topics and still
+    score well. A sample counts for its ``origin``; sources absent from ``samples`` (a
+    held-out fold) get no share."""
+    counts: dict[str, int] = {}
+    for s in samples:
+        if s.origin in sources:
+            counts[s.origin] = counts.get(s.origin, 0) + 1
+    share = sum(counts.values()) / max(len(counts), 1)
+    return [share / counts[s.origin] if s.origin in counts else 1.0 for s in samples]
+
+
 def eval_sets(split: str = "test", *, test_fraction: float = 0.2, salt: str = "",
               val_fraction: float = 0.0) -> dict[str, list[dict]]:
     """Prompt rows for evaluation, all cut by the same split as :func:`build_samples`.
