@@ -25,12 +25,37 @@ non_negative_int = _int_from(0)
 
 
 def add_train_arguments(p) -> None:
-    """The ``safeattn train`` options (argparse)."""
+    """The ``safeattn train`` options (argparse), in the groups that ``--help`` shows."""
+    _model_arguments(p.add_argument_group("model"))
+    _optim_arguments(p.add_argument_group("optimisation"))
+    _sample_arguments(p.add_argument_group("samples"))
+    _loso_arguments(p.add_argument_group("leave-one-source-out"))
+    _run_arguments(p.add_argument_group("run"))
+
+
+def _model_arguments(p) -> None:
+    """The model, what trains and where the head reads."""
     p.add_argument("--model", default="gemma3-270m",
                    help="HF id or directory, or 'gemma3-270m' / 'smollm2-135m-instruct' (the "
                         "PyPI GGUF models)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--mode", choices=TRAIN_MODES, default="head")
+    p.add_argument("--cls-layer", default="final",
+                   help="decoder layer the head reads (0-based), 'final', or 'auto' (FrozenProbe "
+                        "5-fold CV on the train prompts)")
+    p.add_argument("--top-layers", type=int, default=0,
+                   help="head mode: also train this many decoder layers up to cls_layer")
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--probe-adapter", type=int, default=0, metavar="RANK",
+                   help="head mode: also train a rank-RANK probe adapter (projections of layers "
+                        "0..cls_layer used by the [CLS] / probe row only; the LM is unchanged)")
+    p.add_argument("--probe-window", type=positive_int, default=10,  # generation.DEFAULT_WINDOW
+                   help="r1 = r2 = r3 of the response views (DESIGN.md §3, Rules 1-3); saved, "
+                        "and generation's default window")
+
+
+def _optim_arguments(p) -> None:
+    """The loss and the optimiser."""
     p.add_argument("--lambda", dest="safety_lambda", type=float, default=None,
                    help="weight of the BCE term (default 0.1 sft / 0.01 pretrain)")
     p.add_argument("--epochs", type=float, default=3.0)
@@ -38,19 +63,24 @@ def add_train_arguments(p) -> None:
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cls-layer", default="final",
-                   help="decoder layer the head reads (0-based), 'final', or 'auto' (FrozenProbe "
-                        "5-fold CV on the train prompts)")
-    p.add_argument("--top-layers", type=int, default=0,
-                   help="head mode: also train this many decoder layers up to cls_layer")
-    p.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="resume from the last checkpoint in OUT/checkpoints (or a given one)")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--scheduler", default="linear")
+    p.add_argument("--balance-sources", action="store_true",
+                   help="weight the BCE term so that each harmful source of the training "
+                        "samples has the same total weight (safeattn.data.source_weights)")
+
+
+def _sample_arguments(p) -> None:
+    """What the training samples are (safeattn.data.build_samples)."""
     p.add_argument("--kinds", default="query,template",
                    help="sample kinds (comma-separated): query, trajectory, template, suffix "
                         "(prompts + random-token noise), phrasing, response, conversation "
                         "(prompts over two user turns and after a benign exchange), contrast "
                         "(a harmful prompt quoted, then asked about or asked for); the "
                         "safeattn.data.samples docstring says what each builds")
+    p.add_argument("--sources", default="advbench,xstest_unsafe,pyrit_objectives",
+                   help="harmful prompt sources (safeattn.data.HARMFUL_SOURCES)")
     p.add_argument("--benign-responses", default=None,
                    help="JSONL of benign responses (safeattn.data.cache_responses); without it "
                         "benign samples have no response (fine for head mode)")
@@ -63,11 +93,6 @@ def add_train_arguments(p) -> None:
                    help="noise-suffix samples per harmful and per benign prompt (kind suffix)")
     p.add_argument("--suffix-tokens", default="10,30",
                    help="MIN,MAX random vocabulary tokens per noise suffix (kind suffix)")
-    p.add_argument("--sources", default="advbench,xstest_unsafe,pyrit_objectives",
-                   help="harmful prompt sources (safeattn.data.HARMFUL_SOURCES)")
-    p.add_argument("--balance-sources", action="store_true",
-                   help="weight the BCE term so that each harmful source of the training "
-                        "samples has the same total weight (safeattn.data.source_weights)")
     p.add_argument("--phrasings-per-prompt", type=int, default=2,
                    help="surface forms per harmful and benign prompt (kind phrasing)")
     p.add_argument("--response-windows", type=int, default=3,
@@ -75,14 +100,18 @@ def add_train_arguments(p) -> None:
     p.add_argument("--own-response-windows", type=int, default=None,
                    help="probe views per benign prompt and the model's own answer (kind "
                         "response; default --response-windows)")
-    p.add_argument("--probe-window", type=positive_int, default=10,  # generation.DEFAULT_WINDOW
-                   help="r1 = r2 = r3 of the response views (DESIGN.md §3, Rules 1-3); saved, "
-                        "and generation's default window")
     p.add_argument("--prefix-ks", default="5,10,20,40",
                    help="k of the k-token harmful prefixes (kind trajectory)")
     p.add_argument("--val-fraction", type=float, default=0.0,
                    help="hold out this band of the train split as the validation split that "
                         "'safeattn calibrate' picks θ on (train on the rest: split 'fit')")
+    p.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="cut longer user texts in the middle")
+    p.add_argument("--max-length", type=int, default=None)
+
+
+def _loso_arguments(p) -> None:
+    """``--loso`` (safeattn.loso) and its options."""
     p.add_argument("--loso", action="store_true",
                    help="leave-one-source-out validation (safeattn.loso) of the [CLS] head, a "
                         "frozen-row head and FrozenProbe, then train and save the head on "
@@ -106,18 +135,14 @@ def add_train_arguments(p) -> None:
                         "this file and reuse it on the next run with the same data and layers")
     p.add_argument("--final-epochs", type=float, default=0,
                    help="--loso: epochs of the shipped head (default --epochs)")
-    p.add_argument("--max-prompt-tokens", type=int, default=None,
-                   help="cut longer user texts in the middle")
-    p.add_argument("--max-length", type=int, default=None)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--scheduler", default="linear")
+
+
+def _run_arguments(p) -> None:
+    """Checkpoints, logging, threads, device and the test-split report."""
+    p.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="resume from the last checkpoint in OUT/checkpoints (or a given one)")
     p.add_argument("--logging-steps", type=int, default=10)
     p.add_argument("--save-steps", type=int, default=500)
-    p.add_argument("--lora-r", type=int, default=8)
-    p.add_argument("--probe-adapter", type=int, default=0, metavar="RANK",
-                   help="head mode: also train a rank-RANK probe adapter (projections of layers "
-                        "0..cls_layer used by the [CLS] / probe row only; the LM is unchanged)")
     p.add_argument("--no-context-cache", action="store_true",
                    help="head mode: run the full prompt every step")
     p.add_argument("--eval", action="store_true",
