@@ -407,14 +407,25 @@ class _Decode:
 
     def __init__(self, model, tokenizer, safety, input_ids, attention_mask, q_span,
                  response_start, position_ids, gc, procs, stops, streamer):
-        from .hf.surgery import cls_token_id
-
-        dev = input_ids.device
-        b, l0 = input_ids.shape
         self.model, self.tokenizer, self.safety = model, tokenizer, safety
         self.gc, self.procs, self.stops, self.streamer = gc, procs, stops, streamer
-        self.dev, self.b, self.l0 = dev, b, l0
-        self.am = (torch.ones_like(input_ids) if attention_mask is None
+        self.dev = input_ids.device
+        self.b, self.l0 = input_ids.shape
+        self._layout_inputs(attention_mask, q_span, response_start, position_ids)
+        self._forcing()
+        self._row_state()
+        self._cache(input_ids)
+        self.gate = getattr(streamer, "safety_update", None)
+        want = gc.return_dict_in_generate
+        self.scores_out = [] if (want and gc.output_scores) else None
+        self.logits_out = [] if (want and gc.output_logits) else None
+
+    def _layout_inputs(self, attention_mask, q_span, response_start, position_ids):
+        """The columns of ``[CLS]``, the request and the response, and the positions."""
+        from .hf.surgery import cls_token_id
+
+        dev, b, l0 = self.dev, self.b, self.l0
+        self.am = (torch.ones((b, l0), dtype=torch.long, device=dev) if attention_mask is None
                    else attention_mask.to(dev)).long()
         self.q_span = torch.as_tensor(q_span, device=dev).long()
         self.cls_col = self.am.argmax(-1)
@@ -422,18 +433,22 @@ class _Decode:
                    else torch.as_tensor(response_start, device=dev).long().reshape(b))
         self.pos = ((self.am.cumsum(-1) - 1).clamp_min(0) if position_ids is None
                     else position_ids.to(dev).long())
-        self.cid = cls_token_id(model)
-        self.vis = bool((model.config.safeattn or {}).get("cls_visible_to_response", False))
+        self.cid = cls_token_id(self.model)
+        self.vis = bool((self.model.config.safeattn or {}).get("cls_visible_to_response", False))
         self.q32, self.rs32 = self.q_span.int().contiguous(), self.rs.int().contiguous()
         self.one = torch.ones(1, dtype=torch.float32, device=dev)
         self.zero = torch.zeros(1, dtype=torch.float32, device=dev)
         self.no_probe = torch.zeros(b, 1, dtype=torch.float32, device=dev)
 
+    def _forcing(self):
+        """What a refusal forces (the break, then the prefix), the pad and stop ids, the
+        token budget and the check schedule."""
+        gc, tokenizer, safety, dev = self.gc, self.tokenizer, self.safety, self.dev
         pad_t = gc._pad_token_tensor
         self.pad_id = int(pad_t) if pad_t is not None else (
             int(gc._eos_token_tensor.reshape(-1)[0]) if gc._eos_token_tensor is not None else 0)
-        self.has_eos = any(hasattr(c, "eos_token_id") for c in stops)
-        self.max_new = max(int(gc.max_length) - l0, 0)
+        self.has_eos = any(hasattr(c, "eos_token_id") for c in self.stops)
+        self.max_new = max(int(gc.max_length) - self.l0, 0)
         self.sched = safety.check_steps(self.max_new + 1)
         ref_ids = _refusal_ids(tokenizer, safety.refusal_prefix) if safety.refusal_prefix else []
         # Forced on refusal: the break, then the prefix; a row with no response text yet, or
@@ -446,10 +461,10 @@ class _Decode:
         self.brk_cols = torch.arange(-self.n_brk, 0, device=dev)
         self.ends = _sentence_end_ids(tokenizer, dev) if safety.refusal_end == "sentence" and \
             tokenizer is not None else None
-        self.gate = getattr(streamer, "safety_update", None)
-        want = gc.return_dict_in_generate
-        self.scores_out = [] if (want and gc.output_scores) else None
-        self.logits_out = [] if (want and gc.output_logits) else None
+
+    def _row_state(self):
+        """Every row's state (the class docstring) at its start, and the trace's lists."""
+        b, dev = self.b, self.dev
 
         def rows(fill, dtype):
             return torch.full((b,), fill, dtype=dtype, device=dev)
@@ -467,13 +482,17 @@ class _Decode:
         # count as seen: the probe windows then cover the latest response tokens, prefill
         # included. ``s_t`` is in response coordinates; ``pre`` converts it to generated-token
         # indices.
-        self.pre = (l0 - self.rs).clamp_min(0).int()
+        self.pre = (self.l0 - self.rs).clamp_min(0).int()
         self.p_hist, self.mode_hist, self.chk_hist = [], [], []
+
+    def _cache(self, input_ids):
+        """The KV cache, the sequence so far and the decoding positions."""
+        model, dev = self.model, self.dev
         self.cache = DynamicCache(config=model.config)
         self.seq = input_ids
         self.cur_pos = self.pos[:, -1] + 1  # RoPE position of the next token
         self.base_pos = self.cur_pos.clone()  # position of response token 0
-        self.col = torch.arange(l0 + self.max_new + 1, device=dev)
+        self.col = torch.arange(self.l0 + self.max_new + 1, device=dev)
         self.n = 0  # response tokens in the cache
         self.out = self.iv = self.tok = self.flags = self.live = self.escal = None
         # A head on decoder layer k: the probe row of a check step runs through layers 0..k
