@@ -230,6 +230,27 @@ def test_mid_answer_refusal_starts_after_the_break():
     assert again[1, k + 2:k + 2 + len(pre)].tolist() == pre
 
 
+def test_refusal_start_hand_checked():
+    """Both engines start a refusal at ``Refusal.start``: skip the break with no response
+    text or text that already ends with it; the same answer per int and per tensor row."""
+    from safeattn.generation import Refusal
+
+    tok = tiny_tokenizer()
+    r = Refusal(tok, SafetyConfig(refusal_prefix=REFUSAL, refusal_break="why you"))
+    nb = len(r.brk)
+    assert nb == 2 and r.ids == r.brk + r.prefix and r.prefix
+    cases = [(0, False, nb), (0, True, nb), (1, True, 0), (1, False, 0), (2, True, nb),
+             (2, False, 0), (9, True, nb), (9, False, 0)]
+    for text, ends, want in cases:
+        assert r.start(text, ends) == want, (text, ends)
+    text = torch.tensor([c[0] for c in cases], dtype=torch.int32)
+    ends = torch.tensor([c[1] for c in cases])
+    assert r.start(text, ends).tolist() == [c[2] for c in cases]
+    assert Refusal(tok, SafetyConfig(refusal_prefix=REFUSAL, refusal_break="")).start(5, False) \
+        == 0
+    assert Refusal(tok, SafetyConfig(refusal_prefix="", refusal_break="why")).ids == []
+
+
 def test_prefill_refusal():
     model, tok = _patched("qwen3")
     enc = safeattn.build_inputs(tok, PROMPTS)

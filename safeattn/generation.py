@@ -347,6 +347,23 @@ def _break_ids(tokenizer, safety: "SafetyConfig") -> list[int]:
     return list(tokenizer(safety.refusal_break, add_special_tokens=False)["input_ids"])
 
 
+class Refusal:
+    """What a refusing row is forced to write, for both engines (the HF decoder, batched, and
+    the vLLM logits processor, per request): the break, then the prefix, as token ids."""
+
+    def __init__(self, tokenizer, safety: "SafetyConfig"):
+        self.prefix = _refusal_ids(tokenizer, safety.refusal_prefix)
+        self.brk = _break_ids(tokenizer, safety)
+        self.ids = self.brk + self.prefix
+
+    def start(self, text, ends_with_break):
+        """Where a row that refuses after ``text`` response tokens starts in :attr:`ids`: past
+        the break when it has no response text yet or its text already ends with the break,
+        else at 0. Takes ints and bools, or tensors of them (one per row)."""
+        skip = (text == 0) | ((text >= len(self.brk)) & ends_with_break)
+        return skip * len(self.brk)
+
+
 def _window(mode, s_t, n, r1, r2, r3):
     """Vectorised ``reference.window`` (fallback when the op failed)."""
     lo2, hi2 = (n - r2).clamp_min(0), n
@@ -450,13 +467,9 @@ class _Decode:
         self.has_eos = any(hasattr(c, "eos_token_id") for c in self.stops)
         self.max_new = max(int(gc.max_length) - self.l0, 0)
         self.sched = safety.check_steps(self.max_new + 1)
-        ref_ids = _refusal_ids(tokenizer, safety.refusal_prefix) if safety.refusal_prefix else []
-        # Forced on refusal: the break, then the prefix; a row with no response text yet, or
-        # whose text already ends with the break, skips it (it starts at fpos = n_brk).
-        brk_ids = _break_ids(tokenizer, safety)
-        self.ref_ids = ref_ids
-        self.n_brk, self.n_forced = len(brk_ids), len(brk_ids) + len(ref_ids)
-        self.forced = torch.tensor(brk_ids + ref_ids or [self.pad_id], dtype=torch.long,
+        self.refusal = Refusal(tokenizer, safety)
+        self.n_brk, self.n_forced = len(self.refusal.brk), len(self.refusal.ids)
+        self.forced = torch.tensor(self.refusal.ids or [self.pad_id], dtype=torch.long,
                                    device=dev)
         self.brk_cols = torch.arange(-self.n_brk, 0, device=dev)
         self.ends = _sentence_end_ids(tokenizer, dev) if safety.refusal_end == "sentence" and \
@@ -605,8 +618,7 @@ class _Decode:
             text = self.pre + self.refusal_at  # response tokens before the refusal
             tail_at = ((self.l0 + self.refusal_at)[:, None] + self.brk_cols).clamp_min(0)
             tail = (self.seq.gather(1, tail_at) == self.forced[:self.n_brk]).all(-1)
-            skip = newly & ((text == 0) | ((text >= self.n_brk) & tail))
-            self.fstart = torch.where(skip, self.n_brk, self.fstart)
+            self.fstart = torch.where(newly, self.refusal.start(text, tail), self.fstart)
         self.fpos = torch.where(newly, self.fstart, self.fpos)
         forcing = self.refused & (self.fpos < self.n_forced)
         tok = torch.where(forcing, self.forced[self.fpos.clamp_max(max(self.n_forced - 1, 0))],
@@ -752,7 +764,7 @@ class _Decode:
                 justification=just, rolled_back=bool(rolled[i])))
         info = SafetyOutput(rows=res, p=p_all, mode=mode_all, refused=self.refused.cpu(),
                             refusal_step=ref_at, config=self.safety, prompt_length=self.l0,
-                            refusal_ids=self.ref_ids)
+                            refusal_ids=self.refusal.prefix)
         if self.gc.return_dict_in_generate:
             return SafeGenerateOutput(
                 sequences=seq,

@@ -25,8 +25,7 @@ import torch
 from vllm.v1.sample.logits_processor import LogitsProcessor
 
 from .. import generation, ops, reference
-from ..generation import (MODE_NAMES, REFUSAL, SafetyConfig, SafetyOutput, _break_ids,
-                          _refusal_ids)
+from ..generation import MODE_NAMES, REFUSAL, Refusal, SafetyConfig, SafetyOutput
 from ..ops import BENIGN, TRANSITION
 from .models import bridge_for, options
 from .probe import Plan
@@ -85,8 +84,8 @@ def parse_safety(value, default: dict | None = None):
 class RequestSafety:
     """One request's state machine (the fields of ``safety_step``) and its trace."""
 
-    def __init__(self, cfg: SafetyConfig, extras: dict, prompt_ids, output_ids, refusal_ids,
-                 break_ids, max_tokens: int, default_span):
+    def __init__(self, cfg: SafetyConfig, extras: dict, prompt_ids, output_ids,
+                 refusal: Refusal, max_tokens: int, default_span):
         self.cfg, self.id = cfg, extras.get("id")
         self.prompt_len = len(prompt_ids)
         qs, qe = extras.get("q_span") or default_span
@@ -95,12 +94,11 @@ class RequestSafety:
                              f"({self.prompt_len} tokens)")
         self.qs, self.qe = qs, qe
         self.output_ids = output_ids  # vLLM's live list of the request's generated ids
-        self.refusal = list(refusal_ids)
-        self.brk = list(break_ids)
-        self.forced = self.refusal  # break + prefix once refused after response text
+        self.refusal = refusal
         self.schedule = cfg.check_steps(max_tokens + 1)
         self.mode, self.consec, self.s_t, self.refused = BENIGN, 0, -1, False
-        self.fpos, self.refusal_step, self.alarm_step = 0, None, None
+        self.fpos = self.fstart = 0  # in refusal.ids: next forced, and where forcing began
+        self.refusal_step, self.alarm_step = None, None
         self.done = False  # refused, and nothing is left to force: no more plan rows
         self.p: dict[int, float] = {}
         self.modes: dict[int, int] = {}
@@ -135,7 +133,7 @@ class RequestSafety:
                 "checked": [n in self.p for n in range(last + 1)],
                 "mode": ["refusal" if m == REFUSAL else MODE_NAMES[m] for m in codes],
                 "refusal_step": self.refusal_step, "alarm_step": self.alarm_step,
-                "config": dataclasses.asdict(self.cfg), "refusal_ids": self.refusal}
+                "config": dataclasses.asdict(self.cfg), "refusal_ids": self.refusal.prefix}
 
 
 def _force(logits: torch.Tensor, row: int, token: int) -> None:
@@ -229,7 +227,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
         self._tokenizer = None
         self._template = None
         self._sentence = None
-        self._refusals: dict[tuple, tuple[list[int], list[int]]] = {}
+        self._refusals: dict[tuple, Refusal] = {}
 
     def is_argmax_invariant(self) -> bool:
         return False
@@ -242,19 +240,18 @@ class SafetyLogitsProcessor(LogitsProcessor):
             self._tokenizer = AutoTokenizer.from_pretrained(self.vllm_config.model_config.tokenizer)
         return self._tokenizer
 
-    def _forced_ids(self, cfg: SafetyConfig) -> tuple[list[int], list[int]]:
-        """(the refusal prefix, the break) as token ids, cached per config text."""
+    def _refusal(self, cfg: SafetyConfig) -> Refusal:
+        """The forced break + prefix of ``cfg``, cached per config text."""
         key = (cfg.refusal_prefix, cfg.refusal_break)
         if key not in self._refusals:
-            self._refusals[key] = (_refusal_ids(self.tokenizer, cfg.refusal_prefix),
-                                   _break_ids(self.tokenizer, cfg))
+            self._refusals[key] = Refusal(self.tokenizer, cfg)
         return self._refusals[key]
 
     def _said_sentence(self, s: RequestSafety, n: int) -> bool:
         """Whether the justification's last token ended a sentence, for a config with
         ``refusal_end="sentence"`` (as the HF decoder stops such a row there)."""
         if getattr(s.cfg, "refusal_end", "free") != "sentence" or n <= s.refusal_step + \
-                len(s.forced) or self.tokenizer.eos_token_id is None:
+                len(s.refusal.ids) - s.fstart or self.tokenizer.eos_token_id is None:
             return False
         if self._sentence is None:
             self._sentence = generation._sentence_end_ids(self.tokenizer, "cpu")
@@ -293,8 +290,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
                              "safeattn wrapper (use safeattn.vllm.engine_kwargs)")
         cfg = cfg.resolved(br.safety_config)  # threshold=None: the head's calibrated θ
         prompt_ids = prompt_ids or []
-        st = RequestSafety(cfg, extras, prompt_ids, output_ids,
-                           *self._forced_ids(cfg),
+        st = RequestSafety(cfg, extras, prompt_ids, output_ids, self._refusal(cfg),
                            params.max_tokens or self.max_len, self._default_span(prompt_ids))
         if valid_key(key):
             st.stream = StreamGate(key, cfg.stream_hold, self.tokenizer, prompt_ids,
@@ -373,16 +369,18 @@ class SafetyLogitsProcessor(LogitsProcessor):
             s, row, n = self._live[i], rows[i], ns[i]
             if not s.refused:
                 continue
+            ids = s.refusal.ids
             if s.refusal_step is None:
+                brk = s.refusal.brk
                 s.refusal_step = n
-                ends = n >= len(s.brk) and list(s.output_ids[n - len(s.brk):n]) == s.brk
-                s.forced = ([] if n == 0 or ends else s.brk) + s.refusal
-            if s.fpos < len(s.forced):
-                _force(logits, row, s.forced[s.fpos])
+                s.fpos = s.refusal.start(n, list(s.output_ids[n - len(brk):n]) == brk)
+                s.fstart = s.fpos
+            if s.fpos < len(ids):
+                _force(logits, row, ids[s.fpos])
                 s.fpos += 1
             elif self._said_sentence(s, n):  # refusal_end="sentence": the turn ends here
                 _force(logits, row, self.tokenizer.eos_token_id)
                 s.done = True
-            if s.fpos >= len(s.forced) and getattr(s.cfg, "refusal_end", "free") != "sentence":
+            if s.fpos >= len(ids) and getattr(s.cfg, "refusal_end", "free") != "sentence":
                 s.done = True  # the prefix is out; the model writes on freely
         br.post_plan(None, None, None)
