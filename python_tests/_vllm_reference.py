@@ -84,7 +84,7 @@ def main(spec_path, out_dir):
                 rows.append({"ids": out[0, n:].tolist(), "p": s.p, "checked": s.checked,
                              "streamed": "".join(streamer.text),
                              "mode": s.mode, "refusal_step": s.refusal_step,
-                             "alarm_step": s.alarm_step,
+                             "alarm_step": s.alarm_step, "justification": s.justification,
                              "q_span": [int(enc["q_span"][0, 0]) - 1,
                                         int(enc["q_span"][0, 1]) - 1]})
             cases.append(rows)

@@ -95,13 +95,17 @@ def _cut(ids, eos):
     return ids[: ids.index(eos)] if eos in ids else ids
 
 
-def _check_row(got_ids, tr, ref, eos, where):
+def _check_row(got_ids, tr, ref, eos, where, justification=True):
     want = _cut(ref["ids"], eos)
     assert _cut(got_ids, eos) == want, f"{where}: tokens differ"
     if tr is None:
         return
     assert tr.refusal_step == ref["refusal_step"], where
     assert tr.alarm_step == ref["alarm_step"], where
+    if justification:
+        assert tr.justification == ref["justification"], f"{where}: justifications differ"
+    else:  # the server's trace is published before the last token: it has none
+        assert tr.justification is None, where
     n = min(len(tr.p), len(ref["p"]))  # vLLM's trace also covers a forced EOS (unchecked)
     assert tr.checked[:n] == ref["checked"][:n] and not any(tr.checked[n:]), \
         f"{where}: checked steps differ"
@@ -286,6 +290,9 @@ def test_reference_covers_refusals(engine):
     split = [r["refusal_step"] for c, rows in zip(CASES, ref["cases"]) if c and
              "query_threshold" in c for r in rows]
     assert 0 not in split and any(s is not None for s in split)  # p_0 never refuses there
+    said = [r["justification"] for rows in ref["cases"][:-1] for r in rows
+            if r["refusal_step"] is not None]
+    assert any(said)  # refused rows that wrote a justification after the prefix
 
 
 @pytest.mark.parametrize("family", ["gemma3_text", "llama"])
@@ -456,7 +463,8 @@ def test_server_chat(server):
         assert status == 200, out
         got = out["choices"][0]["token_ids"]
         tr = serving.trace_output(out["choices"][0]["safety"])[0]  # the server's trace
-        _check_row(got, tr, ref["cases"][0][i], ref["eos"], f"server row {i}")
+        _check_row(got, tr, ref["cases"][0][i], ref["eos"], f"server row {i}",
+                   justification=False)
     off = _chat(PROMPTS[1], vllm_xargs={"safety": "false"})
     status, out = _post(url + "/v1/chat/completions", off)
     assert status == 200, out

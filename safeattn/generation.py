@@ -363,6 +363,18 @@ class Refusal:
         skip = (text == 0) | ((text >= len(self.brk)) & ends_with_break)
         return skip * len(self.brk)
 
+    def justification(self, tokenizer, new_ids: list[int], refusal_step: int, fstart: int,
+                      eos) -> str:
+        """The text a refused row wrote after its forced tokens: ``new_ids`` are its generated
+        ids, forced from ``refusal_step`` on, starting ``fstart`` into :attr:`ids`; up to the
+        first id in ``eos``."""
+        toks = []
+        for t in new_ids[refusal_step + len(self.ids) - fstart:]:
+            if t in eos:
+                break
+            toks.append(t)
+        return tokenizer.decode(toks, skip_special_tokens=True).strip()
+
 
 def _window(mode, s_t, n, r1, r2, r3):
     """Vectorised ``reference.window`` (fallback when the op failed)."""
@@ -730,15 +742,6 @@ class _Decode:
             out[i, : r.shape[0]] = r
         return out
 
-    def justification(self, new_row: list[int], refusal_at: int, fstart: int, eos) -> str:
-        """The text a refused row wrote after its forced tokens, up to EOS."""
-        toks = []
-        for t in new_row[refusal_at + self.n_forced - fstart:]:
-            if t in eos:
-                break
-            toks.append(t)
-        return self.tokenizer.decode(toks, skip_special_tokens=True).strip()
-
     def outputs(self):
         """The sequences with ``.safety`` (or a :class:`SafeGenerateOutput`)."""
         seq = self.sequences()
@@ -755,7 +758,8 @@ class _Decode:
             r = int(ref_at[i])
             just = None
             if r >= 0 and self.tokenizer is not None:
-                just = self.justification(new[i].tolist(), r, int(fstart[i]), eos)
+                just = self.refusal.justification(self.tokenizer, new[i].tolist(), r,
+                                                  int(fstart[i]), eos)
             res.append(RowSafety(
                 p=p_all[i].tolist(), checked=chk_all[i].tolist(),
                 mode=["refusal" if m == REFUSAL else MODE_NAMES[m] for m in mode_all[i].tolist()],

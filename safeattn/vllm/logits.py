@@ -16,6 +16,7 @@ refusal prefix by masking logits.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -85,7 +86,7 @@ class RequestSafety:
     """One request's state machine (the fields of ``safety_step``) and its trace."""
 
     def __init__(self, cfg: SafetyConfig, extras: dict, prompt_ids, output_ids,
-                 refusal: Refusal, max_tokens: int, default_span):
+                 refusal: Refusal, max_tokens: int, default_span, tokenizer, eos=()):
         self.cfg, self.id = cfg, extras.get("id")
         self.prompt_len = len(prompt_ids)
         qs, qe = extras.get("q_span") or default_span
@@ -95,6 +96,7 @@ class RequestSafety:
         self.qs, self.qe = qs, qe
         self.output_ids = output_ids  # vLLM's live list of the request's generated ids
         self.refusal = refusal
+        self.tokenizer, self.eos = tokenizer, set(eos)  # for the justification
         self.schedule = cfg.check_steps(max_tokens + 1)
         self.mode, self.consec, self.s_t, self.refused = BENIGN, 0, -1, False
         self.fpos = self.fstart = 0  # in refusal.ids: next forced, and where forcing began
@@ -121,18 +123,25 @@ class RequestSafety:
         (``trace[0]`` is the :class:`RowSafety`; ``safeattn.plot_trace`` reads it)."""
         return trace_output(self.trace_json())
 
-    def trace_json(self) -> dict:
-        """The trace as JSON (what the server returns; :func:`trace_output` reads it back)."""
+    def trace_json(self, justification: bool = True) -> dict:
+        """The trace as JSON (what the server returns; :func:`trace_output` reads it back).
+        The server's copy is published before each step's token is sampled, so it goes without
+        the ``justification``, whose last token it would miss (``justification=False``)."""
         last = max([len(self.output_ids) - 1, *self.p])
         codes, cur = [], BENIGN
         for n in range(last + 1):
             cur = self.modes.get(n, cur)
             codes.append(cur)
         p = [self.p.get(n) for n in range(last + 1)]
+        just = None
+        if justification and self.refusal_step is not None:
+            just = self.refusal.justification(self.tokenizer, list(self.output_ids),
+                                              self.refusal_step, self.fstart, self.eos)
         return {"p": [None if v is None or not math.isfinite(v) else v for v in p],
                 "checked": [n in self.p for n in range(last + 1)],
                 "mode": ["refusal" if m == REFUSAL else MODE_NAMES[m] for m in codes],
                 "refusal_step": self.refusal_step, "alarm_step": self.alarm_step,
+                "justification": just,
                 "config": dataclasses.asdict(self.cfg), "refusal_ids": self.refusal.prefix}
 
 
@@ -290,8 +299,10 @@ class SafetyLogitsProcessor(LogitsProcessor):
                              "safeattn wrapper (use safeattn.vllm.engine_kwargs)")
         cfg = cfg.resolved(br.safety_config)  # threshold=None: the head's calibrated θ
         prompt_ids = prompt_ids or []
+        eos = {params.eos_token_id, *(params.all_stop_token_ids or ())} - {None}
         st = RequestSafety(cfg, extras, prompt_ids, output_ids, self._refusal(cfg),
-                           params.max_tokens or self.max_len, self._default_span(prompt_ids))
+                           params.max_tokens or self.max_len, self._default_span(prompt_ids),
+                           self.tokenizer, eos)
         if valid_key(key):
             st.stream = StreamGate(key, cfg.stream_hold, self.tokenizer, prompt_ids,
                                    hold_back=STREAM_ARG in extra)
@@ -355,7 +366,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
                 n = len(s.output_ids)
                 s.stream.step(s.output_ids, n, checked=n in s.p,
                               benign=s.mode == BENIGN and not s.refused, refused=s.refused,
-                              trace=s.trace_json)
+                              trace=functools.partial(s.trace_json, justification=False))
 
     def _step(self, br, logits: torch.Tensor) -> None:
         """The checks of this step (``safety_step``) and the forced refusal tokens."""

@@ -182,7 +182,7 @@ def trace_output(trace: dict):
     p = [float("nan") if v is None else float(v) for v in trace["p"]]
     row = RowSafety(p=p, checked=list(trace["checked"]), mode=list(trace["mode"]),
                     refusal_step=trace["refusal_step"], alarm_step=trace["alarm_step"],
-                    justification=None)
+                    justification=trace.get("justification"))
     step = -1 if row.refusal_step is None else row.refusal_step
     return SafetyOutput(rows=[row], p=torch.tensor([p]),
                         mode=torch.tensor([[code[m] for m in row.mode]]),
