@@ -307,8 +307,9 @@ def test_op_matches_reference_state_machine(schedule):
                        threshold=0.5)
     b, steps = 6, 40
     sched = cfg.check_steps(steps)
-    q_span = torch.tensor([[1, 4]] * b, dtype=torch.int32) + torch.arange(b, dtype=torch.int32)[:, None]
-    resp = torch.full((b,), 12, dtype=torch.int32) + torch.arange(b, dtype=torch.int32)
+    shift = torch.arange(b, dtype=torch.int32)
+    q_span = torch.tensor([[1, 4]] * b, dtype=torch.int32) + shift[:, None]
+    resp = torch.full((b,), 12, dtype=torch.int32) + shift
     ks = [torch.full((b,), BENIGN, dtype=torch.int32), torch.zeros(b, dtype=torch.int32),
           torch.full((b,), -1, dtype=torch.int32), torch.zeros(b, dtype=torch.int32),
           torch.zeros(b, dtype=torch.bool)]
