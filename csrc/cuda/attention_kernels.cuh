@@ -34,6 +34,7 @@
 #include <type_traits>
 
 #include "attention_cuda.h"
+#include "device_math.cuh"
 
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
 #define SAFEATTN_HAS_MMA 1
@@ -45,7 +46,6 @@ namespace safeattn {
 namespace cuda {
 namespace detail {
 
-constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kThreads = kWarps * 32;
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000u); }
@@ -104,27 +104,6 @@ __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
 }
 template <>
 __device__ __forceinline__ uint32_t pack2<float>(float, float) { return 0; }  // unused
-
-// tanh to a few ulp. The build uses --use_fast_math, which turns tanhf into tanh.approx
-// (~1e-3 relative error): too coarse for softcap * tanh(s / softcap) in fp32.
-__device__ __forceinline__ float tanh_acc(float x) {
-  const float ax = fabsf(x);
-  if (ax >= 0.4f) {
-    const float e = exp2f(2.f * kLog2e * ax);  // inf for large |x| -> result 1
-    const float r = 1.f - __fdiv_rn(2.f, e + 1.f);
-    return copysignf(r, x);
-  }
-  // Taylor series to x^15; the first omitted term is < 1e-10 for |x| < 0.4.
-  const float x2 = x * x;
-  float p = -929569.f / 638512875.f;
-  p = fmaf(p, x2, 21844.f / 6081075.f);
-  p = fmaf(p, x2, -1382.f / 155925.f);
-  p = fmaf(p, x2, 62.f / 2835.f);
-  p = fmaf(p, x2, -17.f / 315.f);
-  p = fmaf(p, x2, 2.f / 15.f);
-  p = fmaf(p, x2, -1.f / 3.f);
-  return fmaf(x * x2, p, x);
-}
 
 // D = A(16x16, row) * B(16x8, col) + D; fp32 accumulate.
 template <typename T>

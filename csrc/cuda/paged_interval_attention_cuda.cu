@@ -15,6 +15,7 @@
 #include <cstdint>
 
 #include "checks.h"
+#include "device_math.cuh"
 
 namespace safeattn {
 namespace {
@@ -85,7 +86,7 @@ __global__ void paged_kernel(const T* __restrict__ q, const T* __restrict__ cach
       }
 #pragma unroll
       for (int w = kLanes / 2; w > 0; w /= 2) s += __shfl_xor_sync(0xffffffff, s, w);
-      if (p.softcap > 0.f) s = p.softcap * tanhf(s / p.softcap);
+      if (p.softcap > 0.f) s = p.softcap * cuda::tanh_acc(__fdiv_rn(s, p.softcap));
       const float mnew = fmaxf(m, s);
       const float alpha = m == -INFINITY ? 0.f : __expf(m - mnew);
       const float w = __expf(s - mnew);
