@@ -271,6 +271,21 @@ def test_non_finite_refuses(bad, col):
     assert math.isnan(p[3])  # p still reports it
 
 
+def test_logit_past_fp32_range_refuses():
+    """The logit is an fp32 value (reference, CUDA): h and weight finite, their dot product
+    past fp32's range is non-finite there, so the row fails closed, whichever its sign."""
+    weight, bias = head()
+    weight[1] = 1e30
+    b = 3
+    kst, qs = State(b), torch.tensor([[1, 4]] * b, dtype=torch.int32)
+    h = hidden([LO] * b)
+    h[:, 1] = torch.tensor([-1e30, 1e30, 0.0])
+    p, _ = step_both(kst, kst.clone(), h, weight, bias, torch.ones(b, dtype=torch.bool), qs,
+                     torch.tensor([10] * b, dtype=torch.int32), tau=100)
+    assert p[:2].isnan().all() and not p[2].isnan()
+    assert kst.refused.tolist() == [True, True, False]
+
+
 def test_non_finite_after_hits_keeps_s_t():
     weight, bias = head()
     kst = State(1)

@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <limits>
 
 #include "checks.h"
 
@@ -42,7 +43,11 @@ std::tuple<at::Tensor, at::Tensor> safety_step_cpu(
     double acc = bv;
     for (int64_t d = 0; d < D; ++d) acc += double(hp[b * D + d]) * wp[d];
     const float pb = float(1.0 / (1.0 + std::exp(-acc)));
-    pp[b] = std::isfinite(acc) ? pb : std::numeric_limits<float>::quiet_NaN();
+    // The logit is an fp32 value, as in the reference and the CUDA kernel: past fp32's range
+    // it is non-finite there, so the row fails closed here too.
+    const bool finite_logit =
+        std::isfinite(acc) && std::fabs(acc) <= double(std::numeric_limits<float>::max());
+    pp[b] = finite_logit ? pb : std::numeric_limits<float>::quiet_NaN();
     const bool finite = std::isfinite(pp[b]);
     if (ac[b] && !rf[b]) {
       const int32_t n = sp[b];
