@@ -35,7 +35,9 @@ def interval_attention(q, k, v, intervals, scale=None, softcap=None):
         s = torch.tanh(s / softcap) * softcap
     mask = interval_mask(intervals, k.shape[2])[:, None]  # [B,1,Tq,Tk]
     s = s.masked_fill(~mask, float("-inf"))
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # rows with no visible column -> 0
+    # rows with no visible column -> 0; a NaN among a row's visible scores stays NaN (as in
+    # the kernels: fail closed)
+    p = torch.softmax(s, dim=-1).masked_fill(~mask.any(-1, keepdim=True), 0.0)
     return p @ v
 
 

@@ -86,7 +86,7 @@ class RequestSafety:
     """One request's state machine (the fields of ``safety_step``) and its trace."""
 
     def __init__(self, cfg: SafetyConfig, extras: dict, prompt_ids, output_ids,
-                 refusal: Refusal, max_tokens: int, default_span, tokenizer, eos=()):
+                 refusal: Refusal, max_tokens: int, default_span, tokenizer, eos):
         self.cfg, self.id = cfg, extras.get("id")
         self.prompt_len = len(prompt_ids)
         qs, qe = extras.get("q_span") or default_span
