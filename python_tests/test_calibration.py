@@ -84,7 +84,9 @@ def test_pick_threshold_allows_at_most_the_target_share():
     assert pick_threshold(scores, 0.0) > 0.99
     ties = torch.tensor([0.9, 0.9, 0.9, 0.5])
     assert pick_threshold(ties, 0.25) == pytest.approx(0.95)  # not 0.9: three would refuse
-    assert pick_threshold(torch.tensor([1.0, 0.2]), 0.0) > 1.0
+    with pytest.raises(ValueError, match="saturated"):  # θ > 1 would switch the check off
+        pick_threshold(torch.tensor([1.0, 0.2]), 0.0)
+    assert pick_threshold(torch.tensor([1.0, 0.2]), 0.5) == pytest.approx(0.6)  # within budget
     assert pick_threshold(torch.tensor([-math.inf, -math.inf]), 0.0) == 0.0
 
 

@@ -133,8 +133,10 @@ def _theta_above(s: torch.Tensor, k: int, ceiling: float = 1.0) -> float:
     kth = float(s[k])
     if kth == -math.inf:
         return 0.0
-    if kth >= 1.0:
-        return 1.5  # above 1: never triggers
+    if kth >= 1.0:  # only a θ above 1 would meet the budget, and that switches the check off
+        raise ValueError(f"target_fpr cannot be met: {int((s >= 1.0).sum())} benign rows score "
+                         f"p = 1.0 (saturated), more than the {k} it allows; a θ above 1 would "
+                         "switch the check off. Allow a higher target_fpr, or retrain the head")
     higher = s[(s > kth) & (s <= ceiling)]  # ties with the k-th score stay below θ too; +inf
     # (a row that failed closed) refuses at any θ and bounds nothing
     return (kth + (float(higher.min()) if len(higher) else ceiling)) / 2
