@@ -201,12 +201,18 @@ def test_state_missing_withholds_the_text():
 
 
 @pytest.mark.parametrize("field,value", [("logprobs", True), ("top_logprobs", 2), ("n", 2),
-                                         ("echo", True), ("return_token_ids", True)])
+                                         ("echo", True), ("return_token_ids", True),
+                                         ("logprobs", 0), ("top_logprobs", 0)])
 def test_streamed_request_that_would_leak_is_400(field, value):
     eng = FakeEngine(WORDS)
     status, _, raw = _call(eng, {"stream": True, field: value})
     assert status == 400 and field in json.loads(raw)["error"]["message"]
     assert eng.bodies == []
+
+
+def test_streamed_request_with_leaky_fields_off_is_served():
+    status, _, _ = _call(FakeEngine(WORDS), {"stream": True, "logprobs": False, "echo": None})
+    assert status == 200
 
 
 def test_non_streamed_requests_get_their_trace():

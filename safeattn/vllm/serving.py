@@ -234,7 +234,8 @@ def _leaky_field(req: dict) -> str | None:
         return "n > 1"
     for field in ("logprobs", "top_logprobs", "echo", "return_token_ids",
                   "prompt_logprobs"):
-        if req.get(field):
+        value = req.get(field)
+        if value is not None and value is not False:  # logprobs: 0 still returns the tokens
             return field
     return None
 
