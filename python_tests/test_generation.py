@@ -464,6 +464,45 @@ def test_streamer_passes_everything_when_safe():
     assert st.dropped == []
 
 
+def test_plain_streamer_is_refused():
+    from transformers import TextStreamer
+
+    model, tok = _patched("llama")
+    enc = safeattn.build_inputs(tok, PROMPTS[:1])
+    with pytest.raises(ValueError, match="streamer"):
+        model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                       streamer=TextStreamer(tok), safety=SafetyConfig(**NEVER))
+
+
+def test_streamer_cut_off_by_an_error_starts_clean():
+    """A run that raised mid-stream (its stream never ended) leaves no state behind: the next
+    run on the same streamer prints what a new streamer prints."""
+    from transformers import LogitsProcessorList
+
+    model, tok = _patched("llama")
+    enc = safeattn.build_inputs(tok, PROMPTS[:1])
+    k = 4
+    _rig(model, {0: {k, k + 1, k + 2}})
+
+    def boom(ids, scores):
+        if ids.shape[1] >= enc["input_ids"].shape[1] + k + 4:
+            raise RuntimeError("boom")
+        return scores
+
+    st = PrintedStreamer(tok, skip_prompt=True)
+    kw = dict(max_new_tokens=14, do_sample=False, pad_token_id=0,
+              safety=SafetyConfig(refusal_prefix=REFUSAL))
+    with pytest.raises(RuntimeError, match="boom"):
+        model.generate(**enc, streamer=st, logits_processor=LogitsProcessorList([boom]), **kw)
+    assert st.refused  # the gate was mid-refusal when the run stopped
+    _rig(model, {})
+    st.text.clear()
+    model.generate(**enc, streamer=st, **kw)
+    fresh = PrintedStreamer(tok, skip_prompt=True)
+    model.generate(**enc, streamer=fresh, **kw)
+    assert "".join(st.text) == "".join(fresh.text) and not st.refused
+
+
 def test_streamer_never_prints_flagged_text():
     model, tok = _patched("llama")
     enc = safeattn.build_inputs(tok, PROMPTS[:1])

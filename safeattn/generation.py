@@ -835,6 +835,12 @@ def safe_generate(model, input_ids: torch.Tensor | None = None, attention_mask=N
     if extra:
         raise ValueError(f"safe generation got unexpected arguments {sorted(extra)}")
     if streamer is not None:
+        if not callable(getattr(streamer, "safety_update", None)):
+            raise ValueError("streamer: safe generation streams only through a streamer that "
+                             "takes safety updates (safeattn.SafeTextStreamer); a plain one "
+                             "would print tokens before any check clears them")
+        if callable(getattr(streamer, "reset", None)):
+            streamer.reset()
         streamer.put(input_ids.cpu())
 
     dec = _Decode(model, tokenizer, safety, input_ids, attention_mask, q_span, response_start,

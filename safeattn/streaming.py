@@ -134,6 +134,13 @@ class SafeTextStreamer(TextStreamer):
         super().end()
         self._got_prompt = False
 
+    def reset(self) -> None:
+        """Forget a stream that never ended (an error cut it off): nothing it held is printed,
+        and the next ``put`` is a new prompt. Safe generation calls it before it streams."""
+        self.gate = HoldBack(self.gate.hold)
+        self.token_cache, self.print_len = [], 0
+        self.next_tokens_are_prompt, self._got_prompt = True, False
+
     # ------------------------------------------------------------------ safety updates
     def safety_update(self, *, checked: bool, benign: bool, refused: bool, seen: int) -> None:
         """Called by safe generation after each step (see :meth:`HoldBack.update`)."""
