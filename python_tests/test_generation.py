@@ -236,7 +236,7 @@ def test_refusal_start_hand_checked():
     from safeattn.generation import Refusal
 
     tok = tiny_tokenizer()
-    r = Refusal(tok, SafetyConfig(refusal_prefix=REFUSAL, refusal_break="why you"))
+    r = Refusal(tok, SafetyConfig(refusal_prefix=REFUSAL, refusal_break="why you"), 0)
     nb = len(r.brk)
     assert nb == 2 and r.ids == r.brk + r.prefix and r.prefix
     cases = [(0, False, nb), (0, True, nb), (1, True, 0), (1, False, 0), (2, True, nb),
@@ -246,9 +246,29 @@ def test_refusal_start_hand_checked():
     text = torch.tensor([c[0] for c in cases], dtype=torch.int32)
     ends = torch.tensor([c[1] for c in cases])
     assert r.start(text, ends).tolist() == [c[2] for c in cases]
-    assert Refusal(tok, SafetyConfig(refusal_prefix=REFUSAL, refusal_break="")).start(5, False) \
-        == 0
-    assert Refusal(tok, SafetyConfig(refusal_prefix="", refusal_break="why")).ids == []
+    assert Refusal(tok, SafetyConfig(refusal_prefix=REFUSAL, refusal_break=""),
+                   0).start(5, False) == 0
+    # no prefix: EOS alone (no break), so that the row ends
+    assert Refusal(tok, SafetyConfig(refusal_prefix="", refusal_break="why"), 7).ids == [7]
+    with pytest.raises(ValueError, match="eos_token_id"):
+        Refusal(tok, SafetyConfig(refusal_prefix=""), None)
+
+
+def test_refusal_without_prefix_ends_the_row():
+    """refusal_prefix "": a row that refuses writes EOS and ends (before, it went on with the
+    text it refused); the other rows are untouched."""
+    model, tok = _patched("llama")
+    enc = safeattn.build_inputs(tok, PROMPTS)
+    plain = _new(_plain(model, enc, max_new_tokens=12, eos_token_id=tok.eos_token_id), enc)
+    k = 4
+    _rig(model, {1: {k, k + 1, k + 2}})
+    out = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                         eos_token_id=tok.eos_token_id, safety=SafetyConfig(refusal_prefix=""))
+    new = _new(out, enc)
+    assert out.safety[1].refusal_step == k + 2 and out.safety[1].justification == ""
+    assert new[1, :k + 2].tolist() == plain[1, :k + 2].tolist()
+    assert new[1, k + 2] == tok.eos_token_id and (new[1, k + 3:] == 0).all()
+    assert torch.equal(new[0], plain[0]) and out.safety[0].refusal_step is None
 
 
 def test_prefill_refusal():

@@ -37,7 +37,9 @@ CASES = [{"schedule": "each"}, {"schedule": "each", "threshold": 0.9, "refusal_b
          {"schedule": "annealing", "threshold": 0.6, "refusal_break": "why"},
          {"schedule": "periodic", "period": 2},
          {"schedule": "first", "first_n": 3, "threshold": 0.7, "refusal_break": "why"},
-         {"schedule": "each", "threshold": 0.6, "query_threshold": 2.0}, None]
+         {"schedule": "each", "threshold": 0.6, "query_threshold": 2.0},
+         {"schedule": "each", "threshold": 0.6, "query_threshold": 2.0, "refusal_prefix": ""},
+         None]
 MAX_TOKENS = 16
 
 
@@ -293,6 +295,9 @@ def test_reference_covers_refusals(engine):
     said = [r["justification"] for rows in ref["cases"][:-1] for r in rows
             if r["refusal_step"] is not None]
     assert any(said)  # refused rows that wrote a justification after the prefix
+    ended = [r for c, rows in zip(CASES, ref["cases"]) if c and c.get("refusal_prefix") == ""
+             for r in rows if r["refusal_step"] is not None]
+    assert ended and all(r["ids"][r["refusal_step"]] == ref["eos"] for r in ended)  # no prefix
 
 
 @pytest.mark.parametrize("family", ["gemma3_text", "llama"])

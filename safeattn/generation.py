@@ -129,7 +129,8 @@ class SafetyConfig:
             last gap).
         t_max: no annealing re-check after step ``t_max`` (``None``: never stop).
         escalate: re-check a row at every step while it is mid-alarm (``transition``).
-        refusal_prefix: the text force-fed when a row refuses (``""``: none). ``None``
+        refusal_prefix: the text force-fed when a row refuses (``""``: none; the row then
+            writes EOS and ends at once, rather than go on with the text it refused). ``None``
             (default): the model's (``refusal_prefix`` in its safety config, chosen with the
             head so that the model's own justification names the request), else
             :data:`DEFAULT_REFUSAL_PREFIX`; :meth:`resolved` fills it in.
@@ -349,12 +350,18 @@ def _break_ids(tokenizer, safety: "SafetyConfig") -> list[int]:
 
 class Refusal:
     """What a refusing row is forced to write, for both engines (the HF decoder, batched, and
-    the vLLM logits processor, per request): the break, then the prefix, as token ids."""
+    the vLLM logits processor, per request): the break, then the prefix, as token ids; with no
+    prefix, ``eos_id`` alone, so that the row ends instead of going on with what it refused."""
 
-    def __init__(self, tokenizer, safety: "SafetyConfig"):
+    def __init__(self, tokenizer, safety: "SafetyConfig", eos_id: int | None):
         self.prefix = _refusal_ids(tokenizer, safety.refusal_prefix)
         self.brk = _break_ids(tokenizer, safety)
         self.ids = self.brk + self.prefix
+        if not self.ids:
+            if eos_id is None:
+                raise ValueError("refusal_prefix '' ends a refused row with EOS, but there is "
+                                 "no eos_token_id to end it with")
+            self.ids = [int(eos_id)]
 
     def start(self, text, ends_with_break):
         """Where a row that refuses after ``text`` response tokens starts in :attr:`ids`: past
@@ -479,10 +486,11 @@ class _Decode:
         self.has_eos = any(hasattr(c, "eos_token_id") for c in self.stops)
         self.max_new = max(int(gc.max_length) - self.l0, 0)
         self.sched = safety.check_steps(self.max_new + 1)
-        self.refusal = Refusal(tokenizer, safety)
+        eos = gc._eos_token_tensor
+        self.refusal = Refusal(tokenizer, safety,
+                               None if eos is None else int(eos.reshape(-1)[0]))
         self.n_brk, self.n_forced = len(self.refusal.brk), len(self.refusal.ids)
-        self.forced = torch.tensor(self.refusal.ids or [self.pad_id], dtype=torch.long,
-                                   device=dev)
+        self.forced = torch.tensor(self.refusal.ids, dtype=torch.long, device=dev)
         self.brk_cols = torch.arange(-self.n_brk, 0, device=dev)
         self.ends = _sentence_end_ids(tokenizer, dev) if safety.refusal_end == "sentence" and \
             tokenizer is not None else None

@@ -249,11 +249,11 @@ class SafetyLogitsProcessor(LogitsProcessor):
             self._tokenizer = AutoTokenizer.from_pretrained(self.vllm_config.model_config.tokenizer)
         return self._tokenizer
 
-    def _refusal(self, cfg: SafetyConfig) -> Refusal:
-        """The forced break + prefix of ``cfg``, cached per config text."""
-        key = (cfg.refusal_prefix, cfg.refusal_break)
+    def _refusal(self, cfg: SafetyConfig, eos_id) -> Refusal:
+        """The forced break + prefix of ``cfg`` (or ``eos_id``), cached per config text."""
+        key = (cfg.refusal_prefix, cfg.refusal_break, eos_id)
         if key not in self._refusals:
-            self._refusals[key] = Refusal(self.tokenizer, cfg)
+            self._refusals[key] = Refusal(self.tokenizer, cfg, eos_id)
         return self._refusals[key]
 
     def _said_sentence(self, s: RequestSafety, n: int) -> bool:
@@ -300,7 +300,8 @@ class SafetyLogitsProcessor(LogitsProcessor):
         cfg = cfg.resolved(br.safety_config)  # threshold=None: the head's calibrated θ
         prompt_ids = prompt_ids or []
         eos = {params.eos_token_id, *(params.all_stop_token_ids or ())} - {None}
-        st = RequestSafety(cfg, extras, prompt_ids, output_ids, self._refusal(cfg),
+        st = RequestSafety(cfg, extras, prompt_ids, output_ids,
+                           self._refusal(cfg, params.eos_token_id),
                            params.max_tokens or self.max_len, self._default_span(prompt_ids),
                            self.tokenizer, eos)
         if valid_key(key):
