@@ -300,6 +300,24 @@ def test_reference_covers_refusals(engine):
     assert ended and all(r["ids"][r["refusal_step"]] == ref["eos"] for r in ended)  # no prefix
 
 
+def test_ended_turn_stays_ended_when_eos_is_ignored(engine):
+    """ignore_eos: a refused row whose turn has ended (the first sentence of its
+    justification, or EOS itself with no prefix) gets EOS at every later step instead of
+    writing on unchecked."""
+    llm, tok, ref = engine("llama")
+    eos, ended = ref["eos"], 0
+    for c in (0, CASES.index(CASES[-2])):
+        ps, sps = sv.requests(tok, PROMPTS, safety=CASES[c], max_tokens=MAX_TOKENS,
+                              temperature=0.0, ignore_eos=True)
+        for o, want in zip(llm.generate(ps, sps, use_tqdm=False), ref["cases"][c]):
+            got = list(o.outputs[0].token_ids)
+            assert _cut(got, eos) == _cut(want["ids"], eos)
+            if want["refusal_step"] is not None and eos in got:
+                ended += 1
+                assert set(got[got.index(eos):]) == {eos} and len(got) == MAX_TOKENS
+    assert ended  # some refused turns ended before the token limit
+
+
 @pytest.mark.parametrize("family", ["gemma3_text", "llama"])
 def test_mixed_batch(engine, family):
     """Safety on and off in one batch, with two schedules: each row as its own reference."""

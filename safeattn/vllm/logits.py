@@ -102,6 +102,7 @@ class RequestSafety:
         self.fpos = self.fstart = 0  # in refusal.ids: next forced, and where forcing began
         self.refusal_step, self.alarm_step = None, None
         self.done = False  # refused, and nothing is left to force: no more plan rows
+        self.ended_with = None  # the EOS that ended a refused turn, forced while it goes on
         self.p: dict[int, float] = {}
         self.modes: dict[int, int] = {}
         self.stream: StreamGate | None = None  # a server request's published state
@@ -301,7 +302,9 @@ class SafetyLogitsProcessor(LogitsProcessor):
         prompt_ids = prompt_ids or []
         eos = {params.eos_token_id, *(params.all_stop_token_ids or ())} - {None}
         st = RequestSafety(cfg, extras, prompt_ids, output_ids,
-                           self._refusal(cfg, params.eos_token_id),
+                           self._refusal(cfg, self.tokenizer.eos_token_id
+                                         if params.eos_token_id is None  # ignore_eos
+                                         else params.eos_token_id),
                            params.max_tokens or self.max_len, self._default_span(prompt_ids),
                            self.tokenizer, eos)
         if valid_key(key):
@@ -387,12 +390,17 @@ class SafetyLogitsProcessor(LogitsProcessor):
                 s.refusal_step = n
                 s.fpos = s.refusal.start(n, list(s.output_ids[n - len(brk):n]) == brk)
                 s.fstart = s.fpos
-            if s.fpos < len(ids):
+            if s.ended_with is not None:  # a request that outlives EOS (ignore_eos,
+                _force(logits, row, s.ended_with)  # min_tokens) writes nothing else
+            elif s.fpos < len(ids):
                 _force(logits, row, ids[s.fpos])
                 s.fpos += 1
+                if s.fpos == len(ids) and not s.refusal.prefix:  # no prefix: EOS was it
+                    s.ended_with = ids[-1]
             elif self._said_sentence(s, n):  # refusal_end="sentence": the turn ends here
                 _force(logits, row, self.tokenizer.eos_token_id)
-                s.done = True
-            if s.fpos >= len(ids) and getattr(s.cfg, "refusal_end", "free") != "sentence":
+                s.ended_with = self.tokenizer.eos_token_id
+            if s.fpos >= len(ids) and s.refusal.prefix and \
+                    getattr(s.cfg, "refusal_end", "free") != "sentence":
                 s.done = True  # the prefix is out; the model writes on freely
         br.post_plan(None, None, None)
