@@ -300,11 +300,10 @@ class SafetyLogitsProcessor(LogitsProcessor):
                              "safeattn wrapper (use safeattn.vllm.engine_kwargs)")
         cfg = cfg.resolved(br.safety_config)  # threshold=None: the head's calibrated θ
         prompt_ids = prompt_ids or []
-        eos = {params.eos_token_id, *(params.all_stop_token_ids or ())} - {None}
-        st = RequestSafety(cfg, extras, prompt_ids, output_ids,
-                           self._refusal(cfg, self.tokenizer.eos_token_id
-                                         if params.eos_token_id is None  # ignore_eos
-                                         else params.eos_token_id),
+        eos_id = params.eos_token_id  # None with ignore_eos: the tokenizer's ends the refusal
+        eos_id = self.tokenizer.eos_token_id if eos_id is None else eos_id
+        eos = {eos_id, *(params.all_stop_token_ids or ())} - {None}
+        st = RequestSafety(cfg, extras, prompt_ids, output_ids, self._refusal(cfg, eos_id),
                            params.max_tokens or self.max_len, self._default_span(prompt_ids),
                            self.tokenizer, eos)
         if valid_key(key):
