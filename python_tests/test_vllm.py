@@ -191,6 +191,56 @@ def test_probe_error_fails_closed(engine, monkeypatch, fold):
     assert _cut(list(outs[2].outputs[0].token_ids), ref["eos"]) == _cut(plain["ids"], ref["eos"])
 
 
+def _refused_at_start(out, trace):
+    tr = trace[0]
+    assert tr.refusal_step == 0 and tr.alarm_step == 0
+    n = len(trace.refusal_ids)
+    assert n and list(out.outputs[0].token_ids[:n]) == trace.refusal_ids
+
+
+def test_request_that_cannot_be_set_up_refuses(engine):
+    """A q_span past its prompt (validate_params cannot see the prompt) refuses that request
+    from its first token, and only it: the rest of the batch decodes as its references, and
+    the engine serves on (the error had stopped it)."""
+    llm, tok, ref = engine("gemma3_text")
+    ids = [f"span-{i}" for i in range(3)]
+    ps, sps = sv.requests(tok, PROMPTS[:3], safety=CASES[0], ids=ids, max_tokens=MAX_TOKENS,
+                          temperature=0.0)
+    sps[1].extra_args["safety"]["q_span"] = [0, 999]
+    outs = llm.generate(ps, sps, use_tqdm=False)
+    _refused_at_start(outs[1], sv.trace(ids[1]))
+    for i in (0, 2):
+        _check_row(list(outs[i].outputs[0].token_ids), sv.trace(ids[i])[0],
+                   ref["cases"][0][i], ref["eos"], f"span row {i}")
+    _parity(llm, tok, ref, "gemma3_text", 0, tag="-after-span")
+
+
+def test_safety_step_error_fails_closed(engine, monkeypatch):
+    """An error in the state machine itself refuses the checked requests, not the engine; a
+    request without safety in the same batch decodes as plain."""
+    from safeattn import ops
+
+    def boom(*args, **kw):
+        raise RuntimeError("safety_step broke")
+
+    monkeypatch.setattr(ops, "safety_step", boom)
+    llm, tok, ref = engine("llama")
+    ids = ["step-boom-0", "step-boom-1"]
+    ps, sps = sv.requests(tok, PROMPTS[:2], safety={"threshold": 2.0}, ids=ids, max_tokens=10,
+                          temperature=0.0)
+    ps2, sps2 = sv.requests(tok, PROMPTS[2:3], safety=None, max_tokens=MAX_TOKENS,
+                            temperature=0.0)
+    outs = llm.generate(ps + ps2, sps + sps2, use_tqdm=False)
+    for i, o in zip(ids, outs):
+        trace = sv.trace(i)
+        _refused_at_start(o, trace)
+        assert math.isnan(trace[0].p[0]) and trace[0].checked[0]
+    plain = ref["cases"][CASES.index(None)][2]
+    assert _cut(list(outs[2].outputs[0].token_ids), ref["eos"]) == _cut(plain["ids"], ref["eos"])
+    monkeypatch.undo()
+    _parity(llm, tok, ref, "llama", 0, tag="-after-boom")
+
+
 _ISAS = [("vec", torch.float32), ("vec", torch.bfloat16), ("vec16", torch.float32),
          ("vec16", torch.bfloat16), ("amx", torch.bfloat16)]
 

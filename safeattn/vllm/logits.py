@@ -146,6 +146,19 @@ class RequestSafety:
                 "config": dataclasses.asdict(self.cfg), "refusal_ids": self.refusal.prefix}
 
 
+def _failed_parse(extra: dict, default):
+    """(config, extras) of a request whose state failed: its own config where it parses (for
+    its refusal text and trace ``id``), else the server's, else the defaults; never None."""
+    for value, base in ((extra.get("safety"), default), (default, None)):
+        try:
+            parsed = parse_safety(value, base)
+        except ValueError:
+            continue
+        if parsed is not None:
+            return parsed[0], {k: v for k, v in parsed[1].items() if k == "id"}
+    return SafetyConfig(), {}
+
+
 def _force(logits: torch.Tensor, row: int, token: int) -> None:
     logits[row].fill_(float("-inf"))
     logits[row, token] = 0.0
@@ -281,13 +294,27 @@ class SafetyLogitsProcessor(LogitsProcessor):
         first = 1 if n > 1 and prompt_ids[0] == self.tokenizer.bos_token_id else 0
         return first, n
 
-    def _state(self, params, prompt_ids, output_ids) -> RequestSafety | None:
+    def _admit(self, params, prompt_ids, output_ids) -> RequestSafety | None:
+        """The state of a request joining the batch. One whose state cannot be built (a
+        ``q_span`` past its prompt, which ``validate_params`` cannot see) refuses from its
+        first token: an exception here would stop the engine and every request in it."""
+        try:
+            return self._state(params, prompt_ids, output_ids)
+        except Exception as e:  # noqa: BLE001 - fail closed, for this request alone
+            if bridge_for(self.vllm_config) is None:
+                raise  # nothing can force a refusal: stop (closed)
+            logger.error("safeattn: cannot set up the safety check of a request (%s); it "
+                         "refuses (fail closed)", e)
+            return self._state(params, prompt_ids, output_ids, failed=True)
+
+    def _state(self, params, prompt_ids, output_ids, failed=False) -> RequestSafety | None:
         st = self.states.get(id(params))
         if st is not None:  # a preempted (or unscheduled) request coming back
             STATS["resumed"] += 1
             return st
         extra = params.extra_args or {}
-        parsed = parse_safety(extra.get("safety"), self.default)
+        parsed = _failed_parse(extra, self.default) if failed else \
+            parse_safety(extra.get("safety"), self.default)
         key = extra.get(STREAM_ARG) or extra.get(TRACE_ARG)
         if parsed is None:
             if valid_key(key):
@@ -303,9 +330,11 @@ class SafetyLogitsProcessor(LogitsProcessor):
         eos_id = params.eos_token_id  # None with ignore_eos: the tokenizer's ends the refusal
         eos_id = self.tokenizer.eos_token_id if eos_id is None else eos_id
         eos = {eos_id, *(params.all_stop_token_ids or ())} - {None}
+        span = (0, 0) if failed else self._default_span(prompt_ids)
         st = RequestSafety(cfg, extras, prompt_ids, output_ids, self._refusal(cfg, eos_id),
-                           params.max_tokens or self.max_len, self._default_span(prompt_ids),
-                           self.tokenizer, eos)
+                           params.max_tokens or self.max_len, span, self.tokenizer, eos)
+        if failed:
+            st.refused, st.alarm_step = True, 0
         if valid_key(key):
             st.stream = StreamGate(key, cfg.stream_hold, self.tokenizer, prompt_ids,
                                    hold_back=STREAM_ARG in extra)
@@ -323,7 +352,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
                 self.rows.pop(row, None)
             for row, params, prompt_ids, output_ids in batch_update.added:
                 self.rows.pop(row, None)
-                st = self._state(params, prompt_ids, output_ids) if params else None
+                st = self._admit(params, prompt_ids, output_ids) if params else None
                 if st is not None:
                     self.rows[row] = st
             for a, b, kind in batch_update.moved:
@@ -377,8 +406,16 @@ class SafetyLogitsProcessor(LogitsProcessor):
         rows, ns = plan.rows.tolist(), plan.n.tolist()
         checked = (complete & br.due).nonzero().flatten().tolist()
         if checked:
-            step_states([self._live[i] for i in checked], [ns[i] for i in checked],
-                        br.logits[checked])
+            states, steps = [self._live[i] for i in checked], [ns[i] for i in checked]
+            try:
+                step_states(states, steps, br.logits[checked])
+            except Exception as e:  # noqa: BLE001 - fail closed, and keep serving
+                logger.error("safeattn: the safety step failed (%s); the %d checked requests "
+                             "refuse (fail closed)", e, len(states))
+                for s, n in zip(states, steps):
+                    if not s.refused:
+                        s.refused, s.alarm_step = True, n
+                    s.p[n], s.modes[n] = float("nan"), REFUSAL
         for i in complete.nonzero().flatten().tolist():
             s, row, n = self._live[i], rows[i], ns[i]
             if not s.refused:
