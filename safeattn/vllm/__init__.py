@@ -33,14 +33,17 @@ def register() -> None:
 
 
 def engine_kwargs(model_dir, *, safety_dir=None, safety: dict | None = None,
-                  model_type: str | None = None) -> dict:
+                  request_overrides: bool = False, model_type: str | None = None) -> dict:
     """Keyword arguments for ``vllm.LLM(model_dir, **kw)`` (merge your own over them).
 
     Args:
         model_dir: the HF model folder.
         safety_dir: the folder ``safeattn.save_safety`` wrote (default: ``model_dir``).
-        safety: the server-wide default ``SafetyConfig`` fields; ``None``: only requests whose
+        safety: the server-wide ``SafetyConfig`` fields; ``None``: only requests whose
             ``extra_args["safety"]`` asks for it are checked.
+        request_overrides: with ``safety`` set, let a request's ``extra_args["safety"]``
+            change the server's fields or switch the check off. ``False`` (default): every
+            request gets the server's config; a request may give only its trace ``id``.
         model_type: overrides ``config.json``'s ``model_type``.
     """
     import json
@@ -54,6 +57,8 @@ def engine_kwargs(model_dir, *, safety_dir=None, safety: dict | None = None,
     opt = {"safety_dir": str(safety_dir or model_dir)}
     if safety is not None:
         opt["safety"] = dict(safety)
+    if request_overrides:
+        opt["request_overrides"] = True
     return {"model": str(model_dir), "logits_processors": [PROCESSOR],
             "hf_overrides": {"architectures": [ARCHITECTURE[model_type]], "safeattn_vllm": opt}}
 

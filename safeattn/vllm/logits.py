@@ -2,7 +2,8 @@
 
 A request is switched on with ``SamplingParams(extra_args={"safety": {...}})`` (the fields of
 :class:`~safeattn.SafetyConfig`, plus ``q_span`` and ``id``) or for every request by the
-server option ``safeattn_vllm.safety``. Its state lives exactly as long as vLLM keeps the
+server option ``safeattn_vllm.safety``, which requests cannot change unless
+``safeattn_vllm.request_overrides`` is true (they may still give an ``id``). Its state lives exactly as long as vLLM keeps the
 request: vLLM's processor interface names requests by batch row only, so the state is keyed by
 the request's own ``SamplingParams`` object, which the model runner holds from the request's
 arrival until it finishes (through preemption and row moves) and then drops; a weak reference
@@ -146,16 +147,34 @@ class RequestSafety:
                 "config": dataclasses.asdict(self.cfg), "refusal_ids": self.refusal.prefix}
 
 
-def _failed_parse(extra: dict, default):
+def _locked(value):
+    """A request's ``extra_args["safety"]`` on a server whose config requests cannot change
+    (``request_overrides`` off): only its trace ``id`` is kept; dropping anything else is
+    logged."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            pass  # validate_params has refused it
+    kept = {"id": value["id"]} if isinstance(value, dict) and "id" in value else None
+    if value is not None and value is not True and value != (kept or {}):
+        logger.warning("safeattn: a request asks to change the server's safety config (%s); "
+                       "request_overrides is off, so the server's config applies",
+                       json.dumps(value, default=str)[:200])
+    return kept
+
+
+def _failed_parse(value, default):
     """(config, extras) of a request whose state failed: its own config where it parses (for
     its refusal text and trace ``id``), else the server's, else the defaults; never None."""
-    for value, base in ((extra.get("safety"), default), (default, None)):
+    for v, base in ((value, default), (default, None)):
         try:
-            parsed = parse_safety(value, base)
+            parsed = parse_safety(v, base)
         except ValueError:
             continue
         if parsed is not None:
-            return parsed[0], {k: v for k, v in parsed[1].items() if k == "id"}
+            extras = parsed[1]
+            return parsed[0], ({"id": extras["id"]} if "id" in extras else {})
     return SafetyConfig(), {}
 
 
@@ -241,9 +260,11 @@ class SafetyLogitsProcessor(LogitsProcessor):
                              "each step's probe before sampling); pass async_scheduling=False")
         self.vllm_config = vllm_config
         mc = vllm_config.model_config
-        self.default = options(mc.hf_config).get("safety")
+        opt = options(mc.hf_config)
+        self.default = opt.get("safety")
         if self.default is not None:
             parse_safety(self.default)  # a bad server option fails at start-up
+        self.locked = self.default is not None and not opt.get("request_overrides", False)
         self.max_len = mc.max_model_len
         self.states: dict[int, RequestSafety] = {}  # id(SamplingParams) -> state
         self.rows: dict[int, RequestSafety] = {}    # batch row -> state
@@ -313,8 +334,9 @@ class SafetyLogitsProcessor(LogitsProcessor):
             STATS["resumed"] += 1
             return st
         extra = params.extra_args or {}
-        parsed = _failed_parse(extra, self.default) if failed else \
-            parse_safety(extra.get("safety"), self.default)
+        value = _locked(extra.get("safety")) if self.locked else extra.get("safety")
+        parsed = _failed_parse(value, self.default) if failed else \
+            parse_safety(value, self.default)
         key = extra.get(STREAM_ARG) or extra.get(TRACE_ARG)
         if parsed is None:
             if valid_key(key):

@@ -59,12 +59,13 @@ def options(hf_config) -> dict:
     opt = getattr(hf_config, OPTION, None) or {}
     if not isinstance(opt, dict):
         raise ValueError(f"{OPTION} must be a dict (hf_overrides), got {type(opt).__name__}")
-    bad = set(opt) - {"safety_dir", "safety", "fold_probe"}
+    known = ("safety_dir", "safety", "fold_probe", "request_overrides")
+    bad = set(opt) - set(known)
     if bad:
-        raise ValueError(f"{OPTION}: unknown keys {sorted(bad)} (known: safety_dir, safety, "
-                         "fold_probe)")
-    if not isinstance(opt.get("fold_probe", True), bool):
-        raise ValueError(f"{OPTION}: fold_probe must be a bool")
+        raise ValueError(f"{OPTION}: unknown keys {sorted(bad)} (known: {', '.join(known)})")
+    for key, default in (("fold_probe", True), ("request_overrides", False)):
+        if not isinstance(opt.get(key, default), bool):
+            raise ValueError(f"{OPTION}: {key} must be a bool")
     return opt
 
 
