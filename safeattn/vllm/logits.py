@@ -3,11 +3,11 @@
 A request is switched on with ``SamplingParams(extra_args={"safety": {...}})`` (the fields of
 :class:`~safeattn.SafetyConfig`, plus ``q_span`` and ``id``) or for every request by the
 server option ``safeattn_vllm.safety``, which requests cannot change unless
-``safeattn_vllm.request_overrides`` is true (they may still give an ``id``). Its state lives exactly as long as vLLM keeps the
-request: vLLM's processor interface names requests by batch row only, so the state is keyed by
-the request's own ``SamplingParams`` object, which the model runner holds from the request's
-arrival until it finishes (through preemption and row moves) and then drops; a weak reference
-removes the state with it.
+``safeattn_vllm.request_overrides`` is true (they may still give an ``id``). Its state lives
+exactly as long as vLLM keeps the request: vLLM's processor interface names requests by batch
+row only, so the state is keyed by the request's own ``SamplingParams`` object, which the model
+runner holds from the request's arrival until it finishes (through preemption and row moves)
+and then drops; a weak reference removes the state with it.
 
 Each step: ``update_state`` follows the batch (removed, added, moved rows) and posts the plan
 (which rows check, with which window) to the model; ``apply`` runs
