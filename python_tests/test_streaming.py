@@ -75,10 +75,11 @@ class FakeEngine:
     except at ``alarms``; ``refuse_at``: the step whose check completes the alarm run, after
     which the refusal words are forced."""
 
-    def __init__(self, words, alarms=(), refuse_at=None, kind="chat", hold=3):
+    def __init__(self, words, alarms=(), refuse_at=None, kind="chat", hold=3, extra=None):
         self.tok = tiny_tokenizer()
         self.words, self.alarms, self.refuse_at = list(words), set(alarms), refuse_at
         self.kind, self.hold = kind, hold
+        self.extra = extra or {}  # more delta fields of every chat chunk
         self.bodies = []
 
     def ids(self, words):
@@ -108,7 +109,8 @@ class FakeEngine:
             text = " " + self.tok.convert_ids_to_tokens(out[n])
             final = "length" if n == len(out) - 1 else None
             if self.kind == "chat":
-                choice = {"index": 0, "delta": {"content": text}, "finish_reason": final}
+                choice = {"index": 0, "delta": {"content": text, **self.extra},
+                          "finish_reason": final}
             else:
                 choice = {"index": 0, "text": text, "finish_reason": final}
             event = b"data: " + json.dumps({"choices": [choice]}).encode() + b"\n\n"
@@ -184,6 +186,26 @@ def test_alarm_pending_at_the_end_drops_the_held_tokens():
     eng = FakeEngine(WORDS[:6], alarms={5})
     _, texts, _ = _call(eng, {"stream": True})
     assert _norm("".join(texts)) == " ".join(WORDS[:4])
+
+
+def test_parser_fields_are_never_streamed():
+    """A reasoning or tool parser's delta fields would carry generated text past the gate: a
+    streamed chunk drops them (the content is gated as ever)."""
+    extra = {"reasoning_content": " plan", "reasoning": " plan",
+             "tool_calls": [{"index": 0, "function": {"arguments": "{\"x\": 1}"}}]}
+    status, texts, raw = _call(FakeEngine(WORDS, extra=extra), {"stream": True})
+    assert status == 200 and _norm("".join(texts)) == " ".join(WORDS)
+    for field in serving.UNGATED:
+        assert field.encode() not in raw
+
+
+@pytest.mark.parametrize("field", ["tools", "functions"])
+def test_streamed_tools_are_400(field):
+    eng = FakeEngine(WORDS)
+    status, _, raw = _call(eng, {"stream": True, field: [{"type": "function"}]})
+    assert status == 400 and b"tools" in raw and not eng.bodies
+    status, _, _ = _call(FakeEngine(WORDS), {"stream": True, field: []})
+    assert status == 200  # an empty list asks for nothing
 
 
 def test_state_missing_withholds_the_text():

@@ -20,8 +20,9 @@ its last chunk); :func:`trace_output` turns it into the ``SafetyOutput`` that
 The two meet in a folder both processes see (``$SAFEATTN_STREAM_DIR``, default a per-user
 folder under the temp dir): one host. A chunk's token is sampled after the state that covers
 its step was written, so the server never waits for the engine. Streamed requests cannot ask
-for ``logprobs``, ``token_ids``, ``echo`` or ``n > 1`` (they would show held tokens, or the
-stream could not be matched to one request's state): a 400 says so.
+for ``logprobs``, ``token_ids``, ``echo``, ``tools`` or ``n > 1`` (they would show held tokens,
+or the stream could not be matched to one request's state): a 400 says so. A streamed chat
+chunk never carries the text fields of a reasoning or tool parser (:data:`UNGATED`).
 
 This module does not import vLLM (the middleware is plain ASGI).
 """
@@ -49,6 +50,10 @@ TRACE_ARG = "safeattn_trace"
 _KEY = re.compile(r"[0-9a-f]{32}")
 #: The OpenAI endpoints whose streams are gated, and the choice field that carries the text.
 PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
+#: Chat delta fields that carry generated text beside ``content`` (a server with a reasoning or
+#: tool-call parser). The engine's cleared text cannot be matched to them once a parser has
+#: cut it, so a streamed response never carries them.
+UNGATED = ("reasoning_content", "reasoning", "tool_calls", "function_call")
 
 
 # --------------------------------------------------------------------------- the shared folder
@@ -197,12 +202,14 @@ class _Stream:
     def __init__(self, key: str, kind: str):
         self.key, self.kind = key, kind
         self.text = self.sent = ""
+        self.dropped = False
 
     def rewrite(self, event: dict) -> None:
         for choice in event.get("choices") or ():
             if self.kind == "chat":
                 delta = choice.get("delta") or {}
                 got = delta.get("content")
+                self._drop_ungated(delta)
             else:
                 delta, got = None, choice.get("text")
             self.text += got or ""
@@ -222,6 +229,14 @@ class _Stream:
             else:
                 choice["text"] = out
 
+    def _drop_ungated(self, delta: dict) -> None:
+        found = [f for f in UNGATED if delta.pop(f, None) is not None]
+        if found and not self.dropped:
+            self.dropped = True
+            logger.warning("safeattn: streamed request %s: %s withheld (no safety check can "
+                           "gate text a reasoning or tool parser has cut; stream without "
+                           "them, or ask without stream)", self.key, ", ".join(found))
+
 
 def _error(message: str) -> bytes:
     return json.dumps({"error": {"message": message, "type": "BadRequestError", "param": None,
@@ -232,6 +247,8 @@ def _leaky_field(req: dict) -> str | None:
     """The field of a streamed request that would show held tokens, or None."""
     if req.get("n") not in (None, 1):
         return "n > 1"
+    if req.get("tools") or req.get("functions"):
+        return "tools"  # tool-call arguments stream outside the gated content
     for field in ("logprobs", "top_logprobs", "echo", "return_token_ids",
                   "prompt_logprobs"):
         value = req.get(field)
