@@ -523,6 +523,28 @@ def test_streamer_cut_off_by_an_error_starts_clean():
     assert "".join(st.text) == "".join(fresh.text) and not st.refused
 
 
+@pytest.mark.parametrize("hold,stream_hold,want", [(None, 6, 6), (None, None, 5), (2, 6, 2)])
+def test_streamer_holds_what_the_config_says(hold, stream_hold, want):
+    """A streamer made with ``hold=None`` holds the config's ``stream_hold`` (τ unless set); an
+    explicit ``hold`` wins. No re-checks after ``p_0``, so the hold alone releases tokens."""
+    model, tok = _patched("llama")
+    enc = safeattn.build_inputs(tok, PROMPTS[:1])
+    st = PrintedStreamer(tok, skip_prompt=True, hold=hold)
+    seen = []
+    orig_put = st.put
+
+    def put(v):
+        orig_put(v)
+        seen.append(len(st._pending))
+
+    st.put = put
+    cfg = SafetyConfig(**{**NEVER, "schedule": "first", "first_n": 0, "tau": 5,
+                          "stream_hold": stream_hold})
+    model.generate(**enc, max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                   pad_token_id=0, streamer=st, safety=cfg)
+    assert max(seen) == want
+
+
 def test_streamer_never_prints_flagged_text():
     model, tok = _patched("llama")
     enc = safeattn.build_inputs(tok, PROMPTS[:1])

@@ -847,7 +847,11 @@ def safe_generate(model, input_ids: torch.Tensor | None = None, attention_mask=N
             raise ValueError("streamer: safe generation streams only through a streamer that "
                              "takes safety updates (safeattn.SafeTextStreamer); a plain one "
                              "would print tokens before any check clears them")
-        if callable(getattr(streamer, "reset", None)):
+        from .streaming import SafeTextStreamer
+
+        if isinstance(streamer, SafeTextStreamer):
+            streamer.reset(hold=safety.stream_hold)
+        elif callable(getattr(streamer, "reset", None)):
             streamer.reset()
         streamer.put(input_ids.cpu())
 

@@ -90,7 +90,8 @@ class SafeTextStreamer(TextStreamer):
     Args:
         tokenizer: the tokenizer used to decode.
         skip_prompt: do not print the prompt.
-        hold: tokens held back at most (``None``: 3, ``SafetyConfig.tau``'s default).
+        hold: tokens held back at most. ``None`` (default): the ``stream_hold`` of the
+            generation's ``SafetyConfig`` (τ unless set); 3 under stock ``generate``.
         refusal_notice: text printed when the row flips to refusal (default none).
         decode_kwargs: passed to ``tokenizer.decode``.
     """
@@ -99,6 +100,7 @@ class SafeTextStreamer(TextStreamer):
                  refusal_notice: str = "", **decode_kwargs):
         super().__init__(tokenizer, skip_prompt=skip_prompt, **decode_kwargs)
         self.gate = HoldBack(3 if hold is None else hold)
+        self._hold = hold  # as given: None follows the config
         self.refusal_notice = refusal_notice
         self._got_prompt = False
 
@@ -134,10 +136,11 @@ class SafeTextStreamer(TextStreamer):
         super().end()
         self._got_prompt = False
 
-    def reset(self) -> None:
+    def reset(self, hold: int | None = None) -> None:
         """Forget a stream that never ended (an error cut it off): nothing it held is printed,
-        and the next ``put`` is a new prompt. Safe generation calls it before it streams."""
-        self.gate = HoldBack(self.gate.hold)
+        and the next ``put`` is a new prompt. Safe generation calls it before it streams, with
+        its config's ``stream_hold`` (``hold``), which a streamer made with ``hold=None`` takes."""
+        self.gate = HoldBack(hold if self._hold is None and hold is not None else self.gate.hold)
         self.token_cache, self.print_len = [], 0
         self.next_tokens_are_prompt, self._got_prompt = True, False
 
