@@ -76,6 +76,18 @@ def test_config_validation(kw, name):
         SafetyConfig(**kw)
 
 
+def test_config_is_frozen_after_its_checks():
+    """A field set after the checks would skip them (tau=0 would never refuse)."""
+    import dataclasses
+
+    c = SafetyConfig(gaps=[1, 2])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.tau = 0
+    assert c.gaps == (1, 2) and hash(c) == hash(SafetyConfig(gaps=(1, 2)))
+    with pytest.raises(ValueError, match="SafetyConfig.tau"):
+        dataclasses.replace(c, tau=0)  # a copy is checked again
+
+
 def test_config_defaults_and_schedules():
     c = SafetyConfig()
     assert (c.threshold, c.tau, c.r1, c.r2, c.r3, c.schedule, c.rollback, c.stream_hold) == \

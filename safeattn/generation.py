@@ -106,9 +106,10 @@ def _sentence_end_ids(tokenizer, device) -> torch.Tensor:
     return _SENTENCE_ENDS[key].to(device)
 
 
-@dataclass
+@dataclass(frozen=True)
 class SafetyConfig:
-    """Parameters of strategic decoding (DESIGN §3).
+    """Parameters of strategic decoding (DESIGN §3). Frozen: it is checked once, when made;
+    ``dataclasses.replace`` makes a changed copy.
 
     Attributes:
         threshold: θ; ``p >= θ`` is a hit. ``None`` (default): the model's calibrated θ
@@ -184,7 +185,7 @@ class SafetyConfig:
         need(self.t_max is None or (isinstance(self.t_max, int) and self.t_max >= 1), "t_max",
              "must be None or an int >= 1")
         if self.gaps is not None:
-            self.gaps = tuple(self.gaps)
+            object.__setattr__(self, "gaps", tuple(self.gaps))
             need(len(self.gaps) > 0 and all(isinstance(g, int) and g >= 1 for g in self.gaps),
                  "gaps", "must be a non-empty sequence of ints >= 1")
         need(self.refusal_prefix is None or isinstance(self.refusal_prefix, str),
@@ -194,7 +195,7 @@ class SafetyConfig:
         need(isinstance(self.rollback, bool), "rollback", "must be a bool")
         need(isinstance(self.escalate, bool), "escalate", "must be a bool")
         if self.stream_hold is None:
-            self.stream_hold = self.tau
+            object.__setattr__(self, "stream_hold", self.tau)
         need(isinstance(self.stream_hold, int) and self.stream_hold >= 0, "stream_hold",
              "must be an int >= 0")
 
