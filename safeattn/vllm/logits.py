@@ -326,6 +326,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
                 raise  # nothing can force a refusal: stop (closed)
             logger.error("safeattn: cannot set up the safety check of a request (%s); it "
                          "refuses (fail closed)", e)
+            self.states.pop(id(params), None)  # a state kept before the error is not used
             return self._state(params, prompt_ids, output_ids, failed=True)
 
     def _state(self, params, prompt_ids, output_ids, failed=False) -> RequestSafety | None:
