@@ -87,7 +87,7 @@ class RequestSafety:
     """One request's state machine (the fields of ``safety_step``) and its trace."""
 
     def __init__(self, cfg: SafetyConfig, extras: dict, prompt_ids, output_ids,
-                 refusal: Refusal, max_tokens: int, default_span, tokenizer, eos):
+                 refusal: Refusal, max_tokens: int, default_span, tokenizer, eos_id, eos):
         self.cfg, self.id = cfg, extras.get("id")
         self.prompt_len = len(prompt_ids)
         qs, qe = extras.get("q_span") or default_span
@@ -98,6 +98,7 @@ class RequestSafety:
         self.output_ids = output_ids  # vLLM's live list of the request's generated ids
         self.refusal = refusal
         self.tokenizer, self.eos = tokenizer, set(eos)  # for the justification
+        self.eos_id = eos_id  # what ends a refused turn
         self.schedule = cfg.check_steps(max_tokens + 1)
         self.mode, self.consec, self.s_t, self.refused = BENIGN, 0, -1, False
         self.fpos = self.fstart = 0  # in refusal.ids: next forced, and where forcing began
@@ -295,7 +296,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
         """Whether the justification's last token ended a sentence, for a config with
         ``refusal_end="sentence"`` (as the HF decoder stops such a row there)."""
         if getattr(s.cfg, "refusal_end", "free") != "sentence" or n <= s.refusal_step + \
-                len(s.refusal.ids) - s.fstart or self.tokenizer.eos_token_id is None:
+                len(s.refusal.ids) - s.fstart or s.eos_id is None:
             return False
         if self._sentence is None:
             self._sentence = generation._sentence_end_ids(self.tokenizer, "cpu")
@@ -355,7 +356,8 @@ class SafetyLogitsProcessor(LogitsProcessor):
         eos = {eos_id, *(params.all_stop_token_ids or ())} - {None}
         span = (0, 0) if failed else self._default_span(prompt_ids)
         st = RequestSafety(cfg, extras, prompt_ids, output_ids, self._refusal(cfg, eos_id),
-                           params.max_tokens or self.max_len, span, self.tokenizer, eos)
+                           params.max_tokens or self.max_len, span, self.tokenizer, eos_id,
+                           eos)
         if failed:
             st.refused, st.alarm_step = True, 0
         if valid_key(key):
@@ -457,8 +459,8 @@ class SafetyLogitsProcessor(LogitsProcessor):
                 if s.fpos == len(ids) and not s.refusal.prefix:  # no prefix: EOS was it
                     s.ended_with = ids[-1]
             elif self._said_sentence(s, n):  # refusal_end="sentence": the turn ends here
-                _force(logits, row, self.tokenizer.eos_token_id)
-                s.ended_with = self.tokenizer.eos_token_id
+                _force(logits, row, s.eos_id)
+                s.ended_with = s.eos_id
             if s.fpos >= len(ids) and s.refusal.prefix and \
                     getattr(s.cfg, "refusal_end", "free") != "sentence":
                 s.done = True  # the prefix is out; the model writes on freely
