@@ -262,6 +262,22 @@ def test_server_config_is_locked(engine):
                    ref["eos"], f"locked row {i}, trace")
 
 
+def test_bridge_lookup_never_guesses_among_engines(engine, monkeypatch):
+    """With several engines in a process, a config no model registered gets no bridge (it
+    had got the last one registered: another engine's probe); with one engine, it gets it."""
+    import weakref
+
+    from safeattn.vllm import models
+
+    a, b = engine("gemma3_text")[0], engine("llama")[0]
+    ba, bb = _bridge(a), _bridge(b)
+    assert ba is not None and bb is not None and ba is not bb
+    assert models.bridge_for(object()) is None
+    one = weakref.WeakValueDictionary({1: ba})
+    monkeypatch.setattr(models, "_BRIDGES", one)
+    assert models.bridge_for(object()) is ba
+
+
 _ISAS = [("vec", torch.float32), ("vec", torch.bfloat16), ("vec16", torch.float32),
          ("vec16", torch.bfloat16), ("amx", torch.bfloat16)]
 

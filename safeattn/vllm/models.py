@@ -52,7 +52,14 @@ class Bridge:
 
 
 def bridge_for(vllm_config) -> Bridge | None:
-    return _BRIDGES.get(id(vllm_config)) or next(reversed(list(_BRIDGES.values())), None)
+    """The bridge of the engine whose config this is. A process with one engine also gets
+    its bridge if the model was handed another config object; with several, a guess could
+    read another engine's probe, so none is given (a request asking for safety then stops
+    the engine: closed)."""
+    b = _BRIDGES.get(id(vllm_config))
+    if b is None and len(_BRIDGES) == 1:
+        b = next(iter(_BRIDGES.values()))
+    return b
 
 
 def options(hf_config) -> dict:
