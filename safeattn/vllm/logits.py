@@ -49,11 +49,7 @@ STATS = {"resumed": 0}
 def parse_safety(value, default: dict | None = None):
     """``extra_args["safety"]`` (merged over the server default) -> (SafetyConfig, extras) or
     None when safety is off for the request. Raises ValueError naming the bad field."""
-    if isinstance(value, str):  # a server request's vllm_xargs carry flat values: JSON text
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"extra_args['safety'] is not valid JSON: {e}") from None
+    value = _from_json(value)
     if value is None:
         value = default
     elif value is False:
@@ -81,6 +77,16 @@ def parse_safety(value, default: dict | None = None):
         raise ValueError(f"extra_args['safety'].q_span must be [start, end) prompt-token "
                          f"indices, got {q!r}")
     return cfg, {k: value[k] for k in EXTRA_KEYS if k in value}
+
+
+def _from_json(value):
+    """A server request's vllm_xargs carry flat values: its safety config comes as JSON text."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"extra_args['safety'] is not valid JSON: {e}") from None
+    return value
 
 
 class RequestSafety:
@@ -152,11 +158,10 @@ def _locked(value):
     """A request's ``extra_args["safety"]`` on a server whose config requests cannot change
     (``request_overrides`` off): only its trace ``id`` is kept; dropping anything else is
     logged."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            pass  # validate_params has refused it
+    try:
+        value = _from_json(value)
+    except ValueError:
+        pass  # validate_params has refused it
     kept = {"id": value["id"]} if isinstance(value, dict) and "id" in value else None
     if value is not None and value is not True and value != (kept or {}):
         logger.warning("safeattn: a request asks to change the server's safety config (%s); "
