@@ -409,3 +409,26 @@ def test_fold_metrics_on_known_scores(train):
     t = loso.test_metrics(p, perfect)
     assert t["advbench"]["n"] == 105 and t["benign"]["fpr_at_0.5"] == 0.0
     assert t["responses"]["auroc"] == 1.0 and t["responses"]["n"] == 79
+
+    def prompts_only(idx):  # a score of prompts only: never asked for the response sweep
+        assert not set(idx) & set(p.sweep)
+        return perfect(idx)
+
+    row = loso.fold_metrics(p, "xstest_unsafe", prompts_only, responses=False)
+    assert row["auroc"] == 1.0 and "response_auroc" not in row
+    assert "responses" not in loso.test_metrics(p, prompts_only, responses=False)
+
+
+def test_blend_standardises_each_member_on_the_reference():
+    a = torch.tensor([0.0, 1.0, 2.0, 3.0, 10.0])
+    b = torch.tensor([5.0, 3.0, 4.0, 9.0, -1.0])
+
+    def score(t):
+        return lambda idx: t[idx]
+
+    ref = [0, 1, 2]  # a: mean 1, std 1; b: mean 4, std 1
+    both = loso.blend([score(a), score(b)], ref)
+    torch.testing.assert_close(both([3, 4, 0]), torch.tensor([2.0 + 5.0, 9.0 - 5.0, -1.0 + 1.0]))
+    # a member's scale and offset do not change the blend
+    torch.testing.assert_close(loso.blend([score(1000 * a - 7), score(b)], ref)(range(5)),
+                               both(range(5)))

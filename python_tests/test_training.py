@@ -510,6 +510,36 @@ def test_loso_pool_keeps_only_what_the_context_cache_holds(tmp_path):
         tr.cached_logits(range(len(kept)))  # raises for any key the cache lacks
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_prompt_states_are_the_prompts_own(family):
+    """``prompt_states`` reads each prompt's last token as safeattn's prefill computes it:
+    the state of a plain forward of the prompt alone (no ``[CLS]``, positions from 1),
+    whatever the batch, its padding, the response or the probe window."""
+    import copy
+
+    from safeattn.hf.surgery import cls_token_id
+    from safeattn.training import prompt_states
+
+    tok = tiny_tokenizer()
+    plain = tiny_model(family, vocab_size=len(tok) + 1, layers=4)
+    model = prepare_model(copy.deepcopy(plain), tok, "head", cls_layer=1)
+    coll = SafetyDataCollator(tok)
+    samples = toy_samples() + [dict(prompt="bread " * 9, response="", label=0, kind="query")]
+    got = prompt_states(model, coll, samples, [3, 1], batch_size=3)
+    assert set(got) == {1, 3} and got[1].shape == (len(samples), plain.config.hidden_size)
+    for i, s in enumerate(samples):
+        ids = coll.encode_one(dict(prompt=s["prompt"], response="", label=0))["ids"]
+        assert ids[0] == cls_token_id(tokenizer=tok)
+        with torch.no_grad():
+            hs = plain(torch.tensor([ids[1:]]), position_ids=torch.arange(1, len(ids))[None],
+                       output_hidden_states=True).hidden_states
+        for layer in (1, 3):
+            torch.testing.assert_close(got[layer][i], hs[layer][0, -1], atol=1e-4, rtol=1e-4)
+    for bad in ([0], [5], []):
+        with pytest.raises(ValueError, match="layers"):
+            prompt_states(model, coll, samples, bad)
+
+
 def test_run_loso_tiny(tmp_path, monkeypatch):
     """``safeattn train --loso`` end to end on a tiny model and every 16th row of each set:
     every fold reports all three heads, the shipped files load, and no fold trains on the
@@ -610,6 +640,20 @@ def test_run_loso_tiny(tmp_path, monkeypatch):
     assert T.run_loso(args) == 0
     assert json.loads((tmp_path / "loso.json").read_text())["shipped_variant"] == "cls"
     assert "adapter" not in json.loads((tmp_path / "safety_config.json").read_text())
+    # --deep-layers: a frozen probe on the prompts' deeper states, alone and blended with
+    # each trained variant; both score prompts only
+    args = p.parse_args(argv + ["--loso-folds", "xstest_unsafe", "--deep-layers", "2,1"])
+    args.argv = argv
+    assert T.run_loso(args) == 0
+    rep = json.loads((tmp_path / "loso.json").read_text())
+    rows = rep["folds"]["xstest_unsafe"]
+    assert rep["deep_layers"] == [2, 1] and rows["deep_probe"]["layer"] in (1, 2)
+    assert set(rows) == {"cls", "cls_adapter", "cls+deep", "cls_adapter+deep",
+                         "cls_frozen_row", "frozen_probe", "deep_probe"}
+    for name in ("deep_probe", "cls+deep", "cls_adapter+deep"):
+        assert 0.0 <= rows[name]["auroc"] <= 1.0 and "response_auroc" not in rows[name]
+    assert rep["test_deep_probe"]["layer"] in (1, 2) and "responses" not in rep["test_blend"]
+    assert "recall_at_0.5" not in rep["test_blend"]["advbench"]
     for bad in ("", "cls,lora", "cls_adapter"):   # the last: no --probe-adapter
         args = p.parse_args(argv[:-2] + ["--loso-variants", bad])  # argv ends --probe-adapter 2
         monkeypatch.setattr(T, "load_model", lambda *a, **k: pytest.fail("model loaded"))

@@ -38,7 +38,7 @@ from .data.samples import _response_views
 from .generation import DEFAULT_WINDOW
 from .metrics import auroc, separation
 
-__all__ = ["Plan", "plan", "fold_metrics", "test_metrics", "response_sweep", "FOLDS"]
+__all__ = ["Plan", "plan", "fold_metrics", "test_metrics", "response_sweep", "blend", "FOLDS"]
 
 #: Every LOSO fold: the harmful sources, then the benign groups.
 FOLDS = tuple(HARMFUL_SOURCES) + tuple(BENIGN_GROUPS)
@@ -137,12 +137,14 @@ def _extremes(p: Plan, idx: list[int], scores: torch.Tensor, k: int,
              "prompt": str(p.pool[idx[j]].prompt)[:EXAMPLE_CHARS]} for j in order]
 
 
-def fold_metrics(p: Plan, fold: str, score, examples: int = 0) -> dict:
+def fold_metrics(p: Plan, fold: str, score, examples: int = 0, *,
+                 responses: bool = True) -> dict:
     """The report row of one fold from ``score(indices) -> [N]`` scores (higher = more
     malicious) of the model trained on ``p.folds[fold]`` (see the module docstring). With
     ``examples``, the row also names that many of its errors: the held-out harmful prompts
     that score lowest (``missed``) and the benign validation prompts that score highest
-    (``false_alarms``); for a benign fold, its held-out prompts that score highest."""
+    (``false_alarms``); for a benign fold, its held-out prompts that score highest.
+    ``responses=False`` leaves out the response sweep (a score of prompts only)."""
     val_neg = [i for i in p.validation if p.origin_of(i) != fold]
     neg = score(val_neg)
     held = p.prompts[fold]
@@ -163,17 +165,18 @@ def fold_metrics(p: Plan, fold: str, score, examples: int = 0) -> dict:
                "fpr_at_theta": float((hneg >= theta).float().mean()), "theta": theta}
         if examples:
             row["false_alarms"] = _extremes(p, held, hneg, examples, highest=True)
-    if p.sweep:
+    if p.sweep and responses:
         rs, ry = _max_per_row(p.pool, p.sweep, score(p.sweep))
         row["response_auroc"] = auroc(rs, ry) if 0 < int(ry.sum()) < len(ry) else float("nan")
     return row
 
 
-def test_metrics(p: Plan, score) -> dict:
+def test_metrics(p: Plan, score, *, responses: bool = True) -> dict:
     """Test-split metrics of a model trained on every training sample: per harmful source,
     its test-split prompts against the benign validation prompts (AUROC, TPR at 2% FPR,
     recall at ``p >= 0.5``); benign FPR at ``p >= 0.5`` overall and on the over-refusal
-    group; response-level AUROC of the sweep. ``score`` gives logits (0 is ``p = 0.5``)."""
+    group; response-level AUROC of the sweep (not with ``responses=False``). ``score``
+    gives logits (0 is ``p = 0.5``)."""
     neg = score(p.validation)
     out = {}
     for src in HARMFUL_SOURCES:
@@ -186,9 +189,25 @@ def test_metrics(p: Plan, score) -> dict:
     out["benign"] = {"n": len(neg), "fpr_at_0.5": float((neg >= 0).float().mean()),
                      "over_refusal_n": len(over),
                      "over_refusal_fpr_at_0.5": float((score(over) >= 0).float().mean())}
-    if p.sweep:
+    if p.sweep and responses:
         rs, ry = _max_per_row(p.pool, p.sweep, score(p.sweep))
         out["responses"] = {"n": len(ry), "n_harmful": int(ry.sum()), "auroc": auroc(rs, ry),
                             "flagged_harmful_at_0.5": float((rs[ry == 1] >= 0).float().mean()),
                             "flagged_harmless_at_0.5": float((rs[ry == 0] >= 0).float().mean())}
     return out
+
+
+def blend(scores, reference: list[int]):
+    """The sum of several ``score(indices) -> [N]`` functions, each standardised by the mean
+    and standard deviation of its scores on the pool indices ``reference`` (benign prompts:
+    no harmful label is used), so that no member's scale decides. Higher = more malicious;
+    0 is not ``p = 0.5``."""
+    stats = []
+    for score in scores:
+        ref = score(reference).double()
+        stats.append((ref.mean(), ref.std().clamp_min(1e-12)))
+
+    def blended(indices):
+        return sum((f(indices).double() - m) / sd for f, (m, sd) in zip(scores, stats)).float()
+
+    return blended

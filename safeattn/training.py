@@ -828,6 +828,65 @@ def head_scores(model, tokenizer, prompts: Sequence[str], *, batch_size: int = 1
 # --------------------------------------------------------------------------- CLI driver
 
 
+@torch.no_grad()
+def prompt_states(model, collator: "SafetyDataCollator", samples: Sequence,
+                  layers: Sequence[int], *, batch_size: int = 16,
+                  progress: bool = False) -> dict[int, torch.Tensor]:
+    """``{layer: [N, D] fp32}``: the hidden state of each sample's last prompt token (the end
+    of the generation prompt) as safeattn's prefill computes it, ``[CLS]`` at 0 and invisible
+    to the prompt; the response is not read. ``layers`` number hidden states as HF does
+    (``i``: the output of decoder block ``i - 1``; ``1 <= i <= num_hidden_layers``), before
+    the final norm. Only the blocks up to the deepest layer (and ``cls_layer``) run; rows are
+    batched by length."""
+    from tqdm.auto import tqdm
+
+    inner = _inner(model)
+    base = _base(inner)
+    n = len(base.layers)
+    layers = sorted({int(x) for x in layers})
+    if not layers or not all(1 <= x <= n for x in layers):
+        raise ValueError(f"layers: expected hidden-state indices in 1..{n}, got {layers}")
+    rows = [{"prompt": _get(x, "prompt"), "response": "", "label": float(_get(x, "label")),
+             "kind": "query"} for x in samples]
+    lens = [len(collator.encode_one(r)["ids"]) for r in rows]
+    order = sorted(range(len(rows)), key=lambda i: lens[i])
+    out = {x: torch.empty(len(rows), inner.config.get_text_config().hidden_size)
+           for x in layers}
+    depth = max(max(layers), _tap_index(inner) + 1)
+    dev = inner.get_input_embeddings().weight.device
+    grabbed: dict[int, torch.Tensor] = {}
+    last = None
+
+    def grab(i):
+        def hook(module, args, output):
+            h = output[0] if isinstance(output, tuple) else output
+            grabbed[i + 1] = h[torch.arange(h.shape[0], device=h.device), last].float().cpu()
+        return hook
+
+    full = base.layers
+    hooks = [full[x - 1].register_forward_hook(grab(x - 1)) for x in layers]
+    base.layers = nn.ModuleList(list(full)[:depth])
+    was = inner.training
+    inner.eval()
+    try:
+        for s in tqdm(range(0, len(order), batch_size), desc="prompt states",
+                      disable=not progress):
+            idx = order[s:s + batch_size]
+            batch = collator([rows[i] for i in idx])
+            last = (batch["response_start"] - 1).to(dev)
+            keep = ("input_ids", "attention_mask", "position_ids", "q_span", "response_start")
+            inner(**{k: batch[k].to(dev) for k in keep}, safety_mode="sft", use_cache=False,
+                  logits_to_keep=torch.zeros(0, dtype=torch.long, device=dev))
+            for x in layers:
+                out[x][idx] = grabbed[x]
+    finally:
+        base.layers = full
+        inner.train(was)
+        for h in hooks:
+            h.remove()
+    return out
+
+
 def load_model(name: str, dtype: torch.dtype = torch.float32):
     """A shipped base model's name (``'gemma3-270m'``, ``'smollm2-135m-instruct'``: the PyPI
     GGUF files, :func:`safeattn.models.load_base`) or a HF id / directory ->
@@ -1181,6 +1240,21 @@ def _frozen_rows(plan, fold: str, cls0, cls_layer: int, feats_last: dict, y,
     return rows
 
 
+def _deep_probe(train_idx, deep, y, seed: int):
+    """A :class:`~safeattn.baselines.FrozenProbe` on the deep prompt states ``deep = (pool
+    index -> row, {layer: [N, D]})``, fitted on the prompt-only samples among ``train_idx``
+    (its layer picked by CV) -> ``(probe, score)``: ``score(indices)`` gives its logits."""
+    at, feats = deep
+    idx = [i for i in train_idx if i in at]
+    rows = [at[i] for i in idx]
+    probe = _logistic({k: v[rows] for k, v in feats.items()}, y[idx], seed=seed)
+
+    def score(k):
+        return probe.decision_function(feats[probe.layer][[at[i] for i in k]])
+
+    return probe, score
+
+
 def run_loso(args) -> int:
     """``safeattn train --loso``: leave-one-source-out validation (:mod:`safeattn.loso`) of
     three heads on the same folds and the same frozen forward of every sample:
@@ -1190,7 +1264,12 @@ def run_loso(args) -> int:
     * ``cls_adapter`` (with ``--probe-adapter R``): the same plus a rank-``R`` probe adapter;
     * ``cls_frozen_row``: a linear head on the ``[CLS]`` state with the row left at its
       initial value (``head-only``);
-    * ``frozen_probe``: :class:`~safeattn.baselines.FrozenProbe` on the last seen token.
+    * ``frozen_probe``: :class:`~safeattn.baselines.FrozenProbe` on the last seen token;
+    * with ``--deep-layers``: ``deep_probe``, a FrozenProbe on the last prompt token's
+      state at those (deeper) layers, fitted on the prompt-only samples (:func:`prompt_states`),
+      and ``<variant>+deep``, its logit blended with each trained variant's
+      (:func:`safeattn.loso.blend`, standardised on the fold's benign validation prompts).
+      Both score prompts only: their rows have no response AUROC.
 
     ``cls_layer`` is picked first by 5-fold CV of the frozen-row head on the whole training
     pool (among ``--layers``). The trained variant with the best mean AUROC over the harmful
@@ -1273,6 +1352,17 @@ def run_loso(args) -> int:
               "layer_cv_auroc": layer_cv,
               "folds": {}}
     feats_last = {l + 1: last[:, l] for l in range(last.shape[1])}  # hidden state l+1
+    deep = None
+    deep_layers = [int(x) for x in args.deep_layers.split(",") if x.strip()]
+    if deep_layers:
+        td = time.time()
+        at = [i for i, s in enumerate(pool) if _get(s, "window") is None]  # prompt-only
+        deep = ({i: j for j, i in enumerate(at)},
+                prompt_states(model, coll, [pool[i] for i in at], deep_layers,
+                              batch_size=args.batch_size, progress=True))
+        report["deep_layers"] = deep_layers
+        print(f"prompt states at layers {deep_layers}: {len(at)} prompt-only samples in "
+              f"{time.time() - td:.0f}s", flush=True)
 
     def train_variant(variant, indices, epochs):
         """The [CLS] head (and row) trained from the same start on ``indices``; the probe
@@ -1294,10 +1384,19 @@ def run_loso(args) -> int:
         idx = plan.folds[fold]
         tf = time.time()
         rows = {}
+        if deep:
+            probe, deep_score = _deep_probe(idx, deep, y, args.seed)
+            rows["deep_probe"] = loso.fold_metrics(plan, fold, deep_score, responses=False)
+            rows["deep_probe"]["layer"] = probe.layer
+            benign_val = [i for i in plan.validation if plan.origin_of(i) != fold]
         for variant in variants:
             trainer = train_variant(variant, idx, args.epochs)
             rows[variant] = loso.fold_metrics(plan, fold, trainer.cached_logits,
                                               examples=args.loso_examples)
+            if deep:
+                both = loso.blend([trainer.cached_logits, deep_score], benign_val)
+                rows[f"{variant}+deep"] = loso.fold_metrics(
+                    plan, fold, both, examples=args.loso_examples, responses=False)
         rows.update(_frozen_rows(plan, fold, cls0, cls_layer, feats_last, y, args.seed))
         report["folds"][fold] = rows
         print(f"[{fold}] {time.time() - tf:.0f}s " + json.dumps(
@@ -1318,6 +1417,17 @@ def run_loso(args) -> int:
     trainer = train_variant(best, tr, args.final_epochs or args.epochs)
     report["test"] = loso.test_metrics(plan, trainer.cached_logits)
     print(f"shipped head ({best}), test split: " + json.dumps(report["test"]), flush=True)
+    if deep:
+        probe, deep_score = _deep_probe(tr, deep, y, args.seed)
+        report["test_deep_probe"] = {"layer": probe.layer, **loso.test_metrics(
+            plan, deep_score, responses=False)}
+        both = loso.blend([trainer.cached_logits, deep_score], plan.validation)
+        # a blend is no logit: its thresholds at 0 mean nothing
+        report["test_blend"] = {k: {m: v for m, v in row.items() if "0.5" not in m}
+                                for k, row in loso.test_metrics(plan, both,
+                                                                responses=False).items()}
+        print("deep probe and blend, test split: " + json.dumps(
+            {k: report[k] for k in ("test_deep_probe", "test_blend")}), flush=True)
     inner = _inner(trainer.model)
     sync_cls_row(inner)
     if best != "cls_adapter" and getattr(inner, "safety_adapter", None) is not None:

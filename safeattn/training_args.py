@@ -133,6 +133,11 @@ def _loso_arguments(p) -> None:
     p.add_argument("--context-cache-file", default=None,
                    help="--loso: keep the frozen forward of the pool (keys, values, states) in "
                         "this file and reuse it on the next run with the same data and layers")
+    p.add_argument("--deep-layers", default="",
+                   help="--loso: also fit a frozen probe on the last prompt token's hidden "
+                        "state at these layers (comma-separated, 1..num_hidden_layers; picked "
+                        "by CV) and blend it with each trained variant (rows deep_probe and "
+                        "<variant>+deep)")
     p.add_argument("--final-epochs", type=float, default=0,
                    help="--loso: epochs of the shipped head (default --epochs)")
 
