@@ -75,10 +75,12 @@ class FakeEngine:
     except at ``alarms``; ``refuse_at``: the step whose check completes the alarm run, after
     which the refusal words are forced."""
 
-    def __init__(self, words, alarms=(), refuse_at=None, kind="chat", hold=3, extra=None):
+    def __init__(self, words, alarms=(), refuse_at=None, kind="chat", hold=3, extra=None,
+                 lost_from=None):
         self.tok = tiny_tokenizer()
         self.words, self.alarms, self.refuse_at = list(words), set(alarms), refuse_at
         self.kind, self.hold = kind, hold
+        self.lost_from = lost_from  # the step from which every state write fails
         self.extra = extra or {}  # more delta fields of every chat chunk
         self.bodies = []
 
@@ -103,7 +105,7 @@ class FakeEngine:
         refused = False
         for n in range(len(out)):
             refused = refused or (self.refuse_at is not None and n >= self.refuse_at)
-            if gate is not None:
+            if gate is not None and (self.lost_from is None or n < self.lost_from):
                 gate.step(out, n, checked=not refused, benign=n not in self.alarms,
                           refused=refused, trace=lambda: {"p": [0.0] * (n + 1), "steps": n})
             text = " " + self.tok.convert_ids_to_tokens(out[n])
@@ -113,6 +115,8 @@ class FakeEngine:
                           "finish_reason": final}
             else:
                 choice = {"index": 0, "text": text, "finish_reason": final}
+            if req.get("return_token_ids"):  # as vLLM: each chunk's own tokens
+                choice["token_ids"] = [out[n]]
             event = b"data: " + json.dumps({"choices": [choice]}).encode() + b"\n\n"
             # split an event across two body messages, as a network write may
             await send({"type": "http.response.body", "body": event[:7], "more_body": True})
@@ -206,6 +210,24 @@ def test_streamed_tools_are_400(field):
     assert status == 400 and b"tools" in raw and not eng.bodies
     status, _, _ = _call(FakeEngine(WORDS), {"stream": True, field: []})
     assert status == 200  # an empty list asks for nothing
+
+
+@pytest.mark.parametrize("refuse", [False, True])
+def test_lost_state_writes_withhold_the_tail(refuse, caplog):
+    """From step 5 on every state write fails: the server's last state covers 4 tokens. The
+    end of the stream must not release what no state cleared (before, a final chunk read
+    the stale state's "no alarm" and sent all of it, flagged words too)."""
+    kw = dict(alarms={5, 6, 7}, refuse_at=7) if refuse else {}
+    eng = FakeEngine(WORDS, lost_from=5, **kw)
+    with caplog.at_level("WARNING", logger="safeattn"):
+        status, texts, raw = _call(eng, {"stream": True})
+    assert status == 200 and eng.bodies[0]["return_token_ids"] is True
+    got = _norm("".join(texts)).split()
+    assert got == WORDS[:len(got)] and len(got) <= 4  # cleared by the step-4 state at most
+    assert "covers 4 of its" in caplog.text and b"token_ids" not in raw
+    # the same stream with every write: all of it, and the token ids never reach the client
+    status, texts, raw = _call(FakeEngine(WORDS), {"stream": True})
+    assert _norm("".join(texts)) == " ".join(WORDS) and b"token_ids" not in raw
 
 
 def test_state_missing_withholds_the_text():

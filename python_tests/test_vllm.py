@@ -591,6 +591,7 @@ def _stream(url, body):
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=120) as r:
         raw = r.read().decode()
+    assert "token_ids" not in raw  # the middleware counts them; the client never gets them
     texts = []
     for ev in raw.split("\n\n"):
         if ev.startswith("data: {"):

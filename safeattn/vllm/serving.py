@@ -12,6 +12,11 @@ are dropped when the row refuses, and the refusal streams on. Two pieces keep it
   key (``vllm_xargs["safeattn_stream"]``) and rewrites the text of every chunk it sends to
   what the latest published state allows (:func:`visible`).
 
+A state names the step it covers (``n``: the generated tokens its check saw). The middleware
+asks vLLM for each chunk's token ids (``return_token_ids``; it strips them before sending) and
+counts them: a state that is behind the stream (a write failed) never releases the held
+tokens at the end, so a lost write withholds text rather than showing it.
+
 Every other completion request (``n = 1``) is tagged too (``vllm_xargs["safeattn_trace"]``):
 its response gets the request's safety trace as ``choices[0]["safety"]`` (a streamed one, in
 its last chunk); :func:`trace_output` turns it into the ``SafetyOutput`` that
@@ -126,7 +131,7 @@ class StreamGate:
             return publish(self.key, {"trace": trace()})
         self._keep(self.gate.put(list(output_ids[self.gate.n_put:n])))
         self._keep(self.gate.update(checked=checked, benign=benign, refused=refused, seen=n))
-        publish(self.key, {**self.state(output_ids[:n]), "trace": trace()})
+        publish(self.key, {**self.state(output_ids[:n]), "n": n, "trace": trace()})
 
     def state(self, output_ids) -> dict:
         st = {"before": self._text(self.before), "after": self._text(self.after),
@@ -202,10 +207,14 @@ class _Stream:
     def __init__(self, key: str, kind: str):
         self.key, self.kind = key, kind
         self.text = self.sent = ""
+        self.tokens = 0  # generated tokens streamed so far (vLLM's return_token_ids)
         self.dropped = False
 
     def rewrite(self, event: dict) -> None:
+        event.pop("prompt_token_ids", None)
         for choice in event.get("choices") or ():
+            self.tokens += len(choice.pop("token_ids", None) or ())
+            choice.pop("prompt_token_ids", None)
             if self.kind == "chat":
                 delta = choice.get("delta") or {}
                 got = delta.get("content")
@@ -218,6 +227,11 @@ class _Stream:
             if final and state is None:
                 logger.warning("safeattn: no safety state for streamed request %s; its text is "
                                "withheld (is the logits processor loaded?)", self.key)
+            if final and self._stale(state):
+                logger.warning("safeattn: the safety state of streamed request %s covers %s of "
+                               "its %d tokens; its unchecked tail is withheld", self.key,
+                               state.get("n"), self.tokens)
+                final = False
             show = visible(self.text, state, final)
             out = show[len(self.sent):] if show.startswith(self.sent) else ""
             self.sent += out
@@ -228,6 +242,15 @@ class _Stream:
                     delta["content"] = out
             else:
                 choice["text"] = out
+
+    def _stale(self, state: dict | None) -> bool:
+        """Whether a checked stream's ``state`` is behind it: the state of step ``n`` is
+        written before token ``n`` is sampled, so a current one covers all tokens but the
+        last."""
+        if not state or state.get("off"):
+            return False
+        n = state.get("n")
+        return not isinstance(n, int) or n < self.tokens - 1
 
     def _drop_ungated(self, delta: dict) -> None:
         found = [f for f in UNGATED if delta.pop(f, None) is not None]
@@ -294,6 +317,8 @@ class SafeStreamMiddleware:
             return await self._forward(scope, req, receive, send)
         key = uuid.uuid4().hex
         req["vllm_xargs"] = {**xargs, (STREAM_ARG if stream else TRACE_ARG): key}
+        if stream:
+            req["return_token_ids"] = True  # counted against the state, never sent on
         try:
             await self._forward(scope, req, receive, _gated(send, _Stream(key, kind))
                                 if stream else _traced(send, key))
