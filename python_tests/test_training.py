@@ -654,6 +654,9 @@ def test_run_loso_tiny(tmp_path, monkeypatch):
         assert 0.0 <= rows[name]["auroc"] <= 1.0 and "response_auroc" not in rows[name]
     assert rep["test_deep_probe"]["layer"] in (1, 2) and "responses" not in rep["test_blend"]
     assert "recall_at_0.5" not in rep["test_blend"]["advbench"]
+    for bad in ("2,x", "0"):
+        with pytest.raises(SystemExit):  # argparse names --deep-layers
+            p.parse_args(argv + ["--deep-layers", bad])
     for bad in ("", "cls,lora", "cls_adapter"):   # the last: no --probe-adapter
         args = p.parse_args(argv[:-2] + ["--loso-variants", bad])  # argv ends --probe-adapter 2
         monkeypatch.setattr(T, "load_model", lambda *a, **k: pytest.fail("model loaded"))

@@ -1353,7 +1353,7 @@ def run_loso(args) -> int:
               "folds": {}}
     feats_last = {l + 1: last[:, l] for l in range(last.shape[1])}  # hidden state l+1
     deep = None
-    deep_layers = [int(x) for x in args.deep_layers.split(",") if x.strip()]
+    deep_layers = args.deep_layers
     if deep_layers:
         td = time.time()
         at = [i for i, s in enumerate(pool) if _get(s, "window") is None]  # prompt-only

@@ -24,6 +24,11 @@ positive_int = _int_from(1)
 non_negative_int = _int_from(0)
 
 
+def positive_ints(text: str) -> list[int]:
+    """argparse type: comma-separated ints >= 1 (empty: none)."""
+    return [positive_int(x.strip()) for x in text.split(",") if x.strip()]
+
+
 def add_train_arguments(p) -> None:
     """The ``safeattn train`` options (argparse), in the groups that ``--help`` shows."""
     _model_arguments(p.add_argument_group("model"))
@@ -133,7 +138,7 @@ def _loso_arguments(p) -> None:
     p.add_argument("--context-cache-file", default=None,
                    help="--loso: keep the frozen forward of the pool (keys, values, states) in "
                         "this file and reuse it on the next run with the same data and layers")
-    p.add_argument("--deep-layers", default="",
+    p.add_argument("--deep-layers", type=positive_ints, default=[],
                    help="--loso: also fit a frozen probe on the last prompt token's hidden "
                         "state at these layers (comma-separated, 1..num_hidden_layers; picked "
                         "by CV) and blend it with each trained variant (rows deep_probe and "
