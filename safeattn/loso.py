@@ -79,6 +79,10 @@ class Plan:
     def origin_of(self, i: int) -> str:
         return self.pool[i].origin
 
+    def negatives(self, fold: str) -> list[int]:
+        """The benign validation prompts a fold is scored against: those not in the fold."""
+        return [i for i in self.validation if self.origin_of(i) != fold]
+
 
 def plan(train: Sequence[Sample], tokenizer=None, *, test_fraction: float = 0.2,
          salt: str = "", sweep_every: int = 8, sweep_tokens: int = 64,
@@ -145,7 +149,7 @@ def fold_metrics(p: Plan, fold: str, score, examples: int = 0, *,
     that score lowest (``missed``) and the benign validation prompts that score highest
     (``false_alarms``); for a benign fold, its held-out prompts that score highest.
     ``responses=False`` leaves out the response sweep (a score of prompts only)."""
-    val_neg = [i for i in p.validation if p.origin_of(i) != fold]
+    val_neg = p.negatives(fold)
     neg = score(val_neg)
     held = p.prompts[fold]
     if fold in HARMFUL_SOURCES:

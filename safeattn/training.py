@@ -1388,13 +1388,12 @@ def run_loso(args) -> int:
             probe, deep_score = _deep_probe(idx, deep, y, args.seed)
             rows["deep_probe"] = loso.fold_metrics(plan, fold, deep_score, responses=False)
             rows["deep_probe"]["layer"] = probe.layer
-            benign_val = [i for i in plan.validation if plan.origin_of(i) != fold]
         for variant in variants:
             trainer = train_variant(variant, idx, args.epochs)
             rows[variant] = loso.fold_metrics(plan, fold, trainer.cached_logits,
                                               examples=args.loso_examples)
             if deep:
-                both = loso.blend([trainer.cached_logits, deep_score], benign_val)
+                both = loso.blend([trainer.cached_logits, deep_score], plan.negatives(fold))
                 rows[f"{variant}+deep"] = loso.fold_metrics(
                     plan, fold, both, examples=args.loso_examples, responses=False)
         rows.update(_frozen_rows(plan, fold, cls0, cls_layer, feats_last, y, args.seed))
