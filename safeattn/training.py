@@ -323,6 +323,20 @@ def detach_cls_row(model) -> None:
     delattr(emb, _CLS_ROW)
 
 
+@contextlib.contextmanager
+def first_blocks(model, k: int):
+    """Inside the block, ``model``'s decoder stack runs only its blocks ``0..k-1`` (all of them
+    when it has no more than ``k``)."""
+    base = _base(model)
+    full = base.layers
+    if k < len(full):
+        base.layers = nn.ModuleList(list(full)[:k])
+    try:
+        yield
+    finally:
+        base.layers = full
+
+
 def _tap_index(model) -> int:
     n = model.config.get_text_config().num_hidden_layers
     k = (safety_config(model) or {}).get("cls_layer")
@@ -510,18 +524,11 @@ class SafetyTrainer(_trainer_base()):
     def _truncated(self, model):
         """Run only decoder layers <= cls_layer (not under FSDP / DeepSpeed sharding)."""
         inner = _inner(model)
-        base = _base(inner)
-        tap = _tap_index(inner)
-        sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
-        if sharded or tap + 1 >= len(base.layers):
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             yield
             return
-        full = base.layers
-        base.layers = nn.ModuleList(list(full)[:tap + 1])
-        try:
+        with first_blocks(inner, _tap_index(inner) + 1):
             yield
-        finally:
-            base.layers = full
 
     # ---- loss
     def _lam(self, mode: str) -> float:
@@ -801,9 +808,6 @@ def head_scores(model, tokenizer, prompts: Sequence[str], *, batch_size: int = 1
     from .hf.template import build_inputs
 
     inner = _inner(model)
-    base = _base(inner)
-    tap = _tap_index(inner)
-    full = base.layers
     was = inner.training
     inner.eval()
     dev = inner.get_input_embeddings().weight.device
@@ -811,15 +815,15 @@ def head_scores(model, tokenizer, prompts: Sequence[str], *, batch_size: int = 1
     out = torch.empty(len(prompts))
     empty = torch.zeros(0, dtype=torch.long, device=dev)
     try:
-        base.layers = nn.ModuleList(list(full)[:tap + 1])
-        for s in tqdm(range(0, len(order), batch_size), disable=not progress, desc="[CLS] head"):
-            idx = order[s:s + batch_size]
-            enc = build_inputs(tokenizer, [prompts[i] for i in idx], device=dev)
-            enc.pop("response_start")
-            res = inner(**enc, use_cache=False, logits_to_keep=empty)
-            out[idx] = res["safety_logit"].float().cpu()
+        with first_blocks(inner, _tap_index(inner) + 1):
+            for s in tqdm(range(0, len(order), batch_size), disable=not progress,
+                          desc="[CLS] head"):
+                idx = order[s:s + batch_size]
+                enc = build_inputs(tokenizer, [prompts[i] for i in idx], device=dev)
+                enc.pop("response_start")
+                res = inner(**enc, use_cache=False, logits_to_keep=empty)
+                out[idx] = res["safety_logit"].float().cpu()
     finally:
-        base.layers = full
         inner.train(was)
     return out
 
@@ -863,24 +867,23 @@ def prompt_states(model, collator: "SafetyDataCollator", samples: Sequence,
             grabbed[i + 1] = h[torch.arange(h.shape[0], device=h.device), last].float().cpu()
         return hook
 
-    full = base.layers
-    hooks = [full[x - 1].register_forward_hook(grab(x - 1)) for x in layers]
-    base.layers = nn.ModuleList(list(full)[:depth])
+    hooks = [base.layers[x - 1].register_forward_hook(grab(x - 1)) for x in layers]
     was = inner.training
     inner.eval()
+    keep = ("input_ids", "attention_mask", "position_ids", "q_span", "response_start")
     try:
-        for s in tqdm(range(0, len(order), batch_size), desc="prompt states",
-                      disable=not progress):
-            idx = order[s:s + batch_size]
-            batch = collator([rows[i] for i in idx])
-            last = (batch["response_start"] - 1).to(dev)
-            keep = ("input_ids", "attention_mask", "position_ids", "q_span", "response_start")
-            inner(**{k: batch[k].to(dev) for k in keep}, safety_mode="sft", use_cache=False,
-                  logits_to_keep=torch.zeros(0, dtype=torch.long, device=dev))
-            for x in layers:
-                out[x][idx] = grabbed[x]
+        with first_blocks(inner, depth):
+            for s in tqdm(range(0, len(order), batch_size), desc="prompt states",
+                          disable=not progress):
+                idx = order[s:s + batch_size]
+                batch = collator([rows[i] for i in idx])
+                last = (batch["response_start"] - 1).to(dev)
+                inner(**{k: batch[k].to(dev) for k in keep}, safety_mode="sft",
+                      use_cache=False, logits_to_keep=torch.zeros(0, dtype=torch.long,
+                                                                  device=dev))
+                for x in layers:
+                    out[x][idx] = grabbed[x]
     finally:
-        base.layers = full
         inner.train(was)
         for h in hooks:
             h.remove()
