@@ -145,7 +145,9 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .training import run_loso, run_train
+    from .training import run_loso, run_query_probe, run_train
+    if args.query_probe_for:
+        return run_query_probe(args)
     return run_loso(args) if args.loso else run_train(args)
 
 

@@ -557,10 +557,11 @@ class _Decode:
         return torch.stack([self.q32, torch.stack([self.rs32 + lo, self.rs32 + hi], -1)],
                            1).int()
 
-    def check(self, h, active, theta) -> torch.Tensor:
+    def check(self, h, active, theta, query=None) -> torch.Tensor:
         """The head on the probe rows ``h`` (``None``: no probe ran, the op only advances
-        ``step``) and ``safety_step`` at θ = ``theta``; sets the next ranges ``iv`` -> ``p``
-        (nan where unchecked). Fails closed: an exception refuses the checked rows."""
+        ``step``), with the prefill's ``query`` state also the query probe, and
+        ``safety_step`` at θ = ``theta``; sets the next ranges ``iv`` -> ``p`` (nan where
+        unchecked). Fails closed: an exception refuses the checked rows."""
         s = self.safety
         try:
             if h is None:
@@ -568,6 +569,8 @@ class _Decode:
             else:
                 head = self.model.safety_head
                 logit = head(h.to(head.weight.dtype)).float().reshape(self.b, 1)
+                if query is not None:
+                    logit = self.model.safety_query_probe(logit[:, 0], query)[:, None]
             p_real = torch.sigmoid(logit[:, 0])
             if theta > 1.0:  # no finite p can hit; non-finite p still fails closed
                 logit = torch.where(logit.isfinite(), torch.full_like(logit, -1e4), logit)
@@ -599,14 +602,17 @@ class _Decode:
 
     # ---- the steps
     def prefill(self) -> None:
-        """``[CLS]`` + prompt: the cache, the first logits, and ``p_0`` from the [CLS] row."""
+        """``[CLS]`` + prompt: the cache, the first logits, and ``p_0`` from the [CLS] row
+        (blended with the query probe's read of the last prompt token, when the model has one)."""
         self.out = self.model(input_ids=self.seq, attention_mask=self.am,
                               position_ids=self.pos, cache=self.cache,
                               safety_layout=self.layout(), logits_to_keep=1, use_cache=True)
-        h0 = self.out.get("safety_hidden")
+        h0, hq = self.out.get("safety_hidden"), self.out.get("query_hidden")
         if h0 is None:
             raise RuntimeError("safeattn: the prefill did not tap the [CLS] row")
-        p = self.check(h0, self.all_rows, self.safety.query_threshold)
+        if hq is None and getattr(self.model, "safety_query_probe", None) is not None:
+            raise RuntimeError("safeattn: the prefill did not tap the query probe's layer")
+        p = self.check(h0, self.all_rows, self.safety.query_threshold, query=hq)
         if bool(self.pre.any()):
             self.step.add_(self.pre)
             self.iv = self.ranges()

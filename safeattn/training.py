@@ -56,6 +56,7 @@ from .hf.template import encode_prompt, encode_text
 
 __all__ = ["SafetyDataCollator", "SafetyDataset", "SafetyTrainer", "prepare_model",
            "safety_metrics", "truncate_middle", "TRAIN_MODES", "DEFAULT_LAMBDA",
+           "fit_query_probe",
            "attach_cls_row", "sync_cls_row", "detach_cls_row", "trainable_summary"]
 
 from .training_args import TRAIN_MODES
@@ -888,6 +889,101 @@ def prompt_states(model, collator: "SafetyDataCollator", samples: Sequence,
         for h in hooks:
             h.remove()
     return out
+
+
+@torch.no_grad()
+def fit_query_probe(model, tokenizer, samples: Sequence, benign_prompts: Sequence,
+                    layers: Sequence[int], *, max_prompt_tokens: int | None = None,
+                    batch_size: int = 16, seed: int = 0, progress: bool = False) -> dict:
+    """Give a patched ``model`` (with its trained head) a :class:`~safeattn.hf.QueryProbe`.
+
+    A :class:`~safeattn.baselines.FrozenProbe` is fitted on the last prompt token's state
+    (:func:`prompt_states`) of the prompt-only ``samples`` (layer among ``layers`` and L2 by
+    5-fold CV). Its logit and the head's ``p_0`` logit are then read through the model's own
+    prefill on ``benign_prompts`` (benign validation prompts; no harmful label is used) and
+    each is standardised by their mean and standard deviation there, as
+    :func:`safeattn.loso.blend` does; the query probe holds that sum. The config gets
+    ``query_probe = {"layer": L}``. Returns a report (layer, CV AUROC, counts, the stats)."""
+    from .hf.patch import apply_safeattn
+    from .hf.template import build_inputs
+
+    inner = _inner(model)
+    if not benign_prompts:
+        raise ValueError("benign_prompts: need benign validation prompts to standardise on")
+    rows = [s for s in samples if _get(s, "window") is None]
+    y = torch.tensor([float(_get(s, "label")) for s in rows])
+    if not len(rows) or y.min() == y.max():
+        raise ValueError("samples: need prompt-only samples of both labels")
+    coll = SafetyDataCollator(tokenizer, max_prompt_tokens=max_prompt_tokens)
+    probe = _logistic(prompt_states(inner, coll, rows, layers, batch_size=batch_size,
+                                    progress=progress), y, seed=seed)
+    w = (probe.weight / probe.std).double()
+    b = float(probe.bias) - float(probe.mean.double() @ w)
+    cfg = safety_config(inner)
+    cfg["query_probe"] = {"layer": probe.layer}
+    inner.config.safeattn = cfg
+    apply_safeattn(inner)
+    qp = inner.safety_query_probe
+    was = inner.training
+    inner.eval()
+    dev = inner.get_input_embeddings().weight.device
+    head, deep = [], []
+    try:
+        for i in range(0, len(benign_prompts), batch_size):
+            out = inner(**build_inputs(tokenizer, list(benign_prompts[i:i + batch_size]),
+                                       device=dev), use_cache=False, logits_to_keep=1)
+            head.append(out["safety_logit"].double().cpu())
+            deep.append(out["query_hidden"].double().cpu() @ w + b)
+    finally:
+        inner.train(was)
+    head, deep = torch.cat(head), torch.cat(deep)
+    (mh, sh), (md, sd) = [(float(x.mean()), float(x.std().clamp_min(1e-12)))
+                          for x in (head, deep)]
+    # (head - mh) / sh + (deep - md) / sd, folded into one scale and one linear layer
+    qp.head_scale.fill_(1.0 / sh)
+    qp.linear.weight.copy_((w / sd).to(qp.linear.weight.dtype).reshape(qp.linear.weight.shape))
+    qp.linear.bias.fill_((b - md) / sd - mh / sh)
+    return {"layer": probe.layer, "l2": probe.l2, "cv_auroc": probe.cv_auroc,
+            "layers": sorted(set(int(x) for x in layers)), "samples": len(rows),
+            "harmful": int(y.sum()), "benign_reference": len(head),
+            "head_logit_mean_std": [mh, sh], "probe_logit_mean_std": [md, sd]}
+
+
+def run_query_probe(args) -> int:
+    """``safeattn train --query-probe-for DIR``: the head saved in ``DIR`` plus a query probe
+    (:func:`fit_query_probe`) fitted on this command's training samples (its ``fit`` split)
+    and standardised on the benign ``val`` prompts, saved to ``OUT``. The saved
+    ``query_threshold`` is dropped: ``p_0`` changed meaning, so run ``safeattn calibrate``
+    next."""
+    import json
+    import time
+
+    from .calibration import validation_rows
+    from .hf.persist import load_safety, save_safety
+
+    if not getattr(args, "val_fraction", 0.0):
+        raise ValueError("--query-probe-for needs --val-fraction: the benign val prompts "
+                         "standardise the blend, and the probe fits on the fit split")
+    if not args.deep_layers:
+        raise ValueError("--query-probe-for needs --deep-layers (the layers it may read)")
+    t0 = time.time()
+    out_dir, model, tok, _, train = _start(args)
+    load_safety(model, args.query_probe_for, tok)
+    benign = [r["prompt"] for r in validation_rows(args.val_fraction)["benign"]]
+    report = fit_query_probe(model, tok, train, benign, args.deep_layers,
+                             max_prompt_tokens=args.max_prompt_tokens,
+                             batch_size=args.batch_size, seed=args.seed, progress=True)
+    cfg = safety_config(model)
+    cfg.pop("query_threshold", None)
+    model.config.safeattn = cfg
+    save_safety(model, out_dir)
+    report.update(command="safeattn train " + shlex.join(args.argv),
+                  head=str(args.query_probe_for), seconds=round(time.time() - t0, 1))
+    (out_dir / "query_probe.json").write_text(json.dumps(report, indent=1) + "\n")
+    print(f"query probe at layer {report['layer']} (CV AUROC {report['cv_auroc']:.4f}, "
+          f"{report['samples']} prompts) saved with the head to {out_dir}; query_threshold "
+          "dropped: run safeattn calibrate next", flush=True)
+    return 0
 
 
 def load_model(name: str, dtype: torch.dtype = torch.float32):

@@ -54,6 +54,11 @@ def _model_arguments(p) -> None:
     p.add_argument("--probe-adapter", type=int, default=0, metavar="RANK",
                    help="head mode: also train a rank-RANK probe adapter (projections of layers "
                         "0..cls_layer used by the [CLS] / probe row only; the LM is unchanged)")
+    p.add_argument("--query-probe-for", default=None, metavar="DIR",
+                   help="train nothing: add a query probe (safeattn.hf.QueryProbe, a frozen "
+                        "probe at one of --deep-layers blended into p_0) to the head saved in "
+                        "DIR, fitted on this command's training samples and standardised on the "
+                        "benign val prompts (needs --val-fraction); saves both to OUT")
     p.add_argument("--probe-window", type=positive_int, default=10,  # generation.DEFAULT_WINDOW
                    help="r1 = r2 = r3 of the response views (DESIGN.md §3, Rules 1-3); saved, "
                         "and generation's default window")
@@ -142,7 +147,8 @@ def _loso_arguments(p) -> None:
                    help="--loso: also fit a frozen probe on the last prompt token's hidden "
                         "state at these layers (comma-separated, 1..num_hidden_layers; picked "
                         "by CV) and blend it with each trained variant (rows deep_probe and "
-                        "<variant>+deep)")
+                        "<variant>+deep); with --query-probe-for, the layers the query probe "
+                        "may read")
     p.add_argument("--final-epochs", type=float, default=0,
                    help="--loso: epochs of the shipped head (default --epochs)")
 

@@ -14,6 +14,11 @@ The safety forward rides on module hooks, not on per-class ``forward`` patches:
   :class:`SafetyLayout` is passed as ``safety_layout`` (the strategic decoder does), the probe
   row (last query row, if ``probe_window`` is set) or the prefill ``[CLS]`` row is tapped and
   only ``safety_hidden`` is added: the caller runs the head (so a failing head fails closed).
+- with a :class:`~safeattn.hf.surgery.QueryProbe` (``model.safety_query_probe``, the safety
+  config's ``query_probe``), a hook on its decoder layer keeps, in a prefill whose ``[CLS]``
+  reads the query alone, the last prompt token's hidden state (column ``response_start - 1``,
+  else the last): the output gets it as ``query_hidden`` and, when the head runs here,
+  ``query_logit`` (``p`` is then its sigmoid; ``safety_logit`` stays the head's own);
 - with ``probe_exit=True`` (the strategic decoder's check steps) and a head on decoder layer
   ``cls_layer``, the probe row (last query row) stops after that layer: the tap hook drops it
   from the layer's output and a pre-hook on every later layer drops its position embeddings,
@@ -36,7 +41,7 @@ import torch
 from . import adapter, backend, few_rows
 from .backend import SAFETY_KWARGS, is_descriptor
 from .layout import MODES, SafetyLayout
-from .surgery import SafetyHead, _base, add_safety_token, cls_token_id, safety_config
+from .surgery import QueryProbe, SafetyHead, _base, add_safety_token, cls_token_id, safety_config
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "apply_safeattn", "revert_safeattn", "is_patched",
            "safety_forward", "classify", "SAFETY_KWARGS"]
@@ -95,6 +100,7 @@ def apply_safeattn(model, tokenizer=None, *, cls_layer: int | None = None,
             list(_base(model).layers)[:spec["layers"]], spec["rank"], spec["alpha"],
             spec["targets"])
     model.safety_head.cls_layer = cls_layer
+    _add_query_probe(model, cfg.get("query_probe"), n_layers)
     cfg = safety_config(model) or {}
     cfg.update(cls_layer=cls_layer, cls_visible_to_response=bool(cls_visible_to_response))
     model.config.safeattn = cfg
@@ -116,6 +122,10 @@ def apply_safeattn(model, tokenizer=None, *, cls_layer: int | None = None,
         model.register_forward_hook(_post_hook, with_kwargs=True),
     ] + [layer.register_forward_pre_hook(_exit_hook(model), with_kwargs=True)
          for layer in after]}
+    qp = getattr(model, "safety_query_probe", None)
+    if qp is not None:
+        state["handles"].append(
+            base.layers[qp.layer - 1].register_forward_hook(_query_hook(model)))
     if getattr(model, "safety_adapter", None) is not None:
         # while the few-row switch is on, the tapped row is the probe: the last query row
         state["handles"] += adapter.install_hooks(
@@ -123,6 +133,23 @@ def apply_safeattn(model, tokenizer=None, *, cls_layer: int | None = None,
             lambda: -1 if switch.on else (state["ctx"] or {}).get("rows"))
     object.__setattr__(model, _STATE, state)  # not a submodule / parameter
     return model
+
+
+def _add_query_probe(model, spec, n_layers: int) -> None:
+    """The :class:`QueryProbe` that the config's ``query_probe`` entry asks for (weights are
+    loaded later), or none."""
+    if not spec:
+        model.safety_query_probe = None
+        return
+    layer = spec.get("layer") if isinstance(spec, dict) else None
+    if not isinstance(layer, int) or not 1 <= layer <= n_layers:
+        raise ValueError(f"safety config: query_probe.layer must be a hidden-state index in "
+                         f"1..{n_layers}, got {spec!r}")
+    qp = getattr(model, "safety_query_probe", None)
+    if qp is None or qp.layer != layer:
+        w = model.get_input_embeddings().weight
+        model.safety_query_probe = QueryProbe(model.config.get_text_config().hidden_size,
+                                              layer).to(device=w.device, dtype=w.dtype)
 
 
 def _patched_generate(self, *args, safety=None, **kwargs):
@@ -298,8 +325,24 @@ def _pre_hook(model, args, kwargs):
         layout, rows = _build_layout(model, args, kwargs, extra)
         kwargs["safety_layout"] = layout
         st["ctx"] = {"rows": rows, "h": None, "exit": _exit_memo(st, layout, rows, probe_exit)}
+    st["ctx"]["query_rows"] = _query_rows(model, layout, rows, kwargs, args)
     st["few_rows"].on = rows is not None and layout.probe_window is not None
     return args, kwargs
+
+
+def _query_rows(model, layout, rows, kwargs, args):
+    """The column of each row's last prompt token when the query probe reads this forward:
+    a prefill (no cache) whose tapped row is ``[CLS]`` reading the query alone; else None."""
+    if getattr(model, "safety_query_probe", None) is None or rows is None \
+            or layout.probe_window is not None or layout.mode != "sft" \
+            or _past_length(kwargs) != 0:
+        return None
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    ref = ids if ids is not None else kwargs.get("inputs_embeds")
+    if layout.resp_start is None:
+        return torch.full((ref.shape[0],), ref.shape[1] - 1, dtype=torch.long,
+                          device=ref.device)
+    return layout.resp_start.long().to(ref.device) - 1
 
 
 def _exit_memo(st, layout, rows, probe_exit):
@@ -362,6 +405,16 @@ def _tap_hook(model):
     return hook
 
 
+def _query_hook(model):
+    def hook(module, args, out):
+        ctx = getattr(model, _STATE)["ctx"]
+        if ctx is not None and ctx.get("query_rows") is not None:
+            h = out[0] if isinstance(out, tuple) else out
+            ctx["hq"] = h[torch.arange(h.shape[0], device=h.device), ctx["query_rows"]]
+        return None
+    return hook
+
+
 def _post_hook(model, args, kwargs, output):
     st = getattr(model, _STATE)
     ctx, st["ctx"] = st["ctx"], None
@@ -371,9 +424,14 @@ def _post_hook(model, args, kwargs, output):
         if model.safety_head.cls_layer is not None:
             h = _base(model).norm(h)
         output["safety_hidden"] = h
+    hq = ctx.get("hq") if ctx is not None else None
+    if hq is not None:
+        output["query_hidden"] = hq
     if ctx is not None and ctx["h"] is not None and not ctx.get("defer_head"):
         logit = model.safety_head(h.to(model.safety_head.weight.dtype))[:, 0]
         output["safety_logit"] = logit
+        if hq is not None:
+            logit = output["query_logit"] = model.safety_query_probe(logit, hq)
         output["p"] = torch.sigmoid(logit.float())
     cfg = safety_config(model)
     logits = getattr(output, "logits", None)
@@ -400,7 +458,8 @@ def safety_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
             ``response_window``, ``response_start``, ``cls_visible_to_response``).
 
     Returns:
-        the model output with ``p [B]`` (fp32) and ``safety_logit [B]`` added.
+        the model output with ``p [B]`` (fp32) and ``safety_logit [B]`` added; with a query
+        probe, a prefill's ``p`` is ``sigmoid(query_logit [B])`` (see the module docstring).
     """
     if not is_patched(model):
         raise ValueError("model is not patched; call safeattn.apply_safeattn(model, tokenizer)")

@@ -15,6 +15,8 @@ __all__ = ["save_safety", "load_safety", "from_pretrained", "SAFETY_CONFIG", "SA
 
 SAFETY_CONFIG = "safety_config.json"
 SAFETY_WEIGHTS = "safety_head.safetensors"
+#: Optional safety modules whose weights travel with the head's, under their attribute name.
+_EXTRA_PARTS = ("safety_adapter", "safety_query_probe")
 
 
 def save_safety(model, save_directory) -> Path:
@@ -25,7 +27,8 @@ def save_safety(model, save_directory) -> Path:
     ``SafetyConfig(threshold=None)`` takes)
     and ``safety_head.safetensors`` (``safety_head.weight [1, d]``, ``safety_head.bias [1]``,
     ``cls_embedding [d]``: the ``[CLS]`` input-embedding row; with a probe adapter also its
-    ``safety_adapter.a.*`` / ``safety_adapter.b.*``). Returns the directory.
+    ``safety_adapter.a.*`` / ``safety_adapter.b.*``; with a query probe its
+    ``safety_query_probe.*``). Returns the directory.
     """
     cfg = safety_config(model)
     if cfg is None or getattr(model, "safety_head", None) is None:
@@ -39,9 +42,10 @@ def save_safety(model, save_directory) -> Path:
         "safety_head.bias": model.safety_head.bias.detach(),
         "cls_embedding": model.get_input_embeddings().weight[tid].detach(),
     }
-    if getattr(model, "safety_adapter", None) is not None:
-        tensors.update({f"safety_adapter.{k}": v.detach()
-                        for k, v in model.safety_adapter.state_dict().items()})
+    for name in _EXTRA_PARTS:
+        if getattr(model, name, None) is not None:
+            tensors.update({f"{name}.{k}": v.detach()
+                            for k, v in getattr(model, name).state_dict().items()})
     save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(d / SAFETY_WEIGHTS))
     text = model.config.get_text_config()
     meta = dict(cfg, model_type=model.config.model_type, hidden_size=text.hidden_size)
@@ -69,7 +73,7 @@ def load_safety(model, load_directory, tokenizer=None):
     else:
         cls_token_id(model)  # raises when the model has no [CLS]
     cfg = safety_config(model) or {}
-    for key in ("adapter", "threshold", "query_threshold", "refusal_prefix",
+    for key in ("adapter", "query_probe", "threshold", "query_threshold", "refusal_prefix",
                 "probe_window"):  # the files
         cfg.pop(key, None)
         if meta.get(key) is not None:
@@ -87,17 +91,20 @@ def load_safety(model, load_directory, tokenizer=None):
 
 
 def _copy_head(model, tensors) -> None:
-    """The head's weights and, when the model has a probe adapter, the adapter's."""
+    """The head's weights and those of the optional parts (probe adapter, query probe) that
+    the model has."""
     head = model.safety_head
     head.weight.copy_(tensors["safety_head.weight"].reshape(head.weight.shape))
     head.bias.copy_(tensors["safety_head.bias"].reshape(head.bias.shape))
-    ad = getattr(model, "safety_adapter", None)
-    if ad is not None:
-        want = {f"safety_adapter.{k}" for k in ad.state_dict()}
+    for name in _EXTRA_PARTS:
+        part = getattr(model, name, None)
+        if part is None:
+            continue
+        want = {f"{name}.{k}" for k in part.state_dict()}
         if not want <= set(tensors):
-            raise ValueError(f"the safety config has a probe adapter, but {len(want - set(tensors))}"
-                             " of its tensors are missing")
-        ad.load_state_dict({k[len("safety_adapter."):]: tensors[k] for k in want})
+            raise ValueError(f"the safety config has a {name}, but {len(want - set(tensors))} "
+                             "of its tensors are missing")
+        part.load_state_dict({k[len(name) + 1:]: tensors[k] for k in want})
 
 
 def _checkpoint_tensors(path: Path, names) -> dict:
@@ -149,9 +156,9 @@ def from_pretrained(path, *, tokenizer=True, **kwargs):
         with safe_open(str(p / SAFETY_WEIGHTS), framework="pt") as f:
             t = {k: f.get_tensor(k) for k in f.keys()}
     else:
-        ad = getattr(model, "safety_adapter", None)
-        names = ["safety_head.weight", "safety_head.bias"] + (
-            [f"safety_adapter.{k}" for k in ad.state_dict()] if ad is not None else [])
+        names = ["safety_head.weight", "safety_head.bias"] + [
+            f"{name}.{k}" for name in _EXTRA_PARTS if getattr(model, name, None) is not None
+            for k in getattr(model, name).state_dict()]
         t = _checkpoint_tensors(p, names)
         if "safety_head.weight" not in t or "safety_head.bias" not in t:
             raise ValueError(f"{p} has a safety config but no safety_head weights")

@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["SafetyHead", "add_safety_token", "safety_config", "cls_token_id", "CLS_TOKEN"]
+__all__ = ["SafetyHead", "QueryProbe", "add_safety_token", "safety_config", "cls_token_id",
+           "CLS_TOKEN"]
 
 CLS_TOKEN = "[CLS]"
 
@@ -19,6 +20,33 @@ class SafetyHead(nn.Linear):
     def __init__(self, hidden_size: int, cls_layer: int | None = None):
         super().__init__(hidden_size, 1)
         self.cls_layer = cls_layer
+
+
+class QueryProbe(nn.Module):
+    """A second reader of ``p_0``: a linear probe on the last prompt token's hidden state
+    ``h`` at hidden-state index ``layer`` (the output of decoder block ``layer - 1``, before
+    the final norm), added to the head's logit:
+
+    ``query_logit = head_scale · safety_logit + w · h + b``, ``p_0 = sigmoid(query_logit)``.
+
+    It only scores the query: the prefill of a row whose ``[CLS]`` reads the query alone
+    (``safety_mode='sft'``); every decoding-time check keeps the head. Fitted after the head
+    (``safeattn train --mode query-probe``) so that ``query_logit`` is the sum of the two
+    members' logits, each in standard deviations of its benign validation prompts; it is no
+    calibrated probability, so ``query_threshold`` is set on it by ``safeattn calibrate``.
+    """
+
+    def __init__(self, hidden_size: int, layer: int):
+        super().__init__()
+        self.layer = int(layer)
+        self.linear = nn.Linear(hidden_size, 1)
+        self.head_scale = nn.Parameter(torch.ones(()), requires_grad=False)
+
+    def forward(self, head_logit: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """``head_logit [B]``, ``h [B, D]`` -> ``query_logit [B]`` (fp32)."""
+        w = self.linear.weight
+        return (self.head_scale.float() * head_logit.float()
+                + self.linear(h.to(w.dtype))[:, 0].float())
 
 
 def safety_config(model) -> dict | None:
