@@ -2,10 +2,11 @@
 decoder needs its transformers; the vLLM venv pins an older one).
 
 ``python _vllm_reference.py SPEC.json OUT_DIR`` builds each tiny model of SPEC (random weights,
-random head and probe adapter), saves it with ``save_pretrained`` + ``save_safety`` to
-``OUT_DIR/<family>`` (a family in ``safeattn.models.MODELS``: that shipped model and head,
-not saved), and writes ``OUT_DIR/<family>/ref.json``: per case (a SafetyConfig) the
-greedy token ids, ``q_span`` and the trace of every prompt (batch 1 each, so no padding).
+random head and probe adapter; the llama one also a random query probe), saves it with
+``save_pretrained`` + ``save_safety`` to ``OUT_DIR/<family>`` (a family in
+``safeattn.models.MODELS``: that shipped model and head, not saved), and writes
+``OUT_DIR/<family>/ref.json``: per case (a SafetyConfig) the greedy token ids, ``q_span`` and
+the trace of every prompt (batch 1 each, so no padding).
 """
 from __future__ import annotations
 
@@ -46,6 +47,15 @@ def tiny_safe_model(family: str, seed: int = 0):
             p.normal_(0, 0.3)
         model.safety_head.weight.normal_(0, 1.0)
         model.safety_head.bias.zero_()
+    if family == "llama":  # p_0 also from a query probe on the last block's output
+        model.config.safeattn = dict(model.config.safeattn,
+                                     query_probe={"layer": cfg.num_hidden_layers})
+        model = safeattn.apply_safeattn(model, tok)
+        with torch.no_grad():
+            qp = model.safety_query_probe
+            qp.linear.weight.normal_(0, 0.2)
+            qp.linear.bias.fill_(-0.5)
+            qp.head_scale.fill_(0.7)
     return model, tok
 
 

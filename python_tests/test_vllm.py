@@ -191,6 +191,27 @@ def test_probe_error_fails_closed(engine, monkeypatch, fold):
     assert _cut(list(outs[2].outputs[0].token_ids), ref["eos"]) == _cut(plain["ids"], ref["eos"])
 
 
+def test_query_probe_error_fails_closed(engine, monkeypatch):
+    """The tiny llama's head has a query probe: an error in it refuses the requests whose
+    p_0 it was scoring, and later requests decode as before."""
+    from safeattn.vllm.probe import SafetyParts
+
+    def boom(self, *args):
+        raise RuntimeError("query probe broke")
+
+    monkeypatch.setattr(SafetyParts, "query_logit", boom)
+    llm, tok, ref = engine("llama")
+    ids = ["qboom-0", "qboom-1"]
+    ps, sps = sv.requests(tok, PROMPTS[:2], safety={"threshold": 2.0}, ids=ids, max_tokens=10,
+                          temperature=0.0)
+    for i, o in zip(ids, llm.generate(ps, sps, use_tqdm=False)):
+        trace = sv.trace(i)
+        _refused_at_start(o, trace)
+        assert math.isnan(trace[0].p[0])
+    monkeypatch.undo()
+    _parity(llm, tok, ref, "llama", 0, tag="-after-qboom")
+
+
 def _refused_at_start(out, trace):
     tr = trace[0]
     assert tr.refusal_step == 0 and tr.alarm_step == 0

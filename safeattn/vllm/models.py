@@ -100,9 +100,21 @@ def _wrap(base, family: str):
             self._safety_fold_ok = opt.get("fold_probe", True) and mc.enforce_eager
             self.safety_bridge = Bridge(self._safety_parts.config)
             _BRIDGES[id(vllm_config)] = self.safety_bridge
+            self._safety_query = None
+            at = self._safety_parts.query_layer
+            if at is not None:
+                if not at <= len(self.model.layers):
+                    raise ValueError(f"safety config: query_probe.layer {at} is outside the "
+                                     f"model's {len(self.model.layers)} layers")
+                if not mc.enforce_eager:
+                    raise ValueError("safeattn: this head's query probe reads a hidden state "
+                                     "inside the forward, which a compiled engine does not "
+                                     "let a hook see; run the engine with enforce_eager=True")
+                self.model.layers[at - 1].register_forward_hook(self._grab_query)
 
         def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None,
                     **kwargs):
+            self._safety_query = None
             due = self._probe_start()
             try:
                 # [CLS] holds RoPE position 0: the prompt sits at 1..P, as in safeattn.
@@ -124,8 +136,8 @@ def _wrap(base, family: str):
             # and vLLM also reads save_safety's file in the model folder: the probe takes them
             # from the safety files (SafetyParts) instead.
             keep = ((n, w) for n, w in weights
-                    if n != "cls_embedding" and not n.startswith(("safety_head.",
-                                                                   "safety_adapter.")))
+                    if n != "cls_embedding" and not n.startswith(
+                        ("safety_head.", "safety_adapter.", "safety_query_probe.")))
             return super().load_weights(keep)
 
         def _probe_start(self):
@@ -153,7 +165,30 @@ def _wrap(base, family: str):
                        plan.qe[idx], plan.lo[idx], plan.hi[idx])
             if len(idx) and self._safety_fold is not None:
                 self._safety_fold.begin(sub, md)
+            first_check = sub.n == 0
+            if self._safety_parts.query_layer is not None and bool(first_check.any()):
+                # p_0 also reads the last prompt token, which this forward holds
+                qsl = md[first].query_start_loc
+                rows = sub.rows[first_check].to(qsl.device)
+                self._safety_query = {"of": first_check.nonzero().flatten(),
+                                      "at": (qsl[rows + 1] - 1).long(), "h": None}
             return idx, sub, md
+
+        def _grab_query(self, module, args, output):
+            q = self._safety_query
+            if q is not None:
+                h, residual = output  # the residual stream is their sum
+                q["h"] = h[q["at"]].float() + residual[q["at"]].float()
+
+        def _blend_query(self, logits, idx):
+            """The query probe into the ``p_0`` logits of this step's first checks."""
+            q, self._safety_query = self._safety_query, None
+            if q is None:
+                return
+            if q["h"] is None:
+                raise RuntimeError("the forward did not reach the query probe's layer")
+            j = idx[q["of"]]
+            logits[j] = self._safety_parts.query_logit(logits[j], q["h"]).cpu()
 
         def _probe_finish(self, idx, sub, md):
             br = self.safety_bridge
@@ -166,6 +201,7 @@ def _wrap(base, family: str):
                         error = fold.error
                     else:
                         logits[idx] = self._safety_runner.run(sub, md).float().cpu()
+                    self._blend_query(logits, idx)
                 except Exception as e:  # noqa: BLE001 - fail closed: nan refuses these rows
                     logits[idx], error = float("nan"), f"{type(e).__name__}: {e}"
                 if error:

@@ -31,7 +31,8 @@ READABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class SafetyParts:
-    """What ``save_safety`` wrote: config, head, ``[CLS]`` row and the probe adapter."""
+    """What ``save_safety`` wrote: config, head, ``[CLS]`` row, the probe adapter and the
+    query probe (``query_layer``: its hidden-state index, or None)."""
 
     def __init__(self, directory):
         from safetensors.torch import load_file
@@ -62,6 +63,21 @@ class SafetyParts:
                 if k.startswith("safety_adapter.a."):
                     key = k[len("safety_adapter.a."):]
                     self.adapter[key] = (v, t[f"safety_adapter.b.{key}"])
+        qp = self.config.get("query_probe") or None
+        self.query_layer = None if qp is None else qp.get("layer")
+        if qp is not None:
+            if not isinstance(self.query_layer, int) or self.query_layer < 1:
+                raise ValueError(f"safety config: query_probe.layer must be a hidden-state "
+                                 f"index >= 1, got {qp!r}")
+            self.query_w = t["safety_query_probe.linear.weight"].float().reshape(-1)
+            self.query_b = t["safety_query_probe.linear.bias"].float().reshape(())
+            self.query_scale = t["safety_query_probe.head_scale"].float().reshape(())
+
+    def query_logit(self, head_logit: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """``p_0``'s logit from the head's and the last prompt token's state ``h [B, D]``, as
+        :class:`safeattn.hf.QueryProbe` computes it (fp32, on ``h``'s device)."""
+        return (self.query_scale * head_logit.to(h.device).float()
+                + h.float() @ self.query_w + self.query_b)
 
     def fuse(self, layer: int, projs: tuple[str, ...], widths: tuple[int, ...]):
         """One low-rank update for a fused linear whose output is ``projs`` side by side
@@ -86,6 +102,9 @@ class SafetyParts:
         self.cls_embedding = self.cls_embedding.to(device=device, dtype=dtype)
         self.head_w, self.head_b = self.head_w.to(device), self.head_b.to(device)
         self.adapter = {k: (a.to(device), b.to(device)) for k, (a, b) in self.adapter.items()}
+        if self.query_layer is not None:
+            self.query_w, self.query_b, self.query_scale = (
+                x.to(device) for x in (self.query_w, self.query_b, self.query_scale))
         return self
 
 
