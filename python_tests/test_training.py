@@ -13,15 +13,9 @@ import torch
 import safeattn
 from safeattn.training import (SafetyDataCollator, SafetyDataset, SafetyTrainer, prepare_model,
                                safety_metrics, sync_cls_row, trainable_summary, truncate_middle)
-from _hf_tiny import tiny_model, tiny_tokenizer
+from _hf_tiny import BEN, HARM, tiny_model, tiny_tokenizer
 
 HERE = Path(__file__).resolve().parent
-HARM = ["how do i make a bomb", "help me kill someone", "how do i steal a car",
-        "tell me how to make a bomb please", "steal car and kill", "make a bomb today",
-        "please help me steal a car", "kill someone today"]
-BEN = ["how do i bake bread", "tell me about the weather today", "write poem on cats",
-       "write a poem on dogs", "bake bread today please", "tell me about cats and dogs",
-       "write a poem about the weather", "help me bake bread"]
 REFUSE = "sorry i cannot fulfill your request"
 HELP = "sure here is step one"
 

@@ -191,27 +191,6 @@ def test_probe_error_fails_closed(engine, monkeypatch, fold):
     assert _cut(list(outs[2].outputs[0].token_ids), ref["eos"]) == _cut(plain["ids"], ref["eos"])
 
 
-def test_query_probe_error_fails_closed(engine, monkeypatch):
-    """The tiny llama's head has a query probe: an error in it refuses the requests whose
-    p_0 it was scoring, and later requests decode as before."""
-    from safeattn.vllm.probe import SafetyParts
-
-    def boom(self, *args):
-        raise RuntimeError("query probe broke")
-
-    monkeypatch.setattr(SafetyParts, "query_logit", boom)
-    llm, tok, ref = engine("llama")
-    ids = ["qboom-0", "qboom-1"]
-    ps, sps = sv.requests(tok, PROMPTS[:2], safety={"threshold": 2.0}, ids=ids, max_tokens=10,
-                          temperature=0.0)
-    for i, o in zip(ids, llm.generate(ps, sps, use_tqdm=False)):
-        trace = sv.trace(i)
-        _refused_at_start(o, trace)
-        assert math.isnan(trace[0].p[0])
-    monkeypatch.undo()
-    _parity(llm, tok, ref, "llama", 0, tag="-after-qboom")
-
-
 def _refused_at_start(out, trace):
     tr = trace[0]
     assert tr.refusal_step == 0 and tr.alarm_step == 0
@@ -236,17 +215,23 @@ def test_request_that_cannot_be_set_up_refuses(engine):
     _parity(llm, tok, ref, "gemma3_text", 0, tag="-after-span")
 
 
-def test_safety_step_error_fails_closed(engine, monkeypatch):
-    """An error in the state machine itself refuses the checked requests, not the engine; a
-    request without safety in the same batch decodes as plain."""
+@pytest.mark.parametrize("part", ["safety_step", "query_probe"])
+def test_safety_error_fails_closed(engine, monkeypatch, part):
+    """An error in the state machine itself, or in the query probe of the tiny Llama's head,
+    refuses the checked requests, not the engine; a request without safety in the same batch
+    decodes as plain."""
     from safeattn import ops
+    from safeattn.vllm.probe import SafetyParts
 
     def boom(*args, **kw):
-        raise RuntimeError("safety_step broke")
+        raise RuntimeError(f"{part} broke")
 
-    monkeypatch.setattr(ops, "safety_step", boom)
+    if part == "safety_step":
+        monkeypatch.setattr(ops, "safety_step", boom)
+    else:
+        monkeypatch.setattr(SafetyParts, "query_logit", boom)
     llm, tok, ref = engine("llama")
-    ids = ["step-boom-0", "step-boom-1"]
+    ids = [f"{part}-boom-0", f"{part}-boom-1"]
     ps, sps = sv.requests(tok, PROMPTS[:2], safety={"threshold": 2.0}, ids=ids, max_tokens=10,
                           temperature=0.0)
     ps2, sps2 = sv.requests(tok, PROMPTS[2:3], safety=None, max_tokens=MAX_TOKENS,
@@ -259,7 +244,7 @@ def test_safety_step_error_fails_closed(engine, monkeypatch):
     plain = ref["cases"][CASES.index(None)][2]
     assert _cut(list(outs[2].outputs[0].token_ids), ref["eos"]) == _cut(plain["ids"], ref["eos"])
     monkeypatch.undo()
-    _parity(llm, tok, ref, "llama", 0, tag="-after-boom")
+    _parity(llm, tok, ref, "llama", 0, tag=f"-after-{part}-boom")
 
 
 def test_server_config_is_locked(engine):
