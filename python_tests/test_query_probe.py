@@ -13,14 +13,8 @@ import safeattn
 from safeattn.generation import SafetyConfig
 from safeattn.training import (SafetyDataCollator, fit_query_probe, prepare_model, prompt_states,
                                sync_cls_row)
-from _hf_tiny import tiny_model, tiny_tokenizer
+from _hf_tiny import BEN, HARM, tiny_model, tiny_tokenizer
 
-HARM = ["how do i make a bomb", "help me kill someone", "how do i steal a car",
-        "tell me how to make a bomb please", "steal car and kill", "make a bomb today",
-        "please help me steal a car", "kill someone today"]
-BEN = ["how do i bake bread", "tell me about the weather today", "write poem on cats",
-       "write a poem on dogs", "bake bread today please", "tell me about cats and dogs",
-       "write a poem about the weather", "help me bake bread"]
 REF = ["what is the weather today", "tell me about dogs", "how do i write a poem",
        "bread and cats", "why is it safe", "write about the car"]
 REFUSAL = "sorry i cannot fulfill your request because"
@@ -68,13 +62,15 @@ def test_query_probe_blends_the_heads_p0_with_the_prompts_deep_state(family):
         deep = qp.linear(out.query_hidden)[:, 0]
     torch.testing.assert_close(out.query_logit, qp.head_scale * out.safety_logit + deep)
     torch.testing.assert_close(out.p, torch.sigmoid(out.query_logit))
-    # each member is standardised on the benign reference prompts: the sum has mean 0 there
+    # on the benign reference prompts the blend has the head logit's mean and spread
     n = len(REF)
-    head_ref = out.safety_logit[-n:].double()
-    assert float(qp.head_scale) == pytest.approx(1 / float(head_ref.std()), rel=1e-4)
-    assert float(out.query_logit[-n:].double().mean()) == pytest.approx(0.0, abs=1e-4)
-    assert float((deep[-n:].double() + head_ref.mean() * float(qp.head_scale)).std()) == \
-        pytest.approx(1.0, rel=1e-3)
+    head_ref, blend_ref = out.safety_logit[-n:].double(), out.query_logit[-n:].double()
+    assert float(blend_ref.mean()) == pytest.approx(float(head_ref.mean()), abs=1e-4)
+    assert float(blend_ref.std()) == pytest.approx(float(head_ref.std()), rel=1e-4)
+    # and is the sum of the two members' z-scores there, mapped onto that mean and spread
+    z = sum((x - x.mean()) / x.std() for x in (head_ref, deep[-n:].double()))
+    torch.testing.assert_close(blend_ref, head_ref.mean() + head_ref.std() * z / z.std(),
+                               atol=1e-4, rtol=1e-4)
     # the probe member learned the training labels
     assert deep[:8].mean() > deep[8:16].mean()
 

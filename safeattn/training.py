@@ -902,8 +902,10 @@ def fit_query_probe(model, tokenizer, samples: Sequence, benign_prompts: Sequenc
     5-fold CV). Its logit and the head's ``p_0`` logit are then read through the model's own
     prefill on ``benign_prompts`` (benign validation prompts; no harmful label is used) and
     each is standardised by their mean and standard deviation there, as
-    :func:`safeattn.loso.blend` does; the query probe holds that sum. The config gets
-    ``query_probe = {"layer": L}``. Returns a report (layer, CV AUROC, counts, the stats)."""
+    :func:`safeattn.loso.blend` does. The query probe holds their sum, rescaled to the head
+    logit's mean and standard deviation on those prompts (so a benign prompt's ``p_0`` reads
+    as the head's would; the ranking is the sum's). The config gets ``query_probe = {"layer":
+    L}``. Returns a report (layer, CV AUROC, counts, the stats)."""
     from .hf.patch import apply_safeattn
     from .hf.template import build_inputs
 
@@ -939,14 +941,20 @@ def fit_query_probe(model, tokenizer, samples: Sequence, benign_prompts: Sequenc
     head, deep = torch.cat(head), torch.cat(deep)
     (mh, sh), (md, sd) = [(float(x.mean()), float(x.std().clamp_min(1e-12)))
                           for x in (head, deep)]
-    # (head - mh) / sh + (deep - md) / sd, folded into one scale and one linear layer
-    qp.head_scale.fill_(1.0 / sh)
-    qp.linear.weight.copy_((w / sd).to(qp.linear.weight.dtype).reshape(qp.linear.weight.shape))
-    qp.linear.bias.fill_((b - md) / sd - mh / sh)
+    z = (head - mh) / sh + (deep - md) / sd
+    sz = float(z.std().clamp_min(1e-12))
+    # query_logit = mh + sh * z / sz: the blend z with the head's own benign mean and spread,
+    # so that p_0 of a benign prompt reads as the head's would; one scale, one linear layer
+    k = sh / sz
+    qp.head_scale.fill_(1.0 / sz)
+    qp.linear.weight.copy_((w * k / sd).to(qp.linear.weight.dtype)
+                           .reshape(qp.linear.weight.shape))
+    qp.linear.bias.fill_(k * (b - md) / sd - mh / sz + mh)
     return {"layer": probe.layer, "l2": probe.l2, "cv_auroc": probe.cv_auroc,
             "layers": sorted(set(int(x) for x in layers)), "samples": len(rows),
             "harmful": int(y.sum()), "benign_reference": len(head),
-            "head_logit_mean_std": [mh, sh], "probe_logit_mean_std": [md, sd]}
+            "head_logit_mean_std": [mh, sh], "probe_logit_mean_std": [md, sd],
+            "blend_std": sz}
 
 
 def run_query_probe(args) -> int:

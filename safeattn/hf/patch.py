@@ -469,7 +469,8 @@ def safety_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
 @torch.no_grad()
 def classify(model, tokenizer, prompts: list[str] | str, *, batch_size: int = 16,
              system: str | None = None) -> torch.Tensor:
-    """``p_0`` = P(malicious) of each prompt from the ``[CLS]`` row -> fp32 ``[B]`` (on CPU).
+    """``p_0`` = P(malicious) of each prompt from the ``[CLS]`` row (and the query probe, when
+    the head has one) -> fp32 ``[B]`` (on CPU).
 
     Patches the model with :func:`apply_safeattn` first when needed.
     """

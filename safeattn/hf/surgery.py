@@ -31,9 +31,11 @@ class QueryProbe(nn.Module):
 
     It only scores the query: the prefill of a row whose ``[CLS]`` reads the query alone
     (``safety_mode='sft'``); every decoding-time check keeps the head. Fitted after the head
-    (``safeattn train --mode query-probe``) so that ``query_logit`` is the sum of the two
-    members' logits, each in standard deviations of its benign validation prompts; it is no
-    calibrated probability, so ``query_threshold`` is set on it by ``safeattn calibrate``.
+    (``safeattn train --query-probe-for``, :func:`safeattn.training.fit_query_probe`):
+    ``query_logit`` ranks prompts by the sum of the two members' logits, each in standard
+    deviations of its benign validation prompts, and on those prompts has the head logit's
+    mean and spread. It is no calibrated probability: ``safeattn calibrate`` sets
+    ``query_threshold`` on it.
     """
 
     def __init__(self, hidden_size: int, layer: int):
