@@ -130,6 +130,10 @@ def test_pick_thresholds_by_hand():
         pytest.approx((0.9925, 0.995))
     with pytest.raises(ValueError, match="length"):
         pick_thresholds(b0, br[:3], 0.25)
+    # a kept θ (0.97): no check refuses at it, so p_0 gets the whole budget (one row)
+    assert pick_thresholds(b0, br, 0.25, threshold=0.97) == pytest.approx((0.35, 0.97))
+    with pytest.raises(ValueError, match="checks alone refuse 2"):  # budget: 1
+        pick_thresholds(b0, br, 0.25, threshold=0.93)
     with pytest.raises(ValueError, match="target_fpr"):
         pick_thresholds(b0, br, 1.0)
 
@@ -423,6 +427,19 @@ def test_cli_reports_a_bad_value_without_a_traceback(tmp_path, capsys, monkeypat
     monkeypatch.setenv("SAFEATTN_TRACEBACK", "1")
     with pytest.raises(ValueError, match="val_fraction"):
         main(argv)
+
+
+def test_calibrate_keep_threshold_needs_one_to_keep(tmp_path, capsys):
+    from safeattn.calibration import calibrate
+    from safeattn.cli import main
+
+    (tmp_path / "safety_config.json").write_text("{}")
+    rc = main(["calibrate", "--model", "smollm2-135m-instruct", "--safety", str(tmp_path),
+               "--val-fraction", "0.15", "--split-thresholds", "--keep-threshold"])
+    assert rc == 2 and "has no threshold" in capsys.readouterr().err  # before any model load
+    with pytest.raises(ValueError, match="split_thresholds"):
+        calibrate(None, None, {"benign": [{"prompt": "x", "id": "b"}]}, target_fpr=0.03,
+                  keep_threshold=0.9)
 
 
 @pytest.mark.parametrize("bad", ["0", "3,x", "-2"])

@@ -73,7 +73,7 @@ def pick_threshold(benign_scores: torch.Tensor, target_fpr: float) -> float:
 
 
 def pick_thresholds(benign_p0: torch.Tensor, benign_checks: torch.Tensor,
-                    target_fpr: float) -> tuple[float, float]:
+                    target_fpr: float, threshold: float | None = None) -> tuple[float, float]:
     """``(query θ, θ)``: θ is :func:`pick_threshold`'s, and the prefill's ``p_0`` gets the
     lowest θ of its own (at most θ) at which no more than ``target_fpr`` of the benign rows
     still refuse.
@@ -86,13 +86,24 @@ def pick_thresholds(benign_p0: torch.Tensor, benign_checks: torch.Tensor,
     that θ does not already refuse. Every row that refuses at θ still refuses, the decoding
     checks (the ones that see a response) keep θ, and each θ lies halfway, as in
     :func:`pick_threshold` (the query θ between that ``p_0`` and θ).
+
+    ``threshold``: keep this θ for the decoding-time checks (e.g. the one calibrated for the
+    same head before only ``p_0`` changed) and spend what its refusals leave of the budget on
+    ``p_0``. Raises ``ValueError`` when the checks alone refuse more than the budget at it.
     """
     b0, br = (_benign(x, target_fpr) for x in (benign_p0, benign_checks))
     if len(b0) != len(br):
         raise ValueError(f"benign p_0 and decoding scores differ in length: {len(b0)} vs "
                          f"{len(br)}")
     k = _budget(b0, target_fpr)
-    theta = pick_threshold(torch.maximum(b0, br), target_fpr)
+    if threshold is None:
+        theta = pick_threshold(torch.maximum(b0, br), target_fpr)
+    else:
+        theta = float(threshold)
+        if int((br >= theta).sum()) > k:
+            raise ValueError(f"threshold {theta}: the decoding-time checks alone refuse "
+                             f"{int((br >= theta).sum())} benign rows, more than the {k} that "
+                             f"target_fpr={target_fpr} allows")
     clear = (b0 < theta) & (br < theta)
     if not clear.any():
         return theta, theta
@@ -186,7 +197,8 @@ def _decode(model, tokenizer, prompts, safety, max_new_tokens, batch_size):
 
 def calibrate(model, tokenizer, rows: Mapping[str, Sequence[Mapping]], *, target_fpr: float,
               safety=None, max_new_tokens: int = 32, batch_size: int = 8,
-              compare_taus: Sequence[int] = (), split_thresholds: bool = False) -> dict:
+              compare_taus: Sequence[int] = (), split_thresholds: bool = False,
+              keep_threshold: float | None = None) -> dict:
     """Pick θ so that at most ``target_fpr`` of ``rows["benign"]`` refuse, then decode every
     row once at that θ -> the report (``threshold``, the per-set refusal rates predicted from
     the trace and measured at θ, each harmful set's ``auroc`` against the benign rows by
@@ -200,7 +212,9 @@ def calibrate(model, tokenizer, rows: Mapping[str, Sequence[Mapping]], *, target
     to calibrate from the same trace (no real decoding) -> ``report["by_tau"]``, per τ its θ
     and the per-set rates predicted at it. ``split_thresholds``: a lower θ of its own for
     the prefill's ``p_0`` where the benign rows allow it (:func:`pick_thresholds`,
-    ``report["query_threshold"]``); else both are ``threshold``.
+    ``report["query_threshold"]``); else both are ``threshold``. ``keep_threshold`` (with
+    ``split_thresholds``): θ of the decoding-time checks stays this value; only ``p_0``'s θ
+    is picked (:func:`pick_thresholds`' ``threshold``).
     """
     from dataclasses import replace
 
@@ -209,6 +223,9 @@ def calibrate(model, tokenizer, rows: Mapping[str, Sequence[Mapping]], *, target
 
     if not rows.get("benign"):
         raise ValueError("rows['benign'] is empty: nothing to calibrate on")
+    if keep_threshold is not None and not split_thresholds:
+        raise ValueError("keep_threshold needs split_thresholds: with one θ for both, "
+                         "keeping it leaves nothing to calibrate")
     safety = replace(safety or SafetyConfig(), threshold=1.5, query_threshold=None)
     names = list(rows)
     prompts = [r["prompt"] for n in names for r in rows[n]]
@@ -236,7 +253,8 @@ def calibrate(model, tokenizer, rows: Mapping[str, Sequence[Mapping]], *, target
         sr = torch.where(failed, math.inf, sr)
         s = torch.maximum(s0, sr)  # refusal_scores(p, tau)
         if split_thresholds:
-            q, th = pick_thresholds(s0[benign], sr[benign], target_fpr)
+            q, th = pick_thresholds(s0[benign], sr[benign], target_fpr,
+                                    threshold=keep_threshold)
         else:
             q = th = pick_threshold(s[benign], target_fpr)
         return q, th, (s0 >= q) | (sr >= th), s0, s

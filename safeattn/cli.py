@@ -254,13 +254,18 @@ def _calibrate(args: argparse.Namespace) -> int:
         return 2
     # fails before the model load on a bad fraction
     rows = validation_rows(args.val_fraction, benign_responses=answers, seed=args.seed)
+    keep = None
+    if args.keep_threshold:
+        keep = json.loads((d / "safety_config.json").read_text()).get("threshold")
+        if keep is None:
+            raise ValueError(f"--keep-threshold: {d / 'safety_config.json'} has no threshold")
     safety = SafetyConfig(schedule=args.schedule, tau=args.tau)
     model, tok = load_default(args.model, safety_dir=d)
     model = model.to(_device(args.device))
     report = calibrate(model, tok, rows, target_fpr=args.target_fpr, safety=safety,
                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                        compare_taus=[int(t) for t in taus],
-                       split_thresholds=args.split_thresholds)
+                       split_thresholds=args.split_thresholds, keep_threshold=keep)
     report["val_fraction"] = args.val_fraction
     cfg_path = d / "safety_config.json"
     cfg = json.loads(cfg_path.read_text())
@@ -325,6 +330,10 @@ def _add_calibrate(sub) -> None:
                    help="also write 'query_threshold': a θ of its own for the prefill's p_0, "
                         "as low as the benign val rows allow without more of them refusing "
                         "than the target (θ of the decoding-time checks unchanged)")
+    p.add_argument("--keep-threshold", action="store_true",
+                   help="with --split-thresholds: keep SAFETY's saved θ for the decoding-time "
+                        "checks and pick only the θ of p_0 (after a change that moves p_0 "
+                        "alone, such as a query probe)")
     p.add_argument("--benign-responses", default=None,
                    help="the model's benign answers that open those exchanges (default: "
                         "SAFETY/benign_responses.jsonl)")
