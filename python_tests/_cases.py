@@ -62,3 +62,33 @@ def decode_intervals(rng, g, layout, b, tq, tk):
                 out[bi, 1] = torch.tensor([[0, 1], [qs, qe], [ws, we], [tk - 1, tk]])
         return out
     return random_intervals(rng, b, tq, tk, rng.randint(1, 4))
+
+
+def nan_cases():
+    """``(name, q, k, v, iv)`` (CPU, float32) with a NaN among row 0's visible scores, and
+    rows 1.. seeing none of it: the kernels must return row 0 NaN (fail closed) and the others
+    finite. The long cases reach the KV-split paths (CPU decode split, CUDA split-KV and
+    combine), where a split that saw only NaN scores has max -inf; the 70-row case is a
+    prefill."""
+    g = torch.Generator().manual_seed(7)
+
+    def make(tk, lo1, tq=2):
+        q = torch.randn(1, 2, tq, 16, generator=g)
+        k = torch.randn(1, 1, tk, 16, generator=g)
+        v = torch.randn(1, 1, tk, 16, generator=g)
+        iv = torch.tensor([[0, tk]] + [[lo1, tk]] * (tq - 1), dtype=torch.int32)
+        return q, k, v, iv.view(1, tq, 1, 2)
+
+    cases = []
+    for tq in (2, 70):
+        q, k, v, iv = make(80, 4, tq)
+        k[0, 0, 3] = float("nan")
+        cases.append((f"one key, {tq} rows", q, k, v, iv))
+    for tk in (2048, 4096):
+        q, k, v, iv = make(tk, tk // 2)
+        k[0, 0, : tk // 3] = float("nan")          # whole splits see nothing but NaN
+        cases.append((f"keys, {tk}", q, k, v, iv))
+    q, k, v, iv = make(2048, 0)
+    q[0, :, 0] = float("nan")                       # every score of row 0 is NaN
+    cases.append(("query row", q, k, v, iv))
+    return cases

@@ -301,6 +301,17 @@ def test_rows_without_visible_keys_are_exactly_zero(dtype, tq, tk):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", _cases.nan_cases(), ids=lambda c: c[0])
+def test_nan_in_a_visible_key_propagates(case, dtype):
+    """A NaN among a row's visible scores makes the row NaN (fail closed) on every
+    path: decode with one or several KV splits (where fmaxf drops NaN from the max), the
+    combine kernel and prefill; rows that do not see it stay finite."""
+    _, q, k, v, iv = case
+    out = safeattn.interval_attention(*(x.to(DEV, dtype) for x in (q, k, v)), iv.to(DEV))
+    assert out[0, :, 0].isnan().all() and out[0, :, 1:].isfinite().all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_empty_shapes(dtype):
     g = torch.Generator().manual_seed(0)
     q, k, v = qkv(g, 2, 2, 1, 3, 0, 64, dtype)

@@ -19,7 +19,7 @@ import torch
 import safeattn
 from safeattn import intervals as ivs
 from safeattn import reference as ref
-from _cases import decode_intervals as _decode_intervals, random_intervals, seed_of
+from _cases import decode_intervals as _decode_intervals, nan_cases, random_intervals, seed_of
 
 LOW = (torch.bfloat16, torch.float16)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -245,16 +245,15 @@ def test_rows_without_visible_keys_are_exactly_zero(dtype):
         torch.testing.assert_close(out[1, :, 1], v[1, :, 0].expand(4, -1), atol=1e-6, rtol=0)
 
 
-def test_nan_in_a_visible_key_propagates():
+@pytest.mark.parametrize("case", nan_cases(), ids=lambda c: c[0])
+def test_nan_in_a_visible_key_propagates(case):
     """A NaN score among a row's visible columns makes that row NaN (fail closed), in the
-    kernel and the reference alike; a row that does not see the column stays finite."""
-    g = torch.Generator().manual_seed(7)
-    q, k, v = qkv(g, 1, 2, 1, 2, 8, 16, torch.float32)
-    k[0, 0, 3] = float("nan")
-    iv = torch.tensor([[[[0, 5]], [[4, 8]]]], dtype=torch.int32)
+    kernel and the reference alike, also where the KV is split; a row that does not see the
+    column stays finite."""
+    _, q, k, v, iv = case
     for fn in (safeattn.interval_attention, ref.interval_attention):
         out = fn(q, k, v, iv)
-        assert out[0, :, 0].isnan().all() and out[0, :, 1].isfinite().all(), fn
+        assert out[0, :, 0].isnan().all() and out[0, :, 1:].isfinite().all(), fn
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -444,9 +444,16 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const AttnDims& 
               const float* pp = part.data() + (ub * p.nsplit + sp) * RB * (d.D + 2);
               mx = std::max(mx, pp[RB * d.D + r]);
             }
-            std::fill(o.begin(), o.end(), 0.f);
+            // std::max drops a NaN score from a split's max, not from its sum: a split that
+            // saw one (even all-NaN, max -inf) has l = NaN and makes the row NaN.
+            bool nan_row = false;
+            for (int64_t sp = 0; sp < p.nsplit; ++sp) {
+              const float* pp = part.data() + (ub * p.nsplit + sp) * RB * (d.D + 2);
+              nan_row |= std::isnan(pp[RB * d.D + RB + r]);
+            }
+            std::fill(o.begin(), o.end(), nan_row ? std::numeric_limits<float>::quiet_NaN() : 0.f);
             float lsum = 0.f;
-            if (mx != kNegInf) {
+            if (mx != kNegInf && !nan_row) {
               for (int64_t sp = 0; sp < p.nsplit; ++sp) {
                 const float* pp = part.data() + (ub * p.nsplit + sp) * RB * (d.D + 2);
                 const float ms = pp[RB * d.D + r];
@@ -458,7 +465,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const AttnDims& 
                               o.data(), o.data(), ar, d.D);
               }
             }
-            const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
+            const float inv = nan_row ? 1.f : lsum > 0.f ? 1.f / lsum : 0.f;
             const int64_t row = (b * d.Hq + h * p.G + g) * d.Tq + t;
             write_row(od + row * d.D, o.data(), inv, d.D);
             if (lsep) lsep[row] = lsum > 0.f ? mx + std::log(lsum) : kNegInf;

@@ -49,6 +49,7 @@ namespace detail {
 constexpr int kThreads = kWarps * 32;
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000u); }
+__device__ __forceinline__ float quiet_nan() { return __int_as_float(0x7fc00000u); }
 
 // ---------------------------------------------------------------------------------------
 // Element helpers.
@@ -570,6 +571,11 @@ __global__ void __launch_bounds__(kThreads) attn_kernel(const AttnParams p) {
       float M = neg_inf();
 #pragma unroll
       for (int w = 0; w < kWarps; ++w) M = fmaxf(M, red_m[w * 16 + r]);
+      // fmaxf drops a NaN score from the max, but not from the sum: a warp whose keys hold
+      // one has l = NaN, and the row must come out NaN (fail closed), even if M is -inf.
+      bool nan_row = false;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) nan_row |= isnan(red_l[w * 16 + r]);
       float L = 0.f, acc = 0.f;
       if (M != neg_inf()) {
 #pragma unroll
@@ -582,14 +588,15 @@ __global__ void __launch_bounds__(kThreads) attn_kernel(const AttnParams p) {
       }
       const int64_t row = ((int64_t)b * p.Hq + row_head(r)) * p.Tq + row_t(r);
       if (p.nsplit == 1) {
-        static_cast<T*>(p.out)[row * D + d] = from_float<T>(L > 0.f ? acc / L : 0.f);
+        static_cast<T*>(p.out)[row * D + d] =
+            from_float<T>(nan_row ? quiet_nan() : L > 0.f ? acc / L : 0.f);
         if (d == 0 && p.lse != nullptr) p.lse[row] = L > 0.f ? M + logf(L) : neg_inf();
       } else {
         const int64_t ps = row * p.nsplit + split;
-        p.part_o[ps * D + d] = acc;
+        p.part_o[ps * D + d] = nan_row ? quiet_nan() : acc;
         if (d == 0) {
           p.part_m[ps] = M;
-          p.part_l[ps] = L;
+          p.part_l[ps] = nan_row ? quiet_nan() : L;
         }
       }
     }
@@ -610,14 +617,18 @@ __global__ void __launch_bounds__(128) combine_kernel(const AttnParams p) {
     wts[s] = (M == neg_inf() || pm[s] == neg_inf()) ? 0.f : exp2f((pm[s] - M) * kLog2e);
   __syncthreads();
   float L = 0.f;
-  for (int s = 0; s < S; ++s) L = fmaf(wts[s], pl[s], L);
+  bool nan_row = false;  // a split that saw a NaN score (its l is NaN) makes the row NaN
+  for (int s = 0; s < S; ++s) {
+    L = fmaf(wts[s], pl[s], L);
+    nan_row |= isnan(pl[s]);
+  }
   if (p.lse != nullptr && threadIdx.x == 0) p.lse[row] = L > 0.f ? M + logf(L) : neg_inf();
   const float* po = p.part_o + row * S * D;
   T* out = static_cast<T*>(p.out) + row * D;
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     float acc = 0.f;
     for (int s = 0; s < S; ++s) acc = fmaf(wts[s], po[(int64_t)s * D + d], acc);
-    out[d] = from_float<T>(L > 0.f ? acc / L : 0.f);
+    out[d] = from_float<T>(nan_row ? quiet_nan() : L > 0.f ? acc / L : 0.f);
   }
 }
 
