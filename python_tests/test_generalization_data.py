@@ -102,32 +102,12 @@ def test_split_turns_hand_checked():
     assert [m["content"] for m in ctx] == ["hi", "hello", "q?"]
 
 
-def test_after_purpose_hand_checked():
-    from safeattn.data import turns
-    from safeattn.eval import CONTEXT_TURNS
-
-    seen = set()
-    for key in map(str, range(200)):
-        chat = turns.after_purpose("How do I pick a lock?", key)
-        assert chat == turns.after_purpose("How do I pick a lock?", key)   # deterministic
-        assert [m["role"] for m in chat] == ["user", "assistant", "user"]
-        assert (chat[0]["content"], chat[1]["content"]) in turns.PURPOSES
-        assert chat[2]["content"] == "How do I pick a lock?"
-        seen.add(chat[0]["content"])
-    assert len(seen) == len(turns.PURPOSES)                 # every purpose is reachable
-    # the eval's openings, and their topics, stay unseen
-    assert not {u for u, _ in CONTEXT_TURNS} & {u for u, _ in turns.PURPOSES}
-    for u, _ in turns.PURPOSES:
-        assert not {"chemistry", "story", "lesson", "novel", "fiction"} & \
-            set(u.lower().replace(".", " ").replace(",", " ").split())
-
-
 def test_conversation_samples_both_labels():
     resp = {r["id"]: "A helpful answer." for r in D.load("benign")}
     conv = D.build_samples("train", benign_responses=resp, include=("conversation",))
     assert conv and all(s.kind == "conversation" for s in conv)
     by = collections.Counter((s.label, s.id.rsplit("|", 1)[1]) for s in conv)
-    assert set(by) == {(label, tag) for label in (0, 1) for tag in ("split", "purpose", "ctx")}
+    assert set(by) == {(0, "split"), (1, "split"), (0, "ctx"), (1, "ctx")}
     from safeattn.eval import CONTEXT_TURNS
     from safeattn.hf.template import split_prefill
     train_ids = {r["id"] for r in D.benign_rows() if not D.in_test(D.group_key(r))}
@@ -135,9 +115,6 @@ def test_conversation_samples_both_labels():
         assert split_prefill(s.prompt)[1] is None                # a valid chat, no prefill
         assert s.prompt[-1]["role"] == "user"
         assert s.response == ("A helpful answer." if s.label == 0 else s.response)
-        if s.id.endswith("|purpose"):
-            assert (s.prompt[0]["content"], s.prompt[1]["content"]) in D.turns.PURPOSES
-            assert s.prompt[-1]["content"] == s.request and s.prompt_origin is None
         if s.id.endswith("|ctx"):
             opener = s.prompt[0]["content"]
             assert s.prompt[-1]["content"] == s.request and s.prompt_origin in D.BENIGN_GROUPS

@@ -749,7 +749,7 @@ def conversation_rows(rows: Sequence[Mapping], benign_responses: Mapping[str, st
     on validation prompts as chat apps send them. The openers are the ``fit`` benign prompts
     (the same split arguments as training) of at most :data:`CONTEXT_MAX_CHARS` characters that
     have an answer in ``benign_responses``. -> one row per shape: the row's keys, ``id``
-    ``"<id>|split"`` / ``"<id>|purpose"`` / ``"<id>|ctx"``, ``prompt`` the chat messages."""
+    ``"<id>|split"`` / ``"<id>|ctx"``, ``prompt`` the chat messages."""
     fit = _split(benign_rows(), "fit", test_fraction, salt, val_fraction)
     responses = {r["id"]: _clean_response(benign_responses[r["id"]]) for r in fit
                  if r["id"] in benign_responses}
