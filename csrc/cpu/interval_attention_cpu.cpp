@@ -439,19 +439,17 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const AttnDims& 
         for (int64_t t = t0; t < t1; ++t)
           for (int64_t g = 0; g < p.G; ++g) {
             const int64_t r = (t - t0) * p.G + g;
-            float mx = kNegInf;
-            for (int64_t sp = 0; sp < p.nsplit; ++sp) {
-              const float* pp = part.data() + (ub * p.nsplit + sp) * RB * (d.D + 2);
-              mx = std::max(mx, pp[RB * d.D + r]);
-            }
             // std::max drops a NaN score from a split's max, not from its sum: a split that
             // saw one (even all-NaN, max -inf) has l = NaN and makes the row NaN.
+            float mx = kNegInf;
             bool nan_row = false;
             for (int64_t sp = 0; sp < p.nsplit; ++sp) {
               const float* pp = part.data() + (ub * p.nsplit + sp) * RB * (d.D + 2);
+              mx = std::max(mx, pp[RB * d.D + r]);
               nan_row |= std::isnan(pp[RB * d.D + RB + r]);
             }
-            std::fill(o.begin(), o.end(), nan_row ? std::numeric_limits<float>::quiet_NaN() : 0.f);
+            const float nan = std::numeric_limits<float>::quiet_NaN();
+            std::fill(o.begin(), o.end(), nan_row ? nan : 0.f);
             float lsum = 0.f;
             if (mx != kNegInf && !nan_row) {
               for (int64_t sp = 0; sp < p.nsplit; ++sp) {
