@@ -297,11 +297,22 @@ def test_streamed_trace_comes_in_the_last_chunk():
     assert chunks[-1]["choices"][0]["safety"]["steps"] == 3
 
 
+@pytest.mark.parametrize("path", ["/v1/responses", "/v1/messages", "/invocations",
+                                  "/prefix/v1/chat/completions"])
+def test_streams_on_other_paths_are_400(path):
+    """vLLM streams text on more routes than the two the middleware gates: there, tokens
+    would reach the client before a check cleared them, so the request never reaches vLLM."""
+    eng = FakeEngine(WORDS[:3])
+    status, _, raw = _call(eng, {"stream": True}, path=path)
+    assert status == 400 and "gated on" in json.loads(raw)["error"]["message"]
+    assert not eng.bodies
+
+
 def test_other_paths_pass_untouched():
     eng = FakeEngine(WORDS[:3])
-    status, texts, _ = _call(eng, {"stream": True}, path="/v1/other")
-    assert status == 200 and _norm("".join(texts)) == " ".join(WORDS[:3])
-    assert serving.STREAM_ARG not in (eng.bodies[0].get("vllm_xargs") or {})
+    for body in ({"stream": False}, {"input": "hi"}):
+        status, _, _ = _call(eng, body, path="/v1/responses")
+        assert status == 200 and eng.bodies[-1] == body     # no safeattn key added
 
 
 @pytest.mark.parametrize("key", ["../x", "A" * 32, 3, None])

@@ -373,6 +373,24 @@ def test_probe_refuses_a_cache_it_cannot_read():
         cache_layout("vec", torch.uint8, 16, 64)
 
 
+def test_engines_the_probe_cannot_serve_are_refused():
+    """Prompt embeddings carry no token ids, so q_span and the plan's sequence lengths would
+    never match: such a row would go unchecked. The engine is refused at model build."""
+    from types import SimpleNamespace as NS
+
+    from safeattn.vllm.models import _check_engine
+
+    def config(embeds=False, spec=None, tp=1):
+        return NS(speculative_config=spec, model_config=NS(enable_prompt_embeds=embeds),
+                  parallel_config=NS(tensor_parallel_size=tp, pipeline_parallel_size=1))
+
+    _check_engine(config())
+    for bad, match in ((config(embeds=True), "prompt embeddings"),
+                       (config(spec=object()), "speculative"), (config(tp=2), "one device")):
+        with pytest.raises(ValueError, match=match):
+            _check_engine(bad)
+
+
 def test_reference_covers_refusals(engine):
     """The cases above hold refusals at p_0, refusals mid-generation and rows that never
     refuse (otherwise the parity test would prove less than it claims)."""

@@ -80,6 +80,9 @@ def _check_engine(vllm_config) -> None:
     if vllm_config.speculative_config is not None:
         raise ValueError("safeattn: speculative decoding is not supported (vLLM refuses custom "
                          "logits processors with it); remove speculative_config")
+    if getattr(vllm_config.model_config, "enable_prompt_embeds", False):
+        raise ValueError("safeattn: prompt embeddings are not supported (the probe's q_span "
+                         "is read from the prompt's token ids); remove enable_prompt_embeds")
     par = vllm_config.parallel_config
     if par.tensor_parallel_size > 1 or par.pipeline_parallel_size > 1:
         raise ValueError("safeattn: the vLLM probe runs on one device only "

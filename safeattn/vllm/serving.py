@@ -283,27 +283,30 @@ def _leaky_field(req: dict) -> str | None:
 class SafeStreamMiddleware:
     """ASGI middleware (``vllm serve ... --middleware
     safeattn.vllm.serving.SafeStreamMiddleware``) that gates streamed chat and completion
-    responses by the safety checks; other requests pass unchanged."""
+    responses by the safety checks. A streamed request to any other path (``/v1/responses``,
+    ``/v1/messages``, ``/invocations``, …) gets a 400: its tokens would reach the client before
+    a check cleared them. Other requests pass unchanged."""
 
     def __init__(self, app):
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        kind = PATHS.get(scope.get("path")) if scope.get("type") == "http" and \
-            scope.get("method") == "POST" else None
-        if kind is None:
+        if scope.get("type") != "http" or scope.get("method") != "POST":
             return await self.app(scope, receive, send)
-        body, more = b"", True
-        while more:
-            msg = await receive()
-            if msg["type"] != "http.request":  # the client left while sending
-                return
-            body += msg.get("body", b"")
-            more = msg.get("more_body", False)
+        kind = PATHS.get(scope.get("path"))
+        body = await _read_body(receive)
+        if body is None:  # the client left while sending
+            return
         try:
             req = json.loads(body)
         except ValueError:
             req = None
+        if kind is None:
+            if isinstance(req, dict) and req.get("stream"):
+                return await _send_400(send, f"safeattn: streamed responses are gated on "
+                                             f"{', '.join(PATHS)} only; this path would show "
+                                             f"tokens no safety check has cleared")
+            return await self.app(scope, _replay(body, receive), send)
         xargs = req.get("vllm_xargs") if isinstance(req, dict) else None
         if not isinstance(req, dict) or not isinstance(xargs, (dict, type(None))):
             return await self.app(scope, _replay(body, receive), send)  # vLLM answers it
@@ -330,6 +333,18 @@ class SafeStreamMiddleware:
         headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
         headers.append((b"content-length", str(len(body)).encode()))
         await self.app({**scope, "headers": headers}, _replay(body, receive), send)
+
+
+async def _read_body(receive) -> bytes | None:
+    """The whole request body, or ``None`` when the client left before sending it."""
+    body, more = b"", True
+    while more:
+        msg = await receive()
+        if msg["type"] != "http.request":
+            return None
+        body += msg.get("body", b"")
+        more = msg.get("more_body", False)
+    return body
 
 
 def _replay(body: bytes, receive):
