@@ -283,6 +283,84 @@ def test_refusal_without_prefix_ends_the_row():
     assert torch.equal(new[0], plain[0]) and out.safety[0].refusal_step is None
 
 
+def _open_alarm_ends(model, tok, fire, **kw):
+    """Plain and safe (``kw``: the config; the head rigged to ``fire``) greedy runs of
+    PROMPTS, 8 new tokens; rows end at ``eos_token_id`` when given -> (plain new ids, inputs,
+    safe output)."""
+    enc = safeattn.build_inputs(tok, PROMPTS)
+    gen = {k: kw.pop(k) for k in ("eos_token_id", "stopping_criteria") if k in kw}
+    plain = _new(_plain(model, enc, max_new_tokens=8, eos_token_id=gen.get("eos_token_id")),
+                 enc)
+    _rig(model, fire)
+    out = model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                         safety=SafetyConfig(refusal_prefix=REFUSAL, **kw), **gen)
+    return plain, enc, out
+
+
+def test_a_row_cannot_end_while_an_alarm_is_pending():
+    """Row 1's check after 3 tokens hits (1 of τ = 3), and plain greedy would write EOS next:
+    the EOS is masked, so the row goes on until the checks that follow clear it (they do
+    here), instead of ending with text no check cleared. The other rows are plain."""
+    model, tok = _patched("qwen2")
+    enc = safeattn.build_inputs(tok, PROMPTS)
+    first = _new(_plain(model, enc, max_new_tokens=8), enc)
+    eos = int(first[1, 3])
+    j = first[1].tolist().index(eos)  # row 1's first EOS under this eos_token_id
+    plain, enc, out = _open_alarm_ends(model, tok, {1: {j}}, eos_token_id=eos)
+    new, r = _new(out, enc), out.safety[1]
+    assert plain[1, j] == eos and new[1, j] != eos
+    assert torch.equal(new[1, :j], plain[1, :j]) and r.refusal_step is None
+    assert r.mode[j:j + 2] == ["transition", "benign"]
+    for i in (0, 2):
+        assert torch.equal(new[i], plain[i]) and out.safety[i].refusal_step is None
+    # nothing pending: the same EOS ends the row as in plain generate
+    _, _, again = _open_alarm_ends(model, tok, {}, eos_token_id=eos)
+    assert torch.equal(_new(again, enc), plain)
+
+
+def test_an_alarm_pending_at_the_last_token_refuses():
+    """Fail closed: an alarm that no check can resolve before the row's last token (the token
+    budget; a sparse schedule without ``escalate``) refuses there."""
+    from safeattn.generation import Refusal
+
+    model, tok = _patched("llama")
+    forced = Refusal(tok, SafetyConfig(refusal_prefix=REFUSAL), None).ids
+    plain, enc, out = _open_alarm_ends(model, tok, {1: {7}})  # the check after 7 of 8 hits
+    new, r = _new(out, enc), out.safety[1]
+    assert r.refusal_step == 7 and r.alarm_step == 6 and r.justification == ""
+    assert torch.equal(new[1, :7], plain[1, :7]) and new[1, 7] == forced[0]
+    assert torch.equal(new[0], plain[0]) and out.safety[0].refusal_step is None
+    # 'first' checks steps 1-2 only: nothing can clear a hit at 2
+    _, _, out = _open_alarm_ends(model, tok, {1: {2}}, schedule="first", first_n=2,
+                                 escalate=False)
+    assert out.safety[1].refusal_step == 2 and out.safety[0].refusal_step is None
+    _, _, out = _open_alarm_ends(model, tok, {1: {2}}, schedule="first", first_n=2)
+    assert out.safety[1].mode[2:4] == ["transition", "benign"]  # escalated, cleared
+    assert out.safety[1].refusal_step is None
+
+
+def test_a_row_stopped_while_an_alarm_is_pending_refuses():
+    """A stopping criterion (a stop string, say) that ends a row mid-alarm: the row counts as
+    refused at its end (a stream drops its held tokens); nothing more is written."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopRow1(StoppingCriteria):
+        def __call__(self, ids, scores, **kw):
+            out = torch.zeros(ids.shape[0], dtype=torch.bool)
+            out[1] = ids.shape[1] >= width + 5
+            return out
+
+    model, tok = _patched("llama")
+    width = safeattn.build_inputs(tok, PROMPTS)["input_ids"].shape[1]
+    # the check after 4 tokens hits; the 5th token stops the row
+    plain, enc, out = _open_alarm_ends(model, tok, {1: {4}},
+                                       stopping_criteria=StoppingCriteriaList([StopRow1()]))
+    new, r = _new(out, enc), out.safety[1]
+    assert r.refusal_step == 5 and r.alarm_step == 3 and r.justification == ""
+    assert torch.equal(new[1, :5], plain[1, :5]) and (new[1, 5:] == 0).all()
+    assert torch.equal(new[0], plain[0]) and out.safety[0].refusal_step is None
+
+
 def test_prefill_refusal():
     model, tok = _patched("qwen3")
     enc = safeattn.build_inputs(tok, PROMPTS)

@@ -429,6 +429,37 @@ def test_ended_turn_stays_ended_when_eos_is_ignored(engine):
     assert ended  # some refused turns ended before the token limit
 
 
+def test_pending_alarm_keeps_the_request_open(engine):
+    """A request mid-alarm cannot end (the HF decoder's ``hold_open``): where the reference
+    row's check before token ``n`` hit without refusing, making token ``n`` a stop token does
+    not end the request there. The same stop token at a step with no alarm does."""
+    llm, tok, ref = engine("llama")
+    found = []
+    for c, rows in enumerate(ref["cases"][:-1]):
+        for i, r in enumerate(rows):
+            ids, end = r["ids"], r["refusal_step"]
+            for n in range(1, min(len(ids), MAX_TOKENS - 1)):
+                if r["mode"][n] == "transition" and ids[n] not in ids[:n] and \
+                        ids[n] != ref["eos"] and (end is None or end > n):
+                    found.append((c, i, n))
+                    break
+    assert found  # the reference holds alarms that were pending mid-answer
+    for c, i, n in found[:4]:
+        want = ref["cases"][c][i]["ids"]
+        ps, sps = sv.requests(tok, [PROMPTS[i]], safety=CASES[c], max_tokens=MAX_TOKENS,
+                              temperature=0.0, stop_token_ids=[want[n]])
+        got = list(llm.generate(ps, sps, use_tqdm=False)[0].outputs[0].token_ids)
+        assert got[:n] == want[:n] and len(got) > n + 1 and got[n] != want[n], (c, i, n)
+    c, i, _ = found[0]
+    want = ref["cases"][c][i]["ids"]
+    k = next(k for k in range(1, len(want)) if ref["cases"][c][i]["mode"][k] == "benign"
+             and want[k] not in want[:k] and want[k] != ref["eos"])
+    ps, sps = sv.requests(tok, [PROMPTS[i]], safety=CASES[c], max_tokens=MAX_TOKENS,
+                          temperature=0.0, stop_token_ids=[want[k]])
+    got = list(llm.generate(ps, sps, use_tqdm=False)[0].outputs[0].token_ids)
+    assert got == want[:k + 1]  # vLLM keeps the stop token in token_ids
+
+
 @pytest.mark.parametrize("family", ["gemma3_text", "llama"])
 def test_mixed_batch(engine, family):
     """Safety on and off in one batch, with two schedules: each row as its own reference."""

@@ -45,6 +45,12 @@ step; ``annealing`` at 1, 2, 3, 5, 8, 13, ... (gaps ``1, 1, 2, 3, 5, 8, ...``) u
 *(ours)* With ``escalate=True`` (default) a row whose last check was a hit (mode
 ``transition``) is re-checked at every following step until it clears or refuses, so that
 ``tau`` consecutive hits can happen under sparse schedules too.
+
+*(ours)* **A row does not end mid-alarm.** While an alarm is pending its EOS is masked, so
+the checks that follow decide. When no check can come before the row's last token (the
+token budget; a sparse schedule without ``escalate``) the row refuses there, and a row that
+a stopping criterion ends mid-alarm (a stop string) counts as refused at its end. Fail closed:
+what the alarm flagged was never cleared, and a stream never shows it either.
 """
 from __future__ import annotations
 
@@ -130,6 +136,7 @@ class SafetyConfig:
             last gap).
         t_max: no annealing re-check after step ``t_max`` (``None``: never stop).
         escalate: re-check a row at every step while it is mid-alarm (``transition``).
+            Either way a row does not end mid-alarm (module doc).
         refusal_prefix: the text force-fed when a row refuses (``""``: none; the row then
             writes EOS and ends at once, rather than go on with the text it refused). ``None``
             (default): the model's (``refusal_prefix`` in its safety config, chosen with the
@@ -384,6 +391,13 @@ class Refusal:
         return tokenizer.decode(toks, skip_special_tokens=True).strip()
 
 
+def recheck_ahead(schedule: list[bool], escalate: bool, n: int, max_new: int) -> bool:
+    """Whether a row mid-alarm that is choosing response token ``n`` (of ``max_new``) can
+    still be checked: the check at step ``m`` (it sees ``m`` tokens) runs for ``n < m <
+    max_new`` when the schedule (``schedule[m]``) or ``escalate`` says so."""
+    return n + 1 < max_new and (escalate or any(schedule[n + 1:max_new]))
+
+
 def _window(mode, s_t, n, r1, r2, r3):
     """Vectorised ``reference.window`` (fallback when the op failed)."""
     lo2, hi2 = (n - r2).clamp_min(0), n
@@ -491,6 +505,7 @@ class _Decode:
         self.refusal = Refusal(tokenizer, safety,
                                None if eos is None else int(eos.reshape(-1)[0]))
         self.n_brk, self.n_forced = len(self.refusal.brk), len(self.refusal.ids)
+        self.eos_ids = None if eos is None else eos.reshape(-1).to(dev)
         self.forced = torch.tensor(self.refusal.ids, dtype=torch.long, device=dev)
         self.brk_cols = torch.arange(-self.n_brk, 0, device=dev)
         self.ends = _sentence_end_ids(tokenizer, dev) if safety.refusal_end == "sentence" and \
@@ -623,7 +638,7 @@ class _Decode:
         through HF's processors, greedy or sampled -> ``(tokens [B], scores [B, V])``."""
         logits = self.out.logits[:, -1].to(copy=True, dtype=torch.float32)
         self.out = None
-        scores = self.procs(self.seq, logits)
+        scores = self.hold_open(self.procs(self.seq, logits))
         if self.scores_out is not None:
             self.scores_out.append(scores)
         if self.logits_out is not None:
@@ -631,6 +646,34 @@ class _Decode:
         if self.gc.do_sample:
             return torch.multinomial(torch.softmax(scores, -1), num_samples=1).squeeze(1), scores
         return scores.argmax(-1), scores
+
+    def hold_open(self, scores) -> torch.Tensor:
+        """A row does not end its turn while an alarm is pending (a hit, fewer than τ so far):
+        the checks that follow decide. Its EOS is masked, and when no check can come before
+        its last token it refuses now (fail closed: nothing cleared what the alarm flagged)
+        -> the scores."""
+        pending = self.pending()
+        if not recheck_ahead(self.sched, self.safety.escalate, self.n, self.max_new):
+            self.refuse_pending(pending)
+            return scores
+        if self.eos_ids is None:
+            return scores
+        eos = scores[:, self.eos_ids]
+        scores[:, self.eos_ids] = torch.where(pending[:, None], float("-inf"), eos)
+        return scores
+
+    def pending(self) -> torch.Tensor:
+        """``[B]``: the rows mid-alarm (mode ``transition``, not refused, not finished)."""
+        return (self.mode == TRANSITION) & ~self.refused & self.unfinished.bool()
+
+    def refuse_pending(self, rows, at=None) -> None:
+        """``rows`` refuse outside a check; ``at``: their refusal step, for rows that have
+        already ended (others start their refusal at the next forced token)."""
+        self.refused.copy_(self.refused | rows)
+        self.alarm_at = torch.where(rows & (self.alarm_at < 0),
+                                    (self.s_t - self.pre).clamp_min(0).long(), self.alarm_at)
+        if at is not None:
+            self.refusal_at = torch.where(rows, at, self.refusal_at)
 
     def force_refusals(self, tok) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows that refused at the last check start their refusal here (rolled back to
@@ -675,7 +718,9 @@ class _Decode:
         if self.has_eos:
             tok = tok * self.unfinished + self.pad_id * (1 - self.unfinished)
         self.seq = torch.cat([self.seq, tok[:, None]], -1)
+        pending = self.pending()
         self.unfinished = self.unfinished & (~self.stops(self.seq, scores)).long()
+        self.refuse_pending(pending & ~self.unfinished.bool(), at=self.n + 1)  # a stop string
         if self.ends is not None:
             said = self.refused & ~forcing & self.ends[tok.clamp(0, self.ends.shape[0] - 1)]
             self.unfinished = self.unfinished & (~said).long()

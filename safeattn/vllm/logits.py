@@ -27,7 +27,8 @@ import torch
 from vllm.v1.sample.logits_processor import LogitsProcessor
 
 from .. import generation, ops, reference
-from ..generation import MODE_NAMES, REFUSAL, Refusal, SafetyConfig, SafetyOutput
+from ..generation import (MODE_NAMES, REFUSAL, Refusal, SafetyConfig, SafetyOutput,
+                          recheck_ahead)
 from ..ops import BENIGN, TRANSITION
 from .models import bridge_for, options
 from .probe import Plan
@@ -105,6 +106,7 @@ class RequestSafety:
         self.refusal = refusal
         self.tokenizer, self.eos = tokenizer, set(eos)  # for the justification
         self.eos_id = eos_id  # what ends a refused turn
+        self.max_tokens = max_tokens
         self.schedule = cfg.check_steps(max_tokens + 1)
         self.mode, self.consec, self.s_t, self.refused = BENIGN, 0, -1, False
         self.fpos = self.fstart = 0  # in refusal.ids: next forced, and where forcing began
@@ -120,6 +122,16 @@ class RequestSafety:
             return False
         sched = self.schedule[n] if n < len(self.schedule) else False
         return sched or (self.cfg.escalate and self.mode == TRANSITION)
+
+    def hold_open(self, n: int, logits: torch.Tensor, row: int) -> None:
+        """The HF decoder's ``hold_open`` for this request at step ``n``: mid-alarm, its EOS
+        is masked, or it refuses when no check can come before its last token."""
+        if self.refused or self.mode != TRANSITION:
+            return
+        if recheck_ahead(self.schedule, self.cfg.escalate, n, self.max_tokens):
+            logits[row, list(self.eos)] = float("-inf")
+        else:
+            self.refused, self.alarm_step = True, max(self.s_t, 0)
 
     def window(self, n: int) -> tuple[int, int]:
         # the scalar rules, not generation's batched ones: one request's tensors of one
@@ -361,7 +373,8 @@ class SafetyLogitsProcessor(LogitsProcessor):
         eos = {eos_id, *(params.all_stop_token_ids or ())} - {None}
         span = (0, 0) if failed else self._default_span(prompt_ids)
         st = RequestSafety(cfg, extras, prompt_ids, output_ids, self._refusal(cfg, eos_id),
-                           params.max_tokens or self.max_len, span, self.tokenizer, eos_id,
+                           min(params.max_tokens or self.max_len,
+                               self.max_len - len(prompt_ids)), span, self.tokenizer, eos_id,
                            eos)
         if failed:
             st.refused, st.alarm_step = True, 0
@@ -448,6 +461,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
                     s.p[n], s.modes[n] = float("nan"), REFUSAL
         for i in complete.nonzero().flatten().tolist():
             s, row, n = self._live[i], rows[i], ns[i]
+            s.hold_open(n, logits, row)
             if not s.refused:
                 continue
             ids = s.refusal.ids
