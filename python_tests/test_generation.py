@@ -68,7 +68,7 @@ def _rig(model, fire, nan=None):
     ({"tau": 0}, "tau"), ({"r1": -1}, "r1"), ({"r3": 1.5}, "r3"),
     ({"schedule": "sometimes"}, "schedule"), ({"period": 0}, "period"),
     ({"t_max": 0}, "t_max"), ({"gaps": [1, 0]}, "gaps"), ({"rollback": "yes"}, "rollback"),
-    ({"refusal_prefix": 3}, "refusal_prefix"), ({"stream_hold": -1}, "stream_hold"),
+    ({"refusal_prefix": 3}, "refusal_prefix"), ({"stream_hold": -1}, "stream_hold"), ({"stream_hold": 0}, "stream_hold"),
     ({"refusal_break": None}, "refusal_break"),
 ])
 def test_config_validation(kw, name):
@@ -582,6 +582,26 @@ def test_plain_streamer_is_refused():
     with pytest.raises(ValueError, match="streamer"):
         model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=0,
                        streamer=TextStreamer(tok), safety=SafetyConfig(**NEVER))
+
+
+def test_streamer_on_a_batch_is_refused():
+    """The safety updates a streamer gets are row 0's: a streamer that takes a batch would
+    show the other rows' tokens before any check cleared them."""
+    class BatchStreamer:
+        def put(self, value):
+            pass
+
+        def end(self):
+            pass
+
+        def safety_update(self, **kw):
+            pass
+
+    model, tok = _patched("llama")
+    enc = safeattn.build_inputs(tok, PROMPTS[:2])
+    with pytest.raises(ValueError, match="streamer.*batch of 2"):
+        model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                       streamer=BatchStreamer(), safety=SafetyConfig(**NEVER))
 
 
 def test_streamer_cut_off_by_an_error_starts_clean():

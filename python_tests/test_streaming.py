@@ -47,7 +47,7 @@ def test_holdback_end_drops_under_a_pending_alarm():
     assert g.end() == [] and g.dropped == [1, 2]
 
 
-@pytest.mark.parametrize("hold", [-1, 1.5, None])
+@pytest.mark.parametrize("hold", [-1, 0, 1.5, None])
 def test_holdback_bad_hold(hold):
     with pytest.raises(ValueError, match="hold"):
         HoldBack(hold)

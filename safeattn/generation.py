@@ -203,8 +203,9 @@ class SafetyConfig:
         need(isinstance(self.escalate, bool), "escalate", "must be a bool")
         if self.stream_hold is None:
             object.__setattr__(self, "stream_hold", self.tau)
-        need(isinstance(self.stream_hold, int) and self.stream_hold >= 0, "stream_hold",
-             "must be an int >= 0")
+        need(isinstance(self.stream_hold, int) and self.stream_hold >= 1, "stream_hold",
+             "must be an int >= 1 (with 0 each token would stream before the check that "
+             "sees it)")
 
     def resolved(self, model) -> "SafetyConfig":
         """This config with its model defaults filled in: ``threshold=None`` becomes the
@@ -895,6 +896,9 @@ def safe_generate(model, input_ids: torch.Tensor | None = None, attention_mask=N
     if extra:
         raise ValueError(f"safe generation got unexpected arguments {sorted(extra)}")
     if streamer is not None:
+        if input_ids.shape[0] != 1:
+            raise ValueError(f"streamer: safe generation streams one row (a streamer's safety "
+                             f"updates are row 0's); got a batch of {input_ids.shape[0]}")
         if not callable(getattr(streamer, "safety_update", None)):
             raise ValueError("streamer: safe generation streams only through a streamer that "
                              "takes safety updates (safeattn.SafeTextStreamer); a plain one "

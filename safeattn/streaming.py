@@ -26,8 +26,9 @@ class HoldBack:
     """
 
     def __init__(self, hold: int = 3):
-        if not isinstance(hold, int) or hold < 0:
-            raise ValueError(f"hold must be an int >= 0, got {hold!r}")
+        if not isinstance(hold, int) or hold < 1:  # 0 would show each token before its check
+            raise ValueError(f"hold must be an int >= 1 (with 0 each token would show before "
+                             f"the check that sees it), got {hold!r}")
         self.hold = hold
         self.pending: list[int] = []
         self.n_put = 0  # generated tokens received
