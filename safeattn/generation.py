@@ -506,7 +506,10 @@ class _Decode:
         self.refusal = Refusal(tokenizer, safety,
                                None if eos is None else int(eos.reshape(-1)[0]))
         self.n_brk, self.n_forced = len(self.refusal.brk), len(self.refusal.ids)
-        self.eos_ids = None if eos is None else eos.reshape(-1).to(dev)
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        self.eos_ids = None if eos is None else \
+            torch.tensor([t for t in eos.reshape(-1).tolist() if 0 <= t < vocab], device=dev,
+                         dtype=torch.long)
         self.forced = torch.tensor(self.refusal.ids, dtype=torch.long, device=dev)
         self.brk_cols = torch.arange(-self.n_brk, 0, device=dev)
         self.ends = _sentence_end_ids(tokenizer, dev) if safety.refusal_end == "sentence" and \

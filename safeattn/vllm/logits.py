@@ -129,7 +129,7 @@ class RequestSafety:
         if self.refused or self.mode != TRANSITION:
             return
         if recheck_ahead(self.schedule, self.cfg.escalate, n, self.max_tokens):
-            logits[row, list(self.eos)] = float("-inf")
+            logits[row, [t for t in self.eos if 0 <= t < logits.shape[-1]]] = float("-inf")
         else:
             self.refused, self.alarm_step = True, max(self.s_t, 0)
 
