@@ -506,10 +506,8 @@ class _Decode:
         self.refusal = Refusal(tokenizer, safety,
                                None if eos is None else int(eos.reshape(-1)[0]))
         self.n_brk, self.n_forced = len(self.refusal.brk), len(self.refusal.ids)
-        vocab = self.model.get_output_embeddings().weight.shape[0]
-        self.eos_ids = None if eos is None else \
-            torch.tensor([t for t in eos.reshape(-1).tolist() if 0 <= t < vocab], device=dev,
-                         dtype=torch.long)
+        self.eos_list = [] if eos is None else eos.reshape(-1).tolist()
+        self.eos_ids = None  # those inside the logits, on the device (at the first step)
         self.forced = torch.tensor(self.refusal.ids, dtype=torch.long, device=dev)
         self.brk_cols = torch.arange(-self.n_brk, 0, device=dev)
         self.ends = _sentence_end_ids(tokenizer, dev) if safety.refusal_end == "sentence" and \
@@ -661,7 +659,9 @@ class _Decode:
             self.refuse_pending(pending)
             return scores
         if self.eos_ids is None:
-            return scores
+            v = scores.shape[-1]
+            self.eos_ids = torch.tensor([t for t in self.eos_list if 0 <= t < v],
+                                        dtype=torch.long, device=self.dev)
         eos = scores[:, self.eos_ids]
         scores[:, self.eos_ids] = torch.where(pending[:, None], float("-inf"), eos)
         return scores
