@@ -656,6 +656,33 @@ def test_streamer_holds_what_the_config_says(hold, stream_hold, want):
     assert max(seen) == want
 
 
+def test_a_cleared_alarm_releases_only_what_its_window_saw():
+    """With ``r3 = 0`` a Rule-3 window ends at ``S_t``: the check that clears the alarm (the
+    third after it began) did not see the two tokens since, so they stay held for a check
+    that does (before, the benign outcome released every token up to the step)."""
+    model, tok = _patched("llama")
+    enc = safeattn.build_inputs(tok, PROMPTS[:1])
+    st = PrintedStreamer(tok, skip_prompt=True)
+    got = []
+    orig = st.safety_update
+
+    def update(**kw):
+        orig(**kw)
+        if kw["checked"] and kw["benign"]:
+            got.append((kw["seen"], st.gate.n_out, st.gate.n_put))  # released, received
+
+    st.safety_update = update
+    k = 4
+    _rig(model, {0: {k, k + 1}})  # two hits (τ = 3), then the third check clears
+    out = model.generate(**enc, max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                         pad_token_id=0, streamer=st,
+                         safety=SafetyConfig(refusal_prefix=REFUSAL, r3=0, stream_hold=8))
+    assert out.safety[0].mode[k:k + 3] == ["transition", "transition", "benign"]
+    # benign updates: p_0, the checks at steps 1..k-1, then the one at k+2 that clears
+    assert got[k] == (k, k, k + 2)  # 2 tokens received after its window stay held
+    assert got[k + 1] == (k + 3, k + 3, k + 3)  # the next check (Rule 2) sees them
+
+
 def test_streamer_never_prints_flagged_text():
     model, tok = _patched("llama")
     enc = safeattn.build_inputs(tok, PROMPTS[:1])

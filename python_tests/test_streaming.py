@@ -53,6 +53,19 @@ def test_holdback_bad_hold(hold):
         HoldBack(hold)
 
 
+def test_stream_gate_releases_only_what_the_check_saw(tmp_path, monkeypatch):
+    """The engine's StreamGate passes a check's window end (``seen``) on to HoldBack: a check
+    whose Rule-3 window ended before the newest tokens clears only what it saw."""
+    monkeypatch.setenv("SAFEATTN_STREAM_DIR", str(tmp_path))
+    tok = tiny_tokenizer()
+    ids = tok.convert_tokens_to_ids(WORDS[:6])
+    gate = serving.StreamGate("k", 2, tok)
+    gate.step(ids, 4, checked=True, benign=True, refused=False, trace=dict, seen=2)
+    assert gate.gate.n_out == 2 and gate.gate.pending == ids[2:4]
+    gate.step(ids, 5, checked=True, benign=True, refused=False, trace=dict)  # default: n
+    assert gate.gate.n_out == 5
+
+
 def test_visible():
     v = serving.visible
     assert v("abc", None, False) == "" and v("abc", None, True) == ""

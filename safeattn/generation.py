@@ -528,6 +528,7 @@ class _Decode:
         self.rolled, self.drop_upto = rows(False, torch.bool), rows(0, torch.long)
         self.unfinished = rows(1, torch.long)
         self.nonfinite_seen = rows(False, torch.bool)
+        self.seen_to = rows(0, torch.long)  # generated tokens before the last probe's window end
         self.all_rows = rows(True, torch.bool)
         # Response tokens already in the input (an assistant prefill, e.g. a prefill attack)
         # count as seen: the probe windows then cover the latest response tokens, prefill
@@ -734,11 +735,12 @@ class _Decode:
             else torch.zeros_like(live)
         want = [self.unfinished.any(), escal.any(), self.nonfinite_seen.any(), live.any()]
         if self.gate is not None:
-            want += [self.refused[0], self.mode[0] == BENIGN, self.chk_hist[-1][0]]
-        flags = torch.stack(want).tolist()
+            want += [self.refused[0], self.mode[0] == BENIGN, self.chk_hist[-1][0],
+                     self.seen_to[0]]
+        flags = torch.stack([w.long() for w in want]).tolist()
         if self.gate is not None:
             self.gate(checked=bool(flags[6]), benign=bool(flags[5]) and not flags[4],
-                      refused=bool(flags[4]), seen=self.n - 1)
+                      refused=bool(flags[4]), seen=flags[7])
         if self.streamer is not None:
             self.streamer.put(tok.cpu())
         if flags[2]:
@@ -756,6 +758,7 @@ class _Decode:
         self.am = torch.cat([self.am, torch.ones_like(self.am[:, :1])], -1)
         if (self.sched[self.n] and any_live) or any_escal:
             active = self.live if self.sched[self.n] else self.live & self.escal
+            self.seen_to = self.iv[:, 1, 1].long() - self.rs - self.pre  # before check()
             self.out = self.probe_forward(active)
             h = self.out.get("safety_hidden")
             if h is None:

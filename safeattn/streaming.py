@@ -47,8 +47,10 @@ class HoldBack:
         return self._out(self._take(len(self.pending) - self.hold))
 
     def update(self, *, checked: bool, benign: bool, refused: bool, seen: int) -> list[int]:
-        """A check that saw ``seen`` generated tokens ran (``checked``) with a benign outcome
-        (``benign``); ``refused``: the row now refuses (its held tokens are dropped)."""
+        """A check ran (``checked``) with a benign outcome (``benign``) over the generated
+        tokens before ``seen`` (its window's end: a Rule-3 window can end before the newest
+        token, and a benign outcome clears only what it saw); ``refused``: the row now refuses
+        (its held tokens are dropped)."""
         if refused and not self.refused:
             self.refused = True
             return self._drop()

@@ -116,6 +116,7 @@ class RequestSafety:
         self.p: dict[int, float] = {}
         self.modes: dict[int, int] = {}
         self.stream: StreamGate | None = None  # a server request's published state
+        self.seen = 0  # the end of the window of this step's check (generated tokens)
 
     def due(self, n: int) -> bool:
         if self.refused:
@@ -421,6 +422,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
             ns.append(n)
             due.append(s.due(n))
             win.append(s.window(n))
+            s.seen = win[-1][1]  # what a check at this step clears, for its stream
         self._live = [s for _, s in live]
         plan = Plan(rows, ns, [s.prompt_len for s in self._live], [s.qs for s in self._live],
                     [s.qe for s in self._live], [w[0] for w in win], [w[1] for w in win])
@@ -439,7 +441,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
         for s in self.rows.values():
             if s.stream is not None:
                 n = len(s.output_ids)
-                s.stream.step(s.output_ids, n, checked=n in s.p,
+                s.stream.step(s.output_ids, n, checked=n in s.p, seen=s.seen,
                               benign=s.mode == BENIGN and not s.refused, refused=s.refused,
                               trace=functools.partial(s.trace_json, justification=False))
 

@@ -119,9 +119,10 @@ class StreamGate:
         self.n = -1
 
     def step(self, output_ids, n: int, *, checked: bool, benign: bool, refused: bool,
-             trace) -> None:
+             trace, seen: int | None = None) -> None:
         """The step that sees ``n`` generated tokens: feed the new ones, then this step's check
-        (``checked``, with a ``benign`` outcome; ``refused``: the row now refuses); publish
+        (``checked``, with a ``benign`` outcome, over the tokens before ``seen``, default
+        ``n``; ``refused``: the row now refuses); publish
         with the request's trace (``trace()``: ``RequestSafety.trace_json``, built only when
         the step is new)."""
         if n == self.n:
@@ -130,7 +131,8 @@ class StreamGate:
         if not self.hold_back:
             return publish(self.key, {"trace": trace()})
         self._keep(self.gate.put(list(output_ids[self.gate.n_put:n])))
-        self._keep(self.gate.update(checked=checked, benign=benign, refused=refused, seen=n))
+        self._keep(self.gate.update(checked=checked, benign=benign, refused=refused,
+                                    seen=n if seen is None else seen))
         publish(self.key, {**self.state(output_ids[:n]), "n": n, "trace": trace()})
 
     def state(self, output_ids) -> dict:
