@@ -100,9 +100,10 @@ def pick_thresholds(benign_p0: torch.Tensor, benign_checks: torch.Tensor,
         theta = pick_threshold(torch.maximum(b0, br), target_fpr)
     else:
         theta = float(threshold)
-        if int((br >= theta).sum()) > k:
+        refused = int((br >= theta).sum())
+        if refused > k:
             raise ValueError(f"threshold {theta}: the decoding-time checks alone refuse "
-                             f"{int((br >= theta).sum())} benign rows, more than the {k} that "
+                             f"{refused} benign rows, more than the {k} that "
                              f"target_fpr={target_fpr} allows")
     clear = (b0 < theta) & (br < theta)
     if not clear.any():
