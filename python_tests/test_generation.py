@@ -288,12 +288,15 @@ def _open_alarm_ends(model, tok, fire, **kw):
     PROMPTS, 8 new tokens; rows end at ``eos_token_id`` when given -> (plain new ids, inputs,
     safe output)."""
     enc = safeattn.build_inputs(tok, PROMPTS)
-    gen = {k: kw.pop(k) for k in ("eos_token_id", "stopping_criteria") if k in kw}
+    gen = {k: kw.pop(k) for k in ("eos_token_id", "stopping_criteria", "do_sample", "top_k",
+                                  "return_dict_in_generate", "output_scores", "output_logits")
+           if k in kw}
     plain = _new(_plain(model, enc, max_new_tokens=8, eos_token_id=gen.get("eos_token_id")),
                  enc)
     _rig(model, fire)
-    out = model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=0,
-                         safety=SafetyConfig(refusal_prefix=REFUSAL, **kw), **gen)
+    out = model.generate(**enc, max_new_tokens=8, pad_token_id=0,
+                         safety=SafetyConfig(refusal_prefix=REFUSAL, **kw),
+                         **{"do_sample": False, **gen})
     return plain, enc, out
 
 
@@ -317,6 +320,16 @@ def test_a_row_cannot_end_while_an_alarm_is_pending():
     # nothing pending: the same EOS ends the row as in plain generate
     _, _, again = _open_alarm_ends(model, tok, {}, eos_token_id=eos)
     assert torch.equal(_new(again, enc), plain)
+    # EOS is masked before the processors: a top-k that keeps EOS alone would leave nothing
+    # to sample (it raised); the raw logits come back unmasked, the scores masked
+    _, _, sampled = _open_alarm_ends(model, tok, {1: {j}}, eos_token_id=eos, do_sample=True,
+                                     top_k=1)
+    assert torch.equal(_new(sampled, enc), new)
+    _, _, full = _open_alarm_ends(model, tok, {1: {j}}, eos_token_id=eos,
+                                  return_dict_in_generate=True, output_scores=True,
+                                  output_logits=True)
+    assert full.scores[j][1, eos] == float("-inf") and torch.isfinite(full.logits[j][1, eos])
+    assert full.scores[j][0, eos] == full.logits[j][0, eos]  # row 0 is not mid-alarm
 
 
 def test_an_alarm_pending_at_the_last_token_refuses():
@@ -360,6 +373,12 @@ def test_a_row_stopped_while_an_alarm_is_pending_refuses():
     assert r.refusal_step == 5 and r.alarm_step == 3 and r.justification == ""
     assert torch.equal(new[1, :5], plain[1, :5]) and (new[1, 5:] == 0).all()
     assert torch.equal(new[0], plain[0]) and out.safety[0].refusal_step is None
+    # with rollback the flagged span goes, as for any refusal
+    _, _, out = _open_alarm_ends(model, tok, {1: {4}}, rollback=True,
+                                 stopping_criteria=StoppingCriteriaList([StopRow1()]))
+    new, r = _new(out, enc), out.safety[1]
+    assert r.rolled_back and r.refusal_step == r.alarm_step == 3 and r.justification == ""
+    assert torch.equal(new[1, :3], plain[1, :3]) and (new[1, 3:] == 0).all()
 
 
 def test_prefill_refusal():

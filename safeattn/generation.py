@@ -47,10 +47,10 @@ step; ``annealing`` at 1, 2, 3, 5, 8, 13, ... (gaps ``1, 1, 2, 3, 5, 8, ...``) u
 ``tau`` consecutive hits can happen under sparse schedules too.
 
 *(ours)* **A row does not end mid-alarm.** While an alarm is pending its EOS is masked, so
-the checks that follow decide. When no check can come before the row's last token (the
-token budget; a sparse schedule without ``escalate``) the row refuses there, and a row that
-a stopping criterion ends mid-alarm (a stop string) counts as refused at its end. Fail closed:
-what the alarm flagged was never cleared, and a stream never shows it either.
+the checks that follow decide. When no check can come before the row's last token (at the
+token budget, or at once under a sparse schedule without ``escalate``) the row refuses, and
+a row that a stopping criterion ends mid-alarm (a stop string) counts as refused at its end.
+Fail closed: what the alarm flagged was never cleared, and a stream never shows it either.
 """
 from __future__ import annotations
 
@@ -528,6 +528,7 @@ class _Decode:
         self.rolled, self.drop_upto = rows(False, torch.bool), rows(0, torch.long)
         self.unfinished = rows(1, torch.long)
         self.nonfinite_seen = rows(False, torch.bool)
+        self.closed = rows(False, torch.bool)  # refused at their end (close_open)
         self.seen_to = rows(0, torch.long)  # generated tokens before the last probe's window end
         self.all_rows = rows(True, torch.bool)
         # Response tokens already in the input (an assistant prefill, e.g. a prefill attack)
@@ -641,7 +642,10 @@ class _Decode:
         through HF's processors, greedy or sampled -> ``(tokens [B], scores [B, V])``."""
         logits = self.out.logits[:, -1].to(copy=True, dtype=torch.float32)
         self.out = None
-        scores = self.hold_open(self.procs(self.seq, logits))
+        # EOS is masked before the processors (as vLLM does: after them, a top-p that kept only
+        # EOS would leave nothing to sample), on a copy when the raw logits are returned
+        held = self.hold_open(logits.clone() if self.logits_out is not None else logits)
+        scores = self.procs(self.seq, held)
         if self.scores_out is not None:
             self.scores_out.append(scores)
         if self.logits_out is not None:
@@ -652,9 +656,9 @@ class _Decode:
 
     def hold_open(self, scores) -> torch.Tensor:
         """A row does not end its turn while an alarm is pending (a hit, fewer than τ so far):
-        the checks that follow decide. Its EOS is masked, and when no check can come before
-        its last token it refuses now (fail closed: nothing cleared what the alarm flagged)
-        -> the scores."""
+        the checks that follow decide. Its EOS is masked (in place), and when no check can
+        come before its last token it refuses now (fail closed: nothing cleared what the alarm
+        flagged) -> the scores."""
         pending = self.pending()
         if not recheck_ahead(self.sched, self.safety.escalate, self.n, self.max_new):
             self.refuse_pending(pending)
@@ -671,14 +675,23 @@ class _Decode:
         """``[B]``: the rows mid-alarm (mode ``transition``, not refused, not finished)."""
         return (self.mode == TRANSITION) & ~self.refused & self.unfinished.bool()
 
-    def refuse_pending(self, rows, at=None) -> None:
-        """``rows`` refuse outside a check; ``at``: their refusal step, for rows that have
-        already ended (others start their refusal at the next forced token)."""
+    def refuse_pending(self, rows) -> None:
+        """``rows`` refuse outside a check (their refusal starts at the next forced token)."""
         self.refused.copy_(self.refused | rows)
         self.alarm_at = torch.where(rows & (self.alarm_at < 0),
                                     (self.s_t - self.pre).clamp_min(0).long(), self.alarm_at)
-        if at is not None:
-            self.refusal_at = torch.where(rows, at, self.refusal_at)
+
+    def close_open(self, ended) -> None:
+        """Rows that a stopping criterion (a stop string) ended mid-alarm refuse at their end:
+        nothing is forced after it, and with ``rollback`` their response from ``S_t`` on is
+        hidden, as for any other refusal."""
+        self.refuse_pending(ended)
+        self.closed = self.closed | ended
+        self.fpos = torch.where(ended, self.n_forced, self.fpos)
+        if self.safety.rollback:
+            self.roll_back(ended, end=self.n + 1)
+        else:
+            self.refusal_at = torch.where(ended, self.n + 1, self.refusal_at)
 
     def force_refusals(self, tok) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows that refused at the last check start their refusal here (rolled back to
@@ -701,18 +714,20 @@ class _Decode:
         self.fpos = self.fpos + forcing.long()
         return tok, forcing
 
-    def roll_back(self, newly) -> None:
-        """Hide the ``newly`` refused rows' response from ``S_t`` on (a prefill never rolls
-        back): zero those mask columns and restart the rows' positions at ``S_t``."""
+    def roll_back(self, newly, end=None) -> None:
+        """Hide the ``newly`` refused rows' response from ``S_t`` on, up to ``end`` (default:
+        the tokens so far; a prefill never rolls back): zero those mask columns and restart
+        the rows' positions at ``S_t``."""
+        end = self.n if end is None else end
         s_gen = (self.s_t - self.pre).clamp_min(0).long()
-        rb = newly & (self.s_t >= 0) & (s_gen < self.n)
-        start = torch.where(rb, s_gen, self.n)
+        rb = newly & (self.s_t >= 0) & (s_gen < end)
+        start = torch.where(rb, s_gen, end)
         cols = self.col[: self.am.shape[1]]
         hole = rb[:, None] & (cols[None] >= self.l0 + start[:, None]) & \
-            (cols[None] < self.l0 + self.n)
+            (cols[None] < self.l0 + end)
         self.am = self.am.masked_fill(hole, 0)
         self.cur_pos = torch.where(rb, self.base_pos + start, self.cur_pos)
-        self.drop_upto = torch.where(rb, self.n, self.drop_upto)
+        self.drop_upto = torch.where(rb, end, self.drop_upto)
         self.rolled = self.rolled | rb
         self.refusal_at = torch.where(newly, start, self.refusal_at)
 
@@ -725,7 +740,7 @@ class _Decode:
         self.seq = torch.cat([self.seq, tok[:, None]], -1)
         pending = self.pending()
         self.unfinished = self.unfinished & (~self.stops(self.seq, scores)).long()
-        self.refuse_pending(pending & ~self.unfinished.bool(), at=self.n + 1)  # a stop string
+        self.close_open(pending & ~self.unfinished.bool())
         if self.ends is not None:
             said = self.refused & ~forcing & self.ends[tok.clamp(0, self.ends.shape[0] - 1)]
             self.unfinished = self.unfinished & (~said).long()
@@ -815,7 +830,7 @@ class _Decode:
         p_all = torch.stack(self.p_hist, 1).float().cpu()
         mode_all = torch.stack(self.mode_hist, 1).cpu()
         chk_all = torch.stack(self.chk_hist, 1).cpu()
-        ref_at, fstart = self.refusal_at.cpu(), self.fstart.cpu()
+        ref_at, fstart, closed = self.refusal_at.cpu(), self.fstart.cpu(), self.closed.cpu()
         alarm_at, rolled = self.alarm_at.cpu(), self.rolled.cpu()
         eos_t = self.gc._eos_token_tensor
         eos = set(eos_t.reshape(-1).tolist()) if eos_t is not None else set()
@@ -823,8 +838,8 @@ class _Decode:
         res = []
         for i in range(self.b):
             r = int(ref_at[i])
-            just = None
-            if r >= 0 and self.tokenizer is not None:
+            just = "" if closed[i] else None  # refused at its end: nothing written after
+            if r >= 0 and self.tokenizer is not None and not closed[i]:
                 just = self.refusal.justification(self.tokenizer, new[i].tolist(), r,
                                                   int(fstart[i]), eos)
             res.append(RowSafety(

@@ -15,8 +15,9 @@ __all__ = ["HoldBack", "SafeTextStreamer"]
 class HoldBack:
     """Which of a row's generated tokens a stream may show (batch of one row).
 
-    At most ``hold`` tokens stay held while the row is not mid-alarm: under sparse schedules
-    the oldest unchecked tokens are released beyond that. While an alarm is pending (a check
+    At most ``hold`` tokens stay held while the row is not mid-alarm: beyond that the oldest
+    unchecked tokens are released (under sparse schedules, or after a Rule-3 check that
+    cleared an alarm without seeing the newest tokens). While an alarm is pending (a check
     hit, fewer than ``tau`` so far) nothing is released, and when the row switches to refusal
     the held (flagged) tokens are dropped, never shown; from then on every token (the refusal
     prefix and the justification) is released at once. At :meth:`end` held tokens are released
