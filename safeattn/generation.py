@@ -613,8 +613,7 @@ class _Decode:
 
     def record(self, p, active) -> None:
         """The trace of this step: ``p``, the modes, the rows checked, new alarms."""
-        self.alarm_at = torch.where(self.refused & (self.alarm_at < 0),
-                                    (self.s_t - self.pre).clamp_min(0).long(), self.alarm_at)
+        self.mark_alarms()
         self.p_hist.append(p)
         self.mode_hist.append(torch.where(self.refused, REFUSAL, self.mode))
         self.chk_hist.append(active)
@@ -678,8 +677,16 @@ class _Decode:
     def refuse_pending(self, rows) -> None:
         """``rows`` refuse outside a check (their refusal starts at the next forced token)."""
         self.refused.copy_(self.refused | rows)
-        self.alarm_at = torch.where(rows & (self.alarm_at < 0),
-                                    (self.s_t - self.pre).clamp_min(0).long(), self.alarm_at)
+        self.mark_alarms()
+
+    def mark_alarms(self) -> None:
+        """``alarm_at`` of the refused rows that have none yet: their ``S_t``."""
+        self.alarm_at = torch.where(self.refused & (self.alarm_at < 0), self.s_gen(),
+                                    self.alarm_at)
+
+    def s_gen(self) -> torch.Tensor:
+        """``S_t`` as a generated-token index (``s_t`` also counts prefilled response tokens)."""
+        return (self.s_t - self.pre).clamp_min(0).long()
 
     def close_open(self, ended) -> None:
         """Rows that a stopping criterion (a stop string) ended mid-alarm refuse at their end:
@@ -719,7 +726,7 @@ class _Decode:
         the tokens so far; a prefill never rolls back): zero those mask columns and restart
         the rows' positions at ``S_t``."""
         end = self.n if end is None else end
-        s_gen = (self.s_t - self.pre).clamp_min(0).long()
+        s_gen = self.s_gen()
         rb = newly & (self.s_t >= 0) & (s_gen < end)
         start = torch.where(rb, s_gen, end)
         cols = self.col[: self.am.shape[1]]
