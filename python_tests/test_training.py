@@ -584,6 +584,7 @@ def test_run_loso_tiny(tmp_path, monkeypatch):
     assert ("adapter" in json.loads((tmp_path / "safety_config.json").read_text())) == (
         rep["shipped_variant"] == "cls_adapter")
     assert set(rep["test"]) >= {"advbench", "xstest_unsafe", "pyrit_objectives", "benign"}
+    assert rep["negatives"]["split"] == "test"      # no --val-fraction: no val band
     fresh = tiny_model("gemma3_text", vocab_size=len(tok) + 1, window=512)
     ftok = tiny_tokenizer()
     safeattn.load_safety(fresh, tmp_path, ftok)
@@ -614,12 +615,16 @@ def test_run_loso_tiny(tmp_path, monkeypatch):
     args = p.parse_args(argv + ["--loso-folds", "", "--context-cache-file", str(cache)])
     with pytest.raises(ValueError, match="older safeattn"):  # keyed by sample id: stale-prone
         T.run_loso(args)
-    # --balance-sources: each fold's harmful sources weigh the same in the BCE term
+    # --balance-sources: each fold's harmful sources weigh the same in the BCE term; with
+    # --val-fraction the fold is scored against the benign val band
     weighed.clear()
     args = p.parse_args(argv + ["--loso-folds", "xstest_unsafe", "--loso-variants", "cls",
-                                "--balance-sources"])
+                                "--balance-sources", "--val-fraction", "0.15"])
     args.argv = argv
     assert T.run_loso(args) == 0
+    rep = json.loads((tmp_path / "loso.json").read_text())
+    assert rep["negatives"]["split"] == "val"
+    assert rep["folds"]["xstest_unsafe"]["cls"]["n_benign"] == rep["negatives"]["n"] > 0
     for samples, weights in weighed:
         totals = collections.Counter()
         for smp, w in zip(samples, weights):

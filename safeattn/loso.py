@@ -9,9 +9,12 @@ harmful source (:data:`~safeattn.data.HARMFUL_SOURCES`) and each benign source g
   row that shares a split group (:func:`~safeattn.data.group_key`) with a row of ``S``:
   leaving out the XSTest unsafe prompts also leaves out their safe contrast partners, and
   leaving out ``pyrit_objectives`` also leaves out the PyRIT responses.
-  Score every plain prompt of ``S`` (both splits: none was seen) against the benign
-  validation prompts (the benign test split). Report AUROC, and the TPR at the threshold
-  that gives 2% FPR on the benign validation prompts.
+  Score every plain prompt of ``S`` (every split: none was seen) against the benign
+  validation prompts. Report AUROC, and the TPR at the threshold that gives 2% FPR on them.
+  The validation prompts are the benign ``val`` band (``val_fraction``: the prompts that
+  ``safeattn calibrate`` sets θ on, never trained on). Without a band they fall back to the
+  benign test split, and :attr:`Plan.negatives_split` says so: the test split then chooses
+  between recipes.
 * **Benign fold** ``G``: train without ``G``; set the 2%-FPR threshold on the benign
   validation prompts of the *other* groups, and report the FPR of ``G``'s prompts (both
   splits) at it, and the AUROC of the harmful test-split prompts against them.
@@ -33,7 +36,7 @@ from typing import Sequence
 import torch
 
 from .data import (BENIGN_GROUPS, EVAL_NEUTRAL_PROMPT, HARMFUL_SOURCES, Sample, benign_rows,
-                   group_key, harmful_rows, response_rows, split)
+                   eval_sets, group_key, harmful_rows, response_rows, split)
 from .data.samples import _response_views
 from .generation import DEFAULT_WINDOW
 from .metrics import auroc, separation
@@ -70,11 +73,13 @@ class Plan:
     pool: list                       #: training samples, then the extra scoring samples
     n_train: int                     #: pool[:n_train] are the train-split training samples
     prompts: dict[str, list[int]]    #: plain prompt samples per origin (both splits)
-    validation: list[int]            #: benign test-split prompts (the validation negatives)
+    validation: list[int]            #: benign validation prompts (the folds' negatives)
     harmful_test: list[int]          #: harmful test-split prompts, every source
     sweep: list[int]                 #: response-sweep views of the test-split responses
     folds: dict[str, list[int]]      #: fold -> training indices
     test_ids: set = dataclasses.field(default_factory=set)  #: row ids in the test split
+    benign_test: list[int] = dataclasses.field(default_factory=list)  #: benign test prompts
+    negatives_split: str = "test"    #: where ``validation`` comes from: ``val`` or ``test``
 
     def origin_of(self, i: int) -> str:
         return self.pool[i].origin
@@ -85,14 +90,21 @@ class Plan:
 
 
 def plan(train: Sequence[Sample], tokenizer=None, *, test_fraction: float = 0.2,
-         salt: str = "", sweep_every: int = 8, sweep_tokens: int = 64,
-         window: int = DEFAULT_WINDOW) -> Plan:
-    """Pool and folds for the train-split samples ``train`` (from
-    :func:`safeattn.data.build_samples`). Plain prompts that are already in ``train`` (kind
+         salt: str = "", val_fraction: float = 0.0, sweep_every: int = 8,
+         sweep_tokens: int = 64, window: int = DEFAULT_WINDOW) -> Plan:
+    """Pool and folds for the training samples ``train`` (from
+    :func:`safeattn.data.build_samples`: split ``fit`` when ``val_fraction`` holds a
+    validation band out, else ``train``). Plain prompts that are already in ``train`` (kind
     ``query``) are scored from there; the others are added to the pool with an empty
-    response (the ``[CLS]`` row reads only the prompt)."""
+    response (the ``[CLS]`` row reads only the prompt). The folds' negatives are the benign
+    ``val`` prompts when ``val_fraction > 0``, else the benign test split."""
     rows = harmful_rows() + benign_rows()
     test_ids = {r["id"] for r in split(rows, test_fraction, salt=salt)[1]}
+    val_ids = {r["id"] for r in eval_sets("val", test_fraction=test_fraction, salt=salt,
+                                          val_fraction=val_fraction)["benign"]}
+    if val_ids & {s.row_id for s in train}:
+        raise ValueError("train holds benign val prompts: build it with split 'fit' and the "
+                         "same val_fraction")
     pool = list(train)
     by_id = {s.id: i for i, s in enumerate(pool) if s.kind == "query"}
     prompts: dict[str, list[int]] = {o: [] for o in FOLDS}
@@ -109,7 +121,8 @@ def plan(train: Sequence[Sample], tokenizer=None, *, test_fraction: float = 0.2,
     pool += response_sweep(split(labelled, test_fraction, salt=salt)[1], tokenizer,
                            every=sweep_every, max_tokens=sweep_tokens, r2=window)
     sweep = list(range(start, len(pool)))
-    validation = [i for g in BENIGN_GROUPS for i in prompts[g] if pool[i].row_id in test_ids]
+    benign_test = [i for g in BENIGN_GROUPS for i in prompts[g] if pool[i].row_id in test_ids]
+    validation = [i for g in BENIGN_GROUPS for i in prompts[g] if pool[i].row_id in val_ids]
     harmful_test = [i for s in HARMFUL_SOURCES for i in prompts[s] if pool[i].row_id in test_ids]
     # a fold drops every training row that shares a split group with a held-out row: the
     # XSTest safe partner of a held-out unsafe prompt, the responses to a held-out objective
@@ -120,7 +133,10 @@ def plan(train: Sequence[Sample], tokenizer=None, *, test_fraction: float = 0.2,
         held = {keys[r["id"]] for r in rows if r["origin"] == fold}
         folds[fold] = [i for i in range(len(train)) if not pool[i].origins & drop
                        and keys.get(pool[i].row_id) not in held]
-    return Plan(pool, len(train), prompts, validation, harmful_test, sweep, folds, test_ids)
+    if not validation:
+        validation = benign_test
+    return Plan(pool, len(train), prompts, validation, harmful_test, sweep, folds, test_ids,
+                benign_test, "val" if val_ids else "test")
 
 
 def _max_per_row(pool, idx, scores) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,11 +193,11 @@ def fold_metrics(p: Plan, fold: str, score, examples: int = 0, *,
 
 def test_metrics(p: Plan, score, *, responses: bool = True) -> dict:
     """Test-split metrics of a model trained on every training sample: per harmful source,
-    its test-split prompts against the benign validation prompts (AUROC, TPR at 2% FPR,
+    its test-split prompts against the benign test-split prompts (AUROC, TPR at 2% FPR,
     recall at ``p >= 0.5``); benign FPR at ``p >= 0.5`` overall and on the over-refusal
     group; response-level AUROC of the sweep (not with ``responses=False``). ``score``
     gives logits (0 is ``p = 0.5``)."""
-    neg = score(p.validation)
+    neg = score(p.benign_test)
     out = {}
     for src in HARMFUL_SOURCES:
         idx = [i for i in p.prompts[src] if p.pool[i].row_id in p.test_ids]
@@ -189,7 +205,7 @@ def test_metrics(p: Plan, score, *, responses: bool = True) -> dict:
         auc, tpr, _ = separation(pos, neg)
         out[src] = {"n": len(idx), "auroc": auc, "tpr_at_2fpr": tpr,
                     "recall_at_0.5": float((pos >= 0).float().mean())}
-    over = [i for i in p.validation if p.origin_of(i) == "over_refusal"]
+    over = [i for i in p.benign_test if p.origin_of(i) == "over_refusal"]
     out["benign"] = {"n": len(neg), "fpr_at_0.5": float((neg >= 0).float().mean()),
                      "over_refusal_n": len(over),
                      "over_refusal_fpr_at_0.5": float((score(over) >= 0).float().mean())}

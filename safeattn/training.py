@@ -1381,7 +1381,9 @@ def run_loso(args) -> int:
     ``cls_layer`` is picked first by 5-fold CV of the frozen-row head on the whole training
     pool (among ``--layers``). The trained variant with the best mean AUROC over the harmful
     folds is then trained on every training sample and saved to ``OUT`` (``save_safety``).
-    Writes ``OUT/loso.json`` (folds, test-split metrics of the shipped head) as it goes."""
+    Each fold is scored against the benign ``--val-fraction`` prompts (without a band, the
+    benign test split; ``negatives`` in the report says which). Writes ``OUT/loso.json``
+    (folds, test-split metrics of the shipped head) as it goes."""
     import json
     import time
     from pathlib import Path
@@ -1405,7 +1407,8 @@ def run_loso(args) -> int:
     coll = SafetyDataCollator(tok, max_prompt_tokens=args.max_prompt_tokens,
                               max_length=args.max_length)
     train, too_long = _cacheable(train, coll, model)
-    plan = loso.plan(train, tok, window=args.probe_window)
+    plan = loso.plan(train, tok, window=args.probe_window,
+                     val_fraction=getattr(args, "val_fraction", 0.0))
     pool = plan.pool
     snap = _head_snapshot(model)
     store: dict = {}
@@ -1457,6 +1460,7 @@ def run_loso(args) -> int:
     report = {"command": "safeattn train " + shlex.join(args.argv), "pool": len(pool),
               "n_train": plan.n_train, "left_out_too_long": too_long, "cls_layer": cls_layer,
               "layer_cv_auroc": layer_cv,
+              "negatives": {"split": plan.negatives_split, "n": len(plan.validation)},
               "folds": {}}
     feats_last = {l + 1: last[:, l] for l in range(last.shape[1])}  # hidden state l+1
     deep = None

@@ -114,7 +114,8 @@ def _sample_arguments(p) -> None:
                    help="k of the k-token harmful prefixes (kind trajectory)")
     p.add_argument("--val-fraction", type=float, default=0.0,
                    help="hold out this band of the train split as the validation split that "
-                        "'safeattn calibrate' picks θ on (train on the rest: split 'fit')")
+                        "'safeattn calibrate' picks θ on (train on the rest: split 'fit'); "
+                        "with --loso, its benign prompts are the folds' negatives")
     p.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="cut longer user texts in the middle")
     p.add_argument("--max-length", type=int, default=None)
