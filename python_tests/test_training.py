@@ -584,7 +584,7 @@ def test_run_loso_tiny(tmp_path, monkeypatch):
     assert ("adapter" in json.loads((tmp_path / "safety_config.json").read_text())) == (
         rep["shipped_variant"] == "cls_adapter")
     assert set(rep["test"]) >= {"advbench", "xstest_unsafe", "pyrit_objectives", "benign"}
-    assert rep["negatives"]["split"] == "test"      # no --val-fraction: no val band
+    assert rep["scored"]["split"] == "test"         # no --val-fraction: no val band
     fresh = tiny_model("gemma3_text", vocab_size=len(tok) + 1, window=512)
     ftok = tiny_tokenizer()
     safeattn.load_safety(fresh, tmp_path, ftok)
@@ -623,8 +623,9 @@ def test_run_loso_tiny(tmp_path, monkeypatch):
     args.argv = argv
     assert T.run_loso(args) == 0
     rep = json.loads((tmp_path / "loso.json").read_text())
-    assert rep["negatives"]["split"] == "val"
-    assert rep["folds"]["xstest_unsafe"]["cls"]["n_benign"] == rep["negatives"]["n"] > 0
+    assert rep["scored"]["split"] == "val"
+    assert rep["folds"]["xstest_unsafe"]["cls"]["n_benign"] == rep["scored"]["benign"] > 0
+    assert rep["test"]["benign"]["n"] != rep["scored"]["benign"]
     for samples, weights in weighed:
         totals = collections.Counter()
         for smp, w in zip(samples, weights):

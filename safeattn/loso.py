@@ -5,23 +5,24 @@ training prompts rather than harm. LOSO measures what it catches that it never s
 harmful source (:data:`~safeattn.data.HARMFUL_SOURCES`) and each benign source group
 (:data:`~safeattn.data.BENIGN_GROUPS`), train without it, then score it.
 
-* **Harmful fold** ``S``: train on the train-split samples of every other origin, less every
+* **Harmful fold** ``S``: train on the training samples of every other origin, less every
   row that shares a split group (:func:`~safeattn.data.group_key`) with a row of ``S``:
   leaving out the XSTest unsafe prompts also leaves out their safe contrast partners, and
   leaving out ``pyrit_objectives`` also leaves out the PyRIT responses.
   Score every plain prompt of ``S`` (every split: none was seen) against the benign
   validation prompts. Report AUROC, and the TPR at the threshold that gives 2% FPR on them.
-  The validation prompts are the benign ``val`` band (``val_fraction``: the prompts that
-  ``safeattn calibrate`` sets θ on, never trained on). Without a band they fall back to the
-  benign test split, and :attr:`Plan.negatives_split` says so: the test split then chooses
-  between recipes.
 * **Benign fold** ``G``: train without ``G``; set the 2%-FPR threshold on the benign
-  validation prompts of the *other* groups, and report the FPR of ``G``'s prompts (both
-  splits) at it, and the AUROC of the harmful test-split prompts against them.
-* **Responses**: each fold (and the shipped model) also scores the test-split PyRIT
-  responses (split by objective) after the neutral prompt
-  :data:`~safeattn.data.EVAL_NEUTRAL_PROMPT`: the response's score is the highest ``p`` over
-  a sweep of Rule-2 probe windows (:func:`response_sweep`); AUROC harmful vs harmless.
+  validation prompts of the *other* groups, and report the FPR of ``G``'s prompts
+  (every split) at it, and the AUROC of the harmful validation prompts against them.
+* **Responses**: each fold also scores the validation PyRIT responses (split by objective)
+  after the neutral prompt :data:`~safeattn.data.EVAL_NEUTRAL_PROMPT`: the response's score
+  is the highest ``p`` over a sweep of Rule-2 probe windows (:func:`response_sweep`); AUROC
+  harmful vs harmless.
+
+"Validation" is the ``val`` band (``val_fraction``: what ``safeattn calibrate`` sets θ on,
+never trained on; :attr:`Plan.val`). Without a band the folds score the test split
+(``Plan.val.split == "test"``), which then helps choose between recipes. The model trained
+on every training sample is scored on the test split (:func:`test_metrics`, :attr:`Plan.test`).
 
 :func:`plan` builds the pool of samples and the folds (pure data, no model);
 :func:`fold_metrics` turns scores into a report row. The driver that trains the ``[CLS]`` head
@@ -36,7 +37,7 @@ from typing import Sequence
 import torch
 
 from .data import (BENIGN_GROUPS, EVAL_NEUTRAL_PROMPT, HARMFUL_SOURCES, Sample, benign_rows,
-                   eval_sets, group_key, harmful_rows, response_rows, split)
+                   group_key, harmful_rows, response_rows, split)
 from .data.samples import _response_views
 from .generation import DEFAULT_WINDOW
 from .metrics import auroc, separation
@@ -67,26 +68,44 @@ def response_sweep(rows, tokenizer=None, *, every: int = 8, max_tokens: int = 64
 
 
 @dataclasses.dataclass
+class Scored:
+    """What one kind of report scores, all outside every fold's training samples: the
+    ``val`` band (the folds) or the test split (:func:`test_metrics`)."""
+
+    split: str                       #: ``"val"`` or ``"test"``
+    benign: list[int]                #: benign prompts (negatives; the 2%-FPR threshold)
+    harmful: list[int]               #: harmful prompts, every source
+    sweep: list[int]                 #: response-sweep views of the split's PyRIT responses
+
+
+@dataclasses.dataclass
 class Plan:
     """The sample pool and, per fold, which pool indices train and which are scored."""
 
     pool: list                       #: training samples, then the extra scoring samples
-    n_train: int                     #: pool[:n_train] are the train-split training samples
-    prompts: dict[str, list[int]]    #: plain prompt samples per origin (both splits)
-    validation: list[int]            #: benign validation prompts (the folds' negatives)
-    harmful_test: list[int]          #: harmful test-split prompts, every source
-    sweep: list[int]                 #: response-sweep views of the test-split responses
+    n_train: int                     #: pool[:n_train] are the training samples
+    prompts: dict[str, list[int]]    #: plain prompt samples per origin (every split)
     folds: dict[str, list[int]]      #: fold -> training indices
-    test_ids: set = dataclasses.field(default_factory=set)  #: row ids in the test split
-    benign_test: list[int] = dataclasses.field(default_factory=list)  #: benign test prompts
-    negatives_split: str = "test"    #: where ``validation`` comes from: ``val`` or ``test``
+    val: Scored                      #: what the folds score (the test split without a band)
+    test: Scored                     #: what :func:`test_metrics` scores
 
     def origin_of(self, i: int) -> str:
         return self.pool[i].origin
 
     def negatives(self, fold: str) -> list[int]:
         """The benign validation prompts a fold is scored against: those not in the fold."""
-        return [i for i in self.validation if self.origin_of(i) != fold]
+        return [i for i in self.val.benign if self.origin_of(i) != fold]
+
+
+def _bands(rows, test_fraction: float, val_fraction: float, salt: str) -> tuple[list, list]:
+    """``(val, test)`` parts of ``rows``, cut as :func:`safeattn.data.build_samples` cuts
+    them: raising the test fraction by ``val_fraction`` moves exactly the val band to test."""
+    test = split(rows, test_fraction, salt=salt)[1]
+    if not val_fraction:
+        return [], test
+    ids = {r["id"] for r in test}
+    wider = split(rows, test_fraction + val_fraction, salt=salt)[1]
+    return [r for r in wider if r["id"] not in ids], test
 
 
 def plan(train: Sequence[Sample], tokenizer=None, *, test_fraction: float = 0.2,
@@ -96,15 +115,17 @@ def plan(train: Sequence[Sample], tokenizer=None, *, test_fraction: float = 0.2,
     :func:`safeattn.data.build_samples`: split ``fit`` when ``val_fraction`` holds a
     validation band out, else ``train``). Plain prompts that are already in ``train`` (kind
     ``query``) are scored from there; the others are added to the pool with an empty
-    response (the ``[CLS]`` row reads only the prompt). The folds' negatives are the benign
-    ``val`` prompts when ``val_fraction > 0``, else the benign test split."""
+    response (the ``[CLS]`` row reads only the prompt). The folds score the ``val`` band
+    (its benign prompts are their negatives) when ``val_fraction > 0``, else the test split.
+    """
     rows = harmful_rows() + benign_rows()
-    test_ids = {r["id"] for r in split(rows, test_fraction, salt=salt)[1]}
-    val_ids = {r["id"] for r in eval_sets("val", test_fraction=test_fraction, salt=salt,
-                                          val_fraction=val_fraction)["benign"]}
-    if val_ids & {s.row_id for s in train}:
-        raise ValueError("train holds benign val prompts: build it with split 'fit' and the "
-                         "same val_fraction")
+    val_rows, test_rows = _bands(rows, test_fraction, val_fraction, salt)
+    if val_fraction and not val_rows:
+        raise ValueError(f"val_fraction={val_fraction} holds no prompt out: the folds would "
+                         "have no validation prompts")
+    if {r["id"] for r in val_rows} & {s.row_id for s in train}:
+        raise ValueError("train holds val prompts: build it with split 'fit' and the same "
+                         "val_fraction")
     pool = list(train)
     by_id = {s.id: i for i, s in enumerate(pool) if s.kind == "query"}
     prompts: dict[str, list[int]] = {o: [] for o in FOLDS}
@@ -117,13 +138,20 @@ def plan(train: Sequence[Sample], tokenizer=None, *, test_fraction: float = 0.2,
             by_id[sid] = len(pool) - 1
         prompts[r["origin"]].append(by_id[sid])
     labelled = response_rows()
-    start = len(pool)
-    pool += response_sweep(split(labelled, test_fraction, salt=salt)[1], tokenizer,
-                           every=sweep_every, max_tokens=sweep_tokens, r2=window)
-    sweep = list(range(start, len(pool)))
-    benign_test = [i for g in BENIGN_GROUPS for i in prompts[g] if pool[i].row_id in test_ids]
-    validation = [i for g in BENIGN_GROUPS for i in prompts[g] if pool[i].row_id in val_ids]
-    harmful_test = [i for s in HARMFUL_SOURCES for i in prompts[s] if pool[i].row_id in test_ids]
+
+    def scored(name, part, responses) -> Scored:
+        ids = {r["id"] for r in part}
+        start = len(pool)
+        pool.extend(response_sweep(responses, tokenizer, every=sweep_every,
+                                   max_tokens=sweep_tokens, r2=window))
+        return Scored(name, [i for g in BENIGN_GROUPS for i in prompts[g]
+                             if pool[i].row_id in ids],
+                      [i for s in HARMFUL_SOURCES for i in prompts[s] if pool[i].row_id in ids],
+                      list(range(start, len(pool))))
+
+    val_resp, test_resp = _bands(labelled, test_fraction, val_fraction, salt)
+    test = scored("test", test_rows, test_resp)
+    val = scored("val", val_rows, val_resp) if val_rows else test
     # a fold drops every training row that shares a split group with a held-out row: the
     # XSTest safe partner of a held-out unsafe prompt, the responses to a held-out objective
     keys = {r["id"]: group_key(r) for r in rows + labelled}
@@ -133,10 +161,7 @@ def plan(train: Sequence[Sample], tokenizer=None, *, test_fraction: float = 0.2,
         held = {keys[r["id"]] for r in rows if r["origin"] == fold}
         folds[fold] = [i for i in range(len(train)) if not pool[i].origins & drop
                        and keys.get(pool[i].row_id) not in held]
-    if not validation:
-        validation = benign_test
-    return Plan(pool, len(train), prompts, validation, harmful_test, sweep, folds, test_ids,
-                benign_test, "val" if val_ids else "test")
+    return Plan(pool, len(train), prompts, folds, val, test)
 
 
 def _max_per_row(pool, idx, scores) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,15 +203,15 @@ def fold_metrics(p: Plan, fold: str, score, examples: int = 0, *,
             row["false_alarms"] = _extremes(p, val_neg, neg, examples, highest=True)
     else:
         hneg = score(held)
-        pos = score(p.harmful_test)
+        pos = score(p.val.harmful)
         _, _, theta = separation(pos, neg)
         row = {"fold": fold, "kind": "benign", "n_heldout": len(held), "n_harmful": len(pos),
                "auroc": separation(pos, hneg)[0],
                "fpr_at_theta": float((hneg >= theta).float().mean()), "theta": theta}
         if examples:
             row["false_alarms"] = _extremes(p, held, hneg, examples, highest=True)
-    if p.sweep and responses:
-        rs, ry = _max_per_row(p.pool, p.sweep, score(p.sweep))
+    if p.val.sweep and responses:
+        rs, ry = _max_per_row(p.pool, p.val.sweep, score(p.val.sweep))
         row["response_auroc"] = auroc(rs, ry) if 0 < int(ry.sum()) < len(ry) else float("nan")
     return row
 
@@ -197,20 +222,20 @@ def test_metrics(p: Plan, score, *, responses: bool = True) -> dict:
     recall at ``p >= 0.5``); benign FPR at ``p >= 0.5`` overall and on the over-refusal
     group; response-level AUROC of the sweep (not with ``responses=False``). ``score``
     gives logits (0 is ``p = 0.5``)."""
-    neg = score(p.benign_test)
+    neg = score(p.test.benign)
     out = {}
     for src in HARMFUL_SOURCES:
-        idx = [i for i in p.prompts[src] if p.pool[i].row_id in p.test_ids]
+        idx = [i for i in p.test.harmful if p.origin_of(i) == src]
         pos = score(idx)
         auc, tpr, _ = separation(pos, neg)
         out[src] = {"n": len(idx), "auroc": auc, "tpr_at_2fpr": tpr,
                     "recall_at_0.5": float((pos >= 0).float().mean())}
-    over = [i for i in p.benign_test if p.origin_of(i) == "over_refusal"]
+    over = [i for i in p.test.benign if p.origin_of(i) == "over_refusal"]
     out["benign"] = {"n": len(neg), "fpr_at_0.5": float((neg >= 0).float().mean()),
                      "over_refusal_n": len(over),
                      "over_refusal_fpr_at_0.5": float((score(over) >= 0).float().mean())}
-    if p.sweep and responses:
-        rs, ry = _max_per_row(p.pool, p.sweep, score(p.sweep))
+    if p.test.sweep and responses:
+        rs, ry = _max_per_row(p.pool, p.test.sweep, score(p.test.sweep))
         out["responses"] = {"n": len(ry), "n_harmful": int(ry.sum()), "auroc": auroc(rs, ry),
                             "flagged_harmful_at_0.5": float((rs[ry == 1] >= 0).float().mean()),
                             "flagged_harmless_at_0.5": float((rs[ry == 0] >= 0).float().mean())}

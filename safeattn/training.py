@@ -1381,9 +1381,9 @@ def run_loso(args) -> int:
     ``cls_layer`` is picked first by 5-fold CV of the frozen-row head on the whole training
     pool (among ``--layers``). The trained variant with the best mean AUROC over the harmful
     folds is then trained on every training sample and saved to ``OUT`` (``save_safety``).
-    Each fold is scored against the benign ``--val-fraction`` prompts (without a band, the
-    benign test split; ``negatives`` in the report says which). Writes ``OUT/loso.json``
-    (folds, test-split metrics of the shipped head) as it goes."""
+    Each fold scores the ``--val-fraction`` band (its benign prompts are the negatives;
+    without a band, the test split; ``scored`` in the report says which). Writes
+    ``OUT/loso.json`` (folds, test-split metrics of the shipped head) as it goes."""
     import json
     import time
     from pathlib import Path
@@ -1460,7 +1460,9 @@ def run_loso(args) -> int:
     report = {"command": "safeattn train " + shlex.join(args.argv), "pool": len(pool),
               "n_train": plan.n_train, "left_out_too_long": too_long, "cls_layer": cls_layer,
               "layer_cv_auroc": layer_cv,
-              "negatives": {"split": plan.negatives_split, "n": len(plan.validation)},
+              "scored": {"split": plan.val.split, "benign": len(plan.val.benign),
+                         "harmful": len(plan.val.harmful),
+                         "responses": len({pool[i].row_id for i in plan.val.sweep})},
               "folds": {}}
     feats_last = {l + 1: last[:, l] for l in range(last.shape[1])}  # hidden state l+1
     deep = None
@@ -1531,7 +1533,7 @@ def run_loso(args) -> int:
         probe, deep_score = _deep_probe(tr, deep, y, args.seed)
         report["test_deep_probe"] = {"layer": probe.layer, **loso.test_metrics(
             plan, deep_score, responses=False)}
-        both = loso.blend([trainer.cached_logits, deep_score], plan.validation)
+        both = loso.blend([trainer.cached_logits, deep_score], plan.val.benign)
         # a blend is no logit: its thresholds at 0 mean nothing
         report["test_blend"] = {k: {m: v for m, v in row.items() if "0.5" not in m}
                                 for k, row in loso.test_metrics(plan, both,
