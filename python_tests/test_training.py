@@ -534,6 +534,31 @@ def test_prompt_states_are_the_prompts_own(family):
             prompt_states(model, coll, samples, bad)
 
 
+def test_harmful_responses_option_reaches_build_samples(tmp_path):
+    """``--harmful-responses FILE`` (a cache_responses file) becomes build_samples'
+    ``harmful_responses``; without it the argument is not passed."""
+    import argparse
+
+    import safeattn.training as T
+    from safeattn.training_args import add_train_arguments
+
+    path = tmp_path / "harm.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "prompt": "p", "prefill": "", "response": r})
+                            + "\n" for i, r in (("advbench_000", "Sure: step one"),
+                                                ("xstest_unsafe_001", "No."))))
+    p = argparse.ArgumentParser()
+    add_train_arguments(p)
+    kw = T._data_kwargs(p.parse_args(["--out", str(tmp_path), "--harmful-responses",
+                                      str(path)]), None, ("response",), None)
+    assert kw["harmful_responses"] == {"advbench_000": "Sure: step one",
+                                       "xstest_unsafe_001": "No."}
+    assert "harmful_responses" not in T._data_kwargs(
+        p.parse_args(["--out", str(tmp_path)]), None, ("response",), None)
+    with pytest.raises(ValueError, match="--harmful-responses"):    # it would add nothing
+        T._data_kwargs(p.parse_args(["--out", str(tmp_path), "--harmful-responses",
+                                     str(path)]), None, ("query",), None)
+
+
 def test_run_loso_tiny(tmp_path, monkeypatch):
     """``safeattn train --loso`` end to end on a tiny model and every 16th row of each set:
     every fold reports all three heads, the shipped files load, and no fold trains on the

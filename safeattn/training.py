@@ -1090,6 +1090,12 @@ def _data_kwargs(args, tok, kinds, responses) -> dict:
               prefix_ks=tuple(int(k) for k in getattr(args, "prefix_ks", "5,10,20,40")
                               .split(",") if k.strip()),
               missing_response="error" if responses else "empty")
+    if getattr(args, "harmful_responses", None):
+        from .data import load_responses
+        if "response" not in kinds:
+            raise ValueError("--harmful-responses: its answers become samples of kind "
+                             "'response', which --kinds leaves out")
+        kw["harmful_responses"] = load_responses(args.harmful_responses)
     if sources:
         kw["sources"] = sources
     return kw

@@ -94,6 +94,10 @@ def _sample_arguments(p) -> None:
     p.add_argument("--benign-responses", default=None,
                    help="JSONL of benign responses (safeattn.data.cache_responses); without it "
                         "benign samples have no response (fine for head mode)")
+    p.add_argument("--harmful-responses", default=None,
+                   help="JSONL of the model's own answers to harmful train prompts "
+                        "(safeattn.data.cache_responses): kind response adds label-1 views of "
+                        "those that do not refuse")
     p.add_argument("--templates-per-prompt", type=int, default=1)
     p.add_argument("--max-template-chars", type=int, default=4000)
     p.add_argument("--benign-templates", action="store_true",
@@ -108,14 +112,14 @@ def _sample_arguments(p) -> None:
     p.add_argument("--response-windows", type=int, default=3,
                    help="probe views per (prompt, response) pair (kind response)")
     p.add_argument("--own-response-windows", type=int, default=None,
-                   help="probe views per benign prompt and the model's own answer (kind "
-                        "response; default --response-windows)")
+                   help="probe views per prompt and the model's own answer (benign, and "
+                        "harmful ones that comply; kind response; default --response-windows)")
     p.add_argument("--prefix-ks", default="5,10,20,40",
                    help="k of the k-token harmful prefixes (kind trajectory)")
     p.add_argument("--val-fraction", type=float, default=0.0,
                    help="hold out this band of the train split as the validation split that "
                         "'safeattn calibrate' picks θ on (train on the rest: split 'fit'); "
-                        "with --loso, its benign prompts are the folds' negatives")
+                        "with --loso, the folds score it")
     p.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="cut longer user texts in the middle")
     p.add_argument("--max-length", type=int, default=None)

@@ -60,7 +60,8 @@ Kinds of samples (:class:`Sample`)
   that leaves a harmful source out leaves its contrast pairs out too.
 * ``response`` — what the decoding-time probe sees: a prompt, the response cut after ``seen``
   tokens, and a probe window of Rule 1, 2 or 3 (:func:`probe_windows`, DESIGN.md §3) over
-  it. Benign prompts with their own responses (``benign_responses``) are label 0. Each
+  it. Benign prompts with their own responses (``benign_responses``) are label 0; harmful
+  prompts with the model's own answers that comply (``harmful_responses``) are label 1. Each
   labelled PyRIT response (:func:`response_rows`) comes after its own objective, after a
   neutral prompt (:data:`NEUTRAL_PROMPTS`) and, when harmful, after a benign decoy prompt,
   labelled by the response alone: harmful (score >= 0.75) 1, harmless or a refusal 0 (the
@@ -553,8 +554,10 @@ def _contrast_samples(rows: _Rows) -> list[Sample]:
            for r, _, demand in pairs]
 
 
-def _response_samples(rows: _Rows, pyrit, windows, own_windows, **view) -> list[Sample]:
-    """Probe views of the model's own benign answers (``own_windows`` each), then of the
+def _response_samples(rows: _Rows, pyrit, windows, own_windows, complied,
+                      **view) -> list[Sample]:
+    """Probe views of the model's own benign answers (``own_windows`` each) and of its own
+    answers that comply with a harmful prompt (``complied``: id -> text; label 1), then of the
     ``pyrit`` responses (``windows`` each) after their objective, a neutral prompt and (harmful
     ones) a benign decoy prompt, with the neutral prompt alone as a benign query."""
     out = []
@@ -563,6 +566,12 @@ def _response_samples(rows: _Rows, pyrit, windows, own_windows, **view) -> list[
             out += _response_views(r["id"], r["prompt"], rows.responses[r["id"]], 0,
                                      tag="own", source=r.get("source", "benign"),
                                      row_id=r["id"], origin=r["origin"],
+                                     tokenizer=rows.tokenizer, windows=own_windows, **view)
+    for r in rows.harmful if own_windows > 0 else []:
+        if complied.get(r["id"]):
+            out += _response_views(r["id"], r["prompt"], complied[r["id"]], 1, tag="own",
+                                     source=r.get("source", "advbench"), row_id=r["id"],
+                                     origin=r["origin"], category=rows.cats[r["id"]],
                                      tokenizer=rows.tokenizer, windows=own_windows, **view)
     if windows <= 0:
         return out
@@ -585,6 +594,13 @@ def _response_samples(rows: _Rows, pyrit, windows, own_windows, **view) -> list[
     return out
 
 
+def _complied(harmful_responses: Mapping[str, str]) -> dict[str, str]:
+    """The answers of ``harmful_responses`` that say something and do not refuse, cleaned."""
+    from ..judge import is_refusal
+    out = {k: _clean_response(v) for k, v in harmful_responses.items()}
+    return {k: v for k, v in out.items() if v and not is_refusal(v)}
+
+
 def _answers(benign, benign_responses, missing_response, split) -> dict[str, str | None]:
     """Each benign row's cleaned answer (``None``: none; an error when ``missing_response``
     is ``"error"``)."""
@@ -600,6 +616,7 @@ def _answers(benign, benign_responses, missing_response, split) -> dict[str, str
 
 
 def build_samples(split: str = "train", *, benign_responses: Mapping[str, str] | None = None,
+                  harmful_responses: Mapping[str, str] | None = None,
                   harmful_continuations: Mapping[str, str] | None = None, tokenizer=None,
                   prefix_ks: Sequence[int] = (5, 10, 20, 40), seed: int = 0,
                   max_templates_per_prompt: int = 1, max_template_chars: int | None = 4000,
@@ -620,6 +637,12 @@ def build_samples(split: str = "train", *, benign_responses: Mapping[str, str] |
     Args:
         benign_responses: benign row id -> helpful response (cut at an invented next turn
             with :func:`safeattn.judge.first_turn` and stripped).
+        harmful_responses: harmful row id -> the model's own answer to the prompt (e.g.
+            :func:`~safeattn.data.cache_responses` on the train split): kind ``response``
+            adds ``own_response_windows`` label-1 views of each answer that does not refuse
+            (:func:`safeattn.judge.is_refusal`), after its prompt, so that the model's own
+            style is on both sides of the label. The label is the exchange's: an answer that
+            deflects without a refusal phrase is labelled 1 too.
         harmful_continuations: AdvBench id -> text generated right after the ``target``
             (e.g. ``cache_responses(..., prefill={id: target})``); k-token prefixes are cut
             from ``target + continuation``.
@@ -653,9 +676,10 @@ def build_samples(split: str = "train", *, benign_responses: Mapping[str, str] |
             ``phrasing``; :mod:`safeattn.data.phrasing`).
         response_windows: probe views per (prompt, response) pair (kind ``response``;
             :func:`probe_windows`), over the first ``response_max_tokens`` tokens.
-        own_response_windows: probe views per benign prompt and the model's own answer
-            (``benign_responses``; default ``response_windows``): the benign windows that
-            decoding meets most, without more weight on the harmful responses.
+        own_response_windows: probe views per prompt and the model's own answer
+            (``benign_responses``, and ``harmful_responses`` that comply; default
+            ``response_windows``): the windows that decoding meets most, without more weight
+            on the PyRIT responses.
         probe_window: ``r1 = r2 = r3`` of those views: the decoder's window (the model's
             saved ``probe_window``, :class:`safeattn.SafetyConfig`).
         datasets: replace the vendored data (keys ``advbench``, ``benign``, ``xstest_unsafe``,
@@ -725,7 +749,8 @@ def build_samples(split: str = "train", *, benign_responses: Mapping[str, str] |
         "response": lambda: _response_samples(
             rows, pyrit(), response_windows,
             response_windows if own_response_windows is None else own_response_windows,
-            max_tokens=response_max_tokens, probe_window=probe_window),
+            _complied(harmful_responses or {}), max_tokens=response_max_tokens,
+            probe_window=probe_window),
     }
     out = [s for kind, build in builders.items() if kind in include for s in build()]
     out = [x if x.origin else dataclasses.replace(x, origin=origins.get(x.row_id)) for x in out]
