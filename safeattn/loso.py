@@ -37,7 +37,7 @@ from typing import Sequence
 import torch
 
 from .data import (BENIGN_GROUPS, EVAL_NEUTRAL_PROMPT, HARMFUL_SOURCES, Sample, benign_rows,
-                   group_key, harmful_rows, response_rows, split)
+                   group_key, harmful_rows, response_rows, select)
 from .data.samples import _response_views
 from .generation import DEFAULT_WINDOW
 from .metrics import auroc, separation
@@ -97,17 +97,6 @@ class Plan:
         return [i for i in self.val.benign if self.origin_of(i) != fold]
 
 
-def _bands(rows, test_fraction: float, val_fraction: float, salt: str) -> tuple[list, list]:
-    """``(val, test)`` parts of ``rows``, cut as :func:`safeattn.data.build_samples` cuts
-    them: raising the test fraction by ``val_fraction`` moves exactly the val band to test."""
-    test = split(rows, test_fraction, salt=salt)[1]
-    if not val_fraction:
-        return [], test
-    ids = {r["id"] for r in test}
-    wider = split(rows, test_fraction + val_fraction, salt=salt)[1]
-    return [r for r in wider if r["id"] not in ids], test
-
-
 def plan(train: Sequence[Sample], tokenizer=None, *, test_fraction: float = 0.2,
          salt: str = "", val_fraction: float = 0.0, sweep_every: int = 8,
          sweep_tokens: int = 64, window: int = DEFAULT_WINDOW) -> Plan:
@@ -118,8 +107,14 @@ def plan(train: Sequence[Sample], tokenizer=None, *, test_fraction: float = 0.2,
     response (the ``[CLS]`` row reads only the prompt). The folds score the ``val`` band
     (its benign prompts are their negatives) when ``val_fraction > 0``, else the test split.
     """
+    def bands(rows) -> tuple[list, list]:
+        """``(val, test)``: the band the folds score (none without ``val_fraction``), and the
+        test split, cut as :func:`safeattn.data.build_samples` cuts them."""
+        cut = dict(test_fraction=test_fraction, salt=salt, val_fraction=val_fraction)
+        return (select(rows, "val", **cut) if val_fraction else []), select(rows, "test", **cut)
+
     rows = harmful_rows() + benign_rows()
-    val_rows, test_rows = _bands(rows, test_fraction, val_fraction, salt)
+    val_rows, test_rows = bands(rows)
     if val_fraction and not val_rows:
         raise ValueError(f"val_fraction={val_fraction} holds no prompt out: the folds would "
                          "have no validation prompts")
@@ -149,7 +144,7 @@ def plan(train: Sequence[Sample], tokenizer=None, *, test_fraction: float = 0.2,
                       [i for s in HARMFUL_SOURCES for i in prompts[s] if pool[i].row_id in ids],
                       list(range(start, len(pool))))
 
-    val_resp, test_resp = _bands(labelled, test_fraction, val_fraction, salt)
+    val_resp, test_resp = bands(labelled)
     test = scored("test", test_rows, test_resp)
     val = scored("val", val_rows, val_resp) if val_rows else test
     # a fold drops every training row that shares a split group with a held-out row: the

@@ -31,7 +31,7 @@ from .phrasing import FORMS, pick_forms, rephrase
 from .turns import SPLIT_FRAMINGS, after_context, split_turns
 from .samples import (BENIGN_GROUPS, DEFAULT_KINDS, EVAL_NEUTRAL_PROMPT, HARMFUL_SOURCES, KINDS,
                       NEUTRAL_PROMPTS, REFUSAL_PREFIX, SPLITS, Sample, benign_rows, build_samples,
-                      conversation_rows,
+                      conversation_rows, select,
                       eval_sets, harmful_rows, probe_windows, response_rows, source_weights,
                       suffix_pool, truncate_tokens)
 
@@ -43,5 +43,5 @@ __all__ = [
     "truncate_tokens", "group_key", "normalize", "prompt_index", "FORMS", "pick_forms",
     "rephrase", "BENIGN_GROUPS", "EVAL_NEUTRAL_PROMPT", "HARMFUL_SOURCES", "NEUTRAL_PROMPTS",
     "benign_rows", "harmful_rows", "probe_windows", "response_rows", "source_weights", "SPLITS",
-    "SPLIT_FRAMINGS", "after_context", "split_turns", "conversation_rows",
+    "select", "SPLIT_FRAMINGS", "after_context", "split_turns", "conversation_rows",
 ]

@@ -213,11 +213,13 @@ def _count_tokens(text: str, tokenizer) -> int:
 SPLITS = ("train", "test", "val", "fit", "all")
 
 
-def _split(rows, split, test_fraction, salt, val_fraction=0.0):
-    """``train`` / ``test`` as :func:`safeattn.data.split`; ``val`` is the band of the train part
-    whose split coordinate lies in ``[test_fraction, test_fraction + val_fraction)`` (held out
-    to calibrate θ) and ``fit`` the rest of the train part (what is trained on when a
-    validation band is held out)."""
+def select(rows, split: str, test_fraction: float = 0.2, *, salt: str = "",
+           val_fraction: float = 0.0) -> list:
+    """The rows of one of :data:`SPLITS`: ``train`` / ``test`` as :func:`safeattn.data.split`;
+    ``val`` is the band of the train part whose split coordinate lies in
+    ``[test_fraction, test_fraction + val_fraction)`` (held out to calibrate θ and to score
+    the leave-one-source-out folds) and ``fit`` the rest of the train part (what is trained on
+    when a validation band is held out); ``all`` every row. The input order is kept."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if not 0.0 <= val_fraction <= 1.0 - test_fraction:
@@ -712,7 +714,7 @@ def build_samples(split: str = "train", *, benign_responses: Mapping[str, str] |
     kept = [src for src in sources if src not in exclude]
 
     def cut(rows):
-        return _split(rows, split, test_fraction, salt, val_fraction)
+        return select(rows, split, test_fraction, salt=salt, val_fraction=val_fraction)
 
     harmful = cut(harmful_rows(kept, datasets=data))
     benign = [r for r in cut(benign_rows(datasets=data)) if r["origin"] not in exclude]
@@ -775,7 +777,8 @@ def conversation_rows(rows: Sequence[Mapping], benign_responses: Mapping[str, st
     (the same split arguments as training) of at most :data:`CONTEXT_MAX_CHARS` characters that
     have an answer in ``benign_responses``. -> one row per shape: the row's keys, ``id``
     ``"<id>|split"`` / ``"<id>|ctx"``, ``prompt`` the chat messages."""
-    fit = _split(benign_rows(), "fit", test_fraction, salt, val_fraction)
+    fit = select(benign_rows(), "fit", test_fraction, salt=salt,
+                 val_fraction=val_fraction)
     responses = {r["id"]: _clean_response(benign_responses[r["id"]]) for r in fit
                  if r["id"] in benign_responses}
     openers = _openers(fit, responses)
@@ -814,7 +817,7 @@ def eval_sets(split: str = "test", *, test_fraction: float = 0.2, salt: str = ""
     PyRIT responses (:func:`response_rows`) of the split, split by objective.
     """
     def cut(rows):
-        return _split(rows, split, test_fraction, salt, val_fraction)
+        return select(rows, split, test_fraction, salt=salt, val_fraction=val_fraction)
 
     benign = cut(load("benign"))
     return {
