@@ -92,3 +92,27 @@ def nan_cases():
     q[0, :, 0] = float("nan")                       # every score of row 0 is NaN
     cases.append(("query row", q, k, v, iv))
     return cases
+
+
+def hidden_nonfinite_cases():
+    """``(name, q, k, v, iv, hidden)`` (CPU, float32): NaN and inf in the keys and values of
+    the columns ``hidden`` that no row sees, inside a KV tile that rows read (between two of
+    a row's ranges, next to a one-column range) and across whole KV splits of a long decode.
+    A column no row sees must not change any output: uninitialised cache slots hold such
+    values."""
+    g = torch.Generator().manual_seed(11)
+
+    def make(tq, tk, ranges, hidden):
+        q = torch.randn(1, 2, tq, 16, generator=g)
+        k = torch.randn(1, 1, tk, 16, generator=g)
+        v = torch.randn(1, 1, tk, 16, generator=g)
+        for j, c in enumerate(hidden):
+            k[0, 0, c] = float("nan") if j % 2 else float("inf")
+            v[0, 0, c] = float("nan") if j % 2 == 0 else -float("inf")
+        iv = torch.tensor(ranges, dtype=torch.int32).view(1, 1, -1, 2).expand(1, tq, -1, 2)
+        return q, k, v, iv.contiguous(), hidden
+
+    return [("inside a tile, decode", *make(1, 80, [[0, 5], [6, 7], [9, 80]], [5, 7, 8])),
+            ("inside a tile, 70 rows", *make(70, 80, [[0, 5], [6, 7], [9, 80]], [5, 7, 8])),
+            ("split KV, decode", *make(1, 4096, [[0, 1], [3000, 4096]],
+                                       [1, 2, *range(1000, 2999, 7)]))]

@@ -312,6 +312,22 @@ def test_nan_in_a_visible_key_propagates(case, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", _cases.hidden_nonfinite_cases(), ids=lambda c: c[0])
+def test_a_column_no_row_sees_changes_nothing(case, dtype):
+    """NaN / inf keys and values outside every range (inside a tile the rows read, and over
+    whole KV splits) leave the outputs as they are with zeros there: a tile's masked
+    columns must not enter P·V as 0 · nan."""
+    _, q, k, v, iv, hidden = case
+    q, k, v = (x.to(DEV, dtype) for x in (q, k, v))
+    k0, v0 = k.clone(), v.clone()
+    k0[:, :, hidden] = 0
+    v0[:, :, hidden] = 0
+    out = safeattn.interval_attention(q, k, v, iv.to(DEV))
+    assert out.isfinite().all()
+    torch.testing.assert_close(out, safeattn.interval_attention(q, k0, v0, iv.to(DEV)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_empty_shapes(dtype):
     g = torch.Generator().manual_seed(0)
     q, k, v = qkv(g, 2, 2, 1, 3, 0, 64, dtype)

@@ -19,7 +19,8 @@ import torch
 import safeattn
 from safeattn import intervals as ivs
 from safeattn import reference as ref
-from _cases import decode_intervals as _decode_intervals, nan_cases, random_intervals, seed_of
+from _cases import decode_intervals as _decode_intervals, hidden_nonfinite_cases, nan_cases, \
+    random_intervals, seed_of
 
 LOW = (torch.bfloat16, torch.float16)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -254,6 +255,20 @@ def test_nan_in_a_visible_key_propagates(case):
     for fn in (safeattn.interval_attention, ref.interval_attention):
         out = fn(q, k, v, iv)
         assert out[0, :, 0].isnan().all() and out[0, :, 1:].isfinite().all(), fn
+
+
+@pytest.mark.parametrize("case", hidden_nonfinite_cases(), ids=lambda c: c[0])
+def test_a_column_no_row_sees_changes_nothing(case):
+    """NaN / inf keys and values in columns outside every range leave every output as it is
+    with finite values there, in the kernel and the reference alike."""
+    _, q, k, v, iv, hidden = case
+    k0, v0 = k.clone(), v.clone()
+    k0[:, :, hidden] = 0.0
+    v0[:, :, hidden] = 0.0
+    for fn in (safeattn.interval_attention, ref.interval_attention):
+        out = fn(q, k, v, iv)
+        assert out.isfinite().all(), fn
+        torch.testing.assert_close(out, fn(q, k0, v0, iv))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

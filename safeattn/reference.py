@@ -38,7 +38,11 @@ def interval_attention(q, k, v, intervals, scale=None, softcap=None):
     # rows with no visible column -> 0; a NaN among a row's visible scores stays NaN (as in
     # the kernels: fail closed)
     p = torch.softmax(s, dim=-1).masked_fill(~mask.any(-1, keepdim=True), 0.0)
-    return p @ v
+    if bool(v.isfinite().all()):
+        return p @ v
+    # a column the row does not see adds nothing, not even a NaN (0 * nan): the kernels never
+    # read it, and uninitialised cache slots may hold anything
+    return torch.where(mask[..., None], p[..., None] * v[:, :, None], 0).sum(-2)
 
 
 def paged_gather(cache, slots, key_offsets, value_offsets):
