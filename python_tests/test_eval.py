@@ -290,11 +290,13 @@ def test_response_attack_refusal_by_the_trace():
 def test_response_attack_counts_refusals_by_step(steps, counted):
     model, tok = _patched()
     rows = ev.load_response_rows(limit=1)
-    # p_0 and the first two checks are benign: the refusal begins at generated step 3
+    # p_0 and the first two checks are benign: the refusal begins at generated step 3 (the
+    # decoding-time checks alone: no prefill checks, which would count as head calls too)
     model.safety_head = LateHead(model.config.hidden_size, after=3)
     rep = ev.evaluate(model, tok, ROWS, attacks=["response"], modes=["safe"],
                       response_rows=rows, response_tokens=5, response_steps=steps,
-                      safety=SafetyConfig(tau=1, refusal_prefix=REFUSAL), max_new_tokens=12,
+                      safety=SafetyConfig(tau=1, refusal_prefix=REFUSAL, prefill_stride=0),
+                      max_new_tokens=12,
                       batch_size=4, keep_responses=True)
     by = _by_mode_label(rep)
     assert by[("safe", "harmful")]["refused"] == int(counted)
@@ -437,6 +439,7 @@ def test_cli_eval_response_attack(tmp_path, saved):
     for e in rep["examples"]:
         assert e["id"] in test_ids and e["prompt"] == EVAL_NEUTRAL_PROMPT
         assert len(tok(e["prefill"], add_special_tokens=False)["input_ids"]) <= 4
+    assert meta["safety"]["prefill_stride"] == 4  # the default: the prefill is checked
 
 
 def test_differing_settings_response_only_when_both_ran():
@@ -483,6 +486,7 @@ def test_merge_reports(tmp_path, capsys):
     (["--attack", "response", "--max-new-tokens", "8"], "max_new_tokens > response_steps"),
     (["--attack", "all", "--response-tokens", "0"], "response_tokens must be >= 1"),
     (["--schedule", "each", "--tau", "0"], "tau"),
+    (["--prefill-stride", "-1"], "SafetyConfig.prefill_stride"),
     (["--json", "/nonexistent/dir/r.json"], "--json /nonexistent/dir/r.json"),
 ])
 def test_cli_eval_errors_before_loading(argv, msg, capsys):

@@ -69,7 +69,8 @@ def _rig(model, fire, nan=None):
     ({"schedule": "sometimes"}, "schedule"), ({"period": 0}, "period"),
     ({"t_max": 0}, "t_max"), ({"gaps": [1, 0]}, "gaps"), ({"rollback": "yes"}, "rollback"),
     ({"refusal_prefix": 3}, "refusal_prefix"), ({"stream_hold": -1}, "stream_hold"), ({"stream_hold": 0}, "stream_hold"),
-    ({"refusal_break": None}, "refusal_break"),
+    ({"refusal_break": None}, "refusal_break"), ({"prefill_stride": -1}, "prefill_stride"),
+    ({"prefill_stride": 2.0}, "prefill_stride"),
 ])
 def test_config_validation(kw, name):
     with pytest.raises(ValueError, match=rf"SafetyConfig\.{name}\b"):

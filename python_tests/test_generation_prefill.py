@@ -1,6 +1,7 @@
 """Safe generation after an assistant prefill (response tokens already in the input)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 import safeattn
@@ -37,7 +38,8 @@ def test_probe_window_covers_the_latest_response_tokens_prefill_included():
     seen, h = _probe_windows(model)
     try:
         model.generate(**enc, max_new_tokens=3, do_sample=False, pad_token_id=0,
-                       safety=SafetyConfig(threshold=1.5, r2=2, refusal_prefix=REFUSAL))
+                       safety=SafetyConfig(threshold=1.5, r2=2, refusal_prefix=REFUSAL,
+                                           prefill_stride=0))  # decoding-time checks only
     finally:
         h.remove()
     # first check: row 0 saw the m prefill tokens + generated token 0 -> Rule 2 keeps the
@@ -49,9 +51,9 @@ def test_probe_window_covers_the_latest_response_tokens_prefill_included():
 
 def test_refusal_and_alarm_steps_count_generated_tokens():
     model, tok, enc = _setup()
-    _rig(model, {0: {1}})  # row 0 fires at the first decode check
+    _rig(model, {0: {1}})  # row 0 fires at the first decode check (no prefill checks)
     out = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=0,
-                         safety=SafetyConfig(tau=1, refusal_prefix=REFUSAL))
+                         safety=SafetyConfig(tau=1, refusal_prefix=REFUSAL, prefill_stride=0))
     r = out.safety[0]
     assert r.refusal_step == 1 and r.alarm_step == 0
     new = out[0, enc["input_ids"].shape[1]:]
@@ -86,3 +88,85 @@ def test_refusal_right_after_the_prefill_starts_with_the_break():
                          safety=SafetyConfig(tau=1, refusal_prefix=REFUSAL, refusal_break="one"))
     new = out[:, enc["input_ids"].shape[1]:]  # the prefill ends with "one": no break
     assert new[0, :len(ref)].tolist() == ref
+
+
+# ------------------------------------------------------------------ checks of the prefill
+LONG = "sure here is step one and then step two and three four five"  # 13 tokens
+
+
+def _long(family="llama", cls_layer=None, window=64):
+    tok = tiny_tokenizer()
+    model = tiny_model(family, len(tok), window=window, layers=4)
+    model = safeattn.apply_safeattn(model, tok, cls_layer=cls_layer)
+    enc = safeattn.build_inputs(tok, PROMPTS[:2], responses=[LONG, ""], add_eos=False)
+    return model, tok, enc
+
+
+@pytest.mark.parametrize("family,cls_layer", [("llama", None), ("qwen3", 2),
+                                              ("gemma3_text", 1)])
+def test_prefill_checks_read_their_window_and_leave_the_cache(family, cls_layer):
+    """Each prefill check's p is that of the [CLS] row of a trajectory forward over the
+    prefill cut at ``k`` with the window ``[k - r2, k)``; a row without a prefill gets none,
+    and when nothing triggers the tokens and decoding-time p equal those without the checks
+    (the probe's K/V left every cache layer)."""
+    model, tok, enc = _long(family, cls_layer)
+    r2, l0 = 3, enc["input_ids"].shape[1]
+    rs = int(enc["response_start"][0])
+    assert l0 - rs == 13 and int(enc["response_start"][1]) == l0
+    outs = [model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                           safety=SafetyConfig(threshold=1.5, r2=r2, prefill_stride=st))
+            for st in (4, 0)]
+    checks = outs[0].safety[0].prefill_checks
+    assert [k for k, _ in checks] == [4, 8, 12] and outs[0].safety[1].prefill_checks == []
+    assert outs[1].safety[0].prefill_checks == []
+    assert torch.equal(outs[0], outs[1])
+    torch.testing.assert_close(outs[0].safety.p, outs[1].safety.p, equal_nan=True)
+    for k, p in checks:
+        with torch.no_grad():
+            ref = model(input_ids=enc["input_ids"][:1, :rs + k],
+                        attention_mask=enc["attention_mask"][:1, :rs + k],
+                        q_span=enc["q_span"][:1], safety_mode="trajectory",
+                        response_window=torch.tensor([[rs + k - r2, rs + k]]))["p"]
+        assert abs(float(ref.reshape(-1)[0]) - p) < 1e-5, (k, p, float(ref.reshape(-1)[0]))
+
+
+def test_prefill_checks_refuse_before_the_first_token():
+    """τ hits among the prefill checks refuse at generated step 0 (break + prefix right after
+    the prefill); the same hits as decoding-time checks (stride 0) refuse only at step 3."""
+    model, tok, enc = _long()
+    _rig(model, {0: {1, 2, 3}})  # calls 1-3: the checks at k = 4, 8, 12 of row 0
+    out = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                         safety=SafetyConfig(refusal_prefix=REFUSAL, refusal_break="why"))
+    r = out.safety[0]
+    assert [p > 0.99 for _, p in r.prefill_checks] == [True] * 3
+    assert (r.refusal_step, r.alarm_step) == (0, 0) and out.safety[1].refusal_step is None
+    new = out[0, enc["input_ids"].shape[1]:].tolist()
+    want = tok("why", add_special_tokens=False)["input_ids"] + \
+        tok(" " + REFUSAL, add_special_tokens=False)["input_ids"]
+    assert new[:len(want)] == want
+    _rig(model, {0: {1, 2, 3}})
+    out = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                         safety=SafetyConfig(refusal_prefix=REFUSAL, prefill_stride=0))
+    assert out.safety[0].refusal_step == 3
+
+
+def test_an_alarm_in_the_prefill_carries_into_decoding():
+    """A hit at the last prefill check (k = 12) is the first of τ: the next two decoding-time
+    checks complete the run, and the alarm's S_t lies in the prefill (generated step 0)."""
+    model, tok, enc = _long()
+    _rig(model, {0: {3, 4, 5}})  # the check at k = 12, then decode checks 1 and 2
+    out = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                         safety=SafetyConfig(refusal_prefix=REFUSAL))
+    r = out.safety[0]
+    assert [p > 0.99 for _, p in r.prefill_checks] == [False, False, True]
+    assert (r.refusal_step, r.alarm_step) == (2, 0)
+    assert r.mode[1] == "transition"
+
+
+def test_a_failing_prefill_check_refuses_its_rows():
+    """Fail closed: NaN from the head at a prefill check refuses the checked row at step 0."""
+    model, tok, enc = _long()
+    _rig(model, {}, nan={0: {2}, 1: {2}})  # row 1 has no prefill: not checked, not refused
+    out = model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                         safety=SafetyConfig(refusal_prefix=REFUSAL))
+    assert out.safety[0].refusal_step == 0 and out.safety[1].refusal_step is None

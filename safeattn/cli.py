@@ -60,7 +60,7 @@ def _eval(args: argparse.Namespace) -> int:
         ks = [int(k) for k in args.prefill_k.split(",") if k.strip()]
         safety = SafetyConfig(schedule=args.schedule, threshold=args.threshold,
                               query_threshold=args.query_threshold, tau=args.tau,
-                              period=args.period)
+                              period=args.period, prefill_stride=args.prefill_stride)
     except (ValueError, ev.EvalError) as e:
         print(f"safeattn eval: error: {e}", file=sys.stderr)
         return 2
@@ -191,6 +191,9 @@ def _add_eval(sub) -> None:
                    help="theta of the prefill check p_0 alone (default: the model's calibrated "
                         "one when --threshold is not given, else --threshold)")
     p.add_argument("--tau", type=int, default=3, help="consecutive alarms before refusing")
+    p.add_argument("--prefill-stride", type=int, default=4,
+                   help="check an assistant prefill every K tokens before generating (0: its "
+                        "last window only; the prefill and response attacks have one)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="tokens generated per prompt")
     p.add_argument("--limit", type=int, default=None,
                    help="keep the first N prompts of each label")

@@ -35,6 +35,12 @@ How one decode step works (per batch, all rows at once):
   window counts cache columns, as HF's sliding masks do, and the sliding cache has already
   evicted the older keys that would refill them), so those layers see that many fewer old
   tokens, a few out of e.g. Gemma-3's 512.
+- **Prefill checks** *(ours)*: response text already in the input (an assistant prefill, as
+  in a prefill attack) is checked before the first token, every ``prefill_stride`` tokens: a
+  forward of the probe row alone whose window ends ``k`` tokens into the prefill, through the
+  same ``safety_step`` (θ, τ, Rules 1–3) as a decoding-time check at that token; its K/V
+  leaves the cache as above. It runs every layer (an early exit would leave the later layers
+  no row). Without them only the prefill's last window is ever checked.
 - **Fail closed**: a non-finite ``p`` refuses (inside the op); an exception raised by the head
   or the op makes every row that was checked refuse. Both are logged as warnings on the
   ``"safeattn"`` logger.
@@ -151,6 +157,12 @@ class SafetyConfig:
             end with it, so that the refusal starts its own paragraph instead of running on
             from the last word (``""``: none).
         rollback: crop the row back to ``S_t`` (the first alarm) before the refusal.
+        prefill_stride: check an assistant prefill (response text already in the input, as
+            in a prefill attack) before generating: a probe whose window ends ``k`` response
+            tokens in, for ``k = prefill_stride, 2·prefill_stride, …`` below the prefill's
+            length, through the same state machine (θ, τ, Rules 1–3) as the decoding-time
+            checks, which go on from there. ``0``: only the prefill's last window is checked
+            (by the first decoding-time check), so harm earlier in a long prefill goes unseen.
         stream_hold: tokens a :class:`~safeattn.streaming.SafeTextStreamer` holds back
             (default ``tau``).
     """
@@ -171,6 +183,7 @@ class SafetyConfig:
     refusal_end: str = "sentence"
     refusal_break: str = "\n\n"
     rollback: bool = False
+    prefill_stride: int = 4
     stream_hold: int | None = None
 
     def __post_init__(self):
@@ -182,7 +195,7 @@ class SafetyConfig:
             need(getattr(self, name) is None or _is_theta(getattr(self, name)), name,
                  "must be None or a finite number >= 0 (values > 1 never trigger)")
         for name, lo in (("tau", 1), ("r1", 0), ("r2", 0), ("r3", 0), ("period", 1),
-                         ("first_n", 0)):
+                         ("first_n", 0), ("prefill_stride", 0)):
             v = getattr(self, name)
             if v is None and name in ("r1", "r2", "r3"):
                 continue
@@ -284,6 +297,9 @@ class RowSafety:
     (``'benign'``, ``'transition'``, ``'malicious'`` or ``'refusal'``). ``refusal_step`` is the
     response index where the refusal prefix begins (``None``: never refused), ``alarm_step`` the
     ``S_t`` of that refusal, ``justification`` the text generated after the prefix.
+    ``prefill_checks``: the checks of an assistant prefill before generation
+    (:attr:`SafetyConfig.prefill_stride`), as ``(response tokens the probe saw, p)``; a
+    refusal they start has ``refusal_step`` 0.
     """
 
     p: list[float]
@@ -293,6 +309,7 @@ class RowSafety:
     alarm_step: int | None
     justification: str | None
     rolled_back: bool = False
+    prefill_checks: list[tuple[int, float]] = field(default_factory=list)
 
     @property
     def refused(self) -> bool:
@@ -536,7 +553,9 @@ class _Decode:
         # included. ``s_t`` is in response coordinates; ``pre`` converts it to generated-token
         # indices.
         self.pre = (self.l0 - self.rs).clamp_min(0).int()
+        self.longest_pre = int(self.pre.max()) if self.b else 0  # a host read, once per call
         self.p_hist, self.mode_hist, self.chk_hist = [], [], []
+        self.scan_hist = []  # the prefill checks: (response tokens seen, p [B], active [B])
 
     def _cache(self, input_ids):
         """The KV cache, the sequence so far and the decoding positions."""
@@ -631,10 +650,31 @@ class _Decode:
         if hq is None and getattr(self.model, "safety_query_probe", None) is not None:
             raise RuntimeError("safeattn: the prefill did not tap the query probe's layer")
         p = self.check(h0, self.all_rows, self.safety.query_threshold, query=hq)
-        if bool(self.pre.any()):
+        if self.longest_pre:
             self.step.add_(self.pre)
             self.iv = self.ranges()
         self.record(p, self.all_rows)
+
+    def scan_prefill(self) -> None:
+        """The checks of an assistant prefill (:attr:`SafetyConfig.prefill_stride`): for every
+        multiple ``k`` of the stride below a row's prefill length, a probe whose window ends
+        ``k`` response tokens in goes through ``safety_step`` at θ, as the decoding-time check
+        at that token would (the same rules and state); the first decoding-time check goes on
+        from the state they leave."""
+        stride = self.safety.prefill_stride
+        if not stride:
+            return
+        after = self.step.clone()
+        for k in range(stride, self.longest_pre, stride):
+            active = (self.pre > k) & ~self.refused
+            self.step.copy_(torch.where(active, k, self.step))  # the tokens the probe sees
+            self.iv = self.ranges()
+            p = self.check(self.probe_alone(active), active, self.safety.threshold)
+            self.scan_hist.append((k, p, active))
+        if self.scan_hist:
+            self.step.copy_(after)
+            self.iv = self.ranges()
+            self.mark_alarms()
 
     def choose(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The token at response index ``n`` of every row, from the last forward's logits
@@ -799,19 +839,35 @@ class _Decode:
     def probe_forward(self, active):
         """``[token, probe]`` in one forward; the probe's K/V leaves the cache again."""
         ids = torch.stack([self.tok, torch.full_like(self.tok, self.cid)], 1)
-        for layer in self.probe_layers:
+        pos = torch.stack([self.cur_pos, torch.zeros_like(self.cur_pos)], 1)
+        return self.with_probe(ids, pos, active)
+
+    def probe_alone(self, active) -> torch.Tensor:
+        """A forward of the probe row alone (a prefill check) -> its tapped hidden state.
+        It runs every layer: an early exit would leave the later layers no row."""
+        ids = torch.full((self.b, 1), self.cid, dtype=torch.long, device=self.dev)
+        out = self.with_probe(ids, torch.zeros_like(ids), active, alone=True)
+        if out.get("safety_hidden") is None:
+            raise RuntimeError("safeattn: the prefill check did not tap the probe row")
+        return out["safety_hidden"]
+
+    def with_probe(self, ids, pos, active, alone: bool = False):
+        """A forward of ``ids`` whose last row is the probe (``alone``: the only row; its
+        logits are not needed); the probe's K/V leaves the cache again."""
+        exit_early = self.exit_at is not None and not alone
+        layers = self.cache.layers if alone else self.probe_layers
+        for layer in layers:
             if hasattr(layer, "activate_past_recording"):
                 layer.activate_past_recording()
         try:
             out = self.model(
                 input_ids=ids, attention_mask=torch.cat([self.am, self.am[:, -1:]], -1),
-                position_ids=torch.stack([self.cur_pos, torch.zeros_like(self.cur_pos)], 1),
-                cache=self.cache, safety_layout=self.layout(active), use_cache=True,
-                probe_exit=self.exit_at is not None, logits_to_keep=self.keep)
-            for layer in self.probe_layers:  # drop the probe's K/V (sliding layers restore
-                layer.crop(-1)               # their window); later layers never got it
+                position_ids=pos, cache=self.cache, safety_layout=self.layout(active),
+                use_cache=True, probe_exit=exit_early, logits_to_keep=1 if alone else self.keep)
+            for layer in layers:  # drop the probe's K/V (sliding layers restore their
+                layer.crop(-1)    # window); with an early exit later layers never got it
         finally:
-            for layer in self.probe_layers:
+            for layer in layers:
                 if getattr(layer, "record_past", False):
                     layer.record_past = False
         return out
@@ -842,6 +898,10 @@ class _Decode:
         eos_t = self.gc._eos_token_tensor
         eos = set(eos_t.reshape(-1).tolist()) if eos_t is not None else set()
         new = seq[:, self.l0:].cpu()
+        scans = [[] for _ in range(self.b)]
+        for k, p, on in self.scan_hist:
+            for i in on.nonzero().flatten().tolist():
+                scans[i].append((k, float(p[i])))
         res = []
         for i in range(self.b):
             r = int(ref_at[i])
@@ -854,7 +914,7 @@ class _Decode:
                 mode=["refusal" if m == REFUSAL else MODE_NAMES[m] for m in mode_all[i].tolist()],
                 refusal_step=r if r >= 0 else None,
                 alarm_step=int(alarm_at[i]) if r >= 0 and int(alarm_at[i]) >= 0 else None,
-                justification=just, rolled_back=bool(rolled[i])))
+                justification=just, rolled_back=bool(rolled[i]), prefill_checks=scans[i]))
         info = SafetyOutput(rows=res, p=p_all, mode=mode_all, refused=self.refused.cpu(),
                             refusal_step=ref_at, config=self.safety, prompt_length=self.l0,
                             refusal_ids=self.refusal.prefix)
@@ -942,6 +1002,7 @@ def safe_generate(model, input_ids: torch.Tensor | None = None, attention_mask=N
     dec = _Decode(model, tokenizer, safety, input_ids, attention_mask, q_span, response_start,
                   position_ids, gc, procs, stops, streamer)
     dec.prefill()
+    dec.scan_prefill()
     while True:
         tok, scores = dec.choose()
         tok, forcing = dec.force_refusals(tok)
