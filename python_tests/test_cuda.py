@@ -311,6 +311,8 @@ def test_nan_in_a_visible_key_propagates(case, dtype):
     assert out[0, :, 0].isnan().all() and out[0, :, 1:].isfinite().all()
 
 
+@pytest.mark.xfail(strict=True, reason="by reading (not yet run on a GPU): the tile loop puts "
+                   "masked columns into P·V as 0 · nan; a pass here means that is fixed")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", _cases.hidden_nonfinite_cases(), ids=lambda c: c[0])
 def test_a_column_no_row_sees_changes_nothing(case, dtype):

@@ -6,7 +6,7 @@ import torch
 
 import safeattn
 from safeattn.generation import SafetyConfig
-from _hf_tiny import PROMPTS, tiny_model, tiny_tokenizer
+from _hf_tiny import PROMPTS, cache_state, tiny_model, tiny_tokenizer
 from test_generation import REFUSAL, _rig
 
 PREFILL = "sure here is step one"
@@ -102,25 +102,37 @@ def _long(family="llama", cls_layer=None, window=64):
     return model, tok, enc
 
 
-@pytest.mark.parametrize("family,cls_layer", [("llama", None), ("qwen3", 2),
-                                              ("gemma3_text", 1)])
-def test_prefill_checks_read_their_window_and_leave_the_cache(family, cls_layer):
+def _without_checks_equal(model, enc, r2, **kw):
+    """Generate with and without prefill checks (nothing triggers): same tokens, decoding-time
+    p and final cache (the probe's K/V left every cache layer) -> the checks' output."""
+    outs = [model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                           return_dict_in_generate=True,
+                           safety=SafetyConfig(threshold=1.5, r2=r2, prefill_stride=st), **kw)
+            for st in (4, 0)]
+    assert torch.equal(outs[0].sequences, outs[1].sequences)
+    torch.testing.assert_close(outs[0].safety.p, outs[1].safety.p, equal_nan=True)
+    for a, b in zip(cache_state(outs[0].cache), cache_state(outs[1].cache)):
+        assert a[:2] == b[:2] and torch.equal(a[2], b[2]) and torch.equal(a[3], b[3])
+    assert outs[1].safety[0].prefill_checks == []
+    return outs[0]
+
+
+@pytest.mark.parametrize("family,cls_layer,window", [
+    ("llama", None, 64), ("qwen3", 2, 64), ("gemma3_text", 1, 64), ("gemma3_text", None, 5)])
+def test_prefill_checks_read_their_window_and_leave_the_cache(family, cls_layer, window):
     """Each prefill check's p is that of the [CLS] row of a trajectory forward over the
-    prefill cut at ``k`` with the window ``[k - r2, k)``; a row without a prefill gets none,
-    and when nothing triggers the tokens and decoding-time p equal those without the checks
-    (the probe's K/V left every cache layer)."""
-    model, tok, enc = _long(family, cls_layer)
+    prefill cut at ``k`` with the window ``[k - r2, k)`` (a sliding window shorter than the
+    input: only the cache is checked, as the probe sees what the sliding cache holds); a row
+    without a prefill gets none."""
+    model, tok, enc = _long(family, cls_layer, window)
     r2, l0 = 3, enc["input_ids"].shape[1]
     rs = int(enc["response_start"][0])
     assert l0 - rs == 13 and int(enc["response_start"][1]) == l0
-    outs = [model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=0,
-                           safety=SafetyConfig(threshold=1.5, r2=r2, prefill_stride=st))
-            for st in (4, 0)]
-    checks = outs[0].safety[0].prefill_checks
-    assert [k for k, _ in checks] == [4, 8, 12] and outs[0].safety[1].prefill_checks == []
-    assert outs[1].safety[0].prefill_checks == []
-    assert torch.equal(outs[0], outs[1])
-    torch.testing.assert_close(outs[0].safety.p, outs[1].safety.p, equal_nan=True)
+    out = _without_checks_equal(model, enc, r2)
+    checks = out.safety[0].prefill_checks
+    assert [k for k, _ in checks] == [4, 8, 12] and out.safety[1].prefill_checks == []
+    if window < l0:
+        return
     for k, p in checks:
         with torch.no_grad():
             ref = model(input_ids=enc["input_ids"][:1, :rs + k],
@@ -140,6 +152,7 @@ def test_prefill_checks_refuse_before_the_first_token():
     r = out.safety[0]
     assert [p > 0.99 for _, p in r.prefill_checks] == [True] * 3
     assert (r.refusal_step, r.alarm_step) == (0, 0) and out.safety[1].refusal_step is None
+    assert r.mode[0] == "refusal" and out.safety[1].mode[0] == "benign"  # after step 0
     new = out[0, enc["input_ids"].shape[1]:].tolist()
     want = tok("why", add_special_tokens=False)["input_ids"] + \
         tok(" " + REFUSAL, add_special_tokens=False)["input_ids"]

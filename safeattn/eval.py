@@ -454,9 +454,12 @@ def _run(model, tokenizer, cases, mode, *, safety, max_new_tokens, batch_size, s
                 rec["check"] = refusal_check(request_text(c.prompt), text, ended[i])
             if out is not None:
                 rs = out.safety[i]
-                ps = [p for p in rs.p if not math.isnan(p)]
+                pre = [p for _, p in rs.prefill_checks]  # the checks of a prefill
+                ps = [p for p in rs.p + pre if not math.isnan(p)]
+                theta = out.safety.config.threshold
                 rec.update(p0=rs.p[0], p_max=max(ps) if ps else float("nan"),
-                           flagged=any(m != "benign" for m in rs.mode),  # θ reached (or failed)
+                           flagged=any(m != "benign" for m in rs.mode)  # θ reached (or failed)
+                           or any(not p < theta for p in pre),
                            refusal_step=rs.refusal_step)
                 step = rs.refusal_step
                 if refusal_steps is not None and (step is None or step > refusal_steps):

@@ -508,6 +508,7 @@ class _Decode:
         self.one = torch.ones(1, dtype=torch.float32, device=dev)
         self.zero = torch.zeros(1, dtype=torch.float32, device=dev)
         self.no_probe = torch.zeros(b, 1, dtype=torch.float32, device=dev)
+        self.no_logits = torch.zeros(0, dtype=torch.long, device=dev)  # logits_to_keep: none
 
     def _forcing(self):
         """What a refusal forces (the break, then the prefix), the pad and stop ids, the
@@ -667,6 +668,8 @@ class _Decode:
         after = self.step.clone()
         for k in range(stride, self.longest_pre, stride):
             active = (self.pre > k) & ~self.refused
+            if not bool(active.any()):  # only shrinks as k grows
+                break
             self.step.copy_(torch.where(active, k, self.step))  # the tokens the probe sees
             self.iv = self.ranges()
             p = self.check(self.probe_alone(active), active, self.safety.threshold)
@@ -675,6 +678,7 @@ class _Decode:
             self.step.copy_(after)
             self.iv = self.ranges()
             self.mark_alarms()
+            self.mode_hist[0] = torch.where(self.refused, REFUSAL, self.mode)  # step 0's end
 
     def choose(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The token at response index ``n`` of every row, from the last forward's logits
@@ -846,14 +850,16 @@ class _Decode:
         """A forward of the probe row alone (a prefill check) -> its tapped hidden state.
         It runs every layer: an early exit would leave the later layers no row."""
         ids = torch.full((self.b, 1), self.cid, dtype=torch.long, device=self.dev)
-        out = self.with_probe(ids, torch.zeros_like(ids), active, alone=True)
+        out = self.with_probe(ids, torch.zeros_like(ids), active, keep=self.no_logits)
         if out.get("safety_hidden") is None:
             raise RuntimeError("safeattn: the prefill check did not tap the probe row")
         return out["safety_hidden"]
 
-    def with_probe(self, ids, pos, active, alone: bool = False):
-        """A forward of ``ids`` whose last row is the probe (``alone``: the only row; its
-        logits are not needed); the probe's K/V leaves the cache again."""
+    def with_probe(self, ids, pos, active, keep=None):
+        """A forward of ``ids`` whose last row is the probe; the probe's K/V leaves the cache
+        again. ``keep``: the rows to compute logits of (default: the token row's); a probe
+        alone (``keep`` empty) runs every layer."""
+        alone = keep is not None
         exit_early = self.exit_at is not None and not alone
         layers = self.cache.layers if alone else self.probe_layers
         for layer in layers:
@@ -863,7 +869,8 @@ class _Decode:
             out = self.model(
                 input_ids=ids, attention_mask=torch.cat([self.am, self.am[:, -1:]], -1),
                 position_ids=pos, cache=self.cache, safety_layout=self.layout(active),
-                use_cache=True, probe_exit=exit_early, logits_to_keep=1 if alone else self.keep)
+                use_cache=True, probe_exit=exit_early,
+                logits_to_keep=keep if alone else self.keep)
             for layer in layers:  # drop the probe's K/V (sliding layers restore their
                 layer.crop(-1)    # window); with an early exit later layers never got it
         finally:
