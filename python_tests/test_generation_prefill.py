@@ -142,6 +142,25 @@ def test_prefill_checks_read_their_window_and_leave_the_cache(family, cls_layer,
         assert abs(float(ref.reshape(-1)[0]) - p) < 1e-5, (k, p, float(ref.reshape(-1)[0]))
 
 
+def test_prefill_checks_stop_at_the_heads_layer():
+    """With the head on layer 1 of 4, a prefill check runs layers 0..1 only: the later layers
+    run as often as without the checks (once per forward of the prompt and the tokens)."""
+    model, tok, enc = _long("llama", cls_layer=1)
+    layers = model.model.layers
+    for st in (4, 0):
+        calls = [0] * len(layers)
+        hooks = [layer.register_forward_pre_hook(
+            lambda *_, i=i: calls.__setitem__(i, calls[i] + 1)) for i, layer in enumerate(layers)]
+        try:
+            out = model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                                 safety=SafetyConfig(threshold=1.5, prefill_stride=st))
+        finally:
+            for h in hooks:
+                h.remove()
+        assert len(out.safety[0].prefill_checks) == (3 if st else 0)
+        assert calls[2:] == [4, 4] and calls[:2] == [4 + (3 if st else 0)] * 2
+
+
 def test_prefill_checks_refuse_before_the_first_token():
     """τ hits among the prefill checks refuse at generated step 0 (break + prefix right after
     the prefill); the same hits as decoding-time checks (stride 0) refuse only at step 3."""

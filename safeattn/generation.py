@@ -39,8 +39,8 @@ How one decode step works (per batch, all rows at once):
   in a prefill attack) is checked before the first token, every ``prefill_stride`` tokens: a
   forward of the probe row alone whose window ends ``k`` tokens into the prefill, through the
   same ``safety_step`` (θ, τ, Rules 1–3) as a decoding-time check at that token; its K/V
-  leaves the cache as above. It runs every layer (an early exit would leave the later layers
-  no row). Without them only the prefill's last window is ever checked.
+  leaves the cache as above. With a head on decoder layer ``cls_layer`` the forward ends
+  after that layer. Without them only the prefill's last window is ever checked.
 - **Fail closed**: a non-finite ``p`` refuses (inside the op); an exception raised by the head
   or the op makes every row that was checked refuse. Both are logged as warnings on the
   ``"safeattn"`` logger.
@@ -848,7 +848,7 @@ class _Decode:
 
     def probe_alone(self, active) -> torch.Tensor:
         """A forward of the probe row alone (a prefill check) -> its tapped hidden state.
-        It runs every layer: an early exit would leave the later layers no row."""
+        With a head on an inner layer the forward ends there (:class:`ProbeDone`)."""
         ids = torch.full((self.b, 1), self.cid, dtype=torch.long, device=self.dev)
         out = self.with_probe(ids, torch.zeros_like(ids), active, keep=self.no_logits)
         if out.get("safety_hidden") is None:
@@ -857,24 +857,25 @@ class _Decode:
 
     def with_probe(self, ids, pos, active, keep=None):
         """A forward of ``ids`` whose last row is the probe; the probe's K/V leaves the cache
-        again. ``keep``: the rows to compute logits of (default: the token row's); a probe
-        alone (``keep`` empty) runs every layer."""
-        alone = keep is not None
-        exit_early = self.exit_at is not None and not alone
-        layers = self.cache.layers if alone else self.probe_layers
-        for layer in layers:
+        again. ``keep``: the rows to compute logits of (default: the token row's)."""
+        from .hf.patch import ProbeDone
+
+        for layer in self.probe_layers:
             if hasattr(layer, "activate_past_recording"):
                 layer.activate_past_recording()
         try:
-            out = self.model(
-                input_ids=ids, attention_mask=torch.cat([self.am, self.am[:, -1:]], -1),
-                position_ids=pos, cache=self.cache, safety_layout=self.layout(active),
-                use_cache=True, probe_exit=exit_early,
-                logits_to_keep=keep if alone else self.keep)
-            for layer in layers:  # drop the probe's K/V (sliding layers restore their
-                layer.crop(-1)    # window); with an early exit later layers never got it
+            try:
+                out = self.model(
+                    input_ids=ids, attention_mask=torch.cat([self.am, self.am[:, -1:]], -1),
+                    position_ids=pos, cache=self.cache, safety_layout=self.layout(active),
+                    use_cache=True, probe_exit=self.exit_at is not None,
+                    logits_to_keep=self.keep if keep is None else keep)
+            except ProbeDone as done:
+                out = {"safety_hidden": done.safety_hidden}
+            for layer in self.probe_layers:  # drop the probe's K/V (sliding layers restore
+                layer.crop(-1)               # their window); later layers never got it
         finally:
-            for layer in layers:
+            for layer in self.probe_layers:
                 if getattr(layer, "record_past", False):
                     layer.record_past = False
         return out

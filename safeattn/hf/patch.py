@@ -24,7 +24,9 @@ The safety forward rides on module hooks, not on per-class ``forward`` patches:
   from the layer's output and a pre-hook on every later layer drops its position embeddings,
   position ids and mask rows and hands attention a layout without the probe. Later layers
   then run (and cache) the other rows only; the caller crops the probe's K/V from layers
-  ``0..cls_layer`` alone.
+  ``0..cls_layer`` alone. When the probe is the forward's only query row (the decoder's
+  checks of an assistant prefill), nothing is left to run: the tap hook ends the forward by
+  raising :class:`ProbeDone`, which carries ``safety_hidden``.
 - the ``nn.Linear`` modules of the layers the probe row runs through take a weight-stationary
   path while a forward carries a probe row (:mod:`safeattn.hf.few_rows`), so that on CPU the
   ``[token, probe]`` rows cost about one read of each weight.
@@ -44,12 +46,22 @@ from .layout import MODES, SafetyLayout
 from .surgery import QueryProbe, SafetyHead, _base, add_safety_token, cls_token_id, safety_config
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "apply_safeattn", "revert_safeattn", "is_patched",
-           "safety_forward", "classify", "SAFETY_KWARGS"]
+           "safety_forward", "classify", "SAFETY_KWARGS", "ProbeDone"]
 
 #: ``config.model_type`` -> family name, for the families that are tested.
 SUPPORTED_MODEL_TYPES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2",
                          "qwen3": "Qwen3", "gemma3_text": "Gemma3 (text)"}
 _STATE = "_safeattn_state"
+
+
+class ProbeDone(Exception):
+    """Ends a ``probe_exit`` forward whose only query row is the probe, once the head's layer
+    has run: ``safety_hidden`` is what the output would have carried. The cache layers
+    ``0..cls_layer`` hold the probe's K/V, as after any ``probe_exit`` forward."""
+
+    def __init__(self, safety_hidden):
+        super().__init__("the probe row, the forward's only row, left it at the head's layer")
+        self.safety_hidden = safety_hidden
 
 
 def _check_supported(model) -> None:
@@ -400,6 +412,11 @@ def _tap_hook(model):
             h = out[0] if isinstance(out, tuple) else out
             ctx["h"] = h[torch.arange(h.shape[0], device=h.device), ctx["rows"].to(h.device)]
             if ctx.get("exit") is not None:  # the probe row stops here
+                if h.shape[1] == 1:  # and no other row is left to run on
+                    st = getattr(model, _STATE)
+                    st["ctx"] = None
+                    st["few_rows"].on = False
+                    raise ProbeDone(_tapped(model, ctx["h"]))
                 return (h[:, :-1], *out[1:]) if isinstance(out, tuple) else h[:, :-1]
         return None
     return hook
@@ -415,15 +432,17 @@ def _query_hook(model):
     return hook
 
 
+def _tapped(model, h):
+    """The tapped row's state as ``safety_hidden``: final-normed, also from an inner layer."""
+    return _base(model).norm(h) if model.safety_head.cls_layer is not None else h
+
+
 def _post_hook(model, args, kwargs, output):
     st = getattr(model, _STATE)
     ctx, st["ctx"] = st["ctx"], None
     st["few_rows"].on = False
     if ctx is not None and ctx["h"] is not None:
-        h = ctx["h"]
-        if model.safety_head.cls_layer is not None:
-            h = _base(model).norm(h)
-        output["safety_hidden"] = h
+        h = output["safety_hidden"] = _tapped(model, ctx["h"])
     hq = ctx.get("hq") if ctx is not None else None
     if hq is not None:
         output["query_hidden"] = hq
