@@ -111,3 +111,35 @@ def test_generate_context(compare, gemma, ctx):
             "cls_layer": model.config.safeattn["cls_layer"],
             "target": ("overhead", "<=", 1.10)}
     compare(case, ours, base, **TIMING)
+
+
+@pytest.mark.parametrize("b", [1, 8])
+def test_prefill_checks_overhead(compare, gemma, b):
+    """Safe ``each`` after a 64-token assistant prefill, with the prefill checks
+    (``prefill_stride`` 4, the default: 15 probe-alone forwards per row before the first
+    token) against the same call with ``prefill_stride=0`` (the prefill's last window only)."""
+    model, tok = gemma
+    prefill = _prompt(tok, 64)
+    rows = [[{"role": "user", "content": "Continue the following text."},
+             {"role": "assistant", "content": prefill}]] * b
+    enc = safeattn.build_inputs(tok, rows)
+    kw = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+              pad_token_id=tok.pad_token_id)
+    cfg = safeattn.SafetyConfig(threshold=1.5)
+
+    def ours():
+        return model.generate(**enc, **kw, safety=cfg)
+
+    def base():
+        return model.generate(**enc, **kw, safety=safeattn.SafetyConfig(threshold=1.5,
+                                                                        prefill_stride=0))
+
+    assert torch.equal(ours(), base())  # nothing triggers: the checks leave the ids alone
+    case = {"name": f"prefill_checks/{MODEL}-each-B{b}-prefill64-new{NEW}",
+            "kind": "prefill_checks", "model": MODEL, "dtype": "float32", "schedule": "each",
+            "batch": b, "prompt_len": enc["input_ids"].shape[1], "prefill_tokens": 64,
+            "new_tokens": NEW, "threads": torch.get_num_threads(),
+            "baseline_desc": "the same safe generate with prefill_stride=0, greedy",
+            "cls_layer": model.config.safeattn["cls_layer"],
+            "target": ("overhead", "<=", 1.10)}
+    compare(case, ours, base, **TIMING)
