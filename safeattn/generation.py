@@ -635,8 +635,12 @@ class _Decode:
         """The trace of this step: ``p``, the modes, the rows checked, new alarms."""
         self.mark_alarms()
         self.p_hist.append(p)
-        self.mode_hist.append(torch.where(self.refused, REFUSAL, self.mode))
+        self.mode_hist.append(self.shown_mode())
         self.chk_hist.append(active)
+
+    def shown_mode(self) -> torch.Tensor:
+        """Each row's mode as the trace shows it: ``REFUSAL`` once the row refuses."""
+        return torch.where(self.refused, REFUSAL, self.mode)
 
     # ---- the steps
     def prefill(self) -> None:
@@ -678,7 +682,7 @@ class _Decode:
             self.step.copy_(after)
             self.iv = self.ranges()
             self.mark_alarms()
-            self.mode_hist[0] = torch.where(self.refused, REFUSAL, self.mode)  # step 0's end
+            self.mode_hist[0] = self.shown_mode()  # step 0's end
 
     def choose(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The token at response index ``n`` of every row, from the last forward's logits
