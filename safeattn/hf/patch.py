@@ -302,10 +302,16 @@ def _build_layout(model, args, kwargs, extra) -> tuple[SafetyLayout, torch.Tenso
     return layout, rows
 
 
+def _clear(st) -> dict | None:
+    """End a forward's tap state: no context, few-row linears off -> the context it had."""
+    ctx, st["ctx"] = st["ctx"], None
+    st["few_rows"].on = False
+    return ctx
+
+
 def _pre_hook(model, args, kwargs):
     st = getattr(model, _STATE)
-    st["ctx"] = None
-    st["few_rows"].on = False
+    _clear(st)
     probe_exit = bool(kwargs.pop("probe_exit", False))
     extra = {k: kwargs.pop(k) for k in SAFETY_KWARGS if k in kwargs}
     layout = kwargs.get("safety_layout")
@@ -413,9 +419,7 @@ def _tap_hook(model):
             ctx["h"] = h[torch.arange(h.shape[0], device=h.device), ctx["rows"].to(h.device)]
             if ctx.get("exit") is not None:  # the probe row stops here
                 if h.shape[1] == 1:  # and no other row is left to run on
-                    st = getattr(model, _STATE)
-                    st["ctx"] = None
-                    st["few_rows"].on = False
+                    _clear(getattr(model, _STATE))
                     raise ProbeDone(_tapped(model, ctx["h"]))
                 return (h[:, :-1], *out[1:]) if isinstance(out, tuple) else h[:, :-1]
         return None
@@ -439,8 +443,7 @@ def _tapped(model, h):
 
 def _post_hook(model, args, kwargs, output):
     st = getattr(model, _STATE)
-    ctx, st["ctx"] = st["ctx"], None
-    st["few_rows"].on = False
+    ctx = _clear(st)
     if ctx is not None and ctx["h"] is not None:
         h = output["safety_hidden"] = _tapped(model, ctx["h"])
     hq = ctx.get("hq") if ctx is not None else None
