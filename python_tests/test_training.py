@@ -534,6 +534,35 @@ def test_prompt_states_are_the_prompts_own(family):
             prompt_states(model, coll, samples, bad)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_prompt_states_upto_window_read_the_response_so_far(family):
+    """``upto="window"`` reads the last token of the response cut at the probe window's end
+    (all of it without a window): a plain forward of prompt + that text, no EOS."""
+    import copy
+
+    from safeattn.training import prompt_states
+
+    tok = tiny_tokenizer()
+    plain = tiny_model(family, vocab_size=len(tok) + 1, layers=4)
+    model = prepare_model(copy.deepcopy(plain), tok, "head", cls_layer=1)
+    coll = SafetyDataCollator(tok)
+    samples = toy_samples()  # whole responses, and trajectory views cut at 12 / 9 chars
+    got = prompt_states(model, coll, samples, [2], upto="window", batch_size=5)[2]
+    before = prompt_states(model, coll, samples, [2], batch_size=5)[2]
+    for i, s in enumerate(samples):
+        seen = s["response"][:s["window"][1]] if s.get("window") else s["response"]
+        ids = coll.encode_one(dict(prompt=s["prompt"], response=seen, label=0,
+                                   kind="response"))["ids"]
+        assert ids[-1] != tok.eos_token_id
+        with torch.no_grad():
+            hs = plain(torch.tensor([ids[1:]]), position_ids=torch.arange(1, len(ids))[None],
+                       output_hidden_states=True).hidden_states
+        torch.testing.assert_close(got[i], hs[2][0, -1], atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(got[i], before[i], atol=1e-3)
+    with pytest.raises(ValueError, match="upto"):
+        prompt_states(model, coll, samples, [2], upto="response")
+
+
 def test_harmful_responses_option_reaches_build_samples(tmp_path):
     """``--harmful-responses FILE`` (a cache_responses file) becomes build_samples'
     ``harmful_responses``; without it the argument is not passed."""

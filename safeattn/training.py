@@ -835,14 +835,20 @@ def head_scores(model, tokenizer, prompts: Sequence[str], *, batch_size: int = 1
 
 @torch.no_grad()
 def prompt_states(model, collator: "SafetyDataCollator", samples: Sequence,
-                  layers: Sequence[int], *, batch_size: int = 16,
+                  layers: Sequence[int], *, upto: str = "prompt", batch_size: int = 16,
                   progress: bool = False) -> dict[int, torch.Tensor]:
-    """``{layer: [N, D] fp32}``: the hidden state of each sample's last prompt token (the end
-    of the generation prompt) as safeattn's prefill computes it, ``[CLS]`` at 0 and invisible
-    to the prompt; the response is not read. ``layers`` number hidden states as HF does
-    (``i``: the output of decoder block ``i - 1``; ``1 <= i <= num_hidden_layers``), before
-    the final norm. Only the blocks up to the deepest layer (and ``cls_layer``) run; rows are
-    batched by length."""
+    """``{layer: [N, D] fp32}``: the hidden state of each sample's last token as safeattn
+    computes it, ``[CLS]`` at 0 and invisible to the prompt and response:
+
+    - ``upto="prompt"``: the last prompt token (the end of the generation prompt); the
+      response is not read;
+    - ``upto="window"``: the last token of the response text cut at the end of the sample's
+      probe window (the whole response when it has none): the token row that a
+      decoding-time check there has just read, which sees the prompt and the response so far.
+
+    ``layers`` number hidden states as HF does (``i``: the output of decoder block ``i - 1``;
+    ``1 <= i <= num_hidden_layers``), before the final norm. Only the blocks up to the
+    deepest layer (and ``cls_layer``) run; rows are batched by length."""
     from tqdm.auto import tqdm
 
     inner = _inner(model)
@@ -851,8 +857,10 @@ def prompt_states(model, collator: "SafetyDataCollator", samples: Sequence,
     layers = sorted({int(x) for x in layers})
     if not layers or not all(1 <= x <= n for x in layers):
         raise ValueError(f"layers: expected hidden-state indices in 1..{n}, got {layers}")
-    rows = [{"prompt": _get(x, "prompt"), "response": "", "label": float(_get(x, "label")),
-             "kind": "query"} for x in samples]
+    if upto not in ("prompt", "window"):
+        raise ValueError(f"upto: expected 'prompt' or 'window', got {upto!r}")
+    rows = [{"prompt": _get(x, "prompt"), "response": _seen(x) if upto == "window" else "",
+             "label": float(_get(x, "label")), "kind": "response"} for x in samples]
     lens = [len(collator.encode_one(r)["ids"]) for r in rows]
     order = sorted(range(len(rows)), key=lambda i: lens[i])
     out = {x: torch.empty(len(rows), inner.config.get_text_config().hidden_size)
@@ -878,7 +886,7 @@ def prompt_states(model, collator: "SafetyDataCollator", samples: Sequence,
                           disable=not progress):
                 idx = order[s:s + batch_size]
                 batch = collator([rows[i] for i in idx])
-                last = (batch["response_start"] - 1).to(dev)
+                last = (batch["response_start"] - 1).to(dev) if upto == "prompt" else -1
                 inner(**{k: batch[k].to(dev) for k in keep}, safety_mode="sft",
                       use_cache=False, logits_to_keep=torch.zeros(0, dtype=torch.long,
                                                                   device=dev))
@@ -889,6 +897,12 @@ def prompt_states(model, collator: "SafetyDataCollator", samples: Sequence,
         for h in hooks:
             h.remove()
     return out
+
+
+def _seen(sample) -> str:
+    """The response text up to the end of the sample's probe window (all of it without one)."""
+    response, window = _get(sample, "response") or "", _get(sample, "window")
+    return response[:window[1]] if window is not None else response
 
 
 @torch.no_grad()
