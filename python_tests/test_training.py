@@ -536,8 +536,9 @@ def test_prompt_states_are_the_prompts_own(family):
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
 def test_prompt_states_upto_window_read_the_response_so_far(family):
-    """``upto="window"`` reads the last token of the response cut at the probe window's end
-    (all of it without a window): a plain forward of prompt + that text, no EOS."""
+    """``upto="window"`` reads the last token a check of the sample reads: a trajectory
+    prefix cut at its window's end, any other response whole (a response view's window may
+    end before its last seen token): a plain forward of prompt + that text, no EOS."""
     import copy
 
     from safeattn.training import prompt_states
@@ -547,10 +548,13 @@ def test_prompt_states_upto_window_read_the_response_so_far(family):
     model = prepare_model(copy.deepcopy(plain), tok, "head", cls_layer=1)
     coll = SafetyDataCollator(tok)
     samples = toy_samples()  # whole responses, and trajectory views cut at 12 / 9 chars
+    samples += [dict(prompt=HARM[0], response="sure here is step one", label=1,
+                     kind="response", window=(5, 12))]  # read whole: it ends at its last seen
     got = prompt_states(model, coll, samples, [2], upto="window", batch_size=5)[2]
     before = prompt_states(model, coll, samples, [2], batch_size=5)[2]
     for i, s in enumerate(samples):
-        seen = s["response"][:s["window"][1]] if s.get("window") else s["response"]
+        cut = s["kind"] == "trajectory"
+        seen = s["response"][:s["window"][1]] if cut else s["response"]
         ids = coll.encode_one(dict(prompt=s["prompt"], response=seen, label=0,
                                    kind="response"))["ids"]
         assert ids[-1] != tok.eos_token_id

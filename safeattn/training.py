@@ -838,13 +838,15 @@ def prompt_states(model, collator: "SafetyDataCollator", samples: Sequence,
                   layers: Sequence[int], *, upto: str = "prompt", batch_size: int = 16,
                   progress: bool = False) -> dict[int, torch.Tensor]:
     """``{layer: [N, D] fp32}``: the hidden state of each sample's last token as safeattn
-    computes it, ``[CLS]`` at 0 and invisible to the prompt and response:
+    computes it, ``[CLS]`` at 0 (invisible to the prompt, and to the response unless
+    ``cls_visible_to_response``):
 
     - ``upto="prompt"``: the last prompt token (the end of the generation prompt); the
       response is not read;
-    - ``upto="window"``: the last token of the response text cut at the end of the sample's
-      probe window (the whole response when it has none): the token row that a
-      decoding-time check there has just read, which sees the prompt and the response so far.
+    - ``upto="window"``: the last response token that a decoding-time check of the sample
+      reads (a ``trajectory`` prefix cut at its window's end; any other response whole, as a
+      response view is cut after its last seen token): the token row that check has just
+      read, which sees the prompt and the response so far.
 
     ``layers`` number hidden states as HF does (``i``: the output of decoder block ``i - 1``;
     ``1 <= i <= num_hidden_layers``), before the final norm. Only the blocks up to the
@@ -900,9 +902,13 @@ def prompt_states(model, collator: "SafetyDataCollator", samples: Sequence,
 
 
 def _seen(sample) -> str:
-    """The response text up to the end of the sample's probe window (all of it without one)."""
+    """The response a decoding-time check of the sample reads up to: a ``trajectory``
+    prefix ends at its window (a recovery refusal may follow); any other sample's response is
+    already cut after its last seen token (a Rule 1 or 3 window ends before it)."""
     response, window = _get(sample, "response") or "", _get(sample, "window")
-    return response[:window[1]] if window is not None else response
+    if _get(sample, "kind") == "trajectory" and window is not None:
+        return response[:window[1]]
+    return response
 
 
 @torch.no_grad()
