@@ -870,12 +870,13 @@ def prompt_states(model, collator: "SafetyDataCollator", samples: Sequence,
     depth = max(max(layers), _tap_index(inner) + 1)
     dev = inner.get_input_embeddings().weight.device
     grabbed: dict[int, torch.Tensor] = {}
-    last = None
 
+    # The collator pads on the left and adds no EOS to a row of kind "response" (nor any
+    # response to a prompt row), so every row ends at the token to read.
     def grab(i):
         def hook(module, args, output):
             h = output[0] if isinstance(output, tuple) else output
-            grabbed[i + 1] = h[torch.arange(h.shape[0], device=h.device), last].float().cpu()
+            grabbed[i + 1] = h[:, -1].float().cpu()
         return hook
 
     hooks = [base.layers[x - 1].register_forward_hook(grab(x - 1)) for x in layers]
@@ -888,7 +889,6 @@ def prompt_states(model, collator: "SafetyDataCollator", samples: Sequence,
                           disable=not progress):
                 idx = order[s:s + batch_size]
                 batch = collator([rows[i] for i in idx])
-                last = (batch["response_start"] - 1).to(dev) if upto == "prompt" else -1
                 inner(**{k: batch[k].to(dev) for k in keep}, safety_mode="sft",
                       use_cache=False, logits_to_keep=torch.zeros(0, dtype=torch.long,
                                                                   device=dev))
