@@ -212,6 +212,33 @@ def encode_prompt(tokenizer, prompt, system: str | None, cls_id: int, *,
     return ids, (qs, qe)
 
 
+def encode_row(tokenizer, row, system: str | None, cls_id: int, response: str | None = None, *,
+               cls_token: str = CLS_TOKEN, add_eos: bool = True,
+               query_budget: int = QUERY_BUDGET, where: str = "prompt",
+               response_where: str = "response") -> tuple[list[int], tuple[int, int], int]:
+    """One row of :func:`build_inputs` (a prompt, a conversation, or a conversation ending
+    with an assistant prefill; ``response`` after the generation prompt, with EOS when
+    ``add_eos``) -> (``[CLS] <bos> ...`` ids, ``q_span``, ``response_start``: the first
+    response column, the prompt's end without a response or prefill)."""
+    prompt, resp = split_prefill(row, where)
+    eos = add_eos and resp is None
+    if response is not None:
+        if resp is not None:
+            raise ValueError(f"{response_where}: {where} already ends with an assistant "
+                             f"prefill")
+        resp = response
+    ids, span = encode_prompt(tokenizer, prompt, system, cls_id, cls_token=cls_token,
+                              query_budget=query_budget, where=where)
+    start = len(ids)
+    if resp is not None:
+        if not getattr(tokenizer, "chat_template", None) and resp and not resp[0].isspace():
+            resp = " " + resp
+        ids += encode_text(tokenizer, resp, cls_token=cls_token)[0]
+        if eos and tokenizer.eos_token_id is not None:
+            ids.append(tokenizer.eos_token_id)
+    return ids, span, start
+
+
 def build_inputs(tokenizer, prompts, responses: list[str] | None = None, *,
                  system: str | None = None, cls_token: str = CLS_TOKEN,
                  add_eos: bool = True, query_budget: int = QUERY_BUDGET,
@@ -260,26 +287,18 @@ def build_inputs(tokenizer, prompts, responses: list[str] | None = None, *,
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     rows, spans, starts = [], [], []
     for i, row in enumerate(prompts):
-        prompt, resp = split_prefill(row, f"prompts[{i}]")
-        eos = add_eos and resp is None
         if responses is not None:
-            if resp is not None:
-                raise ValueError(f"responses[{i}]: prompts[{i}] already ends with an "
-                                 f"assistant prefill")
-            resp = responses[i]
-            if not isinstance(resp, str):
-                raise ValueError(f"responses[{i}]: expected a string, got {type(resp).__name__}")
-        ids, (qs, qe) = encode_prompt(tokenizer, prompt, system, cid, cls_token=cls_token,
-                                      query_budget=query_budget, where=f"prompts[{i}]")
-        starts.append(len(ids))
-        if resp is not None:
-            if not getattr(tokenizer, "chat_template", None) and resp and not resp[0].isspace():
-                resp = " " + resp
-            ids += encode_text(tokenizer, resp, cls_token=cls_token)[0]
-            if eos and tokenizer.eos_token_id is not None:
-                ids.append(tokenizer.eos_token_id)
+            if not isinstance(responses[i], str):
+                raise ValueError(f"responses[{i}]: expected a string, got "
+                                 f"{type(responses[i]).__name__}")
+        ids, span, start = encode_row(tokenizer, row, system, cid,
+                                      None if responses is None else responses[i],
+                                      cls_token=cls_token, add_eos=add_eos,
+                                      query_budget=query_budget, where=f"prompts[{i}]",
+                                      response_where=f"responses[{i}]")
         rows.append(ids if safety_token else ids[1:])
-        spans.append((qs, qe))
+        spans.append(span)
+        starts.append(start)
     n = max(len(r) for r in rows)
     pads = [n - len(r) for r in rows]
     input_ids = torch.tensor([[pad_id] * p + r for p, r in zip(pads, rows)], dtype=torch.long)
