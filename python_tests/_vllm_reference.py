@@ -6,7 +6,8 @@ random head and probe adapter; the llama one also a random query probe), saves i
 ``save_pretrained`` + ``save_safety`` to ``OUT_DIR/<family>`` (a family in
 ``safeattn.models.MODELS``: that shipped model and head, not saved), and writes
 ``OUT_DIR/<family>/ref.json``: per case (a SafetyConfig) the greedy token ids, ``q_span`` and
-the trace of every prompt (batch 1 each, so no padding).
+the trace of every prompt (batch 1 each, so no padding); the same per ``prefill_cases`` for
+the conversations of ``prefills`` (each ends with an assistant prefill).
 """
 from __future__ import annotations
 
@@ -72,33 +73,35 @@ def main(spec_path, out_dir):
             model.save_pretrained(d)
             tok.save_pretrained(d)
             safeattn.save_safety(model, d)
-        cases = []
-        for case in spec["cases"]:
-            rows = []
-            for prompt in spec["prompts"]:
-                enc = safeattn.build_inputs(tok, [prompt])
-                n = enc["input_ids"].shape[1]
-                if case is None:
-                    # safety off: the [CLS]-prefixed row that no ordinary row sees, i.e. the
-                    # prompt at RoPE positions 1..P as in the vLLM wrapper
-                    out = model.generate(**enc, max_new_tokens=spec["max_tokens"],
-                                         do_sample=False)
-                    rows.append({"ids": out[0, n:].tolist()})
-                    continue
-                # eos_token_id: stop at EOS only, as vLLM does with these generation configs
-                streamer = PrintedStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-                out = safeattn.generate(model, tok, [prompt], safety=safeattn.SafetyConfig(**case),
-                                        max_new_tokens=spec["max_tokens"], do_sample=False,
-                                        eos_token_id=tok.eos_token_id, streamer=streamer)
-                s = out.safety[0]
-                rows.append({"ids": out[0, n:].tolist(), "p": s.p, "checked": s.checked,
-                             "streamed": "".join(streamer.text),
-                             "mode": s.mode, "refusal_step": s.refusal_step,
-                             "alarm_step": s.alarm_step, "justification": s.justification,
-                             "q_span": [int(enc["q_span"][0, 0]) - 1,
-                                        int(enc["q_span"][0, 1]) - 1]})
-            cases.append(rows)
-        (d / "ref.json").write_text(json.dumps({"cases": cases, "eos": tok.eos_token_id}))
+        cases = [[_row(model, tok, prompt, case, spec["max_tokens"]) for prompt in spec["prompts"]]
+                 for case in spec["cases"]]
+        prefill_cases = [[_row(model, tok, conv, case, spec["max_tokens"])
+                          for conv in spec.get("prefills", [])]
+                         for case in spec.get("prefill_cases", [])]
+        (d / "ref.json").write_text(json.dumps({"cases": cases, "prefill_cases": prefill_cases,
+                                                "eos": tok.eos_token_id}))
+
+
+def _row(model, tok, prompt, case, max_tokens):
+    """One prompt (or conversation) under one case (a SafetyConfig, or None: safety off)."""
+    enc = safeattn.build_inputs(tok, [prompt])
+    n = enc["input_ids"].shape[1]
+    if case is None:
+        # safety off: the [CLS]-prefixed row that no ordinary row sees, i.e. the prompt at
+        # RoPE positions 1..P as in the vLLM wrapper
+        out = model.generate(**enc, max_new_tokens=max_tokens, do_sample=False)
+        return {"ids": out[0, n:].tolist()}
+    # eos_token_id: stop at EOS only, as vLLM does with these generation configs
+    streamer = PrintedStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    out = safeattn.generate(model, tok, [prompt], safety=safeattn.SafetyConfig(**case),
+                            max_new_tokens=max_tokens, do_sample=False,
+                            eos_token_id=tok.eos_token_id, streamer=streamer)
+    s = out.safety[0]
+    return {"ids": out[0, n:].tolist(), "p": s.p, "checked": s.checked,
+            "streamed": "".join(streamer.text), "mode": s.mode, "refusal_step": s.refusal_step,
+            "alarm_step": s.alarm_step, "justification": s.justification,
+            "prefill_checks": s.prefill_checks,
+            "q_span": [int(enc["q_span"][0, 0]) - 1, int(enc["q_span"][0, 1]) - 1]}
 
 
 if __name__ == "__main__":

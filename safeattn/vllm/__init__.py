@@ -67,26 +67,31 @@ def requests(tokenizer, prompts, *, safety: dict | None = None, system: str | No
              ids: list | None = None, **sampling):
     """Prompts as safeattn templates them -> (prompt dicts, ``SamplingParams`` list).
 
-    Each prompt becomes ``{"prompt_token_ids": ...}`` (``[CLS]`` left out: it is not part of
-    vLLM's sequence), and its ``SamplingParams`` carry ``extra_args={"safety": {**safety,
-    "q_span": ..., "id": ...}}`` (no safety when ``safety`` is None). ``sampling`` goes to
-    every ``SamplingParams``.
+    A prompt is the user's text or a conversation, as for :func:`safeattn.build_inputs`; one
+    that ends with an assistant message is a prefill, which the model continues. Each becomes
+    ``{"prompt_token_ids": ...}`` (``[CLS]`` left out: it is not part of vLLM's sequence), and
+    its ``SamplingParams`` carry ``extra_args={"safety": {**safety, "q_span": ...,
+    "response_start": ... (a prefill only), "id": ...}}`` (no safety when ``safety`` is None).
+    ``sampling`` goes to every ``SamplingParams``.
     """
     from vllm import SamplingParams
 
-    from ..hf.template import encode_prompt
+    from ..hf.template import encode_row
 
     if isinstance(prompts, str):
         prompts = [prompts]
     out_p, out_s = [], []
-    for i, text in enumerate(prompts):
-        ids_i, (qs, qe) = encode_prompt(tokenizer, text, system, -1)
+    for i, row in enumerate(prompts):
+        ids_i, (qs, qe), rs = encode_row(tokenizer, row, system, -1, where=f"prompts[{i}]")
+        ids_i = ids_i[1:]
         extra = None
         if safety is not None:
             extra = {"safety": {**safety, "q_span": [qs - 1, qe - 1]}}
+            if rs - 1 < len(ids_i):
+                extra["safety"]["response_start"] = rs - 1
             if ids is not None:
                 extra["safety"]["id"] = ids[i]
-        out_p.append({"prompt_token_ids": ids_i[1:]})
+        out_p.append({"prompt_token_ids": ids_i})
         out_s.append(SamplingParams(extra_args=extra, **sampling))
     return out_p, out_s
 

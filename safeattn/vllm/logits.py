@@ -1,8 +1,8 @@
 """The V1 logits processor: per-request safety state, the state machine and the refusal.
 
 A request is switched on with ``SamplingParams(extra_args={"safety": {...}})`` (the fields of
-:class:`~safeattn.SafetyConfig`, plus ``q_span`` and ``id``) or for every request by the
-server option ``safeattn_vllm.safety``, which requests cannot change unless
+:class:`~safeattn.SafetyConfig`, plus ``q_span``, ``response_start`` and ``id``) or for every
+request by the server option ``safeattn_vllm.safety``, which requests cannot change unless
 ``safeattn_vllm.request_overrides`` is true (they may still give an ``id``). Its state lives
 exactly as long as vLLM keeps the request: vLLM's processor interface names requests by batch
 row only, so the state is keyed by the request's own ``SamplingParams`` object, which the model
@@ -13,6 +13,12 @@ Each step: ``update_state`` follows the batch (removed, added, moved rows) and p
 (which rows check, with which window) to the model; ``apply`` runs
 :func:`safeattn.ops.safety_step` (the op the HF decoder uses) on the probe logits and forces the
 refusal prefix by masking logits.
+
+A prompt that ends with an assistant prefill (``response_start`` before its end; e.g. a prefill
+attack) is checked as the HF decoder checks it: ``p_0`` reads ``q_span`` alone, then a probe
+every ``prefill_stride`` response tokens into the prefill (one batched pass per stride over the
+cache of the prefill's forward), and the decoding-time windows count the prefilled tokens as
+response.
 """
 from __future__ import annotations
 
@@ -37,7 +43,7 @@ from .serving import STREAM_ARG, TRACE_ARG, StreamGate, publish, trace_output, v
 logger = logging.getLogger("safeattn")
 
 #: Keys of ``extra_args["safety"]`` beside the :class:`SafetyConfig` fields.
-EXTRA_KEYS = ("q_span", "id")
+EXTRA_KEYS = ("q_span", "response_start", "id")
 _FIELDS = tuple(f.name for f in dataclasses.fields(SafetyConfig))
 #: Traces of requests that gave an ``id``, until :func:`safeattn.vllm.trace` takes them (the
 #: oldest go beyond ``MAX_TRACES``, so that a server whose clients send ids does not grow).
@@ -77,6 +83,10 @@ def parse_safety(value, default: dict | None = None):
                               and all(isinstance(x, int) and x >= 0 for x in q) and q[0] <= q[1]):
         raise ValueError(f"extra_args['safety'].q_span must be [start, end) prompt-token "
                          f"indices, got {q!r}")
+    r = value.get("response_start")
+    if r is not None and not (isinstance(r, int) and not isinstance(r, bool) and r >= 0):
+        raise ValueError(f"extra_args['safety'].response_start must be a prompt-token index "
+                         f"(where an assistant prefill starts), got {r!r}")
     return cfg, {k: value[k] for k in EXTRA_KEYS if k in value}
 
 
@@ -97,13 +107,21 @@ class RequestSafety:
                  refusal: Refusal, max_tokens: int, default_span, tokenizer, eos_id, eos):
         self.cfg, self.id = cfg, extras.get("id")
         self.prompt_len = len(prompt_ids)
-        qs, qe = extras.get("q_span") or default_span
+        qs, qe, rs = default_span
+        if extras.get("q_span"):  # the request's own layout: its response starts at its end
+            (qs, qe), rs = extras["q_span"], self.prompt_len
+        rs = extras.get("response_start", rs)
         if qe > self.prompt_len:
             raise ValueError(f"extra_args['safety'].q_span end {qe} is past the prompt "
                              f"({self.prompt_len} tokens)")
-        self.qs, self.qe = qs, qe
+        if not qe <= rs <= self.prompt_len:
+            raise ValueError(f"extra_args['safety'].response_start {rs} must lie between the "
+                             f"q_span end ({qe}) and the prompt's end ({self.prompt_len})")
+        self.qs, self.qe, self.rs = qs, qe, rs
+        self.pre = self.prompt_len - rs  # response tokens in the prompt (an assistant prefill)
         self.output_ids = output_ids  # vLLM's live list of the request's generated ids
         self.refusal = refusal
+        self.prompt_tail = list(prompt_ids[max(rs, self.prompt_len - len(refusal.brk)):])
         self.tokenizer, self.eos = tokenizer, set(eos)  # for the justification
         self.eos_id = eos_id  # what ends a refused turn
         self.max_tokens = max_tokens
@@ -115,8 +133,9 @@ class RequestSafety:
         self.ended_with = None  # the EOS that ended a refused turn, forced while it goes on
         self.p: dict[int, float] = {}
         self.modes: dict[int, int] = {}
+        self.prefill_checks: list[tuple[int, float]] = []  # (response tokens seen, p)
         self.stream: StreamGate | None = None  # a server request's published state
-        self.seen = 0  # the end of the window of this step's check (generated tokens)
+        self.cleared = 0  # the end of the window of this step's check (generated tokens)
 
     def due(self, n: int) -> bool:
         if self.refused:
@@ -132,13 +151,31 @@ class RequestSafety:
         if recheck_ahead(self.schedule, self.cfg.escalate, n, self.max_tokens):
             logits[row, [t for t in self.eos if 0 <= t < logits.shape[-1]]] = float("-inf")
         else:
-            self.refused, self.alarm_step = True, max(self.s_t, 0)
+            self.refuse()
 
-    def window(self, n: int) -> tuple[int, int]:
+    def refuse(self) -> None:
+        """Refuse; the alarm is at ``S_t``, as a generated-token index."""
+        self.refused, self.alarm_step = True, max(self.s_t - self.pre, 0)
+
+    def seen(self, n: int) -> int:
+        """Response tokens the check at step ``n`` sees: none for ``p_0``, else the prefill
+        and ``n`` generated tokens."""
+        return self.pre + n if n else 0
+
+    def window(self, seen: int) -> tuple[int, int]:
+        """The probe window over response tokens for a check that sees ``seen`` of them."""
         # the scalar rules, not generation's batched ones: one request's tensors of one
         # element cost about 0.3 ms a call, every request, every step
         c = self.cfg
-        return reference.window(self.mode, self.s_t, n, c.r1, c.r2, c.r3)
+        return reference.window(self.mode, self.s_t, seen, c.r1, c.r2, c.r3)
+
+    def refusal_start(self, n: int) -> int:
+        """Where a refusal at step ``n`` starts in the forced ids (past the break when the
+        response is empty or already ends with it)."""
+        brk = self.refusal.brk
+        text = self.prompt_tail + list(self.output_ids[:n])
+        tail = text[max(len(text) - len(brk), 0):]
+        return self.refusal.start(self.pre + n, tail == brk)
 
     def trace(self) -> SafetyOutput:
         """The trace as the HF decoder gives it: a one-row :class:`safeattn.SafetyOutput`
@@ -159,11 +196,13 @@ class RequestSafety:
         if justification and self.refusal_step is not None:
             just = self.refusal.justification(self.tokenizer, list(self.output_ids),
                                               self.refusal_step, self.fstart, self.eos)
-        return {"p": [None if v is None or not math.isfinite(v) else v for v in p],
+        finite = lambda v: None if v is None or not math.isfinite(v) else v  # noqa: E731
+        return {"p": [finite(v) for v in p],
                 "checked": [n in self.p for n in range(last + 1)],
                 "mode": ["refusal" if m == REFUSAL else MODE_NAMES[m] for m in codes],
                 "refusal_step": self.refusal_step, "alarm_step": self.alarm_step,
                 "justification": just,
+                "prefill_checks": [[k, finite(v)] for k, v in self.prefill_checks],
                 "config": dataclasses.asdict(self.cfg), "refusal_ids": self.refusal.prefix}
 
 
@@ -219,21 +258,28 @@ def _template_ids(tokenizer):
     return tuple(enc(a)), tuple(enc(b))
 
 
-def _config_key(cfg: SafetyConfig, n: int):
-    """The ``safety_step`` settings of a check after ``n`` response tokens (``n = 0``: the
+def _rfind(ids: list[int], sub: list[int], start: int) -> int | None:
+    """Where the last ``sub`` in ``ids[start:]`` begins (``len(ids)`` for an empty ``sub``)."""
+    for i in range(len(ids) - len(sub), start - 1, -1):
+        if ids[i:i + len(sub)] == sub:
+            return i
+    return None
+
+
+def _config_key(cfg: SafetyConfig, seen: int):
+    """The ``safety_step`` settings of a check that sees ``seen`` response tokens (``0``: the
     prefill's ``p_0``, at ``query_threshold``)."""
-    theta = cfg.query_threshold if n == 0 else cfg.threshold
+    theta = cfg.query_threshold if seen == 0 else cfg.threshold
     return (min(theta, 1.0), theta > 1.0, cfg.tau, cfg.r1, cfg.r2, cfg.r3)
 
 
-def step_states(states: list[RequestSafety], ns: list[int], logits: torch.Tensor) -> torch.Tensor:
-    """Run ``safety_step`` on the checked requests (grouped by their θ, τ, r1-r3); updates them
-    in place and records the trace -> p ``[len(states)]``."""
-    p_all = torch.sigmoid(logits.float())
-    ps = p_all.tolist()
+def advance(states: list[RequestSafety], seen: list[int], logits: torch.Tensor) -> list[float]:
+    """Run ``safety_step`` on checks that saw ``seen`` response tokens (grouped by their θ, τ,
+    r1-r3); updates the states in place -> p of each."""
+    ps = torch.sigmoid(logits.float()).tolist()
     groups: dict = {}
     for i, s in enumerate(states):
-        groups.setdefault(_config_key(s.cfg, ns[i]), []).append(i)
+        groups.setdefault(_config_key(s.cfg, seen[i]), []).append(i)
     for (theta, never, tau, r1, r2, r3), idx in groups.items():
         sub = [states[i] for i in idx]
         lg = logits[idx].float().reshape(-1, 1)
@@ -241,26 +287,64 @@ def step_states(states: list[RequestSafety], ns: list[int], logits: torch.Tensor
             lg = torch.where(lg.isfinite(), torch.full_like(lg, -1e4), lg)
         i32 = lambda v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
         mode, consec = i32([s.mode for s in sub]), i32([s.consec for s in sub])
-        s_t, step = i32([s.s_t for s in sub]), i32([ns[i] for i in idx])
+        s_t, step = i32([s.s_t for s in sub]), i32([seen[i] for i in idx])
         refused = torch.tensor([s.refused for s in sub])
         active = torch.ones(len(sub), dtype=torch.bool)
         q = i32([[s.qs, s.qe] for s in sub])
-        rs = i32([s.prompt_len for s in sub])
+        rs = i32([s.rs for s in sub])
         ops.safety_step(lg.contiguous(), torch.ones(1), torch.zeros(1), mode, consec, s_t, step,
                         refused, active, q, rs, theta=theta, tau=tau, r1=r1, r2=r2, r3=r3)
         # read back as lists: indexing a tensor element by element costs µs per read
         for s, i, m, c, t, r in zip(sub, idx, mode.tolist(), consec.tolist(), s_t.tolist(),
                                     refused.tolist()):
-            n, p = ns[i], ps[i]
             s.mode, s.consec, s.s_t = m, c, t
             if r and not s.refused:
-                s.refused, s.alarm_step = True, max(t, 0)
-            if not math.isfinite(p):
-                logger.warning("safeattn: non-finite safety probability for request %s at step "
-                               "%d; it refuses (fail closed)", s.id, n)
-            s.p[n] = p
-            s.modes[n] = REFUSAL if s.refused else s.mode
-    return p_all
+                s.refuse()
+            if not math.isfinite(ps[i]):
+                logger.warning("safeattn: non-finite safety probability for request %s after "
+                               "%d response tokens; it refuses (fail closed)", s.id, seen[i])
+    return ps
+
+
+def step_states(states: list[RequestSafety], ns: list[int], logits: torch.Tensor) -> None:
+    """The checks at generated steps ``ns`` of ``states``: the state machine, and the trace."""
+    ps = advance(states, [s.seen(n) for s, n in zip(states, ns)], logits)
+    for s, n, p in zip(states, ns, ps):
+        s.p[n] = p
+        s.modes[n] = REFUSAL if s.refused else s.mode
+
+
+def scan_prefills(rows: list[int], states: list[RequestSafety], probe) -> None:
+    """The prefill checks (:attr:`SafetyConfig.prefill_stride`) of requests whose ``p_0`` just
+    ran: for ``k = stride, 2·stride, …`` below a prefill's length, the probe whose window ends
+    ``k`` response tokens in goes through the state machine, as in the HF decoder; one
+    ``probe(Plan)`` call per ``k`` for every request still scanning. Fails closed: an error
+    refuses the requests of that call. ``rows``: the requests' batch rows."""
+    ks = {id(s): range(s.cfg.prefill_stride, s.pre, s.cfg.prefill_stride)
+          for s in states if s.cfg.prefill_stride}
+    for k in sorted({k for r in ks.values() for k in r}):
+        due = [(r, s) for r, s in zip(rows, states) if k in ks.get(id(s), ()) and not s.refused]
+        if not due:
+            continue
+        sub = [s for _, s in due]
+        win = [s.window(k) for s in sub]
+        plan = Plan([r for r, _ in due], [k] * len(sub), [s.prompt_len for s in sub],
+                    [s.qs for s in sub], [s.qe for s in sub], [w[0] for w in win],
+                    [w[1] for w in win], [s.rs for s in sub], alone=True)
+        try:
+            ps = advance(sub, [k] * len(sub), probe(plan))
+        except Exception as e:  # noqa: BLE001 - fail closed, and keep serving
+            logger.error("safeattn: a prefill check failed (%s); the %d checked requests "
+                         "refuse (fail closed)", e, len(sub))
+            ps = [float("nan")] * len(sub)
+            for s in sub:
+                if not s.refused:
+                    s.refuse()
+        for s, p in zip(sub, ps):
+            s.prefill_checks.append((k, p))
+    for s in states:
+        if s.prefill_checks:
+            s.modes[0] = REFUSAL if s.refused else s.mode  # step 0's end
 
 
 class SafetyLogitsProcessor(LogitsProcessor):
@@ -321,18 +405,22 @@ class SafetyLogitsProcessor(LogitsProcessor):
         t = s.output_ids[n - 1]
         return 0 <= t < len(self._sentence) and bool(self._sentence[t])
 
-    def _default_span(self, prompt_ids) -> tuple[int, int]:
-        """``q_span`` of a request that gives none: the user's text when the prompt is one
-        user turn of the chat template (a server's chat request), else the prompt after BOS."""
+    def _default_span(self, prompt_ids) -> tuple[int, int, int]:
+        """``(q_span start, end, response_start)`` of a request that gives no ``q_span``.
+        A prompt in the chat template (a server's chat request): the user's text, from the
+        first user turn to the last generation prompt, and the response after it; text after
+        the last generation prompt (``continue_final_message``) is an assistant prefill.
+        Else the prompt after BOS, and no prefill."""
         if self._template is None:
             self._template = _template_ids(self.tokenizer) or ((), ())
         pre, suf = self._template
-        n = len(prompt_ids)
-        if pre and n > len(pre) + len(suf) and list(prompt_ids[:len(pre)]) == list(pre) \
-                and list(prompt_ids[n - len(suf):]) == list(suf):
-            return len(pre), n - len(suf)
-        first = 1 if n > 1 and prompt_ids[0] == self.tokenizer.bos_token_id else 0
-        return first, n
+        ids, n = list(prompt_ids), len(prompt_ids)
+        if pre and n > len(pre) + len(suf) and ids[:len(pre)] == list(pre):
+            end = _rfind(ids, list(suf), len(pre) + 1)
+            if end is not None:
+                return len(pre), end, end + len(suf)
+        first = 1 if n > 1 and ids[0] == self.tokenizer.bos_token_id else 0
+        return first, n, n
 
     def _admit(self, params, prompt_ids, output_ids) -> RequestSafety | None:
         """The state of a request joining the batch. One whose state cannot be built (a
@@ -372,7 +460,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
         eos_id = params.eos_token_id  # None with ignore_eos: the tokenizer's ends the refusal
         eos_id = self.tokenizer.eos_token_id if eos_id is None else eos_id
         eos = {eos_id, *(params.all_stop_token_ids or ())} - {None}
-        span = (0, 0) if failed else self._default_span(prompt_ids)
+        span = (0, 0, len(prompt_ids)) if failed else self._default_span(prompt_ids)
         st = RequestSafety(cfg, extras, prompt_ids, output_ids, self._refusal(cfg, eos_id),
                            min(params.max_tokens or self.max_len,
                                self.max_len - len(prompt_ids)), span, self.tokenizer, eos_id,
@@ -421,11 +509,13 @@ class SafetyLogitsProcessor(LogitsProcessor):
             rows.append(r)
             ns.append(n)
             due.append(s.due(n))
-            win.append(s.window(n))
-            s.seen = win[-1][1]  # what a check at this step clears, for its stream
+            win.append(s.window(s.seen(n)))
+            s.cleared = max(win[-1][1] - s.pre, 0)  # what a check at this step clears
         self._live = [s for _, s in live]
-        plan = Plan(rows, ns, [s.prompt_len for s in self._live], [s.qs for s in self._live],
-                    [s.qe for s in self._live], [w[0] for w in win], [w[1] for w in win])
+        live = self._live
+        plan = Plan(rows, ns, [s.prompt_len for s in live], [s.qs for s in live],
+                    [s.qe for s in live], [w[0] for w in win], [w[1] for w in win],
+                    [s.rs for s in live])
         br.post_plan(plan, plan.prompt_len + plan.n, torch.tensor(due))
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
@@ -441,7 +531,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
         for s in self.rows.values():
             if s.stream is not None:
                 n = len(s.output_ids)
-                s.stream.step(s.output_ids, n, checked=n in s.p, seen=s.seen,
+                s.stream.step(s.output_ids, n, checked=n in s.p, seen=s.cleared,
                               benign=s.mode == BENIGN and not s.refused, refused=s.refused,
                               trace=functools.partial(s.trace_json, justification=False))
 
@@ -458,9 +548,14 @@ class SafetyLogitsProcessor(LogitsProcessor):
                 logger.error("safeattn: the safety step failed (%s); the %d checked requests "
                              "refuse (fail closed)", e, len(states))
                 for s, n in zip(states, steps):
-                    if not s.refused:
-                        s.refused, s.alarm_step = True, n
+                    if not s.refused:  # the alarm at the newest token seen, as in HF
+                        s.s_t = s.s_t if s.s_t >= 0 else max(s.seen(n) - 1, 0)
+                        s.refuse()
                     s.p[n], s.modes[n] = float("nan"), REFUSAL
+            firsts = [i for i, n in zip(checked, steps) if n == 0 and self._live[i].pre]
+            if firsts:
+                scan_prefills([rows[i] for i in firsts], [self._live[i] for i in firsts],
+                              br.probe)
         for i in complete.nonzero().flatten().tolist():
             s, row, n = self._live[i], rows[i], ns[i]
             s.hold_open(n, logits, row)
@@ -468,9 +563,8 @@ class SafetyLogitsProcessor(LogitsProcessor):
                 continue
             ids = s.refusal.ids
             if s.refusal_step is None:
-                brk = s.refusal.brk
                 s.refusal_step = n
-                s.fpos = s.refusal.start(n, list(s.output_ids[n - len(brk):n]) == brk)
+                s.fpos = s.refusal_start(n)
                 s.fstart = s.fpos
             if s.ended_with is not None:  # a request that outlives EOS (ignore_eos,
                 _force(logits, row, s.ended_with)  # min_tokens) writes nothing else

@@ -44,11 +44,20 @@ class Bridge:
         self.logits: torch.Tensor | None = None    # [Bs] fp32 head logits (nan: none/failed)
         self.error: str | None = None
         self.folded: bool | None = None  # the probe rides the main forward (set by the model)
+        self.runner: ProbeRunner | None = None  # (set by the model)
+        self.metadata = None  # the attention metadata of the step's forward (set by the model)
 
     def post_plan(self, plan, expected, due):
         self.plan, self.expected, self.due = plan, expected, due
-        self.complete = self.logits = None
+        self.complete = self.logits = self.metadata = None
         self.error = None
+
+    def probe(self, plan: Plan) -> torch.Tensor:
+        """fp32 head logits ``[Bp]`` (on the CPU) of ``plan``'s probe rows, in a pass of their
+        own over the cache of the step's forward (the prefill checks, after it)."""
+        if self.runner is None or self.metadata is None:
+            raise RuntimeError("no forward of this step to read the cache of")
+        return self.runner.run(plan, self.metadata).float().cpu()
 
 
 def bridge_for(vllm_config) -> Bridge | None:
@@ -156,6 +165,7 @@ def _wrap(base, family: str):
                 md = md[0]
             if self._safety_runner is None:
                 self._start_runner()
+            br.metadata = md
             plan = br.plan
             first = self.model.layers[0].self_attn.attn.layer_name
             seq = md[first].seq_lens
@@ -164,17 +174,21 @@ def _wrap(base, family: str):
             seen = torch.where(ok, seq[rows.clamp_max(max(seq.numel() - 1, 0))].long().cpu(), -1)
             br.complete = ok & (seen == br.expected)
             idx = (br.complete & br.due).nonzero().flatten()
-            sub = Plan(rows[idx], plan.n[idx], plan.prompt_len[idx], plan.qs[idx],
-                       plan.qe[idx], plan.lo[idx], plan.hi[idx])
+            sub = plan.take(idx)
             if len(idx) and self._safety_fold is not None:
                 self._safety_fold.begin(sub, md)
             first_check = sub.n == 0
             if self._safety_parts.query_layer is not None and bool(first_check.any()):
-                # p_0 also reads the last prompt token, which this forward holds
+                # p_0 also reads the last prompt token before the response (an assistant
+                # prefill's tokens are response), which this forward holds unless a chunked
+                # prefill put it in an earlier chunk
                 qsl = md[first].query_start_loc
                 rows = sub.rows[first_check].to(qsl.device)
-                self._safety_query = {"of": first_check.nonzero().flatten(),
-                                      "at": (qsl[rows + 1] - 1).long(), "h": None}
+                pre = (sub.prompt_len - sub.rs)[first_check].to(qsl.device)
+                at = (qsl[rows + 1] - 1 - pre).long()
+                self._safety_query = {"of": first_check.nonzero().flatten(), "h": None,
+                                      "at": torch.maximum(at, qsl[rows].long()),
+                                      "lost": (at < qsl[rows]).cpu()}
             return idx, sub, md
 
         def _grab_query(self, module, args, output):
@@ -192,6 +206,11 @@ def _wrap(base, family: str):
                 raise RuntimeError("the forward did not reach the query probe's layer")
             j = idx[q["of"]]
             logits[j] = self._safety_parts.query_logit(logits[j], q["h"]).cpu()
+            if bool(q["lost"].any()):
+                logits[j[q["lost"]]] = float("nan")
+                logger.error("safeattn: the query probe's token (the last before an assistant "
+                             "prefill) was in an earlier chunk of a chunked prefill; %d "
+                             "request(s) refuse (fail closed)", int(q["lost"].sum()))
 
         def _probe_finish(self, idx, sub, md):
             br = self.safety_bridge
@@ -217,6 +236,7 @@ def _wrap(base, family: str):
             p = self._safety_parts
             w = self.model.norm.weight
             self._safety_runner = ProbeRunner(self.model, p.to(w.device, w.dtype), family)
+            self.safety_bridge.runner = self._safety_runner
             if self._safety_fold_ok:
                 self._safety_fold = FoldedProbe(self._safety_runner)
             self.safety_bridge.folded = self._safety_fold is not None

@@ -128,12 +128,23 @@ def _projections(layer):
 
 class Plan:
     """The probe rows of one step: batch ``rows``, response tokens ``n``, prompt length ``P``,
-    ``q_span`` ``[qs, qe)`` and window ``[lo, hi)`` in response tokens (all ``[Bp]`` long)."""
+    ``q_span`` ``[qs, qe)``, window ``[lo, hi)`` in response tokens and the response's first
+    prompt token ``rs`` (``P`` unless the prompt ends with an assistant prefill; all ``[Bp]``
+    long). ``alone``: the probes run after the forward, without a token of their own (the
+    prefill checks), as the HF decoder's probe-only forward does."""
 
-    def __init__(self, rows, n, prompt_len, qs, qe, lo, hi):
+    FIELDS = ("rows", "n", "prompt_len", "qs", "qe", "lo", "hi", "rs")
+
+    def __init__(self, rows, n, prompt_len, qs, qe, lo, hi, rs=None, alone=False):
         t = lambda v: torch.as_tensor(v, dtype=torch.long)  # noqa: E731
         self.rows, self.n, self.prompt_len = t(rows), t(n), t(prompt_len)
         self.qs, self.qe, self.lo, self.hi = t(qs), t(qe), t(lo), t(hi)
+        self.rs = self.prompt_len.clone() if rs is None else t(rs)
+        self.alone = alone
+
+    def take(self, idx) -> "Plan":
+        """The plan of rows ``idx`` alone."""
+        return Plan(*(getattr(self, f)[idx] for f in self.FIELDS), alone=self.alone)
 
     def columns(self):
         """Cache columns each probe reads, ascending and padded -> (cols ``[Bp, T]``, count
@@ -143,7 +154,7 @@ class Plan:
         t = int(count.max()) if count.numel() else 0
         a = torch.arange(max(t, 1))[None]
         cols = torch.where(a < nq[:, None], self.qs[:, None] + a,
-                           (self.prompt_len + self.lo - nq)[:, None] + a)
+                           (self.rs + self.lo - nq)[:, None] + a)
         return torch.where(a < count[:, None], cols, 0), count
 
 
@@ -415,9 +426,10 @@ def _visible(md, plan: Plan, cols, count, bs: int, win):
     first = torch.zeros_like(count)
     if win is not None and win > 0:
         # As the HF decoder's sliding cache layers do: the [token, probe] query rows see the
-        # last `win` cached columns (the token's window) plus the probe itself. The prefill
-        # [CLS] row (n = 0) sees the whole q_span, as in an HF prefill.
-        cut = torch.where(plan.n.to(dev) > 0, seq - win, 0)
+        # last `win` cached columns (the token's window) plus the probe itself; a probe alone
+        # (a prefill check) the last `win - 1`, as the next token would. The prefill [CLS]
+        # row (n = 0) sees the whole q_span, as in an HF prefill.
+        cut = torch.where(plan.n.to(dev) > 0, seq - win + int(plan.alone), 0)
         first = ((c < cut[:, None]) & seen).sum(1).cpu()
         seen &= pos >= first.to(dev)[:, None]
     c = torch.where(seen, c, (seq - 1)[:, None])

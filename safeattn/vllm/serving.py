@@ -194,7 +194,9 @@ def trace_output(trace: dict):
     p = [float("nan") if v is None else float(v) for v in trace["p"]]
     row = RowSafety(p=p, checked=list(trace["checked"]), mode=list(trace["mode"]),
                     refusal_step=trace["refusal_step"], alarm_step=trace["alarm_step"],
-                    justification=trace.get("justification"))
+                    justification=trace.get("justification"),
+                    prefill_checks=[(k, float("nan") if v is None else float(v))
+                                    for k, v in trace.get("prefill_checks") or ()])
     step = -1 if row.refusal_step is None else row.refusal_step
     return SafetyOutput(rows=[row], p=torch.tensor([p]),
                         mode=torch.tensor([[code[m] for m in row.mode]]),
