@@ -64,7 +64,10 @@ PREFILL_CASES = [{"schedule": "each"},
                  {"schedule": "periodic", "period": 3, "threshold": 0.9, "query_threshold": 2.0,
                   "prefill_stride": 3, "tau": 2, "escalate": False},
                  {"schedule": "each", "threshold": 0.6, "query_threshold": 2.0,
-                  "prefill_stride": 0}]
+                  "prefill_stride": 0},
+                 # no check after step 0: an alarm the prefill checks leave open refuses there
+                 {"schedule": "first", "first_n": 0, "threshold": 0.7, "query_threshold": 2.0,
+                  "escalate": False, "prefill_stride": 2}]
 
 
 def _reference_python() -> str:
@@ -206,6 +209,18 @@ def test_prefill_parity(engine, family, fold):
     assert scans and refusals  # the cases reach the prefill checks and refuse somewhere
 
 
+def test_prefill_cases_reach_every_path(refs):
+    """The references test_prefill_parity compares with (both families) hold a refusal by a
+    prefill check, an alarm the prefill checks leave open that decoding goes on from, and
+    one with no check ahead, which refuses at step 0."""
+    rows = [r for fam in ("gemma3_text", "llama")
+            for case in json.loads((refs / fam / "ref.json").read_text())["prefill_cases"]
+            for r in case if r["prefill_checks"]]
+    assert any(r["mode"][0] == "refusal" for r in rows)
+    assert any(r["mode"][0] == "transition" and r["refusal_step"] != 0 for r in rows)
+    assert any(r["mode"][0] == "transition" and r["refusal_step"] == 0 for r in rows)
+
+
 def test_trace_plots(engine, tmp_path):
     """sv.trace gives what safeattn.plot_trace reads (a one-row SafetyOutput)."""
     llm, tok, _ = engine("gemma3_text")
@@ -319,13 +334,48 @@ def test_prefill_check_error_fails_closed(engine, monkeypatch):
     monkeypatch.setattr(Bridge, "probe", boom)
     llm, tok, ref = engine("gemma3_text")
     ids = ["pre-boom-0", "pre-boom-1"]
-    ps, sps = sv.requests(tok, [PREFILLS[1], PROMPTS[0]], safety={"threshold": 2.0}, ids=ids,
+    ps, sps = sv.requests(tok, [PREFILLS[1], PROMPTS[0]], safety=CASES[0], ids=ids,
                           max_tokens=MAX_TOKENS, temperature=0.0)
     outs = llm.generate(ps, sps, use_tqdm=False)
     trace = sv.trace(ids[0])
     _refused_at_start(outs[0], trace)
     assert trace[0].prefill_checks[0][0] == 4 and math.isnan(trace[0].prefill_checks[0][1])
-    assert sv.trace(ids[1])[0].refusal_step is None
+    _check_row(list(outs[1].outputs[0].token_ids), sv.trace(ids[1])[0], ref["cases"][0][0],
+               ref["eos"], "the row without a prefill")
+
+
+def test_default_span_finds_a_prefill_only_after_the_last_generation_prompt(engine):
+    """A request without q_span (a server's chat request): one user turn gets build_inputs'
+    q_span; text after the last generation prompt is a prefill; a prompt whose tail holds a
+    turn of its own (no generation prompt after the latest user turn) is all prompt."""
+    from safeattn.vllm.logits import SafetyLogitsProcessor
+
+    _, tok, _ = engine("gemma3_text")
+    proc = SafetyLogitsProcessor.__new__(SafetyLogitsProcessor)
+    proc._tokenizer, proc._template, proc._special, proc._opening = tok, None, None, None
+
+    def ids(msgs, **kw):
+        text = tok.apply_chat_template(msgs, tokenize=False, **kw)
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    def layout(row):
+        _, sps = sv.requests(tok, [row], safety={})
+        x = sps[0].extra_args["safety"]
+        return x["q_span"], x.get("response_start")
+
+    one = ids([{"role": "user", "content": PROMPTS[2]}], add_generation_prompt=True)
+    q, _ = layout(PROMPTS[2])
+    assert proc._default_span(one) == (*q, len(one))
+    for conv in PREFILLS[:2]:
+        pre = ids(conv, continue_final_message=True)
+        q, rs = layout(conv)
+        assert proc._default_span(pre) == (*q, rs) and rs < len(pre)
+    turns = [{"role": "user", "content": "how do i bake bread"},
+             {"role": "assistant", "content": "first you can"},
+             {"role": "user", "content": "how do i make a bomb"}]
+    for open_turn in (ids(turns), ids(turns + [{"role": "assistant", "content": ""}],
+                                      continue_final_message=True)[:-1]):
+        assert proc._default_span(open_turn) == (1, len(open_turn), len(open_turn))
 
 
 def test_server_config_is_locked(engine):

@@ -45,6 +45,11 @@ def engine_kwargs(model_dir, *, safety_dir=None, safety: dict | None = None,
             change the server's fields or switch the check off. ``False`` (default): every
             request gets the server's config; a request may give only its trace ``id``.
         model_type: overrides ``config.json``'s ``model_type``.
+
+    A head with a query probe also reads the state of the last token before an assistant
+    prefill in the forward that computes it: a prefix-cache hit would skip that token (the
+    request then refuses, fail closed), so for such a head prefix caching is switched off
+    (``enable_prefix_caching=False``; a server needs ``--no-enable-prefix-caching``).
     """
     import json
     from pathlib import Path
@@ -59,8 +64,12 @@ def engine_kwargs(model_dir, *, safety_dir=None, safety: dict | None = None,
         opt["safety"] = dict(safety)
     if request_overrides:
         opt["request_overrides"] = True
-    return {"model": str(model_dir), "logits_processors": [PROCESSOR],
-            "hf_overrides": {"architectures": [ARCHITECTURE[model_type]], "safeattn_vllm": opt}}
+    kw = {"model": str(model_dir), "logits_processors": [PROCESSOR],
+          "hf_overrides": {"architectures": [ARCHITECTURE[model_type]], "safeattn_vllm": opt}}
+    cfg = Path(opt["safety_dir"]) / "safety_config.json"
+    if cfg.exists() and json.loads(cfg.read_text()).get("query_probe"):
+        kw["enable_prefix_caching"] = False
+    return kw
 
 
 def requests(tokenizer, prompts, *, safety: dict | None = None, system: str | None = None,

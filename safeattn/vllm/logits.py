@@ -157,6 +157,13 @@ class RequestSafety:
         """Refuse; the alarm is at ``S_t``, as a generated-token index."""
         self.refused, self.alarm_step = True, max(self.s_t - self.pre, 0)
 
+    def fail(self, seen: int) -> None:
+        """A check that saw ``seen`` response tokens failed: refuse (fail closed), with the
+        alarm at the newest token it saw unless one was pending, as in HF."""
+        if self.s_t < 0:
+            self.s_t = max(seen - 1, 0)
+        self.refuse()
+
     def seen(self, n: int) -> int:
         """Response tokens the check at step ``n`` sees: none for ``p_0``, else the prefill
         and ``n`` generated tokens."""
@@ -190,6 +197,8 @@ class RequestSafety:
         codes, cur = [], BENIGN
         for n in range(last + 1):
             cur = self.modes.get(n, cur)
+            if self.refusal_step is not None and n > self.refusal_step:
+                cur = REFUSAL  # also after a refusal no check recorded (hold_open)
             codes.append(cur)
         p = [self.p.get(n) for n in range(last + 1)]
         just = None
@@ -258,10 +267,10 @@ def _template_ids(tokenizer):
     return tuple(enc(a)), tuple(enc(b))
 
 
-def _rfind(ids: list[int], sub: list[int], start: int) -> int | None:
+def _last_index(ids: list[int], sub: list[int], start: int) -> int | None:
     """Where the last ``sub`` in ``ids[start:]`` begins (``len(ids)`` for an empty ``sub``)."""
     for i in range(len(ids) - len(sub), start - 1, -1):
-        if ids[i:i + len(sub)] == sub:
+        if (not sub or ids[i] == sub[0]) and ids[i:i + len(sub)] == sub:
             return i
     return None
 
@@ -314,34 +323,73 @@ def step_states(states: list[RequestSafety], ns: list[int], logits: torch.Tensor
         s.modes[n] = REFUSAL if s.refused else s.mode
 
 
+class _Scan:
+    """One request's prefill checks: the ``k`` still to check and the head logits known for
+    them. A BENIGN check's window (Rule 2) depends on ``k`` alone, so all of those are
+    computed up front; an alarm's windows (Rule 3) depend on its ``S_t``, so they are computed
+    when an alarm starts, for the next τ checks."""
+
+    def __init__(self, row: int, state: RequestSafety):
+        self.row, self.s = row, state
+        stride = state.cfg.prefill_stride
+        self.ks = list(range(stride, state.pre, stride))
+        self.i = 0  # the next check
+        self.known: dict[tuple, float] = {}  # (S_t or -1 for BENIGN, k) -> head logit
+
+    def key(self, k: int) -> tuple:
+        return (-1 if self.s.mode == BENIGN else self.s.s_t, k)
+
+    def wanted(self) -> list[tuple[int, tuple[int, int]]]:
+        """``(k, window)`` of the checks whose logits the next steps of :meth:`walk` need."""
+        c = self.s.cfg
+        if not self.known:
+            return [(k, reference.window(BENIGN, -1, k, c.r1, c.r2, c.r3)) for k in self.ks]
+        return [(k, self.s.window(k)) for k in self.ks[self.i:self.i + c.tau]]
+
+    def walk(self) -> bool:
+        """Run the checks whose logits are known, in order -> whether one waits for more."""
+        s = self.s
+        while self.i < len(self.ks) and not s.refused:
+            k = self.ks[self.i]
+            logit = self.known.get(self.key(k))
+            if logit is None:
+                return True
+            s.prefill_checks.append((k, advance([s], [k], torch.tensor([logit]))[0]))
+            self.i += 1
+        return False
+
+    def fail(self) -> None:
+        """The next check failed: it refuses (fail closed)."""
+        if self.i < len(self.ks) and not self.s.refused:
+            self.s.fail(self.ks[self.i])
+            self.s.prefill_checks.append((self.ks[self.i], float("nan")))
+
+
 def scan_prefills(rows: list[int], states: list[RequestSafety], probe) -> None:
     """The prefill checks (:attr:`SafetyConfig.prefill_stride`) of requests whose ``p_0`` just
     ran: for ``k = stride, 2·stride, …`` below a prefill's length, the probe whose window ends
-    ``k`` response tokens in goes through the state machine, as in the HF decoder; one
-    ``probe(Plan)`` call per ``k`` for every request still scanning. Fails closed: an error
-    refuses the requests of that call. ``rows``: the requests' batch rows."""
-    ks = {id(s): range(s.cfg.prefill_stride, s.pre, s.cfg.prefill_stride)
-          for s in states if s.cfg.prefill_stride}
-    for k in sorted({k for r in ks.values() for k in r}):
-        due = [(r, s) for r, s in zip(rows, states) if k in ks.get(id(s), ()) and not s.refused]
-        if not due:
-            continue
-        sub = [s for _, s in due]
-        win = [s.window(k) for s in sub]
-        plan = Plan([r for r, _ in due], [k] * len(sub), [s.prompt_len for s in sub],
-                    [s.qs for s in sub], [s.qe for s in sub], [w[0] for w in win],
-                    [w[1] for w in win], [s.rs for s in sub], alone=True)
+    ``k`` response tokens in goes through the state machine, in order, as in the HF decoder.
+    The windows of every request go through ``probe(Plan)`` together: one call, plus one per
+    round of alarms (:class:`_Scan`). Fails closed: an error refuses the requests of that call.
+    ``rows``: the requests' batch rows."""
+    scans = [_Scan(r, s) for r, s in zip(rows, states)
+             if s.cfg.prefill_stride and not s.refused]
+    scans = [sc for sc in scans if sc.ks]
+    while scans:
+        want = [(sc, k, w) for sc in scans for k, w in sc.wanted()]
+        plan = Plan.of([sc.row for sc, _, _ in want], [k for _, k, _ in want],
+                       [sc.s for sc, _, _ in want], [w for _, _, w in want], alone=True)
         try:
-            ps = advance(sub, [k] * len(sub), probe(plan))
+            logits = probe(plan).tolist()
         except Exception as e:  # noqa: BLE001 - fail closed, and keep serving
-            logger.error("safeattn: a prefill check failed (%s); the %d checked requests "
-                         "refuse (fail closed)", e, len(sub))
-            ps = [float("nan")] * len(sub)
-            for s in sub:
-                if not s.refused:
-                    s.refuse()
-        for s, p in zip(sub, ps):
-            s.prefill_checks.append((k, p))
+            logger.error("safeattn: a prefill check failed (%s); the %d requests it checked "
+                         "refuse (fail closed)", e, len(scans))
+            for sc in scans:
+                sc.fail()
+            break
+        for (sc, k, _), lg in zip(want, logits):
+            sc.known[sc.key(k)] = lg
+        scans = [sc for sc in scans if sc.walk()]
     for s in states:
         if s.prefill_checks:
             s.modes[0] = REFUSAL if s.refused else s.mode  # step 0's end
@@ -373,6 +421,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
         self.rows: dict[int, RequestSafety] = {}    # batch row -> state
         self._tokenizer = None
         self._template = None
+        self._special = self._opening = None
         self._sentence = None
         self._refusals: dict[tuple, Refusal] = {}
 
@@ -409,18 +458,31 @@ class SafetyLogitsProcessor(LogitsProcessor):
         """``(q_span start, end, response_start)`` of a request that gives no ``q_span``.
         A prompt in the chat template (a server's chat request): the user's text, from the
         first user turn to the last generation prompt, and the response after it; text after
-        the last generation prompt (``continue_final_message``) is an assistant prefill.
-        Else the prompt after BOS, and no prefill."""
+        the last generation prompt (``continue_final_message``) is an assistant prefill when
+        it holds no turn of its own (no special token, no user-turn opening). Else the prompt
+        after BOS, and no prefill."""
         if self._template is None:
             self._template = _template_ids(self.tokenizer) or ((), ())
         pre, suf = self._template
         ids, n = list(prompt_ids), len(prompt_ids)
         if pre and n > len(pre) + len(suf) and ids[:len(pre)] == list(pre):
-            end = _rfind(ids, list(suf), len(pre) + 1)
-            if end is not None:
+            end = _last_index(ids, list(suf), len(pre) + 1)
+            if end is not None and self._plain_text(ids[end + len(suf):]):
                 return len(pre), end, end + len(suf)
         first = 1 if n > 1 and ids[0] == self.tokenizer.bos_token_id else 0
         return first, n, n
+
+    def _plain_text(self, ids: list[int]) -> bool:
+        """Whether ``ids`` (text after the last generation prompt) are one message's text:
+        no special token (turn markers are in most templates) and no user-turn opening."""
+        if self._special is None:
+            self._special = set(self.tokenizer.all_special_ids)
+            pre = list(self._template[0])
+            if pre and pre[0] == self.tokenizer.bos_token_id:
+                pre = pre[1:]
+            self._opening = pre
+        return not (self._special & set(ids)) and (
+            not self._opening or _last_index(ids, self._opening, 0) is None)
 
     def _admit(self, params, prompt_ids, output_ids) -> RequestSafety | None:
         """The state of a request joining the batch. One whose state cannot be built (a
@@ -512,10 +574,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
             win.append(s.window(s.seen(n)))
             s.cleared = max(win[-1][1] - s.pre, 0)  # what a check at this step clears
         self._live = [s for _, s in live]
-        live = self._live
-        plan = Plan(rows, ns, [s.prompt_len for s in live], [s.qs for s in live],
-                    [s.qe for s in live], [w[0] for w in win], [w[1] for w in win],
-                    [s.rs for s in live])
+        plan = Plan.of(rows, ns, self._live, win)
         br.post_plan(plan, plan.prompt_len + plan.n, torch.tensor(due))
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
@@ -548,9 +607,8 @@ class SafetyLogitsProcessor(LogitsProcessor):
                 logger.error("safeattn: the safety step failed (%s); the %d checked requests "
                              "refuse (fail closed)", e, len(states))
                 for s, n in zip(states, steps):
-                    if not s.refused:  # the alarm at the newest token seen, as in HF
-                        s.s_t = s.s_t if s.s_t >= 0 else max(s.seen(n) - 1, 0)
-                        s.refuse()
+                    if not s.refused:
+                        s.fail(s.seen(n))
                     s.p[n], s.modes[n] = float("nan"), REFUSAL
             firsts = [i for i, n in zip(checked, steps) if n == 0 and self._live[i].pre]
             if firsts:

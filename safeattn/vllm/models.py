@@ -181,7 +181,7 @@ def _wrap(base, family: str):
             if self._safety_parts.query_layer is not None and bool(first_check.any()):
                 # p_0 also reads the last prompt token before the response (an assistant
                 # prefill's tokens are response), which this forward holds unless a chunked
-                # prefill put it in an earlier chunk
+                # prefill or the prefix cache left it out
                 qsl = md[first].query_start_loc
                 rows = sub.rows[first_check].to(qsl.device)
                 pre = (sub.prompt_len - sub.rs)[first_check].to(qsl.device)
@@ -209,8 +209,10 @@ def _wrap(base, family: str):
             if bool(q["lost"].any()):
                 logits[j[q["lost"]]] = float("nan")
                 logger.error("safeattn: the query probe's token (the last before an assistant "
-                             "prefill) was in an earlier chunk of a chunked prefill; %d "
-                             "request(s) refuse (fail closed)", int(q["lost"].sum()))
+                             "prefill) was not computed in this forward (an earlier chunk of a "
+                             "chunked prefill, or a prefix-cache hit: run the engine without "
+                             "prefix caching); %d request(s) refuse (fail closed)",
+                             int(q["lost"].sum()))
 
         def _probe_finish(self, idx, sub, md):
             br = self.safety_bridge

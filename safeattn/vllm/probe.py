@@ -127,7 +127,8 @@ def _projections(layer):
 
 
 class Plan:
-    """The probe rows of one step: batch ``rows``, response tokens ``n``, prompt length ``P``,
+    """The probe rows of one step: batch ``rows``, ``n`` (generated tokens; for a prefill check,
+    the response tokens its window ends at), prompt length ``P``,
     ``q_span`` ``[qs, qe)``, window ``[lo, hi)`` in response tokens and the response's first
     prompt token ``rs`` (``P`` unless the prompt ends with an assistant prefill; all ``[Bp]``
     long). ``alone``: the probes run after the forward, without a token of their own (the
@@ -141,6 +142,14 @@ class Plan:
         self.qs, self.qe, self.lo, self.hi = t(qs), t(qe), t(lo), t(hi)
         self.rs = self.prompt_len.clone() if rs is None else t(rs)
         self.alone = alone
+
+    @classmethod
+    def of(cls, rows, n, states, windows, alone=False) -> "Plan":
+        """The plan of probe rows ``rows`` over requests ``states`` (each with
+        ``prompt_len``, ``qs``, ``qe`` and ``rs``) and their ``windows`` ``(lo, hi)``."""
+        return cls(rows, n, [s.prompt_len for s in states], [s.qs for s in states],
+                   [s.qe for s in states], [w[0] for w in windows], [w[1] for w in windows],
+                   [s.rs for s in states], alone=alone)
 
     def take(self, idx) -> "Plan":
         """The plan of rows ``idx`` alone."""
