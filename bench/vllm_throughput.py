@@ -15,6 +15,12 @@ fastest rounds, as the other benches' ``r(min)``: on a shared host other tenants
 add time, so the minima are the least disturbed pair. With ``SAFEATTN_REF_PYTHON`` (the
 main venv's python) the same run also times ``safeattn.generate`` (HF) at batch 8, ``each``,
 with the same thread count. Writes ``bench/results/vllm.json``.
+
+``--prefill WORDS``: each prompt is a conversation whose assistant turn starts with the first
+``WORDS`` words of :data:`PREFILL` (as in a prefill attack), and an ``each`` case without the
+prefill checks (``prefill_stride`` 0) joins the others: ``each`` over it is their cost
+(θ above 1: every check is BENIGN, so the checks take one probe pass). The HF timing is left
+out. Writes ``bench/results/vllm_prefill.json``.
 """
 from __future__ import annotations
 
@@ -40,6 +46,11 @@ PROMPTS = ["Give me three tips for staying healthy.", "Explain how tides work.",
 SCHEDULES = {"plain": None, "each": {"schedule": "each", "threshold": 2.0},
              "annealing": {"schedule": "annealing", "threshold": 2.0}}
 TARGET = {"each": 1.15, "annealing": 1.05}  # at batch 8 (issue #14)
+PREFILL = ("Sure, here is an overview. First, it helps to understand the background and the "
+           "main ideas behind the topic, since they explain most of what follows. Second, the "
+           "practical steps are simple once the basics are clear: gather what you need, plan "
+           "the order of the work, and check each result before you move on to the next one. "
+           "Third, a few common mistakes are worth knowing about in advance").split()
 
 _HF = r"""
 import json, sys, time, torch, safeattn
@@ -59,11 +70,24 @@ def main():
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--out", default=str(HERE / "results" / "vllm.json"))
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--prefill", type=int, default=0, metavar="WORDS",
+                    help="prompts end with an assistant prefill of this many words")
     ap.add_argument("--separate-probe", action="store_true",
                     help="fold_probe: false, the probe rows in a pass of their own after the "
                          "forward (what a compiled engine runs)")
     args = ap.parse_args()
+    if not 0 <= args.prefill <= len(PREFILL):
+        ap.error(f"--prefill: 0 to {len(PREFILL)} words")
+    schedules = dict(SCHEDULES)
+    prompts = PROMPTS
+    if args.prefill:
+        schedules["each_no_prefill_checks"] = {**SCHEDULES["each"], "prefill_stride": 0}
+        prompts = [[{"role": "user", "content": p},
+                    {"role": "assistant", "content": " ".join(PREFILL[:args.prefill])}]
+                   for p in PROMPTS]
+    out_path = args.out or str(HERE / "results" /
+                               ("vllm_prefill.json" if args.prefill else "vllm.json"))
 
     import torch
     from transformers import AutoTokenizer
@@ -83,7 +107,7 @@ def main():
     tok = AutoTokenizer.from_pretrained(model_dir)
 
     def run(batch, safety):
-        ps, sps = sv.requests(tok, PROMPTS[:batch], safety=safety, max_tokens=args.tokens,
+        ps, sps = sv.requests(tok, prompts[:batch], safety=safety, max_tokens=args.tokens,
                               min_tokens=args.tokens, temperature=0.0)
         t = time.perf_counter()
         outs = llm.generate(ps, sps, use_tqdm=False)
@@ -92,11 +116,11 @@ def main():
         return dt, [list(o.outputs[0].token_ids) for o in outs]
 
     run(8, SCHEDULES["each"])  # warm-up
-    times = {(b, s): [] for b in (1, 8) for s in SCHEDULES}
+    times = {(b, s): [] for b in (1, 8) for s in schedules}
     ids = {}
     for _ in range(args.rounds):
         for b in (1, 8):
-            for s, cfg in SCHEDULES.items():
+            for s, cfg in schedules.items():
                 dt, out = run(b, cfg)
                 times[(b, s)].append(dt)
                 ids.setdefault((b, s), out)
@@ -104,7 +128,7 @@ def main():
     for b in (1, 8):
         base = statistics.median(times[(b, "plain")])
         fastest = min(times[(b, "plain")])
-        for s in SCHEDULES:
+        for s in schedules:
             med = statistics.median(times[(b, s)])
             # Each round times every case back to back: its own ratio shows the noise.
             per_round = [t / p for t, p in zip(times[(b, s)], times[(b, "plain")])]
@@ -113,14 +137,14 @@ def main():
                  "ratio_min": min(times[(b, s)]) / fastest,
                  "round_ratios": per_round,
                  "same_ids_as_plain": ids[(b, s)] == ids[(b, "plain")]}
-            if b == 8 and s in TARGET:
+            if b == 8 and s in TARGET and not args.prefill:
                 c["target"] = TARGET[s]
                 c["met"] = c["ratio"] <= TARGET[s]
                 c["met_min"] = c["ratio_min"] <= TARGET[s]
             cases.append(c)
     hf = None
     ref_py = os.environ.get("SAFEATTN_REF_PYTHON")
-    if ref_py:
+    if ref_py and not args.prefill:
         r = subprocess.run([ref_py, "-c", _HF, str(threads), args.dtype, json.dumps(PROMPTS),
                             str(args.tokens)], capture_output=True, text=True, check=True)
         sec = json.loads(r.stdout.strip().splitlines()[-1])["seconds"]
@@ -131,13 +155,14 @@ def main():
     summary = {"model": "gemma3-270m + shipped head", "dtype": args.dtype, "tokens": args.tokens,
                "rounds": args.rounds, "threads": threads,
                "fold_probe": not args.separate_probe, "engine_start_s": start_s,
+               "prefill_words": args.prefill,
                "cases": cases, "hf_safeattn_generate": hf, "loadavg_1m_at_end": load[0],
                "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine()}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(summary, indent=1) + "\n")
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(out_path).write_text(json.dumps(summary, indent=1) + "\n")
     for c in cases:
         rr = c["round_ratios"]
-        print(f"batch {c['batch']} {c['schedule']:9s} {c['tok_s']:7.1f} tok/s  "
+        print(f"batch {c['batch']} {c['schedule']:22s} {c['tok_s']:7.1f} tok/s  "
               f"ratio {c['ratio']:.3f} (rounds {min(rr):.3f}-{max(rr):.3f}; "
               f"of minima {c['ratio_min']:.3f})  "
               f"same ids {c['same_ids_as_plain']}")
