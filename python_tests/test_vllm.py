@@ -322,18 +322,30 @@ def test_safety_error_fails_closed(engine, monkeypatch, part):
     _parity(llm, tok, ref, "llama", 0, tag=f"-after-{part}-boom")
 
 
-def test_prefill_check_error_fails_closed(engine, monkeypatch):
-    """An error in a prefill check refuses the requests it checked (from generated step 0,
-    nan in their ``prefill_checks``); a prompt without a prefill in the same batch decodes as
-    its reference."""
+@pytest.mark.parametrize("part", ["probe", "safety_step"])
+def test_prefill_check_error_fails_closed(engine, monkeypatch, part):
+    """An error in a prefill check's probe or state machine refuses the requests it checked
+    (from generated step 0, nan in their ``prefill_checks``); a prompt without a prefill in
+    the same batch decodes as its reference."""
+    from safeattn.vllm import logits
     from safeattn.vllm.models import Bridge
 
     def boom(self, plan):
         raise RuntimeError("prefill check broke")
 
-    monkeypatch.setattr(Bridge, "probe", boom)
+    advance = logits.advance
+
+    def boom_in_prefill(states, seen, lg):  # a prefill check sees fewer tokens than the prefill
+        if 0 < seen[0] < states[0].pre:
+            raise RuntimeError("prefill check's safety step broke")
+        return advance(states, seen, lg)
+
+    if part == "probe":
+        monkeypatch.setattr(Bridge, "probe", boom)
+    else:
+        monkeypatch.setattr(logits, "advance", boom_in_prefill)
     llm, tok, ref = engine("gemma3_text")
-    ids = ["pre-boom-0", "pre-boom-1"]
+    ids = [f"pre-boom-{part}-0", f"pre-boom-{part}-1"]
     ps, sps = sv.requests(tok, [PREFILLS[1], PROMPTS[0]], safety=CASES[0], ids=ids,
                           max_tokens=MAX_TOKENS, temperature=0.0)
     outs = llm.generate(ps, sps, use_tqdm=False)

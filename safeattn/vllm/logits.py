@@ -354,7 +354,14 @@ class _Scan:
             logit = self.known.get(self.key(k))
             if logit is None:
                 return True
-            s.prefill_checks.append((k, advance([s], [k], torch.tensor([logit]))[0]))
+            try:
+                p = advance([s], [k], torch.tensor([logit]))[0]
+            except Exception as e:  # noqa: BLE001 - fail closed, and keep serving
+                logger.error("safeattn: the safety step of a prefill check failed (%s); the "
+                             "request refuses (fail closed)", e)
+                self.fail()
+                return False
+            s.prefill_checks.append((k, p))
             self.i += 1
         return False
 
