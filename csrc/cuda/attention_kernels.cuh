@@ -603,18 +603,23 @@ __global__ void __launch_bounds__(kThreads) attn_kernel(const AttnParams p) {
   }
 }
 
+// Weight slots of combine_kernel: nvcc reads the weights four at a time (LDS.128), the loop
+// tail too, so the buffer is padded to whole float4s (compute-sanitizer flagged the over-read).
+__host__ __device__ constexpr int combine_slots(int nsplit) { return (nsplit + 3) & ~3; }
+
 // Merge the split-KV partials of one output row per block.
 template <typename T>
 __global__ void __launch_bounds__(128) combine_kernel(const AttnParams p) {
-  extern __shared__ float wts[];  // [nsplit]
+  extern __shared__ float wts[];  // [combine_slots(nsplit)]
   const int64_t row = blockIdx.x;
   const int S = p.nsplit, D = p.D;
   const float* pm = p.part_m + row * S;
   const float* pl = p.part_l + row * S;
   float M = neg_inf();
   for (int s = 0; s < S; ++s) M = fmaxf(M, pm[s]);
-  for (int s = threadIdx.x; s < S; s += blockDim.x)
-    wts[s] = (M == neg_inf() || pm[s] == neg_inf()) ? 0.f : exp2f((pm[s] - M) * kLog2e);
+  for (int s = threadIdx.x; s < combine_slots(S); s += blockDim.x)
+    wts[s] = (s >= S || M == neg_inf() || pm[s] == neg_inf()) ? 0.f
+                                                              : exp2f((pm[s] - M) * kLog2e);
   __syncthreads();
   float L = 0.f;
   bool nan_row = false;  // a split that saw a NaN score (its l is NaN) makes the row NaN
@@ -670,7 +675,8 @@ void launch_dp(const AttnParams& p, bool decode, cudaStream_t stream) {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (p.nsplit > 1) {
       const int64_t rows = (int64_t)p.B * p.Hq * p.Tq;
-      combine_kernel<T><<<static_cast<unsigned>(rows), 128, p.nsplit * sizeof(float), stream>>>(p);
+      const size_t smem = combine_slots(p.nsplit) * sizeof(float);
+      combine_kernel<T><<<static_cast<unsigned>(rows), 128, smem, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   } else {
