@@ -115,6 +115,12 @@ def compiled_flex():
     """``torch.compile(flex_attention)``: the form FlexAttention is meant to run in."""
     from torch.nn.attention.flex_attention import flex_attention
 
+    # Every shape is one more compile of this one function. Past dynamo's recompile limit (8)
+    # it would quietly run the unfused eager FlexAttention, which the first H200 run compared
+    # against for its last shapes.
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    setattr(cfg, name, max(getattr(cfg, name), 256))
     return torch.compile(flex_attention, dynamic=False)
 
 
