@@ -82,9 +82,18 @@ def extensions():
         sources,
         include_dirs=[os.path.join(HERE, "csrc")],
         extra_compile_args=extra,
-        extra_link_args=["-fopenmp"],
+        extra_link_args=_link_args(),
         py_limited_api=True,
     )]
+
+
+def _link_args():
+    """Link libstdc++ as the shared library torch itself uses, even where the toolchain adds
+    -static-libstdc++ (the H200 image did): a private static copy has its own locale state,
+    and formatting an integer into a TORCH_CHECK message then crashed or printed nothing. An
+    explicit -lstdc++ resolves every std:: symbol before the driver's static archive is read.
+    """
+    return ["-fopenmp"] + (["-lstdc++"] if platform.system() == "Linux" else [])
 
 
 def _cuda_include_extra():
