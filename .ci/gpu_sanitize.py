@@ -5,8 +5,9 @@
 
 Shapes are tiny (racecheck runs each kernel ~100x slower) but reach every kernel path: the
 prefill kernel with GQA, padding and random ranges (fp32, bf16; D 64 and 256), split-KV decode
-with a probe row over ~2k keys, the backward (dq, dk, dv) and safety_step. Each output is
-compared with safeattn.reference, so a kernel that reads garbage without faulting still fails.
+with a probe row over ~2k keys, the paged op (the vLLM probe's), the backward (dq, dk, dv)
+and safety_step. Each output is compared with safeattn.reference, so a kernel that reads
+garbage without faulting still fails.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 
 import safeattn
 from safeattn import intervals as ivs
+from safeattn import ops
 from safeattn import reference as ref
 from safeattn.ops import BENIGN
 
@@ -63,6 +65,7 @@ def main(dev: str) -> int:
         attention(f"decode split-KV + probe {dtype}", q, k, v, iv, tol[dtype])
         q, k, v = qkv(g, 1, 4, 2, 1, 333, 64, dtype, dev)
         attention(f"decode Tq=1 {dtype}", q, k, v, ivs.causal(1, 1, 333, device=dev), tol[dtype])
+    paged(g, dev)
     backward(g, dev)
     safety_step(g, dev)
     print("gpu_sanitize: all calls ok")
@@ -80,6 +83,24 @@ def backward(g, dev):
         ref.interval_attention(q64, k64, v64, iv, None, None).backward(dout.double())
         for n, a, b in zip("qkv", got, (q64.grad, k64.grad, v64.grad)):
             check(f"backward d{n} {dtype}", a, b, tol * max(1.0, b.abs().max().item()))
+
+
+def paged(g, dev):
+    """The vLLM probe's op: 40 cached columns on shuffled 16-token pages (keys, then values,
+    of a head in one row) plus one new key, Gemma-like softcap."""
+    b, hq, hkv, tq, d, page, pages, tc = 2, 4, 2, 2, 64, 16, 8, 40
+    t = torch.arange(page)[:, None] * d + torch.arange(d)
+    key_offsets, value_offsets = t.to(dev), (t + page * d).to(dev)
+    slots = torch.stack([torch.randperm(pages * page, generator=g)[:tc] for _ in range(b)])
+    iv = random_ranges(g, b, tq, tc + 1, 3, dev)
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
+        cache = torch.randn(pages, hkv, 2 * page * d, generator=g).to(dev, dtype)
+        q, k_new, v_new = qkv(g, b, hq, hkv, tq, 1, d, dtype, dev)
+        args = (q, cache, slots.to(dev), key_offsets, value_offsets, k_new, v_new, iv)
+        out = ops.paged_interval_attention(*args, softcap=30.0)
+        want = ref.paged_interval_attention(*(x.float() if x.is_floating_point() else x
+                                              for x in args), softcap=30.0)
+        check(f"paged probe {dtype}", out, want, tol)
 
 
 def safety_step(g, dev):
