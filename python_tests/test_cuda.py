@@ -311,7 +311,7 @@ def test_nan_in_a_visible_key_propagates(case, dtype):
     assert out[0, :, 0].isnan().all() and out[0, :, 1:].isfinite().all()
 
 
-@pytest.mark.xfail(strict=True, reason="by reading (not yet run on a GPU): the tile loop puts "
+@pytest.mark.xfail(strict=True, reason="seen on an H200 (all 9 cases): the tile loop puts "
                    "masked columns into P·V as 0 · nan; a pass here means that is fixed")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", _cases.hidden_nonfinite_cases(), ids=lambda c: c[0])
