@@ -269,14 +269,16 @@ def test_safety_step_failed_checks_leave_state_untouched():
         assert torch.equal(a[n], t), n
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("ldd") is None,
-                    reason="reads the ELF dependencies with ldd")
+@pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("readelf") is None,
+                    reason="reads the ELF dynamic section with readelf")
 def test_extension_links_the_shared_libstdcxx():
     """A static libstdc++ copy inside _C broke every TORCH_CHECK message with a number in it
     (on the H200 image, where the toolchain added -static-libstdc++)."""
     lib = importlib.util.find_spec("safeattn._C").origin
-    deps = subprocess.run(["ldd", lib], capture_output=True, text=True, check=True).stdout
-    assert "libstdc++.so" in deps, deps
+    dynamic = subprocess.run(["readelf", "-d", lib], capture_output=True, text=True,
+                             check=True).stdout
+    needed = [line for line in dynamic.splitlines() if "(NEEDED)" in line]
+    assert any("[libstdc++.so" in line for line in needed), needed
     q, k, v, iv = attn_inputs()
     with pytest.raises(RuntimeError, match=r"batch sizes differ: q=2 k=1 v=2 intervals=2"):
         attn_op(q, k[:1], v, iv, None, None)
