@@ -116,3 +116,24 @@ def hidden_nonfinite_cases():
             ("inside a tile, 70 rows", *make(70, 80, [[0, 5], [6, 7], [9, 80]], [5, 7, 8])),
             ("split KV, decode", *make(1, 4096, [[0, 1], [3000, 4096]],
                                        [1, 2, *range(1000, 2999, 7)]))]
+
+
+def assert_hidden_columns_get_no_gradient(q, k, v, iv, hidden):
+    """The backward of ``safeattn.interval_attention`` with NaN / inf in the ``hidden``
+    columns (no row sees them) equals the one with zeros there, finite, and gives those
+    columns zero dk and dv."""
+    import safeattn
+
+    k0, v0 = k.clone(), v.clone()
+    k0[:, :, hidden] = 0
+    v0[:, :, hidden] = 0
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).to(q)
+    grads = []
+    for kk, vv in ((k, v), (k0, v0)):
+        xs = [t.clone().requires_grad_() for t in (q, kk, vv)]
+        grads.append(torch.autograd.grad(safeattn.interval_attention(*xs, iv), xs, dout))
+    for g, g0 in zip(*grads):
+        assert g.isfinite().all()
+        torch.testing.assert_close(g, g0)
+    _, dk, dv = grads[0]
+    assert (dk[:, :, hidden] == 0).all() and (dv[:, :, hidden] == 0).all()

@@ -19,8 +19,8 @@ import torch
 import safeattn
 from safeattn import intervals as ivs
 from safeattn import reference as ref
-from _cases import decode_intervals as _decode_intervals, hidden_nonfinite_cases, nan_cases, \
-    random_intervals, seed_of
+from _cases import assert_hidden_columns_get_no_gradient, decode_intervals as _decode_intervals, \
+    hidden_nonfinite_cases, nan_cases, random_intervals, seed_of
 
 LOW = (torch.bfloat16, torch.float16)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -269,6 +269,13 @@ def test_a_column_no_row_sees_changes_nothing(case):
         out = fn(q, k, v, iv)
         assert out.isfinite().all(), fn
         torch.testing.assert_close(out, fn(q, k0, v0, iv))
+
+
+@pytest.mark.parametrize("case", hidden_nonfinite_cases(), ids=lambda c: c[0])
+def test_a_column_no_row_sees_gets_no_gradient_and_gives_none(case):
+    """The backward too: dq, dk and dv as with zeros there."""
+    _, q, k, v, iv, hidden = case
+    assert_hidden_columns_get_no_gradient(q, k, v, iv, hidden)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -58,7 +58,7 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_kernel(const BwdParams p) {
   float* dOs = Qs + BM * LD;
   float* Ps = dOs + BM * LD;
   float* dSs = Ps + BM * LDP;
-  __shared__ uint64_t s_mask[BM];
+  __shared__ uint64_t s_mask[BM], s_seen;
   __shared__ float s_lse[BM], s_delta[BM];
 
   const int tid = threadIdx.x, tr = tid >> 4, tc = tid & 15;
@@ -118,6 +118,11 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_kernel(const BwdParams p) {
     }
     // Also the barrier that ends the previous chunk's reads of Qs/dOs/Ps/dSs.
     if (!__syncthreads_or(m != 0ull)) continue;
+    if (tid == 0) {  // the keys some row of the chunk sees (published by the barrier below)
+      uint64_t seen = 0ull;
+      for (int r = 0; r < BM; ++r) seen |= s_mask[r];
+      s_seen = seen;
+    }
 
     // Q and dO rows -> shared (fp32); rows that see nothing of the tile stay zero.
     for (int i = tid; i < BM * DP; i += kBwdThreads) {
@@ -213,7 +218,10 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_kernel(const BwdParams p) {
     for (int i = 0; i < RM; ++i)
 #pragma unroll
       for (int e = 0; e < RD; ++e) aq[i][e] = 0.f;
+    const uint64_t seen = s_seen;
     for (int c = 0; c < nk; ++c) {
+      // dS is 0 there, but an uninitialised cache slot may hold nan in K: 0 * nan is nan.
+      if (!((seen >> c) & 1ull)) continue;
       float sv[RM];
 #pragma unroll
       for (int i = 0; i < RM; ++i) sv[i] = dSs[(tr + 16 * i) * LDP + c];

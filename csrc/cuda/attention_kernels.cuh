@@ -231,6 +231,18 @@ __device__ __forceinline__ int warp_max(int x) {
   for (int o = 16; o > 0; o >>= 1) x = max(x, __shfl_xor_sync(0xffffffffu, x, o));
   return x;
 }
+__device__ __forceinline__ uint64_t warp_or(uint64_t x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x |= __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+// The two b16 halves of a P*V B-operand register that hold V rows c and c + 1: all ones
+// where the warp sees that key, zero where it does not.
+__device__ __forceinline__ uint32_t seen_halves(uint64_t seen, int c) {
+  return (((seen >> c) & 1ull) ? 0x0000ffffu : 0u) |
+         (((seen >> (c + 1)) & 1ull) ? 0xffff0000u : 0u);
+}
 
 // ---------------------------------------------------------------------------------------
 // The attention kernel. DECODE=false: prefill blocks; DECODE=true: split-KV blocks.
@@ -375,6 +387,9 @@ __global__ void __launch_bounds__(kThreads) attn_kernel(const AttnParams p) {
     load_v(cur);
     const bool warp_on = __any_sync(0xffffffffu, (mA | mB) != 0ull);
     const uint64_t cA = mA, cB = mB;
+    // Keys of the tile that no row of the warp sees. Their P is 0, but an uninitialised
+    // cache slot may hold nan or inf in V, and 0 * nan is nan: P*V leaves them out.
+    uint64_t seen = kFull;
 
     float s[NJ][4];
     if (warp_on) {
@@ -416,6 +431,7 @@ __global__ void __launch_bounds__(kThreads) attn_kernel(const AttnParams p) {
 
       // Scale, softcap, mask.
       const bool full = __all_sync(0xffffffffu, cA == kFull && cB == kFull);
+      if (!full) seen = warp_or(cA | cB);
 #pragma unroll
       for (int j = 0; j < NJ; ++j) {
 #pragma unroll
@@ -485,11 +501,19 @@ __global__ void __launch_bounds__(kThreads) attn_kernel(const AttnParams p) {
           const uint32_t a2 = pack2<T>(s[2 * ks + 1][0], s[2 * ks + 1][1]);
           const uint32_t a3 = pack2<T>(s[2 * ks + 1][2], s[2 * ks + 1][3]);
           const T* vrow = Vs + (kl + 16 * ks + (lane & 15)) * LD + (lane >> 4) * 8;
+          // This thread's registers hold V rows 16ks + 2tig + {0, 1} (bv[0], bv[2]) and
+          // 16ks + 8 + 2tig + {0, 1} (bv[1], bv[3]).
+          const uint32_t keep0 = seen_halves(seen, 16 * ks + 2 * tig);
+          const uint32_t keep1 = seen_halves(seen, 16 * ks + 8 + 2 * tig);
 #pragma unroll
           for (int np = 0; np < DP / 16; ++np) {
             if (np * 16 >= D) break;  // zero padding
             uint32_t bv[4];
             ldmatrix_x4_trans(bv, vrow + np * 16);
+            bv[0] &= keep0;
+            bv[1] &= keep1;
+            bv[2] &= keep0;
+            bv[3] &= keep1;
             mma16816<T>(o[2 * np], a0, a1, a2, a3, bv[0], bv[1]);
             mma16816<T>(o[2 * np + 1], a0, a1, a2, a3, bv[2], bv[3]);
           }
@@ -498,6 +522,7 @@ __global__ void __launch_bounds__(kThreads) attn_kernel(const AttnParams p) {
         const int src0 = lane & ~3;
 #pragma unroll
         for (int c = 0; c < BK; ++c) {
+          if (!((seen >> c) & 1ull)) continue;  // warp-uniform
           // P[row][c] lives in lane (g, (c/2)%4), register s[c/8][c%2] (+2 for row g+8).
           const int src = src0 | ((c >> 1) & 3);
           const float pa = __shfl_sync(0xffffffffu, s[c >> 3][c & 1], src);
