@@ -78,12 +78,56 @@ def main(spec_path, out_dir):
         prefill_cases = [[_row(model, tok, conv, case, spec["max_tokens"])
                           for conv in spec.get("prefills", [])]
                          for case in spec.get("prefill_cases", [])]
+        stop_cases = [{"case": c, "prompt": i, "stop": stop,
+                       **_row(model, tok, spec["prompts"][i], spec["cases"][c],
+                              spec["max_tokens"], stop=stop)}
+                      for c, i, stop in _stops_mid_alarm(tok, cases, spec["cases"])]
         (d / "ref.json").write_text(json.dumps({"cases": cases, "prefill_cases": prefill_cases,
+                                                "stop_cases": stop_cases,
                                                 "eos": tok.eos_token_id}))
 
 
-def _row(model, tok, prompt, case, max_tokens):
-    """One prompt (or conversation) under one case (a SafetyConfig, or None: safety off)."""
+def _stop_at(tok, word):
+    """HF's ``stop_strings`` for one word of the tiny word-level vocabulary (whose tokens its
+    ``StopStringCriteria`` cannot read): end a row at the token that spells it, which
+    :func:`_stops_mid_alarm` picks where no earlier text holds it."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    tid = tok.convert_tokens_to_ids(word)
+
+    class StopAtWord(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return input_ids[:, -1] == tid
+
+    return StoppingCriteriaList([StopAtWord()])
+
+
+def _stops_mid_alarm(tok, cases, configs, most=3):
+    """``(case, prompt, stop string)``: a stop string that ends a row at a token where its
+    alarm is pending (a check hit, not refused): the word of that token, where neither the
+    words before it nor their joins hold it (so that HF and vLLM stop at that token)."""
+    found = []
+    for c, rows in enumerate(cases):
+        if configs[c] is None:
+            continue
+        for i, r in enumerate(rows):
+            ids, end, words = r["ids"], r["refusal_step"], []
+            for n, t in enumerate(ids[:-1]):
+                word = tok.convert_ids_to_tokens(t)
+                before = "".join(words)
+                if n and r["mode"][n] == "transition" and (end is None or end > n) and \
+                        t not in tok.all_special_ids and (before + word).find(word) == len(before):
+                    found.append((c, i, word))
+                    break
+                words.append(word)
+            if len(found) == most:
+                return found
+    return found
+
+
+def _row(model, tok, prompt, case, max_tokens, stop=None):
+    """One prompt (or conversation) under one case (a SafetyConfig, or None: safety off),
+    ended by the stop string ``stop`` if given."""
     enc = safeattn.build_inputs(tok, [prompt])
     n = enc["input_ids"].shape[1]
     if case is None:
@@ -95,7 +139,8 @@ def _row(model, tok, prompt, case, max_tokens):
     streamer = PrintedStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     out = safeattn.generate(model, tok, [prompt], safety=safeattn.SafetyConfig(**case),
                             max_new_tokens=max_tokens, do_sample=False,
-                            eos_token_id=tok.eos_token_id, streamer=streamer)
+                            eos_token_id=tok.eos_token_id, streamer=streamer,
+                            **({"stopping_criteria": _stop_at(tok, stop)} if stop else {}))
     s = out.safety[0]
     return {"ids": out[0, n:].tolist(), "p": s.p, "checked": s.checked,
             "streamed": "".join(streamer.text), "mode": s.mode, "refusal_step": s.refusal_step,

@@ -604,6 +604,24 @@ def test_pending_alarm_keeps_the_request_open(engine):
 
 
 @pytest.mark.parametrize("family", ["gemma3_text", "llama"])
+def test_stop_string_mid_alarm_refuses_at_the_end(engine, family):
+    """A stop string (which vLLM checks after sampling, out of the processor's reach) that
+    ends a request mid-alarm: the trace refuses at its end, as the HF decoder's does (the
+    reference ran with the same stop string)."""
+    llm, tok, ref = engine(family)
+    assert ref["stop_cases"]  # the reference holds alarms pending mid-answer
+    for k, want in enumerate(ref["stop_cases"]):
+        c, i, where = want["case"], want["prompt"], f"{family} stop case {k}"
+        ps, sps = sv.requests(tok, [PROMPTS[i]], safety=CASES[c], ids=[where],
+                              max_tokens=MAX_TOKENS, temperature=0.0, stop=[want["stop"]])
+        got = list(llm.generate(ps, sps, use_tqdm=False)[0].outputs[0].token_ids)
+        tr = sv.trace(where)[0]
+        assert want["mode"][len(want["ids"]) - 1] == "transition" and len(got) < MAX_TOKENS
+        assert tr.refused and tr.refusal_step == len(got) and tr.justification == ""
+        _check_row(got, tr, want, ref["eos"], where)
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "llama"])
 def test_mixed_batch(engine, family):
     """Safety on and off in one batch, with two schedules: each row as its own reference."""
     llm, tok, ref = engine(family)
@@ -874,6 +892,21 @@ def test_server_streams_only_cleared_text(server, refs):
             break
         time.sleep(0.1)
     assert not list((refs / "streams").iterdir())  # each state went with its stream
+
+
+def test_server_stop_string_mid_alarm_refuses_at_the_end(server):
+    """A stop string that ends a chat request mid-alarm: the response's trace refuses at its
+    end, as the HF decoder's does (the reference ran with the same stop string)."""
+    url, ref = server
+    assert ref["stop_cases"]
+    for k, want in enumerate(ref["stop_cases"]):
+        body = _chat(PROMPTS[want["prompt"]], stop=[want["stop"]],
+                     vllm_xargs={"safety": json.dumps(CASES[want["case"]])})
+        status, out = _post(url + "/v1/chat/completions", body)
+        assert status == 200, out
+        tr = serving.trace_output(out["choices"][0]["safety"])[0]
+        assert tr.refused and tr.refusal_step == len(out["choices"][0]["token_ids"])
+        _check_row(out["choices"][0]["token_ids"], tr, want, ref["eos"], f"server stop {k}")
 
 
 def test_server_stream_with_logprobs_is_400(server):

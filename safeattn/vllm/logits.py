@@ -38,7 +38,8 @@ from ..generation import (MODE_NAMES, REFUSAL, Refusal, SafetyConfig, SafetyOutp
 from ..ops import BENIGN, TRANSITION
 from .models import bridge_for, options
 from .probe import Plan
-from .serving import STREAM_ARG, TRACE_ARG, StreamGate, publish, trace_output, valid_key
+from .serving import (STREAM_ARG, TRACE_ARG, StreamGate, end_trace, publish, trace_output,
+                      valid_key)
 
 logger = logging.getLogger("safeattn")
 
@@ -143,10 +144,14 @@ class RequestSafety:
         sched = self.schedule[n] if n < len(self.schedule) else False
         return sched or (self.cfg.escalate and self.mode == TRANSITION)
 
+    def pending(self) -> bool:
+        """Mid-alarm: a check hit, fewer than τ so far."""
+        return self.mode == TRANSITION and not self.refused
+
     def hold_open(self, n: int, logits: torch.Tensor, row: int) -> None:
         """The HF decoder's ``hold_open`` for this request at step ``n``: mid-alarm, its EOS
         is masked, or it refuses when no check can come before its last token."""
-        if self.refused or self.mode != TRANSITION:
+        if not self.pending():
             return
         if recheck_ahead(self.schedule, self.cfg.escalate, n, self.max_tokens):
             logits[row, [t for t in self.eos if 0 <= t < logits.shape[-1]]] = float("-inf")
@@ -185,9 +190,10 @@ class RequestSafety:
         return self.refusal.start(self.pre + n, tail == brk)
 
     def trace(self) -> SafetyOutput:
-        """The trace as the HF decoder gives it: a one-row :class:`safeattn.SafetyOutput`
-        (``trace[0]`` is the :class:`RowSafety`; ``safeattn.plot_trace`` reads it)."""
-        return trace_output(self.trace_json())
+        """The finished request's trace as the HF decoder gives it: a one-row
+        :class:`safeattn.SafetyOutput` (``trace[0]`` is the :class:`RowSafety`;
+        ``safeattn.plot_trace`` reads it)."""
+        return trace_output(end_trace(self.trace_json(), len(self.output_ids)))
 
     def trace_json(self, justification: bool = True) -> dict:
         """The trace as JSON (what the server returns; :func:`trace_output` reads it back).
@@ -212,6 +218,7 @@ class RequestSafety:
                 "refusal_step": self.refusal_step, "alarm_step": self.alarm_step,
                 "justification": just,
                 "prefill_checks": [[k, finite(v)] for k, v in self.prefill_checks],
+                "open_alarm": max(self.s_t - self.pre, 0) if self.pending() else None,
                 "config": dataclasses.asdict(self.cfg), "refusal_ids": self.refusal.prefix}
 
 

@@ -44,7 +44,7 @@ from pathlib import Path
 from ..streaming import HoldBack
 
 __all__ = ["STREAM_ARG", "TRACE_ARG", "StreamGate", "SafeStreamMiddleware", "publish", "read",
-           "visible", "trace_output"]
+           "visible", "end_trace", "trace_output"]
 
 logger = logging.getLogger("safeattn")
 
@@ -183,6 +183,18 @@ def visible(text: str, state: dict | None, final: bool) -> str:
     return before
 
 
+def end_trace(trace: dict, n_tokens: int) -> dict:
+    """The trace of a request that has finished after ``n_tokens`` generated tokens. One that
+    ended with an alarm pending (``open_alarm``: a stop string, which vLLM checks after
+    sampling, out of the logits processor's reach, ended it) refuses at its end, as the HF
+    decoder's rows do: ``refusal_step`` ``n_tokens``, its alarm at ``S_t``, nothing written
+    after it."""
+    if trace.get("open_alarm") is None or trace.get("refusal_step") is not None:
+        return trace
+    return {**trace, "refusal_step": n_tokens, "alarm_step": trace["open_alarm"],
+            "justification": "", "open_alarm": None}
+
+
 def trace_output(trace: dict):
     """A response's ``choices[0]["safety"]`` (or ``RequestSafety.trace_json()``) -> a one-row
     :class:`safeattn.SafetyOutput` (``safeattn.plot_trace`` reads it)."""
@@ -240,7 +252,7 @@ class _Stream:
             out = show[len(self.sent):] if show.startswith(self.sent) else ""
             self.sent += out
             if final and state and "trace" in state:
-                choice["safety"] = state["trace"]
+                choice["safety"] = end_trace(state["trace"], self.tokens)
             if delta is not None:
                 if got is not None or out:
                     delta["content"] = out
@@ -416,7 +428,8 @@ def _traced(send, key: str):
             data = json.loads(body)
             trace = (read(key) or {}).get("trace")
             if trace is not None and data.get("choices"):
-                data["choices"][0]["safety"] = trace
+                n = (data.get("usage") or {}).get("completion_tokens", len(trace["p"]))
+                data["choices"][0]["safety"] = end_trace(trace, n)
                 body = json.dumps(data).encode()
         except (ValueError, AttributeError, TypeError):
             pass  # not the completion JSON: sent as it came
