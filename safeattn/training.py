@@ -40,9 +40,10 @@ alone as a probe row on them (bit-for-bit the same attention pattern as the full
 from __future__ import annotations
 
 import contextlib
-import math
+import json
 import shlex
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -198,7 +199,6 @@ class SafetyDataCollator:
             rids, roffs = encode_text(tok, resp)
             roffs = [(a - shift, b - shift) for a, b in roffs]
             for j, (a, b) in enumerate(roffs):
-                col = rs + j
                 b = max(b, a + 1)  # zero-width tokens count at their position
                 if lm_span is not None and a < lm_span[1] and b > lm_span[0]:
                     labels.append(rids[j])
@@ -983,8 +983,6 @@ def run_query_probe(args) -> int:
     and standardised on the benign ``val`` prompts, saved to ``OUT``. The saved
     ``query_threshold`` is dropped: ``p_0`` changed meaning, so run ``safeattn calibrate``
     next."""
-    import json
-    import time
 
     from .calibration import validation_rows
     from .hf.persist import load_safety, save_safety
@@ -1153,8 +1151,6 @@ def _start(args):
 
 def run_train(args) -> int:
     """``safeattn train``: see ``safeattn train --help``."""
-    import json
-    import time
     from pathlib import Path
 
     from transformers import TrainingArguments
@@ -1262,7 +1258,6 @@ def _context_key(coll: SafetyDataCollator, sample) -> str:
     under this key, so a sample whose text changed (another ``--seed``, another
     ``--max-prompt-tokens``) is never served a stale forward."""
     import hashlib
-    import json
 
     r = coll.encode_one(sample)
     blob = json.dumps([r["ids"], r["q"], r["rs"], r["win"], r["has_window"]])
@@ -1410,170 +1405,220 @@ def run_loso(args) -> int:
     Each fold scores the ``--val-fraction`` band (its benign prompts are the negatives;
     without a band, the test split; ``scored`` in the report says which). Writes
     ``OUT/loso.json`` (folds, test-split metrics of the shipped head) as it goes."""
-    import json
-    import time
-    from pathlib import Path
-
-    from transformers import TrainingArguments, set_seed
-
-    from . import loso
-    from .hf.patch import apply_safeattn
-    from .hf.persist import save_safety
-
     variants = [v for v in args.loso_variants.split(",") if v]
     allowed = ["cls"] + (["cls_adapter"] if args.probe_adapter else [])
     if not variants or set(variants) - set(allowed):
         raise ValueError(f"--loso-variants: expected a non-empty subset of {allowed}, got "
                          f"{args.loso_variants!r}")
-    t0 = time.time()
-    out_dir, model, tok, _, train = _start(args)
-    layers = [int(x) for x in args.layers.split(",")]
-    model = prepare_model(model, tok, "head", cls_layer=max(layers),
-                          probe_adapter=args.probe_adapter, probe_window=args.probe_window)
-    coll = SafetyDataCollator(tok, max_prompt_tokens=args.max_prompt_tokens,
-                              max_length=args.max_length)
-    train, too_long = _cacheable(train, coll, model)
-    plan = loso.plan(train, tok, window=args.probe_window,
-                     val_fraction=getattr(args, "val_fraction", 0.0))
-    pool = plan.pool
-    snap = _head_snapshot(model)
-    store: dict = {}
+    run = _LosoRun(args, variants)
+    folds = [f for f in args.loso_folds.split(",") if f] if args.loso_folds != "all" \
+        else list(run.plan.folds)
+    if set(folds) - set(run.plan.folds):
+        raise ValueError(f"--loso-folds: unknown folds {sorted(set(folds) - set(run.plan.folds))}")
+    run.warm_cache()
+    run.pick_layer()
+    run.read_deep_states()
+    for fold in folds:
+        run.score_fold(fold)
+    run.ship()
+    return 0
 
-    def trainer_for(indices, epochs):
+
+class _LosoRun:
+    """The state that the steps of :func:`run_loso` share: the model (its head reset to one
+    snapshot before each training), the sample pool and its folds, the context cache and the
+    frozen features, and the report, written to ``OUT/loso.json`` as it grows."""
+
+    def __init__(self, args, variants: list[str]):
+
+        from . import loso
+
+        self.args, self.variants, self.t0 = args, variants, time.time()
+        self.out_dir, model, self.tok, _, train = _start(args)
+        self.layers = [int(x) for x in args.layers.split(",")]
+        self.model = prepare_model(model, self.tok, "head", cls_layer=max(self.layers),
+                                   probe_adapter=args.probe_adapter,
+                                   probe_window=args.probe_window)
+        self.coll = SafetyDataCollator(self.tok, max_prompt_tokens=args.max_prompt_tokens,
+                                       max_length=args.max_length)
+        train, self.too_long = _cacheable(train, self.coll, self.model)
+        self.plan = loso.plan(train, self.tok, window=args.probe_window,
+                              val_fraction=getattr(args, "val_fraction", 0.0))
+        self.pool = self.plan.pool
+        self.snap = _head_snapshot(self.model)
+        self.store: dict = {}
+        self.y = torch.tensor([float(s.label) for s in self.pool])
+        self.tr = list(range(self.plan.n_train))
+        self.deep = None  # (pool index -> row, prompt_states) with --deep-layers
+        self.report: dict = {}
+        print(f"LOSO pool: {len(self.pool)} samples ({self.plan.n_train} train); folds "
+              f"{list(self.plan.folds)}", flush=True)
+
+    def trainer_for(self, indices, epochs) -> "SafetyTrainer":
+        from transformers import TrainingArguments
+
+        a = self.args
         targs = TrainingArguments(
-            output_dir=str(out_dir / "tmp"), per_device_train_batch_size=args.batch_size,
-            num_train_epochs=epochs, learning_rate=args.lr, weight_decay=args.weight_decay,
-            warmup_steps=args.warmup_steps, lr_scheduler_type=args.scheduler,
-            logging_steps=args.logging_steps, save_strategy="no", seed=args.seed,
-            data_seed=args.seed, report_to=[], remove_unused_columns=False,
-            dataloader_num_workers=0, disable_tqdm=True, use_cpu=args.cpu)
-        weights = _weights(args, [pool[i] for i in indices])
-        return SafetyTrainer(model=model, args=targs,
-                             train_dataset=SafetyDataset.subset(pool, indices, weights),
-                             data_collator=coll, train_mode="head", context_cache=True,
-                             context_store=store, cache_dtype=torch.bfloat16,
+            output_dir=str(self.out_dir / "tmp"), per_device_train_batch_size=a.batch_size,
+            num_train_epochs=epochs, learning_rate=a.lr, weight_decay=a.weight_decay,
+            warmup_steps=a.warmup_steps, lr_scheduler_type=a.scheduler,
+            logging_steps=a.logging_steps, save_strategy="no", seed=a.seed,
+            data_seed=a.seed, report_to=[], remove_unused_columns=False,
+            dataloader_num_workers=0, disable_tqdm=True, use_cpu=a.cpu)
+        weights = _weights(a, [self.pool[i] for i in indices])
+        return SafetyTrainer(model=self.model, args=targs,
+                             train_dataset=SafetyDataset.subset(self.pool, indices, weights),
+                             data_collator=self.coll, train_mode="head", context_cache=True,
+                             context_store=self.store, cache_dtype=torch.bfloat16,
                              keep_states=True)
 
-    print(f"LOSO pool: {len(pool)} samples ({plan.n_train} train); folds {list(plan.folds)}",
-          flush=True)
-    warm = trainer_for(range(len(pool)), 1)
-    saved = Path(args.context_cache_file) if args.context_cache_file else None
-    others = {}  # the file's entries that this pool does not use: kept when it is re-saved
-    if saved is not None:
-        keys = [_context_key(coll, s) for s in pool]
-        written_for = {"model": _model_id(model), "max_layer": max(layers)}
-        if saved.exists():  # reuse the samples it has (by content key)
-            others = _reuse_context_file(saved, store, keys, written_for)
-    n_before = len(store["kv"])
-    warm.warm_context_cache()
-    if saved is not None and len(store["kv"]) > n_before:
-        _save_context_file(saved, store, keys, others, written_for)
-    del others  # not needed for training
-    t1 = time.time()
-    print(f"context cache: {len(store['kv'])} samples in {t1 - t0:.0f}s", flush=True)
-    everything = list(range(len(pool)))
-    _, cls0 = warm.cached_logits(everything, states=True)   # [N, L+1, D] frozen-row [CLS]
-    last = warm.frozen_states(everything)                   # [N, L+1, D] last seen token
-    y = torch.tensor([float(s.label) for s in pool])
-    tr = list(range(plan.n_train))
-    sel = _logistic({l: cls0[tr, l] for l in layers}, y[tr], layers=layers, seed=args.seed)
-    cls_layer = sel.layer
-    layer_cv = {str(l): max(v for (a, _), v in sel.cv_table.items() if a == l) for l in layers}
-    print(f"cls_layer = {cls_layer} (frozen-row [CLS] head, 5-fold CV AUROC "
-          f"{ {k: round(v, 4) for k, v in layer_cv.items()} })", flush=True)
-    apply_safeattn(_inner(model), cls_layer=cls_layer)
+    def warm_cache(self) -> None:
+        """The frozen forward of every sample (from ``--context-cache-file`` where it has
+        them, which then gains the new ones), and the frozen features read off it."""
+        from pathlib import Path
 
-    report = {"command": "safeattn train " + shlex.join(args.argv), "pool": len(pool),
-              "n_train": plan.n_train, "left_out_too_long": too_long, "cls_layer": cls_layer,
-              "layer_cv_auroc": layer_cv,
-              "scored": {"split": plan.val.split, "benign": len(plan.val.benign),
-                         "harmful": len(plan.val.harmful),
-                         "responses": len({pool[i].row_id for i in plan.val.sweep})},
-              "folds": {}}
-    feats_last = {l + 1: last[:, l] for l in range(last.shape[1])}  # hidden state l+1
-    deep = None
-    deep_layers = args.deep_layers
-    if deep_layers:
+        warm = self.trainer_for(range(len(self.pool)), 1)
+        saved = Path(self.args.context_cache_file) if self.args.context_cache_file else None
+        others = {}  # the file's entries that this pool does not use: kept when re-saved
+        if saved is not None:
+            keys = [_context_key(self.coll, s) for s in self.pool]
+            written_for = {"model": _model_id(self.model), "max_layer": max(self.layers)}
+            if saved.exists():  # reuse the samples it has (by content key)
+                others = _reuse_context_file(saved, self.store, keys, written_for)
+        n_before = len(self.store["kv"])
+        warm.warm_context_cache()
+        if saved is not None and len(self.store["kv"]) > n_before:
+            _save_context_file(saved, self.store, keys, others, written_for)
+        print(f"context cache: {len(self.store['kv'])} samples in {time.time() - self.t0:.0f}s",
+              flush=True)
+        everything = list(range(len(self.pool)))
+        _, self.cls0 = warm.cached_logits(everything, states=True)  # [N, L+1, D] frozen row
+        last = warm.frozen_states(everything)                      # [N, L+1, D] last token
+        self.feats_last = {l + 1: last[:, l] for l in range(last.shape[1])}  # hidden l+1
+
+    def pick_layer(self) -> None:
+        """``cls_layer`` by 5-fold CV of the frozen-row head on the training pool; starts the
+        report."""
+        from .hf.patch import apply_safeattn
+
+        tr, layers = self.tr, self.layers
+        sel = _logistic({l: self.cls0[tr, l] for l in layers}, self.y[tr], layers=layers,
+                        seed=self.args.seed)
+        self.cls_layer = sel.layer
+        layer_cv = {str(l): max(v for (a, _), v in sel.cv_table.items() if a == l)
+                    for l in layers}
+        print(f"cls_layer = {self.cls_layer} (frozen-row [CLS] head, 5-fold CV AUROC "
+              f"{ {k: round(v, 4) for k, v in layer_cv.items()} })", flush=True)
+        apply_safeattn(_inner(self.model), cls_layer=self.cls_layer)
+        plan = self.plan
+        self.report = {
+            "command": "safeattn train " + shlex.join(self.args.argv), "pool": len(self.pool),
+            "n_train": plan.n_train, "left_out_too_long": self.too_long,
+            "cls_layer": self.cls_layer, "layer_cv_auroc": layer_cv,
+            "scored": {"split": plan.val.split, "benign": len(plan.val.benign),
+                       "harmful": len(plan.val.harmful),
+                       "responses": len({self.pool[i].row_id for i in plan.val.sweep})},
+            "folds": {}}
+
+    def read_deep_states(self) -> None:
+        """With ``--deep-layers``: the prompt-only samples' states at those layers."""
+
+        deep_layers = self.args.deep_layers
+        if not deep_layers:
+            return
         td = time.time()
-        at = [i for i, s in enumerate(pool) if _get(s, "window") is None]  # prompt-only
-        deep = ({i: j for j, i in enumerate(at)},
-                prompt_states(model, coll, [pool[i] for i in at], deep_layers,
-                              batch_size=args.batch_size, progress=True))
-        report["deep_layers"] = deep_layers
+        at = [i for i, s in enumerate(self.pool) if _get(s, "window") is None]  # prompt-only
+        self.deep = ({i: j for j, i in enumerate(at)},
+                     prompt_states(self.model, self.coll, [self.pool[i] for i in at],
+                                   deep_layers, batch_size=self.args.batch_size,
+                                   progress=True))
+        self.report["deep_layers"] = deep_layers
         print(f"prompt states at layers {deep_layers}: {len(at)} prompt-only samples in "
               f"{time.time() - td:.0f}s", flush=True)
 
-    def train_variant(variant, indices, epochs):
+    def train_variant(self, variant, indices, epochs) -> "SafetyTrainer":
         """The [CLS] head (and row) trained from the same start on ``indices``; the probe
         adapter trains only in the ``cls_adapter`` variant (else it stays the identity)."""
-        _head_restore(model, snap)
-        ad = getattr(_inner(model), "safety_adapter", None)
+        from transformers import set_seed
+
+        _head_restore(self.model, self.snap)
+        ad = getattr(_inner(self.model), "safety_adapter", None)
         if ad is not None:
             ad.requires_grad_(variant == "cls_adapter")
-        set_seed(args.seed)
-        trainer = trainer_for(indices, epochs)
+        set_seed(self.args.seed)
+        trainer = self.trainer_for(indices, epochs)
         trainer.train()
         return trainer
 
-    folds = [f for f in args.loso_folds.split(",") if f] if args.loso_folds != "all" \
-        else list(plan.folds)
-    if set(folds) - set(plan.folds):
-        raise ValueError(f"--loso-folds: unknown folds {sorted(set(folds) - set(plan.folds))}")
-    for fold in folds:
-        idx = plan.folds[fold]
-        tf = time.time()
+    def score_fold(self, fold: str) -> None:
+        """Every head trained without ``fold`` and scored on it (its row of the report)."""
+
+        from . import loso
+
+        plan, args, idx, tf = self.plan, self.args, self.plan.folds[fold], time.time()
         rows = {}
-        if deep:
-            probe, deep_score = _deep_probe(idx, deep, y, args.seed)
+        if self.deep:
+            probe, deep_score = _deep_probe(idx, self.deep, self.y, args.seed)
             rows["deep_probe"] = loso.fold_metrics(plan, fold, deep_score, responses=False)
             rows["deep_probe"]["layer"] = probe.layer
-        for variant in variants:
-            trainer = train_variant(variant, idx, args.epochs)
+        for variant in self.variants:
+            trainer = self.train_variant(variant, idx, args.epochs)
             rows[variant] = loso.fold_metrics(plan, fold, trainer.cached_logits,
                                               examples=args.loso_examples)
-            if deep:
+            if self.deep:
                 both = loso.blend([trainer.cached_logits, deep_score], plan.negatives(fold))
                 rows[f"{variant}+deep"] = loso.fold_metrics(
                     plan, fold, both, examples=args.loso_examples, responses=False)
-        rows.update(_frozen_rows(plan, fold, cls0, cls_layer, feats_last, y, args.seed))
-        report["folds"][fold] = rows
+        rows.update(_frozen_rows(plan, fold, self.cls0, self.cls_layer, self.feats_last,
+                                 self.y, args.seed))
+        self.report["folds"][fold] = rows
         print(f"[{fold}] {time.time() - tf:.0f}s " + json.dumps(
             {m: {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()
                  if k in ("auroc", "tpr_at_2fpr", "fpr_at_theta", "response_auroc")}
              for m, r in rows.items()}), flush=True)
-        (out_dir / "loso.json").write_text(json.dumps(report, indent=1) + "\n")
+        self.write_report()
 
-    # the model to ship: the variant with the best mean AUROC over the harmful folds, trained
-    # on every training sample
-    def mean_auroc(v):
-        return sum(report["folds"][f][v]["auroc"] for f in loso.HARMFUL_SOURCES) / len(
-            loso.HARMFUL_SOURCES)
+    def ship(self) -> None:
+        """The variant with the best mean AUROC over the harmful folds, trained on every
+        training sample, scored on the test split and saved to ``OUT``."""
 
-    ran = all(f in report["folds"] for f in loso.HARMFUL_SOURCES)
-    best = max(variants, key=mean_auroc) if ran else variants[-1]
-    report["shipped_variant"] = best
-    trainer = train_variant(best, tr, args.final_epochs or args.epochs)
-    report["test"] = loso.test_metrics(plan, trainer.cached_logits)
-    print(f"shipped head ({best}), test split: " + json.dumps(report["test"]), flush=True)
-    if deep:
-        probe, deep_score = _deep_probe(tr, deep, y, args.seed)
-        report["test_deep_probe"] = {"layer": probe.layer, **loso.test_metrics(
-            plan, deep_score, responses=False)}
-        both = loso.blend([trainer.cached_logits, deep_score], plan.val.benign)
-        # a blend is no logit: its thresholds at 0 mean nothing
-        report["test_blend"] = {k: {m: v for m, v in row.items() if "0.5" not in m}
-                                for k, row in loso.test_metrics(plan, both,
-                                                                responses=False).items()}
-        print("deep probe and blend, test split: " + json.dumps(
-            {k: report[k] for k in ("test_deep_probe", "test_blend")}), flush=True)
-    inner = _inner(trainer.model)
-    sync_cls_row(inner)
-    if best != "cls_adapter" and getattr(inner, "safety_adapter", None) is not None:
-        from .hf.adapter import detach_probe_adapter
-        detach_probe_adapter(inner)
-    save_safety(inner, out_dir)
-    report["total_seconds"] = round(time.time() - t0, 1)
-    (out_dir / "loso.json").write_text(json.dumps(report, indent=1) + "\n")
-    print(f"saved the head trained on all {len(tr)} samples to {out_dir} "
-          f"({report['total_seconds']:.0f}s)", flush=True)
-    return 0
+        from . import loso
+        from .hf.persist import save_safety
+
+        report, plan, tr = self.report, self.plan, self.tr
+
+        def mean_auroc(v):
+            return sum(report["folds"][f][v]["auroc"] for f in loso.HARMFUL_SOURCES) / len(
+                loso.HARMFUL_SOURCES)
+
+        ran = all(f in report["folds"] for f in loso.HARMFUL_SOURCES)
+        best = max(self.variants, key=mean_auroc) if ran else self.variants[-1]
+        report["shipped_variant"] = best
+        trainer = self.train_variant(best, tr, self.args.final_epochs or self.args.epochs)
+        report["test"] = loso.test_metrics(plan, trainer.cached_logits)
+        print(f"shipped head ({best}), test split: " + json.dumps(report["test"]), flush=True)
+        if self.deep:
+            probe, deep_score = _deep_probe(tr, self.deep, self.y, self.args.seed)
+            report["test_deep_probe"] = {"layer": probe.layer, **loso.test_metrics(
+                plan, deep_score, responses=False)}
+            both = loso.blend([trainer.cached_logits, deep_score], plan.val.benign)
+            # a blend is no logit: its thresholds at 0 mean nothing
+            report["test_blend"] = {k: {m: v for m, v in row.items() if "0.5" not in m}
+                                    for k, row in loso.test_metrics(plan, both,
+                                                                    responses=False).items()}
+            print("deep probe and blend, test split: " + json.dumps(
+                {k: report[k] for k in ("test_deep_probe", "test_blend")}), flush=True)
+        inner = _inner(trainer.model)
+        sync_cls_row(inner)
+        if best != "cls_adapter" and getattr(inner, "safety_adapter", None) is not None:
+            from .hf.adapter import detach_probe_adapter
+            detach_probe_adapter(inner)
+        save_safety(inner, self.out_dir)
+        report["total_seconds"] = round(time.time() - self.t0, 1)
+        self.write_report()
+        print(f"saved the head trained on all {len(tr)} samples to {self.out_dir} "
+              f"({report['total_seconds']:.0f}s)", flush=True)
+
+    def write_report(self) -> None:
+
+        (self.out_dir / "loso.json").write_text(json.dumps(self.report, indent=1) + "\n")
