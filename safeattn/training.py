@@ -1430,7 +1430,6 @@ class _LosoRun:
     frozen features, and the report, written to ``OUT/loso.json`` as it grows."""
 
     def __init__(self, args, variants: list[str]):
-
         from . import loso
 
         self.args, self.variants, self.t0 = args, variants, time.time()
@@ -1449,12 +1448,14 @@ class _LosoRun:
         self.store: dict = {}
         self.y = torch.tensor([float(s.label) for s in self.pool])
         self.tr = list(range(self.plan.n_train))
+        self.cls0 = self.feats_last = None  # the frozen features (warm_cache)
+        self.cls_layer = None  # picked by pick_layer
         self.deep = None  # (pool index -> row, prompt_states) with --deep-layers
         self.report: dict = {}
         print(f"LOSO pool: {len(self.pool)} samples ({self.plan.n_train} train); folds "
               f"{list(self.plan.folds)}", flush=True)
 
-    def trainer_for(self, indices, epochs) -> "SafetyTrainer":
+    def trainer_for(self, indices, epochs) -> SafetyTrainer:
         from transformers import TrainingArguments
 
         a = self.args
@@ -1536,7 +1537,7 @@ class _LosoRun:
         print(f"prompt states at layers {deep_layers}: {len(at)} prompt-only samples in "
               f"{time.time() - td:.0f}s", flush=True)
 
-    def train_variant(self, variant, indices, epochs) -> "SafetyTrainer":
+    def train_variant(self, variant, indices, epochs) -> SafetyTrainer:
         """The [CLS] head (and row) trained from the same start on ``indices``; the probe
         adapter trains only in the ``cls_adapter`` variant (else it stays the identity)."""
         from transformers import set_seed
@@ -1620,5 +1621,4 @@ class _LosoRun:
               f"({report['total_seconds']:.0f}s)", flush=True)
 
     def write_report(self) -> None:
-
         (self.out_dir / "loso.json").write_text(json.dumps(self.report, indent=1) + "\n")
