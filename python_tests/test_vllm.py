@@ -909,6 +909,21 @@ def test_server_stop_string_mid_alarm_refuses_at_the_end(server):
         _check_row(out["choices"][0]["token_ids"], tr, want, ref["eos"], f"server stop {k}")
 
 
+def test_server_several_prompts_get_no_shared_state(server):
+    """A completion with a list of prompts has a choice per prompt, which would share one
+    published state: streamed, a 400 names it; not streamed, it passes with no trace (as
+    ``n > 1``). A list of token ids is one prompt."""
+    url, _ = server
+    body = {"model": "m", "prompt": PROMPTS[:2], "max_tokens": 4, "temperature": 0.0}
+    status, out = _post(url + "/v1/completions", {**body, "stream": True})
+    assert status == 400 and "several prompts" in json.dumps(out), out
+    status, out = _post(url + "/v1/completions", body)
+    assert status == 200 and len(out["choices"]) == 2, out
+    assert not any("safety" in c for c in out["choices"])
+    assert serving._several_choices({"prompt": [5, 6, 7]}) is None
+    assert serving._several_choices({"prompt": [[5, 6], [7]]}) == "several prompts"
+
+
 def test_server_stream_with_logprobs_is_400(server):
     url, _ = server
     status, out = _post(url + "/v1/chat/completions", _chat(PROMPTS[0], stream=True, logprobs=True))

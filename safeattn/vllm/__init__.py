@@ -109,7 +109,9 @@ def trace(request_id):
     """The trace of the request whose ``extra_args["safety"]["id"]`` was ``request_id``, as a
     one-row :class:`safeattn.SafetyOutput` (``trace(i)[0]`` is its :class:`safeattn.RowSafety`;
     ``safeattn.plot_trace`` reads it). In-process engines only
-    (``VLLM_ENABLE_V1_MULTIPROCESSING=0``); removes it from the registry."""
+    (``VLLM_ENABLE_V1_MULTIPROCESSING=0``); removes it from the registry. Read it once the
+    request has finished: one still mid-alarm then ended on a stop string (or was aborted),
+    and its trace refuses at its end, as HF's does."""
     from .logits import TRACES
 
     st = TRACES.pop(request_id, None)

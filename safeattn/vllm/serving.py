@@ -17,7 +17,7 @@ asks vLLM for each chunk's token ids (``return_token_ids``; it strips them befor
 counts them: a state that is behind the stream (a write failed) never releases the held
 tokens at the end, so a lost write withholds text rather than showing it.
 
-Every other completion request (``n = 1``) is tagged too (``vllm_xargs["safeattn_trace"]``):
+Every other completion request with one choice (``n = 1``, one prompt) is tagged too (``vllm_xargs["safeattn_trace"]``):
 its response gets the request's safety trace as ``choices[0]["safety"]`` (a streamed one, in
 its last chunk); :func:`trace_output` turns it into the ``SafetyOutput`` that
 ``safeattn.plot_trace`` reads.
@@ -25,9 +25,10 @@ its last chunk); :func:`trace_output` turns it into the ``SafetyOutput`` that
 The two meet in a folder both processes see (``$SAFEATTN_STREAM_DIR``, default a per-user
 folder under the temp dir): one host. A chunk's token is sampled after the state that covers
 its step was written, so the server never waits for the engine. Streamed requests cannot ask
-for ``logprobs``, ``token_ids``, ``echo``, ``tools`` or ``n > 1`` (they would show held tokens,
-or the stream could not be matched to one request's state): a 400 says so. A streamed chat
-chunk never carries the text fields of a reasoning or tool parser (:data:`UNGATED`).
+for ``logprobs``, ``token_ids``, ``echo``, ``tools``, ``n > 1`` or several prompts (they would
+show held tokens, or the stream could not be matched to one request's state): a 400 says so.
+A streamed chat chunk never carries the text fields of a reasoning or tool parser
+(:data:`UNGATED`).
 
 This module does not import vLLM (the middleware is plain ASGI).
 """
@@ -129,7 +130,7 @@ class StreamGate:
             return
         self.n = n
         if not self.hold_back:
-            return publish(self.key, {"trace": trace()})
+            return publish(self.key, {"n": n, "trace": trace()})
         self._keep(self.gate.put(list(output_ids[self.gate.n_put:n])))
         self._keep(self.gate.update(checked=checked, benign=benign, refused=refused,
                                     seen=n if seen is None else seen))
@@ -189,7 +190,7 @@ def end_trace(trace: dict, n_tokens: int) -> dict:
     sampling, out of the logits processor's reach, ended it) refuses at its end, as the HF
     decoder's rows do: ``refusal_step`` ``n_tokens``, its alarm at ``S_t``, nothing written
     after it."""
-    if trace.get("open_alarm") is None or trace.get("refusal_step") is not None:
+    if trace.get("open_alarm") is None:
         return trace
     return {**trace, "refusal_step": n_tokens, "alarm_step": trace["open_alarm"],
             "justification": "", "open_alarm": None}
@@ -282,10 +283,22 @@ def _error(message: str) -> bytes:
                                  "code": 400}}).encode()
 
 
-def _leaky_field(req: dict) -> str | None:
-    """The field of a streamed request that would show held tokens, or None."""
+def _several_choices(req: dict) -> str | None:
+    """What gives a request several choices, which would share one published state: ``n >
+    1``, or a completion's list of prompts (strings or token lists); None for one."""
     if req.get("n") not in (None, 1):
         return "n > 1"
+    prompt = req.get("prompt")
+    if isinstance(prompt, list) and len(prompt) > 1 and \
+            not all(isinstance(t, int) for t in prompt):
+        return "several prompts"
+    return None
+
+
+def _leaky_field(req: dict) -> str | None:
+    """The field of a streamed request that would show held tokens, or None."""
+    if (why := _several_choices(req)) is not None:
+        return why
     if req.get("tools") or req.get("functions"):
         return "tools"  # tool-call arguments stream outside the gated content
     for field in ("logprobs", "top_logprobs", "echo", "return_token_ids",
@@ -331,7 +344,7 @@ class SafeStreamMiddleware:
         if stream and (why := _leaky_field(req)) is not None:
             return await _send_400(send, f"safeattn: a streamed request cannot ask for {why} "
                                          f"(it would show tokens no safety check has cleared)")
-        if req.get("n") not in (None, 1):  # its choices would share one state: no trace
+        if _several_choices(req):  # its choices would share one state: no trace
             req["vllm_xargs"] = xargs or None
             return await self._forward(scope, req, receive, send)
         key = uuid.uuid4().hex
@@ -426,9 +439,11 @@ def _traced(send, key: str):
             return
         try:
             data = json.loads(body)
-            trace = (read(key) or {}).get("trace")
+            state = read(key) or {}
+            trace = state.get("trace")
             if trace is not None and data.get("choices"):
-                n = (data.get("usage") or {}).get("completion_tokens", len(trace["p"]))
+                # the state of step n is written before token n is sampled
+                n = (data.get("usage") or {}).get("completion_tokens", state.get("n", -1) + 1)
                 data["choices"][0]["safety"] = end_trace(trace, n)
                 body = json.dumps(data).encode()
         except (ValueError, AttributeError, TypeError):
