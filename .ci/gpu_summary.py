@@ -57,8 +57,12 @@ def bench(path: Path) -> dict | None:
         b = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    gen = [{"name": c["name"], "each": c["overhead"]["each"],
+            "ms": {k: c["profile"][k]["total_ms"] for k in ("plain", "each")},
+            "top_each": [f"{o['op']} {o['ms']:.1f} ms" for o in c["profile"]["each"]["top"][:4]]}
+           for c in b["cases"] if c.get("section") == "generate" and "profile" in c]
     return {"cases": len(b["cases"]), "not_run": b["not_run"], "targets": b["targets"],
-            "env": b["env"], "wall_s": b["wall_s"]}
+            "env": b["env"], "wall_s": b["wall_s"], "generate": gen}
 
 
 def env(gpu: bool) -> dict:
@@ -121,6 +125,9 @@ def card(s: dict) -> str:
         for t in b["targets"]:
             lines.append(f"    {t['target']}: worst {t['worst']:.3g} ({t['bound']}, n={t['n']}) "
                          f"-> {'met' if t['met'] else 'NOT met'}")
+        for g in b.get("generate", ()):  # where a safe step's time goes (one profiled call)
+            lines.append(f"    {g['name']}: each {g['each']:.2f}x; profiled {g['ms']['plain']:.1f}"
+                         f" -> {g['ms']['each']:.1f} ms; top: {', '.join(g['top_each'])}")
     lines.append(f"== {'PASSED' if s['passed'] else 'FAILED'} (summary.json in the output folder)")
     return "\n".join(lines)
 

@@ -28,13 +28,16 @@ listed under ``not_run``):
 - ``generate``: safe (``each``, ``annealing``) vs plain ``model.generate`` at batch 1 and 32 on
   random-weight models with the real Gemma-3-270M config and a 4-layer Llama-3-8B-shaped one,
   greedy, ``NEW_TOKENS`` tokens, threshold above 1 (nobody refuses); plus host syncs per step
-  (``torch.cuda.set_sync_debug_mode``: every synchronizing CUDA call warns once).
+  (``torch.cuda.set_sync_debug_mode``: every synchronizing CUDA call warns once), and one
+  profiled call of plain and of ``each`` (``profile``: the ops with the most GPU time, to
+  show where the safe steps' overhead goes).
 
 Sizing (at most 3.5 minutes of a 9-minute ``.ci/gpu_check`` on an H200; estimated, not yet
 run there): the ours/SDPA timings are milliseconds per case; the cost is FlexAttention's
 compile, a few to ~20 s per new shape, so Flex runs on 8 decode shapes, 12 prefill and 4
 backward cases. The generate section is 2 models x 2 batch sizes x 3 variants x 4 calls
-(1 counting syncs + 3 timed) of 48 tokens, ~0.5-1.5 s each with HF's per-step Python overhead.
+(1 counting syncs + 3 timed; + 2 profiled) of 48 tokens, ~0.5-1.5 s each with HF's per-step
+Python overhead.
 """
 from __future__ import annotations
 
@@ -365,6 +368,28 @@ def counting_syncs(fn) -> tuple:
     return out, sum("synchroniz" in str(x.message) for x in w)
 
 
+def top_ops(fn, cuda: bool, top: int = 8) -> dict:
+    """One ``fn()`` under torch.profiler -> its ``top`` ops by self time (the GPU's where it
+    runs, else the CPU's) and the total: where the time of a safe step goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    ev = prof.key_averages()
+    attr = "self_cpu_time_total"
+    if cuda:  # torch < 2.4 names it self_cuda_time_total
+        attr = next((a for a in ("self_device_time_total", "self_cuda_time_total")
+                     if all(hasattr(e, a) for e in ev)), attr)
+    ev = sorted((e for e in ev if getattr(e, attr) > 0), key=lambda e: getattr(e, attr),
+                reverse=True)
+    return {"time": attr, "total_ms": sum(getattr(e, attr) for e in ev) / 1e3,
+            "top": [{"op": e.key[:80], "ms": getattr(e, attr) / 1e3, "calls": e.count}
+                    for e in ev[:top]]}
+
+
 def generate_cases(ctx):
     """One entry per model: load it once, then every batch size (a list of records)."""
     for name, config in gen_models(ctx).items():
@@ -403,6 +428,8 @@ def generate_case(name, model, tok, b, ctx):
            "same_ids": {k: bool(torch.equal(outs[k], outs["plain"]))
                         for k in ("each", "annealing")},
            "syncs_per_step": {k: (None if n is None else n / new) for k, n in syncs.items()}}
+    with torch.inference_mode():
+        rec["profile"] = {k: top_ops(calls[k], ctx["cuda"]) for k in ("plain", "each")}
     return rec
 
 

@@ -165,3 +165,28 @@ def test_gpu_summary_reads_a_failed_run(tmp_path):
     assert (t["passed"], t["failures"], t["skipped"], t["failed"]) == (7, 1, 2, ["test_cuda::test_a"])
     assert s["sanitizer"]["memcheck"]["count"] == 3
     assert s["sanitizer"]["racecheck"]["count"] == 0
+
+
+def test_gpu_summary_shows_where_generate_time_goes(tmp_path):
+    """The card lists, per generate case, the profiled time of plain and ``each`` and the
+    ops that take most of ``each``'s (gpu_bench's ``profile`` of the dry run)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_summary", ROOT / ".ci" / "gpu_summary.py")
+    summ = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summ)
+    top = [{"op": f"op{i}", "ms": 5.0 - i, "calls": 1} for i in range(6)]
+    case = {"section": "generate", "name": "generate/m-B1", "overhead": {"each": 1.25},
+            "profile": {"plain": {"total_ms": 8.0, "top": top[2:]},
+                        "each": {"total_ms": 10.0, "top": top}}}
+    (tmp_path / "bench.json").write_text(json.dumps(
+        {"cases": [case, {"section": "decode", "name": "d"}], "not_run": [], "targets": [],
+         "env": {"copy_bw_GBps": 1.0}, "wall_s": 3.0}))
+    b = summ.bench(tmp_path / "bench.json")
+    assert b["generate"] == [{"name": "generate/m-B1", "each": 1.25,
+                              "ms": {"plain": 8.0, "each": 10.0},
+                              "top_each": ["op0 5.0 ms", "op1 4.0 ms", "op2 3.0 ms",
+                                           "op3 2.0 ms"]}]
+    text = summ.card({"env": {}, "gpu": True, "total_s": 1, "stages": [], "tests": {},
+                      "sanitizer": {}, "bench": b, "passed": True})
+    assert "generate/m-B1: each 1.25x; profiled 8.0 -> 10.0 ms; top: op0 5.0 ms" in text
