@@ -761,6 +761,7 @@ def build_samples(split: str = "train", *, benign_responses: Mapping[str, str] |
         random.Random(seed).shuffle(out)
     return out
 
+
 def _openers(benign, responses) -> list[dict]:
     """The benign rows that can open a conversation: answered (``responses[id]``) and at most
     :data:`CONTEXT_MAX_CHARS` characters long, sorted by id."""
