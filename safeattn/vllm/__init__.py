@@ -33,7 +33,8 @@ def register() -> None:
 
 
 def engine_kwargs(model_dir, *, safety_dir=None, safety: dict | None = None,
-                  request_overrides: bool = False, model_type: str | None = None) -> dict:
+                  request_overrides: bool = False, model_type: str | None = None,
+                  query_budget: int | None = None) -> dict:
     """Keyword arguments for ``vllm.LLM(model_dir, **kw)`` (merge your own over them).
 
     Args:
@@ -45,6 +46,8 @@ def engine_kwargs(model_dir, *, safety_dir=None, safety: dict | None = None,
             change the server's fields or switch the check off. ``False`` (default): every
             request gets the server's config; a request may give only its trace ``id``.
         model_type: overrides ``config.json``'s ``model_type``.
+        query_budget: how far back ``q_span`` takes earlier user turns of a chat request
+            that gives no ``q_span`` (default 256 tokens, ``build_inputs``'s own).
 
     A head with a query probe also reads the state of the last token before an assistant
     prefill in the forward that computes it: a prefix-cache hit would skip that token (the
@@ -64,6 +67,8 @@ def engine_kwargs(model_dir, *, safety_dir=None, safety: dict | None = None,
         opt["safety"] = dict(safety)
     if request_overrides:
         opt["request_overrides"] = True
+    if query_budget is not None:
+        opt["query_budget"] = query_budget
     kw = {"model": str(model_dir), "logits_processors": [PROCESSOR],
           "hf_overrides": {"architectures": [ARCHITECTURE[model_type]], "safeattn_vllm": opt}}
     cfg = Path(opt["safety_dir"]) / "safety_config.json"

@@ -35,6 +35,7 @@ from vllm.v1.sample.logits_processor import LogitsProcessor
 from .. import generation, ops, reference
 from ..generation import (MODE_NAMES, REFUSAL, Refusal, SafetyConfig, SafetyOutput,
                           recheck_ahead)
+from ..hf.template import QUERY_BUDGET
 from ..ops import BENIGN, TRANSITION
 from .models import bridge_for, options
 from .probe import Plan
@@ -258,20 +259,53 @@ def _force(logits: torch.Tensor, row: int, token: int) -> None:
 
 
 def _template_ids(tokenizer):
-    """(ids before, ids after) the user's text in a one-turn chat prompt, or None."""
+    """(ids before, ids after) the user's text in a one-turn chat prompt, and the ids between
+    an assistant turn's text and the next user turn's (empty if the template will not say),
+    or None."""
+    parts = _render_marked(tokenizer, ["user"])
+    if parts is None:
+        return None
+    enc = lambda t: tuple(tokenizer(t, add_special_tokens=False)["input_ids"])  # noqa: E731
+    turns = _render_marked(tokenizer, ["user", "assistant", "user"])
+    return enc(parts[0]), enc(parts[1]), enc(turns[2]) if turns else ()
+
+
+def _render_marked(tokenizer, roles) -> list[str] | None:
+    """A chat of one marked message per role, with the generation prompt, rendered and cut
+    at the marks (the text around and between the messages), or None."""
     if not getattr(tokenizer, "chat_template", None):
         return None
     mark = "\u2063SAFEATTN\u2063"
     try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": mark}], tokenize=False,
-                                             add_generation_prompt=True)
-    except Exception:  # noqa: BLE001 - a template that cannot render one user turn
+        text = tokenizer.apply_chat_template([{"role": r, "content": mark} for r in roles],
+                                             tokenize=False, add_generation_prompt=True)
+    except Exception:  # noqa: BLE001 - a template that cannot render these turns
         return None
-    if text.count(mark) != 1:
-        return None
-    a, b = text.split(mark)
-    enc = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
-    return tuple(enc(a)), tuple(enc(b))
+    return text.split(mark) if text.count(mark) == len(roles) else None
+
+
+def _user_span(ids: list[int], first: int, end: int, turn: list[int], budget: int) -> int:
+    """Where ``q_span`` starts in a chat prompt whose user text runs from ``first`` (the
+    first user turn) to ``end`` (the last generation prompt), as ``build_inputs`` takes it:
+    the latest user turn whole, earlier ones (each after a ``turn`` opening) as far back as
+    ``budget`` tokens in all, a turn that does not fit whole left out."""
+    starts = [first]
+    while turn and (i := _first_index(ids, turn, starts[-1], end)) is not None:
+        starts.append(i + len(turn))
+    qs = starts[-1]
+    for s in reversed(starts[:-1]):
+        if end - s > budget:
+            break
+        qs = s
+    return qs
+
+
+def _first_index(ids: list[int], sub: list[int], start: int, end: int) -> int | None:
+    """Where the first ``sub`` that lies inside ``ids[start:end]`` begins."""
+    for i in range(start, end - len(sub) + 1):
+        if ids[i] == sub[0] and ids[i:i + len(sub)] == sub:
+            return i
+    return None
 
 
 def _last_index(ids: list[int], sub: list[int], start: int) -> int | None:
@@ -430,6 +464,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
         if self.default is not None:
             parse_safety(self.default)  # a bad server option fails at start-up
         self.locked = self.default is not None and not opt.get("request_overrides", False)
+        self.query_budget = opt.get("query_budget", QUERY_BUDGET)
         self.max_len = mc.max_model_len
         self.states: dict[int, RequestSafety] = {}  # id(SamplingParams) -> state
         self.rows: dict[int, RequestSafety] = {}    # batch row -> state
@@ -470,19 +505,20 @@ class SafetyLogitsProcessor(LogitsProcessor):
 
     def _default_span(self, prompt_ids) -> tuple[int, int, int]:
         """``(q_span start, end, response_start)`` of a request that gives no ``q_span``.
-        A prompt in the chat template (a server's chat request): the user's text, from the
-        first user turn to the last generation prompt, and the response after it; text after
-        the last generation prompt (``continue_final_message``) is an assistant prefill when
-        it holds no turn of its own (no special token, no user-turn opening). Else the prompt
-        after BOS, and no prefill."""
+        A prompt in the chat template (a server's chat request): the user's text, as
+        ``build_inputs`` takes it (:func:`_user_span`), and the response after the last
+        generation prompt; text after it (``continue_final_message``) is an assistant prefill
+        when it holds no turn of its own (no special token, no user-turn opening). Else the
+        prompt after BOS, and no prefill."""
         if self._template is None:
-            self._template = _template_ids(self.tokenizer) or ((), ())
-        pre, suf = self._template
+            self._template = _template_ids(self.tokenizer) or ((), (), ())
+        pre, suf, turn = self._template
         ids, n = list(prompt_ids), len(prompt_ids)
         if pre and n > len(pre) + len(suf) and ids[:len(pre)] == list(pre):
             end = _last_index(ids, list(suf), len(pre) + 1)
             if end is not None and self._plain_text(ids[end + len(suf):]):
-                return len(pre), end, end + len(suf)
+                return _user_span(ids, len(pre), end, list(turn), self.query_budget), \
+                    end, end + len(suf)
         first = 1 if n > 1 and ids[0] == self.tokenizer.bos_token_id else 0
         return first, n, n
 

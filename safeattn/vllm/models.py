@@ -75,13 +75,16 @@ def options(hf_config) -> dict:
     opt = getattr(hf_config, OPTION, None) or {}
     if not isinstance(opt, dict):
         raise ValueError(f"{OPTION} must be a dict (hf_overrides), got {type(opt).__name__}")
-    known = ("safety_dir", "safety", "fold_probe", "request_overrides")
+    known = ("safety_dir", "safety", "fold_probe", "request_overrides", "query_budget")
     bad = set(opt) - set(known)
     if bad:
         raise ValueError(f"{OPTION}: unknown keys {sorted(bad)} (known: {', '.join(known)})")
     for key, default in (("fold_probe", True), ("request_overrides", False)):
         if not isinstance(opt.get(key, default), bool):
             raise ValueError(f"{OPTION}: {key} must be a bool")
+    budget = opt.get("query_budget", 0)
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 0:
+        raise ValueError(f"{OPTION}: query_budget must be an int >= 0, got {budget!r}")
     return opt
 
 

@@ -17,10 +17,10 @@ asks vLLM for each chunk's token ids (``return_token_ids``; it strips them befor
 counts them: a state that is behind the stream (a write failed) never releases the held
 tokens at the end, so a lost write withholds text rather than showing it.
 
-Every other completion request with one choice (``n = 1``, one prompt) is tagged too (``vllm_xargs["safeattn_trace"]``):
-its response gets the request's safety trace as ``choices[0]["safety"]`` (a streamed one, in
-its last chunk); :func:`trace_output` turns it into the ``SafetyOutput`` that
-``safeattn.plot_trace`` reads.
+Every other completion request with one choice (``n = 1``, one prompt) is tagged too
+(``vllm_xargs["safeattn_trace"]``): its response gets the request's safety trace as
+``choices[0]["safety"]`` (a streamed one, in its last chunk); :func:`trace_output` turns it
+into the ``SafetyOutput`` that ``safeattn.plot_trace`` reads.
 
 The two meet in a folder both processes see (``$SAFEATTN_STREAM_DIR``, default a per-user
 folder under the temp dir): one host. A chunk's token is sampled after the state that covers
