@@ -1,4 +1,5 @@
-"""Seeded interval layouts shared by the forward and backward kernel tests."""
+"""Seeded inputs and checks shared by the kernel tests of every device (forward and
+backward; ``device`` names where the tensors go)."""
 from __future__ import annotations
 
 import random
@@ -6,7 +7,13 @@ import zlib
 
 import torch
 
+import safeattn
 from safeattn import intervals as ivs
+from safeattn import reference as ref
+
+FWD_OP = torch.ops.safeattn.interval_attention_fwd.default
+BWD_OP = torch.ops.safeattn.interval_attention_bwd.default
+ATTN_OP = torch.ops.safeattn.interval_attention.default
 
 
 def seed_of(*args) -> int:
@@ -122,8 +129,6 @@ def assert_hidden_columns_get_no_gradient(q, k, v, iv, hidden):
     """The backward of ``safeattn.interval_attention`` with NaN / inf in the ``hidden``
     columns (no row sees them) equals the one with zeros there, finite, and gives those
     columns zero dk and dv."""
-    import safeattn
-
     k0, v0 = k.clone(), v.clone()
     k0[:, :, hidden] = 0
     v0[:, :, hidden] = 0
@@ -137,3 +142,73 @@ def assert_hidden_columns_get_no_gradient(q, k, v, iv, hidden):
         torch.testing.assert_close(g, g0)
     _, dk, dv = grads[0]
     assert (dk[:, :, hidden] == 0).all() and (dv[:, :, hidden] == 0).all()
+
+
+# ------------------------------------------------------------------------------ gradients
+def qkvg(g, b, hq, hkv, tq, tk, d, dtype, std=1.0, device="cpu"):
+    """``q [B,Hq,Tq,D]``, ``k``/``v [B,Hkv,Tk,D]`` and a grad_out like ``q``, drawn from
+    ``g`` (q and k scaled by ``std``) in ``dtype`` on ``device``."""
+    q = torch.randn(b, hq, tq, d, generator=g) * std
+    k = torch.randn(b, hkv, tk, d, generator=g) * std
+    v = torch.randn(b, hkv, tk, d, generator=g)
+    go = torch.randn(b, hq, tq, d, generator=g)
+    return tuple(t.to(device, dtype) for t in (q, k, v, go))
+
+
+def kernel_grads(q, k, v, go, iv, scale=None, softcap=None):
+    """dq, dk, dv through ``safeattn.interval_attention`` (the device's fwd + bwd kernels)."""
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = safeattn.interval_attention(*leaves, iv, scale=scale, softcap=softcap)
+    out.backward(go)
+    return [t.grad for t in leaves]
+
+
+def ref_grads(q, k, v, go, iv, scale=None, softcap=None, dtype=torch.float64):
+    """dq, dk, dv through the reference, computed in ``dtype``."""
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    ref.interval_attention(*leaves, iv, scale, softcap).backward(go.to(dtype))
+    return [t.grad for t in leaves]
+
+
+def assert_unseen_are_zero(grads, iv, tk):
+    """Rows that see nothing get dq = 0; keys that no row sees get dk = dv = 0, exactly."""
+    dq, dk, dv = grads
+    mask = ref.interval_mask(iv, tk)  # [B,Tq,Tk]
+    assert (dq.permute(0, 2, 1, 3)[~mask.any(-1)] == 0).all()
+    unseen = ~mask.any(1)  # [B,Tk]
+    assert (dk.permute(0, 2, 1, 3)[unseen] == 0).all()
+    assert (dv.permute(0, 2, 1, 3)[unseen] == 0).all()
+
+
+def grad_samples(device="cpu"):
+    """``((q, k, v, intervals), kwargs)`` for ``torch.library.opcheck`` of the ops with
+    gradients: GQA float32, bfloat16 with several ranges and softcap, float16 padded window."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v, _ = qkvg(g, 2, 4, 2, 5, 9, 64, torch.float32, device=device)
+    yield (q, k, v, ivs.causal(2, 5, 9, device=device)), {}
+    q, k, v, _ = qkvg(g, 1, 8, 1, 2, 200, 128, torch.bfloat16, device=device)
+    iv = torch.tensor([[[[0, 1], [3, 40], [150, 199]], [[0, 200], [0, 0], [7, 7]]]],
+                      dtype=torch.int32, device=device)
+    yield (q, k, v, iv), {"scale": 0.1, "softcap": 30.0}
+    q, k, v, _ = qkvg(g, 2, 2, 1, 7, 7, 64, torch.float16, device=device)
+    iv = ivs.causal(2, 7, 7, window=3, pad=torch.tensor([2, 0]), device=device)
+    yield (q, k, v, iv), {"softcap": 5.0}
+
+
+def opcheck_with_grad(op, i, device="cpu"):
+    """``opcheck`` of ``op`` (the fwd or the plain op) on :func:`grad_samples` ``[i]``, with
+    inputs that require grad."""
+    args, kwargs = list(grad_samples(device))[i]
+    args = tuple(x.requires_grad_() if x.is_floating_point() else x for x in args)
+    torch.library.opcheck(op, args, kwargs)
+
+
+def opcheck_bwd(device="cpu"):
+    """``opcheck`` of the backward op on every :func:`grad_samples` case."""
+    for (q, k, v, iv), kw in grad_samples(device):
+        scale, softcap = kw.get("scale"), kw.get("softcap")
+        out, lse = FWD_OP(q, k, v, iv, scale, softcap)
+        go = torch.randn_like(out)
+        torch.library.opcheck(BWD_OP, (go, q, k, v, out, lse, iv, scale, softcap),
+                              test_utils=("test_schema", "test_faketensor",
+                                          "test_aot_dispatch_dynamic"))

@@ -26,11 +26,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import safeattn
 from safeattn import intervals as ivs
 from safeattn import reference as ref
-from _cases import decode_intervals as _decode_intervals, random_intervals, seed_of
+from _cases import (ATTN_OP as attn_op, BWD_OP as bwd_op, FWD_OP as fwd_op,
+                    assert_unseen_are_zero, decode_intervals as _decode_intervals, kernel_grads,
+                    opcheck_bwd, opcheck_with_grad, qkvg, random_intervals, ref_grads, seed_of)
 
-fwd_op = torch.ops.safeattn.interval_attention_fwd.default
-bwd_op = torch.ops.safeattn.interval_attention_bwd.default
-attn_op = torch.ops.safeattn.interval_attention.default
 LOW = (torch.bfloat16, torch.float16)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -59,28 +58,6 @@ def num_threads(n):
         yield
     finally:
         torch.set_num_threads(old)
-
-
-def qkvg(g, b, hq, hkv, tq, tk, d, dtype, std=1.0):
-    q = (torch.randn(b, hq, tq, d, generator=g) * std).to(dtype)
-    k = (torch.randn(b, hkv, tk, d, generator=g) * std).to(dtype)
-    v = torch.randn(b, hkv, tk, d, generator=g).to(dtype)
-    go = torch.randn(b, hq, tq, d, generator=g).to(dtype)
-    return q, k, v, go
-
-
-def kernel_grads(q, k, v, go, iv, scale=None, softcap=None):
-    """dq, dk, dv through safeattn.interval_attention (fwd kernel + bwd kernel)."""
-    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    out = safeattn.interval_attention(*leaves, iv, scale=scale, softcap=softcap)
-    out.backward(go)
-    return [t.grad for t in leaves]
-
-
-def ref_grads(q, k, v, go, iv, scale=None, softcap=None, dtype=torch.float64):
-    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-    ref.interval_attention(*leaves, iv, scale, softcap).backward(go.to(dtype))
-    return [t.grad for t in leaves]
 
 
 ERRS: dict = {}  # dtype -> max error seen (reported by test_report_max_errors)
@@ -115,17 +92,6 @@ def assert_grads_match(q, k, v, go, iv, scale=None, softcap=None, grads=None):
         assert err <= bound, (f"{q.dtype} d{name}: max|g-ref32| = {err:.3g} > "
                               f"2*max|ref_low-ref32| + floor = {bound:.3g}")
     return grads
-
-
-def assert_unseen_are_zero(grads, iv, tk):
-    """Rows that see nothing get dq = 0; keys that no row sees get dk = dv = 0, exactly."""
-    dq, dk, dv = grads
-    mask = ref.interval_mask(iv, tk)  # [B,Tq,Tk]
-    empty_rows = ~mask.any(-1)
-    assert (dq.permute(0, 2, 1, 3)[empty_rows] == 0).all()
-    unseen = ~mask.any(1)  # [B,Tk]
-    assert (dk.permute(0, 2, 1, 3)[unseen] == 0).all()
-    assert (dv.permute(0, 2, 1, 3)[unseen] == 0).all()
 
 
 # ------------------------------------------------------------------- the oracle's sanity
@@ -384,34 +350,14 @@ def test_backward_on_device_without_kernel_says_so(monkeypatch):
 
 
 # ---------------------------------------------------------------------------- opcheck
-def _grad_samples():
-    g = torch.Generator().manual_seed(0)
-    q, k, v, _ = qkvg(g, 2, 4, 2, 5, 9, 64, torch.float32)
-    yield (q, k, v, ivs.causal(2, 5, 9)), {}
-    q, k, v, _ = qkvg(g, 1, 8, 1, 2, 200, 128, torch.bfloat16)
-    iv = torch.tensor([[[[0, 1], [3, 40], [150, 199]], [[0, 200], [0, 0], [7, 7]]]],
-                      dtype=torch.int32)
-    yield (q, k, v, iv), {"scale": 0.1, "softcap": 30.0}
-    q, k, v, _ = qkvg(g, 2, 2, 1, 7, 7, 64, torch.float16)
-    yield (q, k, v, ivs.causal(2, 7, 7, window=3, pad=torch.tensor([2, 0]))), {"softcap": 5.0}
-
-
 @pytest.mark.parametrize("op", [fwd_op, attn_op], ids=["fwd", "plain"])
 @pytest.mark.parametrize("i", range(3))
 def test_opcheck_with_grad(op, i):
-    args, kwargs = list(_grad_samples())[i]
-    args = tuple(x.requires_grad_() if x.is_floating_point() else x for x in args)
-    torch.library.opcheck(op, args, kwargs)
+    opcheck_with_grad(op, i)
 
 
 def test_opcheck_bwd():
-    for (q, k, v, iv), kw in _grad_samples():
-        scale, softcap = kw.get("scale"), kw.get("softcap")
-        out, lse = fwd_op(q, k, v, iv, scale, softcap)
-        go = torch.randn_like(out)
-        torch.library.opcheck(bwd_op, (go, q, k, v, out, lse, iv, scale, softcap),
-                              test_utils=("test_schema", "test_faketensor",
-                                          "test_aot_dispatch_dynamic"))
+    opcheck_bwd()
 
 
 # ----------------------------------------------------------------------- torch.compile

@@ -8,9 +8,9 @@ floor). Rows that see no key must be exact zeros.
 """
 from __future__ import annotations
 
+import functools
 import math
 import random
-import zlib
 
 import pytest
 import torch
@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import _cases
 import safeattn
+from _cases import assert_unseen_are_zero, kernel_grads, ref_grads, seed_of
 from safeattn import intervals as ivs
 from safeattn import reference as ref
 from safeattn.ops import BENIGN, MALICIOUS, TRANSITION
@@ -43,10 +44,6 @@ def _no_tf32():
 
 
 # --------------------------------------------------------------------------------- helpers
-def seed_of(*args) -> int:
-    return zlib.crc32(repr(args).encode())
-
-
 def qkv(g, b, hq, hkv, tq, tk, d, dtype, std=1.0):
     q = torch.randn(b, hq, tq, d, generator=g) * std
     k = torch.randn(b, hkv, tk, d, generator=g) * std
@@ -643,9 +640,7 @@ def test_safety_step_empty_batch():
 # ------------------------------------------------------------------ training: forward lse
 # interval_attention_fwd (out + row log-sum-exp) and interval_attention_bwd against the
 # reference, over the shape grid of the CPU backward tests (test_backward.py).
-fwd_op = torch.ops.safeattn.interval_attention_fwd.default
-bwd_op = torch.ops.safeattn.interval_attention_bwd.default
-attn_op = torch.ops.safeattn.interval_attention.default
+fwd_op, bwd_op, attn_op = _cases.FWD_OP, _cases.BWD_OP, _cases.ATTN_OP
 
 
 def test_cuda_training_kernels_are_registered():
@@ -718,26 +713,7 @@ def test_fwd_lse_empty_shapes(dtype):
 
 
 # ---------------------------------------------------------------- training: gradients
-def qkvg(g, b, hq, hkv, tq, tk, d, dtype, std=1.0):
-    q, k, v = qkv(g, b, hq, hkv, tq, tk, d, dtype, std)
-    go = torch.randn(b, hq, tq, d, generator=g).to(DEV, dtype)
-    return q, k, v, go
-
-
-def kernel_grads(q, k, v, go, iv, scale=None, softcap=None):
-    """dq, dk, dv through safeattn.interval_attention (CUDA fwd + bwd kernels)."""
-    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    out = safeattn.interval_attention(*leaves, iv, scale=scale, softcap=softcap)
-    out.backward(go)
-    return [t.grad for t in leaves]
-
-
-def ref_grads(q, k, v, go, iv, scale=None, softcap=None, dtype=torch.float64):
-    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-    ref.interval_attention(*leaves, iv, scale, softcap).backward(go.to(dtype))
-    return [t.grad for t in leaves]
-
-
+qkvg = functools.partial(_cases.qkvg, device=DEV)
 def assert_grads_match(q, k, v, go, iv, scale=None, softcap=None, grads=None):
     """float32: max|g - ref64| <= 1e-4 * s per gradient, s = max(max|ref|, 10% of the largest
     gradient's max) (a gradient that is 0 in theory still carries fp32 noise). bfloat16/float16:
@@ -765,16 +741,6 @@ def assert_grads_match(q, k, v, go, iv, scale=None, softcap=None, grads=None):
             bound += torch.finfo(q.dtype).eps * s
         assert err <= bound, f"{q.dtype} d{name}: max|g-ref| = {err:.3g} > {bound:.3g}"
     return grads
-
-
-def assert_unseen_are_zero(grads, iv, tk):
-    """Rows that see nothing get dq = 0; keys that no row sees get dk = dv = 0, exactly."""
-    dq, dk, dv = grads
-    mask = ref.interval_mask(iv, tk)  # [B,Tq,Tk]
-    assert (dq.permute(0, 2, 1, 3)[~mask.any(-1)] == 0).all()
-    unseen = ~mask.any(1)  # [B,Tk]
-    assert (dk.permute(0, 2, 1, 3)[unseen] == 0).all()
-    assert (dv.permute(0, 2, 1, 3)[unseen] == 0).all()
 
 
 def _bwd_prefill_cases():
@@ -970,35 +936,14 @@ def test_bwd_argument_errors():
 
 
 # ------------------------------------------------------------- training: opcheck, end to end
-def _grad_samples():
-    g = torch.Generator().manual_seed(0)
-    q, k, v, _ = qkvg(g, 2, 4, 2, 5, 9, 64, torch.float32)
-    yield (q, k, v, ivs.causal(2, 5, 9, device=DEV)), {}
-    q, k, v, _ = qkvg(g, 1, 8, 1, 2, 200, 128, torch.bfloat16)
-    iv = torch.tensor([[[[0, 1], [3, 40], [150, 199]], [[0, 200], [0, 0], [7, 7]]]],
-                      dtype=torch.int32, device=DEV)
-    yield (q, k, v, iv), {"scale": 0.1, "softcap": 30.0}
-    q, k, v, _ = qkvg(g, 2, 2, 1, 7, 7, 64, torch.float16)
-    yield (q, k, v, ivs.causal(2, 7, 7, window=3, pad=torch.tensor([2, 0]), device=DEV)), {
-        "softcap": 5.0}
-
-
 @pytest.mark.parametrize("op", [fwd_op, attn_op], ids=["fwd", "plain"])
 @pytest.mark.parametrize("i", range(3))
 def test_opcheck_with_grad(op, i):
-    args, kwargs = list(_grad_samples())[i]
-    args = tuple(x.requires_grad_() if x.is_floating_point() else x for x in args)
-    torch.library.opcheck(op, args, kwargs)
+    _cases.opcheck_with_grad(op, i, DEV)
 
 
 def test_opcheck_bwd():
-    for (q, k, v, iv), kw in _grad_samples():
-        scale, softcap = kw.get("scale"), kw.get("softcap")
-        out, lse = fwd_op(q, k, v, iv, scale, softcap)
-        go = torch.randn_like(out)
-        torch.library.opcheck(bwd_op, (go, q, k, v, out, lse, iv, scale, softcap),
-                              test_utils=("test_schema", "test_faketensor",
-                                          "test_aot_dispatch_dynamic"))
+    _cases.opcheck_bwd(DEV)
 
 
 def test_end_to_end_training_step():
