@@ -8,7 +8,10 @@ processor then runs the state machine on them and forces the refusal prefix.
 An eager engine carries the probe rows through the main forward's layers
 (:class:`~safeattn.vllm.probe.FoldedProbe`); a compiled one, or ``fold_probe: false`` in the
 ``safeattn_vllm`` option, runs them in a pass of their own after it
-(:meth:`~safeattn.vllm.probe.ProbeRunner.run`). Both compute the same rows.
+(:meth:`~safeattn.vllm.probe.ProbeRunner.run`). Both compute the same rows. Folding changes
+how many rows the shared matmuls take, so in bf16 a token row may round differently (measured
+on a CPU without AMX at batch 1, as vLLM's own batching can); the separate pass leaves the
+token rows as a plain engine computes them.
 """
 from __future__ import annotations
 
