@@ -73,6 +73,35 @@ def test_refusal_scores_by_hand():
     assert torch.allclose(refusal_scores(p, tau=1)[:4], torch.tensor([0.99, 0.9, 0.99, 0.97]))
 
 
+def test_a_hit_on_the_last_allowed_token_refuses_on_its_own():
+    """The check that chooses the last token of the budget cannot be followed by another, so
+    one hit there refuses (a row does not end mid-alarm): by hand, then against the decoder."""
+    p = torch.tensor([[0.1, 0.9, 0.8, 0.95, 0.1, 0.99, NAN],    # the last check: 0.99
+                      [0.1, 0.9, 0.8, 0.95, NAN, NAN, NAN]])    # ended sooner: runs only
+    assert torch.allclose(refusal_scores(p, tau=3, max_new_tokens=6), torch.tensor([0.99, 0.8]))
+    assert torch.allclose(refusal_scores(p, tau=3, max_new_tokens=7), torch.tensor([0.8, 0.8]))
+    assert torch.allclose(refusal_scores(p, 3, max_new_tokens=30), refusal_scores(p, 3))
+    s0, sr = split_scores(p, 3, max_new_tokens=6)
+    assert torch.allclose(sr, torch.tensor([0.99, 0.8]))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        refusal_scores(p, tau=3, max_new_tokens=0)
+
+    model, tok = _patched()
+    new, tau = 5, 3
+    trace = safeattn.generate(model, tok, PROMPTS, max_new_tokens=new, do_sample=False,
+                              safety=safeattn.SafetyConfig(tau=tau, threshold=1.5),
+                              return_dict_in_generate=True).safety.p
+    runs, scores = refusal_scores(trace, tau), refusal_scores(trace, tau, max_new_tokens=new)
+    gained = [i for i in range(len(PROMPTS)) if scores[i] > runs[i]]
+    assert gained, "no row whose last check outscores its runs: pick other weights"
+    for i in gained:
+        theta = (float(scores[i]) + float(runs[i])) / 2
+        out = safeattn.generate(model, tok, PROMPTS, max_new_tokens=new, do_sample=False,
+                                safety=safeattn.SafetyConfig(tau=tau, threshold=theta),
+                                return_dict_in_generate=True)
+        assert out.safety.refused[i] and out.safety.refusal_step[i] == new - 1
+
+
 def test_pick_threshold_allows_at_most_the_target_share():
     scores = torch.tensor([0.1, 0.95, 0.3, 0.8, -math.inf, 0.5, 0.99, 0.2, 0.6, 0.7])
     for fpr in (0.0, 0.1, 0.2, 0.25, 0.5):

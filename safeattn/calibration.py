@@ -4,7 +4,8 @@ A row refuses when its prefill ``p_0 >= θ``, or once ``τ`` consecutive decodin
 give ``p >= θ``. Decoding the validation prompts once with θ above 1 (nothing refuses, so
 every row decodes its plain text) gives each row's check trace, and its
 :func:`refusal_scores`: the larger of ``p_0`` and the highest, over runs of ``τ`` consecutive
-checks, of the lowest ``p`` in the run. The row refuses at θ iff its score is ``>= θ`` as
+checks, of the lowest ``p`` in the run, and of the check that chooses the last token allowed
+(a hit there cannot be cleared). The row refuses at θ iff its score is ``>= θ`` as
 long as the decoder sees what the trace saw: exact for ``p_0`` and up to the first alarm;
 after it the decoder's transition window (Rule 3) sees other tokens than the trace's Rule-2
 window, so the θ that
@@ -45,21 +46,30 @@ __all__ = ["refusal_scores", "split_scores", "pick_threshold", "pick_thresholds"
            "pick_refusal_prefix", "is_benign_set"]
 
 
-def refusal_scores(p: torch.Tensor, tau: int) -> torch.Tensor:
+def refusal_scores(p: torch.Tensor, tau: int, max_new_tokens: int | None = None) -> torch.Tensor:
     """``p [B, T+1]`` (a safe ``generate``'s ``out.safety.p``: ``nan`` where no check ran) ->
     ``[B]`` float32: per row, the largest θ at which the row refuses. The prefill's ``p_0``
     refuses on its own (``p_0 >= θ``); a decoding-time alarm needs ``τ`` consecutive checks
-    ``>= θ`` (reference ``safety_step``). ``-inf``: nothing can make the row refuse."""
+    ``>= θ`` (reference ``safety_step``). ``-inf``: nothing can make the row refuse.
+
+    ``max_new_tokens`` (the trace's token budget): a check that chooses the last token (it
+    sees ``max_new_tokens - 1``) refuses on its own: no check can follow a hit there, and a
+    row does not end mid-alarm (``safeattn.generation``)."""
     if p.dim() != 2:
         raise ValueError(f"p must be [B, T+1], got shape {tuple(p.shape)}")
     if tau < 1:
         raise ValueError(f"tau must be >= 1, got {tau}")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     p = p.float().cpu()
     out = torch.where(p[:, 0].isnan(), -math.inf, p[:, 0])
     for i, row in enumerate(p[:, 1:]):
         checks = row[~row.isnan()]
         if len(checks) >= tau:
             out[i] = max(out[i], checks.unfold(0, tau, 1).amin(-1).max())
+    if max_new_tokens is not None and 1 < max_new_tokens <= p.shape[1]:
+        last = p[:, max_new_tokens - 1]  # (a trace whose rows all ended sooner is shorter)
+        out = torch.where(last.isnan(), out, torch.maximum(out, last))
     return out
 
 
@@ -111,14 +121,16 @@ def pick_thresholds(benign_p0: torch.Tensor, benign_checks: torch.Tensor,
     return _theta_above(b0[clear], k - int((~clear).sum()), ceiling=theta), theta
 
 
-def split_scores(p: torch.Tensor, tau: int) -> tuple[torch.Tensor, torch.Tensor]:
+def split_scores(p: torch.Tensor, tau: int,
+                 max_new_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``p [B, T+1]`` (as :func:`refusal_scores`) -> ``(p_0 [B], decoding score [B])``: the
     prefill's ``p_0`` (``-inf`` where none) and :func:`refusal_scores` of the decoding-time
-    checks alone; their larger is ``refusal_scores(p, tau)``."""
+    checks alone; their larger is ``refusal_scores(p, tau, max_new_tokens)``."""
     p = p.float().cpu()
     checks = p.clone()
     checks[:, 0] = math.nan
-    return torch.where(p[:, 0].isnan(), -math.inf, p[:, 0]), refusal_scores(checks, tau)
+    return (torch.where(p[:, 0].isnan(), -math.inf, p[:, 0]),
+            refusal_scores(checks, tau, max_new_tokens))
 
 
 def _benign(scores: torch.Tensor, target_fpr: float) -> torch.Tensor:
@@ -250,9 +262,9 @@ def calibrate(model, tokenizer, rows: Mapping[str, Sequence[Mapping]], *, target
 
     def operating_point(tau):
         """-> (query θ, θ, [N] refuses at them by the trace, [N] p_0, [N] refusal score)."""
-        s0, sr = split_scores(p, tau)
+        s0, sr = split_scores(p, tau, max_new_tokens)
         sr = torch.where(failed, math.inf, sr)
-        s = torch.maximum(s0, sr)  # refusal_scores(p, tau)
+        s = torch.maximum(s0, sr)  # refusal_scores(p, tau, max_new_tokens)
         if split_thresholds:
             q, th = pick_thresholds(s0[benign], sr[benign], target_fpr,
                                     threshold=keep_threshold)
