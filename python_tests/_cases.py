@@ -50,10 +50,15 @@ def random_intervals(rng: random.Random, b, tq, tk, ni, p_empty_row=0.15) -> tor
     return out
 
 
-def decode_intervals(rng, g, layout, b, tq, tk):
+def decode_intervals(rng, g, layout, b, tq, tk, ni=None):
+    """``[B,Tq,NI,2]`` decode intervals of a ``layout``: ``causal`` (padded rows), ``window``
+    (a sliding window), ``probe`` (a token row and a probe row) or random (``ni`` ranges a
+    row, by default 1 to 4)."""
     if layout == "causal" or tk < 4:
         pad = torch.randint(0, max(1, tk // 4), (b,), generator=g)
         return ivs.causal(b, tq, tk, pad=pad)
+    if layout == "window":
+        return ivs.causal(b, tq, tk, window=rng.choice((16, 100, 513)))
     if layout == "probe":
         # Row 0: the new token (causal, not the probe column); row 1: the probe, which sees
         # [CLS] (column 0), a query span, a response window and itself (the last column).
@@ -68,7 +73,7 @@ def decode_intervals(rng, g, layout, b, tq, tk):
             if tq == 2:
                 out[bi, 1] = torch.tensor([[0, 1], [qs, qe], [ws, we], [tk - 1, tk]])
         return out
-    return random_intervals(rng, b, tq, tk, rng.randint(1, 4))
+    return random_intervals(rng, b, tq, tk, rng.randint(1, 4) if ni is None else ni)
 
 
 def nan_cases():

@@ -84,25 +84,7 @@ def run_and_check(q, k, v, iv, scale=None, softcap=None):
 
 
 def random_intervals(rng: random.Random, b, tq, tk, ni, p_empty_row=0.15) -> torch.Tensor:
-    """[B,Tq,NI,2] int32 with empty, overlapping, duplicated and full ranges mixed in."""
-    out = torch.zeros(b, tq, ni, 2, dtype=torch.int32)
-    for bi in range(b):
-        for t in range(tq):
-            empty_row = rng.random() < p_empty_row
-            for i in range(ni):
-                kind = rng.random()
-                if empty_row or kind < 0.2:
-                    s = rng.randint(0, tk)
-                    e = s  # empty
-                elif kind < 0.3:
-                    s, e = 0, tk  # everything
-                elif kind < 0.4 and i > 0:
-                    s, e = (int(x) for x in out[bi, t, i - 1])  # duplicate
-                else:
-                    s = rng.randint(0, tk)
-                    e = rng.randint(s, tk)
-                out[bi, t, i] = torch.tensor([s, e])
-    return out.to(DEV)
+    return _cases.random_intervals(rng, b, tq, tk, ni, p_empty_row).to(DEV)
 
 
 def prefill_intervals(rng, g, layout, b, t):
@@ -117,26 +99,7 @@ def prefill_intervals(rng, g, layout, b, t):
 
 
 def decode_intervals(rng, g, layout, b, tq, tk):
-    if layout == "causal" or tk < 4:
-        pad = torch.randint(0, max(1, tk // 4), (b,), generator=g)
-        return ivs.causal(b, tq, tk, pad=pad, device=DEV)
-    if layout == "window":
-        return ivs.causal(b, tq, tk, window=rng.choice((16, 100, 513)), device=DEV)
-    if layout == "probe":
-        # Row 0: the new token (causal, not the probe column); row 1: the probe, which sees
-        # [CLS] (column 0), a query span, a response window and itself (the last column).
-        out = torch.zeros(b, tq, 4, 2, dtype=torch.int32)
-        for bi in range(b):
-            pad = rng.randint(0, 3)
-            qs = rng.randint(pad + 1, tk // 3)
-            qe = rng.randint(qs, tk // 2)
-            ws = rng.randint(qe, tk - 1)
-            we = rng.randint(ws, tk - 1)
-            out[bi, 0, 0] = torch.tensor([pad, tk - 1 if tq == 2 else tk])
-            if tq == 2:
-                out[bi, 1] = torch.tensor([[0, 1], [qs, qe], [ws, we], [tk - 1, tk]])
-        return out.to(DEV)
-    return random_intervals(rng, b, tq, tk, 3)
+    return _cases.decode_intervals(rng, g, layout, b, tq, tk, ni=3).to(DEV)
 
 
 def test_cuda_kernels_are_registered():
