@@ -158,7 +158,7 @@ def outside_rows(name: str = "strongreject", path: str | os.PathLike | None = No
     import csv
     import importlib.util
 
-    from .data import harmful_rows, load
+    from .data import harmful_rows, normalize, prompt_index
 
     if name not in OUTSIDE:
         raise EvalError(f"unknown outside set {name!r}: expected one of {sorted(OUTSIDE)}")
@@ -173,14 +173,10 @@ def outside_rows(name: str = "strongreject", path: str | os.PathLike | None = No
     if rows and not {"category", "source", "forbidden_prompt"} <= set(rows[0]):
         raise EvalError(f"{path}: expected the columns category, source, forbidden_prompt")
 
-    def norm(text):
-        return " ".join(text.lower().split())
-
-    shared = {norm(r["prompt"]) for n in ("advbench", "xstest_unsafe", "benign")
-              for r in load(n)}
-    shared |= {norm(r["prompt"]) for r in harmful_rows(("pyrit_objectives",))}
-    kept = [r for r in rows
-            if r["source"].lower() != "advbench" and norm(r["forbidden_prompt"]) not in shared]
+    shared = set(prompt_index()) | {normalize(r["prompt"])
+                                    for r in harmful_rows(("pyrit_objectives",))}
+    kept = [r for r in rows if r["source"].lower() != "advbench"
+            and normalize(r["forbidden_prompt"]) not in shared]
     return [{"id": f"{name}-{i}", "prompt": r["forbidden_prompt"], "label": "harmful",
              "target": None, "category": r["category"], "source": r["source"]}
             for i, r in enumerate(kept)]
