@@ -7,6 +7,7 @@ level of the CPU kernels (AVX512, AVX2 or DEFAULT; detected from the build host)
 """
 import glob
 import os
+import pathlib
 import platform
 
 from setuptools import find_packages, setup
@@ -88,12 +89,33 @@ def extensions():
 
 
 def _link_args():
-    """Link libstdc++ as the shared library torch itself uses, even where the toolchain adds
-    -static-libstdc++ (the H200 image did): a private static copy has its own locale state,
-    and formatting an integer into a TORCH_CHECK message then crashed or printed nothing. An
-    explicit -lstdc++ resolves every std:: symbol before the driver's static archive is read.
+    """Link the shared libstdc++ that torch itself loaded. On the H200 image the compiler
+    (/opt/gcc) ships only a static libstdc++.a and the system's unversioned libstdc++.so is
+    absent, so a plain -lstdc++ took the archive: a private copy with its own locale state,
+    and every TORCH_CHECK that formats an integer crashed the process. Naming the loaded
+    libstdc++.so.6 by file cannot pick an archive.
     """
-    return ["-fopenmp"] + (["-lstdc++"] if platform.system() == "Linux" else [])
+    if platform.system() != "Linux":
+        return ["-fopenmp"]
+    loaded = _loaded_libstdcxx()
+    if loaded is None:
+        return ["-fopenmp", "-lstdc++"]
+    return ["-fopenmp", f"-L{loaded.parent}", "-Wl,-Bdynamic", f"-l:{loaded.name}"]
+
+
+def _loaded_libstdcxx():
+    """The libstdc++.so.6 mapped into this process (importing torch maps it), by the name
+    the linker should look for: libstdc++.so.6 where that link sits beside the mapped file."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "/libstdc++.so.6" in line}
+    except OSError:
+        return None
+    if not paths:
+        return None
+    mapped = pathlib.Path(min(paths))
+    link = mapped.with_name("libstdc++.so.6")
+    return link if link.exists() else mapped
 
 
 def _cuda_include_extra():

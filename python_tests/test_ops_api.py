@@ -272,8 +272,8 @@ def test_safety_step_failed_checks_leave_state_untouched():
 @pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("readelf") is None,
                     reason="reads the ELF dynamic section with readelf")
 def test_extension_links_the_shared_libstdcxx():
-    """A static libstdc++ copy inside _C broke every TORCH_CHECK message with a number in it
-    (on the H200 image, where the toolchain added -static-libstdc++)."""
+    """A static libstdc++ copy inside _C crashed every TORCH_CHECK message with a number in it
+    (on the H200 image, whose compiler ships only libstdc++.a; see setup.py's _link_args)."""
     lib = importlib.util.find_spec("safeattn._C").origin
     dynamic = subprocess.run(["readelf", "-d", lib], capture_output=True, text=True,
                              check=True).stdout
