@@ -160,6 +160,26 @@ def qkvg(g, b, hq, hkv, tq, tk, d, dtype, std=1.0, device="cpu"):
     return tuple(t.to(device, dtype) for t in (q, k, v, go))
 
 
+def random_bwd_case(seed, dtypes, device="cpu"):
+    """A backward case from ``seed``: overlapping, duplicated, unordered and empty ranges,
+    rows that see nothing (row 0 of batch 0 always), GQA ratios 1-8, head dims 64-256,
+    Tq != Tk, with or without softcap. Returns ``(q, k, v, grad_out, intervals, softcap)``."""
+    rng = random.Random(4000 + seed)
+    g = torch.Generator().manual_seed(seed)
+    b = rng.randint(1, 3)
+    ratio = (1, 2, 4, 8)[seed % 4]
+    hkv = rng.choice((1, 2))
+    d = (64, 128, 256)[seed % 3]
+    tq = rng.choice((1, 2, 7, 40, 70))
+    tk = rng.choice((1, 9, 64, 65, 200))
+    dtype = dtypes[seed % len(dtypes)]
+    softcap = (None, 3.0)[seed % 2]
+    q, k, v, go = qkvg(g, b, hkv * ratio, hkv, tq, tk, d, dtype, device=device)
+    iv = random_intervals(rng, b, tq, tk, rng.randint(1, 4), p_empty_row=0.25)
+    iv[0, 0] = 0
+    return q, k, v, go, iv.to(device), softcap
+
+
 def kernel_grads(q, k, v, go, iv, scale=None, softcap=None):
     """dq, dk, dv through ``safeattn.interval_attention`` (the device's fwd + bwd kernels)."""
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]

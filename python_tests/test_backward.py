@@ -28,7 +28,8 @@ from safeattn import intervals as ivs
 from safeattn import reference as ref
 from _cases import (ATTN_OP as attn_op, BWD_OP as bwd_op, FWD_OP as fwd_op,
                     assert_unseen_are_zero, decode_intervals as _decode_intervals, kernel_grads,
-                    opcheck_bwd, opcheck_with_grad, qkvg, random_intervals, ref_grads, seed_of)
+                    opcheck_bwd, opcheck_with_grad, qkvg, random_bwd_case, random_intervals,
+                    ref_grads, seed_of)
 
 LOW = (torch.bfloat16, torch.float16)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -177,22 +178,10 @@ def test_decode(b, hq, hkv, tq, tk, d, dtype, layout, mode):
 @pytest.mark.parametrize("seed", range(8))
 def test_random_intervals(seed):
     """Overlapping, duplicated, unordered and empty ranges; rows that see nothing."""
-    rng = random.Random(4000 + seed)
-    g = torch.Generator().manual_seed(seed)
-    b = rng.randint(1, 3)
-    ratio = (1, 2, 4, 8)[seed % 4]
-    hkv = rng.choice((1, 2))
-    d = (64, 128, 256)[seed % 3]
-    tq = rng.choice((1, 2, 7, 40, 70))
-    tk = rng.choice((1, 9, 64, 65, 200))
-    dtype = DTYPES[seed % 3]
-    softcap = (None, 3.0)[seed % 2]
-    q, k, v, go = qkvg(g, b, hkv * ratio, hkv, tq, tk, d, dtype)
-    iv = random_intervals(rng, b, tq, tk, rng.randint(1, 4), p_empty_row=0.25)
-    iv[0, 0] = 0  # at least one row sees nothing
+    q, k, v, go, iv, softcap = random_bwd_case(seed, DTYPES)
     with bwd_mode(seed % 2):
         grads = assert_grads_match(q, k, v, go, iv, softcap=softcap)
-    assert_unseen_are_zero(grads, iv, tk)
+    assert_unseen_are_zero(grads, iv, k.shape[2])
 
 
 @pytest.mark.parametrize("softcap,scale", [(None, 0.01), (None, 0.5), (1.0, None),
