@@ -496,6 +496,27 @@ def test_cli_eval_errors_before_loading(argv, msg, capsys):
     assert msg in capsys.readouterr().err
 
 
+def test_cli_eval_safety_dir(tmp_path, monkeypatch, capsys):
+    """--safety swaps the shipped head of a named model for a trained one; it makes no sense
+    with a saved model directory, which carries its own head."""
+    import safeattn.models
+    seen = []
+
+    def fake_load_default(name, dtype=None, *, cache_dir=None, safety_dir=None):
+        seen.append((name, safety_dir))
+        return _patched()
+
+    monkeypatch.setattr(safeattn.models, "load_default", fake_load_default)
+    data = _write(tmp_path, [json.dumps(r) for r in ROWS])
+    head = str(tmp_path / "head")
+    assert main(["eval", "--model", "smollm2-135m-instruct", "--safety", head, "--data", data,
+                 "--mode", "safe", "--max-new-tokens", "2", "--json", "-"]) == 0
+    assert seen == [("smollm2-135m-instruct", head)]
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match="--safety goes with a shipped --model"):
+        main(["eval", "--model", str(tmp_path), "--safety", head, "--data", data])
+
+
 def test_cli_eval_bad_model_dir(tmp_path):
     with pytest.raises(SystemExit, match="--model"):
         main(["eval", "--model", str(tmp_path / "missing"), "--limit", "1"])
@@ -505,7 +526,8 @@ def test_cli_help_explains_every_flag(capsys):
     with pytest.raises(SystemExit):
         main(["eval", "--help"])
     text = capsys.readouterr().out
-    for flag in ("--model", "--data", "--attack", "--mode", "--schedule", "--max-new-tokens",
+    for flag in ("--model", "--safety", "--data", "--attack", "--mode", "--schedule",
+                 "--max-new-tokens",
                  "--limit", "--batch-size", "--json", "--plots", "--benign-attacks",
                  "--response-tokens", "--response-steps"):
         assert flag in text

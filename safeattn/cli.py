@@ -21,17 +21,20 @@ def _device(name: str | None) -> str:
     return name
 
 
-def _load_model(spec: str, device: str | None = None):
+def _load_model(spec: str, device: str | None = None, safety: str | None = None):
     import torch
 
     from .models import _ALIASES, MODELS
     if spec in MODELS or spec in _ALIASES:
         from .models import load_default
-        model, tok = load_default(spec)
+        model, tok = load_default(spec, safety_dir=safety)
         return model.to(_device(device)), tok
     from pathlib import Path
 
     from .hf.persist import from_pretrained
+    if safety is not None:
+        raise SystemExit(f"safeattn: --safety goes with a shipped --model ({', '.join(MODELS)}); "
+                         f"{spec!r} is not one")
     if not Path(spec).is_dir():
         raise SystemExit(f"safeattn: --model {spec!r}: expected 'default', "
                          f"{', '.join(MODELS)} or a directory saved with save_pretrained from a "
@@ -91,7 +94,7 @@ def _eval(args: argparse.Namespace) -> int:
             print(f"safeattn eval: error: {flag} {path}: the directory does not exist",
                   file=sys.stderr)
             return 2
-    model, tok = _load_model(args.model, args.device)
+    model, tok = _load_model(args.model, args.device, args.safety)
     try:
         report = ev.evaluate(model, tok, rows, attacks=attacks, modes=modes, safety=safety,
                              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
@@ -166,6 +169,9 @@ def _add_eval(sub) -> None:
                    help="'default' (Gemma-3-270M + the shipped head), 'smollm2-135m-instruct' "
                         "(the chat model + its head) or a directory saved with save_pretrained "
                         "from a patched model")
+    p.add_argument("--safety", default=None,
+                   help="directory of save_safety files (e.g. a 'safeattn train' OUT) to use "
+                        "with a shipped --model instead of its shipped head")
     p.add_argument("--device", default="auto",
                    help="'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:N'")
     p.add_argument("--data", default="test",
