@@ -527,9 +527,8 @@ def test_cli_help_explains_every_flag(capsys):
         main(["eval", "--help"])
     text = capsys.readouterr().out
     for flag in ("--model", "--safety", "--data", "--attack", "--mode", "--schedule",
-                 "--max-new-tokens",
-                 "--limit", "--batch-size", "--json", "--plots", "--benign-attacks",
-                 "--response-tokens", "--response-steps"):
+                 "--max-new-tokens", "--limit", "--batch-size", "--json", "--plots",
+                 "--benign-attacks", "--response-tokens", "--response-steps"):
         assert flag in text
     for cmd in ("demo", "train", "bench"):
         with pytest.raises(SystemExit):
