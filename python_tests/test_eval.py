@@ -488,6 +488,7 @@ def test_merge_reports(tmp_path, capsys):
     (["--schedule", "each", "--tau", "0"], "tau"),
     (["--prefill-stride", "-1"], "SafetyConfig.prefill_stride"),
     (["--json", "/nonexistent/dir/r.json"], "--json /nonexistent/dir/r.json"),
+    (["--safety", "/nonexistent/head"], "--safety /nonexistent/head: no safety_config.json"),
 ])
 def test_cli_eval_errors_before_loading(argv, msg, capsys):
     # --model points nowhere: the input is checked first, so the model is never loaded
@@ -508,7 +509,10 @@ def test_cli_eval_safety_dir(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(safeattn.models, "load_default", fake_load_default)
     data = _write(tmp_path, [json.dumps(r) for r in ROWS])
-    head = str(tmp_path / "head")
+    head = tmp_path / "head"
+    head.mkdir()
+    (head / "safety_config.json").write_text("{}")
+    head = str(head)
     assert main(["eval", "--model", "smollm2-135m-instruct", "--safety", head, "--data", data,
                  "--mode", "safe", "--max-new-tokens", "2", "--json", "-"]) == 0
     assert seen == [("smollm2-135m-instruct", head)]

@@ -94,6 +94,10 @@ def _eval(args: argparse.Namespace) -> int:
             print(f"safeattn eval: error: {flag} {path}: the directory does not exist",
                   file=sys.stderr)
             return 2
+    if args.safety and not (Path(args.safety) / "safety_config.json").is_file():
+        print(f"safeattn eval: error: --safety {args.safety}: no safety_config.json there "
+              "(expected the files that 'safeattn train --out' writes)", file=sys.stderr)
+        return 2
     model, tok = _load_model(args.model, args.device, args.safety)
     try:
         report = ev.evaluate(model, tok, rows, attacks=attacks, modes=modes, safety=safety,
