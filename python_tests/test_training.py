@@ -326,7 +326,8 @@ DDP_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     import torch
     from transformers import TrainingArguments
-    from safeattn.training import SafetyDataCollator, SafetyDataset, SafetyTrainer, prepare_model
+    from safeattn.training import (SafetyDataCollator, SafetyDataset, SafetyTrainer,
+                                   _end_process_group, prepare_model)
     from _hf_tiny import tiny_model, tiny_tokenizer
     from test_training import toy_samples
 
@@ -347,8 +348,7 @@ DDP_SCRIPT = textwrap.dedent("""
     losses = [x["loss"] for x in tr.state.log_history if "loss" in x]
     json.dump({{"sha": h.hexdigest(), "losses": losses,
                "world": tr.args.world_size}}, open(os.path.join(out, f"rank{{rank}}.json"), "w"))
-    # without this, gloo's threads can abort the interpreter at exit ("terminate called ...")
-    torch.distributed.destroy_process_group()
+    _end_process_group()
 """)
 
 
