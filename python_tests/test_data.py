@@ -496,6 +496,29 @@ def test_cache_responses_generates_and_resumes(tiny, tmp_path):
         model.generate = orig
 
 
+def test_cli_responses(tiny, tmp_path, monkeypatch, capsys):
+    """`safeattn responses` caches the model's answers to one split of the shared prompts."""
+    import safeattn.models
+    from safeattn.cli import main
+    from safeattn.data.samples import harmful_rows, select
+
+    model, tok = tiny
+    loaded = []
+    monkeypatch.setattr(safeattn.models, "load_base",
+                        lambda name, **kw: loaded.append(name) or (model, tok))
+    out = str(tmp_path / "harmful.jsonl")
+    argv = ["responses", "--model", "smollm2-135m-instruct", "--data", "harmful",
+            "--split", "val", "--val-fraction", "0.15", "--limit", "3", "--max-new-tokens", "3",
+            "--out", out, "--quiet", "--device", "cpu"]
+    assert main(argv) == 0
+    want = [r["id"] for r in select(harmful_rows(), "val", val_fraction=0.15)[:3]]
+    assert sorted(D.load_responses(out)) == sorted(want) and loaded == ["smollm2-135m-instruct"]
+    assert f"3 harmful val responses in {out}" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["responses", "--data", "harmful", "--out", out, "--max-new-tokens", "0"])
+    assert "--max-new-tokens: must be an integer >= 1" in capsys.readouterr().err
+
+
 def test_cache_responses_prefill_and_errors(tiny, tmp_path):
     model, tok = tiny
     rows = [{"id": "a", "prompt": "how do i bake bread"}]

@@ -367,6 +367,58 @@ def _add_calibrate(sub) -> None:
     p.set_defaults(func=_calibrate)
 
 
+def _responses(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from .data import cache_responses
+    from .data.samples import benign_rows, harmful_rows, select
+    from .models import load_base
+
+    rows = select(benign_rows() if args.data == "benign" else harmful_rows(), args.split,
+                  val_fraction=args.val_fraction)
+    rows = [{"id": r["id"], "prompt": r["prompt"]} for r in rows][:args.limit]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = load_base(name=args.model)
+    model.to(_device(args.device))
+    t = time.time()
+    out = cache_responses(model, tok, rows, args.out, max_new_tokens=args.max_new_tokens,
+                          batch_size=args.batch_size, progress=not args.quiet)
+    print(f"{len(out)} {args.data} {args.split} responses in {args.out} "
+          f"({time.time() - t:.0f}s)")
+    return 0
+
+
+def _add_responses(sub) -> None:
+    from .data.samples import SPLITS
+    from .training_args import positive_int
+    p = sub.add_parser(
+        "responses", help="cache a shipped model's own greedy answers to the shared prompts",
+        description="Generate the model's greedy answers (its chat template, if any) to the "
+                    "shared benign or harmful prompts of one split, and append them to OUT "
+                    "(JSON Lines, safeattn.data.cache_responses): the files that safeattn "
+                    "train takes as --benign-responses and --harmful-responses. A rerun with "
+                    "the same OUT resumes: rows already there are not generated again.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m-instruct", help="the shipped model's name")
+    p.add_argument("--data", required=True, choices=("benign", "harmful"),
+                   help="the shared benign prompts, or every harmful source's prompts")
+    p.add_argument("--split", default="all", choices=SPLITS,
+                   help="which rows (safeattn.data.samples.select)")
+    p.add_argument("--val-fraction", type=float, default=0.0,
+                   help="the validation band, for --split val / fit")
+    p.add_argument("--out", required=True, help="the JSON Lines file to write or resume")
+    p.add_argument("--max-new-tokens", type=positive_int, default=40, help="tokens per answer")
+    p.add_argument("--limit", type=positive_int, default=None, help="only the first N rows")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: default)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_responses)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="safeattn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -397,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     train.set_defaults(func=_train)
     _add_eval(sub)
     _add_calibrate(sub)
+    _add_responses(sub)
     bench = sub.add_parser(
         "bench", help="run the benchmark suite (source checkout) and print its table",
         description="Runs `python -m pytest bench` (pytest-benchmark; ratios against the "
