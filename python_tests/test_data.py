@@ -517,6 +517,10 @@ def test_cli_responses(tiny, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         main(["responses", "--data", "harmful", "--out", out, "--max-new-tokens", "0"])
     assert "--max-new-tokens: must be an integer >= 1" in capsys.readouterr().err
+    assert main(["responses", "--data", "benign", "--split", "val", "--out", out]) == 2
+    assert "--split val needs --val-fraction" in capsys.readouterr().err
+    assert main(["responses", "--model", "nope", "--data", "benign", "--out", out]) == 2
+    assert "nope" in capsys.readouterr().err
 
 
 def test_cache_responses_prefill_and_errors(tiny, tmp_path):

@@ -374,8 +374,12 @@ def _responses(args: argparse.Namespace) -> int:
 
     from .data import cache_responses
     from .data.samples import benign_rows, harmful_rows, select
-    from .models import load_base
+    from .models import _ALIASES, MODELS, load_base
 
+    if args.model not in MODELS and args.model not in _ALIASES:
+        raise ValueError(f"--model {args.model!r}: expected one of {', '.join(MODELS)}")
+    if args.split == "val" and not args.val_fraction:
+        raise ValueError("--split val needs --val-fraction: the band safeattn train held out")
     rows = select(benign_rows() if args.data == "benign" else harmful_rows(), args.split,
                   val_fraction=args.val_fraction)
     rows = [{"id": r["id"], "prompt": r["prompt"]} for r in rows][:args.limit]
