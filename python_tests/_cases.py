@@ -195,6 +195,101 @@ def ref_grads(q, k, v, go, iv, scale=None, softcap=None, dtype=torch.float64):
     return [t.grad for t in leaves]
 
 
+def assert_grads_match(q, k, v, go, iv, scale=None, softcap=None, grads=None, *,
+                       eps_floor=False, errs=None):
+    """The kernel's dq, dk, dv (``grads``, else :func:`kernel_grads`) against the reference ->
+    ``grads``. float32: ``max|g - ref64| <= 1e-4 * s`` per gradient, ``s = max(max|ref|, 10% of
+    the largest gradient's max)`` (a gradient that is 0 in theory, e.g. dq of a row seeing one
+    key, still carries fp32 cancellation noise). bfloat16/float16, the flash-attention rule:
+    ``max|g - ref32| <= 2 * max|ref_low - ref32| + 1e-4 * s`` (``ref_low``: autograd through the
+    reference in the low dtype itself, same rounded inputs and grad_out).
+
+    ``eps_floor`` adds one rounding unit at the gradient's scale to the low-precision bound
+    (``eps(dtype) * s``; FlashAttention's tests add a similar floor): the CUDA kernels compute
+    Delta = rowsum(dO * out) from the saved low-precision out, and with a handful of rows
+    ``max|ref_low - ref32|`` can come out smaller than that rounding. ``errs`` (dtype -> worst
+    ``err / s``) records the errors seen."""
+    grads = grads if grads is not None else kernel_grads(q, k, v, go, iv, scale, softcap)
+    for name, g, x in zip("qkv", grads, (q, k, v)):
+        assert g.shape == x.shape and g.dtype == x.dtype and g.device == x.device, name
+        assert torch.isfinite(g).all(), f"d{name} has non-finite values"
+    low = q.dtype != torch.float32
+    refs = ref_grads(q, k, v, go, iv, scale, softcap, torch.float32 if low else torch.float64)
+    rlow = ref_grads(q, k, v, go, iv, scale, softcap, q.dtype) if low else refs
+    mx = [r.abs().max().item() if r.numel() else 0.0 for r in refs]
+    for name, g, r, lo, m in zip("qkv", grads, refs, rlow, mx):
+        if not g.numel():
+            continue
+        s = max(m, 0.1 * max(mx), 1e-30)
+        err = (g.double() - r.double()).abs().max().item()
+        bound = 1e-4 * s
+        if low:
+            bound += 2 * (lo.double() - r.double()).abs().max().item()
+            if eps_floor:
+                bound += torch.finfo(q.dtype).eps * s
+        if errs is not None:
+            errs[q.dtype] = max(errs.get(q.dtype, 0.0), err / s)
+        assert err <= bound, f"{q.dtype} d{name}: max|g-ref| = {err:.3g} > {bound:.3g}"
+    return grads
+
+
+def bwd_prefill_shapes():
+    """The seeded shapes of the backward prefill sweeps (test_backward on CPU, test_cuda):
+    ``(b, hq, hkv, t, d, window, pad, softcap, scale)``."""
+    rng = random.Random(20250601)
+    for ratio in (1, 2, 4, 8):
+        for d in (64, 128, 256):
+            b = rng.randint(1, 3)
+            hkv = rng.choice((1, 2)) if ratio < 8 else 1
+            t = rng.choice((1, 5, 33, 64, 97, 130))
+            window = rng.choice((None, None, 1, 16, 50))
+            pad = rng.choice((None, "rand"))
+            softcap, scale = rng.choice(((None, None), (None, None), (20.0, None),
+                                         (None, 0.3), (5.0, 0.1)))
+            yield b, hkv * ratio, hkv, t, d, window, pad, softcap, scale
+
+
+def bwd_prefill_id(b, hq, hkv, t, d, dtype, window, pad, softcap, scale) -> str:
+    return (f"b{b}-hq{hq}-hkv{hkv}-t{t}-d{d}-{str(dtype)[6:]}-w{window}-{pad}-cap{softcap}-"
+            f"s{scale}")
+
+
+def bwd_prefill_inputs(b, hq, hkv, t, d, dtype, window, pad, softcap, device="cpu"):
+    """``(q, k, v, grad_out, intervals)`` of a :func:`bwd_prefill_shapes` case: causal, with a
+    sliding ``window`` and (``pad``) random left padding."""
+    g = torch.Generator().manual_seed(seed_of(b, hq, hkv, t, d, window, pad, softcap))
+    q, k, v, go = qkvg(g, b, hq, hkv, t, t, d, dtype, device=device)
+    padt = None
+    if pad:  # left padding: padded rows see nothing, padded keys are seen by no row
+        padt = torch.randint(0, max(1, t // 2) + 1, (b,), generator=g)
+        padt[0] = min(t, 3)
+    return q, k, v, go, ivs.causal(b, t, t, window=window, pad=padt, device=device)
+
+
+def bwd_decode_shapes():
+    """The seeded shapes of the backward decode sweeps: ``(b, hq, hkv, tq, tk, d, layout)``."""
+    rng = random.Random(77)
+    for i, (ratio, d) in enumerate([(1, 64), (2, 128), (4, 256), (8, 64), (1, 256), (4, 128),
+                                    (8, 128), (2, 64)]):
+        tq = 1 + i % 2
+        b = rng.randint(1, 3)
+        hkv = rng.choice((1, 2)) if ratio < 8 else 1
+        tk = rng.choice((3, 130, 300, 513))
+        yield b, hkv * ratio, hkv, tq, tk, d, ("causal", "probe", "random")[i % 3]
+
+
+def bwd_decode_id(b, hq, hkv, tq, tk, d, dtype, layout) -> str:
+    return f"b{b}-hq{hq}-hkv{hkv}-tq{tq}-tk{tk}-d{d}-{str(dtype)[6:]}-{layout}"
+
+
+def bwd_decode_inputs(b, hq, hkv, tq, tk, d, dtype, layout, device="cpu"):
+    """``(q, k, v, grad_out, intervals)`` of a :func:`bwd_decode_shapes` case."""
+    rng = random.Random(seed_of(b, hq, tq, tk, d, layout))
+    g = torch.Generator().manual_seed(rng.randrange(2**31))
+    q, k, v, go = qkvg(g, b, hq, hkv, tq, tk, d, dtype, device=device)
+    return q, k, v, go, decode_intervals(rng, g, layout, b, tq, tk).to(device)
+
+
 def assert_unseen_are_zero(grads, iv, tk):
     """Rows that see nothing get dq = 0; keys that no row sees get dk = dv = 0, exactly."""
     dq, dk, dv = grads

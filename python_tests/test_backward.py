@@ -13,6 +13,7 @@ Tolerances:
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import random
 import subprocess
@@ -23,13 +24,13 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import _cases
 import safeattn
 from safeattn import intervals as ivs
 from safeattn import reference as ref
 from _cases import (ATTN_OP as attn_op, BWD_OP as bwd_op, FWD_OP as fwd_op,
-                    assert_unseen_are_zero, decode_intervals as _decode_intervals, kernel_grads,
-                    opcheck_bwd, opcheck_with_grad, qkvg, random_bwd_case, random_intervals,
-                    ref_grads, seed_of)
+                    assert_unseen_are_zero, kernel_grads, opcheck_bwd, opcheck_with_grad, qkvg,
+                    random_bwd_case, random_intervals, ref_grads)
 
 LOW = (torch.bfloat16, torch.float16)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -64,35 +65,7 @@ def num_threads(n):
 ERRS: dict = {}  # dtype -> max error seen (reported by test_report_max_errors)
 
 
-def assert_grads_match(q, k, v, go, iv, scale=None, softcap=None, grads=None):
-    grads = grads if grads is not None else kernel_grads(q, k, v, go, iv, scale, softcap)
-    for name, g, x in zip("qkv", grads, (q, k, v)):
-        assert g.shape == x.shape and g.dtype == x.dtype, name
-        assert torch.isfinite(g).all(), f"d{name} has non-finite values"
-    if q.dtype == torch.float32:
-        refs = ref_grads(q, k, v, go, iv, scale, softcap)
-        mx = [r.abs().max().item() if r.numel() else 0.0 for r in refs]
-        for name, g, r, m in zip("qkv", grads, refs, mx):
-            # A gradient that is exactly 0 in theory (a row that sees one key) still carries
-            # fp32 cancellation noise, so its scale is at least 10% of the largest gradient.
-            s = max(m, 0.1 * max(mx), 1e-30)
-            err = (g.double() - r).abs().max().item() if g.numel() else 0.0
-            ERRS[q.dtype] = max(ERRS.get(q.dtype, 0.0), err / s)
-            assert err <= 1e-4 * s, f"d{name}: max|g-ref| = {err:.3g} > 1e-4 * {s:.3g}"
-        return grads
-    r32 = ref_grads(q, k, v, go, iv, scale, softcap, torch.float32)
-    rlow = ref_grads(q, k, v, go, iv, scale, softcap, q.dtype)
-    mx = [r.abs().max().item() if r.numel() else 0.0 for r in r32]
-    for name, g, a, lo, m in zip("qkv", grads, r32, rlow, mx):
-        if not g.numel():
-            continue
-        s = max(m, 0.1 * max(mx), 1e-30)
-        err = (g.float() - a).abs().max().item()
-        bound = 2 * (lo.float() - a).abs().max().item() + 1e-4 * s  # floor: the fp32 tolerance
-        ERRS[q.dtype] = max(ERRS.get(q.dtype, 0.0), err / s)
-        assert err <= bound, (f"{q.dtype} d{name}: max|g-ref32| = {err:.3g} > "
-                              f"2*max|ref_low-ref32| + floor = {bound:.3g}")
-    return grads
+assert_grads_match = functools.partial(_cases.assert_grads_match, errs=ERRS)
 
 
 # ------------------------------------------------------------------- the oracle's sanity
@@ -109,37 +82,21 @@ def test_gradcheck_reference(softcap, scale):
 
 # ------------------------------------------------------------------- seeded sweep: prefill
 def _prefill_cases():
-    rng = random.Random(20250601)
     cases = []
-    i = 0
-    for ratio in (1, 2, 4, 8):
-        for d in (64, 128, 256):
-            b = rng.randint(1, 3)
-            hkv = rng.choice((1, 2)) if ratio < 8 else 1
-            t = rng.choice((1, 5, 33, 64, 97, 130))
-            window = rng.choice((None, None, 1, 16, 50))
-            pad = rng.choice((None, "rand"))
-            softcap, scale = rng.choice(((None, None), (None, None), (20.0, None),
-                                         (None, 0.3), (5.0, 0.1)))
-            dtype = torch.float32 if i % 3 else LOW[(i // 3) % 2]
-            mode = i % 2
-            cases.append(pytest.param(
-                b, hkv * ratio, hkv, t, d, dtype, window, pad, softcap, scale, mode,
-                id=f"b{b}-hq{hkv * ratio}-hkv{hkv}-t{t}-d{d}-{str(dtype)[6:]}-w{window}-"
-                   f"{pad}-cap{softcap}-s{scale}-{'fused' if mode else 'split'}"))
-            i += 1
+    for i, (b, hq, hkv, t, d, window, pad, softcap, scale) in enumerate(
+            _cases.bwd_prefill_shapes()):
+        dtype = torch.float32 if i % 3 else LOW[(i // 3) % 2]
+        mode = i % 2
+        cases.append(pytest.param(
+            b, hq, hkv, t, d, dtype, window, pad, softcap, scale, mode,
+            id=_cases.bwd_prefill_id(b, hq, hkv, t, d, dtype, window, pad, softcap, scale)
+            + ("-fused" if mode else "-split")))
     return cases
 
 
 @pytest.mark.parametrize("b,hq,hkv,t,d,dtype,window,pad,softcap,scale,mode", _prefill_cases())
 def test_prefill_causal(b, hq, hkv, t, d, dtype, window, pad, softcap, scale, mode):
-    g = torch.Generator().manual_seed(seed_of(b, hq, hkv, t, d, window, pad, softcap))
-    q, k, v, go = qkvg(g, b, hq, hkv, t, t, d, dtype)
-    padt = None
-    if pad:  # left padding: padded rows see nothing, padded keys are seen by no row
-        padt = torch.randint(0, max(1, t // 2) + 1, (b,), generator=g)
-        padt[0] = min(t, 3)
-    iv = ivs.causal(b, t, t, window=window, pad=padt)
+    q, k, v, go, iv = _cases.bwd_prefill_inputs(b, hq, hkv, t, d, dtype, window, pad, softcap)
     with bwd_mode(mode):
         grads = assert_grads_match(q, k, v, go, iv, scale, softcap)
     assert_unseen_are_zero(grads, iv, t)
@@ -147,28 +104,17 @@ def test_prefill_causal(b, hq, hkv, t, d, dtype, window, pad, softcap, scale, mo
 
 # -------------------------------------------------------------------- seeded sweep: decode
 def _decode_cases():
-    rng = random.Random(77)
     cases = []
-    for i, (ratio, d) in enumerate([(1, 64), (2, 128), (4, 256), (8, 64), (1, 256), (4, 128),
-                                    (8, 128), (2, 64)]):
-        tq = 1 + i % 2
-        b = rng.randint(1, 3)
-        hkv = rng.choice((1, 2)) if ratio < 8 else 1
-        tk = rng.choice((3, 130, 300, 513))
+    for i, (b, hq, hkv, tq, tk, d, layout) in enumerate(_cases.bwd_decode_shapes()):
         dtype = torch.float32 if i % 4 else LOW[(i // 4) % 2]
-        layout = ("causal", "probe", "random")[i % 3]
-        cases.append(pytest.param(b, hkv * ratio, hkv, tq, tk, d, dtype, layout, i % 2,
-                                  id=f"b{b}-hq{hkv * ratio}-hkv{hkv}-tq{tq}-tk{tk}-d{d}-"
-                                     f"{str(dtype)[6:]}-{layout}"))
+        cases.append(pytest.param(b, hq, hkv, tq, tk, d, dtype, layout, i % 2,
+                                  id=_cases.bwd_decode_id(b, hq, hkv, tq, tk, d, dtype, layout)))
     return cases
 
 
 @pytest.mark.parametrize("b,hq,hkv,tq,tk,d,dtype,layout,mode", _decode_cases())
 def test_decode(b, hq, hkv, tq, tk, d, dtype, layout, mode):
-    rng = random.Random(seed_of(b, hq, tq, tk, d, layout))
-    g = torch.Generator().manual_seed(rng.randrange(2**31))
-    q, k, v, go = qkvg(g, b, hq, hkv, tq, tk, d, dtype)
-    iv = _decode_intervals(rng, g, layout, b, tq, tk)
+    q, k, v, go, iv = _cases.bwd_decode_inputs(b, hq, hkv, tq, tk, d, dtype, layout)
     with bwd_mode(mode):
         grads = assert_grads_match(q, k, v, go, iv)
     assert_unseen_are_zero(grads, iv, tk)

@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import _cases
 import safeattn
-from _cases import assert_unseen_are_zero, kernel_grads, ref_grads, seed_of
+from _cases import assert_unseen_are_zero, kernel_grads, seed_of
 from safeattn import intervals as ivs
 from safeattn import reference as ref
 from safeattn.ops import BENIGN, MALICIOUS, TRANSITION
@@ -677,93 +677,34 @@ def test_fwd_lse_empty_shapes(dtype):
 
 # ---------------------------------------------------------------- training: gradients
 qkvg = functools.partial(_cases.qkvg, device=DEV)
-def assert_grads_match(q, k, v, go, iv, scale=None, softcap=None, grads=None):
-    """float32: max|g - ref64| <= 1e-4 * s per gradient, s = max(max|ref|, 10% of the largest
-    gradient's max) (a gradient that is 0 in theory still carries fp32 noise). bfloat16/float16:
-    max|g - ref32| <= 2 * max|ref_low - ref32| + eps(dtype) * s + 1e-4 * s (ref_low: autograd
-    through the reference in the low dtype itself, same rounded inputs and grad_out). The
-    eps term, one rounding unit at the gradient's scale (FlashAttention's tests add a similar
-    floor), covers tiny shapes: Delta = rowsum(dO * out) uses the saved low-precision out, and
-    with a handful of rows max|ref_low - ref32| can come out smaller than that rounding."""
-    grads = grads if grads is not None else kernel_grads(q, k, v, go, iv, scale, softcap)
-    for name, g, x in zip("qkv", grads, (q, k, v)):
-        assert g.shape == x.shape and g.dtype == x.dtype and g.device == x.device, name
-        assert torch.isfinite(g).all(), f"d{name} has non-finite values"
-    low = q.dtype != torch.float32
-    refs = ref_grads(q, k, v, go, iv, scale, softcap, torch.float32 if low else torch.float64)
-    rlow = ref_grads(q, k, v, go, iv, scale, softcap, q.dtype) if low else refs
-    mx = [r.abs().max().item() if r.numel() else 0.0 for r in refs]
-    for name, g, r, lo, m in zip("qkv", grads, refs, rlow, mx):
-        if not g.numel():
-            continue
-        s = max(m, 0.1 * max(mx), 1e-30)
-        err = (g.double() - r.double()).abs().max().item()
-        bound = 1e-4 * s
-        if low:
-            bound += 2 * (lo.double() - r.double()).abs().max().item()
-            bound += torch.finfo(q.dtype).eps * s
-        assert err <= bound, f"{q.dtype} d{name}: max|g-ref| = {err:.3g} > {bound:.3g}"
-    return grads
+assert_grads_match = functools.partial(_cases.assert_grads_match, eps_floor=True)
 
 
 def _bwd_prefill_cases():
-    """The shapes of test_backward._prefill_cases (same seed), each in every dtype."""
-    rng = random.Random(20250601)
-    cases = []
-    for ratio in (1, 2, 4, 8):
-        for d in (64, 128, 256):
-            b = rng.randint(1, 3)
-            hkv = rng.choice((1, 2)) if ratio < 8 else 1
-            t = rng.choice((1, 5, 33, 64, 97, 130))
-            window = rng.choice((None, None, 1, 16, 50))
-            pad = rng.choice((None, "rand"))
-            softcap, scale = rng.choice(((None, None), (None, None), (20.0, None),
-                                         (None, 0.3), (5.0, 0.1)))
-            for dtype in DTYPES:
-                cases.append(pytest.param(
-                    b, hkv * ratio, hkv, t, d, dtype, window, pad, softcap, scale,
-                    id=f"b{b}-hq{hkv * ratio}-hkv{hkv}-t{t}-d{d}-{str(dtype)[6:]}-w{window}-"
-                       f"{pad}-cap{softcap}-s{scale}"))
-    return cases
+    """The shapes of test_backward's prefill sweep, each in every dtype."""
+    return [pytest.param(*shape[:5], dtype, *shape[5:],
+                         id=_cases.bwd_prefill_id(*shape[:5], dtype, *shape[5:]))
+            for shape in _cases.bwd_prefill_shapes() for dtype in DTYPES]
 
 
 @pytest.mark.parametrize("b,hq,hkv,t,d,dtype,window,pad,softcap,scale", _bwd_prefill_cases())
 def test_bwd_prefill_causal(b, hq, hkv, t, d, dtype, window, pad, softcap, scale):
-    g = torch.Generator().manual_seed(seed_of(b, hq, hkv, t, d, window, pad, softcap))
-    q, k, v, go = qkvg(g, b, hq, hkv, t, t, d, dtype)
-    padt = None
-    if pad:  # left padding: padded rows see nothing, padded keys are seen by no row
-        padt = torch.randint(0, max(1, t // 2) + 1, (b,), generator=g)
-        padt[0] = min(t, 3)
-    iv = ivs.causal(b, t, t, window=window, pad=padt, device=DEV)
+    q, k, v, go, iv = _cases.bwd_prefill_inputs(b, hq, hkv, t, d, dtype, window, pad, softcap,
+                                                device=DEV)
     grads = assert_grads_match(q, k, v, go, iv, scale, softcap)
     assert_unseen_are_zero(grads, iv, t)
 
 
 def _bwd_decode_cases():
-    """The shapes of test_backward._decode_cases (same seed), each in every dtype."""
-    rng = random.Random(77)
-    cases = []
-    for i, (ratio, d) in enumerate([(1, 64), (2, 128), (4, 256), (8, 64), (1, 256), (4, 128),
-                                    (8, 128), (2, 64)]):
-        tq = 1 + i % 2
-        b = rng.randint(1, 3)
-        hkv = rng.choice((1, 2)) if ratio < 8 else 1
-        tk = rng.choice((3, 130, 300, 513))
-        layout = ("causal", "probe", "random")[i % 3]
-        for dtype in DTYPES:
-            cases.append(pytest.param(b, hkv * ratio, hkv, tq, tk, d, dtype, layout,
-                                      id=f"b{b}-hq{hkv * ratio}-hkv{hkv}-tq{tq}-tk{tk}-d{d}-"
-                                         f"{str(dtype)[6:]}-{layout}"))
-    return cases
+    """The shapes of test_backward's decode sweep, each in every dtype."""
+    return [pytest.param(*shape[:6], dtype, shape[6],
+                         id=_cases.bwd_decode_id(*shape[:6], dtype, shape[6]))
+            for shape in _cases.bwd_decode_shapes() for dtype in DTYPES]
 
 
 @pytest.mark.parametrize("b,hq,hkv,tq,tk,d,dtype,layout", _bwd_decode_cases())
 def test_bwd_decode(b, hq, hkv, tq, tk, d, dtype, layout):
-    rng = random.Random(seed_of(b, hq, tq, tk, d, layout))
-    g = torch.Generator().manual_seed(rng.randrange(2**31))
-    q, k, v, go = qkvg(g, b, hq, hkv, tq, tk, d, dtype)
-    iv = _cases.decode_intervals(rng, g, layout, b, tq, tk).to(DEV)
+    q, k, v, go, iv = _cases.bwd_decode_inputs(b, hq, hkv, tq, tk, d, dtype, layout, device=DEV)
     grads = assert_grads_match(q, k, v, go, iv)
     assert_unseen_are_zero(grads, iv, tk)
 
