@@ -353,6 +353,43 @@ def test_calibrate_counts_a_failed_check_as_refusing_at_every_theta(monkeypatch)
         calibrate(model, tok, rows, target_fpr=0.2, safety=safeattn.SafetyConfig(tau=1))
 
 
+def test_calibrate_bootstrap_intervals(monkeypatch):
+    """The 95% intervals of θ and of each set's rate over resamples of the benign rows."""
+    import safeattn.calibration as cal
+
+    model, tok = _patched()
+
+    def run(benign_p0, harmful_p0, target_fpr, **kw):
+        rows = {"benign": [{"id": f"b{i}", "prompt": "b"} for i in range(len(benign_p0))],
+                "advbench": [{"id": f"h{i}", "prompt": "h"} for i in range(len(harmful_p0))]}
+        p = torch.tensor([[x, NAN] for x in benign_p0 + harmful_p0])  # p_0 only
+        monkeypatch.setattr(cal, "_decode", lambda *a: (p, torch.zeros(len(p), dtype=bool)))
+        return calibrate(model, tok, rows, target_fpr=target_fpr,
+                         safety=safeattn.SafetyConfig(tau=1), **kw)
+
+    # every resample of identical benign rows picks the same θ: the intervals collapse
+    rep = run([0.2] * 10, [0.7, 0.9], 0.1)  # θ = 0.6, halfway to 1
+    assert rep["bootstrap"]["threshold"] == pytest.approx([rep["threshold"]] * 2)
+    assert rep["bootstrap"]["sets"]["advbench"] == [1.0, 1.0]
+    assert rep["bootstrap"]["skipped"] == 0 and rep["bootstrap"]["resamples"] == 1000
+    # spread benign rows: θ moves with the few at the top, and the harmful rate with it
+    benign = [i / 40 for i in range(40)]
+    rep = run(benign, [0.88, 0.9, 0.95, 0.99], 0.05, split_thresholds=True)
+    boot = rep["bootstrap"]
+    lo, hi = boot["threshold"]
+    assert lo < rep["threshold"] < hi <= 1.0 and boot["query_threshold"][0] < hi
+    a, b = boot["sets"]["advbench"]
+    assert a < rep["sets"]["advbench"]["predicted"] <= b
+    assert set(boot["sets"]) == {"benign", "advbench"}
+    assert run(benign, [0.88, 0.9, 0.95, 0.99], 0.05, split_thresholds=True)["bootstrap"] == boot
+    # a resample that draws the saturated benign row twice cannot meet the target: skipped
+    rep = run([1.0] + [i / 20 for i in range(9)], [0.99], 0.1, bootstrap=200)
+    assert 0 < rep["bootstrap"]["skipped"] < 200
+    assert "bootstrap" not in run(benign, [0.9], 0.05, bootstrap=0)
+    with pytest.raises(ValueError, match="bootstrap"):
+        run(benign, [0.9], 0.05, bootstrap=-1)
+
+
 def test_compare_taus_match_calibrating_at_each_tau():
     model, tok = _patched()
     rows = {"benign": [{"id": f"b{i}", "prompt": p} for i, p in enumerate(PROMPTS)],

@@ -42,7 +42,7 @@ import torch
 logger = logging.getLogger("safeattn")
 
 __all__ = ["refusal_scores", "split_scores", "pick_threshold", "pick_thresholds",
-           "validation_rows", "calibrate",
+           "bootstrap_intervals", "validation_rows", "calibrate",
            "pick_refusal_prefix", "is_benign_set"]
 
 
@@ -211,7 +211,7 @@ def _decode(model, tokenizer, prompts, safety, max_new_tokens, batch_size):
 def calibrate(model, tokenizer, rows: Mapping[str, Sequence[Mapping]], *, target_fpr: float,
               safety=None, max_new_tokens: int = 32, batch_size: int = 8,
               compare_taus: Sequence[int] = (), split_thresholds: bool = False,
-              keep_threshold: float | None = None) -> dict:
+              keep_threshold: float | None = None, bootstrap: int = 1000) -> dict:
     """Pick θ so that at most ``target_fpr`` of ``rows["benign"]`` refuse, then decode every
     row once at that θ -> the report (``threshold``, the per-set refusal rates predicted from
     the trace and measured at θ, each harmful set's ``auroc`` against the benign rows by
@@ -227,7 +227,10 @@ def calibrate(model, tokenizer, rows: Mapping[str, Sequence[Mapping]], *, target
     the prefill's ``p_0`` where the benign rows allow it (:func:`pick_thresholds`,
     ``report["query_threshold"]``); else both are ``threshold``. ``keep_threshold`` (with
     ``split_thresholds``): θ of the decoding-time checks stays this value; only ``p_0``'s θ
-    is picked (:func:`pick_thresholds`' ``threshold``).
+    is picked (:func:`pick_thresholds`' ``threshold``). ``bootstrap``: resamples of the
+    benign rows for ``report["bootstrap"]``, the 95% intervals of θ (and the query θ) and of
+    each set's predicted rate had θ been picked on another draw of benign prompts (from the
+    trace, no decoding; ``skipped``: draws that cannot meet the target); ``0``: none.
     """
     from dataclasses import replace
 
@@ -236,6 +239,8 @@ def calibrate(model, tokenizer, rows: Mapping[str, Sequence[Mapping]], *, target
 
     if not rows.get("benign"):
         raise ValueError("rows['benign'] is empty: nothing to calibrate on")
+    if bootstrap < 0:
+        raise ValueError(f"bootstrap must be >= 0, got {bootstrap}")
     if keep_threshold is not None and not split_thresholds:
         raise ValueError("keep_threshold needs split_thresholds: with one θ for both, "
                          "keeping it leaves nothing to calibrate")
@@ -260,20 +265,20 @@ def calibrate(model, tokenizer, rows: Mapping[str, Sequence[Mapping]], *, target
                              f"of {len(benign)} benign rows, more than target_fpr="
                              f"{target_fpr} allows: no θ can meet it")
 
+    def scores_at(tau):
+        """-> ([N] p_0, [N] score of the decoding-time checks); a failed row refuses."""
+        s0, sr = split_scores(p, tau, max_new_tokens)
+        return s0, torch.where(failed, math.inf, sr)
+
     def operating_point(tau):
         """-> (query θ, θ, [N] refuses at them by the trace, [N] p_0, [N] refusal score)."""
-        s0, sr = split_scores(p, tau, max_new_tokens)
-        sr = torch.where(failed, math.inf, sr)
-        s = torch.maximum(s0, sr)  # refusal_scores(p, tau, max_new_tokens)
-        if split_thresholds:
-            q, th = pick_thresholds(s0[benign], sr[benign], target_fpr,
-                                    threshold=keep_threshold)
-        else:
-            q = th = pick_threshold(s[benign], target_fpr)
-        return q, th, (s0 >= q) | (sr >= th), s0, s
+        s0, sr = scores_at(tau)
+        q, th = _thresholds(s0, sr, benign, target_fpr, split_thresholds, keep_threshold)
+        # the larger is refusal_scores(p, tau, max_new_tokens)
+        return q, th, (s0 >= q) | (sr >= th), s0, torch.maximum(s0, sr)
 
     def predicted(refuses):
-        return {n: float(refuses[idx].float().mean()) for n, idx in by_set.items() if len(idx)}
+        return _rates(refuses, by_set)
 
     query, theta, refuses, prefill, scores = operating_point(safety.tau)
     by_tau = {}
@@ -303,7 +308,64 @@ def calibrate(model, tokenizer, rows: Mapping[str, Sequence[Mapping]], *, target
         report.update(query_threshold=query, prefill_scores=keyed(prefill))
     if by_tau:
         report["by_tau"] = by_tau
+    if bootstrap:
+        report["bootstrap"] = bootstrap_intervals(
+            *scores_at(safety.tau), by_set, benign, target_fpr=target_fpr,
+            split_thresholds=split_thresholds, keep_threshold=keep_threshold,
+            resamples=bootstrap)
     return report
+
+
+def _rates(refuses: torch.Tensor, sets: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Each non-empty set's share of refusing rows."""
+    return {n: float(refuses[i].float().mean()) for n, i in sets.items() if len(i)}
+
+
+def _thresholds(s0, sr, rows, target_fpr, split_thresholds, keep_threshold):
+    """-> (query θ, θ) picked on the benign ``rows`` (indices, repeats allowed) of the scores
+    ``s0`` (p_0) and ``sr`` (the decoding-time checks), as :func:`calibrate` picks them."""
+    if split_thresholds:
+        return pick_thresholds(s0[rows], sr[rows], target_fpr, threshold=keep_threshold)
+    theta = pick_threshold(torch.maximum(s0, sr)[rows], target_fpr)
+    return theta, theta
+
+
+def bootstrap_intervals(s0: torch.Tensor, sr: torch.Tensor, sets: Mapping[str, torch.Tensor],
+                        benign: torch.Tensor, *, target_fpr: float,
+                        split_thresholds: bool = False, keep_threshold: float | None = None,
+                        resamples: int = 1000, seed: int = 0) -> dict:
+    """95% intervals of θ (and the query θ) and of each set's refusal rate when θ is picked,
+    as :func:`calibrate` picks it, on ``resamples`` draws (seeded, with replacement) of the
+    ``benign`` rows: at a small ``target_fpr`` a few benign rows at the top set θ, and every
+    rate moves with them.
+
+    ``s0``, ``sr``: ``[N]`` per row its ``p_0`` and the score of its decoding-time checks
+    (:func:`split_scores`); ``sets``: name -> row indices; ``benign``: the indices θ is picked
+    on. -> ``{"resamples", "skipped" (draws that cannot meet the target), "threshold",
+    "query_threshold" (with ``split_thresholds``), "sets": {name: [lo, hi]}}``."""
+    g = torch.Generator().manual_seed(seed)
+    draws, skipped = [], 0
+    for _ in range(resamples):
+        rows = benign[torch.randint(len(benign), (len(benign),), generator=g)]
+        try:
+            q, th = _thresholds(s0, sr, rows, target_fpr, split_thresholds, keep_threshold)
+        except ValueError:
+            skipped += 1
+            continue
+        draws.append((q, th, _rates((s0 >= q) | (sr >= th), sets)))
+    out = {"resamples": resamples, "skipped": skipped}
+    if not draws:
+        return out
+
+    def ci(values):
+        return torch.tensor(values, dtype=torch.float64).quantile(
+            torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+
+    out["threshold"] = ci([th for _, th, _ in draws])
+    if split_thresholds:
+        out["query_threshold"] = ci([q for q, _, _ in draws])
+    out["sets"] = {n: ci([r[n] for _, _, r in draws]) for n in draws[0][2]}
+    return out
 
 
 def _auroc_vs(scores: torch.Tensor, harmful: torch.Tensor, benign: torch.Tensor) -> float:

@@ -280,7 +280,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     report = calibrate(model, tok, rows, target_fpr=args.target_fpr, safety=safety,
                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                        compare_taus=[int(t) for t in taus],
-                       split_thresholds=args.split_thresholds, keep_threshold=keep)
+                       split_thresholds=args.split_thresholds, keep_threshold=keep,
+                       bootstrap=args.bootstrap)
     report["val_fraction"] = args.val_fraction
     cfg_path = d / "safety_config.json"
     cfg = json.loads(cfg_path.read_text())
@@ -296,6 +297,12 @@ def _calibrate(args: argparse.Namespace) -> int:
             auc = f", AUROC vs benign {m['auroc']:.3f}" if "auroc" in m else ""
             print(f"  {name:19s} n={m['n']:4d}  refused at θ: {m['refused']:.1%} "
                   f"(trace predicts {m['predicted']:.1%}{auc})")
+    boot = report.get("bootstrap", {})
+    if "threshold" in boot:
+        lo, hi = boot["threshold"]
+        print(f"  95% over {boot['resamples']} resamples of the benign val prompts: θ "
+              f"{lo:.6f}–{hi:.6f}; predicted " + ", ".join(
+                  f"{n} {a:.1%}–{b:.1%}" for n, (a, b) in boot["sets"].items()))
     for tau, m in report.get("by_tau", {}).items():
         q = f"θ of p_0 = {m['query_threshold']:.6f}, " if "query_threshold" in m else ""
         print(f"  τ = {tau}: {q}θ = {m['threshold']:.6f}, predicted " + ", ".join(
@@ -319,6 +326,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _add_calibrate(sub) -> None:
+    from .training_args import non_negative_int
     p = sub.add_parser(
         "calibrate", help="pick θ on the validation split and write it into the safety config",
         description="Decode the val prompts (the band that safeattn train --val-fraction held "
@@ -361,6 +369,9 @@ def _add_calibrate(sub) -> None:
                    help="other τ (comma-separated) to calibrate from the same decoding: θ and "
                         "the predicted refusal rates per τ, in calibration.json's by_tau")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens decoded per prompt")
+    p.add_argument("--bootstrap", type=non_negative_int, default=1000,
+                   help="resamples of the benign val prompts for 95%% intervals of θ and of "
+                        "each set's predicted rate (calibration.json's bootstrap; 0: none)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: default)")
