@@ -66,6 +66,34 @@ def test_stream_gate_releases_only_what_the_check_saw(tmp_path, monkeypatch):
     assert gate.gate.n_out == 5
 
 
+def _trace(modes, opens, refusal_step=None, alarm_step=None):
+    return {"p": [0.1] * len(modes), "checked": [True] * len(modes), "mode": modes,
+            "open_alarms": opens, "open_alarm": opens[-1], "refusal_step": refusal_step,
+            "alarm_step": alarm_step, "justification": None}
+
+
+def test_end_trace_cuts_a_check_past_the_response():
+    """vLLM can run the step after a stop string before it sees it: that check's token never
+    came, so the trace ends with the state after the response's last token."""
+    b, t = "benign", "transition"
+    end = serving.end_trace
+    # the check past the response raised an alarm: none was pending at the end
+    got = end(_trace([b, b, b, t], [None, None, None, 2]), 3)
+    assert got["mode"] == [b, b, b] and len(got["p"]) == 3 and got["refusal_step"] is None
+    # ... or cleared one: it was pending, so the row refuses at its end
+    got = end(_trace([b, t, t, b], [None, 0, 0, None]), 3)
+    assert (got["refusal_step"], got["alarm_step"], got["open_alarm"]) == (3, 0, None)
+    # ... or completed τ: that refusal never happened, the pending alarm did
+    got = end(_trace([b, t, t, "refusal"], [None, 0, 0, None], refusal_step=3, alarm_step=0),
+              3)
+    assert (got["refusal_step"], got["alarm_step"], got["mode"]) == (3, 0, [b, t, t])
+    # a trace of the response's own length is only closed
+    same = _trace([b, t, t], [None, 0, 0])
+    assert end(same, 3) == {**same, "refusal_step": 3, "alarm_step": 0, "justification": "",
+                            "open_alarm": None}
+    assert end(_trace([b, b], [None, None]), 2)["refusal_step"] is None
+
+
 def test_visible():
     v = serving.visible
     assert v("abc", None, False) == "" and v("abc", None, True) == ""

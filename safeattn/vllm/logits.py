@@ -134,7 +134,8 @@ class RequestSafety:
         self.done = False  # refused, and nothing is left to force: no more plan rows
         self.ended_with = None  # the EOS that ended a refused turn, forced while it goes on
         self.p: dict[int, float] = {}
-        self.modes: dict[int, int] = {}
+        self.modes: dict[int, int] = {}  # the mode after the check at each step
+        self.opens: dict[int, int] = {}  # the pending alarm's step after it, mid-alarm
         self.prefill_checks: list[tuple[int, float]] = []  # (response tokens seen, p)
         self.stream: StreamGate | None = None  # a server request's published state
         self.cleared = 0  # the end of the window of this step's check (generated tokens)
@@ -158,6 +159,14 @@ class RequestSafety:
             logits[row, [t for t in self.eos if 0 <= t < logits.shape[-1]]] = float("-inf")
         else:
             self.refuse()
+
+    def mark(self, n: int) -> None:
+        """Record the state after the check at generated step ``n`` in the trace."""
+        self.modes[n] = REFUSAL if self.refused else self.mode
+        if self.pending():
+            self.opens[n] = max(self.s_t - self.pre, 0)
+        else:
+            self.opens.pop(n, None)
 
     def refuse(self) -> None:
         """Refuse; the alarm is at ``S_t``, as a generated-token index."""
@@ -201,12 +210,14 @@ class RequestSafety:
         The server's copy is published before each step's token is sampled, so it goes without
         the ``justification``, whose last token it would miss (``justification=False``)."""
         last = max([len(self.output_ids) - 1, *self.p])
-        codes, cur = [], BENIGN
+        codes, opens, cur, alarm = [], [], BENIGN, None
         for n in range(last + 1):
-            cur = self.modes.get(n, cur)
+            if n in self.modes:
+                cur, alarm = self.modes[n], self.opens.get(n)
             if self.refusal_step is not None and n > self.refusal_step:
                 cur = REFUSAL  # also after a refusal no check recorded (hold_open)
             codes.append(cur)
+            opens.append(alarm)
         p = [self.p.get(n) for n in range(last + 1)]
         just = None
         if justification and self.refusal_step is not None:
@@ -220,6 +231,7 @@ class RequestSafety:
                 "justification": just,
                 "prefill_checks": [[k, finite(v)] for k, v in self.prefill_checks],
                 "open_alarm": max(self.s_t - self.pre, 0) if self.pending() else None,
+                "open_alarms": opens,
                 "config": dataclasses.asdict(self.cfg), "refusal_ids": self.refusal.prefix}
 
 
@@ -361,7 +373,7 @@ def step_states(states: list[RequestSafety], ns: list[int], logits: torch.Tensor
     ps = advance(states, [s.seen(n) for s, n in zip(states, ns)], logits)
     for s, n, p in zip(states, ns, ps):
         s.p[n] = p
-        s.modes[n] = REFUSAL if s.refused else s.mode
+        s.mark(n)
 
 
 class _Scan:
@@ -440,7 +452,7 @@ def scan_prefills(rows: list[int], states: list[RequestSafety], probe) -> None:
         scans = [sc for sc in scans if sc.walk()]
     for s in states:
         if s.prefill_checks:
-            s.modes[0] = REFUSAL if s.refused else s.mode  # step 0's end
+            s.mark(0)  # step 0's end
 
 
 class SafetyLogitsProcessor(LogitsProcessor):
@@ -659,7 +671,8 @@ class SafetyLogitsProcessor(LogitsProcessor):
                 for s, n in zip(states, steps):
                     if not s.refused:
                         s.fail(s.seen(n))
-                    s.p[n], s.modes[n] = float("nan"), REFUSAL
+                    s.p[n] = float("nan")
+                    s.mark(n)
             firsts = [i for i, n in zip(checked, steps) if n == 0 and self._live[i].pre]
             if firsts:
                 scan_prefills([rows[i] for i in firsts], [self._live[i] for i in firsts],

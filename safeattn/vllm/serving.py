@@ -189,7 +189,17 @@ def end_trace(trace: dict, n_tokens: int) -> dict:
     ended with an alarm pending (``open_alarm``: a stop string, which vLLM checks after
     sampling, out of the logits processor's reach, ended it) refuses at its end, as the HF
     decoder's rows do: ``refusal_step`` ``n_tokens``, its alarm at ``S_t``, nothing written
-    after it."""
+    after it.
+
+    vLLM may run the next step before it sees the stop string, so a trace can hold a check
+    past the response whose token never came: it is cut to the response's steps, with the
+    state after the last of them (``open_alarms``: the pending alarm after each step)."""
+    if len(trace["p"]) > n_tokens and "open_alarms" in trace:
+        trace = {**trace, **{k: trace[k][:n_tokens] for k in ("p", "checked", "mode",
+                                                              "open_alarms")}}
+        if trace["refusal_step"] is not None and trace["refusal_step"] >= n_tokens:
+            trace.update(refusal_step=None, alarm_step=None, justification=None)
+        trace["open_alarm"] = trace["open_alarms"][-1] if n_tokens else None
     if trace.get("open_alarm") is None:
         return trace
     return {**trace, "refusal_step": n_tokens, "alarm_step": trace["open_alarm"],
