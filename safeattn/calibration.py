@@ -265,22 +265,19 @@ def calibrate(model, tokenizer, rows: Mapping[str, Sequence[Mapping]], *, target
                              f"of {len(benign)} benign rows, more than target_fpr="
                              f"{target_fpr} allows: no θ can meet it")
 
-    def scores_at(tau):
-        """-> ([N] p_0, [N] score of the decoding-time checks); a failed row refuses."""
-        s0, sr = split_scores(p, tau, max_new_tokens)
-        return s0, torch.where(failed, math.inf, sr)
-
     def operating_point(tau):
-        """-> (query θ, θ, [N] refuses at them by the trace, [N] p_0, [N] refusal score)."""
-        s0, sr = scores_at(tau)
+        """-> (query θ, θ, [N] refuses at them by the trace, [N] p_0, [N] score of the
+        decoding-time checks; a failed row's is +inf)."""
+        s0, sr = split_scores(p, tau, max_new_tokens)
+        sr = torch.where(failed, math.inf, sr)
         q, th = _thresholds(s0, sr, benign, target_fpr, split_thresholds, keep_threshold)
-        # the larger is refusal_scores(p, tau, max_new_tokens)
-        return q, th, (s0 >= q) | (sr >= th), s0, torch.maximum(s0, sr)
+        return q, th, (s0 >= q) | (sr >= th), s0, sr
 
     def predicted(refuses):
         return _rates(refuses, by_set)
 
-    query, theta, refuses, prefill, scores = operating_point(safety.tau)
+    query, theta, refuses, prefill, checks = operating_point(safety.tau)
+    scores = torch.maximum(prefill, checks)  # refusal_scores(p, tau, max_new_tokens)
     by_tau = {}
     for tau in compare_taus:
         q, th, r, _, _ = operating_point(tau)
@@ -310,7 +307,7 @@ def calibrate(model, tokenizer, rows: Mapping[str, Sequence[Mapping]], *, target
         report["by_tau"] = by_tau
     if bootstrap:
         report["bootstrap"] = bootstrap_intervals(
-            *scores_at(safety.tau), by_set, benign, target_fpr=target_fpr,
+            prefill, checks, by_set, benign, target_fpr=target_fpr,
             split_thresholds=split_thresholds, keep_threshold=keep_threshold,
             resamples=bootstrap)
     return report

@@ -160,17 +160,21 @@ class RequestSafety:
         else:
             self.refuse()
 
+    def alarm_index(self) -> int:
+        """``S_t`` as a generated-token index (an alarm raised in the prefill: 0)."""
+        return max(self.s_t - self.pre, 0)
+
     def mark(self, n: int) -> None:
         """Record the state after the check at generated step ``n`` in the trace."""
         self.modes[n] = REFUSAL if self.refused else self.mode
         if self.pending():
-            self.opens[n] = max(self.s_t - self.pre, 0)
+            self.opens[n] = self.alarm_index()
         else:
             self.opens.pop(n, None)
 
     def refuse(self) -> None:
-        """Refuse; the alarm is at ``S_t``, as a generated-token index."""
-        self.refused, self.alarm_step = True, max(self.s_t - self.pre, 0)
+        """Refuse; the alarm is at ``S_t``."""
+        self.refused, self.alarm_step = True, self.alarm_index()
 
     def fail(self, seen: int) -> None:
         """A check that saw ``seen`` response tokens failed: refuse (fail closed), with the
@@ -230,7 +234,7 @@ class RequestSafety:
                 "refusal_step": self.refusal_step, "alarm_step": self.alarm_step,
                 "justification": just,
                 "prefill_checks": [[k, finite(v)] for k, v in self.prefill_checks],
-                "open_alarm": max(self.s_t - self.pre, 0) if self.pending() else None,
+                "open_alarm": self.alarm_index() if self.pending() else None,
                 "open_alarms": opens,
                 "config": dataclasses.asdict(self.cfg), "refusal_ids": self.refusal.prefix}
 
