@@ -756,6 +756,11 @@ def test_plot_trace_marks_the_prefill_threshold(monkeypatch, tmp_path):
         safeattn.plot_trace(out, tok, tmp_path / "trace.png")
     assert not any("p_0" in t for t in labels[0])      # one θ above 1: no line, no mark
     assert "θ of p_0 = 0.25" in labels[1]
+    out = safeattn.generate(model, tok, PROMPTS[:1], max_new_tokens=4, do_sample=False,
+                            pad_token_id=0, safety=SafetyConfig(threshold=0.9, late_after=2,
+                                                                late_threshold=0.95))
+    safeattn.plot_trace(out, tok, tmp_path / "trace.png")
+    assert labels[2][1:3] == ["θ = 0.9", "θ from token 2 on = 0.95"]
 
 
 def test_plot_trace_without_matplotlib(monkeypatch, tmp_path):

@@ -62,6 +62,18 @@ def test_refusal_and_alarm_steps_count_generated_tokens():
     assert out.safety[1].refusal_step is None
 
 
+def test_late_threshold_counts_generated_tokens_only():
+    """A late θ starts at the check that has seen ``late_after`` generated tokens: row 0's
+    prefill checks and its first decoding checks, which see the prefill, keep θ."""
+    model, tok, enc = _setup()
+    out = model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                         safety=SafetyConfig(tau=1, threshold=1.5, query_threshold=1.5,
+                                             late_threshold=0.0, late_after=2,
+                                             prefill_stride=2, refusal_prefix=REFUSAL))
+    assert [r.refusal_step for r in out.safety] == [2, 2]
+    assert out.safety[0].prefill_checks  # they ran, at θ
+
+
 def test_rollback_never_removes_the_prefill():
     model, tok, enc = _setup()
     _rig(model, {0: {0, 1}})  # p_0 alarm: S_t falls inside the prefill

@@ -39,6 +39,8 @@ CASES = [{"schedule": "each"}, {"schedule": "each", "threshold": 0.9, "refusal_b
          {"schedule": "first", "first_n": 3, "threshold": 0.7, "refusal_break": "why"},
          {"schedule": "each", "threshold": 0.6, "query_threshold": 2.0},
          {"schedule": "each", "threshold": 0.6, "query_threshold": 2.0, "refusal_prefix": ""},
+         {"schedule": "each", "threshold": 2.0, "query_threshold": 2.0, "late_threshold": 0.6,
+          "late_after": 4},
          None]
 MAX_TOKENS = 16
 #: Conversations that end with an assistant prefill (the model continues it).
@@ -65,6 +67,9 @@ PREFILL_CASES = [{"schedule": "each"},
                   "prefill_stride": 3, "tau": 2, "escalate": False},
                  {"schedule": "each", "threshold": 0.6, "query_threshold": 2.0,
                   "prefill_stride": 0},
+                 # the prefill's checks keep θ; the decoding checks from token 3 on are off
+                 {"schedule": "each", "threshold": 0.6, "query_threshold": 2.0,
+                  "late_threshold": 2.0, "late_after": 3, "prefill_stride": 2},
                  # no check after step 0: an alarm the prefill checks leave open refuses there
                  {"schedule": "first", "first_n": 0, "threshold": 0.7, "query_threshold": 2.0,
                   "escalate": False, "prefill_stride": 2}]

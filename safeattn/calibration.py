@@ -41,8 +41,8 @@ import torch
 
 logger = logging.getLogger("safeattn")
 
-__all__ = ["refusal_scores", "split_scores", "pick_threshold", "pick_thresholds",
-           "bootstrap_intervals", "validation_rows", "calibrate",
+__all__ = ["refusal_scores", "split_scores", "late_scores", "pick_threshold", "pick_thresholds",
+           "pick_late_threshold", "bootstrap_intervals", "validation_rows", "calibrate",
            "pick_refusal_prefix", "is_benign_set"]
 
 
@@ -71,6 +71,54 @@ def refusal_scores(p: torch.Tensor, tau: int, max_new_tokens: int | None = None)
         last = p[:, max_new_tokens - 1]  # (a trace whose rows all ended sooner is shorter)
         out = torch.where(last.isnan(), out, torch.maximum(out, last))
     return out
+
+
+def late_scores(p: torch.Tensor, tau: int, threshold: float, late_after: int,
+                max_new_tokens: int | None = None) -> torch.Tensor:
+    """``p [B, T+1]`` (as :func:`refusal_scores`) -> ``[B]`` float32: per row, the largest
+    ``late_threshold`` at which a run of ``τ`` consecutive checks that ends at or after the
+    check seeing ``late_after`` generated tokens refuses, the checks before it hitting at
+    ``threshold`` (:attr:`~safeattn.generation.SafetyConfig.late_threshold`); ``-inf``: none
+    can. ``max_new_tokens``: the check that chooses the last token refuses on its own, as in
+    :func:`refusal_scores`, when it is a late one."""
+    if p.dim() != 2:
+        raise ValueError(f"p must be [B, T+1], got shape {tuple(p.shape)}")
+    if tau < 1 or late_after < 1:
+        raise ValueError(f"tau and late_after must be >= 1, got {tau}, {late_after}")
+    p = p.float().cpu()
+    out = torch.full((p.shape[0],), -math.inf)
+    steps = torch.arange(1, p.shape[1])
+    for i, row in enumerate(p[:, 1:]):
+        kept = ~row.isnan()
+        checks, at = row[kept], steps[kept]
+        if len(checks) < tau:
+            continue
+        runs, late = checks.unfold(0, tau, 1), at.unfold(0, tau, 1) >= late_after
+        ok = late[:, -1] & (late | (runs >= threshold)).all(-1)
+        if ok.any():
+            out[i] = torch.where(late, runs, math.inf).amin(-1)[ok].max()
+    if max_new_tokens is not None and late_after < max_new_tokens <= p.shape[1]:
+        last = p[:, max_new_tokens - 1]
+        out = torch.where(last.isnan(), out, torch.maximum(out, last))
+    return out
+
+
+def pick_late_threshold(benign_late: torch.Tensor, benign_early: torch.Tensor,
+                        target_fpr: float) -> float:
+    """The lowest ``late_threshold`` at which at most ``target_fpr`` of the benign rows refuse
+    in all, halfway as in :func:`pick_threshold`: ``benign_late`` is their
+    :func:`late_scores`, ``benign_early`` whether they already refuse before ``late_after``
+    (those spend the budget first)."""
+    s = _benign(benign_late, target_fpr)
+    early = benign_early.bool().flatten()
+    if len(early) != len(s):
+        raise ValueError(f"benign late and early scores differ in length: {len(s)} vs "
+                         f"{len(early)}")
+    left = _budget(s, target_fpr) - int(early.sum())
+    if left < 0:
+        raise ValueError(f"{int(early.sum())} benign rows refuse before late_after, more than "
+                         f"the {_budget(s, target_fpr)} that target_fpr={target_fpr} allows")
+    return _theta_above(s[~early], left) if (~early).any() else 0.0
 
 
 def pick_threshold(benign_scores: torch.Tensor, target_fpr: float) -> float:
@@ -211,7 +259,8 @@ def _decode(model, tokenizer, prompts, safety, max_new_tokens, batch_size):
 def calibrate(model, tokenizer, rows: Mapping[str, Sequence[Mapping]], *, target_fpr: float,
               safety=None, max_new_tokens: int = 32, batch_size: int = 8,
               compare_taus: Sequence[int] = (), split_thresholds: bool = False,
-              keep_threshold: float | None = None, bootstrap: int = 1000) -> dict:
+              keep_threshold: float | None = None, bootstrap: int = 1000,
+              late_after: int | None = None) -> dict:
     """Pick θ so that at most ``target_fpr`` of ``rows["benign"]`` refuse, then decode every
     row once at that θ -> the report (``threshold``, the per-set refusal rates predicted from
     the trace and measured at θ, each harmful set's ``auroc`` against the benign rows by
@@ -231,6 +280,11 @@ def calibrate(model, tokenizer, rows: Mapping[str, Sequence[Mapping]], *, target
     benign rows for ``report["bootstrap"]``, the 95% intervals of θ (and the query θ) and of
     each set's predicted rate had θ been picked on another draw of benign prompts (from the
     trace, no decoding; ``skipped``: draws that cannot meet the target); ``0``: none.
+    ``late_after``: θ (and the query θ) are picked on the checks before the one that sees
+    ``late_after`` generated tokens, and the checks from it on get ``late_threshold``
+    (:func:`pick_late_threshold`), so that at most ``target_fpr`` of the benign rows refuse
+    within ``max_new_tokens`` in all (``report["late_threshold"]``; no bootstrap; ``scores``
+    and the AUROCs stay those of one θ over the whole trace).
     """
     from dataclasses import replace
 
@@ -244,7 +298,11 @@ def calibrate(model, tokenizer, rows: Mapping[str, Sequence[Mapping]], *, target
     if keep_threshold is not None and not split_thresholds:
         raise ValueError("keep_threshold needs split_thresholds: with one θ for both, "
                          "keeping it leaves nothing to calibrate")
-    safety = replace(safety or SafetyConfig(), threshold=1.5, query_threshold=None)
+    if late_after is not None and not 1 <= late_after < max_new_tokens:
+        raise ValueError(f"late_after must be in [1, max_new_tokens={max_new_tokens}), got "
+                         f"{late_after}")
+    safety = replace(safety or SafetyConfig(), threshold=1.5, query_threshold=None,
+                     late_threshold=None, late_after=None)
     names = list(rows)
     prompts = [r["prompt"] for n in names for r in rows[n]]
     ids = [(n, r["id"]) for n in names for r in rows[n]]
@@ -266,26 +324,36 @@ def calibrate(model, tokenizer, rows: Mapping[str, Sequence[Mapping]], *, target
                              f"{target_fpr} allows: no θ can meet it")
 
     def operating_point(tau):
-        """-> (query θ, θ, [N] refuses at them by the trace, [N] p_0, [N] score of the
-        decoding-time checks; a failed row's is +inf)."""
-        s0, sr = split_scores(p, tau, max_new_tokens)
+        """-> (query θ, θ, late θ or None, [N] refuses at them by the trace, [N] p_0, [N]
+        score of the decoding-time checks before ``late_after``; a failed row's is +inf)."""
+        early = p if late_after is None else p[:, :late_after]
+        s0, sr = split_scores(early, tau, max_new_tokens if late_after is None else None)
         sr = torch.where(failed, math.inf, sr)
         q, th = _thresholds(s0, sr, benign, target_fpr, split_thresholds, keep_threshold)
-        return q, th, (s0 >= q) | (sr >= th), s0, sr
+        refuses = (s0 >= q) | (sr >= th)
+        if late_after is None:
+            return q, th, None, refuses, s0, sr
+        sl = late_scores(p, tau, th, late_after, max_new_tokens)
+        late = pick_late_threshold(sl[benign], refuses[benign], target_fpr)
+        return q, th, late, refuses | (sl >= late), s0, sr
 
     def predicted(refuses):
         return _rates(refuses, by_set)
 
-    query, theta, refuses, prefill, checks = operating_point(safety.tau)
-    scores = torch.maximum(prefill, checks)  # refusal_scores(p, tau, max_new_tokens)
+    query, theta, late, refuses, prefill, checks = operating_point(safety.tau)
+    scores = torch.maximum(prefill, checks) if late_after is None else refusal_scores(
+        torch.where(failed[:, None], math.inf, p), safety.tau, max_new_tokens)
     by_tau = {}
     for tau in compare_taus:
-        q, th, r, _, _ = operating_point(tau)
+        q, th, lt, r, _, _ = operating_point(tau)
         by_tau[str(tau)] = {"threshold": th, "predicted": predicted(r)}
         if split_thresholds:
             by_tau[str(tau)]["query_threshold"] = q
+        if lt is not None:
+            by_tau[str(tau)]["late_threshold"] = lt
 
-    real = replace(safety, threshold=theta, query_threshold=query)
+    real = replace(safety, threshold=theta, query_threshold=query, late_threshold=late,
+                   late_after=late_after)
     _, refused = _decode(model, tokenizer, prompts, real, max_new_tokens, batch_size)
     rates = predicted(refuses)
     sets = {n: {"n": len(idx), "predicted": rates[n],
@@ -303,9 +371,11 @@ def calibrate(model, tokenizer, rows: Mapping[str, Sequence[Mapping]], *, target
               "scores": keyed(scores)}
     if split_thresholds:
         report.update(query_threshold=query, prefill_scores=keyed(prefill))
+    if late is not None:
+        report.update(late_threshold=late, late_after=late_after)
     if by_tau:
         report["by_tau"] = by_tau
-    if bootstrap:
+    if bootstrap and late is None:
         report["bootstrap"] = bootstrap_intervals(
             prefill, checks, by_set, benign, target_fpr=target_fpr,
             split_thresholds=split_thresholds, keep_threshold=keep_threshold,

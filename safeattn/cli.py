@@ -281,7 +281,7 @@ def _calibrate(args: argparse.Namespace) -> int:
                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                        compare_taus=[int(t) for t in taus],
                        split_thresholds=args.split_thresholds, keep_threshold=keep,
-                       bootstrap=args.bootstrap)
+                       bootstrap=args.bootstrap, late_after=args.late_after)
     report["val_fraction"] = args.val_fraction
     cfg_path = d / "safety_config.json"
     cfg = json.loads(cfg_path.read_text())
@@ -290,8 +290,14 @@ def _calibrate(args: argparse.Namespace) -> int:
     if "query_threshold" in report:
         cfg["query_threshold"] = report["query_threshold"]
         print(f"θ of p_0 = {report['query_threshold']:.6f}, ", end="")
-    print(f"θ = {report['threshold']:.6f} (benign val refusals <= {args.target_fpr:.0%} by the "
-          f"trace)")
+    for key in ("late_threshold", "late_after"):
+        cfg.pop(key, None)
+        if key in report:
+            cfg[key] = report[key]
+    late = (f", from {report['late_after']} generated tokens on {report['late_threshold']:.7f}"
+            if "late_threshold" in report else "")
+    print(f"θ = {report['threshold']:.6f}{late} (benign val refusals <= {args.target_fpr:.0%} "
+          f"by the trace)")
     for name, m in report["sets"].items():
         if m["n"]:
             auc = f", AUROC vs benign {m['auroc']:.3f}" if "auroc" in m else ""
@@ -311,7 +317,10 @@ def _calibrate(args: argparse.Namespace) -> int:
         picked = pick_refusal_prefix(model, tok, rows, args.refusal_prefix,
                                      safety=replace(safety, threshold=report["threshold"],
                                                     query_threshold=report.get(
-                                                        "query_threshold")),
+                                                        "query_threshold"),
+                                                    late_threshold=report.get(
+                                                        "late_threshold"),
+                                                    late_after=report.get("late_after")),
                                      batch_size=args.batch_size)
         report["refusal_prefix"] = picked
         cfg["refusal_prefix"] = picked["refusal_prefix"]
@@ -369,6 +378,11 @@ def _add_calibrate(sub) -> None:
                    help="other τ (comma-separated) to calibrate from the same decoding: θ and "
                         "the predicted refusal rates per τ, in calibration.json's by_tau")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens decoded per prompt")
+    p.add_argument("--late-after", type=int, default=None, metavar="K",
+                   help="pick θ on the checks before the one that sees K generated tokens and "
+                        "write a 'late_threshold' of their own for the checks from it on, so "
+                        "that at most --target-fpr of the benign val prompts refuse within "
+                        "--max-new-tokens in all (default: one θ throughout)")
     p.add_argument("--bootstrap", type=non_negative_int, default=1000,
                    help="resamples of the benign val prompts for 95%% intervals of θ and of "
                         "each set's predicted rate (calibration.json's bootstrap; 0: none)")

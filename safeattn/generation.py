@@ -131,6 +131,12 @@ class SafetyConfig:
             (the decoding-time checks keep ``threshold``). ``None`` (default): the model's
             calibrated ``query_threshold`` when ``threshold`` is ``None`` too (``safeattn
             calibrate --split-thresholds``), else ``threshold``.
+        late_threshold, late_after: θ of the decoding-time checks that have seen at least
+            ``late_after`` tokens the model wrote (an assistant prefill does not count; the
+            checks before keep ``threshold``): a head whose training views of long answers
+            are few may score benign answers higher late, so late checks get a θ calibrated
+            for them (``safeattn calibrate --late-after K``). ``None`` (default): the model's
+            calibrated ones when ``threshold`` is ``None`` too, else none: one θ throughout.
         tau: consecutive hits that switch a row to refusal.
         r1, r2, r3: probe windows of Rules 1–3. ``None`` (default): the model's
             ``probe_window`` (the window its head was trained on, ``safeattn train
@@ -169,6 +175,8 @@ class SafetyConfig:
 
     threshold: float | None = None
     query_threshold: float | None = None
+    late_threshold: float | None = None
+    late_after: int | None = None
     tau: int = 3
     r1: int | None = None
     r2: int | None = None
@@ -191,16 +199,19 @@ class SafetyConfig:
             if not ok:
                 raise ValueError(f"SafetyConfig.{name} {what}, got {getattr(self, name)!r}")
 
-        for name in ("threshold", "query_threshold"):
+        for name in ("threshold", "query_threshold", "late_threshold"):
             need(getattr(self, name) is None or _is_theta(getattr(self, name)), name,
                  "must be None or a finite number >= 0 (values > 1 never trigger)")
         for name, lo in (("tau", 1), ("r1", 0), ("r2", 0), ("r3", 0), ("period", 1),
-                         ("first_n", 0), ("prefill_stride", 0)):
+                         ("first_n", 0), ("prefill_stride", 0), ("late_after", 1)):
             v = getattr(self, name)
-            if v is None and name in ("r1", "r2", "r3"):
+            if v is None and name in ("r1", "r2", "r3", "late_after"):
                 continue
             need(isinstance(v, int) and not isinstance(v, bool) and v >= lo, name,
                  f"must be an int >= {lo}")
+        need(self.late_threshold is None or self.late_after is not None
+             or self.threshold is None, "late_after",
+             "must be set with late_threshold and threshold (the checks it starts from)")
         need(self.schedule in SCHEDULES, "schedule", f"must be one of {SCHEDULES}")
         need(self.t_max is None or (isinstance(self.t_max, int) and self.t_max >= 1), "t_max",
              "must be None or an int >= 1")
@@ -225,7 +236,8 @@ class SafetyConfig:
         calibrated ``threshold`` of the safety config (``model.config.safeattn``, or ``model``
         itself when it is that mapping), else :data:`DEFAULT_THRESHOLD`;
         ``query_threshold=None`` its ``query_threshold`` when ``threshold`` was ``None`` too,
-        else ``threshold``; ``refusal_prefix=None`` its ``refusal_prefix``, else
+        else ``threshold``; ``late_threshold`` / ``late_after`` ``None`` its own when
+        ``threshold`` was ``None`` too; ``refusal_prefix=None`` its ``refusal_prefix``, else
         :data:`DEFAULT_REFUSAL_PREFIX`; ``r1``-``r3`` ``None`` its ``probe_window``, else
         :data:`DEFAULT_WINDOW`."""
         if None not in (self.threshold, self.query_threshold, self.refusal_prefix, self.r1,
@@ -243,12 +255,20 @@ class SafetyConfig:
             return float(theta)
 
         theta, query = self.threshold, self.query_threshold
+        late, after = self.late_threshold, self.late_after
         if theta is None:
             theta = calibrated("threshold", DEFAULT_THRESHOLD)
             if query is None:
                 query = calibrated("query_threshold", theta)
+            if late is None and cfg.get("late_threshold") is not None:
+                late = calibrated("late_threshold", None)
+            if after is None:
+                after = cfg.get("late_after")
         if query is None:
             query = theta
+        if late is not None and after is None:
+            raise ValueError("SafetyConfig.late_threshold needs late_after (the model's safety "
+                             "config has none)")
         prefix = self.refusal_prefix
         if prefix is None:
             prefix = cfg.get("refusal_prefix", DEFAULT_REFUSAL_PREFIX)
@@ -261,7 +281,15 @@ class SafetyConfig:
                              "expected an int >= 1")
         r1, r2, r3 = (window if r is None else r for r in (self.r1, self.r2, self.r3))
         return replace(self, threshold=float(theta), query_threshold=float(query),
+                       late_threshold=None if late is None else float(late), late_after=after,
                        refusal_prefix=prefix, r1=r1, r2=r2, r3=r3)
+
+    def check_threshold(self, written: int) -> float:
+        """θ of a decoding-time check that has seen ``written`` tokens the model wrote
+        (resolved configs)."""
+        if self.late_threshold is not None and written >= self.late_after:
+            return self.late_threshold
+        return self.threshold
 
     def check_steps(self, max_steps: int) -> list[bool]:
         """``out[n]`` for ``n`` in ``[0, max_steps]``: whether the schedule re-checks at step ``n``
@@ -833,14 +861,14 @@ class _Decode:
             h = self.out.get("safety_hidden")
             if h is None:
                 raise RuntimeError("safeattn: the check step did not tap the probe row")
-            p = self.check(h, active, self.safety.threshold)
+            p = self.check(h, active, self.safety.check_threshold(self.n))
         else:
             active = torch.zeros_like(self.all_rows)
             self.out = self.model(input_ids=self.tok[:, None], attention_mask=self.am,
                                   position_ids=self.cur_pos[:, None], cache=self.cache,
                                   safety_layout=self.layout(), use_cache=True,
                                   logits_to_keep=1)
-            p = self.check(None, active, self.safety.threshold)
+            p = self.check(None, active, self.safety.check_threshold(self.n))
         self.record(p, active)
         self.cur_pos = self.cur_pos + 1
 

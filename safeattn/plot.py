@@ -39,9 +39,16 @@ def plot_trace(output, tokenizer=None, path="safety_trace.png", row: int = 0, *,
     ys = [rs.p[i] for i in xs]
     fig, ax = plt.subplots(figsize=(max(6.0, min(16.0, 0.25 * len(rs.p))), 3.6))
     ax.plot(xs, ys, marker="o", ms=3, lw=1.2, label="p_t = P(malicious)")
-    theta = safety.config.threshold
+    theta, late, after = (safety.config.threshold, safety.config.late_threshold,
+                          safety.config.late_after)
+    end = max(len(rs.p) - 0.5, 0.5)
+    split = late is not None and after < end
     if theta <= 1.0:
-        ax.axhline(theta, color="tab:red", ls="--", lw=1, label=f"θ = {theta:g}")
+        ax.hlines(theta, -0.5, after - 0.5 if split else end, color="tab:red", ls="--", lw=1,
+                  label=f"θ = {theta:g}")
+    if split and late <= 1.0:
+        ax.hlines(late, after - 0.5, end, color="tab:red", ls=":", lw=1,
+                  label=f"θ from token {after} on = {late:g}")
     query = safety.config.query_threshold
     if query is not None and query != theta and query <= 1.0:
         ax.plot([0], [query], marker="_", ms=14, mew=2, color="tab:red", ls="none",

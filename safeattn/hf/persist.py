@@ -23,8 +23,8 @@ def save_safety(model, save_directory) -> Path:
     """Write only the safety parts to ``save_directory`` (a few KB for small models).
 
     Files: ``safety_config.json`` (``model.config.safeattn`` + ``model_type``, ``hidden_size``;
-    ``threshold`` and ``query_threshold`` are the calibrated θ that
-    ``SafetyConfig(threshold=None)`` takes)
+    ``threshold``, ``query_threshold`` and ``late_threshold`` / ``late_after`` are the
+    calibrated θ that ``SafetyConfig(threshold=None)`` takes)
     and ``safety_head.safetensors`` (``safety_head.weight [1, d]``, ``safety_head.bias [1]``,
     ``cls_embedding [d]``: the ``[CLS]`` input-embedding row; with a probe adapter also its
     ``safety_adapter.a.*`` / ``safety_adapter.b.*``; with a query probe its
@@ -73,8 +73,8 @@ def load_safety(model, load_directory, tokenizer=None):
     else:
         cls_token_id(model)  # raises when the model has no [CLS]
     cfg = safety_config(model) or {}
-    for key in ("adapter", "query_probe", "threshold", "query_threshold", "refusal_prefix",
-                "probe_window"):  # the files
+    for key in ("adapter", "query_probe", "threshold", "query_threshold", "late_threshold",
+                "late_after", "refusal_prefix", "probe_window"):  # the files
         cfg.pop(key, None)
         if meta.get(key) is not None:
             cfg[key] = meta[key]

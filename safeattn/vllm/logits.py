@@ -332,20 +332,23 @@ def _last_index(ids: list[int], sub: list[int], start: int) -> int | None:
     return None
 
 
-def _config_key(cfg: SafetyConfig, seen: int):
-    """The ``safety_step`` settings of a check that sees ``seen`` response tokens (``0``: the
-    prefill's ``p_0``, at ``query_threshold``)."""
-    theta = cfg.query_threshold if seen == 0 else cfg.threshold
+def _config_key(cfg: SafetyConfig, seen: int, written: int):
+    """The ``safety_step`` settings of a check that sees ``seen`` response tokens, ``written``
+    of them generated (``seen == 0``: the prefill's ``p_0``, at ``query_threshold``)."""
+    theta = cfg.query_threshold if seen == 0 else cfg.check_threshold(written)
     return (min(theta, 1.0), theta > 1.0, cfg.tau, cfg.r1, cfg.r2, cfg.r3)
 
 
-def advance(states: list[RequestSafety], seen: list[int], logits: torch.Tensor) -> list[float]:
-    """Run ``safety_step`` on checks that saw ``seen`` response tokens (grouped by their θ, τ,
-    r1-r3); updates the states in place -> p of each."""
+def advance(states: list[RequestSafety], seen: list[int], logits: torch.Tensor,
+            written: list[int] | None = None) -> list[float]:
+    """Run ``safety_step`` on checks that saw ``seen`` response tokens, ``written`` of them
+    generated (default none: checks of a prefill), grouped by their θ, τ, r1-r3; updates the
+    states in place -> p of each."""
     ps = torch.sigmoid(logits.float()).tolist()
+    written = written or [0] * len(states)
     groups: dict = {}
     for i, s in enumerate(states):
-        groups.setdefault(_config_key(s.cfg, seen[i]), []).append(i)
+        groups.setdefault(_config_key(s.cfg, seen[i], written[i]), []).append(i)
     for (theta, never, tau, r1, r2, r3), idx in groups.items():
         sub = [states[i] for i in idx]
         lg = logits[idx].float().reshape(-1, 1)
@@ -374,7 +377,7 @@ def advance(states: list[RequestSafety], seen: list[int], logits: torch.Tensor) 
 
 def step_states(states: list[RequestSafety], ns: list[int], logits: torch.Tensor) -> None:
     """The checks at generated steps ``ns`` of ``states``: the state machine, and the trace."""
-    ps = advance(states, [s.seen(n) for s, n in zip(states, ns)], logits)
+    ps = advance(states, [s.seen(n) for s, n in zip(states, ns)], logits, ns)
     for s, n, p in zip(states, ns, ps):
         s.p[n] = p
         s.mark(n)
