@@ -340,10 +340,10 @@ def test_prefill_check_error_fails_closed(engine, monkeypatch, part):
 
     advance = logits.advance
 
-    def boom_in_prefill(states, seen, lg):  # a prefill check sees fewer tokens than the prefill
-        if 0 < seen[0] < states[0].pre:
+    def boom_in_prefill(states, seen, lg, written=None):  # a prefill check sees fewer tokens
+        if 0 < seen[0] < states[0].pre:                      # than the prefill
             raise RuntimeError("prefill check's safety step broke")
-        return advance(states, seen, lg)
+        return advance(states, seen, lg, written)
 
     if part == "probe":
         monkeypatch.setattr(Bridge, "probe", boom)
