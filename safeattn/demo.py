@@ -116,7 +116,7 @@ def run_demo(model: str | None = None, *, device: str = "cpu", max_new_tokens: i
     print(f"model: {name} on {device}  (loaded in {time.perf_counter() - t0:.0f} s); greedy, "
           f"{max_new_tokens} new tokens, schedule {safety.schedule!r}, θ={safety.threshold:g} "
           f"(p_0: {safety.query_threshold:g}"
-          + (f"; from token {safety.late_after} on: {safety.late_threshold:g}"
+          + (f"; from token {safety.late_after} on: {safety.late_threshold:.7g}"
              if safety.late_threshold is not None else "")
           + f"), τ={safety.tau}", flush=True)
     cs = [c for _, c in cases]

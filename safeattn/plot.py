@@ -48,7 +48,7 @@ def plot_trace(output, tokenizer=None, path="safety_trace.png", row: int = 0, *,
                   label=f"θ = {theta:g}")
     if split and late <= 1.0:
         ax.hlines(late, after - 0.5, end, color="tab:red", ls=":", lw=1,
-                  label=f"θ from token {after} on = {late:g}")
+                  label=f"θ from token {after} on = {late:.7g}")
     query = safety.config.query_threshold
     if query is not None and query != theta and query <= 1.0:
         ax.plot([0], [query], marker="_", ms=14, mew=2, color="tab:red", ls="none",
