@@ -386,10 +386,16 @@ def _add_calibrate(sub) -> None:
     p.add_argument("--bootstrap", type=non_negative_int, default=1000,
                    help="resamples of the benign val prompts for 95%% intervals of θ and of "
                         "each set's predicted rate (calibration.json's bootstrap; 0: none)")
-    p.add_argument("--batch-size", type=int, default=8)
+    _add_run_options(p)
+    p.set_defaults(func=_calibrate)
+
+
+def _add_run_options(p) -> None:
+    """The options of a command that decodes the val or train prompts in batches."""
+    from .training_args import positive_int
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: default)")
-    p.set_defaults(func=_calibrate)
 
 
 def _responses(args: argparse.Namespace) -> int:
@@ -441,9 +447,7 @@ def _add_responses(sub) -> None:
     p.add_argument("--out", required=True, help="the JSON Lines file to write or resume")
     p.add_argument("--max-new-tokens", type=positive_int, default=40, help="tokens per answer")
     p.add_argument("--limit", type=positive_int, default=None, help="only the first N rows")
-    p.add_argument("--batch-size", type=positive_int, default=8)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: default)")
+    _add_run_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_responses)
 
