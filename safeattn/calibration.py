@@ -67,7 +67,15 @@ def refusal_scores(p: torch.Tensor, tau: int, max_new_tokens: int | None = None)
         checks = row[~row.isnan()]
         if len(checks) >= tau:
             out[i] = max(out[i], checks.unfold(0, tau, 1).amin(-1).max())
-    if max_new_tokens is not None and 1 < max_new_tokens <= p.shape[1]:
+    return _with_last_check(out, p, max_new_tokens, first=1)
+
+
+def _with_last_check(out: torch.Tensor, p: torch.Tensor, max_new_tokens: int | None,
+                     first: int) -> torch.Tensor:
+    """``out`` raised to the ``p`` of the check that chooses the last of ``max_new_tokens``
+    tokens, when that check sees at least ``first`` of them: no check can follow a hit there,
+    and a row does not end mid-alarm, so one hit refuses."""
+    if max_new_tokens is not None and first < max_new_tokens <= p.shape[1]:
         last = p[:, max_new_tokens - 1]  # (a trace whose rows all ended sooner is shorter)
         out = torch.where(last.isnan(), out, torch.maximum(out, last))
     return out
@@ -97,10 +105,7 @@ def late_scores(p: torch.Tensor, tau: int, threshold: float, late_after: int,
         ok = late[:, -1] & (late | (runs >= threshold)).all(-1)
         if ok.any():
             out[i] = torch.where(late, runs, math.inf).amin(-1)[ok].max()
-    if max_new_tokens is not None and late_after < max_new_tokens <= p.shape[1]:
-        last = p[:, max_new_tokens - 1]
-        out = torch.where(last.isnan(), out, torch.maximum(out, last))
-    return out
+    return _with_last_check(out, p, max_new_tokens, first=late_after)
 
 
 def pick_late_threshold(benign_late: torch.Tensor, benign_early: torch.Tensor,

@@ -286,14 +286,12 @@ def _calibrate(args: argparse.Namespace) -> int:
     cfg_path = d / "safety_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["threshold"] = report["threshold"]
-    cfg.pop("query_threshold", None)
-    if "query_threshold" in report:
-        cfg["query_threshold"] = report["query_threshold"]
-        print(f"θ of p_0 = {report['query_threshold']:.6f}, ", end="")
-    for key in ("late_threshold", "late_after"):
+    for key in ("query_threshold", "late_threshold", "late_after"):  # none left stale
         cfg.pop(key, None)
         if key in report:
             cfg[key] = report[key]
+    if "query_threshold" in report:
+        print(f"θ of p_0 = {report['query_threshold']:.6f}, ", end="")
     late = (f", from {report['late_after']} generated tokens on {report['late_threshold']:.7f}"
             if "late_threshold" in report else "")
     print(f"θ = {report['threshold']:.6f}{late} (benign val refusals <= {args.target_fpr:.0%} "
