@@ -415,10 +415,13 @@ def test_cli_eval_end_to_end(tmp_path, capsys, saved):
     assert (tmp_path / "r.md").read_text().startswith("| attack |")
     assert "| direct |" in capsys.readouterr().out
     rc = main(["eval", "--model", str(d), "--data", data, "--max-new-tokens", "2",
-               "--mode", "safe", "--json", "-"])
+               "--mode", "safe", "--json", "-", "--threshold", "2", "--late-threshold", "3",
+               "--late-after", "1"])
     assert rc == 0
     rep = json.loads(capsys.readouterr().out)
     assert {r["mode"] for r in rep["results"]} == {"safe"}
+    assert {k: rep["meta"]["safety"][k] for k in ("threshold", "late_threshold", "late_after")
+            } == {"threshold": 2.0, "late_threshold": 3.0, "late_after": 1}
 
 
 def test_cli_eval_response_attack(tmp_path, saved):
@@ -487,6 +490,8 @@ def test_merge_reports(tmp_path, capsys):
     (["--attack", "all", "--response-tokens", "0"], "response_tokens must be >= 1"),
     (["--schedule", "each", "--tau", "0"], "tau"),
     (["--prefill-stride", "-1"], "SafetyConfig.prefill_stride"),
+    (["--threshold", "0.5", "--late-threshold", "0.9"], "SafetyConfig.late_after"),
+    (["--late-after", "0"], "SafetyConfig.late_after must be an int >= 1"),
     (["--json", "/nonexistent/dir/r.json"], "--json /nonexistent/dir/r.json"),
     (["--safety", "/nonexistent/head"], "--safety /nonexistent/head: no safety_config.json"),
 ])

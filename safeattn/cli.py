@@ -62,8 +62,10 @@ def _eval(args: argparse.Namespace) -> int:
             resp = ev.load_response_rows(limit=args.limit)
         ks = [int(k) for k in args.prefill_k.split(",") if k.strip()]
         safety = SafetyConfig(schedule=args.schedule, threshold=args.threshold,
-                              query_threshold=args.query_threshold, tau=args.tau,
-                              period=args.period, prefill_stride=args.prefill_stride)
+                              query_threshold=args.query_threshold,
+                              late_threshold=args.late_threshold, late_after=args.late_after,
+                              tau=args.tau, period=args.period,
+                              prefill_stride=args.prefill_stride)
     except (ValueError, ev.EvalError) as e:
         print(f"safeattn eval: error: {e}", file=sys.stderr)
         return 2
@@ -202,6 +204,13 @@ def _add_eval(sub) -> None:
     p.add_argument("--query-threshold", type=float, default=None,
                    help="theta of the prefill check p_0 alone (default: the model's calibrated "
                         "one when --threshold is not given, else --threshold)")
+    p.add_argument("--late-threshold", type=float, default=None,
+                   help="theta of the checks from --late-after generated tokens on (default: "
+                        "the model's calibrated one when --threshold is not given, else "
+                        "--threshold)")
+    p.add_argument("--late-after", type=int, default=None,
+                   help="generated tokens before --late-threshold applies (default: the "
+                        "model's, with its late threshold)")
     p.add_argument("--tau", type=int, default=3, help="consecutive alarms before refusing")
     p.add_argument("--prefill-stride", type=int, default=4,
                    help="check an assistant prefill every K tokens before generating (0: its "
