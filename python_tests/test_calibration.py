@@ -1,6 +1,7 @@
 """θ calibration on the validation split: the val/fit split, refusal scores, the θ pick, the
 model's calibrated θ as SafetyConfig's default, and safeattn.calibrate end to end."""
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -449,6 +450,20 @@ def test_calibrate_cli_writes_or_drops_the_late_threshold(tmp_path, monkeypatch,
     assert "from 32 generated tokens on 0.9900000" in capsys.readouterr().out
     assert main(argv) == 0                     # one θ throughout: a stale late θ goes
     assert json.loads(cfg.read_text()) == {"threshold": 0.6} and seen == [32, None]
+
+    picked = []
+
+    def pick(model, tok, rows, prefixes, *, safety, batch_size):
+        picked.append(safety)
+        return {"refusal_prefix": prefixes[0], "candidates": []}
+
+    monkeypatch.setattr(cal, "pick_refusal_prefix", pick)
+    base = safeattn.SafetyConfig()
+    assert main(argv + ["--late-after", "32", "--max-new-tokens", "128",
+                        "--refusal-prefix", "No,"]) == 0  # the prefix is picked at θ and late θ
+    assert (picked[0].threshold, picked[0].late_threshold, picked[0].late_after) == (0.6, 0.99, 32)
+    assert cal.calibrated_config(replace(base, late_threshold=0.9, late_after=4),
+                                 {"threshold": 0.6}) == replace(base, threshold=0.6)
 
 
 def test_calibrate_counts_a_failed_check_as_refusing_at_every_theta(monkeypatch):

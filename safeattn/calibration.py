@@ -388,6 +388,19 @@ def calibrate(model, tokenizer, rows: Mapping[str, Sequence[Mapping]], *, target
     return report
 
 
+CALIBRATED_KEYS = ("threshold", "query_threshold", "late_threshold", "late_after")
+"""The :class:`safeattn.SafetyConfig` fields that :func:`calibrate` picks (a report holds those
+it picked; a safety config file written from it should hold no others)."""
+
+
+def calibrated_config(safety, report: Mapping):
+    """``safety`` at the operating point of a :func:`calibrate` report: the fields of
+    :data:`CALIBRATED_KEYS` that the report has, the others ``None`` (no stale late θ)."""
+    from dataclasses import replace
+
+    return replace(safety, **{k: report.get(k) for k in CALIBRATED_KEYS})
+
+
 def _rates(refuses: torch.Tensor, sets: Mapping[str, torch.Tensor]) -> dict[str, float]:
     """Each non-empty set's share of refusing rows."""
     return {n: float(refuses[i].float().mean()) for n, i in sets.items() if len(i)}

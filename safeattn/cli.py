@@ -251,11 +251,11 @@ def _add_eval(sub) -> None:
 
 def _calibrate(args: argparse.Namespace) -> int:
     import json
-    from dataclasses import replace
 
     import torch
 
-    from .calibration import calibrate, pick_refusal_prefix, validation_rows
+    from .calibration import (CALIBRATED_KEYS, calibrate, calibrated_config, pick_refusal_prefix,
+                              validation_rows)
     from .data import load_responses
     from .generation import SafetyConfig
     from .models import artifact_dir, load_default
@@ -294,8 +294,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     report["val_fraction"] = args.val_fraction
     cfg_path = d / "safety_config.json"
     cfg = json.loads(cfg_path.read_text())
-    cfg["threshold"] = report["threshold"]
-    for key in ("query_threshold", "late_threshold", "late_after"):  # none left stale
+    for key in CALIBRATED_KEYS:  # none left stale
         cfg.pop(key, None)
         if key in report:
             cfg[key] = report[key]
@@ -322,12 +321,7 @@ def _calibrate(args: argparse.Namespace) -> int:
             f"{n} {r:.1%}" for n, r in m["predicted"].items()))
     if args.refusal_prefix:
         picked = pick_refusal_prefix(model, tok, rows, args.refusal_prefix,
-                                     safety=replace(safety, threshold=report["threshold"],
-                                                    query_threshold=report.get(
-                                                        "query_threshold"),
-                                                    late_threshold=report.get(
-                                                        "late_threshold"),
-                                                    late_after=report.get("late_after")),
+                                     safety=calibrated_config(safety, report),
                                      batch_size=args.batch_size)
         report["refusal_prefix"] = picked
         cfg["refusal_prefix"] = picked["refusal_prefix"]
