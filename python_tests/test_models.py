@@ -19,6 +19,8 @@ def test_unknown_model_name():
         models.load_default(safeattn.models.torch.float32)
     assert models.artifact_dir("smollm2") == models.artifact_dir(models.CHAT_MODEL)
     assert models.default_cache_dir("default").name == "gemma3-270m"
+    assert [models.is_shipped(n) for n in ("default", "smollm2", models.CHAT_MODEL, "gpt-5",
+                                           "/tmp/gemma3-270m")] == [True, True, True, False, False]
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,8 @@ def _device(name: str | None) -> str:
 def _load_model(spec: str, device: str | None = None, safety: str | None = None):
     import torch
 
-    from .models import _ALIASES, MODELS
-    if spec in MODELS or spec in _ALIASES:
+    from .models import MODELS, is_shipped
+    if is_shipped(spec):
         from .models import load_default
         model, tok = load_default(spec, safety_dir=safety)
         return model.to(_device(device)), tok
@@ -406,9 +406,9 @@ def _responses(args: argparse.Namespace) -> int:
 
     from .data import cache_responses
     from .data.samples import benign_rows, harmful_rows, select
-    from .models import _ALIASES, MODELS, load_base
+    from .models import MODELS, is_shipped, load_base
 
-    if args.model not in MODELS and args.model not in _ALIASES:
+    if not is_shipped(args.model):
         raise ValueError(f"--model {args.model!r}: expected one of {', '.join(MODELS)}")
     if args.split == "val" and not args.val_fraction:
         raise ValueError("--split val needs --val-fraction: the band safeattn train held out")

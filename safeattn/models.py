@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["load_default", "load_base", "default_cache_dir", "artifact_dir", "MODELS",
-           "DEFAULT_MODEL", "CHAT_MODEL", "ARTIFACT_DIR"]
+           "DEFAULT_MODEL", "CHAT_MODEL", "ARTIFACT_DIR", "is_shipped"]
 
 DEFAULT_MODEL = "gemma3-270m"
 CHAT_MODEL = "smollm2-135m-instruct"
@@ -28,6 +28,11 @@ _ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 
 #: The shipped Gemma-3-270M safety head (``save_safety`` format).
 ARTIFACT_DIR = _ARTIFACTS / DEFAULT_MODEL
+
+
+def is_shipped(name: str) -> bool:
+    """Whether ``name`` names a shipped model (its name or an alias such as ``"default"``)."""
+    return _ALIASES.get(name, name) in MODELS
 
 
 def _name(name: str) -> str:

