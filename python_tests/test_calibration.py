@@ -407,7 +407,7 @@ def test_calibrate_late_after():
               safety=safeattn.SafetyConfig(tau=1))
     rep = calibrate(model, tok, rows, late_after=3, split_thresholds=True, **kw)
     assert rep["late_after"] == 3 and 0.0 <= rep["late_threshold"] <= 1.0
-    assert "bootstrap" not in rep
+    assert set(rep["bootstrap"]) >= {"threshold", "query_threshold", "late_threshold"}
     for m in rep["sets"].values():
         assert not m["n"] or m["refused"] == pytest.approx(m["predicted"])
     assert rep["sets"]["benign"]["predicted"] <= 0.34
@@ -522,6 +522,35 @@ def test_calibrate_bootstrap_intervals(monkeypatch):
     assert "bootstrap" not in run(benign, [0.9], 0.05, bootstrap=0)
     with pytest.raises(ValueError, match="bootstrap"):
         run(benign, [0.9], 0.05, bootstrap=-1)
+
+
+def test_calibrate_bootstrap_repicks_the_late_threshold(monkeypatch):
+    """With late_after, each resample picks θ and then the late θ on its draw of benign rows."""
+    import safeattn.calibration as cal
+
+    model, tok = _patched()
+
+    def run(benign_late, harmful_late, **kw):
+        rows = {"benign": [{"id": f"b{i}", "prompt": "b"} for i in range(len(benign_late))],
+                "advbench": [{"id": f"h{i}", "prompt": "h"} for i in range(len(harmful_late))]}
+        # p_0, the check before late_after, the one after it: only the late one varies
+        p = torch.tensor([[0.0, 0.0, x] for x in benign_late + harmful_late])
+        monkeypatch.setattr(cal, "_decode", lambda *a: (p, torch.zeros(len(p), dtype=bool)))
+        return calibrate(model, tok, rows, target_fpr=0.05, max_new_tokens=3, late_after=2,
+                         safety=safeattn.SafetyConfig(tau=1), split_thresholds=True, **kw)
+
+    rep = run([0.2] * 20, [0.7, 0.9])
+    assert rep["bootstrap"]["late_threshold"] == pytest.approx([rep["late_threshold"]] * 2)
+    assert rep["bootstrap"]["sets"]["advbench"] == [1.0, 1.0]
+    benign = [i / 40 for i in range(40)]
+    rep = run(benign, [0.9, 0.95, 0.96, 0.99])
+    boot = rep["bootstrap"]
+    lo, hi = boot["late_threshold"]
+    assert lo < rep["late_threshold"] < hi <= 1.0
+    assert boot["threshold"] == pytest.approx([rep["threshold"]] * 2)  # no early score moves
+    a, b = boot["sets"]["advbench"]
+    assert a < rep["sets"]["advbench"]["predicted"] <= b
+    assert run(benign, [0.9, 0.95, 0.96, 0.99])["bootstrap"] == boot
 
 
 def test_compare_taus_match_calibrating_at_each_tau():

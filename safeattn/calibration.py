@@ -288,7 +288,7 @@ def calibrate(model, tokenizer, rows: Mapping[str, Sequence[Mapping]], *, target
     ``late_after``: θ (and the query θ) are picked on the checks before the one that sees
     ``late_after`` generated tokens, and the checks from it on get ``late_threshold``
     (:func:`pick_late_threshold`), so that at most ``target_fpr`` of the benign rows refuse
-    within ``max_new_tokens`` in all (``report["late_threshold"]``; no bootstrap; ``scores``
+    within ``max_new_tokens`` in all (``report["late_threshold"]``, in the bootstrap too; ``scores``
     and the AUROCs stay those of one θ over the whole trace).
     """
     from dataclasses import replace
@@ -380,11 +380,13 @@ def calibrate(model, tokenizer, rows: Mapping[str, Sequence[Mapping]], *, target
         report.update(late_threshold=late, late_after=late_after)
     if by_tau:
         report["by_tau"] = by_tau
-    if bootstrap and late is None:
+    if bootstrap:
+        late_at = None if late is None else (
+            lambda th: late_scores(p, safety.tau, th, late_after, max_new_tokens))
         report["bootstrap"] = bootstrap_intervals(
             prefill, checks, by_set, benign, target_fpr=target_fpr,
             split_thresholds=split_thresholds, keep_threshold=keep_threshold,
-            resamples=bootstrap)
+            late_scores_at=late_at, resamples=bootstrap)
     return report
 
 
@@ -418,26 +420,36 @@ def _thresholds(s0, sr, rows, target_fpr, split_thresholds, keep_threshold):
 def bootstrap_intervals(s0: torch.Tensor, sr: torch.Tensor, sets: Mapping[str, torch.Tensor],
                         benign: torch.Tensor, *, target_fpr: float,
                         split_thresholds: bool = False, keep_threshold: float | None = None,
-                        resamples: int = 1000, seed: int = 0) -> dict:
+                        late_scores_at=None, resamples: int = 1000, seed: int = 0) -> dict:
     """95% intervals of θ (and the query θ) and of each set's refusal rate when θ is picked,
     as :func:`calibrate` picks it, on ``resamples`` draws (seeded, with replacement) of the
     ``benign`` rows: at a small ``target_fpr`` a few benign rows at the top set θ, and every
     rate moves with them.
 
     ``s0``, ``sr``: ``[N]`` per row its ``p_0`` and the score of its decoding-time checks
-    (:func:`split_scores`); ``sets``: name -> row indices; ``benign``: the indices θ is picked
-    on. -> ``{"resamples", "skipped" (draws that cannot meet the target), "threshold",
-    "query_threshold" (with ``split_thresholds``), "sets": {name: [lo, hi]}}``."""
+    (:func:`split_scores`; before ``late_after`` with a late θ); ``sets``: name -> row
+    indices; ``benign``: the indices θ is picked on. ``late_scores_at``: with a late θ, ``θ
+    -> [N]`` :func:`late_scores` of every row at that θ; each draw then picks its late θ too
+    (:func:`pick_late_threshold`). -> ``{"resamples", "skipped" (draws that cannot meet the
+    target), "threshold", "query_threshold" (with ``split_thresholds``), "late_threshold"
+    (with ``late_scores_at``), "sets": {name: [lo, hi]}}``."""
     g = torch.Generator().manual_seed(seed)
-    draws, skipped = [], 0
+    draws, skipped, late_at = [], 0, {}
     for _ in range(resamples):
         rows = benign[torch.randint(len(benign), (len(benign),), generator=g)]
         try:
             q, th = _thresholds(s0, sr, rows, target_fpr, split_thresholds, keep_threshold)
+            refuses, late = (s0 >= q) | (sr >= th), None
+            if late_scores_at is not None:
+                if th not in late_at:  # a few benign rows set θ: few distinct values
+                    late_at[th] = late_scores_at(th)
+                late = pick_late_threshold(late_at[th][rows], refuses[rows], target_fpr)
+                refuses = refuses | (late_at[th] >= late)
         except ValueError:
             skipped += 1
             continue
-        draws.append((q, th, _rates((s0 >= q) | (sr >= th), sets)))
+        draws.append({"query_threshold": q, "threshold": th, "late_threshold": late,
+                      "sets": _rates(refuses, sets)})
     out = {"resamples": resamples, "skipped": skipped}
     if not draws:
         return out
@@ -446,10 +458,12 @@ def bootstrap_intervals(s0: torch.Tensor, sr: torch.Tensor, sets: Mapping[str, t
         return torch.tensor(values, dtype=torch.float64).quantile(
             torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
 
-    out["threshold"] = ci([th for _, th, _ in draws])
+    out["threshold"] = ci([d["threshold"] for d in draws])
     if split_thresholds:
-        out["query_threshold"] = ci([q for q, _, _ in draws])
-    out["sets"] = {n: ci([r[n] for _, _, r in draws]) for n in draws[0][2]}
+        out["query_threshold"] = ci([d["query_threshold"] for d in draws])
+    if late_scores_at is not None:
+        out["late_threshold"] = ci([d["late_threshold"] for d in draws])
+    out["sets"] = {n: ci([d["sets"][n] for d in draws]) for n in draws[0]["sets"]}
     return out
 
 

@@ -312,8 +312,10 @@ def _calibrate(args: argparse.Namespace) -> int:
     boot = report.get("bootstrap", {})
     if "threshold" in boot:
         lo, hi = boot["threshold"]
+        late = ("" if "late_threshold" not in boot else
+                ", late θ {:.7f}–{:.7f}".format(*boot["late_threshold"]))
         print(f"  95% over {boot['resamples']} resamples of the benign val prompts: θ "
-              f"{lo:.6f}–{hi:.6f}; predicted " + ", ".join(
+              f"{lo:.6f}–{hi:.6f}{late}; predicted " + ", ".join(
                   f"{n} {a:.1%}–{b:.1%}" for n, (a, b) in boot["sets"].items()))
     for tau, m in report.get("by_tau", {}).items():
         q = f"θ of p_0 = {m['query_threshold']:.6f}, " if "query_threshold" in m else ""
