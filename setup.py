@@ -134,7 +134,8 @@ setup(
     description="Explicit [CLS] safety signals with strategic attention and decoding for HF models",
     packages=find_packages(include=["safeattn", "safeattn.*"]),
     package_data={"safeattn": ["data/files/*.jsonl", "data/files/licenses/*", "data/files/README.md",
-                            "artifacts/gemma3-270m/*", "artifacts/smollm2-135m-instruct/*"]},
+                            "artifacts/gemma3-270m/*", "artifacts/smollm2-135m-instruct/*",
+                            "artifacts/smollm2-135m-instruct/query-probe/*"]},
     # SAFEATTN_BUILD_EXT=0: register the package only (the vLLM venv reuses the extension
     # .ci/install built, since both venvs run the same torch).
     ext_modules=[] if os.environ.get("SAFEATTN_BUILD_EXT") == "0" else extensions(),

