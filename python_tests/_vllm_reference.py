@@ -65,8 +65,9 @@ def main(spec_path, out_dir):
     torch.set_num_threads(1)
     for family in spec["families"]:
         d = Path(out_dir) / family
-        if family in safeattn.models.MODELS:  # a shipped model and head (not saved again)
-            model, tok = safeattn.load_default(family)
+        name, _, variant = family.partition("/")  # "model/variant": another shipped head
+        if name in safeattn.models.MODELS:  # a shipped model and head (not saved again)
+            model, tok = safeattn.models.load_default(name, variant=variant or None)
             d.mkdir(parents=True, exist_ok=True)
         else:
             model, tok = tiny_safe_model(family)

@@ -745,29 +745,32 @@ REAL_PREFILL_CASES = [{"schedule": "each"},
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["gemma3-270m", "smollm2-135m-instruct"])
+@pytest.mark.parametrize("name", ["gemma3-270m", "smollm2-135m-instruct",
+                                  "smollm2-135m-instruct/query-probe"])
 def test_real_model_parity(tmp_path, name):
-    """A shipped model (Gemma3 / Llama family) with its head and probe adapter, batch 8: the
-    same greedy tokens and trace as safeattn.generate (θ = 3e-4 with p_0 never refusing
-    makes rows refuse mid-answer)."""
+    """A shipped model (Gemma3 / Llama family) with its head and probe adapter (and the chat
+    model's opt-in query probe), batch 8: the same greedy tokens and trace as
+    safeattn.generate (θ = 3e-4 with p_0 never refusing makes rows refuse mid-answer)."""
     from transformers import AutoTokenizer
 
     from safeattn.models import artifact_dir, default_cache_dir
 
+    name, _, variant = name.partition("/")
     model_dir = default_cache_dir(name)
     if not (model_dir / "config.json").exists():
         pytest.skip(f"{name} is not cached (run safeattn.load_default({name!r}) once)")
     spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"families": [name], "prompts": REAL_PROMPTS,
+    family = f"{name}/{variant}" if variant else name
+    spec.write_text(json.dumps({"families": [family], "prompts": REAL_PROMPTS,
                                 "cases": REAL_CASES, "prefills": REAL_PREFILLS,
                                 "prefill_cases": REAL_PREFILL_CASES, "max_tokens": 24}))
     r = subprocess.run([_reference_python(), str(HERE / "_vllm_reference.py"), str(spec),
                         str(tmp_path)], capture_output=True, text=True, timeout=1800)
     if r.returncode:
         pytest.fail(f"the HF reference run failed:\n{r.stderr[-3000:]}")
-    ref = json.loads((tmp_path / name / "ref.json").read_text())
-    llm = vllm.LLM(**sv.engine_kwargs(model_dir, safety_dir=artifact_dir(name)), dtype="float32",
-                   enforce_eager=True, max_model_len=512, max_num_seqs=8, seed=0,
+    ref = json.loads((tmp_path / family / "ref.json").read_text())
+    llm = vllm.LLM(**sv.engine_kwargs(model_dir, safety_dir=artifact_dir(name, variant or None)),
+                   dtype="float32", enforce_eager=True, max_model_len=512, max_num_seqs=8, seed=0,
                    gpu_memory_utilization=0.1)
     tok = AutoTokenizer.from_pretrained(model_dir)
     steps = []
@@ -779,7 +782,7 @@ def test_real_model_parity(tmp_path, name):
             tr = sv.trace(ids[i])[0]
             steps.append(tr.refusal_step)
             _check_row(list(o.outputs[0].token_ids), tr, ref["cases"][c][i], ref["eos"],
-                       f"{name} case {cfg} row {i}")
+                       f"{family} case {cfg} row {i}")
     assert 0 in steps and None in steps and any(s not in (0, None) for s in steps)
     scans = 0
     for c, cfg in enumerate(REAL_PREFILL_CASES):  # assistant prefills, prefill checks
@@ -789,10 +792,10 @@ def test_real_model_parity(tmp_path, name):
         for i, o in enumerate(llm.generate(ps, sps, use_tqdm=False)):
             tr, want = sv.trace(ids[i])[0], ref["prefill_cases"][c][i]
             _check_row(list(o.outputs[0].token_ids), tr, want, ref["eos"],
-                       f"{name} prefill case {cfg} row {i}")
+                       f"{family} prefill case {cfg} row {i}")
             assert len(tr.prefill_checks) == len(want["prefill_checks"])
             for (k, p), (k2, p2) in zip(tr.prefill_checks, want["prefill_checks"]):
-                assert k == k2 and abs(p - p2) < 1e-4, f"{name} prefill check {k}"
+                assert k == k2 and abs(p - p2) < 1e-4, f"{family} prefill check {k}"
             scans += len(tr.prefill_checks)
     assert scans  # a p_0 that refuses leaves nothing to check
 
