@@ -288,8 +288,8 @@ def calibrate(model, tokenizer, rows: Mapping[str, Sequence[Mapping]], *, target
     ``late_after``: θ (and the query θ) are picked on the checks before the one that sees
     ``late_after`` generated tokens, and the checks from it on get ``late_threshold``
     (:func:`pick_late_threshold`), so that at most ``target_fpr`` of the benign rows refuse
-    within ``max_new_tokens`` in all (``report["late_threshold"]``, in the bootstrap too; ``scores``
-    and the AUROCs stay those of one θ over the whole trace).
+    within ``max_new_tokens`` in all (``report["late_threshold"]``, re-picked in each
+    bootstrap draw; ``scores`` and the AUROCs stay those of one θ over the whole trace).
     """
     from dataclasses import replace
 

@@ -29,12 +29,14 @@ def _safety_dir(model: str, safety: str | None):
 
     from .models import artifact_dir, is_shipped, variants
 
-    if safety is None or (Path(safety) / "safety_config.json").is_file():
-        return None if safety is None else Path(safety)
-    if is_shipped(model) and safety in variants(model):
+    if safety is None:
+        return None
+    if (Path(safety) / "safety_config.json").is_file():
+        return Path(safety)
+    shipped = variants(model) if is_shipped(model) else ()
+    if safety in shipped:
         return artifact_dir(model, safety)
-    named = f", nor a head {model} ships ({', '.join(variants(model))})" \
-        if is_shipped(model) and variants(model) else ""
+    named = f", nor a head {model} ships ({', '.join(shipped)})" if shipped else ""
     raise ValueError(f"--safety {safety}: no safety_config.json there (expected the files that "
                      f"'safeattn train --out' writes){named}")
 
