@@ -152,7 +152,9 @@ def pick_thresholds(benign_p0: torch.Tensor, benign_checks: torch.Tensor,
 
     ``threshold``: keep this θ for the decoding-time checks (e.g. the one calibrated for the
     same head before only ``p_0`` changed) and spend what its refusals leave of the budget on
-    ``p_0``. Raises ``ValueError`` when the checks alone refuse more than the budget at it.
+    ``p_0``; where ``p_0`` at that θ would refuse more benign rows than that leaves, the query
+    θ goes above θ. Raises ``ValueError`` when the checks alone refuse more than the budget at
+    it.
     """
     b0, br = (_benign(x, target_fpr) for x in (benign_p0, benign_checks))
     if len(b0) != len(br):
@@ -169,9 +171,13 @@ def pick_thresholds(benign_p0: torch.Tensor, benign_checks: torch.Tensor,
                              f"{refused} benign rows, more than the {k} that "
                              f"target_fpr={target_fpr} allows")
     clear = (b0 < theta) & (br < theta)
+    left = k - int((~clear).sum())
+    if left < 0:  # a kept θ: p_0 alone at it spends more than the checks leave
+        checked = br >= theta
+        return _theta_above(b0[~checked], k - int(checked.sum())), theta
     if not clear.any():
         return theta, theta
-    return _theta_above(b0[clear], k - int((~clear).sum()), ceiling=theta), theta
+    return _theta_above(b0[clear], left, ceiling=theta), theta
 
 
 def split_scores(p: torch.Tensor, tau: int,
@@ -346,6 +352,10 @@ def calibrate(model, tokenizer, rows: Mapping[str, Sequence[Mapping]], *, target
         return _rates(refuses, by_set)
 
     query, theta, late, refuses, prefill, checks = operating_point(safety.tau)
+    if int(refuses[benign].sum()) > _budget(benign, target_fpr):  # never write such a config
+        raise RuntimeError(f"calibrate: the picked thresholds refuse {int(refuses[benign].sum())}"
+                           f" of {len(benign)} benign rows by the trace, more than target_fpr="
+                           f"{target_fpr} allows")
     scores = torch.maximum(prefill, checks) if late_after is None else refusal_scores(
         torch.where(failed[:, None], math.inf, p), safety.tau, max_new_tokens)
     by_tau = {}
