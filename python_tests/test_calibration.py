@@ -653,9 +653,20 @@ def test_pick_refusal_prefix_keeps_the_one_that_reads_best(monkeypatch):
         pick_refusal_prefix(None, None, rows, ["  "], safety=safeattn.SafetyConfig())
 
 
-def test_calibrate_cli_needs_the_answers_for_conversations(tmp_path, capsys):
-    from safeattn.cli import main
+def test_calibrate_cli_needs_the_answers_for_conversations(tmp_path, capsys, monkeypatch):
+    from safeattn import models
+    from safeattn.cli import _benign_answers, main
 
+    chat = models.CHAT_MODEL
+    answers = models.artifact_dir(chat) / "benign_responses.jsonl"
+    assert answers.is_file()
+    # a variant's folder holds no answers of its own: its model's are the same ones
+    assert _benign_answers(chat, models.artifact_dir(chat, "query-probe")) == answers
+    assert _benign_answers(chat, tmp_path) == answers
+    (tmp_path / "benign_responses.jsonl").write_text("")
+    assert _benign_answers(chat, tmp_path) == tmp_path / "benign_responses.jsonl"
+    (tmp_path / "benign_responses.jsonl").unlink()
+    monkeypatch.setattr(models, "_ARTIFACTS", tmp_path / "nothing shipped")
     (tmp_path / "safety_config.json").write_text("{}")
     rc = main(["calibrate", "--model", "smollm2-135m-instruct", "--safety", str(tmp_path),
                "--val-fraction", "0.15", "--conversations"])

@@ -352,10 +352,10 @@ def calibrate(model, tokenizer, rows: Mapping[str, Sequence[Mapping]], *, target
         return _rates(refuses, by_set)
 
     query, theta, late, refuses, prefill, checks = operating_point(safety.tau)
-    if int(refuses[benign].sum()) > _budget(benign, target_fpr):  # never write such a config
-        raise RuntimeError(f"calibrate: the picked thresholds refuse {int(refuses[benign].sum())}"
-                           f" of {len(benign)} benign rows by the trace, more than target_fpr="
-                           f"{target_fpr} allows")
+    refused = int(refuses[benign].sum())
+    if refused > _budget(benign, target_fpr):  # never write such a config
+        raise RuntimeError(f"calibrate: the picked thresholds refuse {refused} of {len(benign)}"
+                           f" benign rows by the trace, more than target_fpr={target_fpr} allows")
     scores = torch.maximum(prefill, checks) if late_after is None else refusal_scores(
         torch.where(failed[:, None], math.inf, p), safety.tau, max_new_tokens)
     by_tau = {}

@@ -41,6 +41,19 @@ def _safety_dir(model: str, safety: str | None):
                      f"'safeattn train --out' writes){named}")
 
 
+def _benign_answers(model: str, safety_dir):
+    """The default ``--benign-responses``: the safety folder's, else the shipped model's (the
+    model's own answers do not depend on which head reads them)."""
+    from pathlib import Path
+
+    from .models import artifact_dir, is_shipped
+
+    path = Path(safety_dir) / "benign_responses.jsonl"
+    if path.is_file() or not is_shipped(model):
+        return path
+    return artifact_dir(model) / "benign_responses.jsonl"
+
+
 def _load_model(spec: str, device: str | None = None, safety: str | None = None):
     import torch
 
@@ -287,7 +300,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     d = _safety_dir(args.model, args.safety) or artifact_dir(args.model)
     answers = None
     if args.conversations:
-        path = Path(args.benign_responses or d / "benign_responses.jsonl")
+        path = Path(args.benign_responses or _benign_answers(args.model, d))
         if not path.is_file():
             print(f"safeattn calibrate: error: --conversations needs the benign answers; no "
                   f"{path} (pass --benign-responses)", file=sys.stderr)
@@ -394,7 +407,7 @@ def _add_calibrate(sub) -> None:
                         "alone, such as a query probe)")
     p.add_argument("--benign-responses", default=None,
                    help="the model's benign answers that open those exchanges (default: "
-                        "SAFETY/benign_responses.jsonl)")
+                        "SAFETY/benign_responses.jsonl, else the shipped model's)")
     p.add_argument("--seed", type=int, default=0, help="the seed the head was trained with")
     p.add_argument("--refusal-prefix", action="append", default=None, metavar="TEXT",
                    help="a candidate refusal prefix; repeat to compare several")
