@@ -33,9 +33,10 @@ held out of training with ``safeattn train --val-fraction``; the test split is n
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import torch
 
@@ -297,11 +298,37 @@ def calibrate(model, tokenizer, rows: Mapping[str, Sequence[Mapping]], *, target
     within ``max_new_tokens`` in all (``report["late_threshold"]``, re-picked in each
     bootstrap draw; ``scores`` and the AUROCs stay those of one θ over the whole trace).
     """
-    from dataclasses import replace
-
-    from .data import BENIGN_GROUPS
     from .generation import SafetyConfig
 
+    replace = dataclasses.replace
+    _check_settings(rows, bootstrap, split_thresholds, keep_threshold, late_after,
+                    max_new_tokens)
+    safety = replace(safety or SafetyConfig(), threshold=1.5, query_threshold=None,
+                     late_threshold=None, late_after=None)
+    val = _ValTrace.decode(model, tokenizer, rows, safety, max_new_tokens, batch_size,
+                           target_fpr=target_fpr, split_thresholds=split_thresholds,
+                           keep_threshold=keep_threshold, late_after=late_after)
+    at = val.operating_point(safety.tau)
+    refused = int(at.refuses[val.benign].sum())
+    if refused > _budget(val.benign, target_fpr):  # never write such a config
+        raise RuntimeError(f"calibrate: the picked thresholds refuse {refused} of "
+                           f"{len(val.benign)} benign rows by the trace, more than "
+                           f"target_fpr={target_fpr} allows")
+    real = replace(safety, threshold=at.theta, query_threshold=at.query,
+                   late_threshold=at.late, late_after=late_after)
+    _, refused_at = _decode(model, tokenizer, val.prompts, real, max_new_tokens, batch_size)
+    report = val.report(at, refused_at, safety)
+    by_tau = {str(tau): val.summary(val.operating_point(tau)) for tau in compare_taus}
+    if by_tau:
+        report["by_tau"] = by_tau
+    if bootstrap:
+        report["bootstrap"] = val.bootstrap(at, safety.tau, bootstrap)
+    return report
+
+
+def _check_settings(rows, bootstrap, split_thresholds, keep_threshold, late_after,
+                    max_new_tokens) -> None:
+    """:func:`calibrate`'s argument checks, before any decoding."""
     if not rows.get("benign"):
         raise ValueError("rows['benign'] is empty: nothing to calibrate on")
     if bootstrap < 0:
@@ -312,92 +339,140 @@ def calibrate(model, tokenizer, rows: Mapping[str, Sequence[Mapping]], *, target
     if late_after is not None and not 1 <= late_after < max_new_tokens:
         raise ValueError(f"late_after must be in [1, max_new_tokens={max_new_tokens}), got "
                          f"{late_after}")
-    safety = replace(safety or SafetyConfig(), threshold=1.5, query_threshold=None,
-                     late_threshold=None, late_after=None)
-    names = list(rows)
-    prompts = [r["prompt"] for n in names for r in rows[n]]
-    ids = [(n, r["id"]) for n in names for r in rows[n]]
-    # No finite p reaches θ > 1, so a row that refuses in this pass failed closed (a
-    # non-finite p or an error in the check, trace p nan): it refuses at every θ.
-    p, failed = _decode(model, tokenizer, prompts, safety, max_new_tokens, batch_size)
-    by_set = {n: torch.tensor([i for i, (m, _) in enumerate(ids) if m == n]) for n in names}
-    over = {r["id"] for r in rows["benign"] if r.get("source") in BENIGN_GROUPS["over_refusal"]}
-    by_set["over_refusal"] = torch.tensor(
-        [i for i, (m, rid) in enumerate(ids) if m == "benign" and rid in over], dtype=torch.long)
-    benign = torch.cat([by_set[n] for n in names if is_benign_set(n)])
-    if failed.any():
-        bad = [f"{n}/{rid}" for (n, rid), f in zip(ids, failed.tolist()) if f]
+
+
+class _Point(NamedTuple):
+    """The thresholds picked for one τ, and what they do to the trace's rows."""
+
+    query: float                 #: θ of ``p_0``
+    theta: float                 #: θ of the decoding-time checks
+    late: float | None           #: θ of the checks from ``late_after`` on
+    refuses: torch.Tensor        #: ``[N]`` bool, by the trace
+    prefill: torch.Tensor        #: ``[N]`` ``p_0``
+    checks: torch.Tensor         #: ``[N]`` score of the checks before ``late_after``
+
+
+@dataclasses.dataclass
+class _ValTrace:
+    """The val rows decoded once with nothing refusing (θ above 1, so every row decodes its
+    plain text), and the rule that turns that trace into thresholds: the state that
+    :func:`calibrate`'s steps share."""
+
+    prompts: list[str]
+    ids: list[tuple[str, str]]            #: ``(set name, row id)`` per row
+    by_set: dict[str, torch.Tensor]       #: row indices per set, and ``over_refusal``
+    benign: torch.Tensor                  #: the pooled benign rows θ holds under the target
+    p: torch.Tensor                       #: ``[N, T+1]`` check trace (nan: no check)
+    failed: torch.Tensor                  #: ``[N]`` failed closed: refuse at every θ
+    target_fpr: float
+    max_new_tokens: int
+    split_thresholds: bool
+    keep_threshold: float | None
+    late_after: int | None
+
+    @classmethod
+    def decode(cls, model, tokenizer, rows, safety, max_new_tokens, batch_size,
+               **rule) -> "_ValTrace":
+        from .data import BENIGN_GROUPS
+
+        names = list(rows)
+        prompts = [r["prompt"] for n in names for r in rows[n]]
+        ids = [(n, r["id"]) for n in names for r in rows[n]]
+        # No finite p reaches θ > 1, so a row that refuses in this pass failed closed (a
+        # non-finite p or an error in the check, trace p nan): it refuses at every θ.
+        p, failed = _decode(model, tokenizer, prompts, safety, max_new_tokens, batch_size)
+        by_set = {n: torch.tensor([i for i, (m, _) in enumerate(ids) if m == n])
+                  for n in names}
+        over = {r["id"] for r in rows["benign"]
+                if r.get("source") in BENIGN_GROUPS["over_refusal"]}
+        by_set["over_refusal"] = torch.tensor(
+            [i for i, (m, rid) in enumerate(ids) if m == "benign" and rid in over],
+            dtype=torch.long)
+        benign = torch.cat([by_set[n] for n in names if is_benign_set(n)])
+        val = cls(prompts, ids, by_set, benign, p, failed, max_new_tokens=max_new_tokens,
+                  **rule)
+        val.check_failures()
+        return val
+
+    def check_failures(self) -> None:
+        """Warn of the rows that failed closed; raise when the benign ones alone break the
+        target."""
+        if not self.failed.any():
+            return
+        bad = [f"{n}/{rid}" for (n, rid), f in zip(self.ids, self.failed.tolist()) if f]
         logger.warning("safeattn calibrate: the safety check failed closed on %d row(s) (%s); "
                        "they count as refusing at every θ", len(bad), ", ".join(bad[:5]))
-        if failed[benign].sum() > _budget(benign, target_fpr):
-            raise ValueError(f"the safety check failed closed on {int(failed[benign].sum())} "
-                             f"of {len(benign)} benign rows, more than target_fpr="
-                             f"{target_fpr} allows: no θ can meet it")
+        lost = int(self.failed[self.benign].sum())
+        if lost > _budget(self.benign, self.target_fpr):
+            raise ValueError(f"the safety check failed closed on {lost} of {len(self.benign)} "
+                             f"benign rows, more than target_fpr={self.target_fpr} allows: no "
+                             f"θ can meet it")
 
-    def operating_point(tau):
-        """-> (query θ, θ, late θ or None, [N] refuses at them by the trace, [N] p_0, [N]
-        score of the decoding-time checks before ``late_after``; a failed row's is +inf)."""
+    def operating_point(self, tau: int) -> _Point:
+        """The thresholds for ``τ`` and the rows they refuse by the trace (a failed row's
+        check score is +inf)."""
+        late_after, p = self.late_after, self.p
         early = p if late_after is None else p[:, :late_after]
-        s0, sr = split_scores(early, tau, max_new_tokens if late_after is None else None)
-        sr = torch.where(failed, math.inf, sr)
-        q, th = _thresholds(s0, sr, benign, target_fpr, split_thresholds, keep_threshold)
+        s0, sr = split_scores(early, tau, self.max_new_tokens if late_after is None else None)
+        sr = torch.where(self.failed, math.inf, sr)
+        q, th = _thresholds(s0, sr, self.benign, self.target_fpr, self.split_thresholds,
+                            self.keep_threshold)
         refuses = (s0 >= q) | (sr >= th)
         if late_after is None:
-            return q, th, None, refuses, s0, sr
-        sl = late_scores(p, tau, th, late_after, max_new_tokens)
-        late = pick_late_threshold(sl[benign], refuses[benign], target_fpr)
-        return q, th, late, refuses | (sl >= late), s0, sr
+            return _Point(q, th, None, refuses, s0, sr)
+        sl = self.late_scores(tau, th)
+        late = pick_late_threshold(sl[self.benign], refuses[self.benign], self.target_fpr)
+        return _Point(q, th, late, refuses | (sl >= late), s0, sr)
 
-    def predicted(refuses):
-        return _rates(refuses, by_set)
+    def late_scores(self, tau: int, threshold: float) -> torch.Tensor:
+        return late_scores(self.p, tau, threshold, self.late_after, self.max_new_tokens)
 
-    query, theta, late, refuses, prefill, checks = operating_point(safety.tau)
-    refused = int(refuses[benign].sum())
-    if refused > _budget(benign, target_fpr):  # never write such a config
-        raise RuntimeError(f"calibrate: the picked thresholds refuse {refused} of {len(benign)}"
-                           f" benign rows by the trace, more than target_fpr={target_fpr} allows")
-    scores = torch.maximum(prefill, checks) if late_after is None else refusal_scores(
-        torch.where(failed[:, None], math.inf, p), safety.tau, max_new_tokens)
-    by_tau = {}
-    for tau in compare_taus:
-        q, th, lt, r, _, _ = operating_point(tau)
-        by_tau[str(tau)] = {"threshold": th, "predicted": predicted(r)}
-        if split_thresholds:
-            by_tau[str(tau)]["query_threshold"] = q
-        if lt is not None:
-            by_tau[str(tau)]["late_threshold"] = lt
+    def summary(self, at: _Point) -> dict:
+        """A ``by_tau`` entry: the thresholds and the per-set rates the trace predicts."""
+        out = {"threshold": at.theta, "predicted": _rates(at.refuses, self.by_set)}
+        if self.split_thresholds:
+            out["query_threshold"] = at.query
+        if at.late is not None:
+            out["late_threshold"] = at.late
+        return out
 
-    real = replace(safety, threshold=theta, query_threshold=query, late_threshold=late,
-                   late_after=late_after)
-    _, refused = _decode(model, tokenizer, prompts, real, max_new_tokens, batch_size)
-    rates = predicted(refuses)
-    sets = {n: {"n": len(idx), "predicted": rates[n],
-                "refused": float(refused[idx].float().mean())} if len(idx) else {"n": 0}
-            for n, idx in by_set.items()}
-    for n in names:  # the harmful sets of rows (over_refusal is a benign subset)
-        if len(by_set[n]) and not is_benign_set(n):
-            sets[n]["auroc"] = _auroc_vs(scores, by_set[n], benign)
+    def scores(self, at: _Point, tau: int) -> torch.Tensor:
+        """``[N]`` each row's refusal score (one θ over the whole trace)."""
+        if self.late_after is None:
+            return torch.maximum(at.prefill, at.checks)
+        return refusal_scores(torch.where(self.failed[:, None], math.inf, self.p), tau,
+                              self.max_new_tokens)
 
-    def keyed(values):
-        return {f"{n}/{rid}": round(float(x), 6) for (n, rid), x in zip(ids, values)}
+    def keyed(self, values) -> dict[str, float]:
+        return {f"{n}/{rid}": round(float(x), 6) for (n, rid), x in zip(self.ids, values)}
 
-    report = {"threshold": theta, "target_fpr": target_fpr, "tau": safety.tau,
-              "schedule": safety.schedule, "max_new_tokens": max_new_tokens, "sets": sets,
-              "scores": keyed(scores)}
-    if split_thresholds:
-        report.update(query_threshold=query, prefill_scores=keyed(prefill))
-    if late is not None:
-        report.update(late_threshold=late, late_after=late_after)
-    if by_tau:
-        report["by_tau"] = by_tau
-    if bootstrap:
-        late_at = None if late is None else (
-            lambda th: late_scores(p, safety.tau, th, late_after, max_new_tokens))
-        report["bootstrap"] = bootstrap_intervals(
-            prefill, checks, by_set, benign, target_fpr=target_fpr,
-            split_thresholds=split_thresholds, keep_threshold=keep_threshold,
-            late_scores_at=late_at, resamples=bootstrap)
-    return report
+    def report(self, at: _Point, refused: torch.Tensor, safety) -> dict:
+        """The report of the thresholds ``at`` and the rows the real pass ``refused``."""
+        rates = _rates(at.refuses, self.by_set)
+        sets = {n: {"n": len(idx), "predicted": rates[n],
+                    "refused": float(refused[idx].float().mean())} if len(idx) else {"n": 0}
+                for n, idx in self.by_set.items()}
+        scores = self.scores(at, safety.tau)
+        for n, idx in self.by_set.items():  # the harmful sets (over_refusal is benign)
+            if len(idx) and n != "over_refusal" and not is_benign_set(n):
+                sets[n]["auroc"] = _auroc_vs(scores, idx, self.benign)
+        report = {"threshold": at.theta, "target_fpr": self.target_fpr, "tau": safety.tau,
+                  "schedule": safety.schedule, "max_new_tokens": self.max_new_tokens,
+                  "sets": sets, "scores": self.keyed(scores)}
+        if self.split_thresholds:
+            report.update(query_threshold=at.query, prefill_scores=self.keyed(at.prefill))
+        if at.late is not None:
+            report.update(late_threshold=at.late, late_after=self.late_after)
+        return report
+
+    def bootstrap(self, at: _Point, tau: int, resamples: int) -> dict:
+        """:func:`bootstrap_intervals` of the thresholds ``at`` (the late θ re-picked in each
+        draw)."""
+        late_at = None if at.late is None else (lambda th: self.late_scores(tau, th))
+        return bootstrap_intervals(
+            at.prefill, at.checks, self.by_set, self.benign, target_fpr=self.target_fpr,
+            split_thresholds=self.split_thresholds, keep_threshold=self.keep_threshold,
+            late_scores_at=late_at, resamples=resamples)
 
 
 CALIBRATED_KEYS = ("threshold", "query_threshold", "late_threshold", "late_after")
