@@ -958,23 +958,30 @@ def fit_query_probe(model, tokenizer, samples: Sequence, benign_prompts: Sequenc
             deep.append(out["query_hidden"].double().cpu() @ w + b)
     finally:
         inner.train(was)
-    head, deep = torch.cat(head), torch.cat(deep)
-    (mh, sh), (md, sd) = [(float(x.mean()), float(x.std().clamp_min(1e-12)))
-                          for x in (head, deep)]
-    z = (head - mh) / sh + (deep - md) / sd
-    sz = float(z.std().clamp_min(1e-12))
-    # query_logit = mh + sh * z / sz: the blend z with the head's own benign mean and spread,
-    # so that p_0 of a benign prompt reads as the head's would; one scale, one linear layer
-    k = sh / sz
-    qp.head_scale.fill_(1.0 / sz)
-    qp.linear.weight.copy_((w * k / sd).to(qp.linear.weight.dtype)
-                           .reshape(qp.linear.weight.shape))
-    qp.linear.bias.fill_(k * (b - md) / sd - mh / sz + mh)
+    stats = _set_blend(qp, torch.cat(head), torch.cat(deep), w, b)
     return {"layer": probe.layer, "l2": probe.l2, "cv_auroc": probe.cv_auroc,
             "layers": sorted(set(int(x) for x in layers)), "samples": len(rows),
-            "harmful": int(y.sum()), "benign_reference": len(head),
-            "head_logit_mean_std": [mh, sh], "probe_logit_mean_std": [md, sd],
-            "blend_std": sz}
+            "harmful": int(y.sum()), **stats}
+
+
+def _set_blend(probe, head: torch.Tensor, deep: torch.Tensor, w: torch.Tensor, b: float) -> dict:
+    """Set a :class:`~safeattn.hf.QueryProbe` (or ``ResponseProbe``) to the blend of the head
+    logit and the deep logit ``w · h + b``, from their values on the same benign reference
+    reads (``head``, ``deep`` ``[N]``): each member in standard deviations over them, the sum
+    rescaled to the head logit's mean and spread there. -> the stats, for the report."""
+    (mh, sh), (md, sd) = [(float(x.mean()), float(x.std().clamp_min(1e-12)))
+                          for x in (head.double(), deep.double())]
+    z = (head.double() - mh) / sh + (deep.double() - md) / sd
+    sz = float(z.std().clamp_min(1e-12))
+    # blend = mh + sh * z / sz: the sum with the head's own benign mean and spread, so that a
+    # benign read scores as the head's would; one scale, one linear layer
+    k = sh / sz
+    lin = probe.linear
+    probe.head_scale.fill_(1.0 / sz)
+    lin.weight.copy_((w.double() * k / sd).to(lin.weight.dtype).reshape(lin.weight.shape))
+    lin.bias.fill_(k * (b - md) / sd - mh / sz + mh)
+    return {"benign_reference": len(head), "head_logit_mean_std": [mh, sh],
+            "probe_logit_mean_std": [md, sd], "blend_std": sz}
 
 
 def run_query_probe(args) -> int:
