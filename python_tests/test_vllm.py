@@ -693,16 +693,19 @@ def test_bad_extra_args(engine, bad, field):
 
 
 def test_unsupported_settings(refs, tmp_path):
-    """cls_visible_to_response=true cannot work without [CLS] in vLLM's sequence."""
+    """cls_visible_to_response=true cannot work without [CLS] in vLLM's sequence; a response
+    probe is not read by the plugin: both refuse to load."""
     from safeattn.vllm.probe import SafetyParts
 
-    d = tmp_path / "vis"
-    shutil.copytree(refs / "gemma3_text", d)
-    cfg = json.loads((d / "safety_config.json").read_text())
-    cfg["cls_visible_to_response"] = True
-    (d / "safety_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="cls_visible_to_response"):
-        SafetyParts(d)
+    for key, value in (("cls_visible_to_response", True),
+                       ("response_probe", {"layer": 2, "window": 4})):
+        d = tmp_path / key
+        shutil.copytree(refs / "gemma3_text", d)
+        cfg = json.loads((d / "safety_config.json").read_text())
+        cfg[key] = value
+        (d / "safety_config.json").write_text(json.dumps(cfg))
+        with pytest.raises(ValueError, match=key):
+            SafetyParts(d)
     with pytest.raises(ValueError, match="model_type"):
         sv.engine_kwargs(d, model_type="gpt2")
 

@@ -585,6 +585,10 @@ class _Decode:
         self.longest_pre = int(self.pre.max()) if self.b else 0  # a host read, once per call
         self.p_hist, self.mode_hist, self.chk_hist = [], [], []
         self.scan_hist = []  # the prefill checks: (response tokens seen, p [B], active [B])
+        # With a response probe: each column's w · h_t, for the checks to average
+        self.rprobe = getattr(self.model, "safety_response_probe", None)
+        self.token_u = None if self.rprobe is None else torch.zeros(
+            b, self.l0 + self.max_new + 1, dtype=torch.float32, device=dev)
 
     def _cache(self, input_ids):
         """The KV cache, the sequence so far and the decoding positions."""
@@ -624,9 +628,10 @@ class _Decode:
         return torch.stack([self.q32, torch.stack([self.rs32 + lo, self.rs32 + hi], -1)],
                            1).int()
 
-    def check(self, h, active, theta, query=None) -> torch.Tensor:
+    def check(self, h, active, theta, query=None, *, prefill=False) -> torch.Tensor:
         """The head on the probe rows ``h`` (``None``: no probe ran, the op only advances
-        ``step``), with the prefill's ``query`` state also the query probe, and
+        ``step``), blended for the ``prefill``'s ``p_0`` with the query probe (its ``query``
+        state) and for every later check with the response probe, when the model has them;
         ``safety_step`` at θ = ``theta``; sets the next ranges ``iv`` -> ``p`` (nan where
         unchecked). Fails closed: an exception refuses the checked rows."""
         s = self.safety
@@ -638,6 +643,8 @@ class _Decode:
                 logit = head(h.to(head.weight.dtype)).float().reshape(self.b, 1)
                 if query is not None:
                     logit = self.model.safety_query_probe(logit[:, 0], query)[:, None]
+                elif self.rprobe is not None and not prefill:
+                    logit = self.with_response_probe(logit)
             p_real = torch.sigmoid(logit[:, 0])
             if theta > 1.0:  # no finite p can hit; non-finite p still fails closed
                 logit = torch.where(logit.isfinite(), torch.full_like(logit, -1e4), logit)
@@ -658,6 +665,30 @@ class _Decode:
             self.step.add_(1)
             self.iv = self.ranges()
             return torch.full((self.b,), float("nan"), device=self.dev)
+
+    def keep_token_logits(self, start: int) -> None:
+        """The last forward's ``response_token_logit`` of its token rows, into the columns
+        from ``start`` on (a check step's probe row, the last, is left out)."""
+        if self.rprobe is None:
+            return
+        u = self.out.get("response_token_logit")
+        if u is None:
+            raise RuntimeError("safeattn: the forward did not reach the response probe's layer")
+        n = self.l0 - start if start == 0 else 1
+        self.token_u[:, start:start + n] = u[:, :n]
+
+    def with_response_probe(self, logit) -> torch.Tensor:
+        """``[B, 1]`` head logits -> blended with the mean token logit of the last ``window``
+        response columns before the end of each row's probe window (the head alone where the
+        window holds no response token)."""
+        end = self.iv[:, 1, 1].long()
+        start = torch.maximum(end - self.rprobe.window, self.rs)
+        cols = self.col[: self.token_u.shape[1]]
+        inside = (cols[None] >= start[:, None]) & (cols[None] < end[:, None])
+        count = inside.sum(1)
+        mean = (self.token_u * inside).sum(1) / count.clamp_min(1)
+        blended = self.rprobe(logit[:, 0], mean)
+        return torch.where(count > 0, blended, logit[:, 0])[:, None]
 
     def record(self, p, active) -> None:
         """The trace of this step: ``p``, the modes, the rows checked, new alarms."""
@@ -682,7 +713,8 @@ class _Decode:
             raise RuntimeError("safeattn: the prefill did not tap the [CLS] row")
         if hq is None and getattr(self.model, "safety_query_probe", None) is not None:
             raise RuntimeError("safeattn: the prefill did not tap the query probe's layer")
-        p = self.check(h0, self.all_rows, self.safety.query_threshold, query=hq)
+        self.keep_token_logits(0)
+        p = self.check(h0, self.all_rows, self.safety.query_threshold, query=hq, prefill=True)
         if self.longest_pre:
             self.step.add_(self.pre)
             self.iv = self.ranges()
@@ -858,6 +890,7 @@ class _Decode:
             active = self.live if self.sched[self.n] else self.live & self.escal
             self.seen_to = self.iv[:, 1, 1].long() - self.rs - self.pre  # before check()
             self.out = self.probe_forward(active)
+            self.keep_token_logits(self.l0 + self.n - 1)
             h = self.out.get("safety_hidden")
             if h is None:
                 raise RuntimeError("safeattn: the check step did not tap the probe row")
@@ -868,6 +901,7 @@ class _Decode:
                                   position_ids=self.cur_pos[:, None], cache=self.cache,
                                   safety_layout=self.layout(), use_cache=True,
                                   logits_to_keep=1)
+            self.keep_token_logits(self.l0 + self.n - 1)
             p = self.check(None, active, self.safety.check_threshold(self.n))
         self.record(p, active)
         self.cur_pos = self.cur_pos + 1

@@ -14,8 +14,8 @@ from .layout import MODES, SafetyLayout, build_intervals, layout_intervals, vali
 from .patch import (SUPPORTED_MODEL_TYPES, apply_safeattn, classify, is_patched,
                     revert_safeattn, safety_forward)
 from .persist import from_pretrained, load_safety, save_safety
-from .surgery import (CLS_TOKEN, QueryProbe, SafetyHead, add_safety_token, cls_token_id,
-                      safety_config)
+from .surgery import (CLS_TOKEN, QueryProbe, ResponseProbe, SafetyHead, add_safety_token,
+                      cls_token_id, safety_config)
 from .template import PLAIN_TEMPLATE, build_inputs
 
 __all__ = [
@@ -23,7 +23,8 @@ __all__ = [
     "MODES", "SafetyLayout", "build_intervals", "layout_intervals", "valid_runs",
     "SUPPORTED_MODEL_TYPES", "apply_safeattn", "classify", "is_patched", "revert_safeattn",
     "safety_forward", "from_pretrained", "load_safety", "save_safety",
-    "CLS_TOKEN", "QueryProbe", "SafetyHead", "add_safety_token", "cls_token_id", "safety_config",
+    "CLS_TOKEN", "QueryProbe", "ResponseProbe", "SafetyHead", "add_safety_token", "cls_token_id",
+    "safety_config",
     "PLAIN_TEMPLATE", "build_inputs",
 ]
 

@@ -19,6 +19,10 @@ The safety forward rides on module hooks, not on per-class ``forward`` patches:
   reads the query alone, the last prompt token's hidden state (column ``response_start - 1``,
   else the last): the output gets it as ``query_hidden`` and, when the head runs here,
   ``query_logit`` (``p`` is then its sigmoid; ``safety_logit`` stays the head's own);
+- with a :class:`~safeattn.hf.surgery.ResponseProbe` (``model.safety_response_probe``, the
+  config's ``response_probe``), a hook on its decoder layer adds every row's
+  ``w · h`` there as ``response_token_logit`` ``[B, T]`` (fp32) to the output of a forward
+  with a safety layout; the strategic decoder averages it over a check's window;
 - with ``probe_exit=True`` (the strategic decoder's check steps) and a head on decoder layer
   ``cls_layer``, the probe row (last query row) stops after that layer: the tap hook drops it
   from the layer's output and a pre-hook on every later layer drops its position embeddings,
@@ -43,7 +47,8 @@ import torch
 from . import adapter, backend, few_rows
 from .backend import SAFETY_KWARGS, is_descriptor
 from .layout import MODES, SafetyLayout
-from .surgery import QueryProbe, SafetyHead, _base, add_safety_token, cls_token_id, safety_config
+from .surgery import (QueryProbe, ResponseProbe, SafetyHead, _base, add_safety_token, cls_token_id,
+                      safety_config)
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "apply_safeattn", "revert_safeattn", "is_patched",
            "safety_forward", "classify", "SAFETY_KWARGS", "ProbeDone"]
@@ -113,6 +118,7 @@ def apply_safeattn(model, tokenizer=None, *, cls_layer: int | None = None,
             spec["targets"])
     model.safety_head.cls_layer = cls_layer
     _add_query_probe(model, cfg.get("query_probe"), n_layers)
+    _add_response_probe(model, cfg.get("response_probe"), n_layers)
     cfg = safety_config(model) or {}
     cfg.update(cls_layer=cls_layer, cls_visible_to_response=bool(cls_visible_to_response))
     model.config.safeattn = cfg
@@ -138,6 +144,10 @@ def apply_safeattn(model, tokenizer=None, *, cls_layer: int | None = None,
     if qp is not None:
         state["handles"].append(
             base.layers[qp.layer - 1].register_forward_hook(_query_hook(model)))
+    rp = getattr(model, "safety_response_probe", None)
+    if rp is not None:
+        state["handles"].append(
+            base.layers[rp.layer - 1].register_forward_hook(_response_hook(model)))
     if getattr(model, "safety_adapter", None) is not None:
         # while the few-row switch is on, the tapped row is the probe: the last query row
         state["handles"] += adapter.install_hooks(
@@ -162,6 +172,27 @@ def _add_query_probe(model, spec, n_layers: int) -> None:
         w = model.get_input_embeddings().weight
         model.safety_query_probe = QueryProbe(model.config.get_text_config().hidden_size,
                                               layer).to(device=w.device, dtype=w.dtype)
+
+
+def _add_response_probe(model, spec, n_layers: int) -> None:
+    """The :class:`ResponseProbe` that the config's ``response_probe`` entry (``{"layer": L,
+    "window": W}``) asks for (weights are loaded later), or none."""
+    if not spec:
+        model.safety_response_probe = None
+        return
+    layer, window = (spec.get("layer"), spec.get("window")) if isinstance(spec, dict) \
+        else (None, None)
+    if not isinstance(layer, int) or not 1 <= layer <= n_layers \
+            or not isinstance(window, int) or window < 1:
+        raise ValueError(f"safety config: response_probe must give a hidden-state index "
+                         f"'layer' in 1..{n_layers} and a 'window' >= 1, got {spec!r}")
+    rp = getattr(model, "safety_response_probe", None)
+    if rp is None or rp.layer != layer:
+        w = model.get_input_embeddings().weight
+        model.safety_response_probe = ResponseProbe(
+            model.config.get_text_config().hidden_size, layer, window).to(device=w.device,
+                                                                          dtype=w.dtype)
+    model.safety_response_probe.window = window
 
 
 def _patched_generate(self, *args, safety=None, **kwargs):
@@ -436,6 +467,19 @@ def _query_hook(model):
     return hook
 
 
+def _response_hook(model):
+    """Every row's :meth:`ResponseProbe.token_logits` at the probe's layer, for the decoder to
+    average over a check's window (a forward's probe row, where it gets that far, is the
+    last row: the decoder reads the token rows)."""
+    def hook(module, args, out):
+        ctx = getattr(model, _STATE)["ctx"]
+        if ctx is not None:
+            h = out[0] if isinstance(out, tuple) else out
+            ctx["ru"] = model.safety_response_probe.token_logits(h)
+        return None
+    return hook
+
+
 def _tapped(model, h):
     """The tapped row's state as ``safety_hidden``: final-normed, also from an inner layer."""
     return _base(model).norm(h) if model.safety_head.cls_layer is not None else h
@@ -449,6 +493,8 @@ def _post_hook(model, args, kwargs, output):
     hq = ctx.get("hq") if ctx is not None else None
     if hq is not None:
         output["query_hidden"] = hq
+    if ctx is not None and ctx.get("ru") is not None:
+        output["response_token_logit"] = ctx["ru"]
     if ctx is not None and ctx["h"] is not None and not ctx.get("defer_head"):
         logit = model.safety_head(h.to(model.safety_head.weight.dtype))[:, 0]
         output["safety_logit"] = logit

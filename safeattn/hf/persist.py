@@ -16,7 +16,7 @@ __all__ = ["save_safety", "load_safety", "from_pretrained", "SAFETY_CONFIG", "SA
 SAFETY_CONFIG = "safety_config.json"
 SAFETY_WEIGHTS = "safety_head.safetensors"
 #: Optional safety modules whose weights travel with the head's, under their attribute name.
-_EXTRA_PARTS = ("safety_adapter", "safety_query_probe")
+_EXTRA_PARTS = ("safety_adapter", "safety_query_probe", "safety_response_probe")
 
 
 def save_safety(model, save_directory) -> Path:
@@ -27,8 +27,8 @@ def save_safety(model, save_directory) -> Path:
     calibrated θ that ``SafetyConfig(threshold=None)`` takes)
     and ``safety_head.safetensors`` (``safety_head.weight [1, d]``, ``safety_head.bias [1]``,
     ``cls_embedding [d]``: the ``[CLS]`` input-embedding row; with a probe adapter also its
-    ``safety_adapter.a.*`` / ``safety_adapter.b.*``; with a query probe its
-    ``safety_query_probe.*``). Returns the directory.
+    ``safety_adapter.a.*`` / ``safety_adapter.b.*``; with a query or response probe its
+    ``safety_query_probe.*`` / ``safety_response_probe.*``). Returns the directory.
     """
     cfg = safety_config(model)
     if cfg is None or getattr(model, "safety_head", None) is None:
@@ -73,8 +73,8 @@ def load_safety(model, load_directory, tokenizer=None):
     else:
         cls_token_id(model)  # raises when the model has no [CLS]
     cfg = safety_config(model) or {}
-    for key in ("adapter", "query_probe", "threshold", "query_threshold", "late_threshold",
-                "late_after", "refusal_prefix", "probe_window"):  # the files
+    for key in ("adapter", "query_probe", "response_probe", "threshold", "query_threshold",
+                "late_threshold", "late_after", "refusal_prefix", "probe_window"):  # the files
         cfg.pop(key, None)
         if meta.get(key) is not None:
             cfg[key] = meta[key]

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["SafetyHead", "QueryProbe", "add_safety_token", "safety_config", "cls_token_id",
-           "CLS_TOKEN"]
+__all__ = ["SafetyHead", "QueryProbe", "ResponseProbe", "add_safety_token", "safety_config",
+           "cls_token_id", "CLS_TOKEN"]
 
 CLS_TOKEN = "[CLS]"
 
@@ -49,6 +49,38 @@ class QueryProbe(nn.Module):
         w = self.linear.weight
         return (self.head_scale.float() * head_logit.float()
                 + self.linear(h.to(w.dtype))[:, 0].float())
+
+
+class ResponseProbe(QueryProbe):
+    """A second reader of the decoding-time checks: a linear probe on the mean hidden state,
+    at hidden-state index ``layer``, of the last ``window`` response tokens that a check has
+    seen (those before the end of its ``[CLS]`` window; fewer early in the response), added
+    to the head's logit:
+
+    ``check_logit = head_scale · safety_logit + mean_t(w · h_t) + b``.
+
+    It is linear, so the decoder keeps one number per response token (``w · h_t``,
+    :meth:`token_logits`, read from the forward that computes ``h_t`` anyway) and a check
+    averages them. A check that has seen no response token, and ``p_0``, keep the head (and
+    the query probe). Fitted after the head (``safeattn train --response-probe-for``,
+    :func:`safeattn.training.fit_response_probe`) the way :class:`QueryProbe` is; no
+    calibrated probability: ``safeattn calibrate`` sets θ on it.
+    """
+
+    def __init__(self, hidden_size: int, layer: int, window: int):
+        super().__init__(hidden_size, layer)
+        self.window = int(window)
+
+    def token_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """``h [..., D]`` -> ``w · h`` ``[...]`` (fp32, no bias)."""
+        w = self.linear.weight
+        return (h.to(w.dtype) @ w[0]).float()
+
+    def forward(self, head_logit: torch.Tensor, mean_token_logit: torch.Tensor) -> torch.Tensor:
+        """``head_logit [B]``, ``mean_token_logit [B]`` (the window's mean of
+        :meth:`token_logits`) -> the check's logit ``[B]`` (fp32)."""
+        return (self.head_scale.float() * head_logit.float() + mean_token_logit.float()
+                + self.linear.bias.float())
 
 
 def safety_config(model) -> dict | None:

@@ -155,7 +155,8 @@ def _wrap(base, family: str):
             # from the safety files (SafetyParts) instead.
             keep = ((n, w) for n, w in weights
                     if n != "cls_embedding" and not n.startswith(
-                        ("safety_head.", "safety_adapter.", "safety_query_probe.")))
+                        ("safety_head.", "safety_adapter.", "safety_query_probe.",
+                         "safety_response_probe.")))
             return super().load_weights(keep)
 
         def _probe_start(self):

@@ -46,6 +46,10 @@ class SafetyParts:
             raise ValueError("cls_visible_to_response=true is not supported by the vLLM plugin: "
                              "ordinary rows would have to attend to [CLS], which vLLM's "
                              "sequence does not hold")
+        if self.config.get("response_probe"):
+            raise ValueError("a response probe (safety config 'response_probe') is not read by "
+                             "the vLLM plugin yet: its checks would differ from "
+                             "safeattn.generate's, so this head runs in safeattn.generate only")
         t = load_file(str(d / SAFETY_WEIGHTS))
         self.cls_layer = self.config.get("cls_layer")
         self.head_w = t["safety_head.weight"].float().reshape(-1)
