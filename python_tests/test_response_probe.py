@@ -7,7 +7,8 @@ import torch
 
 import safeattn
 from safeattn.generation import SafetyConfig
-from _hf_tiny import PROMPTS, tiny_model, tiny_tokenizer
+from safeattn.training import fit_response_probe
+from _hf_tiny import BEN, HARM, PROMPTS, tiny_model, tiny_tokenizer
 
 PREFILL = "sure here is step one"
 REFUSAL = "sorry i cannot fulfill your request because"
@@ -171,3 +172,140 @@ def test_bad_response_probe_config(spec):
     model.config.safeattn = cfg
     with pytest.raises(ValueError, match="response_probe"):
         safeattn.apply_safeattn(model)
+
+
+# ------------------------------------------------------------------------------ fitting
+NEUTRAL = "tell me about the weather today"
+
+
+def _fit_pairs():
+    harm = [dict(prompt=NEUTRAL, response=f"sure here is step one to {h} then step two",
+                 label=1) for h in HARM]
+    ben = [dict(prompt=NEUTRAL, response=f"{b} is safe and you can write a poem", label=0)
+           for b in BEN]
+    ref = [dict(prompt=b, response=f"sure , {b} . it is safe and not a bomb", label=0)
+           for b in BEN[::-1]]
+    return harm + ben, ref
+
+
+def _fitted(window=3):
+    from safeattn.training import prepare_model
+
+    tok = tiny_tokenizer()
+    model = prepare_model(tiny_model("llama", vocab_size=len(tok) + 1, layers=4), tok, "head",
+                          cls_layer=1)
+    model.eval()
+    pairs, ref = _fit_pairs()
+    rep = fit_response_probe(model, tok, pairs, ref, (2, 3, 4), window=window, every=2,
+                             max_tokens=8, batch_size=3)
+    return model, tok, rep, pairs, ref
+
+
+def test_fit_response_probe_blends_the_heads_checks_with_the_window_mean():
+    from safeattn.training import (SafetyDataCollator, _head_sweep_logits,
+                                   response_window_states)
+
+    model, tok, rep, pairs, ref = _fitted()
+    layer = rep["layer"]
+    assert layer in (2, 3, 4) and rep["window"] == 3 and rep["pairs"] == 16
+    assert model.config.safeattn["response_probe"] == {"layer": layer, "window": 3}
+    rp = model.safety_response_probe
+    coll = SafetyDataCollator(tok)
+    kw = dict(window=3, every=2, max_tokens=8)
+    feats, views = response_window_states(model, coll, ref, [layer], **kw)
+    # every check of an 8-token cut: after 2, 4, 6, 8 tokens
+    assert [e for i, e in views if i == 0] == [2, 4, 6, 8]
+    head = _head_sweep_logits(model, coll, ref, views, 3)
+    with torch.no_grad():
+        blend = rp(head, rp.token_logits(feats[layer])).double()
+    # on the benign reference checks the blend has the head logit's mean and spread
+    assert float(blend.mean()) == pytest.approx(float(head.mean()), abs=1e-4)
+    assert float(blend.std()) == pytest.approx(float(head.std()), rel=1e-4)
+    # the states are the decoder's: a check after an assistant prefill reads the same mean
+    enc = safeattn.build_inputs(tok, [ref[0]["prompt"]],
+                                responses=[" ".join(ref[0]["response"].split()[:6])],
+                                add_eos=False)
+    seq = enc["input_ids"]
+    u = _token_logits_at(model, enc, seq, layer)
+    l0 = seq.shape[1]
+    want = float(rp.token_logits(feats[layer][[k for k, v in enumerate(views)
+                                                if v == (0, 6)][0]]))
+    assert float(u[0, l0 - 3:l0].mean()) == pytest.approx(want, abs=1e-4)
+    # the deep member learned the labels of its training checks
+    f2, v2 = response_window_states(model, coll, pairs, [layer], **kw)
+    s = rp.token_logits(f2[layer])
+    y = torch.tensor([pairs[i]["label"] for i, _ in v2], dtype=torch.bool)
+    assert float(s[y].mean()) > float(s[~y].mean())
+
+
+def _token_logits_at(model, enc, seq, layer):
+    with torch.no_grad():
+        out = model(input_ids=seq, attention_mask=enc["attention_mask"], q_span=enc["q_span"],
+                    response_start=enc["response_start"], use_cache=False,
+                    output_hidden_states=True, logits_to_keep=1)
+    return model.safety_response_probe.token_logits(out.hidden_states[layer])
+
+
+def test_fit_response_probe_refuses_one_label():
+    tok = tiny_tokenizer()
+    model = safeattn.apply_safeattn(tiny_model("llama", len(tok), layers=4), tok)
+    pairs, ref = _fit_pairs()
+    with pytest.raises(ValueError, match="both labels"):
+        fit_response_probe(model, tok, pairs[8:], ref, (2,))
+    with pytest.raises(ValueError, match="benign_pairs"):
+        fit_response_probe(model, tok, pairs, [], (2,))
+
+
+def test_train_response_probe_for_a_saved_head(tmp_path, monkeypatch):
+    """``safeattn train --response-probe-for DIR`` on a tiny model and every 16th shared row."""
+    import argparse
+    import json
+
+    import safeattn.data.samples as S
+    import safeattn.training as T
+    from safeattn.data import load
+    from safeattn.training import prepare_model
+    from safeattn.training_args import add_train_arguments
+
+    tok = tiny_tokenizer()
+    vocab = len(tok) + 1
+
+    def llama():
+        return tiny_model("llama", vocab_size=vocab, layers=4)
+
+    head = prepare_model(llama(), tok, "head", cls_layer=1)
+    head.config.safeattn.update(threshold=0.9, query_threshold=0.8, late_threshold=0.99,
+                                late_after=4, probe_window=4)
+    safeattn.save_safety(head, tmp_path / "head")
+    monkeypatch.setattr(T, "load_model", lambda name, dtype=None: (llama(), tiny_tokenizer()))
+    monkeypatch.setattr(S, "load", lambda name: load(name)[::16])
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("".join(json.dumps({"id": r["id"], "response": "sure , here is a poem"})
+                               + "\n" for r in load("benign")))
+    p = argparse.ArgumentParser()
+    add_train_arguments(p)
+    argv = ["--out", str(tmp_path / "out"), "--response-probe-for", str(tmp_path / "head"),
+            "--deep-layers", "2,4", "--val-fraction", "0.15", "--batch-size", "8",
+            "--benign-responses", str(answers)]
+    for drop, match in ((["--deep-layers", "2,4"], "deep-layers"),
+                        (["--val-fraction", "0.15"], "val-fraction"),
+                        (["--benign-responses", str(answers)], "benign-responses")):
+        bad = [a for a in argv if a not in drop]
+        args = p.parse_args(bad)
+        args.argv = bad
+        with pytest.raises(ValueError, match=match):
+            T.run_response_probe(args)
+    args = p.parse_args(argv)
+    args.argv = argv
+    assert T.run_response_probe(args) == 0
+    rep = json.loads((tmp_path / "out" / "response_probe.json").read_text())
+    assert rep["layer"] in (2, 4) and rep["window"] == 4 and rep["harmful_checks"] > 0
+    assert rep["benign_reference"] > 0 and rep["command"].startswith("safeattn train")
+    cfg = json.loads((tmp_path / "out" / "safety_config.json").read_text())
+    assert cfg["response_probe"] == {"layer": rep["layer"], "window": 4}
+    # the checks changed meaning: their θ go; p_0's stays
+    assert cfg["query_threshold"] == 0.8
+    assert not {"threshold", "late_threshold", "late_after"} & set(cfg)
+    fresh, ftok = llama(), tiny_tokenizer()
+    safeattn.load_safety(fresh, tmp_path / "out", ftok)
+    assert fresh.safety_response_probe.layer == rep["layer"]

@@ -188,9 +188,14 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .training import run_loso, run_query_probe, run_train
+    from .training import run_loso, run_query_probe, run_response_probe, run_train
+    if args.query_probe_for and args.response_probe_for:
+        raise ValueError("--query-probe-for and --response-probe-for: fit one at a time (the "
+                         "second on the first's output)")
     if args.query_probe_for:
         return run_query_probe(args)
+    if args.response_probe_for:
+        return run_response_probe(args)
     return run_loso(args) if args.loso else run_train(args)
 
 

@@ -42,7 +42,8 @@ from .data.samples import _response_views
 from .generation import DEFAULT_WINDOW
 from .metrics import auroc, separation
 
-__all__ = ["Plan", "plan", "fold_metrics", "test_metrics", "response_sweep", "blend", "FOLDS"]
+__all__ = ["Plan", "plan", "fold_metrics", "test_metrics", "response_sweep", "sweep_ends", "blend",
+           "FOLDS"]
 
 #: Every LOSO fold: the harmful sources, then the benign groups.
 FOLDS = tuple(HARMFUL_SOURCES) + tuple(BENIGN_GROUPS)
@@ -50,19 +51,25 @@ FOLDS = tuple(HARMFUL_SOURCES) + tuple(BENIGN_GROUPS)
 EXAMPLE_CHARS = 300
 
 
+def sweep_ends(n: int, every: int = 8, max_tokens: int = 64) -> list[int]:
+    """The response tokens seen at the checks of a sweep over a response of ``n`` tokens:
+    ``every, 2·every, … ≤ max_tokens``, and the last token when the response is shorter."""
+    top = min(n, max_tokens)
+    return sorted({*range(every, top + 1, every), top} - {0})
+
+
 def response_sweep(rows, tokenizer=None, *, every: int = 8, max_tokens: int = 64,
-                   r2: int = DEFAULT_WINDOW, prompt: str = EVAL_NEUTRAL_PROMPT) -> list[Sample]:
+                   r2: int = DEFAULT_WINDOW,
+                   prompt: str | None = EVAL_NEUTRAL_PROMPT) -> list[Sample]:
     """Rule-2 probe views of each response row (``id``, ``response``, ``label``) after
-    ``prompt``: after ``every, 2·every, … ≤ max_tokens`` seen tokens (and the last token when
-    the response is shorter), the window of the last ``r2``. Sample ids are
-    ``<row id>|sweep|w<seen>:<lo>:<seen>``."""
+    ``prompt`` (``None``: the row's own ``prompt``): at :func:`sweep_ends`, the window of the
+    last ``r2``. Sample ids are ``<row id>|sweep|w<seen>:<lo>:<seen>``."""
     def views(n):
-        top = min(n, max_tokens)
-        return [(seen, max(0, seen - r2), seen)
-                for seen in sorted({*range(every, top + 1, every), top} - {0})]
+        return [(seen, max(0, seen - r2), seen) for seen in sweep_ends(n, every, max_tokens)]
 
     return [x for r in rows for x in _response_views(
-        r["id"], prompt, r["response"], int(r["label"]), tokenizer=tokenizer, tag="sweep",
+        r["id"], r["prompt"] if prompt is None else prompt, r["response"], int(r["label"]),
+        tokenizer=tokenizer, tag="sweep",
         source="pyrit_scorer_responses", row_id=r["id"], origin="pyrit_responses",
         views=views, category=r.get("category"))]
 

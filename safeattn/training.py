@@ -57,7 +57,7 @@ from .hf.template import encode_prompt, encode_text
 
 __all__ = ["SafetyDataCollator", "SafetyDataset", "SafetyTrainer", "prepare_model",
            "safety_metrics", "truncate_middle", "TRAIN_MODES", "DEFAULT_LAMBDA",
-           "fit_query_probe",
+           "fit_query_probe", "fit_response_probe", "response_window_states",
            "attach_cls_row", "sync_cls_row", "detach_cls_row", "trainable_summary"]
 
 from .training_args import TRAIN_MODES
@@ -982,6 +982,233 @@ def _set_blend(probe, head: torch.Tensor, deep: torch.Tensor, w: torch.Tensor, b
     lin.bias.fill_(k * (b - md) / sd - mh / sz + mh)
     return {"benign_reference": len(head), "head_logit_mean_std": [mh, sh],
             "probe_logit_mean_std": [md, sd], "blend_std": sz}
+
+
+@torch.no_grad()
+def response_window_states(model, collator: "SafetyDataCollator", pairs: Sequence,
+                           layers: Sequence[int], *, window: int, every: int = 8,
+                           max_tokens: int = 64, batch_size: int = 8,
+                           progress: bool = False) -> tuple[dict[int, torch.Tensor], list]:
+    """The reads of a :class:`~safeattn.hf.ResponseProbe`: for each ``(prompt, response)``
+    of ``pairs`` (mappings with ``prompt``, ``response``), the checks of a response sweep
+    (:func:`safeattn.loso.sweep_ends` of the response's tokens) -> ``({layer: [V, D] fp32},
+    [(pair index, tokens seen)] * V)``: per check, the mean hidden state (``layers`` as in
+    :func:`prompt_states`) of the last ``window`` response tokens it has seen, as the
+    decoder computes them ([CLS] at 0, invisible to the text)."""
+    from tqdm.auto import tqdm
+
+    from .data import truncate_tokens
+    from .loso import sweep_ends
+
+    inner = _inner(model)
+    base = _base(inner)
+    layers = sorted({int(x) for x in layers})
+    if not layers or not all(1 <= x <= len(base.layers) for x in layers):
+        raise ValueError(f"layers: expected hidden-state indices in 1..{len(base.layers)}, "
+                         f"got {layers}")
+    tok = collator.tokenizer
+    rows = []  # (pair index, the row cut to max_tokens, its checks' tokens seen)
+    for i, x in enumerate(pairs):
+        text, n = truncate_tokens(_get(x, "response") or "", max_tokens, tok)
+        if n:
+            rows.append((i, {"prompt": _get(x, "prompt"), "response": text, "label": 0.0,
+                             "kind": "response"}, sweep_ends(n, every, max_tokens)))
+    grabbed: dict[int, torch.Tensor] = {}
+
+    def grab(x):
+        def hook(module, args, output):
+            grabbed[x] = (output[0] if isinstance(output, tuple) else output).float().cpu()
+        return hook
+
+    feats = {x: [] for x in layers}
+    views = []
+    hooks = [base.layers[x - 1].register_forward_hook(grab(x)) for x in layers]
+    was = inner.training
+    inner.eval()
+    dev = inner.get_input_embeddings().weight.device
+    keep = ("input_ids", "attention_mask", "position_ids", "q_span", "response_start")
+    try:
+        with first_blocks(inner, max(layers)):
+            for s in tqdm(range(0, len(rows), batch_size), desc="response states",
+                          disable=not progress):
+                chunk = rows[s:s + batch_size]
+                batch = collator([r for _, r, _ in chunk])
+                inner(**{k: batch[k].to(dev) for k in keep}, safety_mode="sft",
+                      use_cache=False, logits_to_keep=torch.zeros(0, dtype=torch.long,
+                                                                  device=dev))
+                width = batch["input_ids"].shape[1]
+                for j, (i, _, ends) in enumerate(chunk):
+                    rs = int(batch["response_start"][j])
+                    for x in layers:
+                        c = torch.cat([torch.zeros(1, grabbed[x].shape[-1]),
+                                       grabbed[x][j, rs:width].double().cumsum(0).float()])
+                        feats[x] += [(c[min(e, width - rs)] - c[max(0, e - window)])
+                                     / (min(e, width - rs) - max(0, e - window))
+                                     for e in ends]
+                    views += [(i, e) for e in ends]
+    finally:
+        inner.train(was)
+        for h in hooks:
+            h.remove()
+    return {x: torch.stack(v) if v else torch.empty(0, base.config.hidden_size)
+            for x, v in feats.items()}, views
+
+
+@torch.no_grad()
+def _head_sweep_logits(model, collator, pairs, views, window: int,
+                       batch_size: int = 16) -> torch.Tensor:
+    """The head's logit at each ``(pair index, tokens seen)`` of ``views`` (Rule-2 window of
+    the last ``window``), ``[V]`` float64."""
+    from .data.samples import _response_views
+
+    inner = _inner(model)
+    dev = inner.get_input_embeddings().weight.device
+    ends: dict[int, list[int]] = {}
+    for i, e in views:
+        ends.setdefault(i, []).append(e)
+    samples = []
+    for i, es in ends.items():
+        x = pairs[i]
+        got = _response_views(f"r{i}", _get(x, "prompt"), _get(x, "response"), 0,
+                              tokenizer=collator.tokenizer, tag="sweep", source="", row_id="",
+                              origin="", views=lambda n, es=es: [
+                                  (e, max(0, e - window), e) for e in es if e <= n])
+        if len(got) != len(es):
+            raise RuntimeError(f"pair {i}: the response's tokens differ from its states'")
+        samples += got
+    out = []
+    was = inner.training
+    inner.eval()
+    try:
+        for k in range(0, len(samples), batch_size):
+            b = collator(samples[k:k + batch_size])
+            for key in ("safety_labels", "index", "labels", "safety_weights"):
+                b.pop(key, None)
+            b = {k2: v.to(dev) if torch.is_tensor(v) else v for k2, v in b.items()}
+            out.append(inner(**b, use_cache=False, logits_to_keep=1)["safety_logit"]
+                       .double().cpu())
+    finally:
+        inner.train(was)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def fit_response_probe(model, tokenizer, pairs: Sequence, benign_pairs: Sequence,
+                       layers: Sequence[int], *, window: int | None = None, every: int = 8,
+                       max_tokens: int = 64, batch_size: int = 8, seed: int = 0,
+                       progress: bool = False) -> dict:
+    """Give a patched ``model`` (with its trained head) a :class:`~safeattn.hf.ResponseProbe`.
+
+    ``pairs``: ``(prompt, response, label)`` mappings (label 1: a harmful response). A
+    :class:`~safeattn.baselines.FrozenProbe` is fitted on the window means of their checks
+    (:func:`response_window_states`; layer among ``layers`` and L2 by 5-fold CV over checks).
+    Its logit and the head's are read at the same checks of ``benign_pairs`` (benign
+    validation prompts with the model's own answers; no harmful label is used) and blended
+    as the query probe's are (:func:`fit_query_probe`). ``window`` defaults to the config's
+    ``probe_window`` (the head's Rule-2 window). The config gets ``response_probe = {"layer":
+    L, "window": W}``. Returns a report."""
+    from .hf.patch import apply_safeattn
+
+    inner = _inner(model)
+    cfg = safety_config(inner)
+    window = int(window or cfg.get("probe_window") or DEFAULT_WINDOW)
+    if not benign_pairs:
+        raise ValueError("benign_pairs: need benign validation answers to standardise on")
+    y_pairs = [float(_get(x, "label")) for x in pairs]
+    if not pairs or min(y_pairs) == max(y_pairs):
+        raise ValueError("pairs: need responses of both labels")
+    coll = SafetyDataCollator(tokenizer)
+    kw = dict(window=window, every=every, max_tokens=max_tokens, batch_size=batch_size,
+              progress=progress)
+    feats, views = response_window_states(inner, coll, pairs, layers, **kw)
+    y = torch.tensor([y_pairs[i] for i, _ in views], dtype=torch.float64)
+    probe = _logistic(feats, y, seed=seed)
+    w = (probe.weight / probe.std).double()
+    b = float(probe.bias) - float(probe.mean.double() @ w)
+    ref, ref_views = response_window_states(inner, coll, benign_pairs, [probe.layer], **kw)
+    deep = ref[probe.layer].double() @ w + b
+    head = _head_sweep_logits(inner, coll, benign_pairs, ref_views, window)
+    cfg["response_probe"] = {"layer": probe.layer, "window": window}
+    inner.config.safeattn = cfg
+    apply_safeattn(inner)
+    stats = _set_blend(inner.safety_response_probe, head, deep, w, b)
+    return {"layer": probe.layer, "l2": probe.l2, "cv_auroc": probe.cv_auroc,
+            "layers": sorted(set(int(x) for x in layers)), "window": window,
+            "every": every, "max_tokens": max_tokens, "pairs": len(pairs),
+            "checks": len(views), "harmful_checks": int(y.sum()), **stats}
+
+
+def response_probe_pairs(split: str, benign_responses: Mapping[str, str], *,
+                         val_fraction: float, own_only: bool = False) -> list[dict]:
+    """The ``(prompt, response, label)`` texts of one split (:data:`safeattn.data.SPLITS`)
+    that a response probe reads: each labelled PyRIT response (label 1 harmful) after the
+    neutral prompt and after its objective, the AdvBench targets (label 1) and the model's
+    own answers to the benign prompts (``benign_responses``, label 0); ``own_only``: those
+    answers alone (the benign reference of :func:`fit_response_probe`)."""
+    from .data import EVAL_NEUTRAL_PROMPT, eval_sets
+
+    sets = eval_sets(split, val_fraction=val_fraction)
+    own = [{"prompt": r["prompt"], "response": benign_responses[r["id"]], "label": 0}
+           for r in sets["benign"] if benign_responses.get(r["id"])]
+    if own_only:
+        return own
+    resp = sets["responses"]
+    return ([{"prompt": EVAL_NEUTRAL_PROMPT, "response": r["response"], "label": r["label"]}
+             for r in resp]
+            + [{"prompt": r["prompt"], "response": r["response"], "label": r["label"]}
+               for r in resp]
+            + [{"prompt": r["prompt"], "response": r["target"], "label": 1}
+               for r in sets["harmful"] if r.get("target")]
+            + own)
+
+
+def run_response_probe(args) -> int:
+    """``safeattn train --response-probe-for DIR``: the head saved in ``DIR`` plus a response
+    probe (:func:`fit_response_probe`) fitted on the ``fit`` split's responses
+    (:func:`response_probe_pairs`) and standardised on the model's own answers to the benign
+    ``val`` prompts, saved to ``OUT``. The checks change meaning, so the saved ``threshold``
+    (and the late one) are dropped: run ``safeattn calibrate`` next."""
+    from pathlib import Path
+
+    from transformers import set_seed
+
+    from .data import load_responses
+    from .hf.persist import load_safety, save_safety
+
+    if not getattr(args, "val_fraction", 0.0):
+        raise ValueError("--response-probe-for needs --val-fraction: the probe fits on the fit "
+                         "split and the model's answers to the benign val prompts standardise "
+                         "the blend")
+    if not args.deep_layers:
+        raise ValueError("--response-probe-for needs --deep-layers (the layers it may read)")
+    if not args.benign_responses:
+        raise ValueError("--response-probe-for needs --benign-responses (the model's own "
+                         "answers to the benign prompts: label 0, and the benign reference)")
+    t0 = time.time()
+    set_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model, tok = load_model(args.model)
+    load_safety(model, args.response_probe_for, tok)
+    answers = load_responses(args.benign_responses)
+    pairs = response_probe_pairs("fit", answers, val_fraction=args.val_fraction)
+    ref = response_probe_pairs("val", answers, val_fraction=args.val_fraction, own_only=True)
+    report = fit_response_probe(model, tok, pairs, ref, args.deep_layers,
+                                batch_size=args.batch_size, seed=args.seed, progress=True)
+    cfg = safety_config(model)
+    for key in ("threshold", "late_threshold", "late_after"):
+        cfg.pop(key, None)
+    model.config.safeattn = cfg
+    save_safety(model, out_dir)
+    report.update(command="safeattn train " + shlex.join(args.argv),
+                  head=str(args.response_probe_for), seconds=round(time.time() - t0, 1))
+    (out_dir / "response_probe.json").write_text(json.dumps(report, indent=1) + "\n")
+    print(f"response probe at layer {report['layer']} (CV AUROC {report['cv_auroc']:.4f} over "
+          f"{report['checks']} checks of {report['pairs']} responses) saved with the head to "
+          f"{out_dir}; threshold dropped: run safeattn calibrate next", flush=True)
+    return 0
 
 
 def run_query_probe(args) -> int:

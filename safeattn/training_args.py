@@ -59,6 +59,13 @@ def _model_arguments(p) -> None:
                         "probe at one of --deep-layers blended into p_0) to the head saved in "
                         "DIR, fitted on this command's training samples and standardised on the "
                         "benign val prompts (needs --val-fraction); saves both to OUT")
+    p.add_argument("--response-probe-for", default=None, metavar="DIR",
+                   help="train nothing: add a response probe (safeattn.hf.ResponseProbe, a "
+                        "frozen probe on the mean state of a check's last response tokens at "
+                        "one of --deep-layers, blended into the decoding-time checks) to the "
+                        "head saved in DIR, fitted on the fit split's responses and "
+                        "standardised on --benign-responses of the val prompts (needs "
+                        "--val-fraction); saves both to OUT")
     p.add_argument("--probe-window", type=positive_int, default=10,  # generation.DEFAULT_WINDOW
                    help="r1 = r2 = r3 of the response views (DESIGN.md §3, Rules 1-3); saved, "
                         "and generation's default window")
