@@ -1028,7 +1028,7 @@ def response_window_states(model, collator: "SafetyDataCollator", pairs: Sequenc
     dev = inner.get_input_embeddings().weight.device
     keep = ("input_ids", "attention_mask", "position_ids", "q_span", "response_start")
     try:
-        with first_blocks(inner, max(layers)):
+        with first_blocks(inner, max(max(layers), _tap_index(inner) + 1)):
             for s in tqdm(range(0, len(rows), batch_size), desc="response states",
                           disable=not progress):
                 chunk = rows[s:s + batch_size]
@@ -1040,11 +1040,11 @@ def response_window_states(model, collator: "SafetyDataCollator", pairs: Sequenc
                 for j, (i, _, ends) in enumerate(chunk):
                     rs = int(batch["response_start"][j])
                     for x in layers:
-                        c = torch.cat([torch.zeros(1, grabbed[x].shape[-1]),
-                                       grabbed[x][j, rs:width].double().cumsum(0).float()])
-                        feats[x] += [(c[min(e, width - rs)] - c[max(0, e - window)])
-                                     / (min(e, width - rs) - max(0, e - window))
-                                     for e in ends]
+                        h = grabbed[x][j, rs:width].double()
+                        c = torch.cat([h.new_zeros(1, h.shape[-1]), h.cumsum(0)])
+                        hi = [min(e, len(h)) for e in ends]
+                        feats[x] += [((c[b] - c[max(0, b - window)]) / (b - max(0, b - window)))
+                                     .float() for b in hi]
                     views += [(i, e) for e in ends]
     finally:
         inner.train(was)
