@@ -228,8 +228,8 @@ def test_fit_response_probe_blends_the_heads_checks_with_the_window_mean():
     seq = enc["input_ids"]
     u = _token_logits_at(model, enc, seq, layer)
     l0 = seq.shape[1]
-    want = float(rp.token_logits(feats[layer][[k for k, v in enumerate(views)
-                                                if v == (0, 6)][0]]))
+    with torch.no_grad():
+        want = float(rp.token_logits(feats[layer][views.index((0, 6))]))
     assert float(u[0, l0 - 3:l0].mean()) == pytest.approx(want, abs=1e-4)
     # the deep member learned the labels of its training checks
     f2, v2 = response_window_states(model, coll, pairs, [layer], **kw)
