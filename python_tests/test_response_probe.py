@@ -60,8 +60,7 @@ def _token_logits(model, enc, seq):
         out = model(input_ids=seq, attention_mask=am, q_span=enc["q_span"],
                     response_start=enc["response_start"], use_cache=False,
                     output_hidden_states=True, logits_to_keep=1)
-    h = out.hidden_states[LAYER]
-    return model.safety_response_probe.token_logits(h)
+        return model.safety_response_probe.token_logits(out.hidden_states[LAYER])
 
 
 @pytest.mark.parametrize("family,cls_layer", [("llama", 1), ("gemma3_text", 1), ("llama", None)])
@@ -233,7 +232,7 @@ def test_fit_response_probe_blends_the_heads_checks_with_the_window_mean():
     assert float(u[0, l0 - 3:l0].mean()) == pytest.approx(want, abs=1e-4)
     # the deep member learned the labels of its training checks
     f2, v2 = response_window_states(model, coll, pairs, [layer], **kw)
-    s = rp.token_logits(f2[layer])
+    s = rp.token_logits(f2[layer]).detach()
     y = torch.tensor([pairs[i]["label"] for i, _ in v2], dtype=torch.bool)
     assert float(s[y].mean()) > float(s[~y].mean())
 
@@ -243,7 +242,7 @@ def _token_logits_at(model, enc, seq, layer):
         out = model(input_ids=seq, attention_mask=enc["attention_mask"], q_span=enc["q_span"],
                     response_start=enc["response_start"], use_cache=False,
                     output_hidden_states=True, logits_to_keep=1)
-    return model.safety_response_probe.token_logits(out.hidden_states[layer])
+        return model.safety_response_probe.token_logits(out.hidden_states[layer])
 
 
 def test_fit_response_probe_refuses_one_label():
