@@ -1173,7 +1173,7 @@ def run_response_probe(args) -> int:
     from transformers import set_seed
 
     from .data import load_responses
-    from .hf.persist import load_safety, save_safety
+    from .hf.persist import load_safety
 
     if not getattr(args, "val_fraction", 0.0):
         raise ValueError("--response-probe-for needs --val-fraction: the probe fits on the fit "
@@ -1197,14 +1197,9 @@ def run_response_probe(args) -> int:
     ref = response_probe_pairs("val", answers, val_fraction=args.val_fraction, own_only=True)
     report = fit_response_probe(model, tok, pairs, ref, args.deep_layers,
                                 batch_size=args.batch_size, seed=args.seed, progress=True)
-    cfg = safety_config(model)
-    for key in ("threshold", "late_threshold", "late_after"):
-        cfg.pop(key, None)
-    model.config.safeattn = cfg
-    save_safety(model, out_dir)
-    report.update(command="safeattn train " + shlex.join(args.argv),
-                  head=str(args.response_probe_for), seconds=round(time.time() - t0, 1))
-    (out_dir / "response_probe.json").write_text(json.dumps(report, indent=1) + "\n")
+    _save_with_probe(model, out_dir, args, report, "response_probe",
+                     stale=("threshold", "late_threshold", "late_after"),
+                     head=args.response_probe_for, t0=t0)
     print(f"response probe at layer {report['layer']} (CV AUROC {report['cv_auroc']:.4f} over "
           f"{report['checks']} checks of {report['pairs']} responses) saved with the head to "
           f"{out_dir}; threshold dropped: run safeattn calibrate next", flush=True)
@@ -1219,7 +1214,7 @@ def run_query_probe(args) -> int:
     next."""
 
     from .calibration import validation_rows
-    from .hf.persist import load_safety, save_safety
+    from .hf.persist import load_safety
 
     if not getattr(args, "val_fraction", 0.0):
         raise ValueError("--query-probe-for needs --val-fraction: the benign val prompts "
@@ -1233,17 +1228,28 @@ def run_query_probe(args) -> int:
     report = fit_query_probe(model, tok, train, benign, args.deep_layers,
                              max_prompt_tokens=args.max_prompt_tokens,
                              batch_size=args.batch_size, seed=args.seed, progress=True)
-    cfg = safety_config(model)
-    cfg.pop("query_threshold", None)
-    model.config.safeattn = cfg
-    save_safety(model, out_dir)
-    report.update(command="safeattn train " + shlex.join(args.argv),
-                  head=str(args.query_probe_for), seconds=round(time.time() - t0, 1))
-    (out_dir / "query_probe.json").write_text(json.dumps(report, indent=1) + "\n")
+    _save_with_probe(model, out_dir, args, report, "query_probe", stale=("query_threshold",),
+                     head=args.query_probe_for, t0=t0)
     print(f"query probe at layer {report['layer']} (CV AUROC {report['cv_auroc']:.4f}, "
           f"{report['samples']} prompts) saved with the head to {out_dir}; query_threshold "
           "dropped: run safeattn calibrate next", flush=True)
     return 0
+
+
+def _save_with_probe(model, out_dir, args, report: dict, name: str, *, stale, head,
+                     t0: float) -> None:
+    """Save a head with the probe just fitted to it in ``out_dir``, without the θ that the
+    probe made ``stale``, and the fit's ``report`` (with the command) as ``NAME.json``."""
+    from .hf.persist import save_safety
+
+    cfg = safety_config(model)
+    for key in stale:
+        cfg.pop(key, None)
+    model.config.safeattn = cfg
+    save_safety(model, out_dir)
+    report.update(command="safeattn train " + shlex.join(args.argv), head=str(head),
+                  seconds=round(time.time() - t0, 1))
+    (out_dir / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
 
 
 def load_model(name: str, dtype: torch.dtype = torch.float32):
