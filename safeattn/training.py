@@ -1168,10 +1168,6 @@ def run_response_probe(args) -> int:
     (:func:`response_probe_pairs`) and standardised on the model's own answers to the benign
     ``val`` prompts, saved to ``OUT``. The checks change meaning, so the saved ``threshold``
     (and the late one) are dropped: run ``safeattn calibrate`` next."""
-    from pathlib import Path
-
-    from transformers import set_seed
-
     from .data import load_responses
     from .hf.persist import load_safety
 
@@ -1185,12 +1181,7 @@ def run_response_probe(args) -> int:
         raise ValueError("--response-probe-for needs --benign-responses (the model's own "
                          "answers to the benign prompts: label 0, and the benign reference)")
     t0 = time.time()
-    set_seed(args.seed)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model, tok = load_model(args.model)
+    out_dir, model, tok = _setup(args)
     load_safety(model, args.response_probe_for, tok)
     answers = load_responses(args.benign_responses)
     pairs = response_probe_pairs("fit", answers, val_fraction=args.val_fraction)
@@ -1366,14 +1357,11 @@ def _weights(args, samples) -> list[float] | None:
     return source_weights(samples) if getattr(args, "balance_sources", False) else None
 
 
-def _start(args):
-    """What every ``safeattn train`` run does first: seed, threads, the output directory, the
-    model and the training samples -> ``(out_dir, model, tokenizer, kinds, samples)``."""
+def _setup(args):
+    """Seed, threads, the output directory and the model -> ``(out_dir, model, tokenizer)``."""
     from pathlib import Path
 
     from transformers import set_seed
-
-    from .data import build_samples, load_responses
 
     set_seed(args.seed)
     if args.threads:
@@ -1381,6 +1369,15 @@ def _start(args):
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     model, tok = load_model(args.model)
+    return out_dir, model, tok
+
+
+def _start(args):
+    """What every ``safeattn train`` run does first: :func:`_setup`, then the training samples
+    -> ``(out_dir, model, tokenizer, kinds, samples)``."""
+    from .data import build_samples, load_responses
+
+    out_dir, model, tok = _setup(args)
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
     responses = load_responses(args.benign_responses) if args.benign_responses else None
     val = getattr(args, "val_fraction", 0.0)
