@@ -666,16 +666,15 @@ class _Decode:
             self.iv = self.ranges()
             return torch.full((self.b,), float("nan"), device=self.dev)
 
-    def keep_token_logits(self, start: int) -> None:
-        """The last forward's ``response_token_logit`` of its token rows, into the columns
-        from ``start`` on (a check step's probe row, the last, is left out)."""
+    def keep_token_logits(self, start: int, count: int) -> None:
+        """The last forward's ``response_token_logit`` of its first ``count`` rows (its token
+        rows: a check step's probe row comes last) into columns ``start, start + 1, …``."""
         if self.rprobe is None:
             return
         u = self.out.get("response_token_logit")
         if u is None:
             raise RuntimeError("safeattn: the forward did not reach the response probe's layer")
-        n = self.l0 - start if start == 0 else 1
-        self.token_u[:, start:start + n] = u[:, :n]
+        self.token_u[:, start:start + count] = u[:, :count]
 
     def with_response_probe(self, logit) -> torch.Tensor:
         """``[B, 1]`` head logits -> blended with the mean token logit of the last ``window``
@@ -713,7 +712,7 @@ class _Decode:
             raise RuntimeError("safeattn: the prefill did not tap the [CLS] row")
         if hq is None and getattr(self.model, "safety_query_probe", None) is not None:
             raise RuntimeError("safeattn: the prefill did not tap the query probe's layer")
-        self.keep_token_logits(0)
+        self.keep_token_logits(0, self.l0)
         p = self.check(h0, self.all_rows, self.safety.query_threshold, query=hq, prefill=True)
         if self.longest_pre:
             self.step.add_(self.pre)
@@ -890,7 +889,7 @@ class _Decode:
             active = self.live if self.sched[self.n] else self.live & self.escal
             self.seen_to = self.iv[:, 1, 1].long() - self.rs - self.pre  # before check()
             self.out = self.probe_forward(active)
-            self.keep_token_logits(self.l0 + self.n - 1)
+            self.keep_token_logits(self.l0 + self.n - 1, 1)
             h = self.out.get("safety_hidden")
             if h is None:
                 raise RuntimeError("safeattn: the check step did not tap the probe row")
@@ -901,7 +900,7 @@ class _Decode:
                                   position_ids=self.cur_pos[:, None], cache=self.cache,
                                   safety_layout=self.layout(), use_cache=True,
                                   logits_to_keep=1)
-            self.keep_token_logits(self.l0 + self.n - 1)
+            self.keep_token_logits(self.l0 + self.n - 1, 1)
             p = self.check(None, active, self.safety.check_threshold(self.n))
         self.record(p, active)
         self.cur_pos = self.cur_pos + 1
