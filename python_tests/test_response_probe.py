@@ -308,3 +308,12 @@ def test_train_response_probe_for_a_saved_head(tmp_path, monkeypatch):
     fresh, ftok = llama(), tiny_tokenizer()
     safeattn.load_safety(fresh, tmp_path / "out", ftok)
     assert fresh.safety_response_probe.layer == rep["layer"]
+
+
+def test_cli_train_fits_one_probe_at_a_time(tmp_path, capsys):
+    from safeattn.cli import main
+
+    rc = main(["train", "--out", str(tmp_path), "--query-probe-for", str(tmp_path),
+               "--response-probe-for", str(tmp_path)])
+    assert rc == 2
+    assert "fit one at a time" in capsys.readouterr().err

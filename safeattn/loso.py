@@ -59,17 +59,15 @@ def sweep_ends(n: int, every: int = 8, max_tokens: int = 64) -> list[int]:
 
 
 def response_sweep(rows, tokenizer=None, *, every: int = 8, max_tokens: int = 64,
-                   r2: int = DEFAULT_WINDOW,
-                   prompt: str | None = EVAL_NEUTRAL_PROMPT) -> list[Sample]:
+                   r2: int = DEFAULT_WINDOW, prompt: str = EVAL_NEUTRAL_PROMPT) -> list[Sample]:
     """Rule-2 probe views of each response row (``id``, ``response``, ``label``) after
-    ``prompt`` (``None``: the row's own ``prompt``): at :func:`sweep_ends`, the window of the
-    last ``r2``. Sample ids are ``<row id>|sweep|w<seen>:<lo>:<seen>``."""
+    ``prompt``: at :func:`sweep_ends`, the window of the last ``r2``. Sample ids are
+    ``<row id>|sweep|w<seen>:<lo>:<seen>``."""
     def views(n):
         return [(seen, max(0, seen - r2), seen) for seen in sweep_ends(n, every, max_tokens)]
 
     return [x for r in rows for x in _response_views(
-        r["id"], r["prompt"] if prompt is None else prompt, r["response"], int(r["label"]),
-        tokenizer=tokenizer, tag="sweep",
+        r["id"], prompt, r["response"], int(r["label"]), tokenizer=tokenizer, tag="sweep",
         source="pyrit_scorer_responses", row_id=r["id"], origin="pyrit_responses",
         views=views, category=r.get("category"))]
 
