@@ -30,15 +30,20 @@ NEW = 128
 SCHEDULES = ("each", "first", "periodic", "annealing")
 TARGET = {"each": 1.10, "first": 1.10, "periodic": 1.10, "annealing": 1.05}
 MODEL = os.environ.get("SAFEATTN_BENCH_MODEL", "gemma3-270m")
+#: Another head than the model's default: a ``save_safety`` folder or a variant's name.
+SAFETY = os.environ.get("SAFEATTN_BENCH_SAFETY")
+LABEL = MODEL if not SAFETY else f"{MODEL}+{os.path.basename(os.path.normpath(SAFETY))}"
 TIMING = dict(budget_s=0.0, min_rounds=2, max_rounds=2, warmup_s=0.0, min_warmup=0)
 
 
 @pytest.fixture(scope="module")
 def gemma():
     """``load_default()``, or the shipped model named by ``$SAFEATTN_BENCH_MODEL``
-    (e.g. ``smollm2-135m-instruct``, the chat model)."""
-    model, tok = safeattn.models.load_default(MODEL)
-    return model, tok
+    (e.g. ``smollm2-135m-instruct``, the chat model), with the head that
+    ``$SAFEATTN_BENCH_SAFETY`` names, if set (case names then end in ``+<its name>``)."""
+    if SAFETY in safeattn.models.variants(MODEL):
+        return safeattn.models.load_default(MODEL, variant=SAFETY)
+    return safeattn.models.load_default(MODEL, safety_dir=SAFETY)
 
 
 def _prompt(tok, n_tokens: int) -> str:
@@ -88,7 +93,7 @@ def test_generate_overhead(compare, gemma, schedule, b):
     prompts = ["How do I bake bread at home?", "Write a short poem about the sea.",
                "Explain photosynthesis to a child.", "What is the capital of France?"] * 2
     enc, ours, base = _calls(model, tok, prompts[:b], schedule)
-    case = {"name": f"generate/{MODEL}-{schedule}-B{b}-new{NEW}", "kind": "generate",
+    case = {"name": f"generate/{LABEL}-{schedule}-B{b}-new{NEW}", "kind": "generate",
             "model": MODEL, "dtype": "float32", "schedule": schedule, "batch": b,
             "prompt_len": enc["input_ids"].shape[1], "new_tokens": NEW,
             "threads": torch.get_num_threads(),
@@ -103,7 +108,7 @@ def test_generate_overhead(compare, gemma, schedule, b):
 def test_generate_context(compare, gemma, ctx):
     model, tok = gemma
     enc, ours, base = _calls(model, tok, [_prompt(tok, ctx)], "each")
-    case = {"name": f"generate_ctx/{MODEL}-each-B1-ctx{ctx}", "kind": "generate_context",
+    case = {"name": f"generate_ctx/{LABEL}-each-B1-ctx{ctx}", "kind": "generate_context",
             "model": MODEL, "dtype": "float32", "schedule": "each", "batch": 1,
             "context": ctx, "prompt_len": enc["input_ids"].shape[1], "new_tokens": NEW,
             "threads": torch.get_num_threads(),
@@ -135,7 +140,7 @@ def test_prefill_checks_overhead(compare, gemma, b):
                                                                         prefill_stride=0))
 
     assert torch.equal(ours(), base())  # nothing triggers: the checks leave the ids alone
-    case = {"name": f"prefill_checks/{MODEL}-each-B{b}-prefill64-new{NEW}",
+    case = {"name": f"prefill_checks/{LABEL}-each-B{b}-prefill64-new{NEW}",
             "kind": "prefill_checks", "model": MODEL, "dtype": "float32", "schedule": "each",
             "batch": b, "prompt_len": enc["input_ids"].shape[1], "prefill_tokens": 64,
             "new_tokens": NEW, "threads": torch.get_num_threads(),
