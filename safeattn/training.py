@@ -851,14 +851,8 @@ def prompt_states(model, collator: "SafetyDataCollator", samples: Sequence,
     ``layers`` number hidden states as HF does (``i``: the output of decoder block ``i - 1``;
     ``1 <= i <= num_hidden_layers``), before the final norm. Only the blocks up to the
     deepest layer (and ``cls_layer``) run; rows are batched by length."""
-    from tqdm.auto import tqdm
-
     inner = _inner(model)
-    base = _base(inner)
-    n = len(base.layers)
-    layers = sorted({int(x) for x in layers})
-    if not layers or not all(1 <= x <= n for x in layers):
-        raise ValueError(f"layers: expected hidden-state indices in 1..{n}, got {layers}")
+    layers = _hidden_layers(inner, layers)
     if upto not in ("prompt", "window"):
         raise ValueError(f"upto: expected 'prompt' or 'window', got {upto!r}")
     rows = [{"prompt": _get(x, "prompt"), "response": _seen(x) if upto == "window" else "",
@@ -867,38 +861,59 @@ def prompt_states(model, collator: "SafetyDataCollator", samples: Sequence,
     order = sorted(range(len(rows)), key=lambda i: lens[i])
     out = {x: torch.empty(len(rows), inner.config.get_text_config().hidden_size)
            for x in layers}
-    depth = max(max(layers), _tap_index(inner) + 1)
-    dev = inner.get_input_embeddings().weight.device
-    grabbed: dict[int, torch.Tensor] = {}
-
     # The collator pads on the left and adds no EOS to a row of kind "response" (nor any
     # response to a prompt row), so every row ends at the token to read.
-    def grab(i):
+    for s, _, states in _layer_outputs(inner, collator, [rows[i] for i in order], layers,
+                                       batch_size=batch_size, desc="prompt states",
+                                       progress=progress):
+        idx = order[s:s + batch_size]
+        for x in layers:
+            out[x][idx] = states[x][:, -1].float().cpu()
+    return out
+
+
+def _hidden_layers(inner, layers: Sequence[int]) -> list[int]:
+    """``layers`` as sorted hidden-state indices, checked to lie in ``1..num_layers``."""
+    n = len(_base(inner).layers)
+    layers = sorted({int(x) for x in layers})
+    if not layers or not all(1 <= x <= n for x in layers):
+        raise ValueError(f"layers: expected hidden-state indices in 1..{n}, got {layers}")
+    return layers
+
+
+def _layer_outputs(inner, collator, rows: Sequence, layers: Sequence[int], *,
+                   batch_size: int, desc: str, progress: bool = False):
+    """Run ``rows`` (collator features) through the blocks up to the deepest of ``layers``
+    (and the ``[CLS]`` tap), ``batch_size`` at a time, in eval mode -> yields ``(start,
+    batch, {layer: [b, T, D] hidden states})`` per batch (``layers`` as in
+    :func:`prompt_states`; valid until the next batch). Callers run it under ``no_grad``."""
+    from tqdm.auto import tqdm
+
+    base = _base(inner)
+    grabbed: dict[int, torch.Tensor] = {}
+
+    def grab(x):
         def hook(module, args, output):
-            h = output[0] if isinstance(output, tuple) else output
-            grabbed[i + 1] = h[:, -1].float().cpu()
+            grabbed[x] = output[0] if isinstance(output, tuple) else output
         return hook
 
-    hooks = [base.layers[x - 1].register_forward_hook(grab(x - 1)) for x in layers]
+    hooks = [base.layers[x - 1].register_forward_hook(grab(x)) for x in layers]
     was = inner.training
     inner.eval()
+    dev = inner.get_input_embeddings().weight.device
     keep = ("input_ids", "attention_mask", "position_ids", "q_span", "response_start")
     try:
-        with first_blocks(inner, depth):
-            for s in tqdm(range(0, len(order), batch_size), desc="prompt states",
-                          disable=not progress):
-                idx = order[s:s + batch_size]
-                batch = collator([rows[i] for i in idx])
+        with first_blocks(inner, max(max(layers), _tap_index(inner) + 1)):
+            for s in tqdm(range(0, len(rows), batch_size), desc=desc, disable=not progress):
+                batch = collator(list(rows[s:s + batch_size]))
                 inner(**{k: batch[k].to(dev) for k in keep}, safety_mode="sft",
                       use_cache=False, logits_to_keep=torch.zeros(0, dtype=torch.long,
                                                                   device=dev))
-                for x in layers:
-                    out[x][idx] = grabbed[x]
+                yield s, batch, grabbed
     finally:
         inner.train(was)
         for h in hooks:
             h.remove()
-    return out
 
 
 def _seen(sample) -> str:
@@ -995,17 +1010,11 @@ def response_window_states(model, collator: "SafetyDataCollator", pairs: Sequenc
     [(pair index, tokens seen)] * V)``: per check, the mean hidden state (``layers`` as in
     :func:`prompt_states`) of the last ``window`` response tokens it has seen, as the
     decoder computes them ([CLS] at 0, invisible to the text)."""
-    from tqdm.auto import tqdm
-
     from .data import truncate_tokens
     from .loso import sweep_ends
 
     inner = _inner(model)
-    base = _base(inner)
-    layers = sorted({int(x) for x in layers})
-    if not layers or not all(1 <= x <= len(base.layers) for x in layers):
-        raise ValueError(f"layers: expected hidden-state indices in 1..{len(base.layers)}, "
-                         f"got {layers}")
+    layers = _hidden_layers(inner, layers)
     tok = collator.tokenizer
     rows = []  # (pair index, the row cut to max_tokens, its checks' tokens seen)
     for i, x in enumerate(pairs):
@@ -1013,44 +1022,23 @@ def response_window_states(model, collator: "SafetyDataCollator", pairs: Sequenc
         if n:
             rows.append((i, {"prompt": _get(x, "prompt"), "response": text, "label": 0.0,
                              "kind": "response"}, sweep_ends(n, every, max_tokens)))
-    grabbed: dict[int, torch.Tensor] = {}
-
-    def grab(x):
-        def hook(module, args, output):
-            grabbed[x] = (output[0] if isinstance(output, tuple) else output).float().cpu()
-        return hook
-
     feats = {x: [] for x in layers}
     views = []
-    hooks = [base.layers[x - 1].register_forward_hook(grab(x)) for x in layers]
-    was = inner.training
-    inner.eval()
-    dev = inner.get_input_embeddings().weight.device
-    keep = ("input_ids", "attention_mask", "position_ids", "q_span", "response_start")
-    try:
-        with first_blocks(inner, max(max(layers), _tap_index(inner) + 1)):
-            for s in tqdm(range(0, len(rows), batch_size), desc="response states",
-                          disable=not progress):
-                chunk = rows[s:s + batch_size]
-                batch = collator([r for _, r, _ in chunk])
-                inner(**{k: batch[k].to(dev) for k in keep}, safety_mode="sft",
-                      use_cache=False, logits_to_keep=torch.zeros(0, dtype=torch.long,
-                                                                  device=dev))
-                width = batch["input_ids"].shape[1]
-                for j, (i, _, ends) in enumerate(chunk):
-                    rs = int(batch["response_start"][j])
-                    for x in layers:
-                        h = grabbed[x][j, rs:width].double()
-                        c = torch.cat([h.new_zeros(1, h.shape[-1]), h.cumsum(0)])
-                        hi = [min(e, len(h)) for e in ends]
-                        feats[x] += [((c[b] - c[max(0, b - window)]) / (b - max(0, b - window)))
-                                     .float() for b in hi]
-                    views += [(i, e) for e in ends]
-    finally:
-        inner.train(was)
-        for h in hooks:
-            h.remove()
-    return {x: torch.stack(v) if v else torch.empty(0, base.config.hidden_size)
+    for s, batch, states in _layer_outputs(inner, collator, [r for _, r, _ in rows], layers,
+                                           batch_size=batch_size, desc="response states",
+                                           progress=progress):
+        width = batch["input_ids"].shape[1]
+        for j, (i, _, ends) in enumerate(rows[s:s + batch_size]):
+            rs = int(batch["response_start"][j])
+            for x in layers:
+                h = states[x][j, rs:width].double().cpu()
+                c = torch.cat([h.new_zeros(1, h.shape[-1]), h.cumsum(0)])
+                hi = [min(e, len(h)) for e in ends]
+                feats[x] += [((c[b] - c[max(0, b - window)]) / (b - max(0, b - window)))
+                             .float() for b in hi]
+            views += [(i, e) for e in ends]
+    hidden = inner.config.get_text_config().hidden_size
+    return {x: torch.stack(v) if v else torch.empty(0, hidden)
             for x, v in feats.items()}, views
 
 
