@@ -2,7 +2,8 @@
 decoder needs its transformers; the vLLM venv pins an older one).
 
 ``python _vllm_reference.py SPEC.json OUT_DIR`` builds each tiny model of SPEC (random weights,
-random head and probe adapter; the llama one also a random query probe), saves it with
+random head and probe adapter; the llama one also a random query probe, the gemma3 one a
+random response probe), saves it with
 ``save_pretrained`` + ``save_safety`` to ``OUT_DIR/<family>`` (a family in
 ``safeattn.models.MODELS``: that shipped model and head, not saved), and writes
 ``OUT_DIR/<family>/ref.json``: per case (a SafetyConfig) the greedy token ids, ``q_span`` and
@@ -57,6 +58,16 @@ def tiny_safe_model(family: str, seed: int = 0):
             qp.linear.weight.normal_(0, 0.2)
             qp.linear.bias.fill_(-0.5)
             qp.head_scale.fill_(0.7)
+    else:  # the decoding-time checks also from a response probe on block 1's output (the
+        # last probe layer: a folded probe's rows are still in its output)
+        model.config.safeattn = dict(model.config.safeattn, response_probe={
+            "layer": 2, "window": 4})
+        model = safeattn.apply_safeattn(model, tok)
+        with torch.no_grad():
+            rp = model.safety_response_probe
+            rp.linear.weight.normal_(0, 0.3)
+            rp.linear.bias.fill_(-0.3)
+            rp.head_scale.fill_(0.8)
     return model, tok
 
 

@@ -327,6 +327,39 @@ def test_safety_error_fails_closed(engine, monkeypatch, part):
     _parity(llm, tok, ref, "llama", 0, tag=f"-after-{part}-boom")
 
 
+@pytest.mark.parametrize("how", ["lost", "raised"])
+def test_missing_response_token_fails_closed(engine, monkeypatch, how):
+    """A response token whose ``w · h`` no forward computed (``lost``: as after a prefix-cache
+    hit; ``raised``: the response probe's hook failed) makes the first check that reads it
+    nan: the request refuses there; ``p_0``, which keeps the head, is unaffected. A request
+    without safety in the same batch decodes as plain."""
+    from safeattn.vllm import logits, models
+
+    def lose(self, br):
+        br.token_logits = None
+
+    def boom(*args):
+        raise RuntimeError("response probe broke")
+
+    if how == "lost":
+        monkeypatch.setattr(logits.SafetyLogitsProcessor, "_keep_token_logits", lose)
+    else:
+        monkeypatch.setattr(models, "token_logits", boom)
+    llm, tok, ref = engine("gemma3_text")
+    ids = [f"{how}-token-0", f"{how}-token-1"]
+    ps, sps = sv.requests(tok, PROMPTS[:2], safety={"threshold": 2.0}, ids=ids, max_tokens=10,
+                          temperature=0.0)
+    ps2, sps2 = sv.requests(tok, PROMPTS[2:3], safety=None, max_tokens=MAX_TOKENS,
+                            temperature=0.0)
+    outs = llm.generate(ps + ps2, sps + sps2, use_tqdm=False)
+    for i, o in zip(ids, outs):
+        tr = sv.trace(i)[0]
+        assert math.isfinite(tr.p[0]) and math.isnan(tr.p[1]), i
+        assert tr.refusal_step == 1 and tr.alarm_step == 0, i
+    plain = ref["cases"][CASES.index(None)][2]
+    assert _cut(list(outs[2].outputs[0].token_ids), ref["eos"]) == _cut(plain["ids"], ref["eos"])
+
+
 @pytest.mark.parametrize("part", ["probe", "safety_step"])
 def test_prefill_check_error_fails_closed(engine, monkeypatch, part):
     """An error in a prefill check's probe or state machine refuses the requests it checked
@@ -693,13 +726,16 @@ def test_bad_extra_args(engine, bad, field):
 
 
 def test_unsupported_settings(refs, tmp_path):
-    """cls_visible_to_response=true cannot work without [CLS] in vLLM's sequence; a response
-    probe is not read by the plugin: both refuse to load."""
+    """cls_visible_to_response=true cannot work without [CLS] in vLLM's sequence, and a bad
+    response probe entry names itself: both refuse to load."""
     from safeattn.vllm.probe import SafetyParts
 
-    for key, value in (("cls_visible_to_response", True),
-                       ("response_probe", {"layer": 2, "window": 4})):
-        d = tmp_path / key
+    for i, (key, value) in enumerate((("cls_visible_to_response", True),
+                                      ("response_probe", {"layer": 2}),
+                                      ("response_probe", {"layer": 0, "window": 4}),
+                                      ("response_probe", {"layer": 2, "window": 0}),
+                                      ("response_probe", [2, 4]))):
+        d = tmp_path / f"{key}{i}"
         shutil.copytree(refs / "gemma3_text", d)
         cfg = json.loads((d / "safety_config.json").read_text())
         cfg[key] = value
@@ -708,6 +744,21 @@ def test_unsupported_settings(refs, tmp_path):
             SafetyParts(d)
     with pytest.raises(ValueError, match="model_type"):
         sv.engine_kwargs(d, model_type="gpt2")
+
+
+def test_probe_engine_settings(refs, tmp_path):
+    """A head with a response or a query probe reads token states inside the forward: its
+    engine gets no prefix cache (whose hits would skip the tokens it reads); a head with
+    neither leaves it to vLLM."""
+    for family in ("gemma3_text", "llama"):  # response probe; query probe
+        kw = sv.engine_kwargs(refs / family)
+        assert kw["enable_prefix_caching"] is False, family
+    d = tmp_path / "plain"
+    shutil.copytree(refs / "gemma3_text", d)
+    cfg = json.loads((d / "safety_config.json").read_text())
+    del cfg["response_probe"]
+    (d / "safety_config.json").write_text(json.dumps(cfg))
+    assert "enable_prefix_caching" not in sv.engine_kwargs(d)
 
 
 @pytest.mark.parametrize("opt, field", [({"query_budget": -1}, "query_budget"),

@@ -50,9 +50,13 @@ def engine_kwargs(model_dir, *, safety_dir=None, safety: dict | None = None,
             that gives no ``q_span`` (default 256 tokens, ``build_inputs``'s own).
 
     A head with a query probe also reads the state of the last token before an assistant
-    prefill in the forward that computes it: a prefix-cache hit would skip that token (the
-    request then refuses, fail closed), so for such a head prefix caching is switched off
-    (``enable_prefix_caching=False``; a server needs ``--no-enable-prefix-caching``).
+    prefill in the forward that computes it, and one with a response probe the states of an
+    assistant prefill's tokens: a prefix-cache hit would skip them (the request then
+    refuses, fail closed), so for such a head prefix caching is switched off
+    (``enable_prefix_caching=False``; a server needs ``--no-enable-prefix-caching``). Both
+    read inside the forward, which only an eager engine lets a hook see: pass
+    ``enforce_eager=True`` (a server: ``--enforce-eager``); a compiled engine refuses such a
+    head at start-up, saying so.
     """
     import json
     from pathlib import Path
@@ -72,7 +76,8 @@ def engine_kwargs(model_dir, *, safety_dir=None, safety: dict | None = None,
     kw = {"model": str(model_dir), "logits_processors": [PROCESSOR],
           "hf_overrides": {"architectures": [ARCHITECTURE[model_type]], "safeattn_vllm": opt}}
     cfg = Path(opt["safety_dir"]) / "safety_config.json"
-    if cfg.exists() and json.loads(cfg.read_text()).get("query_probe"):
+    if cfg.exists() and any(json.loads(cfg.read_text()).get(k)
+                            for k in ("query_probe", "response_probe")):
         kw["enable_prefix_caching"] = False
     return kw
 

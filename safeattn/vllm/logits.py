@@ -19,6 +19,10 @@ attack) is checked as the HF decoder checks it: ``p_0`` reads ``q_span`` alone, 
 every ``prefill_stride`` response tokens into the prefill (one batched pass per stride over the
 cache of the prefill's forward), and the decoding-time windows count the prefilled tokens as
 response.
+
+A head with a response probe: each forward's tokens' ``w · h`` (posted by the model) are kept
+per request by cache column, and every check after ``p_0`` blends the mean of its window's
+last ``window`` of them into the head's logit (:meth:`RequestSafety.check_logit`).
 """
 from __future__ import annotations
 
@@ -138,6 +142,8 @@ class RequestSafety:
         self.opens: dict[int, int] = {}  # the pending alarm's step after it, mid-alarm
         self.prefill_checks: list[tuple[int, float]] = []  # (response tokens seen, p)
         self.stream: StreamGate | None = None  # a server request's published state
+        self.response = None  # the head's ResponseBlend (set when it has a response probe)
+        self.token_logits: dict[int, float] = {}  # cache column -> w · h (response probe)
         self.cleared = 0  # the end of the window of this step's check (generated tokens)
 
     def due(self, n: int) -> bool:
@@ -194,6 +200,18 @@ class RequestSafety:
         # element cost about 0.3 ms a call, every request, every step
         c = self.cfg
         return reference.window(self.mode, self.s_t, seen, c.r1, c.r2, c.r3)
+
+    def check_logit(self, head_logit: float, seen: int) -> float:
+        """The logit of a check that sees ``seen`` response tokens: the head's, blended with
+        the response probe over the last ``window`` of them before its window's end, as
+        ``safeattn.generate`` does (``p_0`` keeps the head's). A token whose value no forward
+        of this request computed (a prefix-cache hit) makes it nan: the request refuses."""
+        if self.response is None or seen == 0:
+            return head_logit
+        hi = self.window(seen)[1]
+        cols = range(self.rs + max(hi - self.response.window, 0), self.rs + hi)
+        return self.response.logit(head_logit, [self.token_logits.get(c, math.nan)
+                                                 for c in cols])
 
     def refusal_start(self, n: int) -> int:
         """Where a refusal at step ``n`` starts in the forced ids (past the break when the
@@ -344,7 +362,9 @@ def advance(states: list[RequestSafety], seen: list[int], logits: torch.Tensor,
     """Run ``safety_step`` on checks that saw ``seen`` response tokens, ``written`` of them
     generated (default none: checks of a prefill), grouped by their θ, τ, r1-r3; updates the
     states in place -> p of each."""
-    ps = torch.sigmoid(logits.float()).tolist()
+    logits = torch.tensor([s.check_logit(lg, k) for s, lg, k in
+                           zip(states, logits.float().tolist(), seen)])
+    ps = torch.sigmoid(logits).tolist()
     written = written or [0] * len(states)
     groups: dict = {}
     for i, s in enumerate(states):
@@ -596,6 +616,7 @@ class SafetyLogitsProcessor(LogitsProcessor):
                            min(params.max_tokens or self.max_len,
                                self.max_len - len(prompt_ids)), span, self.tokenizer, eos_id,
                            eos)
+        st.response = br.response
         if failed:
             st.refused, st.alarm_step = True, 0
         if valid_key(key):
@@ -648,10 +669,21 @@ class SafetyLogitsProcessor(LogitsProcessor):
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         br = bridge_for(self.vllm_config)
+        if br is not None and br.token_logits is not None:
+            self._keep_token_logits(br)
         if br is not None and br.plan is not None and br.complete is not None:
             self._step(br, logits)
         self._publish()
         return logits
+
+    def _keep_token_logits(self, br) -> None:
+        """The forward's tokens' ``w · h`` (response probe) into their requests' states."""
+        rows, cols, u = (t.tolist() for t in br.token_logits)
+        br.token_logits = None
+        for r, c, v in zip(rows, cols, u):
+            s = self.rows.get(r)
+            if s is not None and s.response is not None and c >= s.rs:  # response only
+                s.token_logits[c] = v
 
     def _publish(self) -> None:
         """Each server request's state (trace; a stream's cleared text), before this step's

@@ -49,6 +49,10 @@ class Bridge:
         self.folded: bool | None = None  # the probe rides the main forward (set by the model)
         self.runner: ProbeRunner | None = None  # (set by the model)
         self.metadata = None  # the attention metadata of the step's forward (set by the model)
+        self.response = None  # the head's ResponseBlend, or None (set by the model)
+        #: the forward's (batch rows [N], columns [N], w · h [N]) of its tokens, for the
+        #: response probe (set by the model, taken by the processor)
+        self.token_logits: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def post_plan(self, plan, expected, due):
         self.plan, self.expected, self.due = plan, expected, due
@@ -129,16 +133,33 @@ def _wrap(base, family: str):
                                      "inside the forward, which a compiled engine does not "
                                      "let a hook see; run the engine with enforce_eager=True")
                 self.model.layers[at - 1].register_forward_hook(self._grab_query)
+            at = self._safety_parts.response_layer
+            self._safety_tokens = None
+            if at is not None:
+                if not at <= len(self.model.layers):
+                    raise ValueError(f"safety config: response_probe.layer {at} is outside the "
+                                     f"model's {len(self.model.layers)} layers")
+                if not mc.enforce_eager:
+                    raise ValueError("safeattn: this head's response probe reads every token's "
+                                     "hidden state inside the forward, which a compiled engine "
+                                     "does not let a hook see; run the engine with "
+                                     "enforce_eager=True")
+                self.safety_bridge.response = self._safety_parts.response
+                self.model.layers[at - 1].register_forward_hook(self._grab_tokens)
 
         def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None,
                     **kwargs):
             self._safety_query = None
+            self.safety_bridge.token_logits = None
             due = self._probe_start()
+            if self._safety_parts.response_layer is not None and due is not None:
+                self._safety_tokens = positions
             try:
                 # [CLS] holds RoPE position 0: the prompt sits at 1..P, as in safeattn.
                 return super().forward(input_ids, positions + 1, intermediate_tensors,
                                        inputs_embeds, **kwargs)
             finally:
+                self._safety_tokens = None
                 if due is not None:  # also ends a folded probe whatever the forward did
                     self._probe_finish(*due)
 
@@ -204,6 +225,23 @@ def _wrap(base, family: str):
                 h, residual = output  # the residual stream is their sum
                 q["h"] = h[q["at"]].float() + residual[q["at"]].float()
 
+        def _grab_tokens(self, module, args, output):
+            """Every token's ``w · h`` at the response probe's layer, with its batch row and
+            cache column, for the processor to keep (a folded probe's rows come after the
+            tokens; padding after the last request is dropped). An error leaves them out: the
+            checks that read them refuse (fail closed) and the forward goes on."""
+            positions = self._safety_tokens
+            if positions is None:
+                return
+            try:
+                qsl = self.safety_bridge.metadata[
+                    self.model.layers[0].self_attn.attn.layer_name].query_start_loc
+                self.safety_bridge.token_logits = token_logits(
+                    *output, positions, qsl, self._safety_parts.response_w)
+            except Exception as e:  # noqa: BLE001 - fail closed
+                logger.error("safeattn: the response probe raised %s: %s; the checks that read "
+                             "this forward's tokens refuse (fail closed)", type(e).__name__, e)
+
         def _blend_query(self, logits, idx):
             """The query probe into the ``p_0`` logits of this step's first checks."""
             q, self._safety_query = self._safety_query, None
@@ -252,6 +290,18 @@ def _wrap(base, family: str):
 
     Wrapper.__name__ = Wrapper.__qualname__ = f"Safeattn{base.__name__}"
     return Wrapper
+
+
+def token_logits(h, residual, positions, query_start_loc, w):
+    """A decoder layer's output ``(h, residual)`` (``[N', D]``: the residual stream is their
+    sum) for a forward's ``positions [N]`` -> ``(batch rows [n], cache columns [n], w · (h +
+    residual) [n])`` on the CPU for its ``n`` real tokens (rows past the last request's, as a
+    folded probe's, are dropped), the batch row of each from ``query_start_loc [B + 1]``."""
+    n = min(positions.shape[-1], int(query_start_loc[-1]))
+    u = (h[:n].float() + residual[:n].float()) @ w
+    rows = torch.searchsorted(query_start_loc[1:].to(u.device), torch.arange(n, device=u.device),
+                              right=True)
+    return rows.cpu(), positions[:n].long().cpu(), u.cpu()
 
 
 def _load(path: str):

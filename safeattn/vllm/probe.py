@@ -13,6 +13,7 @@ their own after it.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -30,9 +31,29 @@ logger = logging.getLogger("safeattn")
 READABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+@dataclasses.dataclass(frozen=True)
+class ResponseBlend:
+    """A response probe (:class:`safeattn.hf.ResponseProbe`) as a check applies it, from its
+    tokens' ``w · h`` (computed in the forward that computes ``h``)."""
+
+    window: int
+    head_scale: float
+    bias: float
+
+    def logit(self, head_logit: float, token_logits: list[float]) -> float:
+        """A check's logit: ``head_scale · head_logit + mean(token_logits) + bias``, where
+        ``token_logits`` are those of the last ``window`` response tokens it has seen (the
+        head's logit alone when there are none; nan where one is missing)."""
+        if not token_logits:
+            return head_logit
+        return (self.head_scale * head_logit + sum(token_logits) / len(token_logits)
+                + self.bias)
+
+
 class SafetyParts:
-    """What ``save_safety`` wrote: config, head, ``[CLS]`` row, the probe adapter and the
-    query probe (``query_layer``: its hidden-state index, or None)."""
+    """What ``save_safety`` wrote: config, head, ``[CLS]`` row, the probe adapter, the query
+    probe (``query_layer``: its hidden-state index, or None) and the response probe
+    (``response_layer``, or None; ``response``: its :class:`ResponseBlend`)."""
 
     def __init__(self, directory):
         from safetensors.torch import load_file
@@ -46,10 +67,6 @@ class SafetyParts:
             raise ValueError("cls_visible_to_response=true is not supported by the vLLM plugin: "
                              "ordinary rows would have to attend to [CLS], which vLLM's "
                              "sequence does not hold")
-        if self.config.get("response_probe"):
-            raise ValueError("a response probe (safety config 'response_probe') is not read by "
-                             "the vLLM plugin yet: its checks would differ from "
-                             "safeattn.generate's, so this head runs in safeattn.generate only")
         t = load_file(str(d / SAFETY_WEIGHTS))
         self.cls_layer = self.config.get("cls_layer")
         self.head_w = t["safety_head.weight"].float().reshape(-1)
@@ -76,6 +93,20 @@ class SafetyParts:
             self.query_w = t["safety_query_probe.linear.weight"].float().reshape(-1)
             self.query_b = t["safety_query_probe.linear.bias"].float().reshape(())
             self.query_scale = t["safety_query_probe.head_scale"].float().reshape(())
+        rp = self.config.get("response_probe") or None
+        self.response_layer, self.response = None, None
+        if rp is not None:
+            layer, window = (rp.get("layer"), rp.get("window")) if isinstance(rp, dict) \
+                else (None, None)
+            if not isinstance(layer, int) or layer < 1 or not isinstance(window, int) \
+                    or window < 1:
+                raise ValueError(f"safety config: response_probe must give a hidden-state "
+                                 f"index 'layer' >= 1 and a 'window' >= 1, got {rp!r}")
+            self.response_layer = layer
+            self.response_w = t["safety_response_probe.linear.weight"].float().reshape(-1)
+            self.response = ResponseBlend(
+                window, float(t["safety_response_probe.head_scale"]),
+                float(t["safety_response_probe.linear.bias"].reshape(())))
 
     def query_logit(self, head_logit: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """``p_0``'s logit from the head's and the last prompt token's state ``h [B, D]``, as
@@ -109,6 +140,8 @@ class SafetyParts:
         if self.query_layer is not None:
             self.query_w, self.query_b, self.query_scale = (
                 x.to(device) for x in (self.query_w, self.query_b, self.query_scale))
+        if self.response_layer is not None:
+            self.response_w = self.response_w.to(device)
         return self
 
 
