@@ -49,25 +49,19 @@ def tiny_safe_model(family: str, seed: int = 0):
             p.normal_(0, 0.3)
         model.safety_head.weight.normal_(0, 1.0)
         model.safety_head.bias.zero_()
-    if family == "llama":  # p_0 also from a query probe on the last block's output
-        model.config.safeattn = dict(model.config.safeattn,
-                                     query_probe={"layer": cfg.num_hidden_layers})
-        model = safeattn.apply_safeattn(model, tok)
-        with torch.no_grad():
-            qp = model.safety_query_probe
-            qp.linear.weight.normal_(0, 0.2)
-            qp.linear.bias.fill_(-0.5)
-            qp.head_scale.fill_(0.7)
-    else:  # the decoding-time checks also from a response probe on block 1's output (the
-        # last probe layer: a folded probe's rows are still in its output)
-        model.config.safeattn = dict(model.config.safeattn, response_probe={
-            "layer": 2, "window": 4})
-        model = safeattn.apply_safeattn(model, tok)
-        with torch.no_grad():
-            rp = model.safety_response_probe
-            rp.linear.weight.normal_(0, 0.3)
-            rp.linear.bias.fill_(-0.3)
-            rp.head_scale.fill_(0.8)
+    # p_0 also from a query probe on the last block's output (llama); the decoding-time
+    # checks also from a response probe on block 1's output (gemma3: the last probe layer,
+    # so a folded probe's rows are still in its output)
+    probe, spec, fill = (("query_probe", {"layer": cfg.num_hidden_layers}, (0.2, -0.5, 0.7))
+                         if family == "llama" else
+                         ("response_probe", {"layer": 2, "window": 4}, (0.3, -0.3, 0.8)))
+    model.config.safeattn = dict(model.config.safeattn, **{probe: spec})
+    model = safeattn.apply_safeattn(model, tok)
+    with torch.no_grad():
+        extra = getattr(model, f"safety_{probe}")
+        extra.linear.weight.normal_(0, fill[0])
+        extra.linear.bias.fill_(fill[1])
+        extra.head_scale.fill_(fill[2])
     return model, tok
 
 

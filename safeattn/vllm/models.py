@@ -119,33 +119,30 @@ def _wrap(base, family: str):
             self._safety_parts = SafetyParts(d)
             self._safety_runner = self._safety_fold = None
             # A compiled forward is traced once: only an eager one can carry the probe rows.
+            self._safety_eager = mc.enforce_eager
             self._safety_fold_ok = opt.get("fold_probe", True) and mc.enforce_eager
             self.safety_bridge = Bridge(self._safety_parts.config)
             _BRIDGES[id(vllm_config)] = self.safety_bridge
-            self._safety_query = None
-            at = self._safety_parts.query_layer
-            if at is not None:
-                if not at <= len(self.model.layers):
-                    raise ValueError(f"safety config: query_probe.layer {at} is outside the "
-                                     f"model's {len(self.model.layers)} layers")
-                if not mc.enforce_eager:
-                    raise ValueError("safeattn: this head's query probe reads a hidden state "
-                                     "inside the forward, which a compiled engine does not "
-                                     "let a hook see; run the engine with enforce_eager=True")
-                self.model.layers[at - 1].register_forward_hook(self._grab_query)
-            at = self._safety_parts.response_layer
-            self._safety_tokens = None
-            if at is not None:
-                if not at <= len(self.model.layers):
-                    raise ValueError(f"safety config: response_probe.layer {at} is outside the "
-                                     f"model's {len(self.model.layers)} layers")
-                if not mc.enforce_eager:
-                    raise ValueError("safeattn: this head's response probe reads every token's "
-                                     "hidden state inside the forward, which a compiled engine "
-                                     "does not let a hook see; run the engine with "
-                                     "enforce_eager=True")
-                self.safety_bridge.response = self._safety_parts.response
-                self.model.layers[at - 1].register_forward_hook(self._grab_tokens)
+            self._safety_query = self._safety_tokens = None
+            parts = self._safety_parts
+            if parts.query_layer is not None:
+                self._tap(parts.query_layer, "query_probe", "a hidden state", self._grab_query)
+            if parts.response_layer is not None:
+                self._tap(parts.response_layer, "response_probe", "every token's hidden state",
+                          self._grab_tokens)
+                self.safety_bridge.response = parts.response
+
+        def _tap(self, at: int, probe: str, what: str, hook) -> None:
+            """``hook`` on the output of block ``at - 1`` (hidden-state index ``at``) for the
+            head's ``probe``, which reads ``what`` inside the forward."""
+            if not at <= len(self.model.layers):
+                raise ValueError(f"safety config: {probe}.layer {at} is outside the model's "
+                                 f"{len(self.model.layers)} layers")
+            if not self._safety_eager:
+                raise ValueError(f"safeattn: this head's {probe.replace('_', ' ')} reads {what} "
+                                 "inside the forward, which a compiled engine does not let a "
+                                 "hook see; run the engine with enforce_eager=True")
+            self.model.layers[at - 1].register_forward_hook(hook)
 
         def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None,
                     **kwargs):
