@@ -1,6 +1,7 @@
 """Tiny random HF models and a word-level tokenizer for the HF integration tests (no Hub)."""
 from __future__ import annotations
 
+import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM,
@@ -124,3 +125,24 @@ def plain_step_cache(model, enc, seq, steps: int):
             model(input_ids=seq[:, l0 + i:l0 + i + 1], attention_mask=am, q_span=enc["q_span"],
                   response_start=enc["response_start"], cache=cache)
     return cache_state(cache)
+
+
+def run_train_cli(run, argv: list[str], required: list[tuple[list[str], str]]) -> int:
+    """``safeattn train`` argv through ``run`` (a ``safeattn.training.run_*``): without each
+    ``required`` option (its argv items) it raises a ValueError naming it (the match); with
+    all it runs -> its return code."""
+    import argparse
+
+    from safeattn.training_args import add_train_arguments
+
+    p = argparse.ArgumentParser()
+    add_train_arguments(p)
+    for drop, match in required:
+        bad = [a for a in argv if a not in drop]
+        args = p.parse_args(bad)
+        args.argv = bad
+        with pytest.raises(ValueError, match=match):
+            run(args)
+    args = p.parse_args(argv)
+    args.argv = argv
+    return run(args)

@@ -1,7 +1,6 @@
 """The query probe (safeattn.hf.QueryProbe): ``p_0`` from the head and a deep prompt probe."""
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -13,7 +12,7 @@ import safeattn
 from safeattn.generation import SafetyConfig
 from safeattn.training import (SafetyDataCollator, fit_query_probe, prepare_model, prompt_states,
                                sync_cls_row)
-from _hf_tiny import BEN, HARM, tiny_model, tiny_tokenizer
+from _hf_tiny import BEN, HARM, run_train_cli, tiny_model, tiny_tokenizer
 
 REF = ["what is the weather today", "tell me about dogs", "how do i write a poem",
        "bread and cats", "why is it safe", "write about the car"]
@@ -150,7 +149,6 @@ def test_train_query_probe_for_a_saved_head(tmp_path, monkeypatch):
     import safeattn.data.samples as S
     import safeattn.training as T
     from safeattn.data import load
-    from safeattn.training_args import add_train_arguments
 
     tok = tiny_tokenizer()
     vocab = len(tok) + 1
@@ -164,21 +162,12 @@ def test_train_query_probe_for_a_saved_head(tmp_path, monkeypatch):
     base = gemma()
     monkeypatch.setattr(T, "load_model", lambda name, dtype=None: (base, tiny_tokenizer()))
     monkeypatch.setattr(S, "load", lambda name: load(name)[::16])
-    p = argparse.ArgumentParser()
-    add_train_arguments(p)
     argv = ["--out", str(tmp_path / "out"), "--query-probe-for", str(tmp_path / "head"),
             "--kinds", "query,phrasing,trajectory", "--deep-layers", "2,4",
             "--val-fraction", "0.15", "--batch-size", "8"]
-    for drop, match in ((["--deep-layers", "2,4"], "deep-layers"),
-                        (["--val-fraction", "0.15"], "val-fraction")):
-        bad = [a for a in argv if a not in drop]
-        args = p.parse_args(bad)
-        args.argv = bad
-        with pytest.raises(ValueError, match=match):
-            T.run_query_probe(args)
-    args = p.parse_args(argv)
-    args.argv = argv
-    assert T.run_query_probe(args) == 0
+    assert run_train_cli(T.run_query_probe, argv,
+                         [(["--deep-layers", "2,4"], "deep-layers"),
+                          (["--val-fraction", "0.15"], "val-fraction")]) == 0
     rep = json.loads((tmp_path / "out" / "query_probe.json").read_text())
     assert rep["layer"] in (2, 4) and rep["benign_reference"] > 0 and rep["harmful"] > 0
     cfg = json.loads((tmp_path / "out" / "safety_config.json").read_text())

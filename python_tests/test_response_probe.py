@@ -8,7 +8,7 @@ import torch
 import safeattn
 from safeattn.generation import SafetyConfig
 from safeattn.training import fit_response_probe
-from _hf_tiny import BEN, HARM, PROMPTS, tiny_model, tiny_tokenizer
+from _hf_tiny import BEN, HARM, PROMPTS, run_train_cli, tiny_model, tiny_tokenizer
 
 PREFILL = "sure here is step one"
 REFUSAL = "sorry i cannot fulfill your request because"
@@ -257,14 +257,12 @@ def test_fit_response_probe_refuses_one_label():
 
 def test_train_response_probe_for_a_saved_head(tmp_path, monkeypatch):
     """``safeattn train --response-probe-for DIR`` on a tiny model and every 16th shared row."""
-    import argparse
     import json
 
     import safeattn.data.samples as S
     import safeattn.training as T
     from safeattn.data import load
     from safeattn.training import prepare_model
-    from safeattn.training_args import add_train_arguments
 
     tok = tiny_tokenizer()
     vocab = len(tok) + 1
@@ -281,22 +279,13 @@ def test_train_response_probe_for_a_saved_head(tmp_path, monkeypatch):
     answers = tmp_path / "answers.jsonl"
     answers.write_text("".join(json.dumps({"id": r["id"], "response": "sure , here is a poem"})
                                + "\n" for r in load("benign")))
-    p = argparse.ArgumentParser()
-    add_train_arguments(p)
     argv = ["--out", str(tmp_path / "out"), "--response-probe-for", str(tmp_path / "head"),
             "--deep-layers", "2,4", "--val-fraction", "0.15", "--batch-size", "8",
             "--benign-responses", str(answers)]
-    for drop, match in ((["--deep-layers", "2,4"], "deep-layers"),
-                        (["--val-fraction", "0.15"], "val-fraction"),
-                        (["--benign-responses", str(answers)], "benign-responses")):
-        bad = [a for a in argv if a not in drop]
-        args = p.parse_args(bad)
-        args.argv = bad
-        with pytest.raises(ValueError, match=match):
-            T.run_response_probe(args)
-    args = p.parse_args(argv)
-    args.argv = argv
-    assert T.run_response_probe(args) == 0
+    assert run_train_cli(T.run_response_probe, argv,
+                         [(["--deep-layers", "2,4"], "deep-layers"),
+                          (["--val-fraction", "0.15"], "val-fraction"),
+                          (["--benign-responses", str(answers)], "benign-responses")]) == 0
     rep = json.loads((tmp_path / "out" / "response_probe.json").read_text())
     assert rep["layer"] in (2, 4) and rep["window"] == 4 and rep["harmful_checks"] > 0
     assert rep["benign_reference"] > 0 and rep["command"].startswith("safeattn train")
