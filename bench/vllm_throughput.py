@@ -16,6 +16,9 @@ add time, so the minima are the least disturbed pair. With ``SAFEATTN_REF_PYTHON
 main venv's python) the same run also times ``safeattn.generate`` (HF) at batch 8, ``each``,
 with the same thread count. Writes ``bench/results/vllm.json``.
 
+``--model NAME`` times another shipped model with its head, ``--safety DIR`` another head (a
+``save_safety`` folder, e.g. one with a response probe); the HF timing is then left out.
+
 ``--prefill WORDS``: each prompt is a conversation whose assistant turn starts with the first
 ``WORDS`` words of :data:`PREFILL` (as in a prefill attack), and an ``each`` case without the
 prefill checks (``prefill_stride`` 0) joins the others: ``each`` over it is their cost
@@ -73,6 +76,11 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--prefill", type=int, default=0, metavar="WORDS",
                     help="prompts end with an assistant prefill of this many words")
+    ap.add_argument("--model", default="gemma3-270m",
+                    help="the shipped model (safeattn.models.MODELS)")
+    ap.add_argument("--safety", default=None, metavar="DIR",
+                    help="another safety head (a save_safety folder); default the model's "
+                         "shipped one. The HF timing is left out with it.")
     ap.add_argument("--separate-probe", action="store_true",
                     help="fold_probe: false, the probe rows in a pass of their own after the "
                          "forward (what a compiled engine runs)")
@@ -94,11 +102,14 @@ def main():
     from vllm import LLM
 
     import safeattn.vllm as sv
-    from safeattn.models import ARTIFACT_DIR, default_cache_dir
+    from safeattn.models import artifact_dir, default_cache_dir
 
-    model_dir = default_cache_dir()
+    model_dir = default_cache_dir(args.model)
+    if not (model_dir / "config.json").exists():
+        ap.error(f"--model: {args.model} is not cached (run safeattn.load_default once)")
+    safety_dir = args.safety or artifact_dir(args.model)
     t0 = time.perf_counter()
-    kw = sv.engine_kwargs(model_dir, safety_dir=ARTIFACT_DIR)
+    kw = sv.engine_kwargs(model_dir, safety_dir=safety_dir)
     kw["hf_overrides"]["safeattn_vllm"]["fold_probe"] = not args.separate_probe
     llm = LLM(**kw, dtype=args.dtype, enforce_eager=True, max_model_len=1024, max_num_seqs=8, seed=0,
               gpu_memory_utilization=0.1)
@@ -144,7 +155,7 @@ def main():
             cases.append(c)
     hf = None
     ref_py = os.environ.get("SAFEATTN_REF_PYTHON")
-    if ref_py and not args.prefill:
+    if ref_py and not args.prefill and args.safety is None and args.model == "gemma3-270m":
         r = subprocess.run([ref_py, "-c", _HF, str(threads), args.dtype, json.dumps(PROMPTS),
                             str(args.tokens)], capture_output=True, text=True, check=True)
         sec = json.loads(r.stdout.strip().splitlines()[-1])["seconds"]
@@ -152,7 +163,8 @@ def main():
         hf = {"batch": 8, "schedule": "each", "seconds": sec, "tok_s": 8 * args.tokens / sec,
               "vllm_speedup": vl["tok_s"] / (8 * args.tokens / sec)}
     load = os.getloadavg()
-    summary = {"model": "gemma3-270m + shipped head", "dtype": args.dtype, "tokens": args.tokens,
+    summary = {"model": args.model, "safety": str(args.safety or "shipped head"),
+               "dtype": args.dtype, "tokens": args.tokens,
                "rounds": args.rounds, "threads": threads,
                "fold_probe": not args.separate_probe, "engine_start_s": start_s,
                "prefill_words": args.prefill,
