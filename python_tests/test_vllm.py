@@ -761,6 +761,31 @@ def test_probe_engine_settings(refs, tmp_path):
     assert "enable_prefix_caching" not in sv.engine_kwargs(d)
 
 
+@pytest.mark.parametrize("probe", ["query_probe", "response_probe"])
+def test_probe_layer_checks(probe):
+    """A probe that reads token states inside the forward is refused by a compiled engine
+    (no hook sees inside its traced forward) and when its layer is past the model's, each
+    with an error that names it; on an eager engine its hook goes on that layer."""
+    from types import SimpleNamespace
+
+    from safeattn.vllm import models
+
+    cls = models.SafeattnGemma3ForCausalLM
+    hooked = []
+    layers = [SimpleNamespace(register_forward_hook=lambda h, i=i: hooked.append((i, h)))
+              for i in range(3)]
+    w = object.__new__(cls)  # no engine: only what _tap reads
+    object.__setattr__(w, "__dict__", {"model": SimpleNamespace(layers=layers),
+                                       "_safety_eager": False})
+    with pytest.raises(ValueError, match=f"{probe.replace('_', ' ')}.*enforce_eager"):
+        w._tap(2, probe, "a hidden state", print)
+    w._safety_eager = True
+    with pytest.raises(ValueError, match=f"{probe}.layer 4 is outside"):
+        w._tap(4, probe, "a hidden state", print)
+    w._tap(3, probe, "a hidden state", print)
+    assert hooked == [(2, print)]
+
+
 @pytest.mark.parametrize("opt, field", [({"query_budget": -1}, "query_budget"),
                                         ({"query_budget": "256"}, "query_budget"),
                                         ({"fold_probe": 1}, "fold_probe"),
