@@ -242,6 +242,20 @@ def test_trace_plots(engine, tmp_path):
     assert safeattn.plot_trace(tr, path=tmp_path / "t.png").exists()
 
 
+def _beside_plain(llm, tok, ref, ids):
+    """Two requests with safety at θ above 1 (only a failure refuses them), trace ids ``ids``,
+    in one batch with a request without safety, which decodes as its reference -> the two
+    outputs."""
+    ps, sps = sv.requests(tok, PROMPTS[:2], safety={"threshold": 2.0}, ids=ids, max_tokens=10,
+                          temperature=0.0)
+    ps2, sps2 = sv.requests(tok, PROMPTS[2:3], safety=None, max_tokens=MAX_TOKENS,
+                            temperature=0.0)
+    outs = llm.generate(ps + ps2, sps + sps2, use_tqdm=False)
+    plain = ref["cases"][CASES.index(None)][2]
+    assert _cut(list(outs[2].outputs[0].token_ids), ref["eos"]) == _cut(plain["ids"], ref["eos"])
+    return outs[:2]
+
+
 @pytest.mark.parametrize("fold", [True, False])
 def test_probe_error_fails_closed(engine, monkeypatch, fold):
     """An error in the probe refuses the checked requests (θ above 1 would never refuse); a
@@ -254,18 +268,11 @@ def test_probe_error_fails_closed(engine, monkeypatch, fold):
     monkeypatch.setattr(ProbeRunner, "attend", boom)  # both the folded and the separate pass
     llm, tok, ref = engine("gemma3_text", fold=fold)
     ids = [f"boom-{fold}-0", f"boom-{fold}-1"]
-    ps, sps = sv.requests(tok, PROMPTS[:2], safety={"threshold": 2.0}, ids=ids, max_tokens=10,
-                          temperature=0.0)
-    ps2, sps2 = sv.requests(tok, PROMPTS[2:3], safety=None, ids=[f"boom-{fold}-plain"],
-                            max_tokens=MAX_TOKENS, temperature=0.0)
-    outs = llm.generate(ps + ps2, sps + sps2, use_tqdm=False)
-    for i, o in zip(ids, outs):
+    for i, o in zip(ids, _beside_plain(llm, tok, ref, ids)):
         tr = sv.trace(i)
         assert tr[0].refusal_step == 0 and math.isnan(tr[0].p[0])
         n = len(tr.refusal_ids)
         assert list(o.outputs[0].token_ids[:n]) == tr.refusal_ids
-    plain = ref["cases"][CASES.index(None)][2]
-    assert _cut(list(outs[2].outputs[0].token_ids), ref["eos"]) == _cut(plain["ids"], ref["eos"])
 
 
 def _refused_at_start(out, trace):
@@ -312,17 +319,10 @@ def test_safety_error_fails_closed(engine, monkeypatch, part):
         monkeypatch.setattr(SafetyParts, "query_logit", boom)
     llm, tok, ref = engine("llama")
     ids = [f"{part}-boom-0", f"{part}-boom-1"]
-    ps, sps = sv.requests(tok, PROMPTS[:2], safety={"threshold": 2.0}, ids=ids, max_tokens=10,
-                          temperature=0.0)
-    ps2, sps2 = sv.requests(tok, PROMPTS[2:3], safety=None, max_tokens=MAX_TOKENS,
-                            temperature=0.0)
-    outs = llm.generate(ps + ps2, sps + sps2, use_tqdm=False)
-    for i, o in zip(ids, outs):
+    for i, o in zip(ids, _beside_plain(llm, tok, ref, ids)):
         trace = sv.trace(i)
         _refused_at_start(o, trace)
         assert math.isnan(trace[0].p[0]) and trace[0].checked[0]
-    plain = ref["cases"][CASES.index(None)][2]
-    assert _cut(list(outs[2].outputs[0].token_ids), ref["eos"]) == _cut(plain["ids"], ref["eos"])
     monkeypatch.undo()
     _parity(llm, tok, ref, "llama", 0, tag=f"-after-{part}-boom")
 
@@ -347,17 +347,11 @@ def test_missing_response_token_fails_closed(engine, monkeypatch, how):
         monkeypatch.setattr(models, "token_logits", boom)
     llm, tok, ref = engine("gemma3_text")
     ids = [f"{how}-token-0", f"{how}-token-1"]
-    ps, sps = sv.requests(tok, PROMPTS[:2], safety={"threshold": 2.0}, ids=ids, max_tokens=10,
-                          temperature=0.0)
-    ps2, sps2 = sv.requests(tok, PROMPTS[2:3], safety=None, max_tokens=MAX_TOKENS,
-                            temperature=0.0)
-    outs = llm.generate(ps + ps2, sps + sps2, use_tqdm=False)
-    for i, o in zip(ids, outs):
+    _beside_plain(llm, tok, ref, ids)
+    for i in ids:
         tr = sv.trace(i)[0]
         assert math.isfinite(tr.p[0]) and math.isnan(tr.p[1]), i
         assert tr.refusal_step == 1 and tr.alarm_step == 0, i
-    plain = ref["cases"][CASES.index(None)][2]
-    assert _cut(list(outs[2].outputs[0].token_ids), ref["eos"]) == _cut(plain["ids"], ref["eos"])
 
 
 @pytest.mark.parametrize("part", ["probe", "safety_step"])
