@@ -875,7 +875,8 @@ def test_real_model_parity(tmp_path, name):
 
 @pytest.fixture(scope="module")
 def server(refs):
-    """``vllm serve`` of the tiny Gemma3 on loopback; server-wide default schedule ``each``."""
+    """``vllm serve`` of the tiny Gemma3 (its head has a response probe) on loopback;
+    server-wide default schedule ``each``."""
     import socket
     import time
     import urllib.request
@@ -892,6 +893,8 @@ def server(refs):
            "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", "256",
            "--gpu-memory-utilization", "0.1", "--logits-processors", sv.PROCESSOR,
            "--middleware", sv.MIDDLEWARE, "--hf-overrides", json.dumps(kw["hf_overrides"])]
+    if kw.get("enable_prefix_caching") is False:  # the head has a probe that reads tokens
+        cmd.append("--no-enable-prefix-caching")
     log = open(refs / "server.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1",
