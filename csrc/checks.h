@@ -3,6 +3,9 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include <cmath>
+#include <limits>
+
 namespace safeattn {
 
 // Modes of the strategic-decoding state machine (DESIGN §3).
@@ -120,6 +123,15 @@ inline AttnDims check_interval_attention_bwd(const at::Tensor& grad_out, const a
   TORCH_CHECK(!softcap.has_value() || *softcap > 0,
               "interval_attention_bwd: softcap must be > 0, got ", softcap.value_or(0.0));
   return d;
+}
+
+// "p >= theta" as a logit, in double (safeattn.reference.logit_threshold): a check is decided
+// on its fp32 logit, since fp32 p rounds every logit above about 16.6 to 1.0.
+inline double logit_threshold(double theta) {
+  TORCH_CHECK(!std::isnan(theta), "safety_step: theta must be a number, got nan");
+  if (theta >= 1.0) return std::numeric_limits<double>::infinity();
+  if (theta <= 0.0) return -std::numeric_limits<double>::infinity();
+  return std::log(theta) - std::log1p(-theta);
 }
 
 struct StepDims {

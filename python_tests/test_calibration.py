@@ -17,6 +17,11 @@ from _hf_tiny import PROMPTS, tiny_model, tiny_tokenizer
 NAN = math.nan
 
 
+def close(got: torch.Tensor, want: list[float]) -> bool:
+    """``got`` (scores: float64) is ``want``, to float32 precision."""
+    return got.dtype == torch.float64 and torch.allclose(got, torch.tensor(want, dtype=got.dtype))
+
+
 # ------------------------------------------------------------------------ val / fit split
 def test_val_and_fit_partition_the_train_split():
     train = eval_sets("train")
@@ -69,9 +74,9 @@ def test_refusal_scores_by_hand():
         [NAN, NAN, NAN, NAN, NAN, NAN],        # nothing ran
     ])
     s = refusal_scores(p, tau=3)
-    assert torch.allclose(s[:4], torch.tensor([0.8, 0.6, 0.1, 0.97]))
+    assert close(s[:4], [0.8, 0.6, 0.1, 0.97])
     assert s[4].item() == -math.inf
-    assert torch.allclose(refusal_scores(p, tau=1)[:4], torch.tensor([0.99, 0.9, 0.99, 0.97]))
+    assert close(refusal_scores(p, tau=1)[:4], [0.99, 0.9, 0.99, 0.97])
 
 
 def test_a_hit_on_the_last_allowed_token_refuses_on_its_own():
@@ -79,11 +84,11 @@ def test_a_hit_on_the_last_allowed_token_refuses_on_its_own():
     one hit there refuses (a row does not end mid-alarm): by hand, then against the decoder."""
     p = torch.tensor([[0.1, 0.9, 0.8, 0.95, 0.1, 0.99, NAN],    # the last check: 0.99
                       [0.1, 0.9, 0.8, 0.95, NAN, NAN, NAN]])    # ended sooner: runs only
-    assert torch.allclose(refusal_scores(p, tau=3, max_new_tokens=6), torch.tensor([0.99, 0.8]))
-    assert torch.allclose(refusal_scores(p, tau=3, max_new_tokens=7), torch.tensor([0.8, 0.8]))
+    assert close(refusal_scores(p, tau=3, max_new_tokens=6), [0.99, 0.8])
+    assert close(refusal_scores(p, tau=3, max_new_tokens=7), [0.8, 0.8])
     assert torch.allclose(refusal_scores(p, 3, max_new_tokens=30), refusal_scores(p, 3))
     s0, sr = split_scores(p, 3, max_new_tokens=6)
-    assert torch.allclose(sr, torch.tensor([0.99, 0.8]))
+    assert close(sr, [0.99, 0.8])
     with pytest.raises(ValueError, match="max_new_tokens"):
         refusal_scores(p, tau=3, max_new_tokens=0)
 
@@ -123,8 +128,8 @@ def test_pick_threshold_allows_at_most_the_target_share():
 def test_split_scores_are_p0_and_the_checks_alone():
     p = torch.tensor([[0.97, 0.1, 0.1, 0.1], [0.2, 0.9, 0.8, 0.95], [NAN, NAN, NAN, NAN]])
     s0, sr = split_scores(p, tau=3)
-    assert torch.allclose(s0[:2], torch.tensor([0.97, 0.2])) and s0[2] == -math.inf
-    assert torch.allclose(sr[:2], torch.tensor([0.1, 0.8])) and sr[2] == -math.inf
+    assert close(s0[:2], [0.97, 0.2]) and s0[2] == -math.inf
+    assert close(sr[:2], [0.1, 0.8]) and sr[2] == -math.inf
     assert torch.equal(torch.maximum(s0, sr), refusal_scores(p, tau=3))
 
 
@@ -184,7 +189,7 @@ def test_late_scores_by_hand():
         [0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.99],  # the last allowed check refuses on its own
     ])
     s = late_scores(p, tau=3, threshold=0.8, late_after=3, max_new_tokens=7)
-    assert torch.allclose(s[[0, 1, 3]], torch.tensor([0.5, 0.4, 0.99]))
+    assert close(s[[0, 1, 3]], [0.5, 0.4, 0.99])
     assert s[2] == -math.inf
     assert late_scores(p, 3, 0.8, 3)[3] == pytest.approx(0.1)  # no budget: runs only
     # a late_after of 1 and θ unused: every run is late, as refusal_scores' checks alone

@@ -590,6 +590,28 @@ def test_safety_step_transitions():
     assert int(kst.mode[0]) == TRANSITION
 
 
+def test_safety_step_saturated_p_is_decided_on_the_logit():
+    """fp32 p is 1.0 for every one of these logits; θ = sigmoid(18) splits them on the logit,
+    and θ = 1 hits no finite logit (a nan still refuses)."""
+    d = 8
+    weight = torch.zeros(d)
+    weight[0] = 1
+    bias = torch.zeros(1)
+    b = 5
+    qs = torch.tensor([[1, 4]] * b, dtype=torch.int32)
+    rs = torch.tensor([10] * b, dtype=torch.int32)
+    act = torch.ones(b, dtype=torch.bool)
+    h = torch.zeros(b, d)
+    h[:, 0] = torch.tensor([17.5, 20.0, 30.0, 17.9, 18.1])
+    kst = State(b)
+    step_both(kst, kst.to("cpu"), h, weight, bias, act, qs, rs, theta=1 / (1 + math.exp(-18.0)))
+    assert kst.refused.tolist() == [False, True, True, False, True]
+    h[:, 0] = torch.tensor([1e30, 88.0, 40.0, 20.0, float("nan")])
+    kst = State(b)
+    step_both(kst, kst.to("cpu"), h, weight, bias, act, qs, rs, theta=1.0)
+    assert kst.refused.tolist() == [False, False, False, False, True]
+
+
 def test_safety_step_empty_batch():
     h = torch.zeros(0, 16, device=DEV)
     st = State(0)

@@ -12,6 +12,7 @@ import torch
 
 import safeattn
 from safeattn import reference as ref
+from safeattn.calibration import refusal_scores
 from safeattn.generation import SCHEDULES, SafetyConfig
 from safeattn.hf import SafetyHead, SafetyLayout, build_intervals
 from safeattn.ops import BENIGN, MALICIOUS, TRANSITION
@@ -542,6 +543,37 @@ def test_nan_p_refuses_that_row_and_logs(caplog):
     new = _new(out, enc)
     assert torch.equal(new[0], plain[0]) and torch.equal(new[2], plain[2])
     assert any("non-finite" in r.message and "[1]" in r.message for r in caplog.records)
+
+
+class SaturatedHead(SafetyHead):
+    """Row ``r``'s logit is ``logits[r]`` at every check: values where fp32 p is 1.0."""
+
+    def __init__(self, d, logits):
+        super().__init__(d)
+        self.logits = torch.tensor(logits)[:, None]
+
+    def forward(self, h):
+        return self.logits[: h.shape[0]].clone()
+
+
+def test_saturated_head_keeps_its_ranking():
+    """fp32 p is 1.0 for logits 17.5, 20 and 40. θ = sigmoid(18) refuses the two above it,
+    the trace keeps their p apart (float64), and θ = 1 refuses none: no finite p is 1."""
+    model, tok = _patched("llama")
+    enc = safeattn.build_inputs(tok, PROMPTS)
+    model.safety_head = SaturatedHead(model.config.hidden_size, [17.5, 20.0, 40.0])
+    theta = 1 / (1 + math.exp(-18.0))
+    out = model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                         safety=SafetyConfig(threshold=theta, refusal_prefix=REFUSAL))
+    s = out.safety
+    assert [r.refused for r in s] == [False, True, True]
+    assert s.p.dtype == torch.float64 and s.p[0, 0] < theta < s.p[1, 0] < s.p[2, 0] <= 1.0
+    assert s.p[0, 0] == pytest.approx(1 / (1 + math.exp(-17.5)), rel=0, abs=1e-15)
+    scores = refusal_scores(s.p, tau=3)
+    assert scores[0] < scores[1] < scores[2]  # ranked, not tied at 1.0
+    out = model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                         safety=SafetyConfig(threshold=1.0, refusal_prefix=REFUSAL))
+    assert not out.safety.refused.any()
 
 
 def test_exception_in_safety_op_refuses_checked_rows(caplog, monkeypatch):

@@ -80,7 +80,7 @@ def safe_logit(rng: random.Random, theta: float, p_hit: float = 0.5) -> float:
     if theta <= 0.0:
         return rng.uniform(-20, 20)  # every p is a hit
     if theta >= 1.0:
-        return 40.0 if hit else rng.uniform(-20, 10)  # p == 1.0 only for large logits
+        return rng.uniform(-20, 40)  # no finite logit is a hit, though fp32 p is 1.0 past ~16.6
     off = rng.uniform(1e-3, 3.0) * rng.choice((1, 1, 1, 5))
     return logit_of(theta) + (off if hit else -off)
 
@@ -284,6 +284,43 @@ def test_logit_past_fp32_range_refuses():
                      torch.tensor([10] * b, dtype=torch.int32), tau=100)
     assert p[:2].isnan().all() and not p[2].isnan()
     assert kst.refused.tolist() == [True, True, False]
+
+
+# ------------------------------------------------------------- saturated p (fp32 p == 1.0)
+def test_saturated_p_is_decided_on_the_logit():
+    """fp32 p rounds logits 17.5, 20 and 30 to 1.0: the check compares the logit with θ's, so
+    θ = sigmoid(18) still splits them, as float64 p does; θ = 1 hits no finite logit."""
+    weight, bias = head()
+    logits = [17.5, 20.0, 30.0, 17.9, 18.1]
+    theta = 1 / (1 + math.exp(-18.0))
+    assert theta < 1.0 and float(torch.sigmoid(torch.tensor(17.5))) == 1.0
+    b = len(logits)
+    qs = torch.tensor([[1, 4]] * b, dtype=torch.int32)
+    rs = torch.tensor([10] * b, dtype=torch.int32)
+    act = torch.ones(b, dtype=torch.bool)
+    kst = State(b)
+    step_both(kst, kst.clone(), hidden(logits), weight, bias, act, qs, rs, theta=theta)
+    assert kst.refused.tolist() == [False, True, True, False, True]  # p_0 refuses on one hit
+    kst = State(b)
+    rst = kst.clone()
+    for _ in range(3):
+        step_both(kst, rst, hidden([1e30, 88.0, 40.0, 20.0, math.nan]), weight, bias, act, qs,
+                  rs, theta=1.0, tau=1)
+    assert kst.refused.tolist() == [False, False, False, False, True]  # nan still fails closed
+
+
+def test_theta_must_be_a_number():
+    weight, bias = head()
+    st = State(1)
+    with pytest.raises(ValueError, match="theta"):
+        safeattn.safety_step(hidden([0.0]), weight, bias, *st.args(), torch.ones(1, dtype=bool),
+                             torch.tensor([[1, 4]], dtype=torch.int32),
+                             torch.tensor([10], dtype=torch.int32), theta=math.nan)
+    with pytest.raises(RuntimeError, match="theta must be a number"):
+        torch.ops.safeattn.safety_step.default(
+            hidden([0.0]), weight, bias, *st.args(), torch.ones(1, dtype=bool),
+            torch.tensor([[1, 4]], dtype=torch.int32), torch.tensor([10], dtype=torch.int32),
+            math.nan, 3, 10, 10, 10)
 
 
 def test_non_finite_after_hits_keeps_s_t():

@@ -49,7 +49,7 @@ __all__ = ["refusal_scores", "split_scores", "late_scores", "pick_threshold", "p
 
 def refusal_scores(p: torch.Tensor, tau: int, max_new_tokens: int | None = None) -> torch.Tensor:
     """``p [B, T+1]`` (a safe ``generate``'s ``out.safety.p``: ``nan`` where no check ran) ->
-    ``[B]`` float32: per row, the largest θ at which the row refuses. The prefill's ``p_0``
+    ``[B]`` float64: per row, the largest θ at which the row refuses. The prefill's ``p_0``
     refuses on its own (``p_0 >= θ``); a decoding-time alarm needs ``τ`` consecutive checks
     ``>= θ`` (reference ``safety_step``). ``-inf``: nothing can make the row refuse.
 
@@ -62,7 +62,7 @@ def refusal_scores(p: torch.Tensor, tau: int, max_new_tokens: int | None = None)
         raise ValueError(f"tau must be >= 1, got {tau}")
     if max_new_tokens is not None and max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    p = p.float().cpu()
+    p = p.double().cpu()
     out = torch.where(p[:, 0].isnan(), -math.inf, p[:, 0])
     for i, row in enumerate(p[:, 1:]):
         checks = row[~row.isnan()]
@@ -84,7 +84,7 @@ def _with_last_check(out: torch.Tensor, p: torch.Tensor, max_new_tokens: int | N
 
 def late_scores(p: torch.Tensor, tau: int, threshold: float, late_after: int,
                 max_new_tokens: int | None = None) -> torch.Tensor:
-    """``p [B, T+1]`` (as :func:`refusal_scores`) -> ``[B]`` float32: per row, the largest
+    """``p [B, T+1]`` (as :func:`refusal_scores`) -> ``[B]`` float64: per row, the largest
     ``late_threshold`` at which a run of ``τ`` consecutive checks that ends at or after the
     check seeing ``late_after`` generated tokens refuses, the checks before it hitting at
     ``threshold`` (:attr:`~safeattn.generation.SafetyConfig.late_threshold`); ``-inf``: none
@@ -94,8 +94,8 @@ def late_scores(p: torch.Tensor, tau: int, threshold: float, late_after: int,
         raise ValueError(f"p must be [B, T+1], got shape {tuple(p.shape)}")
     if tau < 1 or late_after < 1:
         raise ValueError(f"tau and late_after must be >= 1, got {tau}, {late_after}")
-    p = p.float().cpu()
-    out = torch.full((p.shape[0],), -math.inf)
+    p = p.double().cpu()
+    out = torch.full((p.shape[0],), -math.inf, dtype=torch.float64)
     steps = torch.arange(1, p.shape[1])
     for i, row in enumerate(p[:, 1:]):
         kept = ~row.isnan()
@@ -186,7 +186,7 @@ def split_scores(p: torch.Tensor, tau: int,
     """``p [B, T+1]`` (as :func:`refusal_scores`) -> ``(p_0 [B], decoding score [B])``: the
     prefill's ``p_0`` (``-inf`` where none) and :func:`refusal_scores` of the decoding-time
     checks alone; their larger is ``refusal_scores(p, tau, max_new_tokens)``."""
-    p = p.float().cpu()
+    p = p.double().cpu()
     checks = p.clone()
     checks[:, 0] = math.nan
     return (torch.where(p[:, 0].isnan(), -math.inf, p[:, 0]),
@@ -196,7 +196,7 @@ def split_scores(p: torch.Tensor, tau: int,
 def _benign(scores: torch.Tensor, target_fpr: float) -> torch.Tensor:
     if not 0.0 <= target_fpr < 1.0:
         raise ValueError(f"target_fpr must be in [0, 1), got {target_fpr}")
-    s = scores.float().flatten()
+    s = scores.double().flatten()
     if not len(s):
         raise ValueError("benign_scores is empty")
     return s
@@ -261,7 +261,7 @@ def _decode(model, tokenizer, prompts, safety, max_new_tokens, batch_size):
         out = generate(model, tokenizer, list(prompts[i:i + batch_size]), safety=safety,
                        max_new_tokens=max_new_tokens, do_sample=False,
                        return_dict_in_generate=True)
-        p = out.safety.p.float().cpu()
+        p = out.safety.p.double().cpu()
         ps.append(torch.nn.functional.pad(p, (0, max_new_tokens + 1 - p.shape[1]),
                                           value=math.nan))
         refused.append(out.safety.refused.cpu())
@@ -444,7 +444,9 @@ class _ValTrace:
                               self.max_new_tokens)
 
     def keyed(self, values) -> dict[str, float]:
-        return {f"{n}/{rid}": round(float(x), 6) for (n, rid), x in zip(self.ids, values)}
+        """Each row's score by ``set/id``, unrounded: a saturated head's scores differ only in
+        their last digits."""
+        return {f"{n}/{rid}": float(x) for (n, rid), x in zip(self.ids, values)}
 
     def report(self, at: _Point, refused: torch.Tensor, safety) -> dict:
         """The report of the thresholds ``at`` and the rows the real pass ``refused``."""

@@ -615,7 +615,7 @@ def _calibration(model, tokenizer, rows, target_fpr: float, batch_size: int) -> 
     return {"auroc": auroc(p, y), "target_fpr": target_fpr, "theta_at_target_fpr": theta,
             "tpr_at_target_fpr": float(tpr), "n_harmful": sum(labels),
             "n_benign": len(labels) - sum(labels),
-            "scores": [round(float(x), 6) for x in p], "labels": labels}
+            "scores": [float(x) for x in p], "labels": labels}  # unrounded: see classify
 
 
 def evaluate(model, tokenizer, rows: Sequence[Mapping], *, attacks: Sequence[str] = ("direct",),

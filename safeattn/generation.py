@@ -348,7 +348,7 @@ class RowSafety:
 class SafetyOutput:
     """``.safety`` of a safe ``generate``: per-row :class:`RowSafety` plus the raw tensors.
 
-    ``p`` ``[B, T+1]`` float32 (nan = unchecked), ``mode`` ``[B, T+1]`` int (3 = refusal),
+    ``p`` ``[B, T+1]`` float64 (nan = unchecked), ``mode`` ``[B, T+1]`` int (3 = refusal),
     ``refused`` ``[B]`` bool, ``refusal_step`` ``[B]`` long (-1 = none), ``config`` the
     :class:`SafetyConfig`, ``threshold`` θ. Indexing gives rows: ``out.safety[0].p``.
     """
@@ -645,9 +645,7 @@ class _Decode:
                     logit = self.model.safety_query_probe(logit[:, 0], query)[:, None]
                 elif self.rprobe is not None and not prefill:
                     logit = self.with_response_probe(logit)
-            p_real = torch.sigmoid(logit[:, 0])
-            if theta > 1.0:  # no finite p can hit; non-finite p still fails closed
-                logit = torch.where(logit.isfinite(), torch.full_like(logit, -1e4), logit)
+            p_real = torch.sigmoid(logit[:, 0].double())  # fp32 p is 1.0 past logit ~16.6
             p, self.iv = _ops.safety_step(
                 logit.contiguous(), self.one, self.zero, self.mode, self.consec, self.s_t,
                 self.step, self.refused, active, self.q32, self.rs32, theta=min(theta, 1.0),
@@ -664,7 +662,7 @@ class _Decode:
             self.refused.copy_(self.refused | active)
             self.step.add_(1)
             self.iv = self.ranges()
-            return torch.full((self.b,), float("nan"), device=self.dev)
+            return torch.full((self.b,), float("nan"), dtype=torch.float64, device=self.dev)
 
     def keep_token_logits(self, start: int, count: int) -> None:
         """The last forward's ``response_token_logit`` of its first ``count`` rows (its token
@@ -963,7 +961,7 @@ class _Decode:
     def outputs(self):
         """The sequences with ``.safety`` (or a :class:`SafeGenerateOutput`)."""
         seq = self.sequences()
-        p_all = torch.stack(self.p_hist, 1).float().cpu()
+        p_all = torch.stack(self.p_hist, 1).double().cpu()
         mode_all = torch.stack(self.mode_hist, 1).cpu()
         chk_all = torch.stack(self.chk_hist, 1).cpu()
         ref_at, fstart, closed = self.refusal_at.cpu(), self.fstart.cpu(), self.closed.cpu()

@@ -359,7 +359,9 @@ def safety_step(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mode:
         q_span: ``[B, 2]`` int32 half-open key range of the user's query.
         resp_start: ``[B]`` int32 key position of the first response token.
 
-    Semantics are :func:`safeattn.reference.safety_step`; a non-finite ``p`` refuses.
+    Semantics are :func:`safeattn.reference.safety_step`: ``p >= theta`` is decided on the
+    fp32 logit against ``theta``'s logit in double, so a head whose ``p`` rounds to 1.0 keeps
+    its ranking (``theta = 1``: no finite logit hits); a non-finite ``p`` refuses.
 
     Returns:
         ``p [B]`` float32 and the next probe's intervals ``[B, 2, 2]`` int32

@@ -85,11 +85,26 @@ def window(mode: int, s_t: int, n: int, r1: int, r2: int, r3: int) -> tuple[int,
     return max(0, n - r2), n  # Rule 2: the most recent r2 tokens
 
 
+def logit_threshold(theta: float) -> float:
+    """θ as a logit, in double: ``p >= θ`` is ``logit >= logit_threshold(θ)``. A check is
+    decided on its logit because fp32 ``p`` rounds every logit above about 16.6 to 1.0, and a
+    saturated head's checks would tie there. θ >= 1 gives +inf (no finite logit hits), θ <= 0
+    -inf (every finite logit hits)."""
+    if math.isnan(theta):
+        raise ValueError("theta must be a number, got nan")
+    if theta >= 1.0:
+        return math.inf
+    if theta <= 0.0:
+        return -math.inf
+    return math.log(theta) - math.log1p(-theta)
+
+
 def safety_step(h, weight, bias, mode, consec, s_t, step, refused, active, q_span, resp_start,
                 theta: float, tau: int, r1: int, r2: int, r3: int):
     """One strategic-decoding step for every row (DESIGN §3); updates the state in place.
 
-    h [B,D] is the probe's hidden state, scored as p = sigmoid(h·weight + bias) in fp32.
+    h [B,D] is the probe's hidden state, scored as p = sigmoid(h·weight + bias) in fp32;
+    "p >= theta" is decided on the fp32 logit (:func:`logit_threshold`), exact where p is not.
     ``step[b]`` is how many response tokens that probe saw (0 = the prefill [CLS] row).
     For ``active`` rows not yet refused:
       - prefill (step 0): p >= theta, or a non-finite p, refuses at once (mode MALICIOUS);
@@ -101,11 +116,12 @@ def safety_step(h, weight, bias, mode, consec, s_t, step, refused, active, q_spa
     """
     logit = h.float() @ weight.float().reshape(-1) + bias.float().reshape(())
     p = torch.where(logit.isfinite(), torch.sigmoid(logit), float("nan"))  # fail closed
+    at = logit_threshold(theta)
     for b in range(h.shape[0]):
         if not bool(active[b]) or bool(refused[b]):
             continue
         pb, n = float(p[b]), int(step[b])
-        hit = not math.isfinite(pb) or pb >= theta
+        hit = not math.isfinite(pb) or float(logit[b]) >= at
         if n == 0:
             if hit:
                 mode[b], consec[b], s_t[b], refused[b] = MALICIOUS, 1, 0, True

@@ -22,6 +22,7 @@ std::tuple<at::Tensor, at::Tensor> safety_step_cpu(
   auto hc = h.contiguous().to(at::kFloat);
   auto wc = weight.contiguous().to(at::kFloat);
   const float bv = bias.to(at::kFloat).item<float>();
+  const double at_logit = logit_threshold(theta);
   auto qs = q_span.contiguous();
   auto p = at::empty({B}, h.options().dtype(at::kFloat));
   auto out = at::empty({B, 2, 2}, h.options().dtype(at::kInt));
@@ -51,7 +52,7 @@ std::tuple<at::Tensor, at::Tensor> safety_step_cpu(
     const bool finite = std::isfinite(pp[b]);
     if (ac[b] && !rf[b]) {
       const int32_t n = sp[b];
-      const bool hit = !finite || pp[b] >= theta;
+      const bool hit = !finite || double(float(acc)) >= at_logit;
       if (n == 0) {
         if (hit) {
           md[b] = kMalicious; cs[b] = 1; st[b] = 0; rf[b] = true;

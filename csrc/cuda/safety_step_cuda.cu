@@ -1,7 +1,7 @@
 // CUDA backend of safeattn::safety_step: one fused launch for the whole batch (DESIGN §3).
 // Block b scores row b (p = sigmoid(h·w + bias), fp32 dot; NaN if the logit is not finite),
-// runs the state machine of safeattn.reference.safety_step and writes the next probe's
-// intervals. No host sync.
+// runs the state machine of safeattn.reference.safety_step (a hit is logit >= the logit of
+// theta, in double) and writes the next probe's intervals. No host sync.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -23,7 +23,7 @@ __global__ void __launch_bounds__(kStepThreads)
                        const T* __restrict__ w, const T* __restrict__ bias, int64_t D,
                        int32_t* mode, int32_t* consec, int32_t* s_t, int32_t* step,
                        bool* refused, const bool* active, const int32_t* q_span,
-                       const int32_t* resp_start, double theta, int64_t tau, int64_t r1,
+                       const int32_t* resp_start, double at_logit, int64_t tau, int64_t r1,
                        int64_t r2, int64_t r3, float* p_out, int32_t* iv_out) {
   __shared__ float partial[kStepThreads / 32];
   const int64_t b = blockIdx.x;
@@ -51,7 +51,7 @@ __global__ void __launch_bounds__(kStepThreads)
   const int32_t n = step[b];
   bool ref = refused[b];
   if (active[b] && !ref) {
-    const bool hit = !finite || static_cast<double>(p) >= theta;
+    const bool hit = !finite || static_cast<double>(logit) >= at_logit;
     if (n == 0) {  // prefill: the [CLS] row decides at once
       if (hit) {
         md = kMalicious; cs = 1; st = 0; ref = true;
@@ -96,6 +96,7 @@ std::tuple<at::Tensor, at::Tensor> safety_step_cuda(
                                           active, q_span, resp_start);
   TORCH_CHECK(h.is_cuda(), "safety_step (CUDA): h must be on a CUDA device");
   TORCH_CHECK(dims.B <= INT32_MAX, "safety_step (CUDA): too many rows, B=", dims.B);
+  const double at_logit = logit_threshold(theta);
   c10::cuda::CUDAGuard guard(h.device());
   auto p = at::empty({dims.B}, h.options().dtype(at::kFloat));
   auto out = at::empty({dims.B, 2, 2}, h.options().dtype(at::kInt));
@@ -110,8 +111,8 @@ std::tuple<at::Tensor, at::Tensor> safety_step_cuda(
         h.data_ptr<scalar_t>(), h.stride(0), h.stride(1), w.data_ptr<scalar_t>(),
         bs.data_ptr<scalar_t>(), dims.D, mode.data_ptr<int32_t>(), consec.data_ptr<int32_t>(),
         s_t.data_ptr<int32_t>(), step.data_ptr<int32_t>(), refused.data_ptr<bool>(),
-        active.data_ptr<bool>(), qs.data_ptr<int32_t>(), resp_start.data_ptr<int32_t>(), theta,
-        tau, r1, r2, r3, p.data_ptr<float>(), out.data_ptr<int32_t>());
+        active.data_ptr<bool>(), qs.data_ptr<int32_t>(), resp_start.data_ptr<int32_t>(),
+        at_logit, tau, r1, r2, r3, p.data_ptr<float>(), out.data_ptr<int32_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {p, out};

@@ -538,7 +538,8 @@ def safety_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
 def classify(model, tokenizer, prompts: list[str] | str, *, batch_size: int = 16,
              system: str | None = None) -> torch.Tensor:
     """``p_0`` = P(malicious) of each prompt from the ``[CLS]`` row (and the query probe, when
-    the head has one) -> fp32 ``[B]`` (on CPU).
+    the head has one) -> float64 ``[B]`` (on CPU; fp32 ``p`` is 1.0 past logit ~16.6, which
+    would tie a saturated head's scores).
 
     Patches the model with :func:`apply_safeattn` first when needed.
     """
@@ -553,5 +554,6 @@ def classify(model, tokenizer, prompts: list[str] | str, *, batch_size: int = 16
     for i in range(0, len(prompts), batch_size):
         enc = build_inputs(tokenizer, prompts[i:i + batch_size], system=system, device=dev)
         out = model(**enc, use_cache=False, logits_to_keep=1)
-        ps.append(out.p.cpu())
+        logit = out.get("query_logit", out.safety_logit)
+        ps.append(torch.sigmoid(logit.double()).cpu())
     return torch.cat(ps) if ps else torch.empty(0)

@@ -354,7 +354,7 @@ def _config_key(cfg: SafetyConfig, seen: int, written: int):
     """The ``safety_step`` settings of a check that sees ``seen`` response tokens, ``written``
     of them generated (``seen == 0``: the prefill's ``p_0``, at ``query_threshold``)."""
     theta = cfg.query_threshold if seen == 0 else cfg.check_threshold(written)
-    return (min(theta, 1.0), theta > 1.0, cfg.tau, cfg.r1, cfg.r2, cfg.r3)
+    return (min(theta, 1.0), cfg.tau, cfg.r1, cfg.r2, cfg.r3)
 
 
 def advance(states: list[RequestSafety], seen: list[int], logits: torch.Tensor,
@@ -363,17 +363,15 @@ def advance(states: list[RequestSafety], seen: list[int], logits: torch.Tensor,
     generated (default none: checks of a prefill), grouped by their θ, τ, r1-r3; updates the
     states in place -> p of each."""
     logits = torch.tensor([s.check_logit(lg, k) for s, lg, k in
-                           zip(states, logits.float().tolist(), seen)])
-    ps = torch.sigmoid(logits).tolist()
+                           zip(states, logits.float().tolist(), seen)], dtype=torch.float32)
+    ps = torch.sigmoid(logits.double()).tolist()  # fp32 p is 1.0 past logit ~16.6
     written = written or [0] * len(states)
     groups: dict = {}
     for i, s in enumerate(states):
         groups.setdefault(_config_key(s.cfg, seen[i], written[i]), []).append(i)
-    for (theta, never, tau, r1, r2, r3), idx in groups.items():
+    for (theta, tau, r1, r2, r3), idx in groups.items():
         sub = [states[i] for i in idx]
-        lg = logits[idx].float().reshape(-1, 1)
-        if never:  # θ above 1: no finite p hits; a non-finite p still fails closed
-            lg = torch.where(lg.isfinite(), torch.full_like(lg, -1e4), lg)
+        lg = logits[idx].reshape(-1, 1)
         i32 = lambda v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
         mode, consec = i32([s.mode for s in sub]), i32([s.consec for s in sub])
         s_t, step = i32([s.s_t for s in sub]), i32([seen[i] for i in idx])

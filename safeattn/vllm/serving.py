@@ -221,7 +221,7 @@ def trace_output(trace: dict):
                     prefill_checks=[(k, float("nan") if v is None else float(v))
                                     for k, v in trace.get("prefill_checks") or ()])
     step = -1 if row.refusal_step is None else row.refusal_step
-    return SafetyOutput(rows=[row], p=torch.tensor([p]),
+    return SafetyOutput(rows=[row], p=torch.tensor([p], dtype=torch.float64),
                         mode=torch.tensor([[code[m] for m in row.mode]]),
                         refused=torch.tensor([row.refused]), refusal_step=torch.tensor([step]),
                         config=SafetyConfig(**trace["config"]), prompt_length=0,
