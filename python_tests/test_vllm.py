@@ -414,6 +414,60 @@ def test_saturated_checks_are_decided_on_the_logit():
     assert [s.refused for s in st] == [False, False, True]
 
 
+def _tensor_parallel(model_dir, tmp_path, **job):
+    """``_vllm_tp.py``'s output for a two-rank engine on ``model_dir`` (the PROMPTS and
+    PREFILLS under ``job``'s cases)."""
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("two tensor-parallel ranks need two CPUs")
+    spec = tmp_path / "job.json"
+    spec.write_text(json.dumps({"model_dir": str(model_dir), "tp": 2, "prompts": PROMPTS,
+                                "prefills": PREFILLS, "max_tokens": MAX_TOKENS, **job}))
+    env = {**os.environ, "SAFEATTN_STREAM_DIR": str(tmp_path / "stream"),
+           "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "0|1")}
+    r = subprocess.run([sys.executable, str(HERE / "_vllm_tp.py"), str(spec),
+                        str(tmp_path / "out.json")], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads((tmp_path / "out.json").read_text())
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "llama"])
+def test_tensor_parallel_parity(refs, tmp_path, family):
+    """Two tensor-parallel ranks decode as ``safeattn.generate``: each holds half the query
+    heads, one of the two KV heads (its half of the paged cache, which its probe rows read),
+    half the MLP, and its slice of the probe adapter (a row-parallel linear's update summed
+    over the ranks). Tokens and the trace each request's processor published (they run in the
+    worker processes), for refusals mid-answer, the late θ, a query or response probe, and
+    assistant prefills."""
+    cases, pcases = [0, 2, 7], [0, 2]
+    got = _tensor_parallel(refs / family, tmp_path, cases=[CASES[c] for c in cases],
+                           prefill_cases=[PREFILL_CASES[c] for c in pcases])
+    ref = json.loads((refs / family / "ref.json").read_text())
+    for kind, picked in (("cases", cases), ("prefill_cases", pcases)):
+        for k, c in enumerate(picked):
+            for i, row in enumerate(got[kind][k]):
+                assert row["trace"] is not None, f"{kind} {c} row {i}: no trace published"
+                tr = serving.trace_output(serving.end_trace(row["trace"], len(row["ids"])))[0]
+                _check_row(row["ids"], tr, ref[kind][c][i], ref["eos"],
+                           f"tp=2 {family} {kind} {c} row {i}", justification=False)
+
+
+def test_a_probe_error_on_one_rank_refuses_on_every_rank(refs, tmp_path):
+    """Rank 1's probe attention raises: the ranks average their probe logits, so its nan
+    reaches rank 0 too, and every checked request refuses at ``p_0`` on both ranks alike (a
+    rank that refused alone would plan other probe rows than its peer, and the next forward's
+    collectives would not match). The engine serves the next batch."""
+    got = _tensor_parallel(refs / "llama", tmp_path, cases=[CASES[0], None],
+                           prefill_cases=[], fail_rank=1)
+    checked, plain = got["cases"]
+    ref = json.loads((refs / "llama" / "ref.json").read_text())
+    for i, row in enumerate(checked):
+        tr = serving.trace_output(serving.end_trace(row["trace"], len(row["ids"])))[0]
+        assert math.isnan(tr.p[0]) and tr.refusal_step == 0, f"row {i}"
+    for i, row in enumerate(plain):
+        assert _cut(row["ids"], ref["eos"]) == _cut(ref["cases"][-1][i]["ids"], ref["eos"]), i
+
+
 def test_default_span_finds_a_prefill_only_after_the_last_generation_prompt(engine):
     """A request without q_span (a server's chat request): one user turn gets build_inputs'
     q_span; text after the last generation prompt is a prefill; a prompt whose tail holds a
@@ -534,7 +588,7 @@ def test_fused_adapter_matches_hf(dtype):
 
     from safeattn.hf.adapter import ProbeAdapter
     from safeattn.models import artifact_dir
-    from safeattn.vllm.probe import SafetyParts, _lowrank
+    from safeattn.vllm.probe import LowRank, SafetyParts
 
     parts = SafetyParts(artifact_dir("gemma3-270m")).to("cpu", dtype)
     projs = ("q_proj", "k_proj", "v_proj")
@@ -542,7 +596,7 @@ def test_fused_adapter_matches_hf(dtype):
     ab = parts.fuse(0, projs, widths)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(5, ab[0].shape[0], generator=g).to(dtype)
-    got = _lowrank(ab, x)  # added to the model's output in place, one rounding
+    got = LowRank(*ab)(x)  # added to the model's output in place, one rounding
     hf = SimpleNamespace(a={k: a for k, (a, _) in parts.adapter.items()},  # fp32 weights
                          b={k: b for k, (_, b) in parts.adapter.items()}, scale=parts.scale)
     want = torch.cat([ProbeAdapter.delta(hf, f"0_{p}", x) for p in projs], 1)
@@ -578,18 +632,20 @@ def test_probe_refuses_a_cache_it_cannot_read():
 
 def test_engines_the_probe_cannot_serve_are_refused():
     """Prompt embeddings carry no token ids, so q_span and the plan's sequence lengths would
-    never match: such a row would go unchecked. The engine is refused at model build."""
+    never match: such a row would go unchecked; a pipeline stage may not hold layers
+    0..cls_layer. Such engines are refused at model build (tensor parallelism is served)."""
     from types import SimpleNamespace as NS
 
     from safeattn.vllm.models import _check_engine
 
-    def config(embeds=False, spec=None, tp=1):
+    def config(embeds=False, spec=None, tp=1, pp=1):
         return NS(speculative_config=spec, model_config=NS(enable_prompt_embeds=embeds),
-                  parallel_config=NS(tensor_parallel_size=tp, pipeline_parallel_size=1))
+                  parallel_config=NS(tensor_parallel_size=tp, pipeline_parallel_size=pp))
 
     _check_engine(config())
+    _check_engine(config(tp=2))
     for bad, match in ((config(embeds=True), "prompt embeddings"),
-                       (config(spec=object()), "speculative"), (config(tp=2), "one device")):
+                       (config(spec=object()), "speculative"), (config(pp=2), "pipeline")):
         with pytest.raises(ValueError, match=match):
             _check_engine(bad)
 

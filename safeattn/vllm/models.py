@@ -102,10 +102,9 @@ def _check_engine(vllm_config) -> None:
     if getattr(vllm_config.model_config, "enable_prompt_embeds", False):
         raise ValueError("safeattn: prompt embeddings are not supported (the probe's q_span "
                          "is read from the prompt's token ids); remove enable_prompt_embeds")
-    par = vllm_config.parallel_config
-    if par.tensor_parallel_size > 1 or par.pipeline_parallel_size > 1:
-        raise ValueError("safeattn: the vLLM probe runs on one device only "
-                         "(tensor_parallel_size = pipeline_parallel_size = 1)")
+    if vllm_config.parallel_config.pipeline_parallel_size > 1:
+        raise ValueError("safeattn: the vLLM probe runs layers 0..cls_layer on one pipeline "
+                         "stage; use pipeline_parallel_size = 1 (tensor parallelism works)")
 
 
 def _wrap(base, family: str):
@@ -270,6 +269,7 @@ def _wrap(base, family: str):
                     self._blend_query(logits, idx)
                 except Exception as e:  # noqa: BLE001 - fail closed: nan refuses these rows
                     logits[idx], error = float("nan"), f"{type(e).__name__}: {e}"
+                logits[idx] = ranks_agree(logits[idx], self.model.norm.weight.device)
                 if error:
                     br.error = error
                     logger.warning("safeattn: the vLLM probe raised %s; the %d checked "
@@ -287,6 +287,19 @@ def _wrap(base, family: str):
 
     Wrapper.__name__ = Wrapper.__qualname__ = f"Safeattn{base.__name__}"
     return Wrapper
+
+
+def ranks_agree(logits: torch.Tensor, device) -> torch.Tensor:
+    """The tensor-parallel ranks' mean of each probe logit ``[Bp]`` (CPU). The ranks compute
+    the same rows, and their logits processors must decide alike: a nan on any rank (its
+    probe failed) makes the request refuse on all of them."""
+    from vllm.distributed import (get_tensor_model_parallel_world_size,
+                                  tensor_model_parallel_all_reduce)
+
+    world = get_tensor_model_parallel_world_size()
+    if world == 1:
+        return logits
+    return tensor_model_parallel_all_reduce(logits.to(device)).cpu() / world
 
 
 def token_logits(h, residual, positions, query_start_loc, w):

@@ -145,22 +145,76 @@ class SafetyParts:
         return self
 
 
-def _lowrank(ab, x: torch.Tensor) -> torch.Tensor:
-    """The adapter's update ``(x A) B`` in the adapter's dtype, fp32 (added in place, one
-    rounding to the model's dtype). Not in bf16, as the HF adapter of a bf16 model runs: on
-    CPU a bf16 matmul this small takes about 4x as long as the fp32 one (36 against 9 µs)."""
-    a, b = ab
-    return (x.to(a.dtype) @ a) @ b
+@dataclasses.dataclass(frozen=True)
+class LowRank:
+    """The adapter's update ``(x A) B`` of one adapted linear, as this tensor-parallel rank
+    computes it: ``a [in, Σr]`` holds the rows of the rank's slice of the input, ``b [Σr,
+    out]`` the columns of its slice of the output. fp32 (added in place, one rounding to the
+    model's dtype), not bf16 as the HF adapter of a bf16 model runs: on CPU a bf16 matmul this
+    small takes about 4x as long as the fp32 one (36 against 9 µs). ``reduce``: a row-parallel
+    linear, whose ranks each hold a slice of ``x`` and all the reduced output: ``x A`` is
+    summed over the ranks before ``B``, and every rank adds the whole update."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    reduce: bool = False
+
+    def part(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.a.dtype) @ self.a
+
+    def finish(self, t: torch.Tensor) -> torch.Tensor:
+        if self.reduce:
+            from vllm.distributed import tensor_model_parallel_all_reduce
+
+            t = tensor_model_parallel_all_reduce(t)
+        return t @ self.b
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.finish(self.part(x))
 
 
 def _projections(layer):
     """The linears of a vLLM decoder layer that the adapter may update -> ``(module, adapter
-    targets, their output widths)``."""
+    targets)``."""
     a, mlp = layer.self_attn, layer.mlp
-    return ((a.qkv_proj, ("q_proj", "k_proj", "v_proj"), (a.q_size, a.kv_size, a.kv_size)),
-            (a.o_proj, ("o_proj",), (a.o_proj.output_size,)),
-            (mlp.gate_up_proj, ("gate_proj", "up_proj"), tuple(mlp.gate_up_proj.output_sizes)),
-            (mlp.down_proj, ("down_proj",), (mlp.down_proj.output_size,)))
+    return ((a.qkv_proj, ("q_proj", "k_proj", "v_proj")), (a.o_proj, ("o_proj",)),
+            (mlp.gate_up_proj, ("gate_proj", "up_proj")), (mlp.down_proj, ("down_proj",)))
+
+
+def _update(parts: SafetyParts, layer: int, module, projs) -> LowRank | None:
+    """The adapter's update of ``module`` (fused ``projs``) on this tensor-parallel rank, or
+    None where ``projs`` have no adapter. A column-parallel linear computes some columns of
+    each projection (q heads, a shard of the KV heads or a copy of one, an MLP slice); a
+    row-parallel one reads a slice of its input."""
+    from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
+
+    rank = module.tp_rank
+    if isinstance(module, RowParallelLinear):
+        ab = parts.fuse(layer, projs, (module.output_size,))
+        if ab is None:
+            return None
+        if module.tp_size > 1 and not module.reduce_results:
+            raise NotImplementedError(f"safeattn probe: layer {layer}'s {projs[0]} leaves its "
+                                      "tensor-parallel sum to a later layer; cannot adapt it")
+        n = module.input_size_per_partition
+        return LowRank(ab[0][rank * n:(rank + 1) * n].contiguous(), ab[1], module.tp_size > 1)
+    if isinstance(module, QKVParallelLinear):
+        hs, kv = module.head_size, rank // module.num_kv_head_replicas
+        vs = getattr(module, "v_head_size", hs)
+        widths = (module.total_num_heads * hs, module.total_num_kv_heads * hs,
+                  module.total_num_kv_heads * vs)
+        local = ((rank, module.num_heads * hs), (kv, module.num_kv_heads * hs),
+                 (kv, module.num_kv_heads * vs))
+    else:  # merged column-parallel (gate_up)
+        widths = tuple(module.output_sizes)
+        local = tuple((rank, w // module.tp_size) for w in widths)
+    ab = parts.fuse(layer, projs, widths)
+    if ab is None:
+        return None
+    starts = [sum(widths[:i]) for i in range(len(widths))]
+    cols = torch.cat([torch.arange(s + k * n, s + (k + 1) * n)
+                      for s, (k, n) in zip(starts, local)])
+    return LowRank(ab[0], ab[1][:, cols.to(ab[1].device)].contiguous())
 
 
 class Plan:
@@ -216,10 +270,10 @@ class ProbeRunner:
         #: the adapter's fused low-rank update of each adapted linear of the probe layers
         self.adapters = {}
         for li in range(self.depth):
-            for module, projs, widths in _projections(model.layers[li]):
-                ab = parts.fuse(li, projs, widths)
-                if ab is not None:
-                    self.adapters[module] = ab
+            for module, projs in _projections(model.layers[li]):
+                update = _update(parts, li, module, projs)
+                if update is not None:
+                    self.adapters[module] = update
 
     def cls_row(self, count: int) -> torch.Tensor:
         m = self.model
@@ -262,9 +316,9 @@ class ProbeRunner:
     def linear(self, module, x):
         """A linear of the probe layers on the probe rows, with the adapter's update."""
         y, _ = module(x)
-        ab = self.adapters.get(module)
-        if ab is not None:
-            y += _lowrank(ab, x)
+        update = self.adapters.get(module)
+        if update is not None:
+            y += update(x)
         return y
 
     def mlp(self, mlp, x):
@@ -337,8 +391,8 @@ class FoldedProbe:
             self._hook(layer, self._enter_layer, li, pre=True)
             self._hook(layer.self_attn.attn, self._enter_attn, pre=True)
             self._hook(layer.self_attn.attn, self._leave_attn, layer.self_attn.attn)
-        for module, ab in runner.adapters.items():
-            self._hook(module, self._adapt, ab)
+        for module, update in runner.adapters.items():
+            self._hook(module, self._adapt, update)
         self._hook(runner.model.layers[runner.depth - 1], self._leave_last)
 
     def _hook(self, module, fn, *bound, pre=False):
@@ -402,14 +456,22 @@ class FoldedProbe:
             out = output.new_zeros(self._bp(), output.shape[-1])
         return torch.cat([output, out.to(output.dtype)])
 
-    def _adapt(self, ab, args, output):
-        if self.error is not None:
-            return None
+    def _adapt(self, update: LowRank, args, output):
         out = output[0] if isinstance(output, tuple) else output
+        x, t = args[0][self.n:], None  # the probe rows
         try:
-            out[self.n:] += _lowrank(ab, args[0][self.n:])  # the probe rows, in place
+            t = update.part(x) if self.error is None else None
         except Exception as e:  # noqa: BLE001 - fail closed
             self._fail(e)
+        if t is None and update.reduce:  # the ranks reduce together, whatever failed here
+            t = x.new_zeros(x.shape[0], update.a.shape[1], dtype=update.a.dtype)
+        if t is not None:
+            try:
+                t = update.finish(t)
+                if self.error is None:
+                    out[self.n:] += t  # in place
+            except Exception as e:  # noqa: BLE001 - fail closed
+                self._fail(e)
         return None
 
     def _leave_last(self, args, output):

@@ -1,0 +1,88 @@
+"""A tensor-parallel safeattn engine for the vLLM tests (runs in vLLM's venv, as a process of
+its own: its workers are processes, and a test process's in-process engines keep vLLM's
+one-device groups).
+
+``python _vllm_tp.py JOB.json OUT.json``: JOB gives ``model_dir``, ``tp``, ``prompts``,
+``cases`` (safety configs), ``prefills`` (conversations ending with an assistant prefill) and
+``prefill_cases``, ``max_tokens``. OUT gets, per case, each row's generated ids and the trace
+its logits processor published (the server's channel: the processors run in the workers).
+``fail_rank`` (optional): the probe attention of that rank raises (:class:`BrokenProbe`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+def run(llm, tok, rows, cases, max_tokens, tag):
+    import safeattn.vllm as sv
+    from safeattn.vllm import serving
+
+    out = []
+    for c, cfg in enumerate(cases):
+        ps, sps = sv.requests(tok, rows, safety=cfg, max_tokens=max_tokens, temperature=0.0)
+        keys = [f"{tag:08x}{c:012x}{i:012x}" for i in range(len(rows))]
+        for sp, key in zip(sps, keys):
+            sp.extra_args = {**(sp.extra_args or {}), serving.TRACE_ARG: key}
+        outs = llm.generate(ps, sps, use_tqdm=False)
+        out.append([{"ids": list(o.outputs[0].token_ids),
+                     "trace": (serving.read(key) or {}).get("trace")}
+                    for o, key in zip(outs, keys)])
+    return out
+
+
+class BrokenProbe:
+    """``worker_extension_cls`` of a ``fail_rank`` job: vLLM imports this module in each
+    worker (spawned), which breaks the probe of rank ``$SAFEATTN_TP_FAIL_RANK`` there."""
+
+
+def _break_probe(rank: int) -> None:
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    from safeattn.vllm.probe import ProbeRunner
+
+    attend = ProbeRunner.attend
+
+    def attend_or_fail(self, *args, **kwargs):
+        if get_tensor_model_parallel_rank() == rank:
+            raise RuntimeError(f"rank {rank}'s probe broke")
+        return attend(self, *args, **kwargs)
+
+    ProbeRunner.attend = attend_or_fail
+
+
+if __name__ != "__main__" and os.environ.get("SAFEATTN_TP_FAIL_RANK"):
+    _break_probe(int(os.environ["SAFEATTN_TP_FAIL_RANK"]))
+
+
+def main(job_path: str, out_path: str) -> None:
+    job = json.loads(Path(job_path).read_text())
+    os.environ.setdefault("SAFEATTN_STREAM_DIR", tempfile.mkdtemp(prefix="safeattn-tp-"))
+    from transformers import AutoTokenizer
+    from vllm import LLM
+
+    import safeattn.vllm as sv
+
+    kw = {}
+    if job.get("fail_rank") is not None:
+        os.environ["SAFEATTN_TP_FAIL_RANK"] = str(job["fail_rank"])
+        kw["worker_extension_cls"] = f"{Path(__file__).stem}.BrokenProbe"
+    d = job["model_dir"]
+    llm = LLM(**sv.engine_kwargs(d), tensor_parallel_size=job["tp"],
+              distributed_executor_backend="mp", dtype="float32", enforce_eager=True,
+              max_model_len=256, max_num_seqs=8, seed=0, **kw)
+    tok = AutoTokenizer.from_pretrained(d)
+    res = {"cases": run(llm, tok, job["prompts"], job["cases"], job["max_tokens"], 1),
+           "prefill_cases": run(llm, tok, job["prefills"], job["prefill_cases"],
+                                job["max_tokens"], 2)}
+    Path(out_path).write_text(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
