@@ -64,7 +64,8 @@ class Bridge:
         own over the cache of the step's forward (the prefill checks, after it)."""
         if self.runner is None or self.metadata is None:
             raise RuntimeError("no forward of this step to read the cache of")
-        return self.runner.run(plan, self.metadata).float().cpu()
+        logits = self.runner.run(plan, self.metadata).float().cpu()
+        return ranks_agree(logits, self.runner.model.norm.weight.device)
 
 
 def bridge_for(vllm_config) -> Bridge | None:
