@@ -15,7 +15,7 @@ from safeattn import reference as ref
 from safeattn.calibration import refusal_scores
 from safeattn.generation import SCHEDULES, SafetyConfig
 from safeattn.hf import SafetyHead, SafetyLayout, build_intervals
-from safeattn.ops import BENIGN, MALICIOUS, TRANSITION
+from safeattn.ops import BENIGN, TRANSITION
 from _hf_tiny import (FAMILIES, PROMPTS, PrintedStreamer, cache_state, plain_step_cache,
                       tiny_model, tiny_tokenizer)
 
