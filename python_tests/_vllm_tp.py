@@ -4,12 +4,14 @@ one-device groups).
 
 ``python _vllm_tp.py JOB.json OUT.json``: JOB gives ``model_dir``, ``tp``, ``prompts``,
 ``cases`` (safety configs), ``prefills`` (conversations ending with an assistant prefill) and
-``prefill_cases``, ``max_tokens``. OUT gets, per case, each row's generated ids and the trace
-its logits processor published (the server's channel: the processors run in the workers).
+``prefill_cases``, ``max_tokens``. OUT gets, per case, each row's generated ids and its trace
+(``safeattn.vllm.trace`` of a ``published`` request: the processors run in the workers), as
+the fields of a ``RowSafety``.
 ``fail_rank`` (optional): the probe attention of that rank raises (:class:`BrokenProbe`).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -22,18 +24,20 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 def run(llm, tok, rows, cases, max_tokens, tag):
     import safeattn.vllm as sv
-    from safeattn.vllm import serving
 
     out = []
     for c, cfg in enumerate(cases):
-        ps, sps = sv.requests(tok, rows, safety=cfg, max_tokens=max_tokens, temperature=0.0)
-        keys = [f"{tag:08x}{c:012x}{i:012x}" for i in range(len(rows))]
-        for sp, key in zip(sps, keys):
-            sp.extra_args = {**(sp.extra_args or {}), serving.TRACE_ARG: key}
+        ids = [f"tp-{tag}-{c}-{i}" for i in range(len(rows))]
+        ps, sps = sv.requests(tok, rows, safety=cfg, ids=ids if cfg else None,
+                              published=cfg is not None, max_tokens=max_tokens,
+                              temperature=0.0)
         outs = llm.generate(ps, sps, use_tqdm=False)
-        out.append([{"ids": list(o.outputs[0].token_ids),
-                     "trace": (serving.read(key) or {}).get("trace")}
-                    for o, key in zip(outs, keys)])
+        res = []
+        for o, i in zip(outs, ids):
+            got = list(o.outputs[0].token_ids)
+            tr = dataclasses.asdict(sv.trace(i, len(got))[0]) if cfg else None
+            res.append({"ids": got, "trace": tr})
+        out.append(res)
     return out
 
 

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -392,8 +393,6 @@ def test_saturated_checks_are_decided_on_the_logit():
     """The processor's checks as the HF decoder's: fp32 p is 1.0 for logits 17.5, 20 and 40,
     θ = sigmoid(18) refuses the two above it, and their p stay apart (float64); θ = 1 refuses
     no finite logit, a nan still refuses."""
-    from types import SimpleNamespace
-
     from safeattn.generation import SafetyConfig
     from safeattn.vllm.logits import RequestSafety, advance
 
@@ -446,10 +445,33 @@ def test_tensor_parallel_parity(refs, tmp_path, family):
     for kind, picked in (("cases", cases), ("prefill_cases", pcases)):
         for k, c in enumerate(picked):
             for i, row in enumerate(got[kind][k]):
-                assert row["trace"] is not None, f"{kind} {c} row {i}: no trace published"
-                tr = serving.trace_output(serving.end_trace(row["trace"], len(row["ids"])))[0]
-                _check_row(row["ids"], tr, ref[kind][c][i], ref["eos"],
-                           f"tp=2 {family} {kind} {c} row {i}", justification=False)
+                _check_row(row["ids"], SimpleNamespace(**row["trace"]), ref[kind][c][i],
+                           ref["eos"], f"tp=2 {family} {kind} {c} row {i}",
+                           justification=False)
+
+
+def test_published_trace_reads_back(engine, tmp_path, monkeypatch):
+    """``requests(..., published=True)``: the trace each request writes to
+    ``$SAFEATTN_STREAM_DIR`` (all ``trace`` has when the processors run in another process)
+    reads back as the reference's, without the justification, once."""
+    from safeattn.vllm.logits import TRACES
+
+    monkeypatch.setenv("SAFEATTN_STREAM_DIR", str(tmp_path))
+    llm, tok, ref = engine("gemma3_text")
+    case = 2  # refusals mid-answer
+    ids = [f"published-{i}" for i in range(len(PROMPTS))]
+    ps, sps = sv.requests(tok, PROMPTS, safety=CASES[case], ids=ids, published=True,
+                          max_tokens=MAX_TOKENS, temperature=0.0)
+    outs = llm.generate(ps, sps, use_tqdm=False)
+    for i, o in enumerate(outs):
+        TRACES.pop(ids[i])  # as if the processor had run in another process
+        got = list(o.outputs[0].token_ids)
+        _check_row(got, sv.trace(ids[i], len(got))[0], ref["cases"][case][i], ref["eos"],
+                   f"published row {i}", justification=False)
+    with pytest.raises(KeyError, match="published=True"):
+        sv.trace(ids[0])
+    with pytest.raises(ValueError, match="published=True needs ids"):
+        sv.requests(tok, PROMPTS[:1], safety={}, published=True)
 
 
 def test_a_probe_error_on_one_rank_refuses_on_every_rank(refs, tmp_path):
@@ -462,8 +484,8 @@ def test_a_probe_error_on_one_rank_refuses_on_every_rank(refs, tmp_path):
     checked, plain = got["cases"]
     ref = json.loads((refs / "llama" / "ref.json").read_text())
     for i, row in enumerate(checked):
-        tr = serving.trace_output(serving.end_trace(row["trace"], len(row["ids"])))[0]
-        assert math.isnan(tr.p[0]) and tr.refusal_step == 0, f"row {i}"
+        tr = row["trace"]
+        assert math.isnan(tr["p"][0]) and tr["refusal_step"] == 0, f"row {i}"
     for i, row in enumerate(plain):
         assert _cut(row["ids"], ref["eos"]) == _cut(ref["cases"][-1][i]["ids"], ref["eos"]), i
 

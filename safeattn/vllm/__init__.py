@@ -83,7 +83,7 @@ def engine_kwargs(model_dir, *, safety_dir=None, safety: dict | None = None,
 
 
 def requests(tokenizer, prompts, *, safety: dict | None = None, system: str | None = None,
-             ids: list | None = None, **sampling):
+             ids: list | None = None, published: bool = False, **sampling):
     """Prompts as safeattn templates them -> (prompt dicts, ``SamplingParams`` list).
 
     A prompt is the user's text or a conversation, as for :func:`safeattn.build_inputs`; one
@@ -91,14 +91,20 @@ def requests(tokenizer, prompts, *, safety: dict | None = None, system: str | No
     ``{"prompt_token_ids": ...}`` (``[CLS]`` left out: it is not part of vLLM's sequence), and
     its ``SamplingParams`` carry ``extra_args={"safety": {**safety, "q_span": ...,
     "response_start": ... (a prefill only), "id": ...}}`` (no safety when ``safety`` is None).
+    ``published``: each request also writes its trace under ``$SAFEATTN_STREAM_DIR`` (the
+    server's channel), where :func:`trace` finds it when the logits processors run in other
+    processes: vLLM's default engine-core process, or tensor-parallel workers. Needs ``ids``.
     ``sampling`` goes to every ``SamplingParams``.
     """
     from vllm import SamplingParams
 
     from ..hf.template import encode_row
+    from .serving import TRACE_ARG, trace_key
 
     if isinstance(prompts, str):
         prompts = [prompts]
+    if published and (ids is None or safety is None):
+        raise ValueError("requests: published=True needs ids (and safety) to key the traces")
     out_p, out_s = [], []
     for i, row in enumerate(prompts):
         ids_i, (qs, qe), rs = encode_row(tokenizer, row, system, -1, where=f"prompts[{i}]")
@@ -110,22 +116,39 @@ def requests(tokenizer, prompts, *, safety: dict | None = None, system: str | No
                 extra["safety"]["response_start"] = rs - 1
             if ids is not None:
                 extra["safety"]["id"] = ids[i]
+            if published:
+                extra[TRACE_ARG] = trace_key(ids[i])
         out_p.append({"prompt_token_ids": ids_i})
         out_s.append(SamplingParams(extra_args=extra, **sampling))
     return out_p, out_s
 
 
-def trace(request_id):
+def trace(request_id, n_tokens: int | None = None):
     """The trace of the request whose ``extra_args["safety"]["id"]`` was ``request_id``, as a
     one-row :class:`safeattn.SafetyOutput` (``trace(i)[0]`` is its :class:`safeattn.RowSafety`;
-    ``safeattn.plot_trace`` reads it). In-process engines only
-    (``VLLM_ENABLE_V1_MULTIPROCESSING=0``); removes it from the registry. Read it once the
-    request has finished: one still mid-alarm then ended on a stop string (or was aborted),
-    and its trace refuses at its end, as HF's does."""
+    ``safeattn.plot_trace`` reads it); removes it from the registry. Read it once the request
+    has finished: one still mid-alarm then ended on a stop string (or was aborted), and its
+    trace refuses at its end, as HF's does.
+
+    An in-process engine (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, one device) keeps every trace
+    in this process. Otherwise the request must have been built with
+    ``requests(..., published=True)``: its last published state is read back, without the
+    refusal's ``justification`` (None), and cut to ``n_tokens`` generated tokens
+    (``len(output.outputs[0].token_ids)``; default: up to the last step it published, which
+    may be a step vLLM ran past the end).
+    """
+    from . import serving
     from .logits import TRACES
 
     st = TRACES.pop(request_id, None)
-    if st is None:
+    if st is not None:
+        return st.trace()
+    key = serving.trace_key(request_id)
+    state = serving.read(key)
+    if not state or "trace" not in state:
         raise KeyError(f"no safety trace for id {request_id!r} (give extra_args['safety']['id'] "
-                       "and run the engine in-process)")
-    return st.trace()
+                       "and run the engine in-process, or build the request with "
+                       "requests(..., published=True))")
+    serving.discard(key)
+    n = state["n"] + 1 if n_tokens is None else n_tokens
+    return serving.trace_output(serving.end_trace(state["trace"], n))

@@ -34,6 +34,7 @@ This module does not import vLLM (the middleware is plain ASGI).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -66,6 +67,12 @@ UNGATED = ("reasoning_content", "reasoning", "tool_calls", "function_call")
 def stream_dir() -> Path:
     return Path(os.environ.get("SAFEATTN_STREAM_DIR")
                 or Path(tempfile.gettempdir()) / f"safeattn-stream-{os.getuid()}")
+
+
+def trace_key(request_id) -> str:
+    """The key under which a request whose trace ``id`` is ``request_id`` publishes its trace
+    (``safeattn.vllm.requests(..., published=True)``)."""
+    return hashlib.sha256(json.dumps(request_id).encode()).hexdigest()[:32]
 
 
 def valid_key(key) -> bool:
