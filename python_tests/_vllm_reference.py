@@ -141,11 +141,10 @@ def _row(model, tok, prompt, case, max_tokens, stop=None):
         # RoPE positions 1..P as in the vLLM wrapper
         out = model.generate(**enc, max_new_tokens=max_tokens, do_sample=False)
         return {"ids": out[0, n:].tolist()}
-    # eos_token_id: stop at EOS only, as vLLM does with these generation configs
+    # the row ends with its assistant turn (turn_end), as safeattn.vllm.requests asks vLLM to
     streamer = PrintedStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     out = safeattn.generate(model, tok, [prompt], safety=safeattn.SafetyConfig(**case),
-                            max_new_tokens=max_tokens, do_sample=False,
-                            eos_token_id=tok.eos_token_id, streamer=streamer,
+                            max_new_tokens=max_tokens, do_sample=False, streamer=streamer,
                             **({"stopping_criteria": _stop_at(tok, stop)} if stop else {}))
     s = out.safety[0]
     return {"ids": out[0, n:].tolist(), "p": s.p, "checked": s.checked,

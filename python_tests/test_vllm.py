@@ -450,6 +450,30 @@ def test_tensor_parallel_parity(refs, tmp_path, family):
                            justification=False)
 
 
+def test_requests_end_with_the_assistant_turn(engine):
+    """``requests`` ends each request where ``safeattn.generate`` ends its row: the chat
+    template's end-of-turn tokens, or the text "\\nUser:" on the plain template; a caller's
+    own stop, or ``ignore_eos``, is kept as given."""
+    import copy
+
+    from safeattn.hf.template import PLAIN_STOP, turn_end
+
+    _, tok, _ = engine("gemma3_text")
+    eot = copy.deepcopy(tok)  # a template whose turn ends before EOS, as Llama 3's
+    eot.add_special_tokens({"additional_special_tokens": ["<|eot_id|>"]})
+    want = eot.convert_tokens_to_ids("<|eot_id|>")
+    assert want in turn_end(eot)["eos_token_id"]
+    sp = sv.requests(eot, PROMPTS[:1], safety={})[1][0]
+    assert sp.stop_token_ids == [want] and not sp.stop  # EOS: vLLM's own stop
+    assert not sv.requests(eot, PROMPTS[:1], safety={}, ignore_eos=True)[1][0].stop_token_ids
+    plain = copy.copy(tok)
+    plain.chat_template = None
+    sp = sv.requests(plain, PROMPTS[:1], safety={})[1][0]
+    assert sp.stop == [PLAIN_STOP]
+    sp = sv.requests(plain, PROMPTS[:1], safety={}, stop=["zz"])[1][0]
+    assert sp.stop == ["zz"] and not sp.stop_token_ids
+
+
 def test_published_trace_reads_back(engine, tmp_path, monkeypatch):
     """``requests(..., published=True)``: the trace each request writes to
     ``$SAFEATTN_STREAM_DIR`` (all ``trace`` has when the processors run in another process)

@@ -94,17 +94,28 @@ def requests(tokenizer, prompts, *, safety: dict | None = None, system: str | No
     ``published``: each request also writes its trace under ``$SAFEATTN_STREAM_DIR`` (the
     server's channel), where :func:`trace` finds it when the logits processors run in other
     processes: vLLM's default engine-core process, or tensor-parallel workers. Needs ``ids``.
-    ``sampling`` goes to every ``SamplingParams``.
+    ``sampling`` goes to every ``SamplingParams``. Each request ends with its assistant turn,
+    as a row of ``safeattn.generate`` does: at the template's end-of-turn tokens
+    (``stop_token_ids``; vLLM stops at EOS itself), or at the text ``"\\nUser:"`` on the plain
+    template (``stop``), unless ``sampling`` gives ``stop``, ``stop_token_ids`` or
+    ``ignore_eos``.
     """
     from vllm import SamplingParams
 
-    from ..hf.template import encode_row
+    from ..hf.template import PLAIN_STOP, encode_row, turn_end
     from .serving import TRACE_ARG, trace_key
 
     if isinstance(prompts, str):
         prompts = [prompts]
     if published and (ids is None or safety is None):
         raise ValueError("requests: published=True needs ids (and safety) to key the traces")
+    if not {"stop", "stop_token_ids", "ignore_eos"} & set(sampling):
+        if not getattr(tokenizer, "chat_template", None):
+            sampling = {**sampling, "stop": [PLAIN_STOP]}
+        else:  # vLLM stops at EOS itself
+            ends = [t for t in turn_end(tokenizer)["eos_token_id"] or []
+                    if t != tokenizer.eos_token_id]
+            sampling = {**sampling, "stop_token_ids": ends} if ends else sampling
     out_p, out_s = [], []
     for i, row in enumerate(prompts):
         ids_i, (qs, qe), rs = encode_row(tokenizer, row, system, -1, where=f"prompts[{i}]")
