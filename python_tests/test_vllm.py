@@ -1004,10 +1004,9 @@ def test_real_model_parity(tmp_path, name):
     assert scans  # a p_0 that refuses leaves nothing to check
 
 
-@pytest.fixture(scope="module")
-def server(refs):
-    """``vllm serve`` of the tiny Gemma3 (its head has a response probe) on loopback;
-    server-wide default schedule ``each``."""
+def _serve(refs, name, *args, env=None):
+    """``vllm serve`` of the tiny Gemma3 (its head has a response probe) on loopback, with
+    ``args``; server-wide default schedule ``each``; its log and streams under ``name``."""
     import socket
     import time
     import urllib.request
@@ -1023,18 +1022,20 @@ def server(refs):
            "--served-model-name", "m", "--host", "127.0.0.1",
            "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", "256",
            "--gpu-memory-utilization", "0.1", "--logits-processors", sv.PROCESSOR,
-           "--middleware", sv.MIDDLEWARE, "--hf-overrides", json.dumps(kw["hf_overrides"])]
+           "--middleware", sv.MIDDLEWARE, "--hf-overrides", json.dumps(kw["hf_overrides"]),
+           *args]
     if kw.get("enable_prefix_caching") is False:  # the head has a probe that reads tokens
         cmd.append("--no-enable-prefix-caching")
-    log = open(refs / "server.log", "w")
+    log_path = refs / f"{name}.log"
+    log = open(log_path, "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1",
-                                 "SAFEATTN_STREAM_DIR": str(refs / "streams")})
+                                 "SAFEATTN_STREAM_DIR": str(refs / "streams"), **(env or {})})
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(300):
             if proc.poll() is not None:
-                pytest.fail(f"vllm serve exited:\n{(refs / 'server.log').read_text()[-3000:]}")
+                pytest.fail(f"vllm serve exited:\n{log_path.read_text()[-3000:]}")
             try:
                 urllib.request.urlopen(url + "/health", timeout=2)
                 break
@@ -1047,6 +1048,19 @@ def server(refs):
         proc.terminate()
         proc.wait(timeout=60)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(refs):
+    yield from _serve(refs, "server")
+
+
+@pytest.fixture
+def server_tp(refs):
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("two tensor-parallel ranks need two CPUs")
+    yield from _serve(refs, "server_tp", "--tensor-parallel-size", "2", env={
+        "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "0|1")})
 
 
 def _post(url, body):
@@ -1152,6 +1166,23 @@ def test_server_streams_only_cleared_text(server, refs):
             break
         time.sleep(0.1)
     assert not list((refs / "streams").iterdir())  # each state went with its stream
+
+
+def test_server_tensor_parallel(server_tp):
+    """``vllm serve --tensor-parallel-size 2``: chat responses carry the tokens and trace of
+    ``safeattn.generate`` (refusals at ``p_0`` and mid-answer among them), and a stream shows
+    what SafeTextStreamer shows in HF."""
+    url, ref = server_tp
+    rows = ref["cases"][0]
+    for i in range(len(PROMPTS)):
+        status, out = _post(url + "/v1/chat/completions", _chat(PROMPTS[i]))
+        assert status == 200, out
+        tr = serving.trace_output(out["choices"][0]["safety"])[0]
+        _check_row(out["choices"][0]["token_ids"], tr, rows[i], ref["eos"],
+                   f"tp=2 server row {i}", justification=False)
+        body = {k: v for k, v in _chat(PROMPTS[i]).items() if k != "return_token_ids"}
+        assert _bare("".join(_stream(url + "/v1/chat/completions", body))) == \
+            _bare(rows[i]["streamed"]), i
 
 
 def test_server_stop_string_mid_alarm_refuses_at_the_end(server):
