@@ -675,12 +675,13 @@ class SafetyLogitsProcessor(LogitsProcessor):
         return logits
 
     def _keep_token_logits(self, br) -> None:
-        """The forward's tokens' ``w · h`` (response probe) into their requests' states."""
+        """The forward's tokens' ``w · h`` (posted only for a head with a response probe,
+        which every request's state then holds) into their requests' states."""
         rows, cols, u = (t.tolist() for t in br.token_logits)
         br.token_logits = None
         for r, c, v in zip(rows, cols, u):
             s = self.rows.get(r)
-            if s is not None and s.response is not None and c >= s.rs:  # response only
+            if s is not None and c >= s.rs:  # response only
                 s.token_logits[c] = v
 
     def _publish(self) -> None:
