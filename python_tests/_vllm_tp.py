@@ -7,7 +7,10 @@ one-device groups).
 ``prefill_cases``, ``max_tokens``. OUT gets, per case, each row's generated ids and its trace
 (``safeattn.vllm.trace`` of a ``published`` request: the processors run in the workers), as
 the fields of a ``RowSafety``.
-``fail_rank`` (optional): the probe attention of that rank raises (:class:`BrokenProbe`).
+``fail_rank`` (optional): the probe attention of that rank raises (:class:`BrokenProbe`); in
+every probe pass, or with ``fail_pass: "separate"`` only in the passes of their own
+(:meth:`ProbeRunner.run`: the prefill checks, and every check with ``fold_probe: false``).
+``fold_probe`` (optional): the engine option of that name.
 """
 from __future__ import annotations
 
@@ -46,23 +49,26 @@ class BrokenProbe:
     worker (spawned), which breaks the probe of rank ``$SAFEATTN_TP_FAIL_RANK`` there."""
 
 
-def _break_probe(rank: int) -> None:
+def _break_probe(rank: int, where: str) -> None:
     from vllm.distributed import get_tensor_model_parallel_rank
 
     from safeattn.vllm.probe import ProbeRunner
 
-    attend = ProbeRunner.attend
+    # attend: both passes; _attention: the separate pass only (the folded one calls attend)
+    name = {"any": "attend", "separate": "_attention"}[where]
+    original = getattr(ProbeRunner, name)
 
-    def attend_or_fail(self, *args, **kwargs):
+    def broken(self, *args, **kwargs):
         if get_tensor_model_parallel_rank() == rank:
             raise RuntimeError(f"rank {rank}'s probe broke")
-        return attend(self, *args, **kwargs)
+        return original(self, *args, **kwargs)
 
-    ProbeRunner.attend = attend_or_fail
+    setattr(ProbeRunner, name, broken)
 
 
 if __name__ != "__main__" and os.environ.get("SAFEATTN_TP_FAIL_RANK"):
-    _break_probe(int(os.environ["SAFEATTN_TP_FAIL_RANK"]))
+    _break_probe(int(os.environ["SAFEATTN_TP_FAIL_RANK"]),
+                 os.environ.get("SAFEATTN_TP_FAIL_PASS", "any"))
 
 
 def main(job_path: str, out_path: str) -> None:
@@ -76,9 +82,13 @@ def main(job_path: str, out_path: str) -> None:
     kw = {}
     if job.get("fail_rank") is not None:
         os.environ["SAFEATTN_TP_FAIL_RANK"] = str(job["fail_rank"])
+        os.environ["SAFEATTN_TP_FAIL_PASS"] = job.get("fail_pass", "any")
         kw["worker_extension_cls"] = f"{Path(__file__).stem}.BrokenProbe"
     d = job["model_dir"]
-    llm = LLM(**sv.engine_kwargs(d), tensor_parallel_size=job["tp"],
+    engine = sv.engine_kwargs(d)
+    if "fold_probe" in job:
+        engine["hf_overrides"]["safeattn_vllm"]["fold_probe"] = job["fold_probe"]
+    llm = LLM(**engine, tensor_parallel_size=job["tp"],
               distributed_executor_backend="mp", dtype="float32", enforce_eager=True,
               max_model_len=256, max_num_seqs=8, seed=0, **kw)
     tok = AutoTokenizer.from_pretrained(d)

@@ -413,7 +413,7 @@ def test_saturated_checks_are_decided_on_the_logit():
     assert [s.refused for s in st] == [False, False, True]
 
 
-def _tensor_parallel(model_dir, tmp_path, **job):
+def _tensor_parallel(model_dir, tmp_path, timeout=600, **job):
     """``_vllm_tp.py``'s output for a two-rank engine on ``model_dir`` (the PROMPTS and
     PREFILLS under ``job``'s cases)."""
     if (os.cpu_count() or 1) < 2:
@@ -425,7 +425,7 @@ def _tensor_parallel(model_dir, tmp_path, **job):
            "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "0|1")}
     r = subprocess.run([sys.executable, str(HERE / "_vllm_tp.py"), str(spec),
                         str(tmp_path / "out.json")], env=env, capture_output=True, text=True,
-                       timeout=600)
+                       timeout=timeout)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads((tmp_path / "out.json").read_text())
 
@@ -512,6 +512,42 @@ def test_a_probe_error_on_one_rank_refuses_on_every_rank(refs, tmp_path):
         assert math.isnan(tr["p"][0]) and tr["refusal_step"] == 0, f"row {i}"
     for i, row in enumerate(plain):
         assert _cut(row["ids"], ref["eos"]) == _cut(ref["cases"][-1][i]["ids"], ref["eos"]), i
+
+
+@pytest.mark.parametrize("fold", [True, False])
+def test_a_separate_probe_pass_that_fails_on_one_rank_keeps_the_ranks_in_step(refs, tmp_path,
+                                                                              fold):
+    """Rank 1's probe raises in a pass of its own, before that pass's row-parallel reductions:
+    the prefill checks after a folded ``p_0`` (``fold``), or every check (``fold_probe:
+    false``). Its rows go on as zeros through every reduction, so rank 0 is not left waiting
+    in one (before: the engine hung), and their nan logits refuse the requests on both ranks.
+    What needs no separate pass decodes as its reference, and so does the plain batch after."""
+    got = _tensor_parallel(refs / "llama", tmp_path, timeout=300, fold_probe=fold,
+                           cases=[CASES[0], None], prefill_cases=[PREFILL_CASES[0]],
+                           fail_rank=1, fail_pass="separate")
+    ref = json.loads((refs / "llama" / "ref.json").read_text())
+    (checked, plain), (prefilled,) = got["cases"], got["prefill_cases"]
+    for i, row in enumerate(plain):
+        assert _cut(row["ids"], ref["eos"]) == _cut(ref["cases"][-1][i]["ids"], ref["eos"]), i
+    if not fold:
+        for i, row in enumerate(checked + prefilled):
+            tr = row["trace"]
+            assert math.isnan(tr["p"][0]) and tr["refusal_step"] == 0, f"row {i}"
+        return
+    for i, row in enumerate(checked):
+        _check_row(row["ids"], SimpleNamespace(**row["trace"]), ref["cases"][0][i], ref["eos"],
+                   f"checked row {i}", justification=False)
+    scanned = 0
+    for i, row in enumerate(prefilled):
+        tr = row["trace"]
+        if not tr["prefill_checks"]:  # a prefill shorter than the stride
+            _check_row(row["ids"], SimpleNamespace(**tr), ref["prefill_cases"][0][i],
+                       ref["eos"], f"prefill row {i}", justification=False)
+            continue
+        scanned += 1
+        assert not math.isnan(tr["p"][0]), f"prefill row {i}: p_0 is folded"
+        assert math.isnan(tr["prefill_checks"][0][1]) and tr["refusal_step"] == 0, i
+    assert scanned
 
 
 def test_default_span_finds_a_prefill_only_after_the_last_generation_prompt(engine):

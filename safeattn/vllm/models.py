@@ -64,7 +64,10 @@ class Bridge:
         own over the cache of the step's forward (the prefill checks, after it)."""
         if self.runner is None or self.metadata is None:
             raise RuntimeError("no forward of this step to read the cache of")
-        logits = self.runner.run(plan, self.metadata).float().cpu()
+        logits, error = self.runner.run(plan, self.metadata)
+        if error:
+            logger.error("safeattn: the prefill checks' probe raised %s; the requests they "
+                         "check refuse (fail closed)", error)
         return ranks_agree(logits, self.runner.model.norm.weight.device)
 
 
@@ -266,7 +269,7 @@ def _wrap(base, family: str):
                         logits[idx] = fold.finish()
                         error = fold.error
                     else:
-                        logits[idx] = self._safety_runner.run(sub, md).float().cpu()
+                        logits[idx], error = self._safety_runner.run(sub, md)
                     self._blend_query(logits, idx)
                 except Exception as e:  # noqa: BLE001 - fail closed: nan refuses these rows
                     logits[idx], error = float("nan"), f"{type(e).__name__}: {e}"

@@ -172,6 +172,11 @@ class LowRank:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.finish(self.part(x))
 
+    def nothing(self, x: torch.Tensor) -> torch.Tensor:
+        """The part a rank whose probe failed gives :meth:`finish`: zero, so that it still
+        joins its peers' reduction."""
+        return x.new_zeros(x.shape[0], self.a.shape[1], dtype=self.a.dtype)
+
 
 def _projections(layer):
     """The linears of a vLLM decoder layer that the adapter may update -> ``(module, adapter
@@ -283,30 +288,24 @@ class ProbeRunner:
         return x.reshape(1, -1).repeat(count, 1)
 
     @torch.no_grad()
-    def run(self, plan: Plan, attn_metadata) -> torch.Tensor:
-        """fp32 head logits ``[Bp]`` of the plan's probe rows, in a pass of their own."""
-        m = self.model
-        cols, count = plan.columns()
-        bp = cols.shape[0]
-        x = self.cls_row(bp)
-        residual, memo = None, {}
-        pos0 = torch.zeros(bp, dtype=torch.long, device=x.device)
-        for li in range(self.depth):
-            layer = m.layers[li]
-            if residual is None:
-                residual, h = x, layer.input_layernorm(x)
-            else:
-                h, residual = layer.input_layernorm(x, residual)
-            o = self.attention(layer.self_attn, h, pos0, plan, cols, count, attn_metadata,
-                               memo)
-            if self.family == "gemma3":
-                x = layer.post_attention_layernorm(o)
-                x, residual = layer.pre_feedforward_layernorm(x, residual)
-                x = layer.post_feedforward_layernorm(self.mlp(layer.mlp, x))
-            else:
-                x, residual = layer.post_attention_layernorm(o, residual)
-                x = self.mlp(layer.mlp, x)
-        return self.head(x, residual)
+    def run(self, plan: Plan, attn_metadata) -> tuple[torch.Tensor, str | None]:
+        """fp32 head logits ``[Bp]`` (CPU) of the plan's probe rows, in a pass of their own,
+        and the error that made them nan (None: no error).
+
+        An error on this rank does not leave its tensor-parallel peers waiting: its rows go
+        on as zeros through each of the pass's reductions (the row-parallel linears), only
+        the steps between those are skipped, and its logits come back nan, which
+        :func:`~safeattn.vllm.models.ranks_agree` spreads to every rank."""
+        p = _Pass(plan, attn_metadata)
+        p.x = p.local(self.cls_row, len(plan.rows))
+        for layer in self.model.layers[:self.depth]:
+            o = self.reduced(p, layer.self_attn.o_proj, p.local(self._attention, layer, p))
+            y = self.reduced(p, layer.mlp.down_proj, p.local(self._mlp_in, layer, o, p))
+            p.x = p.local(self._mlp_out, layer, y)
+        logits = p.local(lambda: self.head(p.x, p.residual).float().cpu())
+        if logits is None:
+            return torch.full((len(plan.rows),), float("nan")), p.error
+        return logits, None
 
     def head(self, x, residual) -> torch.Tensor:
         """fp32 head logits of the rows leaving layer ``cls_layer`` (``x``, ``residual``)."""
@@ -314,24 +313,53 @@ class ProbeRunner:
         return h.float() @ self.parts.head_w + self.parts.head_b
 
     def linear(self, module, x):
-        """A linear of the probe layers on the probe rows, with the adapter's update."""
+        """A column-parallel linear of the probe layers on the probe rows, with the adapter's
+        update."""
         y, _ = module(x)
         update = self.adapters.get(module)
         if update is not None:
             y += update(x)
         return y
 
-    def mlp(self, mlp, x):
-        return self.linear(mlp.down_proj, mlp.act_fn(self.linear(mlp.gate_up_proj, x)))
+    def reduced(self, p: "_Pass", module, x):
+        """A row-parallel linear of the probe layers on the probe rows (``x``; None once this
+        rank's pass has failed), with the adapter's update. Its ranks reduce together, so a
+        failed rank joins with zero rows; it gets None back."""
+        if x is None:
+            x = self.model.norm.weight.new_zeros(len(p.plan.rows), module.input_size_per_partition)
+        y, _ = module(x)
+        update = self.adapters.get(module)
+        if update is not None:
+            t = p.local(update.part, x)
+            y += update.finish(update.nothing(x) if t is None else t)
+        return None if p.error else y
 
-    def attention(self, a, h, pos0, plan, cols, count, attn_metadata, memo):
+    def _attention(self, layer, p: "_Pass"):
+        """Layer ``layer`` from its input norm to its attention's output (before ``o_proj``)."""
+        if p.residual is None:
+            p.residual, h = p.x, layer.input_layernorm(p.x)
+        else:
+            h, p.residual = layer.input_layernorm(p.x, p.residual)
+        a = layer.self_attn
         q, k, v = self.linear(a.qkv_proj, h).split([a.q_size, a.kv_size, a.kv_size], dim=-1)
         if self.family == "gemma3":
             q = a.q_norm(q.unflatten(-1, (a.num_heads, a.head_dim))).flatten(-2, -1)
             k = a.k_norm(k.unflatten(-1, (a.num_kv_heads, a.head_dim))).flatten(-2, -1)
-        q, k = a.rotary_emb(pos0, q, k)
-        out = self.attend(a.attn, q, k, v, plan, cols, count, attn_metadata, memo).to(h.dtype)
-        return self.linear(a.o_proj, out)
+        q, k = a.rotary_emb(p.pos0(h), q, k)
+        return self.attend(a.attn, q, k, v, p.plan, p.cols, p.count, p.md, p.memo).to(h.dtype)
+
+    def _mlp_in(self, layer, o, p: "_Pass"):
+        """From the attention block's output ``o`` to the MLP's activations (before
+        ``down_proj``)."""
+        if self.family == "gemma3":
+            x = layer.post_attention_layernorm(o)
+            x, p.residual = layer.pre_feedforward_layernorm(x, p.residual)
+        else:
+            x, p.residual = layer.post_attention_layernorm(o, p.residual)
+        return layer.mlp.act_fn(self.linear(layer.mlp.gate_up_proj, x))
+
+    def _mlp_out(self, layer, y):
+        return layer.post_feedforward_layernorm(y) if self.family == "gemma3" else y
 
     def attend(self, attn, q, k, v, plan, cols, count, attn_metadata, memo) -> torch.Tensor:
         """The probe rows' attention output ``[Bp, Hq * D]`` in one layer: their projected,
@@ -361,6 +389,31 @@ class ProbeRunner:
             *memo[lay], k.view(own).to(kv.dtype), v.view(own).to(kv.dtype), iv,
             scale=attn.impl.scale, softcap=softcap)
         return out.reshape(-1, hq * d)
+
+
+class _Pass:
+    """One pass of :meth:`ProbeRunner.run`: its plan, where its rows are (``x``,
+    ``residual``) and its first error."""
+
+    def __init__(self, plan: Plan, attn_metadata):
+        self.plan, self.md, self.memo = plan, attn_metadata, {}
+        self.cols, self.count = plan.columns()
+        self.x = self.residual = None
+        self.error: str | None = None
+
+    def pos0(self, like: torch.Tensor) -> torch.Tensor:
+        """The probe rows' RoPE position, 0."""
+        return torch.zeros(like.shape[0], dtype=torch.long, device=like.device)
+
+    def local(self, fn, *args):
+        """``fn(*args)``, a step no other rank waits on; None once the pass has failed (the
+        first error is kept)."""
+        if self.error is None:
+            try:
+                return fn(*args)
+            except Exception as e:  # noqa: BLE001 - fail closed
+                self.error = f"{type(e).__name__}: {e}"
+        return None
 
 
 class FoldedProbe:
@@ -464,7 +517,7 @@ class FoldedProbe:
         except Exception as e:  # noqa: BLE001 - fail closed
             self._fail(e)
         if t is None and update.reduce:  # the ranks reduce together, whatever failed here
-            t = x.new_zeros(x.shape[0], update.a.shape[1], dtype=update.a.dtype)
+            t = update.nothing(x)
         if t is not None:
             try:
                 t = update.finish(t)
