@@ -9,7 +9,8 @@ one-device groups).
 the fields of a ``RowSafety``.
 ``fail_rank`` (optional): the probe attention of that rank raises (:class:`BrokenProbe`); in
 every probe pass, or with ``fail_pass: "separate"`` only in the passes of their own
-(:meth:`ProbeRunner.run`: the prefill checks, and every check with ``fold_probe: false``).
+(:meth:`ProbeRunner.run`: the prefill checks, and every check with ``fold_probe: false``), or
+with ``fail_pass: "tokens"`` the response probe's token values (``models.token_logits``).
 ``fold_probe`` (optional): the engine option of that name.
 """
 from __future__ import annotations
@@ -52,18 +53,21 @@ class BrokenProbe:
 def _break_probe(rank: int, where: str) -> None:
     from vllm.distributed import get_tensor_model_parallel_rank
 
+    from safeattn.vllm import models
     from safeattn.vllm.probe import ProbeRunner
 
-    # attend: both passes; _attention: the separate pass only (the folded one calls attend)
-    name = {"any": "attend", "separate": "_attention"}[where]
-    original = getattr(ProbeRunner, name)
+    # attend: both passes; _attention: the separate pass only (the folded one calls attend);
+    # token_logits: the response probe's w · h of the forward's tokens
+    owner, name = {"any": (ProbeRunner, "attend"), "separate": (ProbeRunner, "_attention"),
+                   "tokens": (models, "token_logits")}[where]
+    original = getattr(owner, name)
 
-    def broken(self, *args, **kwargs):
+    def broken(*args, **kwargs):
         if get_tensor_model_parallel_rank() == rank:
             raise RuntimeError(f"rank {rank}'s probe broke")
-        return original(self, *args, **kwargs)
+        return original(*args, **kwargs)
 
-    setattr(ProbeRunner, name, broken)
+    setattr(owner, name, broken)
 
 
 if __name__ != "__main__" and os.environ.get("SAFEATTN_TP_FAIL_RANK"):

@@ -550,6 +550,31 @@ def test_a_separate_probe_pass_that_fails_on_one_rank_keeps_the_ranks_in_step(re
     assert scanned
 
 
+def test_response_probe_error_on_one_rank_refuses_on_every_rank(refs, tmp_path):
+    """Rank 1's response probe cannot compute its tokens' ``w · h`` (every forward): the ranks
+    agree to drop them, so the first check that reads them (step 1) refuses on both (before,
+    rank 1 refused alone and the engine hung). ``p_0`` reads no response token: it, and a
+    refusal there, are as in the reference; the plain batch after decodes as its reference."""
+    got = _tensor_parallel(refs / "gemma3_text", tmp_path, timeout=300,
+                           cases=[CASES[0], None], prefill_cases=[], fail_rank=1,
+                           fail_pass="tokens")
+    ref = json.loads((refs / "gemma3_text" / "ref.json").read_text())
+    (checked, plain) = got["cases"]
+    for i, row in enumerate(plain):
+        assert _cut(row["ids"], ref["eos"]) == _cut(ref["cases"][-1][i]["ids"], ref["eos"]), i
+    late = 0
+    for i, (row, want) in enumerate(zip(checked, ref["cases"][0])):
+        tr = row["trace"]
+        assert abs(tr["p"][0] - want["p"][0]) < 1e-4, f"row {i}"
+        if want["refusal_step"] == 0:
+            _check_row(row["ids"], SimpleNamespace(**tr), want, ref["eos"], f"row {i}",
+                       justification=False)
+        else:
+            late += 1
+            assert tr["refusal_step"] == 1 and math.isnan(tr["p"][1]), f"row {i}"
+    assert late
+
+
 def test_default_span_finds_a_prefill_only_after_the_last_generation_prompt(engine):
     """A request without q_span (a server's chat request): one user turn gets build_inputs'
     q_span; text after the last generation prompt is a prefill; a prompt whose tail holds a

@@ -229,18 +229,25 @@ def _wrap(base, family: str):
             """Every token's ``w · h`` at the response probe's layer, with its batch row and
             cache column, for the processor to keep (a folded probe's rows come after the
             tokens; padding after the last request is dropped). An error leaves them out: the
-            checks that read them refuse (fail closed) and the forward goes on."""
+            checks that read them refuse (fail closed) and the forward goes on. An error on one
+            tensor-parallel rank leaves them out on every rank, so that their processors
+            decide alike."""
             positions = self._safety_tokens
             if positions is None:
                 return
+            br, got = self.safety_bridge, None
             try:
-                qsl = self.safety_bridge.metadata[
-                    self.model.layers[0].self_attn.attn.layer_name].query_start_loc
-                self.safety_bridge.token_logits = token_logits(
-                    *output, positions, qsl, self._safety_parts.response_w)
+                qsl = br.metadata[self.model.layers[0].self_attn.attn.layer_name].query_start_loc
+                got = token_logits(*output, positions, qsl, self._safety_parts.response_w)
             except Exception as e:  # noqa: BLE001 - fail closed
                 logger.error("safeattn: the response probe raised %s: %s; the checks that read "
                              "this forward's tokens refuse (fail closed)", type(e).__name__, e)
+            ok = torch.tensor([0.0 if got is not None else float("nan")])
+            if not torch.isnan(ranks_agree(ok, self.model.norm.weight.device)).item():
+                br.token_logits = got
+            elif got is not None:
+                logger.error("safeattn: another tensor-parallel rank's response probe raised; "
+                             "the checks that read this forward's tokens refuse (fail closed)")
 
         def _blend_query(self, logits, idx):
             """The query probe into the ``p_0`` logits of this step's first checks."""
