@@ -134,6 +134,45 @@ def test_stratified_folds():
         stratified_folds(torch.tensor([0] * 10 + [1] * 3), 5)
 
 
+def test_stratified_folds_keep_each_group_in_one_fold():
+    # 30 groups of 1-4 samples; the label is the group's, except one mixed group
+    g = torch.Generator().manual_seed(0)
+    sizes = torch.randint(1, 5, (30,), generator=g).tolist()
+    keys = [f"row{j}" for j, n in enumerate(sizes) for _ in range(n)]
+    y = torch.tensor([int(j % 3 == 0) for j, n in enumerate(sizes) for _ in range(n)])
+    y[0], keys[0] = 1, "row0"
+    f = stratified_folds(y, 5, seed=0, groups=keys)
+    for k in set(keys):
+        assert len({int(f[i]) for i, x in enumerate(keys) if x == k}) == 1, k
+    for c in (0, 1):
+        per_fold = torch.bincount(f[y == c], minlength=5)
+        assert per_fold.max() - per_fold.min() <= 4  # within one largest group
+    assert torch.equal(f, stratified_folds(y, 5, seed=0, groups=keys))
+    assert not torch.equal(f, stratified_folds(y, 5, seed=1, groups=keys))
+    with pytest.raises(ValueError, match="one key per sample"):
+        stratified_folds(y, 5, groups=keys[:-1])
+    with pytest.raises(ValueError, match="class 1 has 3 groups"):
+        stratified_folds(torch.tensor([0] * 10 + [1] * 6), 5,
+                         groups=list(range(10)) + ["a", "a", "b", "b", "c", "c"])
+
+
+def test_grouped_cv_does_not_score_near_copies():
+    """Labels that only near-copies can predict (each group's features are one random point
+    plus small noise, its label a coin flip): CV over samples scores the copies of what it
+    trained on and reports a signal; CV over groups reports none."""
+    g = torch.Generator().manual_seed(0)
+    n_groups, copies, d = 60, 4, 128
+    centre = torch.randn(n_groups, d, generator=g)
+    x = centre.repeat_interleave(copies, 0) + 0.05 * torch.randn(n_groups * copies, d,
+                                                                  generator=g)
+    y = (torch.rand(n_groups, generator=g) < 0.5).long().repeat_interleave(copies)
+    keys = torch.arange(n_groups).repeat_interleave(copies).tolist()
+    leaky = FrozenProbe().fit({1: x}, y, l2_grid=(1e-4,), seed=0)
+    grouped = FrozenProbe().fit({1: x}, y, l2_grid=(1e-4,), seed=0, groups=keys)
+    assert leaky.cv_auroc > 0.95
+    assert grouped.cv_auroc < 0.75
+
+
 def test_frozen_probe_picks_informative_layer():
     feats, y = synthetic()
     probe = FrozenProbe().fit(feats, y, seed=0)

@@ -444,6 +444,26 @@ def test_loso_folds_score_the_val_band():
                   val_fraction=0.15)
 
 
+def test_row_groups_keep_a_prompt_rows_variants_in_one_cv_group(train):
+    """The CV folds that pick ``cls_layer`` and fit the probes (``row_groups``) keep a prompt
+    row's query, phrasings, template and suffix wraps and response views together."""
+    from safeattn.training import row_groups
+
+    keys = row_groups(train)
+    rows = collections.defaultdict(set)
+    kinds = collections.defaultdict(set)
+    for smp, k in zip(train, keys):
+        rows[k].add((smp.source, smp.row_id))
+        kinds[k].add(smp.kind)
+    assert all(len(v) == 1 for v in rows.values())
+    assert len(rows) == len({(smp.source, smp.row_id) for smp in train}) < len(train)
+    assert sum({"query", "phrasing"} <= v for v in kinds.values()) > 100
+    conv = [{"role": "user", "content": "hi"}]  # rows without an id: their prompt
+    a, b, c, d = row_groups([{"prompt": "a"}, {"prompt": "a"}, {"prompt": conv},
+                             {"prompt": list(conv)}])
+    assert a == b and c == d and a != c
+
+
 def test_fold_metrics_on_known_scores(train):
     p = loso.plan(train)
 

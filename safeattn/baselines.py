@@ -93,14 +93,22 @@ def extract_last_token_states(model, tokenizer, prompts: Sequence[str], layers: 
     return {layer: torch.stack(rows) for layer, rows in out.items()}
 
 
-def stratified_folds(labels, folds: int = 5, seed: int = 0) -> torch.Tensor:
-    """Fold index (``0 .. folds-1``) of each sample: each class is shuffled with ``seed`` and
-    dealt round-robin, so every fold gets ``~1/folds`` of each class."""
+def stratified_folds(labels, folds: int = 5, seed: int = 0, groups=None) -> torch.Tensor:
+    """Fold index (``0 .. folds-1``) of each sample, every fold with ``~1/folds`` of each class.
+
+    Without ``groups`` each class is shuffled with ``seed`` and dealt round-robin. ``groups``
+    (one hashable key per sample: the prompt a rephrasing was made from, the response a check
+    reads) puts every group in one fold, so that no fold is scored on near-copies of what it
+    was fitted on. A group counts in its samples' majority class (ties: the smaller label);
+    each class's groups, shuffled with ``seed``, go largest first to the fold that holds the
+    fewest of that class's samples so far."""
     y = torch.as_tensor(labels).reshape(-1).long()
     if folds < 2:
         raise ValueError(f"folds must be >= 2, got {folds}")
     g = torch.Generator().manual_seed(seed)
     fold = torch.empty_like(y)
+    if groups is not None:
+        return _deal_groups(y, folds, g, list(groups), fold)
     for c in torch.unique(y):
         idx = torch.nonzero(y == c).reshape(-1)
         if idx.numel() < folds:
@@ -108,6 +116,28 @@ def stratified_folds(labels, folds: int = 5, seed: int = 0) -> torch.Tensor:
                              f"{folds} folds")
         idx = idx[torch.randperm(idx.numel(), generator=g)]
         fold[idx] = torch.arange(idx.numel()) % folds
+    return fold
+
+
+def _deal_groups(y, folds: int, g: torch.Generator, keys: list, fold: torch.Tensor):
+    if len(keys) != y.numel():
+        raise ValueError(f"groups: expected one key per sample ({y.numel()}), got {len(keys)}")
+    members: dict = {}
+    for i, k in enumerate(keys):
+        members.setdefault(k, []).append(i)
+    by_class: dict[int, list] = {}
+    for idx in members.values():
+        by_class.setdefault(int(torch.mode(y[idx]).values), []).append(idx)
+    for c in sorted(by_class):
+        gs = by_class[c]
+        if len(gs) < folds:
+            raise ValueError(f"class {c} has {len(gs)} groups, fewer than {folds} folds")
+        order = sorted(torch.randperm(len(gs), generator=g).tolist(), key=lambda j: -len(gs[j]))
+        load = [0] * folds
+        for j in order:
+            f = load.index(min(load))
+            fold[gs[j]] = f
+            load[f] += len(gs[j])
     return fold
 
 
@@ -162,13 +192,16 @@ class FrozenProbe:
     def fit(self, features_by_layer: Mapping[int, torch.Tensor], labels,
             layers: Sequence[int] | None = None,
             l2_grid: Sequence[float] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0), folds: int = 5,
-            seed: int = 0, max_iter: int = 100) -> "FrozenProbe":
+            seed: int = 0, max_iter: int = 100, groups=None) -> "FrozenProbe":
         """Choose ``(layer, l2)`` by stratified ``folds``-fold CV AUROC, then refit on all.
 
         ``features_by_layer`` maps a layer to ``[N, D]`` features (e.g. from
         :func:`extract_last_token_states`); ``labels [N]`` are 0/1; ``layers`` restricts the
-        search (default: all keys). Ties go to the stronger L2, then the earlier layer in
-        ``layers`` order. Standardisation statistics come from each training fold only.
+        search (default: all keys). ``groups``: one key per sample; samples that share one
+        are near-copies (rephrasings of one prompt, checks of one response), and the folds
+        keep them together (:func:`stratified_folds`). Ties go to the stronger L2, then the
+        earlier layer in ``layers`` order. Standardisation statistics come from each
+        training fold only.
         """
         y = torch.as_tensor(labels).reshape(-1).to(torch.float64)
         if not torch.isin(y, torch.tensor([0.0, 1.0], dtype=y.dtype)).all():
@@ -179,7 +212,7 @@ class FrozenProbe:
         grid = sorted({float(v) for v in l2_grid}, reverse=True)  # strong first: warm starts
         if not grid or min(grid) < 0:
             raise ValueError(f"l2_grid must be non-empty and non-negative, got {l2_grid}")
-        fold = stratified_folds(y.long(), folds, seed)
+        fold = stratified_folds(y.long(), folds, seed, groups)
         feats = {}
         for layer in layers:
             if layer not in features_by_layer:

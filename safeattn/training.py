@@ -953,7 +953,7 @@ def fit_query_probe(model, tokenizer, samples: Sequence, benign_prompts: Sequenc
         raise ValueError("samples: need prompt-only samples of both labels")
     coll = SafetyDataCollator(tokenizer, max_prompt_tokens=max_prompt_tokens)
     probe = _logistic(prompt_states(inner, coll, rows, layers, batch_size=batch_size,
-                                    progress=progress), y, seed=seed)
+                                    progress=progress), y, seed=seed, groups=row_groups(rows))
     w = (probe.weight / probe.std).double()
     b = float(probe.bias) - float(probe.mean.double() @ w)
     cfg = safety_config(inner)
@@ -1110,7 +1110,9 @@ def fit_response_probe(model, tokenizer, pairs: Sequence, benign_pairs: Sequence
               progress=progress)
     feats, views = response_window_states(inner, coll, pairs, layers, **kw)
     y = torch.tensor([y_pairs[i] for i, _ in views], dtype=torch.float64)
-    probe = _logistic(feats, y, seed=seed)
+    # a response's checks, and the same response after another prompt, share one fold
+    probe = _logistic(feats, y, seed=seed,
+                      groups=[_get(pairs[i], "response") for i, _ in views])
     w = (probe.weight / probe.std).double()
     b = float(probe.bias) - float(probe.mean.double() @ w)
     ref, ref_views = response_window_states(inner, coll, benign_pairs, [probe.layer], **kw)
@@ -1511,11 +1513,27 @@ def _head_restore(model, snap: dict) -> None:
     getattr(inner.get_input_embeddings(), _CLS_ROW).copy_(snap["row"])
 
 
-def _logistic(train_x, train_y, l2_grid=(1e-3, 1e-2, 1e-1, 1.0), layers=None, seed=0):
-    """A FrozenProbe fitted on ``{layer: [N, D]}`` features (layer and L2 by 5-fold CV)."""
+def _logistic(train_x, train_y, l2_grid=(1e-3, 1e-2, 1e-1, 1.0), layers=None, seed=0,
+              groups=None):
+    """A FrozenProbe fitted on ``{layer: [N, D]}`` features (layer and L2 by 5-fold CV, each
+    of ``groups`` in one fold)."""
     from .baselines import FrozenProbe
 
-    return FrozenProbe().fit(train_x, train_y, layers=layers, l2_grid=l2_grid, seed=seed)
+    return FrozenProbe().fit(train_x, train_y, layers=layers, l2_grid=l2_grid, seed=seed,
+                             groups=groups)
+
+
+def row_groups(samples: Sequence) -> list:
+    """A CV group key per sample: the prompt row it was made from (``source``, ``row_id``),
+    or its prompt where it has no row. The phrasings, wrappers, suffixes and response views
+    of one row are near-copies, so a fold that trained on one of them would be scored on
+    the others (:func:`safeattn.baselines.stratified_folds`)."""
+    keys = []
+    for x in samples:
+        row = _get(x, "row_id")
+        keys.append((_get(x, "source"), row) if row is not None
+                    else json.dumps(_get(x, "prompt"), sort_keys=True))
+    return keys
 
 
 def _cache_holds(model, length: int) -> bool:
@@ -1578,8 +1596,10 @@ def _frozen_rows(plan, fold: str, cls0, cls_layer: int, feats_last: dict, y,
     from . import loso
 
     idx = plan.folds[fold]
-    head = _logistic({cls_layer: cls0[idx, cls_layer]}, y[idx], seed=seed)
-    probe = _logistic({k: v[idx] for k, v in feats_last.items()}, y[idx], seed=seed)
+    groups = row_groups([plan.pool[i] for i in idx])
+    head = _logistic({cls_layer: cls0[idx, cls_layer]}, y[idx], seed=seed, groups=groups)
+    probe = _logistic({k: v[idx] for k, v in feats_last.items()}, y[idx], seed=seed,
+                      groups=groups)
 
     def head_scores(k):
         return head.decision_function(cls0[k, cls_layer])
@@ -1593,14 +1613,16 @@ def _frozen_rows(plan, fold: str, cls0, cls_layer: int, feats_last: dict, y,
     return rows
 
 
-def _deep_probe(train_idx, deep, y, seed: int):
+def _deep_probe(train_idx, deep, y, seed: int, pool):
     """A :class:`~safeattn.baselines.FrozenProbe` on the deep prompt states ``deep = (pool
     index -> row, {layer: [N, D]})``, fitted on the prompt-only samples among ``train_idx``
-    (its layer picked by CV) -> ``(probe, score)``: ``score(indices)`` gives its logits."""
+    (its layer picked by CV, each prompt row in one fold) -> ``(probe, score)``:
+    ``score(indices)`` gives its logits."""
     at, feats = deep
     idx = [i for i in train_idx if i in at]
     rows = [at[i] for i in idx]
-    probe = _logistic({k: v[rows] for k, v in feats.items()}, y[idx], seed=seed)
+    probe = _logistic({k: v[rows] for k, v in feats.items()}, y[idx], seed=seed,
+                      groups=row_groups([pool[i] for i in idx]))
 
     def score(k):
         return probe.decision_function(feats[probe.layer][[at[i] for i in k]])
@@ -1625,7 +1647,8 @@ def run_loso(args) -> int:
       Both score prompts only: their rows have no response AUROC.
 
     ``cls_layer`` is picked first by 5-fold CV of the frozen-row head on the whole training
-    pool (among ``--layers``). The trained variant with the best mean AUROC over the harmful
+    pool (among ``--layers``; the samples of one prompt row share a fold:
+    :func:`row_groups`). The trained variant with the best mean AUROC over the harmful
     folds is then trained on every training sample and saved to ``OUT`` (``save_safety``).
     Each fold scores the ``--val-fraction`` band (its benign prompts are the negatives;
     without a band, the test split; ``scored`` in the report says which). Writes
@@ -1723,13 +1746,13 @@ class _LosoRun:
         self.feats_last = {l + 1: last[:, l] for l in range(last.shape[1])}  # hidden l+1
 
     def pick_layer(self) -> None:
-        """``cls_layer`` by 5-fold CV of the frozen-row head on the training pool; starts the
-        report."""
+        """``cls_layer`` by 5-fold CV of the frozen-row head on the training pool (each prompt
+        row's samples in one fold); starts the report."""
         from .hf.patch import apply_safeattn
 
         tr, layers = self.tr, self.layers
         sel = _logistic({l: self.cls0[tr, l] for l in layers}, self.y[tr], layers=layers,
-                        seed=self.args.seed)
+                        seed=self.args.seed, groups=row_groups([self.pool[i] for i in tr]))
         self.cls_layer = sel.layer
         layer_cv = {str(l): max(v for (a, _), v in sel.cv_table.items() if a == l)
                     for l in layers}
@@ -1784,7 +1807,7 @@ class _LosoRun:
         plan, args, idx, tf = self.plan, self.args, self.plan.folds[fold], time.time()
         rows = {}
         if self.deep:
-            probe, deep_score = _deep_probe(idx, self.deep, self.y, args.seed)
+            probe, deep_score = _deep_probe(idx, self.deep, self.y, args.seed, self.pool)
             rows["deep_probe"] = loso.fold_metrics(plan, fold, deep_score, responses=False)
             rows["deep_probe"]["layer"] = probe.layer
         for variant in self.variants:
@@ -1824,7 +1847,8 @@ class _LosoRun:
         report["test"] = loso.test_metrics(plan, trainer.cached_logits)
         print(f"shipped head ({best}), test split: " + json.dumps(report["test"]), flush=True)
         if self.deep:
-            probe, deep_score = _deep_probe(tr, self.deep, self.y, self.args.seed)
+            probe, deep_score = _deep_probe(tr, self.deep, self.y, self.args.seed,
+                                            self.pool)
             report["test_deep_probe"] = {"layer": probe.layer, **loso.test_metrics(
                 plan, deep_score, responses=False)}
             both = loso.blend([trainer.cached_logits, deep_score], plan.val.benign)
