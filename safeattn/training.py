@@ -1588,15 +1588,16 @@ def _save_context_file(saved, store: dict, keys: list[str], others: dict,
 
 
 def _frozen_rows(plan, fold: str, cls0, cls_layer: int, feats_last: dict, y,
-                 seed: int) -> dict:
+                 seed: int, groups: list) -> dict:
     """The fold's two frozen baselines, fitted on its training indices: ``cls_frozen_row``,
     a logistic head on the frozen-row ``[CLS]`` states ``cls0 [N, L+1, D]`` at
     ``cls_layer``, and ``frozen_probe``, a :class:`~safeattn.baselines.FrozenProbe` on the
-    last seen token's hidden states ``feats_last`` (its layer picked by CV)."""
+    last seen token's hidden states ``feats_last`` (its layer picked by CV). ``groups``: the
+    pool's :func:`row_groups`."""
     from . import loso
 
     idx = plan.folds[fold]
-    groups = row_groups([plan.pool[i] for i in idx])
+    groups = [groups[i] for i in idx]
     head = _logistic({cls_layer: cls0[idx, cls_layer]}, y[idx], seed=seed, groups=groups)
     probe = _logistic({k: v[idx] for k, v in feats_last.items()}, y[idx], seed=seed,
                       groups=groups)
@@ -1613,16 +1614,16 @@ def _frozen_rows(plan, fold: str, cls0, cls_layer: int, feats_last: dict, y,
     return rows
 
 
-def _deep_probe(train_idx, deep, y, seed: int, pool):
+def _deep_probe(train_idx, deep, y, seed: int, groups: list):
     """A :class:`~safeattn.baselines.FrozenProbe` on the deep prompt states ``deep = (pool
     index -> row, {layer: [N, D]})``, fitted on the prompt-only samples among ``train_idx``
-    (its layer picked by CV, each prompt row in one fold) -> ``(probe, score)``:
-    ``score(indices)`` gives its logits."""
+    (its layer picked by CV, each of the pool's ``groups`` in one fold) -> ``(probe,
+    score)``: ``score(indices)`` gives its logits."""
     at, feats = deep
     idx = [i for i in train_idx if i in at]
     rows = [at[i] for i in idx]
     probe = _logistic({k: v[rows] for k, v in feats.items()}, y[idx], seed=seed,
-                      groups=row_groups([pool[i] for i in idx]))
+                      groups=[groups[i] for i in idx])
 
     def score(k):
         return probe.decision_function(feats[probe.layer][[at[i] for i in k]])
@@ -1695,6 +1696,7 @@ class _LosoRun:
         self.snap = _head_snapshot(self.model)
         self.store: dict = {}
         self.y = torch.tensor([float(s.label) for s in self.pool])
+        self.groups = row_groups(self.pool)  # the CV folds keep each prompt row together
         self.tr = list(range(self.plan.n_train))
         self.cls0 = self.feats_last = None  # the frozen features (warm_cache)
         self.cls_layer = None  # picked by pick_layer
@@ -1752,7 +1754,7 @@ class _LosoRun:
 
         tr, layers = self.tr, self.layers
         sel = _logistic({l: self.cls0[tr, l] for l in layers}, self.y[tr], layers=layers,
-                        seed=self.args.seed, groups=row_groups([self.pool[i] for i in tr]))
+                        seed=self.args.seed, groups=[self.groups[i] for i in tr])
         self.cls_layer = sel.layer
         layer_cv = {str(l): max(v for (a, _), v in sel.cv_table.items() if a == l)
                     for l in layers}
@@ -1807,7 +1809,7 @@ class _LosoRun:
         plan, args, idx, tf = self.plan, self.args, self.plan.folds[fold], time.time()
         rows = {}
         if self.deep:
-            probe, deep_score = _deep_probe(idx, self.deep, self.y, args.seed, self.pool)
+            probe, deep_score = _deep_probe(idx, self.deep, self.y, args.seed, self.groups)
             rows["deep_probe"] = loso.fold_metrics(plan, fold, deep_score, responses=False)
             rows["deep_probe"]["layer"] = probe.layer
         for variant in self.variants:
@@ -1819,7 +1821,7 @@ class _LosoRun:
                 rows[f"{variant}+deep"] = loso.fold_metrics(
                     plan, fold, both, examples=args.loso_examples, responses=False)
         rows.update(_frozen_rows(plan, fold, self.cls0, self.cls_layer, self.feats_last,
-                                 self.y, args.seed))
+                                 self.y, args.seed, self.groups))
         self.report["folds"][fold] = rows
         print(f"[{fold}] {time.time() - tf:.0f}s " + json.dumps(
             {m: {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()
@@ -1848,7 +1850,7 @@ class _LosoRun:
         print(f"shipped head ({best}), test split: " + json.dumps(report["test"]), flush=True)
         if self.deep:
             probe, deep_score = _deep_probe(tr, self.deep, self.y, self.args.seed,
-                                            self.pool)
+                                            self.groups)
             report["test_deep_probe"] = {"layer": probe.layer, **loso.test_metrics(
                 plan, deep_score, responses=False)}
             both = loso.blend([trainer.cached_logits, deep_score], plan.val.benign)
