@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -423,10 +424,18 @@ def _tensor_parallel(model_dir, tmp_path, timeout=600, **job):
                                 "prefills": PREFILLS, "max_tokens": MAX_TOKENS, **job}))
     env = {**os.environ, "SAFEATTN_STREAM_DIR": str(tmp_path / "stream"),
            "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "0|1")}
-    r = subprocess.run([sys.executable, str(HERE / "_vllm_tp.py"), str(spec),
-                        str(tmp_path / "out.json")], env=env, capture_output=True, text=True,
-                       timeout=timeout)
-    assert r.returncode == 0, r.stderr[-3000:]
+    # a session of its own: on a timeout its rank workers go too (a hung one spins a core)
+    with subprocess.Popen([sys.executable, str(HERE / "_vllm_tp.py"), str(spec),
+                           str(tmp_path / "out.json")], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True) as proc:
+        try:
+            _, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            _, err = proc.communicate()
+            pytest.fail(f"the tensor-parallel engine did not finish in {timeout} s "
+                        f"(killed):\n{err[-3000:]}")
+    assert proc.returncode == 0, err[-3000:]
     return json.loads((tmp_path / "out.json").read_text())
 
 
