@@ -446,7 +446,9 @@ def test_loso_folds_score_the_val_band():
 
 def test_row_groups_keep_a_prompt_rows_variants_in_one_cv_group(train):
     """The CV folds that pick ``cls_layer`` and fit the probes (``row_groups``) keep a prompt
-    row's query, phrasings, template and suffix wraps and response views together."""
+    row's query, phrasings, template and suffix wraps and response views together, and the
+    rows that the data split joins: an XSTest contrast pair, a PyRIT objective and its
+    responses."""
     from safeattn.training import row_groups
 
     keys = row_groups(train)
@@ -455,9 +457,21 @@ def test_row_groups_keep_a_prompt_rows_variants_in_one_cv_group(train):
     for smp, k in zip(train, keys):
         rows[k].add((smp.source, smp.row_id))
         kinds[k].add(smp.kind)
-    assert all(len(v) == 1 for v in rows.values())
-    assert len(rows) == len({(smp.source, smp.row_id) for smp in train}) < len(train)
+    split_key = D.split_keys()
+    assert all(len({split_key[r] for _, r in v}) == 1 for v in rows.values())
+    assert len(rows) < len({(smp.source, smp.row_id) for smp in train}) < len(train)
     assert sum({"query", "phrasing"} <= v for v in kinds.values()) > 100
+    key_of = {smp.row_id: k for smp, k in zip(train, keys)}
+    unsafe = {r["id"]: r for r in D.load("xstest_unsafe")}
+    pairs = [(rid, f"xstest_{int(rid[7:]) - 25:03d}") for rid in key_of
+             if str(unsafe.get(rid, {}).get("category", "")).startswith("contrast_")]
+    pairs = [(a, b) for a, b in pairs if b in key_of]
+    assert len(pairs) > 10 and all(key_of[a] == key_of[b] for a, b in pairs)
+    answered = [smp for smp in train if smp.kind == "response" and smp.source.startswith("pyrit")]
+    asked = {smp.prompt: key_of[smp.row_id] for smp in train
+             if smp.kind == "query" and smp.source == "pyrit_objectives"}
+    joined = [key_of[smp.row_id] == asked[smp.prompt] for smp in answered if smp.prompt in asked]
+    assert len(joined) > 100 and all(joined)
     conv = [{"role": "user", "content": "hi"}]  # rows without an id: their prompt
     a, b, c, d = row_groups([{"prompt": "a"}, {"prompt": "a"}, {"prompt": conv},
                              {"prompt": list(conv)}])

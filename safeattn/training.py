@@ -1524,15 +1524,22 @@ def _logistic(train_x, train_y, l2_grid=(1e-3, 1e-2, 1e-1, 1.0), layers=None, se
 
 
 def row_groups(samples: Sequence) -> list:
-    """A CV group key per sample: the prompt row it was made from (``source``, ``row_id``),
-    or its prompt where it has no row. The phrasings, wrappers, suffixes and response views
-    of one row are near-copies, so a fold that trained on one of them would be scored on
-    the others (:func:`safeattn.baselines.stratified_folds`)."""
+    """A CV group key per sample: the prompt row it was made from, or its prompt where it has
+    no row. The phrasings, wrappers, suffixes and response views of one row are near-copies,
+    so a fold that trained on one of them would be scored on the others
+    (:func:`safeattn.baselines.stratified_folds`). Rows that the data split keeps together
+    (:func:`safeattn.data.split_keys`: an XSTest unsafe contrast prompt and its safe partner,
+    a PyRIT objective and its responses) share a group too."""
+    from .data import split_keys
+
+    joined = split_keys()
     keys = []
     for x in samples:
         row = _get(x, "row_id")
-        keys.append((_get(x, "source"), row) if row is not None
-                    else json.dumps(_get(x, "prompt"), sort_keys=True))
+        if row is None:
+            keys.append(json.dumps(_get(x, "prompt"), sort_keys=True))
+        else:
+            keys.append(joined.get(row) or json.dumps([_get(x, "source"), row]))
     return keys
 
 

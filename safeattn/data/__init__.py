@@ -33,7 +33,7 @@ from .samples import (BENIGN_GROUPS, DEFAULT_KINDS, EVAL_NEUTRAL_PROMPT, HARMFUL
                       NEUTRAL_PROMPTS, REFUSAL_PREFIX, SPLITS, Sample, benign_rows, build_samples,
                       conversation_rows, select,
                       eval_sets, harmful_rows, probe_windows, response_rows, source_weights,
-                      suffix_pool, truncate_tokens)
+                      split_keys, suffix_pool, truncate_tokens)
 
 __all__ = [
     "DATASETS", "PLACEHOLDER", "data_path", "in_test", "load", "render_template", "split",

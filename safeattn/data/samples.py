@@ -75,6 +75,7 @@ Character spans (``window``, ``lm_span``) are half-open ``[start, end)`` offsets
 from __future__ import annotations
 
 import dataclasses
+import functools
 import random
 import re
 from typing import Mapping, Sequence
@@ -282,6 +283,14 @@ def harmful_rows(sources=HARMFUL_SOURCES, *, datasets: Mapping[str, list] | None
                 else get(src))
         out += [dict(r, origin=src) for r in rows]
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def split_keys() -> dict[str, str]:
+    """Row id -> :func:`~safeattn.data.group_key` over the vendored rows that samples are
+    built from (:func:`harmful_rows`, :func:`benign_rows`, :func:`response_rows`): the rows
+    that must stay together, in a split and in a CV fold."""
+    return {r["id"]: group_key(r) for r in harmful_rows() + benign_rows() + response_rows()}
 
 
 def benign_rows(*, datasets: Mapping[str, list] | None = None) -> list[dict]:
