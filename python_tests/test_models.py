@@ -29,7 +29,7 @@ def test_head_variants():
     assert models.variants("smollm2") == ("query-probe",) and models.variants() == ()
     d = models.artifact_dir(models.CHAT_MODEL, "query-probe")
     assert d.parent == models.artifact_dir(models.CHAT_MODEL)
-    assert json.loads((d / "safety_config.json").read_text())["query_probe"] == {"layer": 24}
+    assert json.loads((d / "safety_config.json").read_text())["query_probe"] == {"layer": 16}
     with pytest.raises(ValueError, match="variant: gemma3-270m ships no head 'query-probe'; "
                                          "besides its default it ships none"):
         models.artifact_dir("default", "query-probe")
