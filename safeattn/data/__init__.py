@@ -42,7 +42,6 @@ __all__ = [
     "DEFAULT_KINDS", "REFUSAL_PREFIX", "Sample", "build_samples", "eval_sets", "suffix_pool",
     "truncate_tokens", "group_key", "normalize", "prompt_index", "FORMS", "pick_forms",
     "rephrase", "BENIGN_GROUPS", "EVAL_NEUTRAL_PROMPT", "HARMFUL_SOURCES", "NEUTRAL_PROMPTS",
-    "benign_rows", "harmful_rows", "probe_windows", "response_rows", "source_weights", "split_keys",
-    "SPLITS",
-    "select", "SPLIT_FRAMINGS", "after_context", "split_turns", "conversation_rows",
+    "benign_rows", "harmful_rows", "probe_windows", "response_rows", "source_weights", "SPLITS",
+    "split_keys", "select", "SPLIT_FRAMINGS", "after_context", "split_turns", "conversation_rows",
 ]
