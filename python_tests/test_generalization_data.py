@@ -478,6 +478,25 @@ def test_row_groups_keep_a_prompt_rows_variants_in_one_cv_group(train):
     assert a == b and c == d and a != c
 
 
+def test_response_probe_cv_groups_keep_an_objectives_responses_together():
+    """The response probe's CV (``response_groups``) keeps every response of one PyRIT
+    objective, after the neutral prompt or the objective, in one fold: they share the
+    objective in their prompt or their topic."""
+    from safeattn.training import response_groups, response_probe_pairs
+
+    pairs = response_probe_pairs("fit", {}, val_fraction=0.15)
+    keys = response_groups(pairs)
+    texts, groups = collections.defaultdict(set), collections.defaultdict(set)
+    for p, k in zip(pairs, keys):
+        if p["row_id"].startswith("pyrit"):
+            texts[D.split_keys()[p["row_id"]]].add(p["response"])
+            groups[D.split_keys()[p["row_id"]]].add(k)
+    assert sum(len(v) > 1 for v in texts.values()) > 50
+    assert all(len(v) == 1 for v in groups.values())
+    assert len(set(keys)) < len({p["response"] for p in pairs})
+    assert response_groups([{"response": "x"}, {"response": "x", "row_id": None}]) == ["x", "x"]
+
+
 def test_fold_metrics_on_known_scores(train):
     p = loso.plan(train)
 

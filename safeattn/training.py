@@ -1089,7 +1089,8 @@ def fit_response_probe(model, tokenizer, pairs: Sequence, benign_pairs: Sequence
 
     ``pairs``: ``(prompt, response, label)`` mappings (label 1: a harmful response). A
     :class:`~safeattn.baselines.FrozenProbe` is fitted on the window means of their checks
-    (:func:`response_window_states`; layer among ``layers`` and L2 by 5-fold CV over checks).
+    (:func:`response_window_states`; layer among ``layers`` and L2 by 5-fold CV over checks,
+    each :func:`response_groups` group in one fold).
     Its logit and the head's are read at the same checks of ``benign_pairs`` (benign
     validation prompts with the model's own answers; no harmful label is used) and blended
     as the query probe's are (:func:`fit_query_probe`). ``window`` defaults to the config's
@@ -1110,9 +1111,8 @@ def fit_response_probe(model, tokenizer, pairs: Sequence, benign_pairs: Sequence
               progress=progress)
     feats, views = response_window_states(inner, coll, pairs, layers, **kw)
     y = torch.tensor([y_pairs[i] for i, _ in views], dtype=torch.float64)
-    # a response's checks, and the same response after another prompt, share one fold
-    probe = _logistic(feats, y, seed=seed,
-                      groups=[_get(pairs[i], "response") for i, _ in views])
+    groups = response_groups(pairs)
+    probe = _logistic(feats, y, seed=seed, groups=[groups[i] for i, _ in views])
     w = (probe.weight / probe.std).double()
     b = float(probe.bias) - float(probe.mean.double() @ w)
     ref, ref_views = response_window_states(inner, coll, benign_pairs, [probe.layer], **kw)
@@ -1134,22 +1134,35 @@ def response_probe_pairs(split: str, benign_responses: Mapping[str, str], *,
     that a response probe reads: each labelled PyRIT response (label 1 harmful) after the
     neutral prompt and after its objective, the AdvBench targets (label 1) and the model's
     own answers to the benign prompts (``benign_responses``, label 0); ``own_only``: those
-    answers alone (the benign reference of :func:`fit_response_probe`)."""
+    answers alone (the benign reference of :func:`fit_response_probe`). Each pair keeps
+    its row's ``row_id`` (:func:`response_groups`)."""
     from .data import EVAL_NEUTRAL_PROMPT, eval_sets
 
     sets = eval_sets(split, val_fraction=val_fraction)
-    own = [{"prompt": r["prompt"], "response": benign_responses[r["id"]], "label": 0}
+
+    def pair(r, prompt, response, label):
+        return {"prompt": prompt, "response": response, "label": label, "row_id": r["id"]}
+
+    own = [pair(r, r["prompt"], benign_responses[r["id"]], 0)
            for r in sets["benign"] if benign_responses.get(r["id"])]
     if own_only:
         return own
     resp = sets["responses"]
-    return ([{"prompt": EVAL_NEUTRAL_PROMPT, "response": r["response"], "label": r["label"]}
-             for r in resp]
-            + [{"prompt": r["prompt"], "response": r["response"], "label": r["label"]}
-               for r in resp]
-            + [{"prompt": r["prompt"], "response": r["target"], "label": 1}
-               for r in sets["harmful"] if r.get("target")]
+    return ([pair(r, EVAL_NEUTRAL_PROMPT, r["response"], r["label"]) for r in resp]
+            + [pair(r, r["prompt"], r["response"], r["label"]) for r in resp]
+            + [pair(r, r["prompt"], r["target"], 1) for r in sets["harmful"] if r.get("target")]
             + own)
+
+
+def response_groups(pairs: Sequence) -> list:
+    """A CV group key per ``(prompt, response, label)`` pair of :func:`fit_response_probe`:
+    the group of its row (``row_id``, :func:`safeattn.data.split_keys`: the responses of one
+    PyRIT objective share it), else its response text (the same response after another
+    prompt)."""
+    from .data import split_keys
+
+    joined = split_keys()
+    return [joined.get(_get(p, "row_id")) or _get(p, "response") for p in pairs]
 
 
 def run_response_probe(args) -> int:
