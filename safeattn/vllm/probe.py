@@ -402,8 +402,10 @@ class _Pass:
         self.error: str | None = None
 
     def pos0(self, like: torch.Tensor) -> torch.Tensor:
-        """The probe rows' RoPE position, 0."""
-        return torch.zeros(like.shape[0], dtype=torch.long, device=like.device)
+        """The probe rows' RoPE position, 0 (one tensor for every layer of the pass)."""
+        if "pos0" not in self.memo:
+            self.memo["pos0"] = torch.zeros(like.shape[0], dtype=torch.long, device=like.device)
+        return self.memo["pos0"]
 
     def local(self, fn, *args):
         """``fn(*args)``, a step no other rank waits on; None once the pass has failed (the
