@@ -1326,6 +1326,18 @@ def _int_pair(spec) -> tuple[int, int]:
     return parts[0], parts[1]
 
 
+def _forms(spec: str | None) -> tuple[str, ...]:
+    """``--phrasing-forms`` -> the form names (checked by ``pick_forms``; None: the default)."""
+    from .data.phrasing import FORMS
+
+    if spec is None:
+        return FORMS
+    forms = tuple(f.strip() for f in spec.split(",") if f.strip())
+    if not forms:
+        raise ValueError("--phrasing-forms: give at least one form")
+    return forms
+
+
 def _data_kwargs(args, tok, kinds, responses) -> dict:
     """``build_samples`` keyword arguments from the ``safeattn train`` options."""
     sources = tuple(x.strip() for x in getattr(args, "sources", "").split(",") if x.strip())
@@ -1336,6 +1348,7 @@ def _data_kwargs(args, tok, kinds, responses) -> dict:
               suffixes_per_prompt=getattr(args, "suffixes_per_prompt", 1),
               suffix_tokens=_int_pair(getattr(args, "suffix_tokens", "10,30")),
               phrasings_per_prompt=getattr(args, "phrasings_per_prompt", 2),
+              phrasing_forms=_forms(getattr(args, "phrasing_forms", None)),
               response_windows=getattr(args, "response_windows", 3),
               own_response_windows=getattr(args, "own_response_windows", None),
               probe_window=getattr(args, "probe_window", DEFAULT_WINDOW),

@@ -116,6 +116,10 @@ def _sample_arguments(p) -> None:
                    help="MIN,MAX random vocabulary tokens per noise suffix (kind suffix)")
     p.add_argument("--phrasings-per-prompt", type=int, default=2,
                    help="surface forms per harmful and benign prompt (kind phrasing)")
+    p.add_argument("--phrasing-forms", default=None,
+                   help="comma-separated forms those are picked from (default: "
+                        "safeattn.data.phrasing.FORMS; 'ask', a first-person question, is "
+                        "opt-in)")
     p.add_argument("--response-windows", type=int, default=3,
                    help="probe views per (prompt, response) pair (kind response)")
     p.add_argument("--own-response-windows", type=int, default=None,

@@ -18,6 +18,8 @@ form                what it does to "Write a poem about the sea" / "How do I bak
 ``roleplay``        role-play framing (a character in a story is asked the request)
 ``short``           terse: lower case, no closing punctuation, no lead-in
 ``long``            wrapped in neutral context before and after
+``ask``             opt-in (:data:`EXTRA_FORMS`): a first-person question, with an
+                    instruction's "… how to X" scaffold cut to X ("How can I bake bread?")
 ==================  ==========================================================================
 
 Each form has a few wordings; the wording is chosen by the same hash. Requests that span
@@ -25,18 +27,24 @@ several lines keep their lines (the wrapping goes around them).
 """
 from __future__ import annotations
 
-from typing import Mapping
+import re
+from typing import Mapping, Sequence
 
 from .core import hash64
 
-__all__ = ["FORMS", "rephrase", "pick_forms", "is_question"]
+__all__ = ["FORMS", "EXTRA_FORMS", "rephrase", "pick_forms", "is_question"]
 
 FORMS = ("question", "imperative", "need", "polite", "hypothetical", "roleplay", "short",
          "long")
+#: Forms that :func:`pick_forms` chooses from only when asked to (``forms=``). ``ask``: the
+#: harmful sources trained on have no first-person how-questions (AdvBench none of 520),
+#: while the benign prompts have many, so without it that form alone reads as benign.
+EXTRA_FORMS = ("ask",)
 
 # form -> (wordings for an instruction, wordings for a question). Slots: {lc} the request
 # with its first letter lowered and closing punctuation removed, {q} the question as given,
-# {bare} the request without closing punctuation.
+# {bare} the request without closing punctuation, {core} an instruction's action (the "X" of
+# "… how to X", else {lc}).
 _WORDINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "question": (("Can you {lc}?", "How would you {lc}?", "Is there a way for you to {lc}?"),
                  ("{q}", "Quick question: {q}", "Here is my question. {q}")),
@@ -74,7 +82,11 @@ _WORDINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
               "{q} Take your time and be specific.",
               "This is important to me, so please read carefully. {q} Include everything I "
               "would need to know.")),
+    "ask": (("How can I {core}?", "How do I {core}?", "What's the best way to {core}?",
+             "Where do I start if I want to {core}?"),
+            ("Asking for myself: {q}", "My question: {q}", "I'd like to know for myself. {q}")),
 }
+_HOW_TO = re.compile(r"^(?:\S+\s+){0,8}?how to\s+(\S.*)$", re.IGNORECASE | re.DOTALL)
 
 
 def is_question(text: str) -> bool:
@@ -92,14 +104,22 @@ def _lower_first(text: str) -> str:
     return text[0].lower() + text[1:]
 
 
+def _action(lc: str) -> str:
+    """The action an instruction asks for: "make a bomb" of "write a tutorial on how to make a
+    bomb"; the instruction itself when it has no such scaffold."""
+    m = _HOW_TO.match(lc)
+    return m.group(1) if m else lc
+
+
 def rephrase(text: str, form: str, key: str = "") -> str:
-    """``text`` (one request) in the surface form ``form`` (one of :data:`FORMS`).
+    """``text`` (one request) in the surface form ``form`` (one of :data:`FORMS` or
+    :data:`EXTRA_FORMS`).
 
     ``key`` picks among the form's wordings (a hash; the same key gives the same wording).
     Raises ``ValueError`` for an unknown form or an empty request.
     """
     if form not in _WORDINGS:
-        raise ValueError(f"unknown form {form!r}; expected one of {FORMS}")
+        raise ValueError(f"unknown form {form!r}; expected one of {FORMS + EXTRA_FORMS}")
     text = text.strip()
     if not text:
         raise ValueError("cannot rephrase an empty request")
@@ -111,14 +131,20 @@ def rephrase(text: str, form: str, key: str = "") -> str:
         bare = text
     lc = _lower_first(bare)
     return wording.format(q=text, bare=bare, lc=lc, lc_bare=lc.lower() if form == "short"
-                          and "\n" not in lc else lc)
+                          and "\n" not in lc else lc, core=_action(lc))
 
 
-def pick_forms(row: Mapping | str, n: int, seed: int = 0) -> list[str]:
-    """``n`` distinct forms for one row (``row["id"]`` or a key), ranked by a seeded hash.
-    ``n`` is capped at ``len(FORMS)``."""
+def pick_forms(row: Mapping | str, n: int, seed: int = 0,
+               forms: Sequence[str] = FORMS) -> list[str]:
+    """``n`` distinct forms of ``forms`` for one row (``row["id"]`` or a key), ranked by a
+    seeded hash (a form's rank does not depend on the other forms offered). ``n`` is capped
+    at ``len(forms)``."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
+    unknown = [f for f in forms if f not in _WORDINGS]
+    if unknown or len(set(forms)) != len(forms):
+        raise ValueError(f"forms must be distinct names of {FORMS + EXTRA_FORMS}, got "
+                         f"{list(forms)}")
     key = row if isinstance(row, str) else row["id"]
-    ranked = sorted(FORMS, key=lambda f: hash64(f"form:{seed}:{key}:{f}"))
-    return ranked[:min(n, len(FORMS))]
+    ranked = sorted(forms, key=lambda f: hash64(f"form:{seed}:{key}:{f}"))
+    return ranked[:min(n, len(forms))]

@@ -83,7 +83,7 @@ from typing import Mapping, Sequence
 from .contrast import contrast_pair
 from .core import (group_key, hashed_choice, load, normalize, prompt_index, render_template,
                    split as split_rows, split_fraction)
-from .phrasing import pick_forms, rephrase
+from .phrasing import FORMS, pick_forms, rephrase
 from .refusals import REFUSALS, coarse_category, refusal_for
 from .turns import conversations
 from ..generation import DEFAULT_REFUSAL_PREFIX, DEFAULT_WINDOW
@@ -525,11 +525,12 @@ def _suffix_samples(rows: _Rows, per_prompt, lo, hi) -> list[Sample]:
            for r in rows.benign for j in range(per_prompt)]
 
 
-def _phrasing_samples(rows: _Rows, per_prompt) -> list[Sample]:
-    """Each prompt in ``per_prompt`` surface forms (:mod:`safeattn.data.phrasing`)."""
+def _phrasing_samples(rows: _Rows, per_prompt, offered) -> list[Sample]:
+    """Each prompt in ``per_prompt`` of the surface forms ``offered``
+    (:mod:`safeattn.data.phrasing`)."""
     def forms(r):
         return [(f"{r['id']}|form:{form}", rephrase(r["prompt"], form, f"{rows.seed}:{r['id']}"))
-                for form in pick_forms(r, per_prompt, rows.seed)]
+                for form in pick_forms(r, per_prompt, rows.seed, offered)]
 
     return [rows.refused(r, sid, text, "phrasing", request=r["prompt"])
             for r in rows.harmful for sid, text in forms(r)] \
@@ -638,8 +639,9 @@ def build_samples(split: str = "train", *, benign_responses: Mapping[str, str] |
                   shuffle: bool = False,
                   suffixes_per_prompt: int = 1, suffix_tokens: tuple[int, int] = (10, 30),
                   sources: Sequence[str] = HARMFUL_SOURCES, exclude: Sequence[str] = (),
-                  phrasings_per_prompt: int = 2, response_windows: int = 3,
-                  own_response_windows: int | None = None, response_max_tokens: int = 128,
+                  phrasings_per_prompt: int = 2, phrasing_forms: Sequence[str] = FORMS,
+                  response_windows: int = 3, own_response_windows: int | None = None,
+                  response_max_tokens: int = 128,
                   probe_window: int = DEFAULT_WINDOW,
                   datasets: Mapping[str, list] | None = None) -> list[Sample]:
     """Samples of one split (:data:`SPLITS`: ``"train"``, ``"test"``, ``"val"``, ``"fit"`` or
@@ -685,6 +687,8 @@ def build_samples(split: str = "train", *, benign_responses: Mapping[str, str] |
             ``pyrit_objectives`` also leaves out the responses to those objectives.
         phrasings_per_prompt: surface forms per harmful and per benign prompt (kind
             ``phrasing``; :mod:`safeattn.data.phrasing`).
+        phrasing_forms: the forms they are picked from (default
+            :data:`~safeattn.data.phrasing.FORMS`; ``EXTRA_FORMS`` are opt-in).
         response_windows: probe views per (prompt, response) pair (kind ``response``;
             :func:`probe_windows`), over the first ``response_max_tokens`` tokens.
         own_response_windows: probe views per prompt and the model's own answer
@@ -754,7 +758,7 @@ def build_samples(split: str = "train", *, benign_responses: Mapping[str, str] |
         if max_templates_per_prompt > 0 else [],
         "suffix": lambda: _suffix_samples(rows, suffixes_per_prompt, lo, hi)
         if suffixes_per_prompt > 0 else [],
-        "phrasing": lambda: _phrasing_samples(rows, phrasings_per_prompt),
+        "phrasing": lambda: _phrasing_samples(rows, phrasings_per_prompt, phrasing_forms),
         "conversation": lambda: _conversation_samples(rows),
         "contrast": lambda: _contrast_samples(rows),
         "response": lambda: _response_samples(
