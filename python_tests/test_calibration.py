@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import safeattn
-from safeattn.calibration import (calibrate, is_benign_set, late_scores, pick_late_threshold,
-                                  pick_refusal_prefix, pick_threshold, pick_thresholds,
-                                  refusal_scores, split_scores, validation_rows)
+from safeattn.calibration import (calibrate, is_benign_set, late_scores, operating_curve,
+                                  pick_late_threshold, pick_refusal_prefix, pick_threshold,
+                                  pick_thresholds, refusal_scores, split_scores,
+                                  validation_rows)
 from safeattn.data import (build_samples, conversation_rows, eval_sets, group_key,
                            split_fraction)
 from _hf_tiny import PROMPTS, tiny_model, tiny_tokenizer
@@ -211,6 +212,27 @@ def test_pick_late_threshold_by_hand():
         pick_late_threshold(late, early[:4], 0.2)
 
 
+def test_operating_curve_by_hand():
+    scores = {"benign/a": 0.9, "benign/b": 0.5, "benign/c": 0.5, "benign/d": 0.1,
+              "benign_ctx/e": 0.7, "advbench/1": 0.95, "advbench/2": 0.6,
+              "xstest_unsafe/3": 0.8, "xstest_unsafe/4": float("-inf")}
+    c = operating_curve(scores, max_benign=5)
+    assert c["k"] == [0, 1, 2, 3, 4, 5]
+    # benign, highest first: 0.9, 0.7 (a benign_* set), 0.5, 0.5, 0.1; θ halfway above
+    assert c["theta"] == pytest.approx([0.95, 0.8, 0.6, 0.6, 0.3, 0.0])
+    assert c["benign_refused"] == [0, 1, 2, 2, 4, 5]     # tied rows go together
+    assert c["caught"] == {"advbench": [1, 1, 2, 2, 2, 2], "xstest_unsafe": [0, 1, 1, 1, 1, 1]}
+    assert c["harmful"] == [1, 2, 3, 3, 3, 3]
+    # a saturated benign row: no θ <= 1 keeps it from refusing
+    sat = operating_curve({"benign/a": 1.0, "benign/b": 0.2, "advbench/1": 0.7}, 1)
+    assert sat["theta"][0] is None and sat["harmful"] == [None, 1]
+    for bad in ({"benign/a": 0.1}, {"advbench/1": 0.1}, {"nokey": 0.1, "benign/a": 0.1}):
+        with pytest.raises(ValueError, match="scores"):
+            operating_curve(bad)
+    with pytest.raises(ValueError, match="max_benign"):
+        operating_curve(scores, -1)
+
+
 @pytest.mark.parametrize("bad", [-0.1, 1.0])
 def test_pick_threshold_rejects_bad_fpr(bad):
     with pytest.raises(ValueError, match="target_fpr"):
@@ -380,6 +402,7 @@ def test_calibrate_on_a_tiny_model():
     want = sum(1.0 if h > b else 0.5 if h == b else 0.0 for b in benign.tolist()) / 3
     assert rep["sets"]["advbench"]["auroc"] == pytest.approx(want)
     assert "auroc" not in rep["sets"]["benign"] and "auroc" not in rep["sets"]["over_refusal"]
+    assert rep["curve"] == operating_curve(rep["scores"])
     # τ = 1: a row refuses at its first hit, before which it decodes the trace's text, so the
     # prediction from the trace is exact
     for m in rep["sets"].values():
@@ -449,7 +472,7 @@ def test_calibrate_cli_writes_or_drops_the_late_threshold(tmp_path, monkeypatch,
 
     def fake(model, tok, rows, **kw):
         seen.append(kw["late_after"])
-        rep = {"threshold": 0.6, "sets": {}}
+        rep = {"threshold": 0.6, "sets": {}, "curve": {"k": [0, 1], "harmful": [None, 3]}}
         if kw["late_after"]:
             rep.update(late_threshold=0.99, late_after=kw["late_after"])
         return rep
@@ -460,7 +483,9 @@ def test_calibrate_cli_writes_or_drops_the_late_threshold(tmp_path, monkeypatch,
     assert main(argv + ["--late-after", "32", "--max-new-tokens", "128"]) == 0
     assert json.loads(cfg.read_text()) == {"threshold": 0.6, "late_threshold": 0.99,
                                            "late_after": 32}
-    assert "from 32 generated tokens on 0.9900000" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "from 32 generated tokens on 0.9900000" in out
+    assert "when 0..1 benign rows refuse: - / 3" in out
     assert main(argv) == 0                     # one θ throughout: a stale late θ goes
     assert json.loads(cfg.read_text()) == {"threshold": 0.6} and seen == [32, None]
 

@@ -44,7 +44,7 @@ logger = logging.getLogger("safeattn")
 
 __all__ = ["refusal_scores", "split_scores", "late_scores", "pick_threshold", "pick_thresholds",
            "pick_late_threshold", "bootstrap_intervals", "validation_rows", "calibrate",
-           "pick_refusal_prefix", "is_benign_set"]
+           "pick_refusal_prefix", "is_benign_set", "operating_curve"]
 
 
 def refusal_scores(p: torch.Tensor, tau: int, max_new_tokens: int | None = None) -> torch.Tensor:
@@ -461,6 +461,7 @@ class _ValTrace:
         report = {"threshold": at.theta, "target_fpr": self.target_fpr, "tau": safety.tau,
                   "schedule": safety.schedule, "max_new_tokens": self.max_new_tokens,
                   "sets": sets, "scores": self.keyed(scores)}
+        report["curve"] = operating_curve(report["scores"])
         if self.split_thresholds:
             report.update(query_threshold=at.query, prefill_scores=self.keyed(at.prefill))
         if at.late is not None:
@@ -551,6 +552,50 @@ def bootstrap_intervals(s0: torch.Tensor, sr: torch.Tensor, sets: Mapping[str, t
     if late_scores_at is not None:
         out["late_threshold"] = ci([d["late_threshold"] for d in draws])
     out["sets"] = {n: ci([d["sets"][n] for d in draws]) for n in draws[0]["sets"]}
+    return out
+
+
+def operating_curve(scores: Mapping[str, float], max_benign: int = 8) -> dict:
+    """A calibration report's ``scores`` (``"set/id"`` -> refusal score) -> what the trace
+    refuses when θ lets at most ``k`` benign rows refuse, for ``k = 0..max_benign``:
+    ``{"k": [...], "theta": [...], "benign_refused": [...], "caught": {set: [...]},
+    "harmful": [...]}`` (``caught``: rows refused per harmful set; ``harmful``: their sum;
+    ``None`` where no θ at or below 1 meets ``k``).
+
+    θ is picked per ``k`` as calibration picks it (halfway above the ``k``-th highest benign
+    score), so two heads can be compared at every low false-alarm count instead of only at
+    the one ``target_fpr`` allows, which a few benign rows set. Benign sets are
+    :func:`is_benign_set`; every other set is harmful. ``scores`` hold one θ for ``p_0`` and
+    the checks, and over the whole trace (``late_after``), and so does the curve: a report
+    with ``query_threshold`` or ``late_threshold`` may predict a little more at its own
+    ``k``."""
+    if max_benign < 0:
+        raise ValueError(f"max_benign must be >= 0, got {max_benign}")
+    by_set: dict[str, list[float]] = {}
+    for key, value in scores.items():
+        name, sep, _ = key.partition("/")
+        if not sep:
+            raise ValueError(f"scores: expected 'set/id' keys, got {key!r}")
+        by_set.setdefault(name, []).append(float(value))
+    benign = [x for n, v in by_set.items() if is_benign_set(n) for x in v]
+    harmful = {n: torch.tensor(v, dtype=torch.float64) for n, v in by_set.items()
+               if not is_benign_set(n)}
+    if not benign or not harmful:
+        raise ValueError("scores: need benign and harmful sets")
+    b = torch.tensor(benign, dtype=torch.float64)
+    out = {"k": list(range(max_benign + 1)), "theta": [], "benign_refused": [],
+           "caught": {n: [] for n in harmful}, "harmful": []}
+    for k in out["k"]:
+        try:
+            theta = _theta_above(b, k)
+        except ValueError:  # saturated benign rows: only θ > 1, which switches checks off
+            theta = None
+        out["theta"].append(theta)
+        out["benign_refused"].append(None if theta is None else int((b >= theta).sum()))
+        for n, v in harmful.items():
+            out["caught"][n].append(None if theta is None else int((v >= theta).sum()))
+        out["harmful"].append(None if theta is None else
+                              sum(out["caught"][n][-1] for n in harmful))
     return out
 
 

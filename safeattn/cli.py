@@ -349,6 +349,10 @@ def _calibrate(args: argparse.Namespace) -> int:
             auc = f", AUROC vs benign {m['auroc']:.3f}" if "auroc" in m else ""
             print(f"  {name:19s} n={m['n']:4d}  refused at θ: {m['refused']:.1%} "
                   f"(trace predicts {m['predicted']:.1%}{auc})")
+    curve = report.get("curve")
+    if curve:
+        print(f"  harmful val rows refused by the trace (one θ) when 0..{curve['k'][-1]} benign "
+              "rows refuse: " + " / ".join("-" if n is None else str(n) for n in curve["harmful"]))
     boot = report.get("bootstrap", {})
     if "threshold" in boot:
         lo, hi = boot["threshold"]
