@@ -18,8 +18,9 @@ form                what it does to "Write a poem about the sea" / "How do I bak
 ``roleplay``        role-play framing (a character in a story is asked the request)
 ``short``           terse: lower case, no closing punctuation, no lead-in
 ``long``            wrapped in neutral context before and after
-``ask``             opt-in (:data:`EXTRA_FORMS`): a first-person question, with an
-                    instruction's "… how to X" scaffold cut to X ("How can I bake bread?")
+``ask``             opt-in (:data:`EXTRA_FORMS`): a first-person question ("How can I write a
+                    poem about the sea?"; "Write a guide on how to bake bread" → "How do I
+                    bake bread?"); a question gets a lead-in ("Asking for myself: …")
 ==================  ==========================================================================
 
 Each form has a few wordings; the wording is chosen by the same hash. Requests that span
@@ -38,7 +39,8 @@ FORMS = ("question", "imperative", "need", "polite", "hypothetical", "roleplay",
          "long")
 #: Forms that :func:`pick_forms` chooses from only when asked to (``forms=``). ``ask``: the
 #: harmful sources trained on have no first-person how-questions (AdvBench none of 520),
-#: while the benign prompts have many, so without it that form alone reads as benign.
+#: while the benign prompts have many, so without it that form alone reads as benign. Tried
+#: on Gemma-3-270M and not shipped (its artifact README).
 EXTRA_FORMS = ("ask",)
 
 # form -> (wordings for an instruction, wordings for a question). Slots: {lc} the request
