@@ -382,6 +382,12 @@ def test_cli_train_bad_counts_are_usage_errors(option, value, capsys):
     assert f"argument {option}: must be an integer >= 1, got '{value}'" in capsys.readouterr().err
 
 
+def test_comma_list_options_drop_blanks_and_spaces():
+    from safeattn.training_args import comma_list, positive_ints
+    assert comma_list(" query, phrasing,,trajectory ,") == ["query", "phrasing", "trajectory"]
+    assert comma_list("") == [] and positive_ints("5, 10,") == [5, 10]
+
+
 def test_cli_train_and_resume(tmp_path):
     tok = tiny_tokenizer()
     model = tiny_model("llama", vocab_size=len(tok))

@@ -60,7 +60,7 @@ __all__ = ["SafetyDataCollator", "SafetyDataset", "SafetyTrainer", "prepare_mode
            "fit_query_probe", "fit_response_probe", "response_window_states",
            "attach_cls_row", "sync_cls_row", "detach_cls_row", "trainable_summary"]
 
-from .training_args import TRAIN_MODES
+from .training_args import TRAIN_MODES, comma_list
 #: λ of the BCE term per safety mode (paper: 0.1 alignment / SFT, 0.01 continued pretraining).
 DEFAULT_LAMBDA = {"sft": 0.1, "trajectory": 0.1, "pretrain": 0.01}
 _CLS_ROW = "safeattn_cls_row"
@@ -1159,10 +1159,16 @@ def response_groups(pairs: Sequence) -> list:
     the group of its row (``row_id``, :func:`safeattn.data.split_keys`: the responses of one
     PyRIT objective share it), else its response text (the same response after another
     prompt)."""
+    return _group_keys(pairs, lambda p: _get(p, "response"))
+
+
+def _group_keys(items: Sequence, fallback) -> list:
+    """Per item, the group :func:`safeattn.data.split_keys` gives its ``row_id``, else
+    ``fallback(item)``."""
     from .data import split_keys
 
     joined = split_keys()
-    return [joined.get(_get(p, "row_id")) or _get(p, "response") for p in pairs]
+    return [joined.get(_get(x, "row_id")) or fallback(x) for x in items]
 
 
 def run_response_probe(args) -> int:
@@ -1332,7 +1338,7 @@ def _forms(spec: str | None) -> tuple[str, ...]:
 
     if spec is None:
         return FORMS
-    forms = tuple(f.strip() for f in spec.split(",") if f.strip())
+    forms = tuple(comma_list(spec))
     if not forms:
         raise ValueError("--phrasing-forms: give at least one form")
     return forms
@@ -1340,7 +1346,7 @@ def _forms(spec: str | None) -> tuple[str, ...]:
 
 def _data_kwargs(args, tok, kinds, responses) -> dict:
     """``build_samples`` keyword arguments from the ``safeattn train`` options."""
-    sources = tuple(x.strip() for x in getattr(args, "sources", "").split(",") if x.strip())
+    sources = tuple(comma_list(getattr(args, "sources", "")))
     kw = dict(tokenizer=tok, seed=args.seed, include=kinds, benign_responses=responses,
               shuffle=True, max_templates_per_prompt=args.templates_per_prompt,
               max_template_chars=args.max_template_chars,
@@ -1352,8 +1358,7 @@ def _data_kwargs(args, tok, kinds, responses) -> dict:
               response_windows=getattr(args, "response_windows", 3),
               own_response_windows=getattr(args, "own_response_windows", None),
               probe_window=getattr(args, "probe_window", DEFAULT_WINDOW),
-              prefix_ks=tuple(int(k) for k in getattr(args, "prefix_ks", "5,10,20,40")
-                              .split(",") if k.strip()),
+              prefix_ks=tuple(map(int, comma_list(getattr(args, "prefix_ks", "5,10,20,40")))),
               missing_response="error" if responses else "empty")
     if getattr(args, "harmful_responses", None):
         from .data import load_responses
@@ -1394,7 +1399,7 @@ def _start(args):
     from .data import build_samples, load_responses
 
     out_dir, model, tok = _setup(args)
-    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+    kinds = tuple(comma_list(args.kinds))
     responses = load_responses(args.benign_responses) if args.benign_responses else None
     val = getattr(args, "val_fraction", 0.0)
     samples = build_samples("fit" if val else "train", val_fraction=val,
@@ -1556,17 +1561,13 @@ def row_groups(samples: Sequence) -> list:
     (:func:`safeattn.baselines.stratified_folds`). Rows that the data split keeps together
     (:func:`safeattn.data.split_keys`: an XSTest unsafe contrast prompt and its safe partner,
     a PyRIT objective and its responses) share a group too."""
-    from .data import split_keys
-
-    joined = split_keys()
-    keys = []
-    for x in samples:
+    def own(x):
         row = _get(x, "row_id")
         if row is None:
-            keys.append(json.dumps(_get(x, "prompt"), sort_keys=True))
-        else:
-            keys.append(joined.get(row) or json.dumps([_get(x, "source"), row]))
-    return keys
+            return json.dumps(_get(x, "prompt"), sort_keys=True)
+        return json.dumps([_get(x, "source"), row])
+
+    return _group_keys(samples, own)
 
 
 def _cache_holds(model, length: int) -> bool:
@@ -1687,13 +1688,13 @@ def run_loso(args) -> int:
     Each fold scores the ``--val-fraction`` band (its benign prompts are the negatives;
     without a band, the test split; ``scored`` in the report says which). Writes
     ``OUT/loso.json`` (folds, test-split metrics of the shipped head) as it goes."""
-    variants = [v for v in args.loso_variants.split(",") if v]
+    variants = comma_list(args.loso_variants)
     allowed = ["cls"] + (["cls_adapter"] if args.probe_adapter else [])
     if not variants or set(variants) - set(allowed):
         raise ValueError(f"--loso-variants: expected a non-empty subset of {allowed}, got "
                          f"{args.loso_variants!r}")
     run = _LosoRun(args, variants)
-    folds = [f for f in args.loso_folds.split(",") if f] if args.loso_folds != "all" \
+    folds = comma_list(args.loso_folds) if args.loso_folds != "all" \
         else list(run.plan.folds)
     if set(folds) - set(run.plan.folds):
         raise ValueError(f"--loso-folds: unknown folds {sorted(set(folds) - set(run.plan.folds))}")
@@ -1716,7 +1717,7 @@ class _LosoRun:
 
         self.args, self.variants, self.t0 = args, variants, time.time()
         self.out_dir, model, self.tok, _, train = _start(args)
-        self.layers = [int(x) for x in args.layers.split(",")]
+        self.layers = [int(x) for x in comma_list(args.layers)]
         self.model = prepare_model(model, self.tok, "head", cls_layer=max(self.layers),
                                    probe_adapter=args.probe_adapter,
                                    probe_window=args.probe_window)

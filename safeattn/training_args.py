@@ -24,9 +24,14 @@ positive_int = _int_from(1)
 non_negative_int = _int_from(0)
 
 
+def comma_list(text: str) -> list[str]:
+    """``"a, b,,c"`` -> ``["a", "b", "c"]``: the non-empty items of a comma-separated option."""
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
 def positive_ints(text: str) -> list[int]:
     """argparse type: comma-separated ints >= 1 (empty: none)."""
-    return [positive_int(x.strip()) for x in text.split(",") if x.strip()]
+    return [positive_int(x) for x in comma_list(text)]
 
 
 def add_train_arguments(p) -> None:
