@@ -727,6 +727,8 @@ def test_run_loso_tiny(tmp_path, monkeypatch):
         monkeypatch.setattr(T, "load_model", lambda *a, **k: pytest.fail("model loaded"))
         with pytest.raises(ValueError, match="--loso-variants"):
             T.run_loso(args)
+    with pytest.raises(ValueError, match="--layers: give at least one layer"):
+        T.run_loso(p.parse_args(argv + ["--layers", " , "]))
 
 
 def test_context_key_follows_the_encoded_row():

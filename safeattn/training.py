@@ -1693,6 +1693,8 @@ def run_loso(args) -> int:
     if not variants or set(variants) - set(allowed):
         raise ValueError(f"--loso-variants: expected a non-empty subset of {allowed}, got "
                          f"{args.loso_variants!r}")
+    if not comma_list(args.layers):
+        raise ValueError(f"--layers: give at least one layer, got {args.layers!r}")
     run = _LosoRun(args, variants)
     folds = comma_list(args.loso_folds) if args.loso_folds != "all" \
         else list(run.plan.folds)
