@@ -1693,8 +1693,6 @@ def run_loso(args) -> int:
     if not variants or set(variants) - set(allowed):
         raise ValueError(f"--loso-variants: expected a non-empty subset of {allowed}, got "
                          f"{args.loso_variants!r}")
-    if not comma_list(args.layers):
-        raise ValueError(f"--layers: give at least one layer, got {args.layers!r}")
     run = _LosoRun(args, variants)
     folds = comma_list(args.loso_folds) if args.loso_folds != "all" \
         else list(run.plan.folds)
@@ -1718,8 +1716,10 @@ class _LosoRun:
         from . import loso
 
         self.args, self.variants, self.t0 = args, variants, time.time()
-        self.out_dir, model, self.tok, _, train = _start(args)
         self.layers = [int(x) for x in comma_list(args.layers)]
+        if not self.layers:  # before the model loads
+            raise ValueError(f"--layers: give at least one layer, got {args.layers!r}")
+        self.out_dir, model, self.tok, _, train = _start(args)
         self.model = prepare_model(model, self.tok, "head", cls_layer=max(self.layers),
                                    probe_adapter=args.probe_adapter,
                                    probe_window=args.probe_window)
