@@ -144,11 +144,9 @@ def test_a_failing_query_probe_refuses(how, monkeypatch, caplog):
     assert any("fail closed" in r.message for r in caplog.records)
 
 
-def test_train_query_probe_for_a_saved_head(tmp_path, monkeypatch):
+def test_train_query_probe_for_a_saved_head(tmp_path, monkeypatch, every_16th_row):
     """``safeattn train --query-probe-for DIR`` on a tiny model and every 16th shared row."""
-    import safeattn.data.samples as S
     import safeattn.training as T
-    from safeattn.data import load
 
     tok = tiny_tokenizer()
     vocab = len(tok) + 1
@@ -161,7 +159,6 @@ def test_train_query_probe_for_a_saved_head(tmp_path, monkeypatch):
     safeattn.save_safety(head, tmp_path / "head")
     base = gemma()
     monkeypatch.setattr(T, "load_model", lambda name, dtype=None: (base, tiny_tokenizer()))
-    monkeypatch.setattr(S, "load", lambda name: load(name)[::16])
     argv = ["--out", str(tmp_path / "out"), "--query-probe-for", str(tmp_path / "head"),
             "--kinds", "query,phrasing,trajectory", "--deep-layers", "2,4",
             "--val-fraction", "0.15", "--batch-size", "8"]

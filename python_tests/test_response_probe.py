@@ -255,11 +255,10 @@ def test_fit_response_probe_refuses_one_label():
         fit_response_probe(model, tok, pairs, [], (2,))
 
 
-def test_train_response_probe_for_a_saved_head(tmp_path, monkeypatch):
+def test_train_response_probe_for_a_saved_head(tmp_path, monkeypatch, every_16th_row):
     """``safeattn train --response-probe-for DIR`` on a tiny model and every 16th shared row."""
     import json
 
-    import safeattn.data.samples as S
     import safeattn.training as T
     from safeattn.data import load
     from safeattn.training import prepare_model
@@ -275,7 +274,6 @@ def test_train_response_probe_for_a_saved_head(tmp_path, monkeypatch):
                                 late_after=4, probe_window=4)
     safeattn.save_safety(head, tmp_path / "head")
     monkeypatch.setattr(T, "load_model", lambda name, dtype=None: (llama(), tiny_tokenizer()))
-    monkeypatch.setattr(S, "load", lambda name: load(name)[::16])
     answers = tmp_path / "answers.jsonl"
     answers.write_text("".join(json.dumps({"id": r["id"], "response": "sure , here is a poem"})
                                + "\n" for r in load("benign")))

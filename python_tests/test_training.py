@@ -599,7 +599,7 @@ def test_harmful_responses_option_reaches_build_samples(tmp_path):
                                      str(path)]), None, ("query",), None)
 
 
-def test_run_loso_tiny(tmp_path, monkeypatch):
+def test_run_loso_tiny(tmp_path, monkeypatch, every_16th_row):
     """``safeattn train --loso`` end to end on a tiny model and every 16th row of each set:
     every fold reports all three heads, the shipped files load, and no fold trains on the
     source it scores."""
@@ -607,13 +607,11 @@ def test_run_loso_tiny(tmp_path, monkeypatch):
 
     import safeattn.data.samples as S
     import safeattn.training as T
-    from safeattn.data import load
     from safeattn.training_args import add_train_arguments
 
     tok = tiny_tokenizer()
     model = tiny_model("gemma3_text", vocab_size=len(tok) + 1, window=512)
     monkeypatch.setattr(T, "load_model", lambda name, dtype=None: (model, tok))
-    monkeypatch.setattr(S, "load", lambda name: load(name)[::16])
     seen, weighed = [], []
     real_subset = T.SafetyDataset.subset
     monkeypatch.setattr(T.SafetyDataset, "subset", classmethod(
