@@ -8,7 +8,7 @@ __all__ = ["ops", "reference", "intervals", "interval_attention", "safety_step"]
 # Hugging Face integration, imported lazily so that the kernels need no transformers.
 _HF_NAMES = ("apply_safeattn", "revert_safeattn", "add_safety_token", "SafetyHead", "SafetyLayout",
              "classify", "safety_forward", "build_inputs", "save_safety", "load_safety",
-             "from_pretrained")
+             "from_pretrained", "combine_safety")
 __all__ += ["hf", "models", *_HF_NAMES]
 
 

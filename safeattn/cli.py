@@ -500,6 +500,27 @@ def _add_responses(sub) -> None:
     p.set_defaults(func=_responses)
 
 
+def _combine(args) -> int:
+    from .hf.ensemble import combine_safety
+
+    out = combine_safety(args.heads, args.out)
+    print(f"an ensemble of {len(args.heads)} heads in {out}; calibrate it: safeattn calibrate "
+          f"--safety {out}")
+    return 0
+
+
+def _add_combine(sub) -> None:
+    p = sub.add_parser(
+        "combine", help="one ensemble of several trained heads (safety directories)",
+        description="Write the safety files of a head ensemble (safeattn.combine_safety): "
+                    "every check gives each head a probe row of its own and scores the mean of "
+                    "their logits. The heads must come from one model, cls_layer and probe "
+                    "window; the first is member 0. θ is not kept: calibrate the result.")
+    p.add_argument("heads", nargs="+", help="safety directories written by save_safety")
+    p.add_argument("--out", required=True, help="the directory to write")
+    p.set_defaults(func=_combine)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="safeattn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -531,6 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_eval(sub)
     _add_calibrate(sub)
     _add_responses(sub)
+    _add_combine(sub)
     bench = sub.add_parser(
         "bench", help="run the benchmark suite (source checkout) and print its table",
         description="Runs `python -m pytest bench` (pytest-benchmark; ratios against the "

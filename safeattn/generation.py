@@ -41,6 +41,9 @@ How one decode step works (per batch, all rows at once):
   same ``safety_step`` (θ, τ, Rules 1–3) as a decoding-time check at that token; its K/V
   leaves the cache as above. With a head on decoder layer ``cls_layer`` the forward ends
   after that layer. Without them only the prefill's last window is ever checked.
+- **Head ensembles** *(ours)*: with ``K`` heads (:mod:`safeattn.hf.ensemble`) every check
+  carries ``K`` probe rows, one per member, and ``p`` is the sigmoid of their mean logit;
+  ``p_0`` then comes from a prefill check with an empty window.
 - **Fail closed**: a non-finite ``p`` refuses (inside the op); an exception raised by the head
   or the op makes every row that was checked refuse. Both are logged as warnings on the
   ``"safeattn"`` logger.
@@ -519,6 +522,7 @@ class _Decode:
 
     def _layout_inputs(self, attention_mask, q_span, response_start, position_ids):
         """The columns of ``[CLS]``, the request and the response, and the positions."""
+        from .hf.ensemble import member_count
         from .hf.surgery import cls_token_id
 
         dev, b, l0 = self.dev, self.b, self.l0
@@ -531,6 +535,7 @@ class _Decode:
         self.pos = ((self.am.cumsum(-1) - 1).clamp_min(0) if position_ids is None
                     else position_ids.to(dev).long())
         self.cid = cls_token_id(self.model)
+        self.k = member_count(self.model)  # probe rows per check
         self.vis = bool((self.model.config.safeattn or {}).get("cls_visible_to_response", False))
         self.q32, self.rs32 = self.q_span.int().contiguous(), self.rs.int().contiguous()
         self.one = torch.ones(1, dtype=torch.float32, device=dev)
@@ -616,7 +621,7 @@ class _Decode:
         from .hf import SafetyLayout
 
         probe = {} if active is None else {"probe_window": self.iv[:, 1],
-                                           "probe_active": active}
+                                           "probe_active": active, "probe_rows": self.k}
         return SafetyLayout(q_span=self.q_span, cls=self.cls_col, resp_start=self.rs,
                             cls_visible_to_response=self.vis, **probe)
 
@@ -639,8 +644,7 @@ class _Decode:
             if h is None:
                 logit = self.no_probe
             else:
-                head = self.model.safety_head
-                logit = head(h.to(head.weight.dtype)).float().reshape(self.b, 1)
+                logit = self.head_logit(h)
                 if query is not None:
                     logit = self.model.safety_query_probe(logit[:, 0], query)[:, None]
                 elif self.rprobe is not None and not prefill:
@@ -663,6 +667,16 @@ class _Decode:
             self.step.add_(1)
             self.iv = self.ranges()
             return torch.full((self.b,), float("nan"), dtype=torch.float64, device=self.dev)
+
+    def head_logit(self, h) -> torch.Tensor:
+        """``[B, K, D]`` probe states (``[B, D]``: one head) -> ``[B, 1]`` fp32: the head's
+        logit, or the mean of the ensemble members' logits."""
+        head = self.model.safety_head
+        if h.dim() == 2:
+            return head(h.to(head.weight.dtype)).float().reshape(self.b, 1)
+        heads = [head] + [m.head for m in self.model.safety_members]
+        logits = [f(h[:, j].to(f.weight.dtype)).float() for j, f in enumerate(heads)]
+        return torch.stack(logits, 0).mean(0).reshape(self.b, 1)
 
     def keep_token_logits(self, start: int, count: int) -> None:
         """The last forward's ``response_token_logit`` of its first ``count`` rows (its token
@@ -701,11 +715,20 @@ class _Decode:
     # ---- the steps
     def prefill(self) -> None:
         """``[CLS]`` + prompt: the cache, the first logits, and ``p_0`` from the [CLS] row
-        (blended with the query probe's read of the last prompt token, when the model has one)."""
-        self.out = self.model(input_ids=self.seq, attention_mask=self.am,
-                              position_ids=self.pos, cache=self.cache,
-                              safety_layout=self.layout(), logits_to_keep=1, use_cache=True)
-        h0, hq = self.out.get("safety_hidden"), self.out.get("query_hidden")
+        (blended with the query probe's read of the last prompt token, when the model has one;
+        for an ensemble, from its probe rows with an empty window, riding on the prefill)."""
+        if self.k > 1:
+            self.iv = self.ranges()  # step 0: the probes read the query alone
+            self.out = self.with_probe(
+                torch.cat([self.seq, self.probe_ids()], 1),
+                torch.cat([self.pos, torch.zeros_like(self.probe_ids())], 1), self.all_rows,
+                keep=torch.tensor([self.l0 - 1], device=self.dev))
+            h0, hq = self.probe_states(self.out), None
+        else:
+            self.out = self.model(input_ids=self.seq, attention_mask=self.am,
+                                  position_ids=self.pos, cache=self.cache,
+                                  safety_layout=self.layout(), logits_to_keep=1, use_cache=True)
+            h0, hq = self.out.get("safety_hidden"), self.out.get("query_hidden")
         if h0 is None:
             raise RuntimeError("safeattn: the prefill did not tap the [CLS] row")
         if hq is None and getattr(self.model, "safety_query_probe", None) is not None:
@@ -888,10 +911,8 @@ class _Decode:
             self.seen_to = self.iv[:, 1, 1].long() - self.rs - self.pre  # before check()
             self.out = self.probe_forward(active)
             self.keep_token_logits(self.l0 + self.n - 1, 1)
-            h = self.out.get("safety_hidden")
-            if h is None:
-                raise RuntimeError("safeattn: the check step did not tap the probe row")
-            p = self.check(h, active, self.safety.check_threshold(self.n))
+            p = self.check(self.probe_states(self.out), active,
+                           self.safety.check_threshold(self.n))
         else:
             active = torch.zeros_like(self.all_rows)
             self.out = self.model(input_ids=self.tok[:, None], attention_mask=self.am,
@@ -904,39 +925,53 @@ class _Decode:
         self.cur_pos = self.cur_pos + 1
 
     def probe_forward(self, active):
-        """``[token, probe]`` in one forward; the probe's K/V leaves the cache again."""
-        ids = torch.stack([self.tok, torch.full_like(self.tok, self.cid)], 1)
-        pos = torch.stack([self.cur_pos, torch.zeros_like(self.cur_pos)], 1)
+        """``[token, probe × K]`` in one forward; the probes' K/V leaves the cache again."""
+        ids = torch.cat([self.tok[:, None], self.probe_ids()], 1)
+        pos = torch.cat([self.cur_pos[:, None], torch.zeros_like(self.probe_ids())], 1)
         return self.with_probe(ids, pos, active)
 
+    def probe_ids(self) -> torch.Tensor:
+        """``[B, K]``: the ``[CLS]`` id of each member's probe row."""
+        return torch.full((self.b, self.k), self.cid, dtype=torch.long, device=self.dev)
+
+    def probe_states(self, out) -> torch.Tensor:
+        """The tapped probe states of a forward: ``[B, D]``, or ``[B, K, D]`` for an ensemble."""
+        h = out.get("safety_hidden")
+        if h is None or (self.k > 1 and out.get("member_hidden") is None):
+            raise RuntimeError("safeattn: the check did not tap the probe rows")
+        return h if self.k == 1 else torch.cat([h[:, None], out["member_hidden"]], 1)
+
     def probe_alone(self, active) -> torch.Tensor:
-        """A forward of the probe row alone (a prefill check) -> its tapped hidden state.
+        """A forward of the probe rows alone (a prefill check) -> their tapped states.
         With a head on an inner layer the forward ends there (:class:`ProbeDone`)."""
-        ids = torch.full((self.b, 1), self.cid, dtype=torch.long, device=self.dev)
+        ids = self.probe_ids()
         out = self.with_probe(ids, torch.zeros_like(ids), active, keep=self.no_logits)
-        if out.get("safety_hidden") is None:
-            raise RuntimeError("safeattn: the prefill check did not tap the probe row")
-        return out["safety_hidden"]
+        return self.probe_states(out)
 
-    def with_probe(self, ids, pos, active, keep=None):
-        """A forward of ``ids`` whose last row is the probe; the probe's K/V leaves the cache
-        again. ``keep``: the rows to compute logits of (default: the token row's)."""
-        from .hf.patch import ProbeDone
-
+    def record_past(self) -> None:
+        """The probe layers' sliding caches keep every key until the next ``crop``."""
         for layer in self.probe_layers:
             if hasattr(layer, "activate_past_recording"):
                 layer.activate_past_recording()
+
+    def with_probe(self, ids, pos, active, keep=None):
+        """A forward of ``ids`` whose last ``K`` rows are the probes; their K/V leaves the
+        cache again. ``keep``: the rows to compute logits of (default: the token row's)."""
+        from .hf.patch import ProbeDone
+
+        self.record_past()
+        am = torch.cat([self.am] + [self.am[:, -1:]] * self.k, -1)
         try:
             try:
                 out = self.model(
-                    input_ids=ids, attention_mask=torch.cat([self.am, self.am[:, -1:]], -1),
-                    position_ids=pos, cache=self.cache, safety_layout=self.layout(active),
-                    use_cache=True, probe_exit=self.exit_at is not None,
+                    input_ids=ids, attention_mask=am, position_ids=pos, cache=self.cache,
+                    safety_layout=self.layout(active), use_cache=True,
+                    probe_exit=self.exit_at is not None,
                     logits_to_keep=self.keep if keep is None else keep)
             except ProbeDone as done:
-                out = {"safety_hidden": done.safety_hidden}
-            for layer in self.probe_layers:  # drop the probe's K/V (sliding layers restore
-                layer.crop(-1)               # their window); later layers never got it
+                out = {"safety_hidden": done.safety_hidden, "member_hidden": done.member_hidden}
+            for layer in self.probe_layers:  # drop the probes' K/V (sliding layers restore
+                layer.crop(-self.k)          # their window); later layers never got it
         finally:
             for layer in self.probe_layers:
                 if getattr(layer, "record_past", False):

@@ -10,6 +10,7 @@ Importing this package registers the ``"safeattn"`` attention backend, so
 ``AutoModelForCausalLM.from_pretrained(name, attn_implementation="safeattn")`` also works.
 """
 from .backend import NAME, register, safeattn_attention_forward, safeattn_mask
+from .ensemble import combine_safety
 from .layout import MODES, SafetyLayout, build_intervals, layout_intervals, valid_runs
 from .patch import (SUPPORTED_MODEL_TYPES, apply_safeattn, classify, is_patched,
                     revert_safeattn, safety_forward)
@@ -22,7 +23,7 @@ __all__ = [
     "NAME", "register", "safeattn_attention_forward", "safeattn_mask",
     "MODES", "SafetyLayout", "build_intervals", "layout_intervals", "valid_runs",
     "SUPPORTED_MODEL_TYPES", "apply_safeattn", "classify", "is_patched", "revert_safeattn",
-    "safety_forward", "from_pretrained", "load_safety", "save_safety",
+    "safety_forward", "from_pretrained", "load_safety", "save_safety", "combine_safety",
     "CLS_TOKEN", "QueryProbe", "ResponseProbe", "SafetyHead", "add_safety_token", "cls_token_id",
     "safety_config",
     "PLAIN_TEMPLATE", "build_inputs",

@@ -37,6 +37,8 @@ class SafetyLayout:
         probe_active: ``[B]`` bool, rows whose probe runs this step (default: all). The probe
             row of an inactive row sees only itself, so it reads one key (batched decoding:
             rows that finished, refused or that the schedule skips do not pay for the probe).
+        probe_rows: how many query rows at the end are probes (one per member of a head
+            ensemble, :mod:`safeattn.hf.ensemble`); each sees itself, ``q_span`` and ``W_t``.
     """
 
     q_span: torch.Tensor
@@ -47,12 +49,15 @@ class SafetyLayout:
     cls_visible_to_response: bool = False
     probe_window: torch.Tensor | None = None
     probe_active: torch.Tensor | None = None
+    probe_rows: int = 1
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"safety mode must be one of {MODES}, got {self.mode!r}")
         if self.mode == "trajectory" and self.window is None:
             raise ValueError("trajectory mode needs a response window [B, 2]")
+        if not isinstance(self.probe_rows, int) or self.probe_rows < 1:
+            raise ValueError(f"probe_rows must be an int >= 1, got {self.probe_rows!r}")
         q = self.q_span
         if not isinstance(q, torch.Tensor) or q.dim() != 2 or q.shape[1] != 2:
             raise ValueError(f"q_span must be a [B, 2] tensor, got {getattr(q, 'shape', q)}")
@@ -176,16 +181,15 @@ def _apply_layout(lay: SafetyLayout, base: torch.Tensor, qpos: torch.Tensor,
         special.append(cls_iv)
         is_special.append(qpos[None, :] == c[:, None])
     if lay.probe_window is not None:
-        own = qpos[-1].expand(b)
         pq, pw = q, lay.probe_window.long()
         if lay.probe_active is not None:  # inactive rows: the probe sees only itself
             on = lay.probe_active.bool()[:, None]
             pq, pw = pq * on, pw * on
-        special.append(_cat_slots(torch.stack([own, own + 1], -1)[:, None], pq[:, None],
-                                  pw[:, None]))
-        last = torch.zeros(tq, dtype=torch.bool, device=dev)
-        last[-1] = True
-        is_special.append(last[None, :].expand(b, tq))
+        shared = _cat_slots(pq[:, None], pw[:, None])
+        for col in qpos[tq - lay.probe_rows:]:
+            own = col.expand(b)
+            special.append(_cat_slots(torch.stack([own, own + 1], -1)[:, None], shared))
+            is_special.append((qpos == col)[None, :].expand(b, tq))
     if not special:
         return out
     ni = max([out.shape[2]] + [sp.shape[1] for sp in special])

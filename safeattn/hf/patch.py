@@ -44,7 +44,7 @@ from dataclasses import replace
 
 import torch
 
-from . import adapter, backend, few_rows
+from . import adapter, backend, ensemble, few_rows
 from .backend import SAFETY_KWARGS, is_descriptor
 from .layout import MODES, SafetyLayout
 from .surgery import (QueryProbe, ResponseProbe, SafetyHead, _base, add_safety_token, cls_token_id,
@@ -60,13 +60,15 @@ _STATE = "_safeattn_state"
 
 
 class ProbeDone(Exception):
-    """Ends a ``probe_exit`` forward whose only query row is the probe, once the head's layer
-    has run: ``safety_hidden`` is what the output would have carried. The cache layers
-    ``0..cls_layer`` hold the probe's K/V, as after any ``probe_exit`` forward."""
+    """Ends a ``probe_exit`` forward whose only query rows are probes, once the head's layer
+    has run: ``safety_hidden`` (and with an ensemble ``member_hidden``) is what the output
+    would have carried. The cache layers ``0..cls_layer`` hold the probes' K/V, as after any
+    ``probe_exit`` forward."""
 
-    def __init__(self, safety_hidden):
-        super().__init__("the probe row, the forward's only row, left it at the head's layer")
+    def __init__(self, safety_hidden, member_hidden=None):
+        super().__init__("the probe rows, the forward's only rows, left it at the head's layer")
         self.safety_hidden = safety_hidden
+        self.member_hidden = member_hidden
 
 
 def _check_supported(model) -> None:
@@ -119,6 +121,7 @@ def apply_safeattn(model, tokenizer=None, *, cls_layer: int | None = None,
     model.safety_head.cls_layer = cls_layer
     _add_query_probe(model, cfg.get("query_probe"), n_layers)
     _add_response_probe(model, cfg.get("response_probe"), n_layers)
+    ensemble.add_members(model, cfg.get("members"), cls_layer)
     cfg = safety_config(model) or {}
     cfg.update(cls_layer=cls_layer, cls_visible_to_response=bool(cls_visible_to_response))
     model.config.safeattn = cfg
@@ -149,12 +152,19 @@ def apply_safeattn(model, tokenizer=None, *, cls_layer: int | None = None,
         state["handles"].append(
             base.layers[rp.layer - 1].register_forward_hook(_response_hook(model)))
     if getattr(model, "safety_adapter", None) is not None:
-        # while the few-row switch is on, the tapped row is the probe: the last query row
+        # while the few-row switch is on, the tapped row is the first probe of the last rows
         state["handles"] += adapter.install_hooks(
             model, model.safety_adapter,
-            lambda: -1 if switch.on else (state["ctx"] or {}).get("rows"))
+            lambda: -_probes(state) if switch.on else (state["ctx"] or {}).get("rows"))
+    state["handles"] += ensemble.install_member_hooks(
+        model, lambda: _probes(state) if switch.on else 0)
     object.__setattr__(model, _STATE, state)  # not a submodule / parameter
     return model
+
+
+def _probes(state) -> int:
+    """The probe rows at the end of the current forward (one per ensemble member)."""
+    return (state["ctx"] or {}).get("probes", 1)
 
 
 def _add_query_probe(model, spec, n_layers: int) -> None:
@@ -364,17 +374,20 @@ def _pre_hook(model, args, kwargs):
         ref = ids if ids is not None else kwargs.get("inputs_embeds")
         rows = None
         if ref is not None and layout.probe_window is not None:
-            rows = torch.full((ref.shape[0],), ref.shape[1] - 1, dtype=torch.long,
-                              device=ref.device)
+            rows = torch.full((ref.shape[0],), ref.shape[1] - layout.probe_rows,
+                              dtype=torch.long, device=ref.device)
         elif ref is not None and layout.cls is not None and _past_length(kwargs) == 0:
             rows = layout.cls.long().to(ref.device)
         st["ctx"] = {"rows": rows, "h": None, "defer_head": True,
                      "exit": _exit_memo(st, layout, rows, probe_exit)}
     else:
         layout, rows = _build_layout(model, args, kwargs, extra)
+        if ensemble.member_count(model) > 1:  # its p needs probe rows: safety_forward refuses
+            rows = None
         kwargs["safety_layout"] = layout
         st["ctx"] = {"rows": rows, "h": None, "exit": _exit_memo(st, layout, rows, probe_exit)}
     st["ctx"]["query_rows"] = _query_rows(model, layout, rows, kwargs, args)
+    st["ctx"]["probes"] = layout.probe_rows
     st["few_rows"].on = rows is not None and layout.probe_window is not None
     return args, kwargs
 
@@ -402,22 +415,22 @@ def _exit_memo(st, layout, rows, probe_exit):
     return None
 
 
-def _drop_probe(name, v):
-    """A decoder-layer kwarg without the last query row (the probe)."""
+def _drop_probe(name, v, n):
+    """A decoder-layer kwarg without the last ``n`` query rows (the probes)."""
     if name == "safety_layout":
-        return replace(v, probe_window=None, probe_active=None)
+        return replace(v, probe_window=None, probe_active=None, probe_rows=1)
     if name == "position_embeddings":  # (cos, sin), each [B, Tq, D]
-        return tuple(t[:, :-1] for t in v)
+        return tuple(t[:, :-n] for t in v)
     if name == "attention_mask":
-        if not is_descriptor(v):  # dense [B, 1, Tq, Tk]: the probe is the last query and key
-            return v[..., :-1, :-1]
+        if not is_descriptor(v):  # dense [B, 1, Tq, Tk]: the probes are the last queries and keys
+            return v[..., :-n, :-n]
         rows = getattr(v, "_safeattn_rows", None)
         if rows is None:  # plain descriptor: row-count independent
             return v
         d = v.detach()
-        d._safeattn_rows = rows[:, :-1]
+        d._safeattn_rows = rows[:, :-n]
         return d
-    return v[..., :-1]  # position_ids, cache_position
+    return v[..., :-n]  # position_ids, cache_position
 
 
 _EXIT_KWARGS = ("safety_layout", "position_embeddings", "attention_mask", "position_ids",
@@ -436,7 +449,7 @@ def _exit_hook(model):
                 continue
             got = memo.get(id(v))
             if got is None:  # keep v alive so that its id stays unique within the forward
-                got = memo[id(v)] = (v, _drop_probe(k, v))
+                got = memo[id(v)] = (v, _drop_probe(k, v, ctx["probes"]))
             kwargs[k] = got[1]
         return args, kwargs
     return hook
@@ -448,11 +461,16 @@ def _tap_hook(model):
         if ctx is not None and ctx["rows"] is not None:
             h = out[0] if isinstance(out, tuple) else out
             ctx["h"] = h[torch.arange(h.shape[0], device=h.device), ctx["rows"].to(h.device)]
-            if ctx.get("exit") is not None:  # the probe row stops here
-                if h.shape[1] == 1:  # and no other row is left to run on
+            n = ctx.get("probes", 1)
+            if n > 1:  # the other members' probe rows follow member 0's
+                ctx["hm"] = h[:, h.shape[1] - n + 1:]
+            if ctx.get("exit") is not None:  # the probe rows stop here
+                if h.shape[1] == n:  # and no other row is left to run on
                     _clear(getattr(model, _STATE))
-                    raise ProbeDone(_tapped(model, ctx["h"]))
-                return (h[:, :-1], *out[1:]) if isinstance(out, tuple) else h[:, :-1]
+                    hm = ctx.get("hm")
+                    raise ProbeDone(_tapped(model, ctx["h"]),
+                                    None if hm is None else _tapped(model, hm))
+                return (h[:, :-n], *out[1:]) if isinstance(out, tuple) else h[:, :-n]
         return None
     return hook
 
@@ -490,6 +508,8 @@ def _post_hook(model, args, kwargs, output):
     ctx = _clear(st)
     if ctx is not None and ctx["h"] is not None:
         h = output["safety_hidden"] = _tapped(model, ctx["h"])
+    if ctx is not None and ctx.get("hm") is not None:
+        output["member_hidden"] = _tapped(model, ctx["hm"])
     hq = ctx.get("hq") if ctx is not None else None
     if hq is not None:
         output["query_hidden"] = hq
@@ -531,6 +551,10 @@ def safety_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     """
     if not is_patched(model):
         raise ValueError("model is not patched; call safeattn.apply_safeattn(model, tokenizer)")
+    k = ensemble.member_count(model)
+    if k > 1:
+        raise ValueError(f"this model's safety head is an ensemble of {k}, which scores through "
+                         "probe rows: use safeattn.classify for p_0, or safe generation")
     return model(input_ids=input_ids, attention_mask=attention_mask, q_span=q_span, **kwargs)
 
 
@@ -538,8 +562,8 @@ def safety_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
 def classify(model, tokenizer, prompts: list[str] | str, *, batch_size: int = 16,
              system: str | None = None) -> torch.Tensor:
     """``p_0`` = P(malicious) of each prompt from the ``[CLS]`` row (and the query probe, when
-    the head has one) -> float64 ``[B]`` (on CPU; fp32 ``p`` is 1.0 past logit ~16.6, which
-    would tie a saturated head's scores).
+    the head has one; for a head ensemble, from its probe rows) -> float64 ``[B]`` (on CPU;
+    fp32 ``p`` is 1.0 past logit ~16.6, which would tie a saturated head's scores).
 
     Patches the model with :func:`apply_safeattn` first when needed.
     """
@@ -552,8 +576,20 @@ def classify(model, tokenizer, prompts: list[str] | str, *, batch_size: int = 16
     dev = model.get_input_embeddings().weight.device
     ps = []
     for i in range(0, len(prompts), batch_size):
+        if ensemble.member_count(model) > 1:
+            ps.append(_ensemble_p0(model, tokenizer, prompts[i:i + batch_size], system))
+            continue
         enc = build_inputs(tokenizer, prompts[i:i + batch_size], system=system, device=dev)
         out = model(**enc, use_cache=False, logits_to_keep=1)
         logit = out.get("query_logit", out.safety_logit)
         ps.append(torch.sigmoid(logit.double()).cpu())
     return torch.cat(ps) if ps else torch.empty(0)
+
+
+def _ensemble_p0(model, tokenizer, prompts, system) -> torch.Tensor:
+    """``p_0`` of a head ensemble: the decoder's prefill check (one probe row per member)."""
+    from ..generation import SafetyConfig, generate
+
+    out = generate(model, tokenizer, prompts, system=system, max_new_tokens=1, do_sample=False,
+                   safety=SafetyConfig(threshold=0.5), return_dict_in_generate=True)
+    return out.safety.p[:, 0].double().cpu()

@@ -16,7 +16,8 @@ __all__ = ["save_safety", "load_safety", "from_pretrained", "SAFETY_CONFIG", "SA
 SAFETY_CONFIG = "safety_config.json"
 SAFETY_WEIGHTS = "safety_head.safetensors"
 #: Optional safety modules whose weights travel with the head's, under their attribute name.
-_EXTRA_PARTS = ("safety_adapter", "safety_query_probe", "safety_response_probe")
+_EXTRA_PARTS = ("safety_adapter", "safety_query_probe", "safety_response_probe",
+                "safety_members")
 
 
 def save_safety(model, save_directory) -> Path:
@@ -28,7 +29,8 @@ def save_safety(model, save_directory) -> Path:
     and ``safety_head.safetensors`` (``safety_head.weight [1, d]``, ``safety_head.bias [1]``,
     ``cls_embedding [d]``: the ``[CLS]`` input-embedding row; with a probe adapter also its
     ``safety_adapter.a.*`` / ``safety_adapter.b.*``; with a query or response probe its
-    ``safety_query_probe.*`` / ``safety_response_probe.*``). Returns the directory.
+    ``safety_query_probe.*`` / ``safety_response_probe.*``; for a head ensemble the other
+    members' ``safety_members.<j>.*``). Returns the directory.
     """
     cfg = safety_config(model)
     if cfg is None or getattr(model, "safety_head", None) is None:
@@ -73,13 +75,14 @@ def load_safety(model, load_directory, tokenizer=None):
     else:
         cls_token_id(model)  # raises when the model has no [CLS]
     cfg = safety_config(model) or {}
-    for key in ("adapter", "query_probe", "response_probe", "threshold", "query_threshold",
-                "late_threshold", "late_after", "refusal_prefix", "probe_window"):  # the files
+    for key in ("adapter", "query_probe", "response_probe", "members", "threshold",
+                "query_threshold", "late_threshold", "late_after", "refusal_prefix",
+                "probe_window"):  # the files
         cfg.pop(key, None)
         if meta.get(key) is not None:
             cfg[key] = meta[key]
     model.config.safeattn = cfg
-    model.safety_adapter = None  # rebuilt from the config by apply_safeattn
+    model.safety_adapter = model.safety_members = None  # rebuilt by apply_safeattn
     apply_safeattn(model, tokenizer, cls_layer=meta.get("cls_layer"),
                    cls_visible_to_response=meta.get("cls_visible_to_response", False))
     with safe_open(str(d / SAFETY_WEIGHTS), framework="pt") as f:
