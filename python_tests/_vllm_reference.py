@@ -3,7 +3,7 @@ decoder needs its transformers; the vLLM venv pins an older one).
 
 ``python _vllm_reference.py SPEC.json OUT_DIR`` builds each tiny model of SPEC (random weights,
 random head and probe adapter; the llama one also a random query probe, the gemma3 one a
-random response probe), saves it with
+random response probe; ``<family>+ens``: no such probe, a head ensemble of two), saves it with
 ``save_pretrained`` + ``save_safety`` to ``OUT_DIR/<family>`` (a family in
 ``safeattn.models.MODELS``: that shipped model and head, not saved), and writes
 ``OUT_DIR/<family>/ref.json``: per case (a SafetyConfig) the greedy token ids, ``q_span`` and
@@ -25,9 +25,10 @@ from safeattn.hf.adapter import attach_probe_adapter  # noqa: E402
 from _hf_tiny import PrintedStreamer, tiny_config, tiny_tokenizer  # noqa: E402
 
 
-def tiny_safe_model(family: str, seed: int = 0):
+def tiny_safe_model(family: str, seed: int = 0, extra_probe: bool = True):
     """A tiny random ``family`` model vLLM's CPU backend can run (head_dim 32), patched with a
-    random head on layer 1 and a random rank-4 probe adapter."""
+    random head on layer 1 and a random rank-4 probe adapter (and with ``extra_probe`` a
+    query or response probe, below)."""
     tok = tiny_tokenizer(chat=True)
     cfg, cls = tiny_config(family, len(tok.get_vocab()))
     kw = cfg.to_dict()
@@ -49,6 +50,8 @@ def tiny_safe_model(family: str, seed: int = 0):
             p.normal_(0, 0.3)
         model.safety_head.weight.normal_(0, 1.0)
         model.safety_head.bias.zero_()
+    if not extra_probe:
+        return model, tok
     # p_0 also from a query probe on the last block's output (llama); the decoding-time
     # checks also from a response probe on block 1's output (gemma3: the last probe layer,
     # so a folded probe's rows are still in its output)
@@ -65,6 +68,27 @@ def tiny_safe_model(family: str, seed: int = 0):
     return model, tok
 
 
+def tiny_ensemble(family: str, out: Path):
+    """:func:`tiny_safe_model` (no query or response probe) saved to ``out`` with a head
+    ensemble of two: its own head and a second random head, ``[CLS]`` row and adapter."""
+    import tempfile
+
+    model, tok = tiny_safe_model(family, extra_probe=False)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    with tempfile.TemporaryDirectory() as tmp:
+        safeattn.save_safety(model, Path(tmp) / "m0")
+        cls = safeattn.hf.cls_token_id(model)
+        with torch.no_grad():
+            for p in [*model.safety_adapter.parameters(), *model.safety_head.parameters()]:
+                p.normal_(0, 0.3 if p.dim() > 1 else 0.5)
+            model.get_input_embeddings().weight[cls].normal_(0, 0.2)
+        safeattn.save_safety(model, Path(tmp) / "m1")
+        safeattn.combine_safety([Path(tmp) / "m0", Path(tmp) / "m1"], out)
+    safeattn.load_safety(model, out, tok)
+    return model, tok
+
+
 def main(spec_path, out_dir):
     spec = json.loads(Path(spec_path).read_text())
     torch.set_num_threads(1)
@@ -74,6 +98,8 @@ def main(spec_path, out_dir):
         if name in safeattn.models.MODELS:  # a shipped model and head (not saved again)
             model, tok = safeattn.models.load_default(name, variant=variant or None)
             d.mkdir(parents=True, exist_ok=True)
+        elif family.endswith("+ens"):
+            model, tok = tiny_ensemble(family[:-len("+ens")], d)
         else:
             model, tok = tiny_safe_model(family)
             model.save_pretrained(d)

@@ -77,6 +77,10 @@ PREFILL_CASES = [{"schedule": "each"},
                   "escalate": False, "prefill_stride": 2}]
 
 
+#: Tiny models with a head ensemble of two (two probe rows per request and check).
+ENSEMBLES = ["gemma3_text+ens", "llama+ens"]
+
+
 def _reference_python() -> str:
     py = os.environ.get("SAFEATTN_REF_PYTHON") or shutil.which("python3")
     if not py:
@@ -88,7 +92,8 @@ def _reference_python() -> str:
 def refs(tmp_path_factory):
     out = tmp_path_factory.mktemp("vllm_tiny")
     spec = out / "spec.json"
-    spec.write_text(json.dumps({"families": ["gemma3_text", "llama"], "prompts": PROMPTS,
+    spec.write_text(json.dumps({"families": ["gemma3_text", "llama", *ENSEMBLES],
+                                "prompts": PROMPTS,
                                 "cases": CASES, "prefills": PREFILLS,
                                 "prefill_cases": PREFILL_CASES, "max_tokens": MAX_TOKENS}))
     r = subprocess.run([_reference_python(), str(HERE / "_vllm_reference.py"), str(spec),
@@ -192,6 +197,24 @@ def test_prefill_parity(engine, family, fold):
     decoding-time windows over prefill + generated tokens give safeattn.generate's tokens and
     trace, ``prefill_checks`` included."""
     llm, tok, ref = engine(family, fold=fold)
+    _prefill_parity(llm, tok, ref, family, fold)
+
+
+@pytest.mark.parametrize("family", ENSEMBLES)
+@pytest.mark.parametrize("fold", [True, False])
+def test_ensemble_parity(engine, family, fold):
+    """A head ensemble: each check gives a request one probe row per member (its own [CLS]
+    row, adapter and head) and scores their mean logit, folded into the forward or in a pass
+    of its own; safeattn.generate's tokens and trace, prefill checks included."""
+    llm, tok, ref = engine(family, fold=fold)
+    for case in range(len(CASES)):
+        _parity(llm, tok, ref, family, case, tag=f"-{fold}")
+    _prefill_parity(llm, tok, ref, family, fold)
+    assert _bridge(llm).runner.k == 2
+    assert any(r["refusal_step"] is not None for c in ref["cases"] for r in c)
+
+
+def _prefill_parity(llm, tok, ref, family, fold):
     ps, sps, where = [], [], []
     for c, cfg in enumerate(PREFILL_CASES):
         ids = [f"pre-{family}-{fold}-{c}-{i}" for i in range(len(PREFILLS))]
@@ -712,12 +735,39 @@ def test_fused_adapter_matches_hf(dtype):
     ab = parts.fuse(0, projs, widths)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(5, ab[0].shape[0], generator=g).to(dtype)
-    got = LowRank(*ab)(x)  # added to the model's output in place, one rounding
+    got = LowRank(ab[0], ab[1])(x)  # added to the model's output in place, one rounding
     hf = SimpleNamespace(a={k: a for k, (a, _) in parts.adapter.items()},  # fp32 weights
                          b={k: b for k, (_, b) in parts.adapter.items()}, scale=parts.scale)
     want = torch.cat([ProbeAdapter.delta(hf, f"0_{p}", x) for p in projs], 1)
     assert want.abs().max() > 0.01  # a trained adapter
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_ensemble_adapter_keeps_each_row_to_its_member(refs):
+    """An ensemble's fused update stacks the members' ranks; each probe row keeps its own
+    member's part (``owner``) and gets exactly that member's HF ``delta``."""
+    from types import SimpleNamespace
+
+    from safeattn.hf.adapter import ProbeAdapter
+    from safeattn.vllm.probe import LowRank, SafetyParts
+
+    parts = SafetyParts(refs / "llama+ens")
+    assert parts.members == 2 and parts.head_w.shape[0] == 2
+    projs = ("q_proj", "k_proj", "v_proj")
+    widths = tuple(parts.adapter[f"0_{p}"][1].shape[0] for p in projs)
+    a, b, owner = parts.fuse(0, projs, widths)
+    assert owner.tolist() == [0] * 12 + [1] * 12  # rank 4, three projections, two members
+    x = torch.randn(6, a.shape[0], generator=torch.Generator().manual_seed(0))
+    member = torch.tensor([0, 1, 1, 0, 1, 0])
+    got = LowRank(a, b, owner=owner)(x, member)
+    for j in (0, 1):
+        hf = SimpleNamespace(a={k: v for k, (v, _) in parts.adapters[j].items()},
+                             b={k: v for k, (_, v) in parts.adapters[j].items()},
+                             scale=parts.scales[j])
+        want = torch.cat([ProbeAdapter.delta(hf, f"0_{p}", x) for p in projs], 1)
+        rows = member == j
+        torch.testing.assert_close(got[rows], want[rows], rtol=1e-5, atol=1e-6)
+        assert (got[~rows] - want[~rows]).abs().max() > 1e-3
 
 
 def test_bf16_engine_probe_reads_its_cache(engine):

@@ -177,7 +177,7 @@ def _wrap(base, family: str):
             keep = ((n, w) for n, w in weights
                     if n != "cls_embedding" and not n.startswith(
                         ("safety_head.", "safety_adapter.", "safety_query_probe.",
-                         "safety_response_probe.")))
+                         "safety_response_probe.", "safety_members.")))
             return super().load_weights(keep)
 
         def _probe_start(self):

@@ -7,7 +7,9 @@ attention is exact for them. Every request due for a check gets one probe row: t
 embedding at RoPE position 0, run through decoder layers ``0..cls_layer`` with their own
 weights (plus the probe adapter), attending to ``{itself} ∪ q_span ∪ W_t`` read straight from
 the paged cache. All probe rows of a step go through :func:`safeattn.ops.interval_attention`
-together, layer by layer; nothing is written to the cache. :class:`FoldedProbe` carries them
+together, layer by layer; nothing is written to the cache. A head ensemble
+(:mod:`safeattn.hf.ensemble`) gives each request ``K`` probe rows, one per member, with its
+member's ``[CLS]`` row, adapter and head; a request's logit is the mean of its rows'. :class:`FoldedProbe` carries them
 through the main forward (eager engines); :meth:`ProbeRunner.run` runs them in a pass of
 their own after it.
 """
@@ -50,10 +52,22 @@ class ResponseBlend:
                 + self.bias)
 
 
+#: Where member 0 (the model's own head) and member ``j >= 1`` of an ensemble keep their head,
+#: ``[CLS]`` row and probe adapter in ``save_safety``'s file.
+def _member_names(j: int) -> tuple[str, str, str]:
+    if j == 0:
+        return "safety_head.", "cls_embedding", "safety_adapter."
+    pre = f"safety_members.{j - 1}."
+    return pre + "head.", pre + "cls_embedding", pre + "adapter."
+
+
 class SafetyParts:
     """What ``save_safety`` wrote: config, head, ``[CLS]`` row, the probe adapter, the query
     probe (``query_layer``: its hidden-state index, or None) and the response probe
-    (``response_layer``, or None; ``response``: its :class:`ResponseBlend`)."""
+    (``response_layer``, or None; ``response``: its :class:`ResponseBlend`). For a head
+    ensemble of ``members`` heads, ``head_w [K, D]``, ``head_b [K]``, ``cls_embedding
+    [K, D]``, ``adapters`` and ``scales`` hold one entry per member; ``adapter`` / ``scale``
+    are member 0's."""
 
     def __init__(self, directory):
         from safetensors.torch import load_file
@@ -69,21 +83,25 @@ class SafetyParts:
                              "sequence does not hold")
         t = load_file(str(d / SAFETY_WEIGHTS))
         self.cls_layer = self.config.get("cls_layer")
-        self.head_w = t["safety_head.weight"].float().reshape(-1)
-        self.head_b = t["safety_head.bias"].float().reshape(())
-        self.cls_embedding = t["cls_embedding"]
-        ad = self.config.get("adapter") or None
-        self.adapter = {}
-        self.scale = 0.0
-        if ad:
-            bad = set(ad["targets"]) - set(TARGETS)
-            if bad:
-                raise ValueError(f"safety adapter: unknown targets {sorted(bad)}")
-            self.scale = float(ad["alpha"]) / float(ad["rank"])
-            for k, v in t.items():
-                if k.startswith("safety_adapter.a."):
-                    key = k[len("safety_adapter.a."):]
-                    self.adapter[key] = (v, t[f"safety_adapter.b.{key}"])
+        specs = [self.config.get("adapter")] + [
+            m.get("adapter") for m in self.config.get("members") or ()]
+        self.members = len(specs)
+        if self.members > 1 and (self.config.get("query_probe")
+                                 or self.config.get("response_probe")):
+            raise ValueError("safety config: an ensemble ('members') cannot have a query or "
+                             "response probe")
+        heads, rows, self.adapters, self.scales = [], [], [], []
+        for j, spec in enumerate(specs):
+            head, cls, adapter = _member_names(j)
+            heads.append((t[head + "weight"].float().reshape(-1),
+                          t[head + "bias"].float().reshape(())))
+            rows.append(t[cls])
+            self.adapters.append(_adapter(t, adapter, spec))
+            self.scales.append(0.0 if not spec else float(spec["alpha"]) / float(spec["rank"]))
+        self.head_w = torch.stack([w for w, _ in heads])
+        self.head_b = torch.stack([b for _, b in heads])
+        self.cls_embedding = torch.stack(rows)
+        self.adapter, self.scale = self.adapters[0], self.scales[0]
         qp = self.config.get("query_probe") or None
         self.query_layer = None if qp is None else qp.get("layer")
         if qp is not None:
@@ -116,33 +134,55 @@ class SafetyParts:
 
     def fuse(self, layer: int, projs: tuple[str, ...], widths: tuple[int, ...]):
         """One low-rank update for a fused linear whose output is ``projs`` side by side
-        (``widths`` wide) -> ``(A [in, Σr], B [Σr, Σwidths])`` with the scale folded into the
-        block-diagonal ``B`` (zero for a projection without an adapter), or None if none of
-        ``projs`` in ``layer`` has one."""
-        ab = [self.adapter.get(f"{layer}_{p}") for p in projs]
-        if all(x is None for x in ab):
+        (``widths`` wide) -> ``(A [in, Σr], B [Σr, Σwidths], owner)`` with the scale folded
+        into the block-diagonal ``B`` (zero for a projection without an adapter), or None if
+        no member's adapter has one of ``projs`` in ``layer``. ``Σr`` runs over the members
+        too; ``owner [Σr]`` is the member of each rank column (None for a single head)."""
+        blocks = [(j, self.scales[j], [ad.get(f"{layer}_{p}") for p in projs])
+                  for j, ad in enumerate(self.adapters)]
+        blocks = [(j, s, ab) for j, s, ab in blocks if any(x is not None for x in ab)]
+        if not blocks:
             return None
-        a = torch.cat([x[0] for x in ab if x is not None]).t().contiguous()
+        a = torch.cat([x[0] for _, _, ab in blocks for x in ab if x is not None]).t()
         b = a.new_zeros(a.shape[1], sum(widths))
-        r0, c0 = 0, 0
-        for w, x in zip(widths, ab):
-            if x is not None:
-                r = x[0].shape[0]
-                b[r0:r0 + r, c0:c0 + w] = x[1].t() * self.scale
-                r0 += r
-            c0 += w
-        return a, b
+        owner = torch.empty(a.shape[1], dtype=torch.long)
+        r0 = 0
+        for j, scale, ab in blocks:
+            c0 = 0
+            for w, x in zip(widths, ab):
+                if x is not None:
+                    r = x[0].shape[0]
+                    b[r0:r0 + r, c0:c0 + w] = x[1].t() * scale
+                    owner[r0:r0 + r] = j
+                    r0 += r
+                c0 += w
+        return a.contiguous(), b, owner if self.members > 1 else None
 
     def to(self, device, dtype):
         self.cls_embedding = self.cls_embedding.to(device=device, dtype=dtype)
         self.head_w, self.head_b = self.head_w.to(device), self.head_b.to(device)
-        self.adapter = {k: (a.to(device), b.to(device)) for k, (a, b) in self.adapter.items()}
+        self.adapters = [{k: (a.to(device), b.to(device)) for k, (a, b) in ad.items()}
+                         for ad in self.adapters]
+        self.adapter = self.adapters[0]
         if self.query_layer is not None:
             self.query_w, self.query_b, self.query_scale = (
                 x.to(device) for x in (self.query_w, self.query_b, self.query_scale))
         if self.response_layer is not None:
             self.response_w = self.response_w.to(device)
         return self
+
+
+def _adapter(t: dict, prefix: str, spec) -> dict:
+    """One member's probe adapter from the safety tensors ``t``: ``{"<layer>_<proj>": (A, B)}``
+    (empty without an adapter)."""
+    if not spec:
+        return {}
+    bad = set(spec["targets"]) - set(TARGETS)
+    if bad:
+        raise ValueError(f"safety adapter: unknown targets {sorted(bad)}")
+    a = prefix + "a."
+    return {k[len(a):]: (v, t[f"{prefix}b.{k[len(a):]}"]) for k, v in t.items()
+            if k.startswith(a)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,14 +193,20 @@ class LowRank:
     model's dtype), not bf16 as the HF adapter of a bf16 model runs: on CPU a bf16 matmul this
     small takes about 4x as long as the fp32 one (36 against 9 µs). ``reduce``: a row-parallel
     linear, whose ranks each hold a slice of ``x`` and all the reduced output: ``x A`` is
-    summed over the ranks before ``B``, and every rank adds the whole update."""
+    summed over the ranks before ``B``, and every rank adds the whole update. ``owner``: for
+    a head ensemble, the member of each of ``a``'s columns; a row keeps only its member's
+    (``member [Bp]``)."""
 
     a: torch.Tensor
     b: torch.Tensor
     reduce: bool = False
+    owner: torch.Tensor | None = None
 
-    def part(self, x: torch.Tensor) -> torch.Tensor:
-        return x.to(self.a.dtype) @ self.a
+    def part(self, x: torch.Tensor, member: torch.Tensor | None = None) -> torch.Tensor:
+        t = x.to(self.a.dtype) @ self.a
+        if self.owner is not None:
+            t = t * (self.owner[None] == member[:, None].to(self.owner.device))
+        return t
 
     def finish(self, t: torch.Tensor) -> torch.Tensor:
         if self.reduce:
@@ -169,8 +215,8 @@ class LowRank:
             t = tensor_model_parallel_all_reduce(t)
         return t @ self.b
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.finish(self.part(x))
+    def __call__(self, x: torch.Tensor, member: torch.Tensor | None = None) -> torch.Tensor:
+        return self.finish(self.part(x, member))
 
     def nothing(self, x: torch.Tensor) -> torch.Tensor:
         """The part a rank whose probe failed gives :meth:`finish`: zero, so that it still
@@ -202,7 +248,8 @@ def _update(parts: SafetyParts, layer: int, module, projs) -> LowRank | None:
             raise NotImplementedError(f"safeattn probe: layer {layer}'s {projs[0]} leaves its "
                                       "tensor-parallel sum to a later layer; cannot adapt it")
         n = module.input_size_per_partition
-        return LowRank(ab[0][rank * n:(rank + 1) * n].contiguous(), ab[1], module.tp_size > 1)
+        return LowRank(ab[0][rank * n:(rank + 1) * n].contiguous(), ab[1], module.tp_size > 1,
+                       _on(ab[2], ab[0]))
     if isinstance(module, QKVParallelLinear):
         hs, kv = module.head_size, rank // module.num_kv_head_replicas
         vs = getattr(module, "v_head_size", hs)
@@ -219,7 +266,11 @@ def _update(parts: SafetyParts, layer: int, module, projs) -> LowRank | None:
     starts = [sum(widths[:i]) for i in range(len(widths))]
     cols = torch.cat([torch.arange(s + k * n, s + (k + 1) * n)
                       for s, (k, n) in zip(starts, local)])
-    return LowRank(ab[0], ab[1][:, cols.to(ab[1].device)].contiguous())
+    return LowRank(ab[0], ab[1][:, cols.to(ab[1].device)].contiguous(), owner=_on(ab[2], ab[0]))
+
+
+def _on(owner, like):
+    return None if owner is None else owner.to(like.device)
 
 
 class Plan:
@@ -228,16 +279,25 @@ class Plan:
     ``q_span`` ``[qs, qe)``, window ``[lo, hi)`` in response tokens and the response's first
     prompt token ``rs`` (``P`` unless the prompt ends with an assistant prefill; all ``[Bp]``
     long). ``alone``: the probes run after the forward, without a token of their own (the
-    prefill checks), as the HF decoder's probe-only forward does."""
+    prefill checks), as the HF decoder's probe-only forward does. ``member``: the ensemble
+    member of each row (all 0 for a single head; :meth:`for_members`)."""
 
-    FIELDS = ("rows", "n", "prompt_len", "qs", "qe", "lo", "hi", "rs")
+    FIELDS = ("rows", "n", "prompt_len", "qs", "qe", "lo", "hi", "rs", "member")
 
-    def __init__(self, rows, n, prompt_len, qs, qe, lo, hi, rs=None, alone=False):
+    def __init__(self, rows, n, prompt_len, qs, qe, lo, hi, rs=None, member=None, alone=False):
         t = lambda v: torch.as_tensor(v, dtype=torch.long)  # noqa: E731
         self.rows, self.n, self.prompt_len = t(rows), t(n), t(prompt_len)
         self.qs, self.qe, self.lo, self.hi = t(qs), t(qe), t(lo), t(hi)
         self.rs = self.prompt_len.clone() if rs is None else t(rs)
+        self.member = torch.zeros_like(self.rows) if member is None else t(member)
         self.alone = alone
+
+    def for_members(self, k: int) -> "Plan":
+        """Each row ``k`` times in a row, for members ``0..k-1`` (``self`` when ``k`` is 1)."""
+        if k == 1:
+            return self
+        rep = [getattr(self, f).repeat_interleave(k) for f in self.FIELDS[:-1]]
+        return Plan(*rep, member=torch.arange(k).repeat(len(self.rows)), alone=self.alone)
 
     @classmethod
     def of(cls, rows, n, states, windows, alone=False) -> "Plan":
@@ -268,6 +328,7 @@ class ProbeRunner:
 
     def __init__(self, model, parts: SafetyParts, family: str):
         self.model, self.parts, self.family = model, parts, family
+        self.k = parts.members  # probe rows per request
         n = len(model.layers)
         self.depth = n if parts.cls_layer is None else parts.cls_layer + 1
         if not 0 < self.depth <= n:
@@ -280,12 +341,17 @@ class ProbeRunner:
                 if update is not None:
                     self.adapters[module] = update
 
-    def cls_row(self, count: int) -> torch.Tensor:
-        m = self.model
+    def cls_row(self, member: torch.Tensor) -> torch.Tensor:
+        """The ``[CLS]`` input rows of probe rows whose members are ``member [Bp]``."""
         x = self.parts.cls_embedding
+        x = x[member.to(x.device)]
         if self.family == "gemma3":
-            x = x * m.normalizer
-        return x.reshape(1, -1).repeat(count, 1)
+            x = x * self.model.normalizer
+        return x
+
+    def mean(self, logits: torch.Tensor) -> torch.Tensor:
+        """Per-row logits ``[Bp · K]`` -> each request's mean over its members ``[Bp]``."""
+        return logits if self.k == 1 else logits.view(-1, self.k).mean(1)
 
     @torch.no_grad()
     def run(self, plan: Plan, attn_metadata) -> tuple[torch.Tensor, str | None]:
@@ -296,29 +362,34 @@ class ProbeRunner:
         on as zeros through each of the pass's reductions (the row-parallel linears), only
         the steps between those are skipped, and its logits come back nan, which
         :func:`~safeattn.vllm.models.ranks_agree` spreads to every rank."""
-        p = _Pass(plan, attn_metadata)
-        p.x = p.local(self.cls_row, len(plan.rows))
+        p = _Pass(plan.for_members(self.k), attn_metadata)
+        p.x = p.local(self.cls_row, p.plan.member)
         for layer in self.model.layers[:self.depth]:
             o = self.reduced(p, layer.self_attn.o_proj, p.local(self._attention, layer, p))
             y = self.reduced(p, layer.mlp.down_proj, p.local(self._mlp_in, layer, o, p))
             p.x = p.local(self._mlp_out, layer, y)
-        logits = p.local(lambda: self.head(p.x, p.residual).float().cpu())
+        logits = p.local(lambda: self.head(p.x, p.residual, p.plan.member))
         if logits is None:
             return torch.full((len(plan.rows),), float("nan")), p.error
         return logits, None
 
-    def head(self, x, residual) -> torch.Tensor:
-        """fp32 head logits of the rows leaving layer ``cls_layer`` (``x``, ``residual``)."""
+    def head(self, x, residual, member) -> torch.Tensor:
+        """fp32 head logits on the CPU of the rows leaving layer ``cls_layer`` (``x``,
+        ``residual``; their members ``member``), one per request (the members' mean)."""
         h, _ = self.model.norm(x, residual)
-        return h.float() @ self.parts.head_w + self.parts.head_b
+        w, b = self.parts.head_w, self.parts.head_b
+        if self.k == 1:
+            return (h.float() @ w[0] + b[0]).float().cpu()
+        m = member.to(w.device)
+        return self.mean(((h.float() * w[m]).sum(-1) + b[m]).float().cpu())
 
-    def linear(self, module, x):
+    def linear(self, module, x, member):
         """A column-parallel linear of the probe layers on the probe rows, with the adapter's
         update."""
         y, _ = module(x)
         update = self.adapters.get(module)
         if update is not None:
-            y += update(x)
+            y += update(x, member)
         return y
 
     def reduced(self, p: "_Pass", module, x):
@@ -330,7 +401,7 @@ class ProbeRunner:
         y, _ = module(x)
         update = self.adapters.get(module)
         if update is not None:
-            t = p.local(update.part, x)
+            t = p.local(update.part, x, p.plan.member)
             y += update.finish(update.nothing(x) if t is None else t)
         return None if p.error else y
 
@@ -341,7 +412,7 @@ class ProbeRunner:
         else:
             h, p.residual = layer.input_layernorm(p.x, p.residual)
         a = layer.self_attn
-        q, k, v = self.linear(a.qkv_proj, h).split([a.q_size, a.kv_size, a.kv_size], dim=-1)
+        q, k, v = self.linear(a.qkv_proj, h, p.plan.member).split([a.q_size, a.kv_size, a.kv_size], dim=-1)
         if self.family == "gemma3":
             q = a.q_norm(q.unflatten(-1, (a.num_heads, a.head_dim))).flatten(-2, -1)
             k = a.k_norm(k.unflatten(-1, (a.num_kv_heads, a.head_dim))).flatten(-2, -1)
@@ -356,7 +427,7 @@ class ProbeRunner:
             x, p.residual = layer.pre_feedforward_layernorm(x, p.residual)
         else:
             x, p.residual = layer.post_attention_layernorm(o, p.residual)
-        return layer.mlp.act_fn(self.linear(layer.mlp.gate_up_proj, x))
+        return layer.mlp.act_fn(self.linear(layer.mlp.gate_up_proj, x, p.plan.member))
 
     def _mlp_out(self, layer, y):
         return layer.post_feedforward_layernorm(y) if self.family == "gemma3" else y
@@ -459,22 +530,23 @@ class FoldedProbe:
             module.register_forward_hook(call)
 
     def begin(self, plan: Plan, attn_metadata):
+        plan = plan.for_members(self.runner.k)
         self.cols, self.count = plan.columns()
         self.md, self.memo, self.error, self.out, self.n = attn_metadata, {}, None, None, None
         self.plan = plan
 
     def finish(self) -> torch.Tensor:
-        """fp32 head logits ``[Bp]`` on the CPU (nan where the probe failed)."""
+        """fp32 head logits ``[Bp]`` on the CPU, one per request (nan where the probe failed)."""
         plan, self.plan = self.plan, None
         out, self.out, self.md, self.memo = self.out, None, None, None
         if self.error is None and out is not None:
             try:
-                return self.runner.head(*out).float().cpu()
+                return self.runner.head(*out, plan.member)
             except Exception as e:  # noqa: BLE001 - fail closed
                 self._fail(e)
         if self.error is None:
             self.error = "the probe rows did not reach layer cls_layer"
-        return torch.full((len(plan.rows),), float("nan"))
+        return torch.full((len(plan.rows) // self.runner.k,), float("nan"))
 
     def _fail(self, e: Exception):
         if self.error is None:
@@ -487,7 +559,7 @@ class FoldedProbe:
         positions, hidden, residual, *rest = args
         if li == 0:  # residual is None: one pipeline rank (_check_engine)
             self.n = hidden.shape[0]
-            hidden = torch.cat([hidden, self.runner.cls_row(self._bp()).to(hidden.dtype)])
+            hidden = torch.cat([hidden, self.runner.cls_row(self.plan.member).to(hidden.dtype)])
         positions = torch.cat([positions, positions.new_zeros(self._bp())])
         return (positions, hidden, residual, *rest), kwargs
 
@@ -515,7 +587,7 @@ class FoldedProbe:
         out = output[0] if isinstance(output, tuple) else output
         x, t = args[0][self.n:], None  # the probe rows
         try:
-            t = update.part(x) if self.error is None else None
+            t = update.part(x, self.plan.member) if self.error is None else None
         except Exception as e:  # noqa: BLE001 - fail closed
             self._fail(e)
         if t is None and update.reduce:  # the ranks reduce together, whatever failed here
