@@ -145,6 +145,14 @@ def test_errors(tmp_path):
     ens = combine_safety([a, _member(tmp_path / "c", "llama", 2)], tmp_path / "ens")
     with pytest.raises(ValueError, match="cannot"):
         combine_safety([a, ens], tmp_path / "x")
+    # no probe_window is the default window; another one is not
+    cfg = json.loads((a / "safety_config.json").read_text())
+    (a / "safety_config.json").write_text(json.dumps(dict(cfg, probe_window=10)))
+    assert json.loads((combine_safety([a, b.parent / "c"], tmp_path / "y")
+                       / "safety_config.json").read_text())["probe_window"] == 10
+    (a / "safety_config.json").write_text(json.dumps(dict(cfg, probe_window=12)))
+    with pytest.raises(ValueError, match="probe_window"):
+        combine_safety([a, b.parent / "c"], tmp_path / "x")
     model, tok = _loaded(ens, "llama", 64)
     with pytest.raises(ValueError, match="ensemble of 2"):
         safeattn.safety_forward(model, **safeattn.build_inputs(tok, PROMPTS))

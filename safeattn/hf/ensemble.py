@@ -126,6 +126,7 @@ def combine_safety(directories, save_directory) -> Path:
     """
     from safetensors.torch import load_file, save_file
 
+    from ..generation import DEFAULT_WINDOW
     from .persist import SAFETY_CONFIG, SAFETY_WEIGHTS
 
     dirs = [Path(d) for d in directories]
@@ -139,7 +140,7 @@ def combine_safety(directories, save_directory) -> Path:
         bad = [k for k in _SINGLE_ONLY + ("members", "cls_visible_to_response") if cfg.get(k)]
         if bad:
             raise ValueError(f"directories: {d} has {bad}; an ensemble member cannot")
-        configs.append(cfg)
+        configs.append(dict(cfg, probe_window=cfg.get("probe_window") or DEFAULT_WINDOW))
         weights.append(load_file(str(d / SAFETY_WEIGHTS)))
     for key in _SHARED:
         vals = {json.dumps(c.get(key)) for c in configs}
