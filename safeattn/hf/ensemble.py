@@ -27,8 +27,8 @@ from torch import nn
 from .adapter import ProbeAdapter, install_hooks
 from .surgery import SafetyHead, _base
 
-__all__ = ["SafetyMember", "add_members", "member_count", "install_member_hooks",
-           "combine_safety"]
+__all__ = ["SafetyMember", "add_members", "member_count", "member_names",
+           "install_member_hooks", "combine_safety"]
 
 #: Safety-config entries that an ensemble cannot hold (they blend one head's logit).
 _SINGLE_ONLY = ("query_probe", "response_probe")
@@ -46,6 +46,16 @@ class SafetyMember(nn.Module):
         self.head = SafetyHead(hidden_size, cls_layer)
         self.cls_embedding = nn.Parameter(torch.zeros(hidden_size), requires_grad=False)
         self.adapter = adapter
+
+
+def member_names(j: int) -> tuple[str, str, str]:
+    """Where member ``j`` keeps its head, ``[CLS]`` row and probe adapter in the safety
+    weights file: the prefix of its head's tensors, the name of its row, the prefix of its
+    adapter's. Member 0 is the model's own head."""
+    if j == 0:
+        return "safety_head.", "cls_embedding", "safety_adapter."
+    pre = f"safety_members.{j - 1}."
+    return pre + "head.", pre + "cls_embedding", pre + "adapter."
 
 
 def member_count(model) -> int:
@@ -151,13 +161,12 @@ def combine_safety(directories, save_directory) -> Path:
         out.pop(key, None)
     out["members"] = [{"adapter": c.get("adapter")} for c in configs[1:]]
     tensors = dict(weights[0])
-    for j, t in enumerate(weights[1:]):
-        tensors[f"safety_members.{j}.head.weight"] = t["safety_head.weight"]
-        tensors[f"safety_members.{j}.head.bias"] = t["safety_head.bias"]
-        tensors[f"safety_members.{j}.cls_embedding"] = t["cls_embedding"]
+    own = member_names(0)
+    for j, t in enumerate(weights[1:], start=1):
         for k, v in t.items():
-            if k.startswith("safety_adapter."):
-                tensors[f"safety_members.{j}.adapter.{k[len('safety_adapter.'):]}"] = v
+            for src, dst in zip(own, member_names(j)):
+                if k.startswith(src):
+                    tensors[dst + k[len(src):]] = v
     d = Path(save_directory)
     d.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(d / SAFETY_WEIGHTS))

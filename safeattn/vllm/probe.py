@@ -25,6 +25,7 @@ import torch
 
 from .. import ops
 from ..hf.adapter import TARGETS
+from ..hf.ensemble import member_names
 from ..hf.persist import SAFETY_CONFIG, SAFETY_WEIGHTS
 
 logger = logging.getLogger("safeattn")
@@ -50,15 +51,6 @@ class ResponseBlend:
             return head_logit
         return (self.head_scale * head_logit + sum(token_logits) / len(token_logits)
                 + self.bias)
-
-
-#: Where member 0 (the model's own head) and member ``j >= 1`` of an ensemble keep their head,
-#: ``[CLS]`` row and probe adapter in ``save_safety``'s file.
-def _member_names(j: int) -> tuple[str, str, str]:
-    if j == 0:
-        return "safety_head.", "cls_embedding", "safety_adapter."
-    pre = f"safety_members.{j - 1}."
-    return pre + "head.", pre + "cls_embedding", pre + "adapter."
 
 
 class SafetyParts:
@@ -92,7 +84,7 @@ class SafetyParts:
                              "response probe")
         heads, rows, self.adapters, self.scales = [], [], [], []
         for j, spec in enumerate(specs):
-            head, cls, adapter = _member_names(j)
+            head, cls, adapter = member_names(j)
             heads.append((t[head + "weight"].float().reshape(-1),
                           t[head + "bias"].float().reshape(())))
             rows.append(t[cls])
