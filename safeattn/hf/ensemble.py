@@ -27,11 +27,12 @@ from torch import nn
 from .adapter import ProbeAdapter, install_hooks
 from .surgery import SafetyHead, _base
 
-__all__ = ["SafetyMember", "add_members", "member_count", "member_names",
+__all__ = ["SafetyMember", "add_members", "member_count", "member_names", "single_only",
            "install_member_hooks", "combine_safety"]
 
-#: Safety-config entries that an ensemble cannot hold (they blend one head's logit).
-_SINGLE_ONLY = ("query_probe", "response_probe")
+#: Safety-config entries that an ensemble cannot hold: the query and response probes blend
+#: one head's logit, and response rows that see ``[CLS]`` would read member 0's row alone.
+_SINGLE_ONLY = ("query_probe", "response_probe", "cls_visible_to_response")
 #: Entries that every member must share: they fix what the probe row reads.
 _SHARED = ("cls_layer", "cls_visible_to_response", "probe_window", "model_type",
            "hidden_size")
@@ -58,6 +59,11 @@ def member_names(j: int) -> tuple[str, str, str]:
     return pre + "head.", pre + "cls_embedding", pre + "adapter."
 
 
+def single_only(cfg: dict) -> list[str]:
+    """The entries of safety config ``cfg`` that an ensemble cannot have (empty: none)."""
+    return [k for k in _SINGLE_ONLY if cfg.get(k)]
+
+
 def member_count(model) -> int:
     """``K``: the heads that score each check (1 without an ensemble)."""
     return 1 + len(getattr(model, "safety_members", None) or ())
@@ -72,7 +78,7 @@ def add_members(model, specs, cls_layer: int | None) -> None:
         model.safety_members = None
         return
     cfg = safety_config(model) or {}
-    clash = [k for k in _SINGLE_ONLY + ("cls_visible_to_response",) if cfg.get(k)]
+    clash = single_only(cfg)
     if clash:
         raise ValueError(f"safety config: an ensemble ('members') cannot have {clash}")
     if not isinstance(specs, list) or not all(isinstance(s, dict) for s in specs):
@@ -147,7 +153,7 @@ def combine_safety(directories, save_directory) -> Path:
         if not (d / SAFETY_CONFIG).exists():
             raise ValueError(f"directories: no {SAFETY_CONFIG} in {d}")
         cfg = json.loads((d / SAFETY_CONFIG).read_text())
-        bad = [k for k in _SINGLE_ONLY + ("members", "cls_visible_to_response") if cfg.get(k)]
+        bad = single_only(cfg) + (["members"] if cfg.get("members") else [])
         if bad:
             raise ValueError(f"directories: {d} has {bad}; an ensemble member cannot")
         configs.append(dict(cfg, probe_window=cfg.get("probe_window") or DEFAULT_WINDOW))

@@ -9,9 +9,9 @@ weights (plus the probe adapter), attending to ``{itself} ∪ q_span ∪ W_t`` r
 the paged cache. All probe rows of a step go through :func:`safeattn.ops.interval_attention`
 together, layer by layer; nothing is written to the cache. A head ensemble
 (:mod:`safeattn.hf.ensemble`) gives each request ``K`` probe rows, one per member, with its
-member's ``[CLS]`` row, adapter and head; a request's logit is the mean of its rows'. :class:`FoldedProbe` carries them
-through the main forward (eager engines); :meth:`ProbeRunner.run` runs them in a pass of
-their own after it.
+member's ``[CLS]`` row, adapter and head; a request's logit is the mean of its rows'.
+:class:`FoldedProbe` carries them through the main forward (eager engines);
+:meth:`ProbeRunner.run` runs them in a pass of their own after it.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import torch
 
 from .. import ops
 from ..hf.adapter import TARGETS
-from ..hf.ensemble import member_names
+from ..hf.ensemble import member_names, single_only
 from ..hf.persist import SAFETY_CONFIG, SAFETY_WEIGHTS
 
 logger = logging.getLogger("safeattn")
@@ -78,10 +78,9 @@ class SafetyParts:
         specs = [self.config.get("adapter")] + [
             m.get("adapter") for m in self.config.get("members") or ()]
         self.members = len(specs)
-        if self.members > 1 and (self.config.get("query_probe")
-                                 or self.config.get("response_probe")):
-            raise ValueError("safety config: an ensemble ('members') cannot have a query or "
-                             "response probe")
+        if self.members > 1 and single_only(self.config):
+            raise ValueError(f"safety config: an ensemble ('members') cannot have "
+                             f"{single_only(self.config)}")
         heads, rows, self.adapters, self.scales = [], [], [], []
         for j, spec in enumerate(specs):
             head, cls, adapter = member_names(j)
@@ -404,7 +403,8 @@ class ProbeRunner:
         else:
             h, p.residual = layer.input_layernorm(p.x, p.residual)
         a = layer.self_attn
-        q, k, v = self.linear(a.qkv_proj, h, p.plan.member).split([a.q_size, a.kv_size, a.kv_size], dim=-1)
+        q, k, v = self.linear(a.qkv_proj, h, p.plan.member).split(
+            [a.q_size, a.kv_size, a.kv_size], dim=-1)
         if self.family == "gemma3":
             q = a.q_norm(q.unflatten(-1, (a.num_heads, a.head_dim))).flatten(-2, -1)
             k = a.k_norm(k.unflatten(-1, (a.num_kv_heads, a.head_dim))).flatten(-2, -1)
