@@ -582,6 +582,30 @@ def test_fold_metrics_on_known_scores(train):
     assert "responses" not in loso.test_metrics(p, prompts_only, responses=False)
 
 
+def test_fixed_scores_cover_what_a_fold_reads_and_mean_averages(train):
+    """A fold's scores fixed once (before the model trains on) give the same row as the live
+    score; the mean of two heads' logits is the ensemble's score."""
+    p = loso.plan(train)
+    calls = []
+
+    def live(idx):
+        calls.append(list(idx))
+        return torch.tensor([float(i % 97) * (1 if p.pool[i].label else -1) for i in idx])
+
+    for fold in ("xstest_unsafe", "over_refusal"):
+        calls.clear()
+        want = loso.fold_metrics(p, fold, live, examples=2)
+        read = sorted({i for c in calls for i in c})
+        assert loso.scored_indices(p, fold) == read
+        snap = loso.fixed(live, read)
+        calls.clear()
+        assert loso.fold_metrics(p, fold, snap, examples=2) == want and not calls
+    with pytest.raises(KeyError):
+        snap([p.folds["advbench"][0]])  # a training sample: not among what was fixed
+    half = loso.mean([live, lambda idx: -live(idx) + 2.0])
+    assert half([1, 5, 9]).tolist() == [1.0, 1.0, 1.0]
+
+
 def test_blend_standardises_each_member_on_the_reference():
     a = torch.tensor([0.0, 1.0, 2.0, 3.0, 10.0])
     b = torch.tensor([5.0, 3.0, 4.0, 9.0, -1.0])

@@ -697,6 +697,18 @@ def test_run_loso_tiny(tmp_path, monkeypatch, every_16th_row):
         harmful = [v for k, v in totals.items() if k != "other"]
         assert len(harmful) >= 2 and max(harmful) - min(harmful) < 1e-6
     assert "xstest_unsafe" not in {smp.origin for smp, _ in zip(*weighed[1])}
+    # --loso-seeds: each variant again with another seed, and the mean of their logits
+    seen.clear()
+    args = p.parse_args(argv + ["--loso-folds", "xstest_unsafe", "--loso-variants", "cls",
+                                "--loso-seeds", "1,2"])
+    args.argv = argv
+    assert T.run_loso(args) == 0
+    rows = json.loads((tmp_path / "loso.json").read_text())["folds"]["xstest_unsafe"]
+    assert set(rows) == {"cls", "cls@seed1", "cls@seed2", "cls+ensemble", "cls_frozen_row",
+                         "frozen_probe"}
+    assert len(rows["cls+ensemble"]["missed"]) == 10 and "missed" not in rows["cls@seed1"]
+    assert rows["cls@seed1"]["auroc"] != rows["cls@seed2"]["auroc"]  # the seed changed it
+    assert len(seen) == 1 + 3 + 1 and all("xstest_unsafe" not in o for o in seen[1:4])
     # --loso-variants picks what trains: without the adapter variant none ships
     args = p.parse_args(argv + ["--loso-folds", "", "--loso-variants", "cls"])
     args.argv = argv

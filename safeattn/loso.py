@@ -43,7 +43,7 @@ from .generation import DEFAULT_WINDOW
 from .metrics import auroc, separation
 
 __all__ = ["Plan", "plan", "fold_metrics", "test_metrics", "response_sweep", "sweep_ends", "blend",
-           "FOLDS"]
+           "scored_indices", "fixed", "mean", "FOLDS"]
 
 #: Every LOSO fold: the harmful sources, then the benign groups.
 FOLDS = tuple(HARMFUL_SOURCES) + tuple(BENIGN_GROUPS)
@@ -214,6 +214,33 @@ def fold_metrics(p: Plan, fold: str, score, examples: int = 0, *,
         rs, ry = _max_per_row(p.pool, p.val.sweep, score(p.val.sweep))
         row["response_auroc"] = auroc(rs, ry) if 0 < int(ry.sum()) < len(ry) else float("nan")
     return row
+
+
+def scored_indices(p: Plan, fold: str) -> list[int]:
+    """The pool indices :func:`fold_metrics` scores for ``fold``."""
+    extra = [] if fold in HARMFUL_SOURCES else p.val.harmful
+    return sorted(set(p.negatives(fold)) | set(p.prompts[fold]) | set(extra) | set(p.val.sweep))
+
+
+def fixed(score, indices):
+    """``score``'s values at ``indices``, computed now (the model behind ``score`` may train
+    on), as a ``score(indices) -> [N]`` function of those indices only."""
+    idx = sorted({int(i) for i in indices})
+    table = dict(zip(idx, score(idx).float().tolist()))
+
+    def look_up(keys):
+        return torch.tensor([table[int(k)] for k in keys])
+
+    return look_up
+
+
+def mean(scores):
+    """The mean of several ``score(indices) -> [N]`` functions: for heads' logits, the logit
+    of a head ensemble (:func:`safeattn.combine_safety`) on what they all read."""
+    def averaged(indices):
+        return torch.stack([f(indices).float() for f in scores]).mean(0)
+
+    return averaged
 
 
 def test_metrics(p: Plan, score, *, responses: bool = True) -> dict:

@@ -1741,16 +1741,17 @@ class _LosoRun:
         print(f"LOSO pool: {len(self.pool)} samples ({self.plan.n_train} train); folds "
               f"{list(self.plan.folds)}", flush=True)
 
-    def trainer_for(self, indices, epochs) -> SafetyTrainer:
+    def trainer_for(self, indices, epochs, seed=None) -> SafetyTrainer:
         from transformers import TrainingArguments
 
         a = self.args
+        seed = a.seed if seed is None else seed
         targs = TrainingArguments(
             output_dir=str(self.out_dir / "tmp"), per_device_train_batch_size=a.batch_size,
             num_train_epochs=epochs, learning_rate=a.lr, weight_decay=a.weight_decay,
             warmup_steps=a.warmup_steps, lr_scheduler_type=a.scheduler,
-            logging_steps=a.logging_steps, save_strategy="no", seed=a.seed,
-            data_seed=a.seed, report_to=[], remove_unused_columns=False,
+            logging_steps=a.logging_steps, save_strategy="no", seed=seed,
+            data_seed=seed, report_to=[], remove_unused_columns=False,
             dataloader_num_workers=0, disable_tqdm=True, use_cpu=a.cpu)
         weights = _weights(a, [self.pool[i] for i in indices])
         return SafetyTrainer(model=self.model, args=targs,
@@ -1823,17 +1824,22 @@ class _LosoRun:
         print(f"prompt states at layers {deep_layers}: {len(at)} prompt-only samples in "
               f"{time.time() - td:.0f}s", flush=True)
 
-    def train_variant(self, variant, indices, epochs) -> SafetyTrainer:
+    def train_variant(self, variant, indices, epochs, seed=None) -> SafetyTrainer:
         """The [CLS] head (and row) trained from the same start on ``indices``; the probe
-        adapter trains only in the ``cls_adapter`` variant (else it stays the identity)."""
+        adapter trains only in the ``cls_adapter`` variant (else it stays the identity).
+        ``seed``, other than ``--seed``: the head's init and the sample order come from it, as
+        in a run with that ``--seed`` (the adapter's init does not depend on it there)."""
         from transformers import set_seed
 
+        seed = self.args.seed if seed is None else seed
         _head_restore(self.model, self.snap)
         ad = getattr(_inner(self.model), "safety_adapter", None)
         if ad is not None:
             ad.requires_grad_(variant == "cls_adapter")
-        set_seed(self.args.seed)
-        trainer = self.trainer_for(indices, epochs)
+        set_seed(seed)
+        if seed != self.args.seed:
+            _inner(self.model).safety_head.reset_parameters()
+        trainer = self.trainer_for(indices, epochs, seed)
         trainer.train()
         return trainer
 
@@ -1856,6 +1862,8 @@ class _LosoRun:
                 both = loso.blend([trainer.cached_logits, deep_score], plan.negatives(fold))
                 rows[f"{variant}+deep"] = loso.fold_metrics(
                     plan, fold, both, examples=args.loso_examples, responses=False)
+            if args.loso_seeds:
+                rows.update(self.seed_rows(fold, variant, trainer))
         rows.update(_frozen_rows(plan, fold, self.cls0, self.cls_layer, self.feats_last,
                                  self.y, args.seed, self.groups))
         self.report["folds"][fold] = rows
@@ -1864,6 +1872,23 @@ class _LosoRun:
                  if k in ("auroc", "tpr_at_2fpr", "fpr_at_theta", "response_auroc")}
              for m, r in rows.items()}), flush=True)
         self.write_report()
+
+    def seed_rows(self, fold: str, variant: str, trainer) -> dict:
+        """``<variant>@seed<s>`` for each of ``--loso-seeds``, trained on the fold like
+        ``trainer`` (``--seed``), and ``<variant>+ensemble``: the mean of all their logits, a
+        head ensemble's ``p_0`` (the pool, with its augmentation, is ``--seed``'s)."""
+        from . import loso
+
+        plan, args, idx = self.plan, self.args, self.plan.folds[fold]
+        need = loso.scored_indices(plan, fold)
+        members, rows = [loso.fixed(trainer.cached_logits, need)], {}
+        for s in args.loso_seeds:
+            members.append(loso.fixed(
+                self.train_variant(variant, idx, args.epochs, seed=s).cached_logits, need))
+            rows[f"{variant}@seed{s}"] = loso.fold_metrics(plan, fold, members[-1])
+        rows[f"{variant}+ensemble"] = loso.fold_metrics(plan, fold, loso.mean(members),
+                                                        examples=args.loso_examples)
+        return rows
 
     def ship(self) -> None:
         """The variant with the best mean AUROC over the harmful folds, trained on every

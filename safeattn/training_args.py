@@ -34,6 +34,11 @@ def positive_ints(text: str) -> list[int]:
     return [positive_int(x) for x in comma_list(text)]
 
 
+def non_negative_ints(text: str) -> list[int]:
+    """argparse type: comma-separated ints >= 0 (empty: none)."""
+    return [non_negative_int(x) for x in comma_list(text)]
+
+
 def add_train_arguments(p) -> None:
     """The ``safeattn train`` options (argparse), in the groups that ``--help`` shows."""
     _model_arguments(p.add_argument_group("model"))
@@ -170,6 +175,11 @@ def _loso_arguments(p) -> None:
                         "by CV) and blend it with each trained variant (rows deep_probe and "
                         "<variant>+deep); with --query-probe-for, the layers the query probe "
                         "may read")
+    p.add_argument("--loso-seeds", type=non_negative_ints, default=[],
+                   help="--loso: also train each variant of each fold with these seeds (init "
+                        "and order; the samples stay --seed's) and report <variant>@seed<S> "
+                        "and <variant>+ensemble, the mean of the seeds' logits: a head "
+                        "ensemble's p_0 (safeattn combine)")
     p.add_argument("--final-epochs", type=float, default=0,
                    help="--loso: epochs of the shipped head (default --epochs)")
 
