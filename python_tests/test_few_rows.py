@@ -1,4 +1,4 @@
-"""Few-row linears (``safeattn.hf.few_rows``): the check step's ``W @ x.T`` and padded paths."""
+"""Few-row linears (``safeattn.hf.few_rows``): the check step's ``W @ x.T`` path."""
 from __future__ import annotations
 
 import copy
@@ -54,70 +54,42 @@ def test_path_taken_only_when_it_applies(monkeypatch, forced):
     assert calls == [(8, 3)]
 
 
-@pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("path", [(True, None), (False, 4), (True, 4), (True, 8)])
-def test_every_path_matches_linear(path, bias):
-    lin, switch = _linear(24, 40, bias)
-    x = torch.randn(3, 1, 24)
-    switch.faster[3] = path
-    switch.on = True
-    y = lin(x)
-    assert y.shape == (3, 1, 40) and y.is_contiguous()
-    torch.testing.assert_close(y, F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
-
-
 def test_path_chosen_by_timing_once_per_row_count(monkeypatch):
     timed = []
-    verdict = {2: few_rows.STOCK, 3: (True, None), 5: (True, 8), 6: (False, 8)}
+    verdict = {2: False, 3: True}
     monkeypatch.setattr(few_rows, "_time_paths",
                         lambda mods, rows: timed.append((len(mods), rows)) or verdict[rows])
-    mm, linear = [], []
-    real_mm, real_linear = torch.mm, F.linear
-    monkeypatch.setattr(torch, "mm", lambda *a: mm.append(a[1].shape) or real_mm(*a))
-    monkeypatch.setattr(few_rows.F, "linear",
-                        lambda x, *a: linear.append(x.shape) or real_linear(x, *a))
+    calls = []
+    real_mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda *a: calls.append(a[1].shape) or real_mm(*a))
     lin, switch = _linear(8, 6, True)
     switch.on = True
-    for rows in (2, 2, 3, 3, 5, 6):
+    for rows in (2, 2, 3, 3):
         x = torch.randn(rows, 8)
-        torch.testing.assert_close(lin(x), real_linear(x, lin.weight, lin.bias))
-    assert timed == [(1, 2), (1, 3), (1, 5), (1, 6)]  # each row count once, over the switch
-    assert mm == [(8, 3), (8, 3), (8, 8)]             # 3 rows as they are, 5 padded to 8
-    assert linear == [(2, 8), (2, 8), (8, 8)]         # stock for 2 rows; 6 padded to 8
+        torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias))
+    assert timed == [(1, 2), (1, 3)]           # each row count timed once, over the switch
+    assert calls == [(8, 3), (8, 3)]          # 2 rows: stock was faster; 3 rows: W @ x.T
     monkeypatch.setattr(few_rows, "FORCE", False)
     lin(torch.randn(3, 8))
-    assert mm == [(8, 3), (8, 3), (8, 8)]             # FORCE=False: never
+    assert calls == [(8, 3), (8, 3)]          # FORCE=False: never
 
 
-def _slowed(real, when=lambda *a: True):
+@pytest.mark.parametrize("slow,wins", [("mm", False), ("linear", True)])
+def test_timing_keeps_the_faster_path(monkeypatch, slow, wins):
     import time
 
-    def run(*a, **kw):
-        if when(*a):
+    def slowed(real):
+        def run(*a, **kw):
             time.sleep(0.002)
-        return real(*a, **kw)
-    return run
+            return real(*a, **kw)
+        return run
 
-
-@pytest.mark.parametrize("slow,wins", [("mm", few_rows.STOCK), ("linear", (True, None))])
-def test_timing_keeps_the_faster_path(monkeypatch, slow, wins):
     mods = [torch.nn.Linear(64, 32), torch.nn.Linear(32, 64)]
     if slow == "mm":
-        monkeypatch.setattr(torch, "mm", _slowed(torch.mm))
+        monkeypatch.setattr(torch, "mm", slowed(torch.mm))
     else:
-        monkeypatch.setattr(few_rows.F, "linear", _slowed(F.linear))
-    assert few_rows._time_paths(mods, 4) == wins  # a multiple of 4: nothing to pad
-
-
-def test_timing_pads_when_the_row_count_is_slow(monkeypatch):
-    """Both paths slow on 3 rows and not on 4: the rows are padded to 4."""
-    mods = [torch.nn.Linear(64, 32), torch.nn.Linear(32, 64)]
-    monkeypatch.setattr(torch, "mm", _slowed(torch.mm, lambda w, xt: xt.shape[1] == 3))
-    monkeypatch.setattr(few_rows.F, "linear", _slowed(F.linear, lambda x, *a: x.shape[0] == 3))
-    assert few_rows._time_paths(mods, 3)[1] == 4
-    assert few_rows._padded(3) == 4 and few_rows._padded(8) is None
-    assert few_rows._padded(few_rows.MAX_ROWS - 1) == few_rows.MAX_ROWS
-    assert few_rows._padded(few_rows.MAX_ROWS + 1) is None
+        monkeypatch.setattr(few_rows.F, "linear", slowed(F.linear))
+    assert few_rows._time_paths(mods, 2) is wins
 
 
 def test_install_skips_replaced_forward_and_remove_restores():

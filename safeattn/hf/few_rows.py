@@ -13,15 +13,8 @@ Which is faster depends on the CPU and its BLAS: on the 2-core Intel Xeon of a l
 ``F.linear`` reads each weight once for 1 to 3 rows (2.33 ms for 1 row and 2.36 ms for 2 over
 the 49 linears of SmolLM2's layers 0..6) while ``W @ x.T`` takes 4.87 ms for 2. So the first
 check step with a given row count times both paths over all the switch's linears (together
-larger than the caches, as in decoding) and keeps the faster (:meth:`Switch.path`;
+larger than the caches, as in decoding) and keeps the faster (:meth:`Switch.weight_stationary`;
 :data:`FORCE` overrides). Both paths give the same values up to float rounding.
-
-Some row counts are slower than the next multiple of 4 on some BLAS builds: on a 2-core AMD EPYC
-(AVX2, no AVX-512), over the same 49 linears, ``W @ x.T`` took 10.8 ms for 3 rows and
-8.1 ms for 4, ``F.linear`` 14.9 ms for 7 rows and 12.8 ms for 8. A head ensemble of two
-checks ``[token, probe, probe]``: 3 rows at batch 1. So the timing also tries both paths on
-the rows padded with zeros to the next multiple of 4 (within :data:`MAX_ROWS`), and the
-padded rows' outputs are dropped.
 """
 from __future__ import annotations
 
@@ -33,86 +26,60 @@ import torch.nn.functional as F
 
 __all__ = ["MAX_ROWS", "Switch", "install", "remove"]
 
-#: Largest number of rows (batch x query rows) that takes the few-row paths.
+#: Largest number of rows (batch x query rows) that takes the ``W @ x.T`` path.
 MAX_ROWS = 16
-#: ``None``: time the paths per row count (:meth:`Switch.path`); ``True`` / ``False``:
-#: always / never ``W @ x.T`` on the rows as they are (within :data:`MAX_ROWS`).
+#: ``None``: time both paths per row count (:meth:`Switch.weight_stationary`); ``True`` /
+#: ``False``: always / never ``W @ x.T`` (within :data:`MAX_ROWS`).
 FORCE: bool | None = None
 #: Timed passes of each path over the linears; the fastest pass counts.
 TIMING_PASSES = 3
-#: ``(weight-stationary, rows computed)`` of stock ``F.linear`` on ``rows`` rows.
-STOCK = (False, None)
 
 
 class Switch:
     """On while a check step's forward runs. Shared by the model state and the patched modules
     (a plain object, so that ``copy.deepcopy`` of the model copies it once for both). Keeps
-    the patched linears and, per row count, the fastest path."""
+    the patched linears and, per row count, which path was faster."""
 
     on = False
 
     def __init__(self):
         self.modules: list[torch.nn.Linear] = []
-        self.faster: dict[int, tuple[bool, int | None]] = {}
+        self.faster: dict[int, bool] = {}
 
-    def path(self, rows: int) -> tuple[bool, int | None]:
-        """``(weight-stationary, padded)`` for ``rows`` rows over this switch's linears:
-        whether to compute ``W @ x.T`` rather than ``F.linear``, and on how many rows (the
-        rows padded with zeros; ``None``: as they are). Timed on the first call for that
-        row count (:data:`FORCE` decides when set)."""
+    def weight_stationary(self, rows: int) -> bool:
+        """Whether ``W @ x.T`` beats ``F.linear`` for ``rows`` rows over this switch's linears,
+        timed on the first call for that row count (:data:`FORCE` decides when set)."""
         if FORCE is not None:
-            return (FORCE, None)
+            return FORCE
         if rows not in self.faster:
             self.faster[rows] = _time_paths(self.modules, rows)
         return self.faster[rows]
 
 
-def _padded(rows: int) -> int | None:
-    """The next multiple of 4 above ``rows`` within :data:`MAX_ROWS` (``None``: none)."""
-    up = -(-rows // 4) * 4
-    return up if rows < up <= MAX_ROWS else None
-
-
-def _run(w: torch.Tensor, x: torch.Tensor, path: tuple[bool, int | None]) -> torch.Tensor:
-    """``x @ w.T`` for ``x [rows, in]`` along ``path`` (:meth:`Switch.path`), no bias."""
-    stationary, padded = path
-    rows = x.shape[0]
-    if padded is not None:
-        x = F.pad(x, (0, 0, 0, padded - rows))
-    y = torch.mm(w, x.t()).t() if stationary else F.linear(x, w)
-    return y[:rows] if padded is not None else y
-
-
 @torch.no_grad()
-def _time_paths(modules, rows: int) -> tuple[bool, int | None]:
+def _time_paths(modules, rows: int) -> bool:
     """Time one pass of each path over every module (fastest of :data:`TIMING_PASSES`) ->
-    the fastest :meth:`Switch.path`; another path must be at least 5% faster than stock
-    ``F.linear`` on the rows as they are (a tie keeps stock)."""
+    whether ``W @ x.T`` was at least 5% faster (a tie keeps stock ``F.linear``)."""
     ws = [(m.weight, torch.randn(rows, m.weight.shape[1])) for m in modules]
-    paths = [STOCK, (True, None)]
-    if _padded(rows) is not None:
-        paths += [(False, _padded(rows)), (True, _padded(rows))]
-    best = dict.fromkeys(paths, float("inf"))
+    best = {"linear": float("inf"), "wx": float("inf")}
     for _ in range(TIMING_PASSES):
-        for path in paths:
+        for name in best:
             t0 = time.perf_counter()
             for w, x in ws:
-                _run(w, x, path)
-            best[path] = min(best[path], time.perf_counter() - t0)
-    fastest = min(paths, key=best.get)
-    return fastest if best[fastest] < 0.95 * best[STOCK] else STOCK
+                torch.mm(w, x.t()) if name == "wx" else F.linear(x, w)
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best["wx"] < 0.95 * best["linear"]
 
 
 def _forward(self, x: torch.Tensor) -> torch.Tensor:
     rows = x.numel() // x.shape[-1] if x.dim() >= 2 else 1
     if 1 < rows <= MAX_ROWS and x.dtype == torch.float32 and x.device.type == "cpu" \
-            and self.weight.dtype == torch.float32 and self._safeattn_few_rows.on:
-        path = self._safeattn_few_rows.path(rows)
-        if path != STOCK:
-            y = _run(self.weight, x.reshape(rows, -1), path)
-            if self.bias is not None:
-                y = y + self.bias
-            return y.contiguous().view(*x.shape[:-1], self.weight.shape[0])
+            and self.weight.dtype == torch.float32 and self._safeattn_few_rows.on \
+            and self._safeattn_few_rows.weight_stationary(rows):
+        y = torch.mm(self.weight, x.reshape(rows, -1).t()).t()
+        if self.bias is not None:
+            y = y + self.bias
+        return y.contiguous().view(*x.shape[:-1], self.weight.shape[0])
     return F.linear(x, self.weight, self.bias)
 
 
