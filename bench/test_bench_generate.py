@@ -10,7 +10,8 @@ model (safeattn attention backend), i.e. what ``model.generate`` does after
 
 For ``each``, the extra ``stock_linears`` times safe generation with the check step's few-row
 linears (``safeattn.hf.few_rows``) switched off, in the same rounds: the part of the ratio
-that comes from the ``W @ x.T`` path rather than from the probe being cheap.
+that comes from the ``W @ x.T`` path rather than from the probe being cheap. The case's
+``few_rows_paths`` records which path the timing picked per row count.
 
 Targets (overhead = ours / baseline): ``each`` <= 1.10, ``annealing`` <= 1.05, the others
 <= 1.10. Flatness: ratio at a 2k-token context minus ratio at 128 <= 0.05 (aggregate).
@@ -86,6 +87,12 @@ def _stock_linears(ours):
     return run
 
 
+def _few_rows_paths(model) -> dict:
+    """Row count -> whether the check steps' linears took ``W @ x.T`` (``safeattn.hf.few_rows``),
+    as timed in this process: the choice can differ between processes on a noisy host."""
+    return {str(k): v for k, v in model._safeattn_state["few_rows"].faster.items()}
+
+
 @pytest.mark.parametrize("b", [1, 8])
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_generate_overhead(compare, gemma, schedule, b):
@@ -101,6 +108,7 @@ def test_generate_overhead(compare, gemma, schedule, b):
             "cls_layer": model.config.safeattn["cls_layer"],
             "target": ("overhead", "<=", TARGET[schedule])}
     extras = {"stock_linears": _stock_linears(ours)} if schedule == "each" else None
+    case["few_rows_paths"] = _few_rows_paths(model)
     compare(case, ours, base, extras=extras, **TIMING)
 
 
