@@ -1855,15 +1855,16 @@ class _LosoRun:
             rows["deep_probe"] = loso.fold_metrics(plan, fold, deep_score, responses=False)
             rows["deep_probe"]["layer"] = probe.layer
         for variant in self.variants:
-            trainer = self.train_variant(variant, idx, args.epochs)
-            rows[variant] = loso.fold_metrics(plan, fold, trainer.cached_logits,
-                                              examples=args.loso_examples)
+            score = self.train_variant(variant, idx, args.epochs).cached_logits
+            if args.loso_seeds:  # the other seeds train the same model on: keep these scores
+                score = loso.fixed(score, loso.scored_indices(plan, fold))
+            rows[variant] = loso.fold_metrics(plan, fold, score, examples=args.loso_examples)
             if self.deep:
-                both = loso.blend([trainer.cached_logits, deep_score], plan.negatives(fold))
+                both = loso.blend([score, deep_score], plan.negatives(fold))
                 rows[f"{variant}+deep"] = loso.fold_metrics(
                     plan, fold, both, examples=args.loso_examples, responses=False)
             if args.loso_seeds:
-                rows.update(self.seed_rows(fold, variant, trainer))
+                rows.update(self.seed_rows(fold, variant, score))
         rows.update(_frozen_rows(plan, fold, self.cls0, self.cls_layer, self.feats_last,
                                  self.y, args.seed, self.groups))
         self.report["folds"][fold] = rows
@@ -1873,15 +1874,16 @@ class _LosoRun:
              for m, r in rows.items()}), flush=True)
         self.write_report()
 
-    def seed_rows(self, fold: str, variant: str, trainer) -> dict:
-        """``<variant>@seed<s>`` for each of ``--loso-seeds``, trained on the fold like
-        ``trainer`` (``--seed``), and ``<variant>+ensemble``: the mean of all their logits, a
-        head ensemble's ``p_0`` (the pool, with its augmentation, is ``--seed``'s)."""
+    def seed_rows(self, fold: str, variant: str, score) -> dict:
+        """``<variant>@seed<s>`` for each of ``--loso-seeds``, trained on the fold like the
+        ``--seed`` head whose fixed scores are ``score``, and ``<variant>+ensemble``: the mean
+        of all their logits, a head ensemble's ``p_0`` (the pool, with its augmentation, is
+        ``--seed``'s)."""
         from . import loso
 
         plan, args, idx = self.plan, self.args, self.plan.folds[fold]
         need = loso.scored_indices(plan, fold)
-        members, rows = [loso.fixed(trainer.cached_logits, need)], {}
+        members, rows = [score], {}
         for s in args.loso_seeds:
             members.append(loso.fixed(
                 self.train_variant(variant, idx, args.epochs, seed=s).cached_logits, need))
