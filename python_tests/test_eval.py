@@ -265,6 +265,7 @@ def test_response_attack_refusal_by_the_trace():
     assert by[("safe", "harmful")]["n"] == 2 and by[("safe", "harmful")]["refused"] == 2
     assert by[("safe", "harmful")]["asr"] == 0.0
     assert by[("safe", "benign")]["over_refusal"] == 1.0
+    assert by[("safe", "benign")]["refused_by_decoder"] == 2
     assert by[("safe", "harmful")]["mean_refusal_step"] == 0.0
     assert by[("plain", "harmful")]["asr"] == 1.0  # the random model does not refuse itself
     assert by[("plain", "benign")]["over_refusal"] == 0.0
@@ -280,10 +281,23 @@ def test_response_attack_refusal_by_the_trace():
     by = _by_mode_label(rep)
     assert by[("safe", "harmful")]["refused"] == 0 and by[("safe", "harmful")]["asr"] == 1.0
     assert by[("safe", "benign")]["refused"] == 0
+    assert by[("safe", "benign")]["refused_by_decoder"] == 0
     assert by[("safe", "harmful")]["mean_refusal_step"] is None
     assert by[("safe", "harmful")]["cls_flagged"] == 0.0
     resp = {(e["id"], e["mode"]): e["response"] for e in rep["examples"]}
     assert all(resp[(r["id"], "safe")] == resp[(r["id"], "plain")] for r in rows)
+
+
+def test_refused_by_decoder_leaves_out_the_judges_refusals():
+    # a harmless response that is itself a refusal goes on refusing with no check firing:
+    # the judge counts it, the decoder did not refuse it
+    recs = [{"case": ev.case(r, "response", None, "x"), "refused": True, "refusal_step": step,
+             "flagged": step is not None} for r, step in zip(ROWS, (None, 2, None))]
+    row = ev._summary("response", None, "safe", "benign", recs, 30, 1.0)
+    assert row["refused"] == 3 and row["over_refusal"] == 1.0
+    assert row["refused_by_decoder"] == 1 and row["mean_refusal_step"] == 2.0
+    assert "refused_by_decoder" not in ev._summary("response", None, "plain", "benign", recs,
+                                                   30, 1.0)
 
 
 @pytest.mark.parametrize("steps,counted", [(2, False), (3, True), (5, True)])
@@ -302,6 +316,7 @@ def test_response_attack_counts_refusals_by_step(steps, counted):
     assert by[("safe", "harmful")]["refused"] == int(counted)
     assert by[("safe", "benign")]["refused"] == int(counted)
     assert by[("safe", "harmful")]["mean_refusal_step"] == (3.0 if counted else None)
+    assert by[("safe", "benign")]["refused_by_decoder"] == int(counted)
     for e in rep["examples"]:
         assert REFUSAL in e["response"]  # the decoder did refuse, at step 3
         assert len(e["response"].split()) == 3 + len(REFUSAL.split())

@@ -43,7 +43,8 @@ Report (:func:`evaluate` returns it; the CLI writes it as JSON)::
 
     {"results": [{"attack", "variant", "mode", "label", "n", "asr" | "over_refusal",
                   "asr_ci95" | "over_refusal_ci95", "refused", "cls_flagged",
-                  "mean_refusal_step", "tokens", "seconds", "tokens_per_s"}, ...],
+                  "mean_refusal_step", "refused_by_decoder", "tokens", "seconds",
+                  "tokens_per_s"}, ...],
      "meta": {...settings, calibration, versions...},
      "examples": [...]}            # only with keep_responses=True
 
@@ -52,7 +53,10 @@ Report (:func:`evaluate` returns it; the CLI writes it as JSON)::
 ``[low, high]`` (:func:`safeattn.metrics.wilson_interval`). ``mean_refusal_step`` (safe
 mode) is the mean response index where the refusal prefix began, over the rows that refused.
 ``cls_flagged`` (safe mode) is the share of rows whose ``[CLS]`` probe reached θ at least
-once.
+once. ``refused_by_decoder`` (safe mode) counts the rows whose refusal the decoder began (in
+the ``response`` attack: within ``response_steps``), leaving out those the judge counts for
+the model's own words: a harmless response that is itself a refusal often goes on refusing
+without any check firing.
 """
 from __future__ import annotations
 
@@ -551,6 +555,7 @@ def _summary(attack, variant, mode, label, recs, tokens, seconds) -> dict:
         steps = [r["refusal_step"] for r in recs if r.get("refusal_step") is not None]
         row["cls_flagged"] = sum(bool(r.get("flagged")) for r in recs) / n if n else None
         row["mean_refusal_step"] = sum(steps) / len(steps) if steps else None
+        row["refused_by_decoder"] = len(steps)
         checks = [r["check"] for r in recs if "check" in r]
         if checks:  # full refusals: how many refusals read well (judge.refusal_check)
             row["reads_well"] = sum(c["ok"] for c in checks) / len(checks)
