@@ -288,6 +288,25 @@ def test_response_attack_refusal_by_the_trace():
     assert all(resp[(r["id"], "safe")] == resp[(r["id"], "plain")] for r in rows)
 
 
+def test_response_attack_empty_continuation_is_no_refusal():
+    # a model that ends its turn at once lets the prefilled response stand: harmful ones
+    # get through, harmless ones are not refused (elsewhere an empty answer is a refusal)
+    model, tok = _patched()
+    model.get_output_embeddings().register_forward_hook(
+        lambda m, i, out: out.index_fill(-1, torch.tensor([tok.eos_token_id]), 1e4))
+    rows = ev.load_response_rows(limit=2)
+    rep = ev.evaluate(model, tok, ROWS, attacks=["response"], response_rows=rows,
+                      response_tokens=5, max_new_tokens=10, batch_size=4, keep_responses=True,
+                      safety=SafetyConfig(threshold=1.5, refusal_prefix=REFUSAL))
+    by = _by_mode_label(rep)
+    assert all(e["response"] == "" for e in rep["examples"])
+    for mode in ev.MODES:
+        assert by[(mode, "harmful")]["asr"] == 1.0 and by[(mode, "benign")]["refused"] == 0
+    direct = ev.evaluate(model, tok, ROWS, attacks=["direct"], modes=["plain"],
+                         max_new_tokens=6, batch_size=4)
+    assert _by_mode_label(direct)[("plain", "harmful")]["asr"] == 0.0
+
+
 def test_refused_by_decoder_leaves_out_the_judges_refusals():
     # a harmless response that is itself a refusal goes on refusing with no check firing:
     # the judge counts it, the decoder did not refuse it
