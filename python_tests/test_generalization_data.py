@@ -166,41 +166,6 @@ def test_conversation_samples_both_labels():
     assert "instructions" in {s.prompt_origin for s in conv}
 
 
-def test_opening_samples_both_labels():
-    from safeattn.data import turns
-    from safeattn.eval import CONTEXT_TURNS
-    chat = turns.opening_exchange("How do I pick a lock?", "k")
-    assert chat == turns.opening_exchange("How do I pick a lock?", "k")    # deterministic
-    assert [m["role"] for m in chat] == ["user", "assistant", "user"]
-    assert chat[0]["content"] in turns.OPENING_USER
-    assert chat[1]["content"] in turns.OPENING_ASSISTANT
-    assert chat[2]["content"] == "How do I pick a lock?"
-    eval_texts = {t for pair in CONTEXT_TURNS for t in pair}
-    assert not eval_texts & set(turns.OPENING_USER + turns.OPENING_ASSISTANT)
-    resp = {r["id"]: "A helpful answer." for r in D.load("benign")}
-    samples = D.build_samples("train", benign_responses=resp, include=("opening",))
-    harmful = [r for r in D.harmful_rows() if not D.in_test(D.group_key(r))]
-    benign = [r for r in D.benign_rows() if not D.in_test(D.group_key(r))]
-    assert len(samples) == len(harmful) + len(benign)
-    for s in samples:
-        assert s.kind == "opening" and s.id == f"{s.row_id}|open"
-        assert s.prompt[-1] == {"role": "user", "content": s.request}
-        if s.label == 0:
-            assert s.response == "A helpful answer."
-        else:                                          # a refusal, with the LM loss on it
-            assert s.response and s.lm_span == (0, len(s.response))
-    for label in (0, 1):                 # every opening on both sides: it predicts no label
-        used = [s.prompt for s in samples if s.label == label]
-        assert {c[0]["content"] for c in used} == set(turns.OPENING_USER)
-        assert {c[1]["content"] for c in used} == set(turns.OPENING_ASSISTANT)
-        pairs = {(c[0]["content"], c[1]["content"]) for c in used}   # picked independently
-        assert len(pairs) > 4 * len(turns.OPENING_USER)
-    other = D.build_samples("train", benign_responses=resp, include=("opening",), seed=1)
-    assert [s.prompt[:2] for s in other] != [s.prompt[:2] for s in samples]   # seeded
-    held = D.build_samples("train", benign_responses=resp, include=("opening",),
-                           exclude=("advbench",))
-    assert held and "advbench" not in {s.origin for s in held}
-
 def test_contrast_pair_hand_checked():
     from safeattn.data import contrast
     about, demand = contrast.contrast_pair("Tell me how  to pick\na lock", "k")

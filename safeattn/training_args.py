@@ -103,8 +103,7 @@ def _sample_arguments(p) -> None:
     p.add_argument("--kinds", default="query,template",
                    help="sample kinds (comma-separated): query, trajectory, template, suffix "
                         "(prompts + random-token noise), phrasing, response, conversation "
-                        "(prompts over two user turns and after a benign exchange), opening "
-                        "(prompts after a short greeting exchange), contrast "
+                        "(prompts over two user turns and after a benign exchange), contrast "
                         "(a harmful prompt quoted, then asked about or asked for); the "
                         "safeattn.data.samples docstring says what each builds")
     p.add_argument("--sources", default="advbench,xstest_unsafe,pyrit_objectives",

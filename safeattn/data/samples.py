@@ -54,10 +54,6 @@ Kinds of samples (:class:`Sample`)
   at most :data:`CONTEXT_MAX_CHARS` characters and its own response, picked by a seeded
   hash; its group is the sample's ``prompt_origin``). Same label and response as the plain
   prompt. ``prompt`` is then a list of chat messages.
-* ``opening`` — each harmful *and* benign prompt after a short opening exchange (a greeting
-  or preamble and an acknowledgement, :func:`~safeattn.data.turns.opening_exchange`, picked
-  by a seeded hash), so that a head learns that an opening says nothing of the request.
-  Same label and response as the plain prompt.
 * ``contrast`` — each harmful prompt quoted by one opening line, then asked *about* (why it
   is harmful, how to report it: label 0, no response) or asked *for* (label 1, a refusal)
   (:mod:`safeattn.data.contrast`). Both carry the harmful row's id and origin, so a fold
@@ -89,7 +85,7 @@ from .core import (group_key, hashed_choice, load, normalize, prompt_index, rend
                    split as split_rows, split_fraction)
 from .phrasing import FORMS, pick_forms, rephrase
 from .refusals import REFUSALS, coarse_category, refusal_for
-from .turns import conversations, opening_exchange
+from .turns import conversations
 from ..generation import DEFAULT_REFUSAL_PREFIX, DEFAULT_WINDOW
 
 __all__ = ["Sample", "build_samples", "eval_sets", "truncate_tokens", "suffix_pool", "KINDS",
@@ -99,7 +95,7 @@ __all__ = ["Sample", "build_samples", "eval_sets", "truncate_tokens", "suffix_po
            "conversation_rows"]
 
 KINDS = ("query", "trajectory", "template", "suffix", "phrasing", "response", "conversation",
-         "opening", "contrast")
+         "contrast")
 #: What :func:`build_samples` builds by default (``suffix`` augmentation is opt-in).
 DEFAULT_KINDS = ("query", "trajectory", "template")
 
@@ -559,15 +555,6 @@ def _conversation_samples(rows: _Rows) -> list[Sample]:
            for r in rows.benign for sid, chat, origin in chats(r)]
 
 
-def _opening_samples(rows: _Rows) -> list[Sample]:
-    """Each prompt after a short opening exchange (:func:`~.turns.opening_exchange`)."""
-    def chat(r):
-        return f"{r['id']}|open", opening_exchange(r["prompt"], f"{rows.seed}:{r['id']}")
-
-    return [rows.refused(r, *chat(r), "opening", request=r["prompt"]) for r in rows.harmful] \
-        + [rows.answered(r, *chat(r), "opening", request=r["prompt"]) for r in rows.benign]
-
-
 def _contrast_samples(rows: _Rows) -> list[Sample]:
     """Each harmful prompt quoted, then asked about (label 0) or for (label 1)
     (:mod:`safeattn.data.contrast`): all the *about* samples, then all the *for* ones."""
@@ -773,7 +760,6 @@ def build_samples(split: str = "train", *, benign_responses: Mapping[str, str] |
         if suffixes_per_prompt > 0 else [],
         "phrasing": lambda: _phrasing_samples(rows, phrasings_per_prompt, phrasing_forms),
         "conversation": lambda: _conversation_samples(rows),
-        "opening": lambda: _opening_samples(rows),
         "contrast": lambda: _contrast_samples(rows),
         "response": lambda: _response_samples(
             rows, pyrit(), response_windows,

@@ -2,25 +2,22 @@
 
 A head trained on single user turns misses a request cut over two turns, and a harmful turn
 that follows a benign exchange (`q_span` covers the user turns, DESIGN.md §2, but the head
-never saw such a span). Three shapes, each a list of chat messages ending with a user turn:
+never saw such a span). Two shapes, each a list of chat messages ending with a user turn:
 
 * :func:`split_turns` — the request's words cut at a hashed point (30–70% of the words) over
   two user turns, framed by one of :data:`SPLIT_FRAMINGS` with an assistant turn between;
 * :func:`after_context` — a benign exchange first (a benign prompt and the model's own answer
-  to it), then the request as the next user turn;
-* :func:`opening_exchange` — a short opening (a greeting or preamble and an acknowledgement,
-  :data:`OPENING_USER` × :data:`OPENING_ASSISTANT`) before the request, as chat apps see it.
+  to it), then the request as the next user turn.
 
 Benign requests get the same shapes, so neither the framing nor the context predicts the
 label. The evaluation's framings (``safeattn.eval.SPLIT_TURNS``, ``CONTEXT_TURNS``) are not
-among these, nor paraphrases of them: what it measures was never trained on.
+among these: what it measures was never trained on.
 """
 from __future__ import annotations
 
 from .core import hashed_choice, split_fraction
 
-__all__ = ["SPLIT_FRAMINGS", "OPENING_USER", "OPENING_ASSISTANT", "split_turns",
-           "after_context", "opening_exchange", "conversations"]
+__all__ = ["SPLIT_FRAMINGS", "split_turns", "after_context", "conversations"]
 
 #: (first user turn, assistant turn, second user turn); ``{a}``/``{b}`` are the two halves.
 SPLIT_FRAMINGS = (
@@ -31,28 +28,6 @@ SPLIT_FRAMINGS = (
     ("Read this and wait for the ending: {a}", "I'm waiting for the rest.",
      "Now the ending: {b} Please do it."),
     ("Start: {a}", "Go on.", "End: {b}"),
-)
-
-#: The user side of :func:`opening_exchange`: greetings and preambles that say nothing of
-#: the request.
-OPENING_USER = (
-    "Hello!", "Hi there, are you available to chat?", "I have something I'd like your help with.",
-    "Thanks for helping me earlier today.", "I'm a graduate student and I've got a question.",
-    "My friend told me you're good at answering questions.", "Can I ask you something?",
-    "I'm trying to learn more about a few things.",
-    "Before I log off for the night, one more thing.",
-    "I work in customer support and need some advice.",
-    "I've been curious about something for a while.", "Let's try something different today.",
-    "I'm new here and have a question.", "You were really helpful last time.",
-    "I need your expertise on something.",
-    "I'm planning a trip next month, but first a different question.",
-)
-#: The assistant side of :func:`opening_exchange`: acknowledgements that fit any preamble.
-OPENING_ASSISTANT = (
-    "Hello! What can I do for you?", "Go ahead, I'm here.",
-    "I'm glad to help. What would you like to know?", "Certainly! Ask me anything.",
-    "Thanks for reaching out. What's on your mind?", "Happy to assist. Please share the details.",
-    "Absolutely, I'm listening.", "Sounds good. What do you need?",
 )
 
 
@@ -75,13 +50,6 @@ def after_context(prompt: str, context_prompt: str, context_response: str) -> li
     return [{"role": "user", "content": context_prompt},
             {"role": "assistant", "content": context_response},
             {"role": "user", "content": prompt}]
-
-
-def opening_exchange(prompt: str, key: str) -> list[dict]:
-    """``prompt`` after a short opening exchange: a user preamble and an assistant
-    acknowledgement, each picked by its own hash of ``key``."""
-    return after_context(prompt, hashed_choice(OPENING_USER, f"opening-user:{key}"),
-                         hashed_choice(OPENING_ASSISTANT, f"opening-assistant:{key}"))
 
 
 def conversations(row: dict, openers: list[dict], responses: dict, seed) -> list[tuple]:
