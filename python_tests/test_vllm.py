@@ -1031,6 +1031,23 @@ def test_probe_layer_checks(probe):
     assert hooked == [(2, print)]
 
 
+@pytest.mark.parametrize("name", ["SafeattnGemma3ForCausalLM", "SafeattnLlamaForCausalLM"])
+def test_wrapped_classes_resolve_by_name(name):
+    """Each registered architecture is its vLLM base class with the safety methods first,
+    and a worker process finds it by module and name (what pickling a class by reference
+    checks), as vLLM's registry does."""
+    import pickle
+
+    from safeattn.vllm import models
+
+    cls = getattr(models, name)
+    base, family = models.ARCHITECTURES[name]
+    assert cls.__mro__[1:3] == (models.SafetyModel, models._load(base))
+    assert cls.safety_family == family
+    assert (cls.__module__, cls.__qualname__) == ("safeattn.vllm.models", name)
+    assert pickle.loads(pickle.dumps(cls)) is cls
+
+
 @pytest.mark.parametrize("opt, field", [({"query_budget": -1}, "query_budget"),
                                         ({"query_budget": "256"}, "query_budget"),
                                         ({"fold_probe": 1}, "fold_probe"),
