@@ -539,6 +539,7 @@ def test_nan_p_refuses_that_row_and_logs(caplog):
         out = model.generate(**enc, max_new_tokens=10, do_sample=False, pad_token_id=0,
                              safety=SafetyConfig(refusal_prefix=REFUSAL))
     assert out.safety[1].refusal_step == 3 and math.isnan(out.safety[1].p[3])
+    assert out.safety[1].alarm_step == 2  # S_t: the newest token the failed check saw
     assert out.safety[0].refusal_step is None and out.safety[2].refusal_step is None
     new = _new(out, enc)
     assert torch.equal(new[0], plain[0]) and torch.equal(new[2], plain[2])
@@ -592,6 +593,16 @@ def test_exception_in_safety_op_refuses_checked_rows(caplog, monkeypatch):
         out = model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=0,
                              safety=SafetyConfig(refusal_prefix=REFUSAL))
     assert [r.refusal_step for r in out.safety] == [3, 3, 3]
+    # S_t as for a non-finite p inside the op: the newest token seen at the first check of
+    # the run of hits the failure joins (an open alarm keeps its own), else the failed one's
+    def s_t(mode):
+        m = 3
+        while mode[m - 1] == "transition":
+            m -= 1
+        return m - 1
+
+    assert [r.alarm_step for r in out.safety] == [s_t(r.mode) for r in out.safety]
+    assert 2 in [r.alarm_step for r in out.safety]  # a row whose alarm the failure opened
     assert any("injected failure" in r.message and "fail closed" in r.message
                for r in caplog.records)
 
