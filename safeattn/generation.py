@@ -657,10 +657,11 @@ class _Decode:
             self.nonfinite_seen = self.nonfinite_seen | (active & ~p.isfinite())
             return torch.where(active, p_real, float("nan"))
         except Exception as e:  # noqa: BLE001 - fail closed, loudly
-            logger.warning("safeattn: the safety check raised %s: %s; the %s checked row(s) "
-                           "refuse (fail closed)", type(e).__name__, e, "affected")
+            logger.warning("safeattn: the safety check raised %s: %s; the affected checked "
+                           "row(s) refuse (fail closed)", type(e).__name__, e)
+            # refused rows never reach safety_step again, so only S_t (the trace's alarm_step)
+            # needs the op's own update for a failed check
             newly = active & ~self.refused
-            self.consec.copy_(torch.where(newly & (self.consec == 0), 1, self.consec))
             self.s_t.copy_(torch.where(newly & (self.s_t < 0), (self.step - 1).clamp_min(0),
                                        self.s_t))
             self.refused.copy_(self.refused | active)
