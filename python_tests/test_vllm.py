@@ -300,6 +300,30 @@ def test_probe_error_fails_closed(engine, monkeypatch, fold):
         assert list(o.outputs[0].token_ids[:n]) == tr.refusal_ids
 
 
+def test_late_safety_step_error_alarms_at_the_newest_token(engine, monkeypatch):
+    """A state machine that raises at a later check (the one that saw 3 generated tokens)
+    refuses the checked requests there, with the alarm (``S_t``) at the newest token that
+    check saw, as the HF decoder's fail-closed branch sets it; the plain request in the batch
+    decodes as its reference."""
+    from safeattn.vllm import logits
+
+    real = logits.step_states
+
+    def boom_late(states, ns, lg):
+        if any(n >= 3 for n in ns):
+            raise RuntimeError("late safety step broke")
+        return real(states, ns, lg)
+
+    monkeypatch.setattr(logits, "step_states", boom_late)
+    llm, tok, ref = engine("gemma3_text")
+    ids = ["late-boom-0", "late-boom-1"]
+    _beside_plain(llm, tok, ref, ids)
+    for i in ids:
+        tr = sv.trace(i)[0]
+        assert math.isfinite(tr.p[2]) and math.isnan(tr.p[3]), i
+        assert tr.refusal_step == 3 and tr.alarm_step == 2, i
+
+
 def _refused_at_start(out, trace):
     tr = trace[0]
     assert tr.refusal_step == 0 and tr.alarm_step == 0
