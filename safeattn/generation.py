@@ -659,8 +659,8 @@ class _Decode:
         except Exception as e:  # noqa: BLE001 - fail closed, loudly
             logger.warning("safeattn: the safety check raised %s: %s; the affected checked "
                            "row(s) refuse (fail closed)", type(e).__name__, e)
-            # refused rows never reach safety_step again, so only S_t (the trace's alarm_step)
-            # needs the op's own update for a failed check
+            # safety_step skips refused rows from now on, so of its state only S_t (the
+            # trace's alarm_step) needs the update the op gives a failed check
             newly = active & ~self.refused
             self.s_t.copy_(torch.where(newly & (self.s_t < 0), (self.step - 1).clamp_min(0),
                                        self.s_t))
