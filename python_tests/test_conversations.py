@@ -58,6 +58,10 @@ def test_q_span_covers_the_user_turns_within_the_budget(chat):
     ids, (qs, qe), _ = _row(safeattn.build_inputs(tok, [CHAT]), 0)
     seen = tok.decode(ids[qs:qe])
     assert seen.startswith(U1) and seen.endswith(U2) and A1 in seen  # turns + context between
+    full = (qs, qe)  # a budget of exactly its length keeps the earlier turn; one less drops it
+    assert _row(safeattn.build_inputs(tok, [CHAT], query_budget=qe - qs), 0)[1] == full
+    _, (qs, qe), _ = _row(safeattn.build_inputs(tok, [CHAT], query_budget=qe - qs - 1), 0)
+    assert qs > full[0] and qe == full[1]
     n_u2 = len(tok(U2, add_special_tokens=False)["input_ids"])
     ids, (qs, qe), _ = _row(safeattn.build_inputs(tok, [CHAT], query_budget=n_u2 + 3), 0)
     assert tok.decode(ids[qs:qe]) == U2  # the earlier turn does not fit: the latest alone
