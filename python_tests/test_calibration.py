@@ -198,6 +198,12 @@ def test_late_scores_by_hand():
     assert torch.equal(late_scores(p, 3, 2.0, 1), checks)
     with pytest.raises(ValueError, match="late_after"):
         late_scores(p, 3, 0.8, 0)
+    # the check that sees late_after tokens is late: the run ending there counts
+    edge = torch.tensor([[0.1, 0.9, 0.9, 0.5, 0.1, 0.1, 0.1]])
+    assert close(late_scores(edge, 3, 0.8, 3, max_new_tokens=7), [0.5])
+    # a run of early hits alone ends before late_after: the early θ's refusal, not a late one
+    early = torch.tensor([[0.1, 0.9, 0.9, 0.9, NAN, NAN, NAN]])
+    assert late_scores(early, 3, 0.8, 4)[0] == -math.inf
 
 
 def test_pick_late_threshold_by_hand():
