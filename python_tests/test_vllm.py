@@ -823,19 +823,26 @@ def test_probe_refuses_a_cache_it_cannot_read():
 def test_engines_the_probe_cannot_serve_are_refused():
     """Prompt embeddings carry no token ids, so q_span and the plan's sequence lengths would
     never match: such a row would go unchecked; a pipeline stage may not hold layers
-    0..cls_layer. Such engines are refused at model build (tensor parallelism is served)."""
+    0..cls_layer; the probe reads only the CPU backend's cache, in the model's dtype, so on
+    another device or with a quantized cache every checked request would refuse. Such
+    engines are refused at model build (tensor parallelism is served)."""
     from types import SimpleNamespace as NS
 
     from safeattn.vllm.models import _check_engine
 
-    def config(embeds=False, spec=None, tp=1, pp=1):
+    def config(embeds=False, spec=None, tp=1, pp=1, device="cpu", kv="auto"):
         return NS(speculative_config=spec, model_config=NS(enable_prompt_embeds=embeds),
-                  parallel_config=NS(tensor_parallel_size=tp, pipeline_parallel_size=pp))
+                  parallel_config=NS(tensor_parallel_size=tp, pipeline_parallel_size=pp),
+                  device_config=NS(device_type=device), cache_config=NS(cache_dtype=kv))
 
     _check_engine(config())
     _check_engine(config(tp=2))
+    _check_engine(config(kv="bfloat16"))
+    _check_engine(config(kv="float16"))
     for bad, match in ((config(embeds=True), "prompt embeddings"),
-                       (config(spec=object()), "speculative"), (config(pp=2), "pipeline")):
+                       (config(spec=object()), "speculative"), (config(pp=2), "pipeline"),
+                       (config(device="cuda"), "runs on 'cuda'"),
+                       (config(kv="fp8_e4m3"), "'fp8_e4m3' KV cache")):
         with pytest.raises(ValueError, match=match):
             _check_engine(bad)
 

@@ -106,6 +106,17 @@ def _check_engine(vllm_config) -> None:
     if getattr(vllm_config.model_config, "enable_prompt_embeds", False):
         raise ValueError("safeattn: prompt embeddings are not supported (the probe's q_span "
                          "is read from the prompt's token ids); remove enable_prompt_embeds")
+    device = vllm_config.device_config.device_type
+    if device != "cpu":
+        raise ValueError(f"safeattn: the vLLM probe reads only the paged KV cache of vLLM's CPU "
+                         f"attention backend; this engine runs on {device!r}, whose backends "
+                         "keep other layouts, so every checked request would refuse (serve on "
+                         "the CPU, or use safeattn.generate on this device)")
+    kv = vllm_config.cache_config.cache_dtype
+    if kv not in ("auto", "float16", "bfloat16"):
+        raise ValueError(f"safeattn: the vLLM probe cannot read a {kv!r} KV cache (only the "
+                         "model's dtype, float16 or bfloat16), so every checked request would "
+                         "refuse; remove kv_cache_dtype")
     if vllm_config.parallel_config.pipeline_parallel_size > 1:
         raise ValueError("safeattn: the vLLM probe runs layers 0..cls_layer on one pipeline "
                          "stage; use pipeline_parallel_size = 1 (tensor parallelism works)")
