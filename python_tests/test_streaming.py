@@ -47,6 +47,27 @@ def test_holdback_end_drops_under_a_pending_alarm():
     assert g.end() == [] and g.dropped == [1, 2]
 
 
+def test_text_released_before_a_refusal_prints_before_its_notice():
+    """TextStreamer keeps a trailing symbol until the next space; a row that refuses prints
+    it (released, so cleared) before ``refusal_notice``, not glued to the refusal after it."""
+    import torch
+    from _hf_tiny import PrintedStreamer
+
+    tok = tiny_tokenizer()
+    ids = tok.convert_tokens_to_ids
+    st = PrintedStreamer(tok, skip_prompt=True, hold=4, refusal_notice="[refused] ")
+    st.put(torch.tensor([ids(["how"])]))  # the prompt (skipped)
+    for w in ("bake", "bread", "?", "make"):
+        st.put(torch.tensor(ids([w])))
+    st.safety_update(checked=True, benign=True, refused=False, seen=3)  # clears "bake bread ?"
+    st.safety_update(checked=True, benign=False, refused=True, seen=4)  # "make" is dropped
+    st.put(torch.tensor(ids(["sorry"])))
+    st.end()
+    before, after = "".join(st.text).split("[refused]")
+    assert before.split() == ["bake", "bread", "?"]
+    assert after.split() == ["sorry"] and st.dropped == ids(["make"])
+
+
 @pytest.mark.parametrize("hold", [-1, 0, 1.5, None])
 def test_holdback_bad_hold(hold):
     with pytest.raises(ValueError, match="hold"):
