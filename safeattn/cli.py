@@ -523,7 +523,8 @@ def _add_combine(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="safeattn", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="safeattn", description="safeattn command line (also python -m safeattn).")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser(
         "demo", help="plain vs safeattn on harmful, benign and prefill-attacked prompts",
