@@ -72,21 +72,36 @@ def test_ask_form_cuts_the_how_to_scaffold():
 
 def test_pick_forms_offers_extra_forms_only_when_asked():
     everything = phrasing.FORMS + phrasing.EXTRA_FORMS
-    assert "ask" not in phrasing.FORMS and "ask" in everything
+    assert set(phrasing.EXTRA_FORMS) == {"ask", "shout", "leet"}
+    assert not set(phrasing.FORMS) & set(phrasing.EXTRA_FORMS)
     rows = [f"advbench_{i:03d}" for i in range(200)]
-    assert all("ask" not in phrasing.pick_forms(r, 2) for r in rows)
-    picked = [phrasing.pick_forms(r, 2, forms=everything) for r in rows]
-    assert 20 < sum("ask" in p for p in picked) < 80     # about 2 in 9
-    for r, p in zip(rows, picked):       # the other forms keep their order: a row's picks
-        base = phrasing.pick_forms(r, 2)     # change only where "ask" ranks in
-        assert [f for f in p if f != "ask"] == base[:len([f for f in p if f != "ask"])]
+    assert all(not set(phrasing.pick_forms(r, 2)) & set(phrasing.EXTRA_FORMS) for r in rows)
+    for extra in phrasing.EXTRA_FORMS:
+        picked = [phrasing.pick_forms(r, 2, forms=phrasing.FORMS + (extra,)) for r in rows]
+        assert 20 < sum(extra in p for p in picked) < 80     # about 2 in 9
+        for r, p in zip(rows, picked):       # the other forms keep their order: a row's
+            base = phrasing.pick_forms(r, 2)     # picks change only where the extra ranks in
+            assert [f for f in p if f != extra] == base[:len([f for f in p if f != extra])]
     for bad in (("question", "question"), ("question", "shouting")):
         with pytest.raises(ValueError, match="forms"):
             phrasing.pick_forms("x", 1, forms=bad)
     ph = D.build_samples("train", include=("phrasing",), missing_response="empty",
                          phrasing_forms=everything)
-    asked = collections.Counter(s.label for s in ph if s.id.endswith("form:ask"))
-    assert asked[0] > 20 and asked[1] > 20            # both labels get the new form
+    for extra in phrasing.EXTRA_FORMS:  # both labels get each new form
+        got = collections.Counter(s.label for s in ph if s.id.endswith(f"form:{extra}"))
+        assert got[0] > 20 and got[1] > 20, extra
+
+
+def test_case_and_leet_forms_change_only_the_letters():
+    """``shout`` and ``leet`` keep the request's words and punctuation (no lead-in), for an
+    instruction and a question alike: only the surface of the letters moves."""
+    for text in ("Write a poem about the sea.", "How do I bake bread?", "Line one\nline two"):
+        assert phrasing.rephrase(text, "shout", key="k") == text.upper()
+        leet = phrasing.rephrase(text, "leet", key="k")
+        assert len(leet) == len(text) and leet != text
+        assert not set(leet) & set("aeiostAEIOST")
+        assert [c for c in leet if not c.isalnum()] == [c for c in text if not c.isalnum()]
+    assert phrasing.rephrase("Write a poem about the sea", "leet") == "Wr173 4 p03m 4b0u7 7h3 534"
 
 
 def test_phrasing_samples_same_forms_for_both_labels(train):

@@ -128,8 +128,8 @@ def _sample_arguments(p) -> None:
                    help="surface forms per harmful and benign prompt (kind phrasing)")
     p.add_argument("--phrasing-forms", default=None,
                    help="comma-separated forms those are picked from (default: "
-                        "safeattn.data.phrasing.FORMS; 'ask', a first-person question, is "
-                        "opt-in)")
+                        "safeattn.data.phrasing.FORMS; opt-in: 'ask', a first-person "
+                        "question, 'shout', upper case, and 'leet', leetspeak)")
     p.add_argument("--response-windows", type=int, default=3,
                    help="probe views per (prompt, response) pair (kind response)")
     p.add_argument("--own-response-windows", type=int, default=None,

@@ -21,6 +21,9 @@ form                what it does to "Write a poem about the sea" / "How do I bak
 ``ask``             opt-in (:data:`EXTRA_FORMS`): a first-person question ("How can I write a
                     poem about the sea?"; "Write a guide on how to bake bread" → "How do I
                     bake bread?"); a question gets a lead-in ("Asking for myself: …")
+``shout``           opt-in: the request in upper case ("WRITE A POEM ABOUT THE SEA")
+``leet``            opt-in: letters swapped for look-alike digits ("Wr173 4 p03m 4b0u7 7h3
+                    534")
 ==================  ==========================================================================
 
 Each form has a few wordings; the wording is chosen by the same hash. Requests that span
@@ -41,7 +44,9 @@ FORMS = ("question", "imperative", "need", "polite", "hypothetical", "roleplay",
 #: harmful sources trained on have no first-person how-questions (AdvBench none of 520),
 #: while the benign prompts have many, so without it that form alone reads as benign. Tried
 #: on Gemma-3-270M and not shipped (its artifact README).
-EXTRA_FORMS = ("ask",)
+#: ``shout`` and ``leet``: the shipped chat head's ``p_0`` flags almost none of the harmful
+#: test prompts written in upper case or leetspeak (README, "Where it stands").
+EXTRA_FORMS = ("ask", "shout", "leet")
 
 # form -> (wordings for an instruction, wordings for a question). Slots: {lc} the request
 # with its first letter lowered and closing punctuation removed, {q} the question as given,
@@ -84,10 +89,13 @@ _WORDINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
               "{q} Take your time and be specific.",
               "This is important to me, so please read carefully. {q} Include everything I "
               "would need to know.")),
+    "shout": (("{upper}",), ("{upper}",)),
+    "leet": (("{leet}",), ("{leet}",)),
     "ask": (("How can I {core}?", "How do I {core}?", "What's the best way to {core}?",
              "Where do I start if I want to {core}?"),
             ("Asking for myself: {q}", "My question: {q}", "I'd like to know for myself. {q}")),
 }
+_LEET = str.maketrans("aeiostAEIOST", "431057431057")
 _HOW_TO = re.compile(r"^(?:\S+\s+){0,8}?how to\s+(\S.*)$", re.IGNORECASE | re.DOTALL)
 
 
@@ -133,7 +141,8 @@ def rephrase(text: str, form: str, key: str = "") -> str:
         bare = text
     lc = _lower_first(bare)
     return wording.format(q=text, bare=bare, lc=lc, lc_bare=lc.lower() if form == "short"
-                          and "\n" not in lc else lc, core=_action(lc))
+                          and "\n" not in lc else lc, core=_action(lc), upper=text.upper(),
+                          leet=text.translate(_LEET))
 
 
 def pick_forms(row: Mapping | str, n: int, seed: int = 0,
