@@ -36,7 +36,7 @@ from typing import Mapping, Sequence
 
 from .core import hash64
 
-__all__ = ["FORMS", "EXTRA_FORMS", "rephrase", "pick_forms", "is_question"]
+__all__ = ["FORMS", "EXTRA_FORMS", "rephrase", "pick_forms", "is_question", "leetspeak"]
 
 FORMS = ("question", "imperative", "need", "polite", "hypothetical", "roleplay", "short",
          "long")
@@ -99,6 +99,11 @@ _LEET = str.maketrans("aeiostAEIOST", "431057431057")
 _HOW_TO = re.compile(r"^(?:\S+\s+){0,8}?how to\s+(\S.*)$", re.IGNORECASE | re.DOTALL)
 
 
+def leetspeak(text: str) -> str:
+    """``text`` with a, e, i, o, s, t (either case) as 4, 3, 1, 0, 5, 7."""
+    return text.translate(_LEET)
+
+
 def is_question(text: str) -> bool:
     """Whether a request reads as a question (its last line ends with ``?``)."""
     return text.rstrip().endswith("?")
@@ -142,7 +147,7 @@ def rephrase(text: str, form: str, key: str = "") -> str:
     lc = _lower_first(bare)
     return wording.format(q=text, bare=bare, lc=lc, lc_bare=lc.lower() if form == "short"
                           and "\n" not in lc else lc, core=_action(lc), upper=text.upper(),
-                          leet=text.translate(_LEET))
+                          leet=leetspeak(text))
 
 
 def pick_forms(row: Mapping | str, n: int, seed: int = 0,
