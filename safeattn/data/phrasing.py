@@ -45,7 +45,7 @@ FORMS = ("question", "imperative", "need", "polite", "hypothetical", "roleplay",
 #: while the benign prompts have many, so without it that form alone reads as benign. Tried
 #: on Gemma-3-270M and not shipped (its artifact README).
 #: ``shout`` and ``leet``: the shipped chat head's ``p_0`` flags almost none of the harmful
-#: test prompts written in upper case or leetspeak (README, "Where it stands").
+#: test prompts written in upper case or leetspeak (README, "Disguised letters").
 EXTRA_FORMS = ("ask", "shout", "leet")
 
 # form -> (wordings for an instruction, wordings for a question). Slots: {lc} the request
