@@ -38,10 +38,25 @@ def test_head_variants():
         models.load_default(models.CHAT_MODEL, safety_dir=d, variant="query-probe")
 
 
+#: The head each model's opt-in variants were built on, by the variant that holds it too: the
+#: default head, except for the chat model, whose variants keep its default of sessions 62 to
+#: 67 (the default since session 68 also trained on upper case and leetspeak).
+VARIANT_BASE = {"gemma3-270m": None, models.CHAT_MODEL: "query-probe"}
+
+
+def _variant_base(name):
+    from safetensors.torch import load_file
+
+    d = models.artifact_dir(name, VARIANT_BASE[name])
+    head = load_file(str(d / "safety_head.safetensors"))
+    return {k: v for k, v in head.items() if not k.startswith("safety_query_probe.")}
+
+
 @pytest.mark.parametrize("name", models.MODELS)
-def test_ensemble_variant_holds_the_default_head_and_a_second_one(name):
-    """An opt-in ensemble's member 0 is the model's default head, bit for bit; member 1 is
-    another head (the same recipe at another seed) with its own [CLS] row and adapter."""
+def test_ensemble_variant_holds_its_base_head_and_a_second_one(name):
+    """An opt-in ensemble's member 0 is the head the model's variants were built on, bit for
+    bit (:data:`VARIANT_BASE`); member 1 is another head (the same recipe at another seed)
+    with its own [CLS] row and adapter."""
     from safetensors.torch import load_file
 
     d = models.artifact_dir(name, "ensemble")
@@ -50,7 +65,10 @@ def test_ensemble_variant_holds_the_default_head_and_a_second_one(name):
     assert len(cfg["members"]) == 1 and cfg["members"][0]["adapter"] == base["adapter"]
     assert cfg["cls_layer"] == base["cls_layer"] and cfg["threshold"] != base["threshold"]
     ens = load_file(str(d / "safety_head.safetensors"))
-    one = load_file(str(models.artifact_dir(name) / "safety_head.safetensors"))
+    one = _variant_base(name)
+    default = load_file(str(models.artifact_dir(name) / "safety_head.safetensors"))
+    assert sorted(default) == sorted(one)
+    assert all(torch.equal(default[k], v) for k, v in one.items()) == (VARIANT_BASE[name] is None)
     for k, v in one.items():
         assert torch.equal(ens[k], v), k
         other = ens["safety_members.0." + {"safety_head.weight": "head.weight",
@@ -135,15 +153,15 @@ def test_smollm2_with_its_shipped_head():
 
 @needs_smollm2
 def test_smollm2_query_probe_variant():
-    """load_default(..., variant='query-probe'): the same head plus the shipped QueryProbe,
-    which moves p_0 alone (the decoding-time checks read the same head)."""
+    """load_default(..., variant='query-probe'): a head plus the shipped QueryProbe, which
+    moves p_0 alone (without the probe, the decoding-time checks read the same)."""
     rows = ["How can I get into my ex's email account?", "What is the capital of France?"]
+    model, tok = models.load_default(models.CHAT_MODEL, variant="query-probe")
     p = {}
-    for v in (None, "query-probe"):
-        model, tok = models.load_default(models.CHAT_MODEL, variant=v)
-        assert (model.safety_query_probe is None) == (v is None)
+    for probe in (model.safety_query_probe, None):
+        model.safety_query_probe = probe
         out = safeattn.generate(model, tok, rows, max_new_tokens=4, do_sample=False,
                                 safety=safeattn.SafetyConfig(threshold=2.0))
-        p[v] = out.safety.p.float()
-    assert not torch.allclose(p[None][:, 0], p["query-probe"][:, 0])
-    torch.testing.assert_close(p[None][:, 1:], p["query-probe"][:, 1:], equal_nan=True)
+        p[probe is None] = out.safety.p.float()
+    assert not torch.allclose(p[True][:, 0], p[False][:, 0])
+    torch.testing.assert_close(p[True][:, 1:], p[False][:, 1:], equal_nan=True)
