@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import safeattn
-from safeattn.calibration import (calibrate, is_benign_set, late_scores, operating_curve,
-                                  pick_late_threshold, pick_refusal_prefix, pick_threshold,
-                                  pick_thresholds, refusal_scores, split_scores,
-                                  validation_rows)
+from safeattn.calibration import (calibrate, format_threshold, is_benign_set, late_scores,
+                                  operating_curve, pick_late_threshold, pick_refusal_prefix,
+                                  pick_threshold, pick_thresholds, refusal_scores,
+                                  split_scores, validation_rows)
 from safeattn.data import (build_samples, conversation_rows, eval_sets, group_key,
                            split_fraction)
 from _hf_tiny import PROMPTS, tiny_model, tiny_tokenizer
@@ -24,6 +24,14 @@ def close(got: torch.Tensor, want: list[float]) -> bool:
 
 
 # ------------------------------------------------------------------------ val / fit split
+def test_format_threshold_never_shows_a_theta_below_one_as_one():
+    """A late θ of 0.99999999 printed with 6 or 7 digits read "1" (the demo, calibrate)."""
+    assert format_threshold(0.9999999894174858) == "0.99999999"
+    assert format_threshold(0.9963647509201445) == "0.996365"
+    assert format_threshold(0.9999998211860657) == "0.9999998"
+    assert [format_threshold(t) for t in (0.5, 1.0, 1.5, 2.0)] == ["0.5", "1", "1.5", "2"]
+
+
 def test_val_and_fit_partition_the_train_split():
     train = eval_sets("train")
     val, fit = eval_sets("val", val_fraction=0.15), eval_sets("fit", val_fraction=0.15)
@@ -490,7 +498,7 @@ def test_calibrate_cli_writes_or_drops_the_late_threshold(tmp_path, monkeypatch,
     assert json.loads(cfg.read_text()) == {"threshold": 0.6, "late_threshold": 0.99,
                                            "late_after": 32}
     out = capsys.readouterr().out
-    assert "from 32 generated tokens on 0.9900000" in out
+    assert "from 32 generated tokens on 0.99 (" in out
     assert "when 0..1 benign rows refuse: - / 3" in out
     assert main(argv) == 0                     # one θ throughout: a stale late θ goes
     assert json.loads(cfg.read_text()) == {"threshold": 0.6} and seen == [32, None]

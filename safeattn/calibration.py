@@ -44,7 +44,17 @@ logger = logging.getLogger("safeattn")
 
 __all__ = ["refusal_scores", "split_scores", "late_scores", "pick_threshold", "pick_thresholds",
            "pick_late_threshold", "bootstrap_intervals", "validation_rows", "calibrate",
-           "pick_refusal_prefix", "is_benign_set", "operating_curve"]
+           "pick_refusal_prefix", "is_benign_set", "operating_curve", "format_threshold"]
+
+
+def format_threshold(theta: float, digits: int = 6) -> str:
+    """θ to show: ``digits`` significant digits, more where fewer would print a θ below 1 as
+    ``1`` (a late θ of 0.99999999 still refuses where ``p`` saturates; 1 would read as never)."""
+    text = f"{theta:.{digits}g}"
+    while theta < 1.0 and float(text) >= 1.0:
+        digits += 1
+        text = f"{theta:.{digits}g}"
+    return text
 
 
 def refusal_scores(p: torch.Tensor, tau: int, max_new_tokens: int | None = None) -> torch.Tensor:

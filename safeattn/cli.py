@@ -295,8 +295,8 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .calibration import (CALIBRATED_KEYS, calibrate, calibrated_config, pick_refusal_prefix,
-                              validation_rows)
+    from .calibration import (CALIBRATED_KEYS, calibrate, calibrated_config, format_threshold,
+                              pick_refusal_prefix, validation_rows)
     from .data import load_responses
     from .generation import SafetyConfig
     from .models import artifact_dir, load_default
@@ -340,11 +340,11 @@ def _calibrate(args: argparse.Namespace) -> int:
         if key in report:
             cfg[key] = report[key]
     if "query_threshold" in report:
-        print(f"θ of p_0 = {report['query_threshold']:.6f}, ", end="")
-    late = (f", from {report['late_after']} generated tokens on {report['late_threshold']:.7f}"
-            if "late_threshold" in report else "")
-    print(f"θ = {report['threshold']:.6f}{late} (benign val refusals <= {args.target_fpr:.0%} "
-          f"by the trace)")
+        print(f"θ of p_0 = {format_threshold(report['query_threshold'])}, ", end="")
+    late = (f", from {report['late_after']} generated tokens on "
+            f"{format_threshold(report['late_threshold'])}" if "late_threshold" in report else "")
+    print(f"θ = {format_threshold(report['threshold'])}{late} (benign val refusals <= "
+          f"{args.target_fpr:.0%} by the trace)")
     for name, m in report["sets"].items():
         if m["n"]:
             auc = f", AUROC vs benign {m['auroc']:.3f}" if "auroc" in m else ""

@@ -14,6 +14,7 @@ import textwrap
 import time
 from pathlib import Path
 
+from .calibration import format_threshold
 from .eval import Case, DEFAULT_PREFILL, _generate
 
 #: (kind, data set, row id) of the demo prompts: all from the test split (never trained on).
@@ -114,9 +115,9 @@ def run_demo(model: str | None = None, *, device: str = "cpu", max_new_tokens: i
     cases = demo_cases(CHAT_ROWS if getattr(tok, "chat_template", None) else DEMO_ROWS)
     safety = SafetyConfig().resolved(model)
     print(f"model: {name} on {device}  (loaded in {time.perf_counter() - t0:.0f} s); greedy, "
-          f"{max_new_tokens} new tokens, schedule {safety.schedule!r}, θ={safety.threshold:g} "
-          f"(p_0: {safety.query_threshold:g}"
-          + (f"; from token {safety.late_after} on: {safety.late_threshold:.7g}"
+          f"{max_new_tokens} new tokens, schedule {safety.schedule!r}, "
+          f"θ={format_threshold(safety.threshold)} (p_0: {format_threshold(safety.query_threshold)}"
+          + (f"; from token {safety.late_after} on: {format_threshold(safety.late_threshold)}"
              if safety.late_threshold is not None else "")
           + f"), τ={safety.tau}", flush=True)
     cs = [c for _, c in cases]

@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from .calibration import format_threshold
+
 __all__ = ["plot_trace"]
 
 
@@ -48,7 +50,7 @@ def plot_trace(output, tokenizer=None, path="safety_trace.png", row: int = 0, *,
                   label=f"θ = {theta:g}")
     if split and late <= 1.0:
         ax.hlines(late, after - 0.5, end, color="tab:red", ls=":", lw=1,
-                  label=f"θ from token {after} on = {late:.7g}")
+                  label=f"θ from token {after} on = {format_threshold(late)}")
     query = safety.config.query_threshold
     if query is not None and query != theta and query <= 1.0:
         ax.plot([0], [query], marker="_", ms=14, mew=2, color="tab:red", ls="none",
