@@ -116,7 +116,8 @@ def run_demo(model: str | None = None, *, device: str = "cpu", max_new_tokens: i
     safety = SafetyConfig().resolved(model)
     print(f"model: {name} on {device}  (loaded in {time.perf_counter() - t0:.0f} s); greedy, "
           f"{max_new_tokens} new tokens, schedule {safety.schedule!r}, "
-          f"θ={format_threshold(safety.threshold)} (p_0: {format_threshold(safety.query_threshold)}"
+          f"θ={format_threshold(safety.threshold)} "
+          f"(p_0: {format_threshold(safety.query_threshold)}"
           + (f"; from token {safety.late_after} on: {format_threshold(safety.late_threshold)}"
              if safety.late_threshold is not None else "")
           + f"), τ={safety.tau}", flush=True)
