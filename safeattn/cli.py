@@ -358,13 +358,14 @@ def _calibrate(args: argparse.Namespace) -> int:
     if "threshold" in boot:
         lo, hi = boot["threshold"]
         late = ("" if "late_threshold" not in boot else
-                ", late θ {:.7f}–{:.7f}".format(*boot["late_threshold"]))
+                ", late θ {}–{}".format(*map(format_threshold, boot["late_threshold"])))
         print(f"  95% over {boot['resamples']} resamples of the benign val prompts: θ "
-              f"{lo:.6f}–{hi:.6f}{late}; predicted " + ", ".join(
+              f"{format_threshold(lo)}–{format_threshold(hi)}{late}; predicted " + ", ".join(
                   f"{n} {a:.1%}–{b:.1%}" for n, (a, b) in boot["sets"].items()))
     for tau, m in report.get("by_tau", {}).items():
-        q = f"θ of p_0 = {m['query_threshold']:.6f}, " if "query_threshold" in m else ""
-        print(f"  τ = {tau}: {q}θ = {m['threshold']:.6f}, predicted " + ", ".join(
+        q = (f"θ of p_0 = {format_threshold(m['query_threshold'])}, "
+             if "query_threshold" in m else "")
+        print(f"  τ = {tau}: {q}θ = {format_threshold(m['threshold'])}, predicted " + ", ".join(
             f"{n} {r:.1%}" for n, r in m["predicted"].items()))
     if args.refusal_prefix:
         picked = pick_refusal_prefix(model, tok, rows, args.refusal_prefix,
@@ -377,7 +378,7 @@ def _calibrate(args: argparse.Namespace) -> int:
                   f"(refuse {c['refuses']}, name the topic {c['on_topic']}, end {c['ended']})")
     (d / "calibration.json").write_text(json.dumps(report, indent=1) + "\n")
     cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
-    print(f"written to {cfg_path}: threshold {cfg['threshold']:.6f}"
+    print(f"written to {cfg_path}: threshold {format_threshold(cfg['threshold'])}"
           + (f", refusal_prefix {cfg['refusal_prefix']!r}" if args.refusal_prefix else ""))
     return 0
 
