@@ -481,6 +481,28 @@ def test_shipped_artifact_on_every_source():
     assert all(ours[src] > probe[src] - 0.015 for src in HARMFUL_SOURCES), (ours, probe)
 
 
+@pytest.mark.parametrize("name", ["gemma3-270m", "smollm2-135m-instruct"])
+def test_shipped_folds_are_the_shipped_recipe(name):
+    """A shipped ``loso.json``'s folds come from the recipe of the head it ships: its
+    ``folds_command`` is the training ``command`` but for which folds and variants run, the
+    final head's epochs and the seed."""
+    import shlex
+    from safeattn.models import artifact_dir
+
+    def options(command):
+        argv = shlex.split(command.split("  #")[0])
+        flags = [i for i, a in enumerate(argv) if a.startswith("--")]
+        opts = {argv[i]: argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--")
+                else True for i in flags}
+        for free in ("--loso-folds", "--loso-variants", "--final-epochs", "--seed"):
+            opts.pop(free, None)
+        return opts
+
+    rep = json.loads((artifact_dir(name) / "loso.json").read_text())
+    assert set(rep["folds"]) == {"advbench", "xstest_unsafe", "pyrit_objectives"}
+    assert options(rep["folds_command"]) == options(rep["command"])
+
+
 def test_loso_pool_keeps_only_what_the_context_cache_holds(tmp_path):
     """With sliding-window layers the context cache skips every batch that reaches the
     window, so ``run_loso`` keeps only samples shorter than it: after that every kept sample
