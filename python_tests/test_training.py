@@ -466,15 +466,15 @@ def test_shipped_artifact_on_every_source():
     print("[CLS] head, test split:", json.dumps(m))
     for src, floor in ARTIFACT_MIN_AUROC.items():
         assert m["per_source"][src]["auroc"] >= floor, src
-    # the leave-one-source-out report it shipped with (its recipe's folds; a report without
-    # folds falls back to the recipe it extends, previous_recipe): over the harmful sources
-    # it never saw, the shipped variant ranks better than FrozenProbe on average, and on none
-    # of them more than 0.015 AUROC worse (held-out AdvBench, scored on the val band: 0.931
-    # against 0.942; against the test prompts it was 0.924 against 0.930)
+    # the leave-one-source-out report it shipped with (its recipe's folds, as the next test
+    # checks): over the harmful sources it never saw, the shipped variant ranks better than
+    # FrozenProbe on average, and on none of them more than 0.015 AUROC worse (held-out
+    # AdvBench, scored on the val band: 0.931 against 0.942; against the test prompts it was
+    # 0.924 against 0.930)
     rep = json.loads((ARTIFACT_DIR / "loso.json").read_text())
     shipped = rep["shipped_variant"]
     assert shipped == "cls_adapter" and rep["cls_layer"] == model.safety_head.cls_layer
-    folds = rep["folds"] or rep["previous_recipe"]["folds"]
+    folds = rep["folds"]
     ours = {src: folds[src][shipped]["auroc"] for src in HARMFUL_SOURCES}
     probe = {src: folds[src]["frozen_probe"]["auroc"] for src in HARMFUL_SOURCES}
     assert sum(ours.values()) > sum(probe.values()), (ours, probe)
@@ -484,22 +484,26 @@ def test_shipped_artifact_on_every_source():
 @pytest.mark.parametrize("name", ["gemma3-270m", "smollm2-135m-instruct"])
 def test_shipped_folds_are_the_shipped_recipe(name):
     """A shipped ``loso.json``'s folds come from the recipe of the head it ships: its
-    ``folds_command`` is the training ``command`` but for which folds and variants run, the
-    final head's epochs and the seed."""
+    ``folds_command``, read by ``safeattn train``'s own parser, is the training ``command``
+    but for which folds and variants run, the final head's epochs and the seed."""
+    import argparse
     import shlex
-    from safeattn.models import artifact_dir
 
-    def options(command):
-        argv = shlex.split(command.split("  #")[0])
-        flags = [i for i, a in enumerate(argv) if a.startswith("--")]
-        opts = {argv[i]: argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--")
-                else True for i in flags}
-        for free in ("--loso-folds", "--loso-variants", "--final-epochs", "--seed"):
-            opts.pop(free, None)
+    from safeattn.data import HARMFUL_SOURCES
+    from safeattn.models import artifact_dir
+    from safeattn.training_args import add_train_arguments
+
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+
+    def options(command):  # "safeattn train --model ...  # note"
+        opts = vars(parser.parse_args(shlex.split(command.split("  #")[0])[2:]))
+        for free in ("loso_folds", "loso_variants", "final_epochs", "seed"):
+            del opts[free]
         return opts
 
     rep = json.loads((artifact_dir(name) / "loso.json").read_text())
-    assert set(rep["folds"]) == {"advbench", "xstest_unsafe", "pyrit_objectives"}
+    assert set(rep["folds"]) == set(HARMFUL_SOURCES)
     assert options(rep["folds_command"]) == options(rep["command"])
 
 
