@@ -804,6 +804,11 @@ def test_plot_trace_marks_the_prefill_threshold(monkeypatch, tmp_path):
                                                                 late_threshold=0.95))
     safeattn.plot_trace(out, tok, tmp_path / "trace.png")
     assert labels[2][1:3] == ["θ = 0.9", "θ from token 2 on = 0.95"]
+    out = safeattn.generate(model, tok, PROMPTS[:1], max_new_tokens=4, do_sample=False,
+                            pad_token_id=0, safety=SafetyConfig(threshold=0.9999998,
+                                                                query_threshold=0.99999999))
+    safeattn.plot_trace(out, tok, tmp_path / "trace.png")  # θ below 1 never reads as "1"
+    assert {"θ = 0.9999998", "θ of p_0 = 0.99999999"} <= set(labels[3]), labels[3]
 
 
 def test_plot_trace_without_matplotlib(monkeypatch, tmp_path):

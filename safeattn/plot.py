@@ -47,14 +47,14 @@ def plot_trace(output, tokenizer=None, path="safety_trace.png", row: int = 0, *,
     split = late is not None and after < end
     if theta <= 1.0:
         ax.hlines(theta, -0.5, after - 0.5 if split else end, color="tab:red", ls="--", lw=1,
-                  label=f"θ = {theta:g}")
+                  label=f"θ = {format_threshold(theta)}")
     if split and late <= 1.0:
         ax.hlines(late, after - 0.5, end, color="tab:red", ls=":", lw=1,
                   label=f"θ from token {after} on = {format_threshold(late)}")
     query = safety.config.query_threshold
     if query is not None and query != theta and query <= 1.0:
         ax.plot([0], [query], marker="_", ms=14, mew=2, color="tab:red", ls="none",
-                label=f"θ of p_0 = {query:g}")
+                label=f"θ of p_0 = {format_threshold(query)}")
     if rs.refusal_step is not None:
         ax.axvline(rs.refusal_step, color="tab:purple", lw=1.5,
                    label=f"refusal at token {rs.refusal_step}")
