@@ -273,7 +273,8 @@ def _add_eval(sub) -> None:
                    help="response attack: a safeattn refusal counts only when it began at "
                         "generated step <= N (needs --max-new-tokens > N)")
     p.add_argument("--target-fpr", type=float, default=0.05,
-                   help="false-positive rate that calibrates theta in the report's meta")
+                   help="false-positive rate that calibrates theta in the report's meta "
+                        "and gives each harmful row's p0 TPR")
     p.add_argument("--json", default=None, help="write the JSON report here ('-' = stdout)")
     p.add_argument("--markdown", default=None, help="write the Markdown table here")
     p.add_argument("--plots", default=None,
