@@ -272,30 +272,36 @@ def test_p0_ranking_per_attack():
                       batch_size=4, keep_responses=True, target_fpr=0.34,
                       response_rows=ev.load_response_rows(limit=1), response_tokens=4,
                       response_steps=1, safety=SafetyConfig(refusal_prefix=REFUSAL))
-    p0 = {}
+    score = {}
     for e in rep["examples"]:
-        p0.setdefault((e["attack"], e["label"]), []).append(e["p0"])
+        name = "p_max" if e["attack"] == "response" else "p0"
+        score.setdefault((e["attack"], e["label"]), []).append(e[name])
     got = {(r["attack"], r["label"]): r for r in rep["results"]}
-    for attack, against in (("direct", "direct"), ("split", "split"), ("context", "direct")):
-        x = got[(attack, "harmful")]["p0"]
-        auc, tpr, theta = metrics.separation(p0[(attack, "harmful")], p0[(against, "benign")],
-                                             0.34)
-        assert x == {"against": against, "n_benign": 4, "auroc": auc, "target_fpr": 0.34,
+    for attack, against, n in (("direct", "direct", 4), ("split", "split", 4),
+                               ("context", "direct", 4), ("response", "response", 1)):
+        x = got[(attack, "harmful")]["p_max" if attack == "response" else "p0"]
+        auc, tpr, theta = metrics.separation(score[(attack, "harmful")],
+                                             score[(against, "benign")], 0.34)
+        assert x == {"against": against, "n_benign": n, "auroc": auc, "target_fpr": 0.34,
                      "tpr_at_target_fpr": tpr, "theta_at_target_fpr": theta, "n_unscored": 0}
     assert got[("split", "harmful")]["p0"]["auroc"] != got[("context", "harmful")]["p0"]["auroc"]
     assert "p0" not in got[("response", "harmful")]  # p_0 sees only the neutral prompt
-    assert not any("p0" in r for r in rep["results"] if r["label"] == "benign")
+    assert not any("p_max" in r for r in rep["results"] if r["attack"] != "response")
+    assert not any("p0" in r or "p_max" in r for r in rep["results"] if r["label"] == "benign")
     md = ev.to_markdown(rep)
-    assert ("| attack | variant | harmful n | benign rows | benign n | p_0 AUROC | "
+    assert ("| attack | variant | score | harmful n | benign rows | benign n | AUROC | "
             "TPR at 34% FPR |") in md
     x = got[("context", "harmful")]["p0"]
-    assert (f"| context |  | 2 | direct | 4 | {x['auroc']:.4f} | "
+    assert (f"| context |  | p_0 | 2 | direct | 4 | {x['auroc']:.4f} | "
+            f"{100 * x['tpr_at_target_fpr']:.1f}% |") in md
+    x = got[("response", "harmful")]["p_max"]
+    assert (f"| response |  | max p_t | 1 | response | 1 | {x['auroc']:.4f} | "
             f"{100 * x['tpr_at_target_fpr']:.1f}% |") in md
 
     alone = ev.evaluate(model, tok, ROWS[:2], modes=("safe",), max_new_tokens=2,
                         safety=SafetyConfig(refusal_prefix=REFUSAL))
     assert alone["results"][0]["p0"] is None  # no benign rows to rank against
-    assert "p_0 AUROC" not in ev.to_markdown(alone)
+    assert "TPR at" not in ev.to_markdown(alone)
 
 
 def test_p0_ranking_leaves_out_unscored_rows():
@@ -303,11 +309,36 @@ def test_p0_ranking_leaves_out_unscored_rows():
            {"attack": "obfuscate", "variant": "any", "mode": "safe", "label": "harmful"},
            {"attack": "split", "variant": None, "mode": "plain", "label": "harmful"}]
     nan = float("nan")
-    ev._rank_p0(res, {("split", None, "harmful"): [0.9, nan, 0.2],
-                      ("direct", None, "benign"): [0.1, 0.5, nan]}, 0.5)
+    ev._rank_scores(res, {("split", None, "harmful"): [0.9, nan, 0.2],
+                          ("direct", None, "benign"): [0.1, 0.5, nan]}, 0.5)
     assert res[0]["p0"]["auroc"] == 0.75 and res[0]["p0"]["n_unscored"] == 2
     assert res[0]["p0"]["n_benign"] == 2 and res[0]["p0"]["against"] == "direct"
     assert "p0" not in res[1] and "p0" not in res[2]
+
+
+def test_response_ranking_has_no_direct_fallback():
+    # the direct rows' p_0 scores prompts, not responses: without harmless responses the
+    # response row has no reference
+    res = [{"attack": "response", "variant": None, "mode": "safe", "label": "harmful"}]
+    ev._rank_scores(res, {("response", None, "harmful"): [0.9],
+                          ("direct", None, "benign"): [0.1]}, 0.5)
+    assert res[0] == {"attack": "response", "variant": None, "mode": "safe",
+                      "label": "harmful", "p_max": None}
+
+
+def test_response_p_max_counts_only_the_checks_that_could_refuse():
+    """The response attack's ``p_max`` is over the checks at steps <= response_steps: a head
+    that turns malicious later flags the row but leaves its ``p_max`` low."""
+    model, tok = _patched()
+    model.safety_head = LateHead(model.config.hidden_size, after=3)
+    rep = ev.evaluate(model, tok, ROWS, attacks=["response"], modes=("safe",),
+                      response_rows=ev.load_response_rows(limit=1), response_tokens=5,
+                      response_steps=1, max_new_tokens=8, batch_size=4, keep_responses=True,
+                      safety=SafetyConfig(refusal_prefix=REFUSAL, tau=1))
+    ex = rep["examples"]
+    assert len(ex) == 2 and all(e["refusal_step"] is None for e in ex)
+    assert all(e["p_max"] < 1e-3 for e in ex)
+    assert all(r["cls_flagged"] == 1.0 for r in rep["results"])  # a later check fired
 
 
 def _by_mode_label(rep):

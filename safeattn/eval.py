@@ -48,7 +48,7 @@ Report (:func:`evaluate` returns it; the CLI writes it as JSON)::
 
     {"results": [{"attack", "variant", "mode", "label", "n", "asr" | "over_refusal",
                   "asr_ci95" | "over_refusal_ci95", "refused", "cls_flagged",
-                  "mean_refusal_step", "refused_by_decoder", "p0", "tokens", "seconds",
+                  "mean_refusal_step", "refused_by_decoder", "p0" | "p_max", "tokens", "seconds",
                   "tokens_per_s"}, ...],
      "meta": {...settings, calibration, versions...},
      "examples": [...]}            # only with keep_responses=True
@@ -69,6 +69,9 @@ under the attack: ``{"against", "n_benign", "auroc", "target_fpr", "tpr_at_targe
 when the run has them (``benign_attacks``; ``against`` names them), else the benign
 ``direct`` rows; ``None`` without benign rows. It shows a shift that the ASR hides until θ
 meets it: e.g. a head that scores whole conversations lower than single prompts.
+``p_max`` (the safe harmful ``response`` row) is its counterpart for responses: the same
+fields for each row's highest ``p`` over the checks that could start a counted refusal (the
+prefill checks and steps ``<= response_steps``), harmful against harmless responses.
 """
 from __future__ import annotations
 
@@ -548,9 +551,8 @@ def _run(model, tokenizer, cases, mode, *, safety, max_new_tokens, batch_size, s
             if out is not None:
                 rs = out.safety[i]
                 pre = [p for _, p in rs.prefill_checks]  # the checks of a prefill
-                ps = [p for p in rs.p + pre if not math.isnan(p)]
                 theta = out.safety.config.threshold
-                rec.update(p0=rs.p[0], p_max=max(ps) if ps else float("nan"),
+                rec.update(p0=rs.p[0], p_max=_max_checked(pre + rs.p[:_upto(refusal_steps)]),
                            flagged=any(m != "benign" for m in rs.mode)  # θ reached (or failed)
                            or any(not p < theta for p in pre),
                            refusal_step=rs.refusal_step)
@@ -569,6 +571,17 @@ def _run(model, tokenizer, cases, mode, *, safety, max_new_tokens, batch_size, s
         bar.update(len(batch))
     bar.close()
     return recs, tokens, time.perf_counter() - t0
+
+
+def _upto(refusal_steps: int | None) -> int | None:
+    """The end of the trace slice ``p[:end]`` whose checks may start a counted refusal."""
+    return None if refusal_steps is None else refusal_steps + 1
+
+
+def _max_checked(ps: Sequence[float]) -> float:
+    """The highest ``p`` of the checks that ran (``nan``: none ran)."""
+    ran = [p for p in ps if not math.isnan(p)]
+    return max(ran) if ran else float("nan")
 
 
 def _metric(label: str) -> str:
@@ -733,7 +746,7 @@ def evaluate(model, tokenizer, rows: Sequence[Mapping], *, attacks: Sequence[str
     else:
         response_rows = None
     started = time.time()
-    results, examples, traces, p0s = [], [], {}, {}
+    results, examples, traces, scores = [], [], {}, {}
     run = dict(safety=safety, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
                stop_at_refusal=stop_at_refusal)
     attack_settings = dict(prefill_ks=prefill_ks, template_max_chars=template_max_chars,
@@ -748,12 +761,13 @@ def evaluate(model, tokenizer, rows: Sequence[Mapping], *, attacks: Sequence[str
         recs, stats = _run_attack(model, tokenizer, attack, rows_a, modes, traces, run,
                                   attack_settings, response_steps)
         results += _attack_results(attack, modes, recs, stats)
-        for x in recs.get("safe", []) if attack != "response" else []:
+        score = _score_name(attack)
+        for x in recs.get("safe", []):
             c = x["case"]
-            p0s.setdefault((attack, c.variant, c.label), []).append(x["p0"])
+            scores.setdefault((attack, c.variant, c.label), []).append(x[score])
         if keep_responses:
             examples += [_example(attack, m, x) for m in modes for x in recs[m]]
-    _rank_p0(results, p0s, target_fpr)
+    _rank_scores(results, scores, target_fpr)
     meta = {
         "model": model_name or getattr(model.config, "_name_or_path", None),
         "n_prompts": _label_counts(rows), "attacks": attacks,
@@ -775,30 +789,37 @@ def evaluate(model, tokenizer, rows: Sequence[Mapping], *, attacks: Sequence[str
     return report
 
 
-def _rank_p0(results: list[dict], p0s: Mapping[tuple, Sequence[float]],
-            target_fpr: float) -> None:
-    """Give each safe ``harmful`` row of ``results`` (not ``response``, not ``any``) its
-    ``p0``: how well the prefill's ``p_0`` ranks its prompts above benign ones, as framed by
-    the same attack and variant where the run has benign rows of it (``benign_attacks``),
-    else as written (``direct``). ``p0s``: ``(attack, variant, label)`` -> the rows' ``p_0``
-    (the decoder's trace, so no extra forward). ``nan`` scores (no check ran, or it failed
-    and the row refused) are left out and counted (``n_unscored``). No benign reference:
-    ``p0`` is ``None``."""
+def _score_name(attack: str) -> str:
+    """The trace score an attack's rows are ranked by: ``p_max`` for ``response`` (its
+    ``p_0`` sees only the neutral prompt; the response is what is checked), else ``p0``."""
+    return "p_max" if attack == "response" else "p0"
+
+
+def _rank_scores(results: list[dict], scores: Mapping[tuple, Sequence[float]],
+                 target_fpr: float) -> None:
+    """Give each safe ``harmful`` row of ``results`` (not ``any``) its ``p0``, or for the
+    ``response`` attack its ``p_max``: how well that score ranks its rows above benign ones,
+    as framed by the same attack and variant where the run has benign rows of it
+    (``benign_attacks``; for ``response``, its harmless responses), else, for ``p0`` only, as
+    written (``direct``). ``scores``: ``(attack, variant, label)`` -> the rows' scores (the
+    decoder's trace, so no extra forward). ``nan`` scores (no check ran, or it failed and the
+    row refused) are left out and counted (``n_unscored``). No benign reference: ``None``."""
     from .metrics import separation
 
     for r in results:
-        pos = p0s.get((r["attack"], r["variant"], "harmful"))
+        pos = scores.get((r["attack"], r["variant"], "harmful"))
         if r["mode"] != "safe" or r["label"] != "harmful" or pos is None:
-            continue  # pos is None: the response attack or an ``any`` row
-        against = next((k for k in ((r["attack"], r["variant"]), ("direct", None))
-                        if p0s.get((*k, "benign"))), None)
-        neg = p0s[(*against, "benign")] if against else []
+            continue  # pos is None: an ``any`` row
+        name = _score_name(r["attack"])
+        refs = [(r["attack"], r["variant"])] + [("direct", None)] * (name == "p0")
+        against = next((k for k in refs if scores.get((*k, "benign"))), None)
+        neg = scores[(*against, "benign")] if against else []
         pos_ok, neg_ok = ([p for p in xs if not math.isnan(p)] for xs in (pos, neg))
-        r["p0"] = None
+        r[name] = None
         if not pos_ok or not neg_ok:
             continue
         auc, tpr, theta = separation(pos_ok, neg_ok, target_fpr)
-        r["p0"] = {"against": "/".join(x for x in against if x), "n_benign": len(neg_ok),
+        r[name] = {"against": "/".join(x for x in against if x), "n_benign": len(neg_ok),
                    "auroc": auc, "target_fpr": target_fpr, "tpr_at_target_fpr": tpr,
                    "theta_at_target_fpr": theta,
                    "n_unscored": len(pos) - len(pos_ok) + len(neg) - len(neg_ok)}
@@ -869,8 +890,8 @@ def _example(attack, mode, rec) -> dict:
     return {"id": c.id, "label": c.label, "category": c.category, "attack": attack,
             "variant": c.variant, "mode": mode, "prompt": c.prompt, "prefill": c.prefill,
             "response": rec["response"], "refused": rec["refused"], "p0": rec.get("p0"),
-            "refusal_step": rec.get("refusal_step"), "ended": rec["ended"],
-            "check": rec.get("check")}
+            "p_max": rec.get("p_max"), "refusal_step": rec.get("refusal_step"),
+            "ended": rec["ended"], "check": rec.get("check")}
 
 
 def _run_meta(model, tokenizer, rows, safety, target_fpr, batch_size, started) -> dict:
@@ -986,22 +1007,23 @@ def _category_lines(rows: dict) -> list[str]:
             "|---|---|---|---|---:|---:|---:|", *out]
 
 
-def _p0_lines(results) -> list[str]:
-    """The ``p_0`` ranking table of :func:`to_markdown` (``[]`` when no row has one)."""
-    out = []
-    for r in results:
-        x = r.get("p0")
-        if x:
-            out.append(f"| {r['attack']} | {r['variant'] or ''} | {r['n']} | {x['against']} | "
-                       f"{x['n_benign']} | {x['auroc']:.4f} | {_pct(x['tpr_at_target_fpr'])} |")
-    if not out:
+def _rank_lines(results) -> list[str]:
+    """The ranking table (``p0`` / ``p_max``) of :func:`to_markdown` (``[]`` when no row has
+    one)."""
+    shown = {"p0": "p_0", "p_max": "max p_t"}
+    ranked = [(r, k, r[k]) for r in results for k in shown if r.get(k)]
+    if not ranked:
         return []
-    fpr = next(r["p0"]["target_fpr"] for r in results if r.get("p0"))
-    return ["", "How well the prefill's [CLS] p_0 ranks the harmful prompts of each attack above "
-            "benign ones (framed by the same attack where the benign rows ran it, else as "
-            "written):", "",
-            f"| attack | variant | harmful n | benign rows | benign n | p_0 AUROC | "
-            f"TPR at {fpr:.0%} FPR |", "|---|---|---:|---|---:|---:|---:|", *out]
+    out = [f"| {r['attack']} | {r['variant'] or ''} | {shown[k]} | {r['n']} | {x['against']} | "
+           f"{x['n_benign']} | {x['auroc']:.4f} | {_pct(x['tpr_at_target_fpr'])} |"
+           for r, k, x in ranked]
+    fpr = ranked[0][2]["target_fpr"]
+    return ["", "How well the [CLS] probe ranks each attack's harmful rows above benign ones: "
+            "the prefill's p_0 for prompts (framed by the same attack where the benign rows "
+            "ran it, else as written); for the response attack, the highest p_t of the checks "
+            "that could refuse it, harmful vs harmless responses:", "",
+            f"| attack | variant | score | harmful n | benign rows | benign n | AUROC | "
+            f"TPR at {fpr:.0%} FPR |", "|---|---|---|---:|---|---:|---:|---:|", *out]
 
 
 def to_markdown(report: dict) -> str:
@@ -1028,7 +1050,7 @@ def to_markdown(report: dict) -> str:
             f"{_pct(s.get('cls_flagged')) if s else '–'} | "
             f"{'–' if tp is None else tp} | {'–' if ts is None else ts} |")
     lines += _category_lines(rows)
-    lines += _p0_lines(report["results"])
+    lines += _rank_lines(report["results"])
     c = report["meta"].get("calibration") or {}
     if c.get("auroc") is not None:
         lines.append("")
