@@ -38,43 +38,48 @@ def test_head_variants():
         models.load_default(models.CHAT_MODEL, safety_dir=d, variant="query-probe")
 
 
-#: The head each model's opt-in variants were built on, by the variant that holds it too: the
-#: default head, except for the chat model, whose variants keep its default of sessions 62 to
-#: 67 (the default since session 68 also trained on upper case and leetspeak).
-VARIANT_BASE = {"gemma3-270m": None, models.CHAT_MODEL: "query-probe"}
+#: Whether each model's opt-in ensemble holds the default head as its member 0: the chat
+#: model's keeps its default of sessions 62 to 67 (the default since session 68 also trained
+#: on upper case and leetspeak).
+ENSEMBLE_ON_DEFAULT = {"gemma3-270m": True, models.CHAT_MODEL: False}
 
 
-def _variant_base(name):
+def _head(name, variant=None):
     from safetensors.torch import load_file
 
-    d = models.artifact_dir(name, VARIANT_BASE[name])
-    head = load_file(str(d / "safety_head.safetensors"))
-    return {k: v for k, v in head.items() if not k.startswith("safety_query_probe.")}
+    return load_file(str(models.artifact_dir(name, variant) / "safety_head.safetensors"))
 
 
 @pytest.mark.parametrize("name", models.MODELS)
 def test_ensemble_variant_holds_its_base_head_and_a_second_one(name):
-    """An opt-in ensemble's member 0 is the head the model's variants were built on, bit for
-    bit (:data:`VARIANT_BASE`); member 1 is another head (the same recipe at another seed)
-    with its own [CLS] row and adapter."""
-    from safetensors.torch import load_file
-
+    """An opt-in ensemble's member 0 has the default head's tensors, bit for bit where
+    :data:`ENSEMBLE_ON_DEFAULT` says so; member 1 is another head (the same recipe at another
+    seed) with its own [CLS] row and adapter."""
     d = models.artifact_dir(name, "ensemble")
     cfg = json.loads((d / "safety_config.json").read_text())
     base = json.loads((models.artifact_dir(name) / "safety_config.json").read_text())
     assert len(cfg["members"]) == 1 and cfg["members"][0]["adapter"] == base["adapter"]
     assert cfg["cls_layer"] == base["cls_layer"] and cfg["threshold"] != base["threshold"]
-    ens = load_file(str(d / "safety_head.safetensors"))
-    one = _variant_base(name)
-    default = load_file(str(models.artifact_dir(name) / "safety_head.safetensors"))
+    ens = _head(name, "ensemble")
+    one = {k: v for k, v in ens.items() if not k.startswith("safety_members.")}
+    default = _head(name)
     assert sorted(default) == sorted(one)
-    assert all(torch.equal(default[k], v) for k, v in one.items()) == (VARIANT_BASE[name] is None)
+    assert all(torch.equal(default[k], v) for k, v in one.items()) == ENSEMBLE_ON_DEFAULT[name]
     for k, v in one.items():
-        assert torch.equal(ens[k], v), k
         other = ens["safety_members.0." + {"safety_head.weight": "head.weight",
                                             "safety_head.bias": "head.bias"}.get(
             k, k.replace("safety_adapter.", "adapter."))]
         assert other.shape == v.shape and not torch.equal(other, v), k
+
+
+@pytest.mark.parametrize("name", [n for n in models.MODELS if "query-probe" in
+                                  models.variants(n)])
+def test_query_probe_variant_extends_the_default_head(name):
+    """The query-probe variant is the default head, bit for bit, plus its query probe."""
+    qp, default = _head(name, "query-probe"), _head(name)
+    probe = {k for k in qp if k.startswith("safety_query_probe.")}
+    assert probe and sorted(set(qp) - probe) == sorted(default)
+    assert all(torch.equal(default[k], qp[k]) for k in default)
 
 
 def test_cli_safety_takes_a_variant_name(tmp_path):
