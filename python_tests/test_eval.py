@@ -284,10 +284,18 @@ def test_p0_ranking_per_attack():
                                              score[(against, "benign")], 0.34)
         assert x == {"against": against, "n_benign": n, "auroc": auc, "target_fpr": 0.34,
                      "tpr_at_target_fpr": tpr, "theta_at_target_fpr": theta, "n_unscored": 0}
+        assert got[(attack, "harmful")]["scores"] == score[(attack, "harmful")]
     assert got[("split", "harmful")]["p0"]["auroc"] != got[("context", "harmful")]["p0"]["auroc"]
     assert "p0" not in got[("response", "harmful")]  # p_0 sees only the neutral prompt
     assert not any("p_max" in r for r in rep["results"] if r["attack"] != "response")
     assert not any("p0" in r or "p_max" in r for r in rep["results"] if r["label"] == "benign")
+    # the same rankings from the rows' own scores when the context rows ran apart
+    bare = [{k: v for k, v in r.items() if k not in ("p0", "p_max")} for r in rep["results"]]
+    merged = ev.merge_reports(
+        {"results": [r for r in bare if r["attack"] != "context"], "meta": rep["meta"]},
+        {"results": [r for r in bare if r["attack"] == "context"], "meta": rep["meta"]})
+    by = (lambda r: (r["attack"], r["label"]))
+    assert sorted(merged["results"], key=by) == sorted(rep["results"], key=by)
     md = ev.to_markdown(rep)
     assert ("| attack | variant | score | harmful n | benign rows | benign n | AUROC | "
             "TPR at 34% FPR |") in md
@@ -304,13 +312,16 @@ def test_p0_ranking_per_attack():
     assert "TPR at" not in ev.to_markdown(alone)
 
 
+def _row(attack, label, scores=None, variant=None, mode="safe"):
+    row = {"attack": attack, "variant": variant, "mode": mode, "label": label}
+    return row if scores is None else dict(row, scores=scores)
+
+
 def test_p0_ranking_leaves_out_unscored_rows():
-    res = [{"attack": "split", "variant": None, "mode": "safe", "label": "harmful"},
-           {"attack": "obfuscate", "variant": "any", "mode": "safe", "label": "harmful"},
-           {"attack": "split", "variant": None, "mode": "plain", "label": "harmful"}]
     nan = float("nan")
-    ev._rank_scores(res, {("split", None, "harmful"): [0.9, nan, 0.2],
-                          ("direct", None, "benign"): [0.1, 0.5, nan]}, 0.5)
+    res = [_row("split", "harmful", [0.9, nan, 0.2]), _row("obfuscate", "harmful", variant="any"),
+           _row("split", "harmful", mode="plain"), _row("direct", "benign", [0.1, 0.5, nan])]
+    ev._rank_scores(res, 0.5)
     assert res[0]["p0"]["auroc"] == 0.75 and res[0]["p0"]["n_unscored"] == 2
     assert res[0]["p0"]["n_benign"] == 2 and res[0]["p0"]["against"] == "direct"
     assert "p0" not in res[1] and "p0" not in res[2]
@@ -319,11 +330,27 @@ def test_p0_ranking_leaves_out_unscored_rows():
 def test_response_ranking_has_no_direct_fallback():
     # the direct rows' p_0 scores prompts, not responses: without harmless responses the
     # response row has no reference
-    res = [{"attack": "response", "variant": None, "mode": "safe", "label": "harmful"}]
-    ev._rank_scores(res, {("response", None, "harmful"): [0.9],
-                          ("direct", None, "benign"): [0.1]}, 0.5)
-    assert res[0] == {"attack": "response", "variant": None, "mode": "safe",
-                      "label": "harmful", "p_max": None}
+    res = [_row("response", "harmful", [0.9]), _row("direct", "benign", [0.1])]
+    ev._rank_scores(res, 0.5)
+    assert res[0] == _row("response", "harmful", [0.9]) | {"p_max": None}
+
+
+def test_merged_runs_rank_against_each_other():
+    """A ``split`` run without benign rows of its own ranks against the benign ``direct``
+    rows of the run it is merged with; an old report's ranking (no ``scores``) stays."""
+    meta = {"modes": ["safe"], "target_fpr": 0.5}
+    split = {"results": [_row("split", "harmful", [0.9, 0.2])], "meta": meta}
+    ev._rank_scores(split["results"], 0.5)
+    assert split["results"][0]["p0"] is None
+    direct = {"results": [_row("direct", "harmful", [0.8]), _row("direct", "benign", [0.1, 0.5])],
+              "meta": meta}
+    got = ev.merge_reports(direct, json.loads(json.dumps(split)))["results"]
+    x = {r["attack"]: r for r in got if r["label"] == "harmful"}
+    assert x["split"]["p0"]["against"] == "direct" and x["split"]["p0"]["auroc"] == 0.75
+    assert x["direct"]["p0"]["auroc"] == 1.0
+    old = {"results": [_row("obfuscate", "harmful") | {"p0": {"auroc": 0.6}}], "meta": meta}
+    got = ev.merge_reports(old, direct)["results"]
+    assert [r["p0"] for r in got if r["attack"] == "obfuscate"] == [{"auroc": 0.6}]
 
 
 def test_response_p_max_counts_only_the_checks_that_could_refuse():
@@ -339,6 +366,13 @@ def test_response_p_max_counts_only_the_checks_that_could_refuse():
     assert len(ex) == 2 and all(e["refusal_step"] is None for e in ex)
     assert all(e["p_max"] < 1e-3 for e in ex)
     assert all(r["cls_flagged"] == 1.0 for r in rep["results"])  # a later check fired
+    model.safety_head = LateHead(model.config.hidden_size, after=1)  # p_0 alone is low
+    rep = ev.evaluate(model, tok, ROWS, attacks=["response"], modes=("safe",),
+                      response_rows=ev.load_response_rows(limit=1), response_tokens=5,
+                      response_steps=1, max_new_tokens=8, batch_size=4, keep_responses=True,
+                      safety=SafetyConfig(refusal_prefix=REFUSAL, tau=1))
+    assert all(e["p0"] < 1e-3 < 0.999 < e["p_max"] for e in rep["examples"])
+    assert [r["scores"] for r in rep["results"]] == [[e["p_max"]] for e in rep["examples"]]
 
 
 def _by_mode_label(rep):
@@ -417,9 +451,9 @@ def test_refused_by_decoder_leaves_out_the_judges_refusals():
     # a harmless response that is itself a refusal goes on refusing with no check firing:
     # the judge counts it, the decoder did not refuse it
     recs = [{"case": ev.case(r, "response", None, "x"), "refused": True, "refusal_step": step,
-             "flagged": step is not None} for r, step in zip(ROWS, (None, 2, None))]
+             "flagged": step is not None, "p_max": 0.5} for r, step in zip(ROWS, (None, 2, None))]
     row = ev._summary("response", None, "safe", "benign", recs, 30, 1.0)
-    assert row["refused"] == 3 and row["over_refusal"] == 1.0
+    assert row["refused"] == 3 and row["over_refusal"] == 1.0 and row["scores"] == [0.5] * 3
     assert row["refused_by_decoder"] == 1 and row["mean_refusal_step"] == 2.0
     assert "refused_by_decoder" not in ev._summary("response", None, "plain", "benign", recs,
                                                    30, 1.0)
