@@ -8,7 +8,8 @@ import torch
 import safeattn
 from safeattn.generation import SafetyConfig
 from safeattn.training import fit_response_probe
-from _hf_tiny import BEN, HARM, PROMPTS, run_train_cli, tiny_model, tiny_tokenizer
+from _hf_tiny import (BEN, HARM, PROMPTS, assert_close_fp32, run_train_cli, tiny_model,
+                      tiny_tokenizer)
 
 PREFILL = "sure here is step one"
 REFUSAL = "sorry i cannot fulfill your request because"
@@ -144,12 +145,6 @@ def test_a_failing_response_probe_refuses(monkeypatch, caplog):
     assert "probe broke" in caplog.text
 
 
-def _close32(got, want):
-    """``p`` is float64, but computed in float32 by a model at other addresses: the CPU GEMM's
-    summation order can follow alignment, so a copy may differ in the last float32 bits."""
-    torch.testing.assert_close(got.float(), want.float())
-
-
 def test_response_probe_round_trips(tmp_path):
     model, tok = _with_probe()
     enc = safeattn.build_inputs(tok, PROMPTS[:2])
@@ -160,11 +155,11 @@ def test_response_probe_round_trips(tmp_path):
     safeattn.load_safety(fresh, tmp_path / "safety", ftok)
     rp = fresh.safety_response_probe
     assert (rp.layer, rp.window) == (LAYER, WINDOW)
-    _close32(_generate(fresh.eval(), ftok, enc).safety.p, want)
+    assert_close_fp32(_generate(fresh.eval(), ftok, enc).safety.p, want)
     model.save_pretrained(tmp_path / "full")
     tok.save_pretrained(tmp_path / "full")
     again, atok = safeattn.from_pretrained(tmp_path / "full")
-    _close32(_generate(again.eval(), atok, enc).safety.p, want)
+    assert_close_fp32(_generate(again.eval(), atok, enc).safety.p, want)
 
 
 @pytest.mark.parametrize("spec", [{"layer": 0, "window": 3}, {"layer": 5, "window": 3},
