@@ -814,7 +814,9 @@ def _rank_scores(results: list[dict], target_fpr: float) -> None:
         if r["mode"] != "safe" or r["label"] != "harmful" or pos is None:
             continue  # pos is None: an ``any`` row
         name = _score_name(r["attack"])
-        refs = [(r["attack"], r["variant"])] + [("direct", None)] * (name == "p0")
+        refs = [(r["attack"], r["variant"])]
+        if name == "p0":  # a response's p_max has no prompts-as-written counterpart
+            refs.append(("direct", None))
         against = next((k for k in refs if scores.get((*k, "benign"))), None)
         neg = scores[(*against, "benign")] if against else []
         pos_ok, neg_ok = ([p for p in xs if not math.isnan(p)] for xs in (pos, neg))
