@@ -344,7 +344,8 @@ def test_merged_runs_rank_against_each_other():
     assert split["results"][0]["p0"] is None
     direct = {"results": [_row("direct", "harmful", [0.8]), _row("direct", "benign", [0.1, 0.5])],
               "meta": meta}
-    got = ev.merge_reports(direct, json.loads(json.dumps(split)))["results"]
+    got = ev.merge_reports(direct, split)["results"]
+    assert split["results"][0]["p0"] is None  # the merge ranks copies of the rows
     x = {r["attack"]: r for r in got if r["label"] == "harmful"}
     assert x["split"]["p0"]["against"] == "direct" and x["split"]["p0"]["auroc"] == 0.75
     assert x["direct"]["p0"]["auroc"] == 1.0

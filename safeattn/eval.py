@@ -812,7 +812,7 @@ def _rank_scores(results: list[dict], target_fpr: float) -> None:
     for r in results:
         pos = scores.get((r["attack"], r["variant"], "harmful"))
         if r["mode"] != "safe" or r["label"] != "harmful" or pos is None:
-            continue  # pos is None: an ``any`` row
+            continue  # pos is None: an ``any`` row, or one of a report without ``scores``
         name = _score_name(r["attack"])
         refs = [(r["attack"], r["variant"])]
         if name == "p0":  # a response's p_max has no prompts-as-written counterpart
@@ -951,7 +951,7 @@ def merge_reports(*reports: dict) -> dict:
             if key in seen:
                 raise EvalError(f"result {key} appears in more than one report")
             seen.add(key)
-            results.append(r)
+            results.append(dict(r))  # ranked again below: the callers' reports stay as they are
     order = {a: i for i, a in enumerate(ATTACKS)}
     results.sort(key=lambda r: order.get(r["attack"], len(order)))  # stable: keeps variants
     meta = dict(reports[-1]["meta"])
