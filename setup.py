@@ -136,7 +136,7 @@ setup(
     package_data={"safeattn": ["data/files/*.jsonl", "data/files/licenses/*", "data/files/README.md",
                             "artifacts/gemma3-270m/*", "artifacts/gemma3-270m/ensemble/*",
                             "artifacts/smollm2-135m-instruct/*",
-                            "artifacts/smollm2-135m-instruct/query-probe/*",
+                            "artifacts/smollm2-135m-instruct/cls-only/*",
                             "artifacts/smollm2-135m-instruct/ensemble/*"]},
     # SAFEATTN_BUILD_EXT=0: register the package only (the vLLM venv reuses the extension
     # .ci/install built, since both venvs run the same torch).

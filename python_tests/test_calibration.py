@@ -705,7 +705,7 @@ def test_calibrate_cli_needs_the_answers_for_conversations(tmp_path, capsys, mon
     answers = models.artifact_dir(chat) / "benign_responses.jsonl"
     assert answers.is_file()
     # a variant's folder holds no answers of its own: its model's are the same ones
-    assert _benign_answers(chat, models.artifact_dir(chat, "query-probe")) == answers
+    assert _benign_answers(chat, models.artifact_dir(chat, "cls-only")) == answers
     assert _benign_answers(chat, tmp_path) == answers
     (tmp_path / "benign_responses.jsonl").write_text("")
     assert _benign_answers(chat, tmp_path) == tmp_path / "benign_responses.jsonl"

@@ -696,9 +696,9 @@ def test_cli_eval_safety_dir(tmp_path, monkeypatch, capsys):
     assert main(["eval", "--model", "smollm2-135m-instruct", "--safety", head, "--data", data,
                  "--mode", "safe", "--max-new-tokens", "2", "--json", "-"]) == 0
     capsys.readouterr()
-    assert main(["eval", "--model", "smollm2-135m-instruct", "--safety", "query-probe",
+    assert main(["eval", "--model", "smollm2-135m-instruct", "--safety", "cls-only",
                  "--data", data, "--mode", "safe", "--max-new-tokens", "2", "--json", "-"]) == 0
-    variant = safeattn.models.artifact_dir("smollm2-135m-instruct", "query-probe")
+    variant = safeattn.models.artifact_dir("smollm2-135m-instruct", "cls-only")
     assert [(n, str(d)) for n, d in seen] == [("smollm2-135m-instruct", head),
                                               ("smollm2-135m-instruct", str(variant))]
     capsys.readouterr()

@@ -26,16 +26,21 @@ def test_unknown_model_name():
 
 
 def test_head_variants():
-    assert models.variants("smollm2") == ("ensemble", "query-probe")
+    assert models.variants("smollm2") == ("cls-only", "ensemble")
     assert models.variants() == ("ensemble",)
-    d = models.artifact_dir(models.CHAT_MODEL, "query-probe")
+    d = models.artifact_dir(models.CHAT_MODEL, "cls-only")
     assert d.parent == models.artifact_dir(models.CHAT_MODEL)
-    assert json.loads((d / "safety_config.json").read_text())["query_probe"] == {"layer": 16}
+    assert "query_probe" not in json.loads((d / "safety_config.json").read_text())
+    default = models.artifact_dir(models.CHAT_MODEL)
+    assert json.loads((default / "safety_config.json").read_text())["query_probe"] == \
+        {"layer": 16}
+    # the default was the variant "query-probe" before: that name loads the default
+    assert models.artifact_dir("smollm2", "query-probe") == default
     with pytest.raises(ValueError, match="variant: gemma3-270m ships no head 'query-probe'; "
                                          "besides its default it ships ensemble"):
         models.artifact_dir("default", "query-probe")
     with pytest.raises(ValueError, match="variant: give safety_dir or variant"):
-        models.load_default(models.CHAT_MODEL, safety_dir=d, variant="query-probe")
+        models.load_default(models.CHAT_MODEL, safety_dir=d, variant="cls-only")
 
 
 #: Whether each model's opt-in ensemble holds the default head as its member 0: the chat
@@ -62,7 +67,7 @@ def test_ensemble_variant_holds_its_base_head_and_a_second_one(name):
     assert cfg["cls_layer"] == base["cls_layer"] and cfg["threshold"] != base["threshold"]
     ens = _head(name, "ensemble")
     one = {k: v for k, v in ens.items() if not k.startswith("safety_members.")}
-    default = _head(name)
+    default = {k: v for k, v in _head(name).items() if not k.startswith("safety_query_probe.")}
     assert sorted(default) == sorted(one)
     assert all(torch.equal(default[k], v) for k, v in one.items()) == ENSEMBLE_ON_DEFAULT[name]
     for k, v in one.items():
@@ -72,25 +77,25 @@ def test_ensemble_variant_holds_its_base_head_and_a_second_one(name):
         assert other.shape == v.shape and not torch.equal(other, v), k
 
 
-@pytest.mark.parametrize("name", [n for n in models.MODELS if "query-probe" in
-                                  models.variants(n)])
-def test_query_probe_variant_extends_the_default_head(name):
-    """The query-probe variant is the default head, bit for bit, plus its query probe."""
-    qp, default = _head(name, "query-probe"), _head(name)
-    probe = {k for k in qp if k.startswith("safety_query_probe.")}
-    assert probe and sorted(set(qp) - probe) == sorted(default)
-    assert all(torch.equal(default[k], qp[k]) for k in default)
+@pytest.mark.parametrize("name", [n for n in models.MODELS if "cls-only" in models.variants(n)])
+def test_default_head_is_its_cls_only_variant_plus_a_query_probe(name):
+    """The default head is the cls-only variant, bit for bit, plus its query probe."""
+    cls_only, default = _head(name, "cls-only"), _head(name)
+    probe = {k for k in default if k.startswith("safety_query_probe.")}
+    assert probe and sorted(set(default) - probe) == sorted(cls_only)
+    assert all(torch.equal(cls_only[k], default[k]) for k in cls_only)
 
 
 def test_cli_safety_takes_a_variant_name(tmp_path):
     from safeattn.cli import _safety_dir
 
-    assert _safety_dir("smollm2", "query-probe") == models.artifact_dir("smollm2", "query-probe")
+    assert _safety_dir("smollm2", "cls-only") == models.artifact_dir("smollm2", "cls-only")
+    assert _safety_dir("smollm2", "query-probe") == models.artifact_dir("smollm2")
     assert _safety_dir("smollm2", None) is None
     (tmp_path / "safety_config.json").write_text("{}")
     assert _safety_dir("smollm2", str(tmp_path)) == tmp_path   # a folder of files
     with pytest.raises(ValueError, match=r"--safety strict: no safety_config.json there .*, nor "
-                                         r"a head smollm2 ships \(ensemble, query-probe\)"):
+                                         r"a head smollm2 ships \(cls-only, ensemble\)"):
         _safety_dir("smollm2", "strict")
     with pytest.raises(ValueError, match=r"writes\), nor a head gemma3-270m ships \(ensemble\)$"):
         _safety_dir("gemma3-270m", "query-probe")
@@ -157,11 +162,11 @@ def test_smollm2_with_its_shipped_head():
 
 
 @needs_smollm2
-def test_smollm2_query_probe_variant():
-    """load_default(..., variant='query-probe'): a head plus the shipped QueryProbe, which
-    moves p_0 alone (without the probe, the decoding-time checks read the same)."""
+def test_smollm2_default_head_has_a_query_probe():
+    """load_default(CHAT_MODEL): a head plus the shipped QueryProbe, which moves p_0 alone
+    (without the probe, the decoding-time checks read the same)."""
     rows = ["How can I get into my ex's email account?", "What is the capital of France?"]
-    model, tok = models.load_default(models.CHAT_MODEL, variant="query-probe")
+    model, tok = models.load_default(models.CHAT_MODEL)
     p = {}
     for probe in (model.safety_query_probe, None):
         model.safety_query_probe = probe

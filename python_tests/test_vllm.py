@@ -1118,11 +1118,11 @@ REAL_PREFILL_CASES = [{"schedule": "each"},
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["gemma3-270m", "smollm2-135m-instruct",
-                                  "smollm2-135m-instruct/query-probe", "gemma3-270m/ensemble",
+                                  "smollm2-135m-instruct/cls-only", "gemma3-270m/ensemble",
                                   "smollm2-135m-instruct/ensemble"])
 def test_real_model_parity(tmp_path, name):
-    """A shipped model (Gemma3 / Llama family) with its head and probe adapter (and the chat
-    model's opt-in query probe, the opt-in head ensembles), batch 8: the same greedy
+    """A shipped model (Gemma3 / Llama family) with its head and probe adapter (the chat
+    model's with its query probe, and without it: cls-only; the opt-in head ensembles), batch 8: the same greedy
     tokens and trace as
     safeattn.generate (θ = 3e-4 with p_0 never refusing makes rows refuse mid-answer)."""
     from transformers import AutoTokenizer

@@ -34,8 +34,11 @@ def _safety_dir(model: str, safety: str | None):
     if (Path(safety) / "safety_config.json").is_file():
         return Path(safety)
     shipped = variants(model) if is_shipped(model) else ()
-    if safety in shipped:
-        return artifact_dir(model, safety)
+    if shipped:
+        try:
+            return artifact_dir(model, safety)
+        except ValueError:
+            pass
     named = f", nor a head {model} ships ({', '.join(shipped)})" if shipped else ""
     raise ValueError(f"--safety {safety}: no safety_config.json there (expected the files that "
                      f"'safeattn train --out' writes){named}")
@@ -217,7 +220,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--safety", default=None,
                    help="directory of save_safety files (e.g. a 'safeattn train' OUT) to use "
                         "with a shipped --model instead of its shipped head, or the name of "
-                        "another head the model ships (smollm2-135m-instruct: query-probe, "
+                        "another head the model ships (smollm2-135m-instruct: cls-only, "
                         "ensemble; gemma3-270m: ensemble)")
     p.add_argument("--device", default="auto",
                    help="'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:N'")

