@@ -1122,9 +1122,9 @@ REAL_PREFILL_CASES = [{"schedule": "each"},
                                   "smollm2-135m-instruct/ensemble"])
 def test_real_model_parity(tmp_path, name):
     """A shipped model (Gemma3 / Llama family) with its head and probe adapter (the chat
-    model's with its query probe, and without it: cls-only; the opt-in head ensembles), batch 8: the same greedy
-    tokens and trace as
-    safeattn.generate (θ = 3e-4 with p_0 never refusing makes rows refuse mid-answer)."""
+    model's with its query probe, and without it: cls-only; the opt-in head ensembles), batch
+    8: the same greedy tokens and trace as safeattn.generate (θ = 3e-4 with p_0 never
+    refusing makes rows refuse mid-answer)."""
     from transformers import AutoTokenizer
 
     from safeattn.models import artifact_dir, default_cache_dir
