@@ -42,7 +42,7 @@ def gemma():
     """``load_default()``, or the shipped model named by ``$SAFEATTN_BENCH_MODEL``
     (e.g. ``smollm2-135m-instruct``, the chat model), with the head that
     ``$SAFEATTN_BENCH_SAFETY`` names, if set (case names then end in ``+<its name>``)."""
-    if SAFETY in safeattn.models.variants(MODEL):
+    if SAFETY is not None and not os.path.isdir(SAFETY):  # a variant's name (or a former one)
         return safeattn.models.load_default(MODEL, variant=SAFETY)
     return safeattn.models.load_default(MODEL, safety_dir=SAFETY)
 
