@@ -104,11 +104,11 @@ def tiny_model(family: str, vocab_size: int = 80, seed: int = 0, window: int = 5
     return model
 
 
-def assert_close_fp32(got: torch.Tensor, want: torch.Tensor) -> None:
-    """``p`` returned as float64 but computed in float32, by two model copies: the CPU GEMM's
-    summation order can follow the weights' addresses, so the copies may differ in the last
-    float32 bits. Compared at float32's tolerance."""
-    torch.testing.assert_close(got.float(), want.float())
+def assert_close_fp32(got: torch.Tensor, want: torch.Tensor, *, equal_nan: bool = False) -> None:
+    """``p`` returned as float64 but computed in float32, by two model copies (or one model
+    patched again): the CPU GEMM's summation order can follow the weights' addresses, so the
+    two may differ in the last float32 bits. Compared at float32's tolerance."""
+    torch.testing.assert_close(got.float(), want.float(), equal_nan=equal_nan)
 
 
 def cache_state(cache):
