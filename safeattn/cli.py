@@ -80,78 +80,92 @@ def _load_model(spec: str, device: str | None = None, safety: str | None = None)
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import json
+    from . import eval as ev
+
+    plan = _eval_plan(args)  # every input checked before the (slow) model load
+    model, tok = _load_model(args.model, args.device, plan.safety_dir)
+    report = ev.evaluate(model, tok, plan.rows, attacks=plan.attacks, modes=plan.modes,
+                         safety=plan.safety, max_new_tokens=args.max_new_tokens,
+                         batch_size=args.batch_size, seed=args.seed, prefill_ks=plan.prefill_ks,
+                         target_fpr=args.target_fpr, template_max_chars=args.template_max_chars,
+                         benign_attacks=plan.benign_attacks, keep_responses=args.responses,
+                         stop_at_refusal=not args.full_refusals, response_rows=plan.responses,
+                         response_tokens=args.response_tokens,
+                         response_steps=args.response_steps, model_name=args.model)
+    if plan.earlier:
+        report = ev.merge_reports(*plan.earlier, report)
+    _write_eval_report(args, report, tok)
+    return 0
+
+
+def _eval_plan(args: argparse.Namespace):
+    """``safeattn eval``'s inputs, parsed and checked: the prompt and response rows, attacks,
+    modes, ``SafetyConfig``, the ``--merge`` reports and the safety folder. Raises
+    ``ValueError`` naming the flag."""
+    from types import SimpleNamespace
 
     from . import eval as ev
     from .generation import SafetyConfig
 
-    # Validate everything before the (slow) model load.
-    try:
-        attacks = ev.parse_attacks(args.attack)
-        benign_attacks = ev.parse_attacks(args.benign_attacks)
-        modes = list(ev.MODES) if args.mode == "both" else [args.mode]
-        rows = ev.load_prompts(args.data, limit=args.limit)
-        resp = None
-        if "response" in attacks:
-            ev.check_response_settings(args.max_new_tokens, args.response_tokens,
-                                       args.response_steps)
-            resp = ev.load_response_rows(limit=args.limit)
-        ks = [int(k) for k in args.prefill_k.split(",") if k.strip()]
-        safety = SafetyConfig(schedule=args.schedule, threshold=args.threshold,
-                              query_threshold=args.query_threshold,
-                              late_threshold=args.late_threshold, late_after=args.late_after,
-                              tau=args.tau, period=args.period,
-                              prefill_stride=args.prefill_stride)
-    except (ValueError, ev.EvalError) as e:
-        print(f"safeattn eval: error: {e}", file=sys.stderr)
-        return 2
-    earlier = []
-    for path in args.merge or []:
-        try:
-            with open(path, encoding="utf-8") as f:
-                earlier.append(json.load(f))
-            if not isinstance(earlier[-1], dict) or "results" not in earlier[-1]:
-                raise ValueError("not a safeattn eval report")
-            want = {"n_prompts": {lab: sum(r["label"] == lab for r in rows)
-                                  for lab in ("harmful", "benign")},
-                    "max_new_tokens": args.max_new_tokens, "seed": args.seed, "prefill_ks": ks,
-                    "template_max_chars": args.template_max_chars,
-                    "suffix_tokens": ev.SUFFIX_TOKENS, "benign_attacks": benign_attacks,
-                    "response_tokens": args.response_tokens if resp else None,
-                    "response_steps": args.response_steps if resp else None,
-                    "n_responses": {lab: sum(r["label"] == lab for r in resp)
-                                    for lab in ("harmful", "benign")} if resp else None}
-            diff = ev.differing_settings(earlier[-1].get("meta", {}), want)
-            if diff:
-                raise ValueError(f"its settings differ from this run's: {diff}")
-        except (OSError, ValueError) as e:
-            print(f"safeattn eval: error: --merge {path}: {e}", file=sys.stderr)
-            return 2
+    plan = SimpleNamespace(attacks=ev.parse_attacks(args.attack),
+                           benign_attacks=ev.parse_attacks(args.benign_attacks),
+                           modes=list(ev.MODES) if args.mode == "both" else [args.mode],
+                           rows=ev.load_prompts(args.data, limit=args.limit), responses=None)
+    if "response" in plan.attacks:
+        ev.check_response_settings(args.max_new_tokens, args.response_tokens,
+                                   args.response_steps)
+        plan.responses = ev.load_response_rows(limit=args.limit)
+    plan.prefill_ks = [int(k) for k in args.prefill_k.split(",") if k.strip()]
+    plan.safety = SafetyConfig(schedule=args.schedule, threshold=args.threshold,
+                               query_threshold=args.query_threshold,
+                               late_threshold=args.late_threshold, late_after=args.late_after,
+                               tau=args.tau, period=args.period,
+                               prefill_stride=args.prefill_stride)
+    plan.earlier = [_merged_report(path, args, plan) for path in args.merge or []]
     for flag, path in (("--json", args.json), ("--markdown", args.markdown)):
         if path and path != "-" and not Path(path).resolve().parent.is_dir():
-            print(f"safeattn eval: error: {flag} {path}: the directory does not exist",
-                  file=sys.stderr)
-            return 2
+            raise ValueError(f"{flag} {path}: the directory does not exist")
+    plan.safety_dir = _safety_dir(args.model, args.safety)
+    return plan
+
+
+def _merged_report(path: str, args: argparse.Namespace, plan) -> dict:
+    """An earlier report for ``--merge``, refused unless its run settings are this run's."""
+    import json
+
+    from . import eval as ev
+
+    def counts(rows):
+        return {lab: sum(r["label"] == lab for r in rows) for lab in ("harmful", "benign")}
+
+    resp = plan.responses
     try:
-        safety_dir = _safety_dir(args.model, args.safety)
-    except ValueError as e:
-        print(f"safeattn eval: error: {e}", file=sys.stderr)
-        return 2
-    model, tok = _load_model(args.model, args.device, safety_dir)
-    try:
-        report = ev.evaluate(model, tok, rows, attacks=attacks, modes=modes, safety=safety,
-                             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                             seed=args.seed, prefill_ks=ks, target_fpr=args.target_fpr,
-                             template_max_chars=args.template_max_chars,
-                             benign_attacks=benign_attacks, keep_responses=args.responses,
-                             stop_at_refusal=not args.full_refusals, response_rows=resp,
-                             response_tokens=args.response_tokens,
-                             response_steps=args.response_steps, model_name=args.model)
-        if earlier:
-            report = ev.merge_reports(*earlier, report)
-    except ev.EvalError as e:
-        print(f"safeattn eval: error: {e}", file=sys.stderr)
-        return 2
+        with open(path, encoding="utf-8") as f:
+            report = json.load(f)
+        if not isinstance(report, dict) or "results" not in report:
+            raise ValueError("not a safeattn eval report")
+        want = {"n_prompts": counts(plan.rows), "max_new_tokens": args.max_new_tokens,
+                "seed": args.seed, "prefill_ks": plan.prefill_ks,
+                "template_max_chars": args.template_max_chars,
+                "suffix_tokens": ev.SUFFIX_TOKENS, "benign_attacks": plan.benign_attacks,
+                "response_tokens": args.response_tokens if resp else None,
+                "response_steps": args.response_steps if resp else None,
+                "n_responses": counts(resp) if resp else None}
+        diff = ev.differing_settings(report.get("meta", {}), want)
+        if diff:
+            raise ValueError(f"its settings differ from this run's: {diff}")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--merge {path}: {e}") from e
+    return report
+
+
+def _write_eval_report(args: argparse.Namespace, report: dict, tok) -> None:
+    """The Markdown table to stdout (or the JSON with ``--json -``), then ``--json``,
+    ``--markdown`` and ``--plots``."""
+    import json
+
+    from . import eval as ev
+
     md = ev.to_markdown(report)
     text = json.dumps(ev.public(report), indent=2)
     if args.json == "-":
@@ -166,7 +180,6 @@ def _eval(args: argparse.Namespace) -> int:
     if args.plots:
         for p in ev.write_plots(report, args.plots, tok):
             print(f"plot: {p}", file=sys.stderr if args.json == "-" else sys.stdout)
-    return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -312,15 +325,12 @@ def _calibrate(args: argparse.Namespace) -> int:
     if args.conversations:
         path = Path(args.benign_responses or _benign_answers(args.model, d))
         if not path.is_file():
-            print(f"safeattn calibrate: error: --conversations needs the benign answers; no "
-                  f"{path} (pass --benign-responses)", file=sys.stderr)
-            return 2
+            raise ValueError(f"--conversations needs the benign answers; no {path} (pass "
+                             "--benign-responses)")
         answers = load_responses(str(path))
     taus = [t.strip() for t in args.compare_tau.split(",") if t.strip()]
     if not all(t.isdigit() and int(t) >= 1 for t in taus):
-        print(f"safeattn calibrate: error: --compare-tau must be integers >= 1, got "
-              f"{args.compare_tau!r}", file=sys.stderr)
-        return 2
+        raise ValueError(f"--compare-tau must be integers >= 1, got {args.compare_tau!r}")
     # fails before the model load on a bad fraction
     rows = validation_rows(args.val_fraction, benign_responses=answers, seed=args.seed)
     keep = None
@@ -343,12 +353,34 @@ def _calibrate(args: argparse.Namespace) -> int:
         cfg.pop(key, None)
         if key in report:
             cfg[key] = report[key]
+    _print_calibration(report, args.target_fpr)
+    if args.refusal_prefix:
+        picked = pick_refusal_prefix(model, tok, rows, args.refusal_prefix,
+                                     safety=calibrated_config(safety, report),
+                                     batch_size=args.batch_size)
+        report["refusal_prefix"] = picked
+        cfg["refusal_prefix"] = picked["refusal_prefix"]
+        for c in picked["candidates"]:
+            print(f"  refusal prefix {c['prefix']!r}: {c['passes']}/{c['n']} read well "
+                  f"(refuse {c['refuses']}, name the topic {c['on_topic']}, end {c['ended']})")
+    (d / "calibration.json").write_text(json.dumps(report, indent=1) + "\n")
+    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+    print(f"written to {cfg_path}: threshold {format_threshold(cfg['threshold'])}"
+          + (f", refusal_prefix {cfg['refusal_prefix']!r}" if args.refusal_prefix else ""))
+    return 0
+
+
+def _print_calibration(report: dict, target_fpr: float) -> None:
+    """The θ that ``calibrate`` picked, each val set's rates at it, and the optional curve,
+    bootstrap and τ comparison."""
+    from .calibration import format_threshold
+
     if "query_threshold" in report:
         print(f"θ of p_0 = {format_threshold(report['query_threshold'])}, ", end="")
     late = (f", from {report['late_after']} generated tokens on "
             f"{format_threshold(report['late_threshold'])}" if "late_threshold" in report else "")
     print(f"θ = {format_threshold(report['threshold'])}{late} (benign val refusals <= "
-          f"{args.target_fpr:.0%} by the trace)")
+          f"{target_fpr:.0%} by the trace)")
     for name, m in report["sets"].items():
         if m["n"]:
             auc = f", AUROC vs benign {m['auroc']:.3f}" if "auroc" in m else ""
@@ -371,20 +403,6 @@ def _calibrate(args: argparse.Namespace) -> int:
              if "query_threshold" in m else "")
         print(f"  τ = {tau}: {q}θ = {format_threshold(m['threshold'])}, predicted " + ", ".join(
             f"{n} {r:.1%}" for n, r in m["predicted"].items()))
-    if args.refusal_prefix:
-        picked = pick_refusal_prefix(model, tok, rows, args.refusal_prefix,
-                                     safety=calibrated_config(safety, report),
-                                     batch_size=args.batch_size)
-        report["refusal_prefix"] = picked
-        cfg["refusal_prefix"] = picked["refusal_prefix"]
-        for c in picked["candidates"]:
-            print(f"  refusal prefix {c['prefix']!r}: {c['passes']}/{c['n']} read well "
-                  f"(refuse {c['refuses']}, name the topic {c['on_topic']}, end {c['ended']})")
-    (d / "calibration.json").write_text(json.dumps(report, indent=1) + "\n")
-    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
-    print(f"written to {cfg_path}: threshold {format_threshold(cfg['threshold'])}"
-          + (f", refusal_prefix {cfg['refusal_prefix']!r}" if args.refusal_prefix else ""))
-    return 0
 
 
 def _add_calibrate(sub) -> None:
