@@ -272,54 +272,11 @@ def _build_layout(model, args, kwargs, extra) -> tuple[SafetyLayout, torch.Tenso
     length = am.shape[1] if am is not None else past + tq
     if am is not None and am.shape[0] != b:
         raise ValueError(f"attention_mask has batch {am.shape[0]}, inputs have batch {b}")
-    tid = cls_token_id(model)
-    # [CLS] is the first non-pad column of every row.
-    cls = am.long().argmax(-1).to(dev) if am is not None else torch.zeros(b, dtype=torch.long,
-                                                                         device=dev)
-    if am is not None and not bool(am.bool().any(-1).all()):
-        raise ValueError("attention_mask has a row with no token")
-    in_call = cls >= past
-    if bool(in_call.any()):
-        if not bool(in_call.all()):
-            raise ValueError("[CLS] must be in the same forward for every row")
-        if ids is None:
-            raise ValueError("the safety forward needs input_ids (to find [CLS])")
-        got = ids.gather(1, (cls - past)[:, None])[:, 0]
-        if not bool((got == tid).all()):
-            bad = int((got != tid).nonzero()[0])
-            raise ValueError(f"row {bad} does not start with [CLS] (id {tid}) after its left "
-                             f"padding; build inputs with safeattn.build_inputs")
-
-    def span(name, shape):
-        v = extra.get(name)
-        if v is None:
-            return None
-        t = _as_long(v, dev, name)
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name} must have shape {list(shape)} for a batch of {b}, got "
-                             f"{list(t.shape)}")
-        return t
-
+    cls, in_call = _cls_columns(model, ids, am, past, b, dev)
     mode = extra.get("safety_mode", "sft")
     if mode not in MODES:
         raise ValueError(f"safety_mode must be one of {MODES}, got {mode!r}")
-    q = span("q_span", (b, 2))
-    if q is None:
-        if mode != "pretrain":
-            raise ValueError(f"safety_mode={mode!r} needs q_span [B, 2]")
-        q = torch.stack([cls + 1, cls + 1], -1)
-    win = span("response_window", (b, 2))
-    probe = span("probe_window", (b, 2))
-    for name, t, lo in (("q_span", q, cls + 1), ("response_window", win, cls + 1),
-                        ("probe_window", probe, cls + 1)):
-        if t is None:
-            continue
-        bad = (t[:, 0] < lo) | (t[:, 0] > t[:, 1]) | (t[:, 1] > length)
-        if bool(bad.any()):
-            r = int(bad.nonzero()[0])
-            raise ValueError(f"{name}[{r}] = {t[r].tolist()} is out of range: need "
-                             f"[CLS] column {int(cls[r])} < start <= end <= sequence length "
-                             f"{length}")
+    q, win, probe = _checked_spans(extra, mode, cls, length, b, dev)
     rs = extra.get("response_start")
     if rs is not None:
         rs = _as_long(rs, dev, "response_start").reshape(-1)
@@ -341,6 +298,60 @@ def _build_layout(model, args, kwargs, extra) -> tuple[SafetyLayout, torch.Tenso
     if kwargs.get("position_ids") is None and am is not None:
         kwargs["position_ids"] = (am.long().cumsum(-1) - 1).clamp_min(0)[:, -tq:].to(dev)
     return layout, rows
+
+
+def _cls_columns(model, ids, am, past: int, b: int, dev):
+    """Each row's ``[CLS]`` column (its first non-pad column) ``[B]``, and whether it lies in
+    this forward ``[B]`` bool (else in the cache); checked to hold ``[CLS]``."""
+    tid = cls_token_id(model)
+    cls = am.long().argmax(-1).to(dev) if am is not None else torch.zeros(b, dtype=torch.long,
+                                                                         device=dev)
+    if am is not None and not bool(am.bool().any(-1).all()):
+        raise ValueError("attention_mask has a row with no token")
+    in_call = cls >= past
+    if bool(in_call.any()):
+        if not bool(in_call.all()):
+            raise ValueError("[CLS] must be in the same forward for every row")
+        if ids is None:
+            raise ValueError("the safety forward needs input_ids (to find [CLS])")
+        got = ids.gather(1, (cls - past)[:, None])[:, 0]
+        if not bool((got == tid).all()):
+            bad = int((got != tid).nonzero()[0])
+            raise ValueError(f"row {bad} does not start with [CLS] (id {tid}) after its left "
+                             f"padding; build inputs with safeattn.build_inputs")
+    return cls, in_call
+
+
+def _checked_spans(extra, mode: str, cls, length: int, b: int, dev):
+    """``q_span``, ``response_window`` and ``probe_window`` (each ``[B, 2]`` or None; a
+    ``pretrain`` forward without ``q_span`` gets an empty one), checked to lie after ``[CLS]``
+    and within the sequence."""
+    def span(name):
+        v = extra.get(name)
+        if v is None:
+            return None
+        t = _as_long(v, dev, name)
+        if tuple(t.shape) != (b, 2):
+            raise ValueError(f"{name} must have shape {[b, 2]} for a batch of {b}, got "
+                             f"{list(t.shape)}")
+        return t
+
+    q = span("q_span")
+    if q is None:
+        if mode != "pretrain":
+            raise ValueError(f"safety_mode={mode!r} needs q_span [B, 2]")
+        q = torch.stack([cls + 1, cls + 1], -1)
+    win, probe = span("response_window"), span("probe_window")
+    for name, t in (("q_span", q), ("response_window", win), ("probe_window", probe)):
+        if t is None:
+            continue
+        bad = (t[:, 0] < cls + 1) | (t[:, 0] > t[:, 1]) | (t[:, 1] > length)
+        if bool(bad.any()):
+            r = int(bad.nonzero()[0])
+            raise ValueError(f"{name}[{r}] = {t[r].tolist()} is out of range: need "
+                             f"[CLS] column {int(cls[r])} < start <= end <= sequence length "
+                             f"{length}")
+    return q, win, probe
 
 
 def _clear(st) -> dict | None:
