@@ -735,6 +735,31 @@ def test_demo_cases_are_test_split():
     assert all(c.prefill.startswith("Sure, here is") for k, c in cases if k == "prefill attack")
 
 
+def test_demo_runs_on_a_saved_model(tmp_path, capsys):
+    """``safeattn demo --model DIR``: one block per case (its verdicts and ``p_0``, the
+    prompt, any prefill, both answers), then the refusal counts."""
+    import re
+
+    from safeattn.demo import CHAT_ROWS, DEMO_ROWS, demo_cases, run_demo
+    model, tok = _patched()
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    assert run_demo(str(tmp_path), max_new_tokens=3, plot=None, width=80) == 0
+    out = capsys.readouterr().out
+    cases = demo_cases(CHAT_ROWS if getattr(tok, "chat_template", None) else DEMO_ROWS)
+    n = len(cases)
+    for i, (kind, _) in enumerate(cases):
+        assert re.search(rf"\n{i} +{re.escape(kind)} +(complies|refuses) +(complies|refuses) "
+                         rf"+\d\.\d{{3}} +(-|token \d+)\n", out), (i, kind)
+    assert out.count("\n   prompt:   ") == n and out.count("\n   safeattn: ") == n
+    assert out.count("\n   prefill:  ") == sum(bool(c.prefill) for _, c in cases) > 0
+    harmful = sum(not k.startswith("benign") for k, _ in cases)
+    assert re.search(rf"refused: plain \d+/{harmful}, safeattn \d+/{harmful}; benign refused: "
+                     rf"plain \d+/{n - harmful}, safeattn \d+/{n - harmful}\n", out)
+    with pytest.raises(SystemExit, match="neither"):
+        run_demo(str(tmp_path / "missing"), plot=None)
+
+
 # ------------------------------------------------------------------ outside prompt sets
 def _outside_csv(tmp_path, rows):
     path = tmp_path / "outside.csv"

@@ -93,25 +93,9 @@ def run_demo(model: str | None = None, *, device: str = "cpu", max_new_tokens: i
     ``save_pretrained`` from a patched model."""
     from .generation import SafetyConfig
     from .judge import is_refusal
-    from .models import CHAT_MODEL, MODELS, _ALIASES
 
     t0 = time.perf_counter()
-    model_name = CHAT_MODEL if model is None else _ALIASES.get(model, model)
-    if model_name in MODELS:
-        from .models import load_default
-        print(f"loading {model_name} + its shipped safety head (first run: under a minute to "
-              "convert the GGUF file, cached afterwards) ...", flush=True)
-        lm, tok = load_default(model_name)
-        name = f"{model_name} + safeattn head"
-    else:
-        from .hf.persist import from_pretrained
-        if not Path(model_name).is_dir():
-            raise SystemExit(f"safeattn demo: --model {model_name!r} is neither "
-                             f"{' nor '.join(MODELS)} nor a directory")
-        lm, tok = from_pretrained(model_name)
-        lm.eval()
-        name = model_name
-    model = lm.to(device)
+    model, tok, name = _load_demo_model(model, device)
     cases = demo_cases(CHAT_ROWS if getattr(tok, "chat_template", None) else DEMO_ROWS)
     safety = SafetyConfig().resolved(model)
     print(f"model: {name} on {device}  (loaded in {time.perf_counter() - t0:.0f} s); greedy, "
@@ -130,28 +114,8 @@ def run_demo(model: str | None = None, *, device: str = "cpu", max_new_tokens: i
                                 max_new_tokens=max_new_tokens, seed=0)
     t3 = time.perf_counter()
     ref_plain, ref_safe = [is_refusal(t) for t in plain], [is_refusal(t) for t in safe]
-    bar = "=" * width
-    print(bar)
-    print(f"{'#':<2} {'kind':<24} {'plain':<9} {'safeattn':<9} {'p_0':>6}  {'refusal at':>10}")
-    print(bar)
-    for i, ((kind, c), pt, st) in enumerate(zip(cases, plain, safe)):
-        rs = out.safety[i]
-        v_plain = "refuses" if ref_plain[i] else "complies"
-        v_safe = "refuses" if ref_safe[i] else "complies"
-        at = "-" if rs.refusal_step is None else f"token {rs.refusal_step}"
-        print(f"{i:<2} {kind:<24} {v_plain:<9} {v_safe:<9} {rs.p[0]:>6.3f}  {at:>10}")
-        ind = "   "
-        print(textwrap.fill(_clip(_shown(c.prompt), 3 * width), width,
-                            initial_indent=ind + "prompt:   ",
-                            subsequent_indent=ind + " " * 10))
-        if c.prefill:
-            print(textwrap.fill(_clip(c.prefill, width), width,
-                                initial_indent=ind + "prefill:  ", subsequent_indent=ind + " " * 10))
-        print(textwrap.fill(_clip(pt, 2 * width) or "(empty)", width,
-                            initial_indent=ind + "plain:    ", subsequent_indent=ind + " " * 10))
-        print(textwrap.fill(_clip(st, 2 * width) or "(empty)", width,
-                            initial_indent=ind + "safeattn: ", subsequent_indent=ind + " " * 10))
-        print("-" * width)
+    _print_rows(cases, plain, safe, ref_plain, ref_safe, out, width)
+
     def count(refused, label):
         return f"{sum(r for r, c in zip(refused, cs) if c.label == label)}/" \
                f"{sum(c.label == label for c in cs)}"
@@ -171,3 +135,52 @@ def run_demo(model: str | None = None, *, device: str = "cpu", max_new_tokens: i
         except ImportError as e:
             print(f"(no trace plot: {e})")
     return 0
+
+
+def _load_demo_model(model: str | None, device: str):
+    """-> (patched model on ``device``, tokenizer, the name the header shows)."""
+    from .models import CHAT_MODEL, MODELS, _ALIASES
+
+    model_name = CHAT_MODEL if model is None else _ALIASES.get(model, model)
+    if model_name in MODELS:
+        from .models import load_default
+        print(f"loading {model_name} + its shipped safety head (first run: under a minute to "
+              "convert the GGUF file, cached afterwards) ...", flush=True)
+        lm, tok = load_default(model_name)
+        name = f"{model_name} + safeattn head"
+    else:
+        from .hf.persist import from_pretrained
+        if not Path(model_name).is_dir():
+            raise SystemExit(f"safeattn demo: --model {model_name!r} is neither "
+                             f"{' nor '.join(MODELS)} nor a directory")
+        lm, tok = from_pretrained(model_name)
+        lm.eval()
+        name = model_name
+    return lm.to(device), tok, name
+
+
+def _print_rows(cases, plain, safe, ref_plain, ref_safe, out, width: int) -> None:
+    """One block per case: the verdicts, ``p_0`` and where the refusal began, then the prompt,
+    any prefill, and both answers."""
+    bar = "=" * width
+    print(bar)
+    print(f"{'#':<2} {'kind':<24} {'plain':<9} {'safeattn':<9} {'p_0':>6}  {'refusal at':>10}")
+    print(bar)
+    ind = "   "
+
+    def fill(label, text):
+        print(textwrap.fill(text, width, initial_indent=ind + label,
+                            subsequent_indent=ind + " " * 10))
+
+    for i, ((kind, c), pt, st) in enumerate(zip(cases, plain, safe)):
+        rs = out.safety[i]
+        v_plain = "refuses" if ref_plain[i] else "complies"
+        v_safe = "refuses" if ref_safe[i] else "complies"
+        at = "-" if rs.refusal_step is None else f"token {rs.refusal_step}"
+        print(f"{i:<2} {kind:<24} {v_plain:<9} {v_safe:<9} {rs.p[0]:>6.3f}  {at:>10}")
+        fill("prompt:   ", _clip(_shown(c.prompt), 3 * width))
+        if c.prefill:
+            fill("prefill:  ", _clip(c.prefill, width))
+        fill("plain:    ", _clip(pt, 2 * width) or "(empty)")
+        fill("safeattn: ", _clip(st, 2 * width) or "(empty)")
+        print("-" * width)
