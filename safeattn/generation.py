@@ -1091,21 +1091,7 @@ def safe_generate(model, input_ids: torch.Tensor | None = None, attention_mask=N
     if extra:
         raise ValueError(f"safe generation got unexpected arguments {sorted(extra)}")
     if streamer is not None:
-        if input_ids.shape[0] != 1:
-            raise ValueError(f"streamer: safe generation streams one row (a streamer's safety "
-                             f"updates are row 0's); got a batch of {input_ids.shape[0]}")
-        if not callable(getattr(streamer, "safety_update", None)):
-            raise ValueError("streamer: safe generation streams only through a streamer that "
-                             "takes safety updates (safeattn.SafeTextStreamer); a plain one "
-                             "would print tokens before any check clears them")
-        from .streaming import SafeTextStreamer
-
-        if isinstance(streamer, SafeTextStreamer):
-            streamer.reset(hold=safety.stream_hold)
-        elif callable(getattr(streamer, "reset", None)):
-            streamer.reset()
-        streamer.put(input_ids.cpu())
-
+        _start_stream(streamer, input_ids, safety)
     dec = _Decode(model, tokenizer, safety, input_ids, attention_mask, q_span, response_start,
                   position_ids, gc, procs, stops, streamer)
     dec.prefill()
@@ -1119,6 +1105,25 @@ def safe_generate(model, input_ids: torch.Tensor | None = None, attention_mask=N
     if streamer is not None:
         streamer.end()
     return dec.outputs()
+
+
+def _start_stream(streamer, input_ids: torch.Tensor, safety: SafetyConfig) -> None:
+    """Check that ``streamer`` can hold unchecked tokens (one row, ``safety_update``), reset
+    it and give it the prompt."""
+    if input_ids.shape[0] != 1:
+        raise ValueError(f"streamer: safe generation streams one row (a streamer's safety "
+                         f"updates are row 0's); got a batch of {input_ids.shape[0]}")
+    if not callable(getattr(streamer, "safety_update", None)):
+        raise ValueError("streamer: safe generation streams only through a streamer that "
+                         "takes safety updates (safeattn.SafeTextStreamer); a plain one "
+                         "would print tokens before any check clears them")
+    from .streaming import SafeTextStreamer
+
+    if isinstance(streamer, SafeTextStreamer):
+        streamer.reset(hold=safety.stream_hold)
+    elif callable(getattr(streamer, "reset", None)):
+        streamer.reset()
+    streamer.put(input_ids.cpu())
 
 
 def generate(model, tokenizer, prompts, *, safety: SafetyConfig | None = None,
