@@ -135,22 +135,16 @@ def _merged_report(path: str, args: argparse.Namespace, plan) -> dict:
 
     from . import eval as ev
 
-    def counts(rows):
-        return {lab: sum(r["label"] == lab for r in rows) for lab in ("harmful", "benign")}
-
-    resp = plan.responses
+    want = ev.run_settings(plan.rows, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                           prefill_ks=plan.prefill_ks, template_max_chars=args.template_max_chars,
+                           suffix_tokens=ev.SUFFIX_TOKENS, benign_attacks=plan.benign_attacks,
+                           response_rows=plan.responses, response_tokens=args.response_tokens,
+                           response_steps=args.response_steps)
     try:
         with open(path, encoding="utf-8") as f:
             report = json.load(f)
         if not isinstance(report, dict) or "results" not in report:
             raise ValueError("not a safeattn eval report")
-        want = {"n_prompts": counts(plan.rows), "max_new_tokens": args.max_new_tokens,
-                "seed": args.seed, "prefill_ks": plan.prefill_ks,
-                "template_max_chars": args.template_max_chars,
-                "suffix_tokens": ev.SUFFIX_TOKENS, "benign_attacks": plan.benign_attacks,
-                "response_tokens": args.response_tokens if resp else None,
-                "response_steps": args.response_steps if resp else None,
-                "n_responses": counts(resp) if resp else None}
         diff = ev.differing_settings(report.get("meta", {}), want)
         if diff:
             raise ValueError(f"its settings differ from this run's: {diff}")

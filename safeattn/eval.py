@@ -770,17 +770,13 @@ def evaluate(model, tokenizer, rows: Sequence[Mapping], *, attacks: Sequence[str
     _rank_scores(results, target_fpr)
     meta = {
         "model": model_name or getattr(model.config, "_name_or_path", None),
-        "n_prompts": _label_counts(rows), "attacks": attacks,
-        "benign_attacks": benign_attacks, "modes": list(modes),
-        "max_new_tokens": max_new_tokens, "batch_size": batch_size, "seed": seed,
+        "attacks": attacks, "modes": list(modes), "batch_size": batch_size,
         "target_fpr": target_fpr, "stop_at_refusal": stop_at_refusal,
-        "prefill_ks": list(prefill_ks),
         "decoding_sweep": [dict(name=n, **k) for n, k in DECODING_SWEEP],
-        "template_max_chars": template_max_chars, "suffix_tokens": suffix_tokens,
-        # the response attack's settings; None when it did not run
-        "response_tokens": response_tokens if response_rows is not None else None,
-        "response_steps": response_steps if response_rows is not None else None,
-        "n_responses": None if response_rows is None else _label_counts(response_rows),
+        **run_settings(rows, max_new_tokens=max_new_tokens, seed=seed, prefill_ks=prefill_ks,
+                       template_max_chars=template_max_chars, suffix_tokens=suffix_tokens,
+                       benign_attacks=benign_attacks, response_rows=response_rows,
+                       response_tokens=response_tokens, response_steps=response_steps),
         **_run_meta(model, tokenizer, rows, safety, target_fpr, batch_size, started),
     }
     report = {"results": results, "meta": meta}
@@ -919,6 +915,22 @@ _SAME = ("n_prompts", "max_new_tokens", "seed", "prefill_ks", "template_max_char
          "suffix_tokens", "benign_attacks")
 #: Settings of the response attack: compared only when both reports ran it (else None).
 _SAME_IF_RUN = ("response_tokens", "response_steps", "n_responses")
+
+
+def run_settings(rows: Sequence[Mapping], *, max_new_tokens: int, seed: int,
+                 prefill_ks: Sequence[int], template_max_chars: int, suffix_tokens: int,
+                 benign_attacks: Sequence[str], response_rows: Sequence[Mapping] | None,
+                 response_tokens: int, response_steps: int) -> dict:
+    """The settings a report's ``meta`` records and two reports must share to merge
+    (:func:`differing_settings`). The ``response`` attack's are None when it did not run
+    (``response_rows`` None)."""
+    ran = response_rows is not None
+    return {"n_prompts": _label_counts(rows), "benign_attacks": list(benign_attacks),
+            "max_new_tokens": max_new_tokens, "seed": seed, "prefill_ks": list(prefill_ks),
+            "template_max_chars": template_max_chars, "suffix_tokens": suffix_tokens,
+            "response_tokens": response_tokens if ran else None,
+            "response_steps": response_steps if ran else None,
+            "n_responses": _label_counts(response_rows) if ran else None}
 
 
 def differing_settings(meta: Mapping, other: Mapping) -> list[str]:
