@@ -423,6 +423,33 @@ def test_cli_train_and_resume(tmp_path):
     assert p.shape == (1,) and torch.isfinite(p).all()
 
 
+@pytest.mark.parametrize("layer", ["auto", "final"])
+def test_train_picks_cls_layer_and_evaluates(layer, tmp_path, monkeypatch, every_16th_row):
+    """``--cls-layer auto`` picks the layer by a frozen probe's CV and records the pick;
+    ``final`` puts ``[CLS]`` on the last layer; ``--eval`` scores the test split."""
+    import safeattn.training as T
+    from _hf_tiny import run_train_cli
+
+    tok = tiny_tokenizer()
+    base = tiny_model("llama", vocab_size=len(tok) + 1, layers=3)
+    monkeypatch.setattr(T, "load_model", lambda name, dtype=None: (base, tiny_tokenizer()))
+    out = tmp_path / "run"
+    argv = ["--out", str(out), "--mode", "head", "--cls-layer", layer, "--kinds", "query",
+            "--max-steps", "2", "--save-steps", "2", "--batch-size", "8", "--eval"]
+    assert run_train_cli(T.run_train, argv, []) == 0
+    info = json.loads((out / "train_info.json").read_text())
+    cfg = json.loads((out / "safety_config.json").read_text())
+    if layer == "auto":
+        pick = info["cls_layer_selection"]
+        assert info["cls_layer"] == pick["probe_layer"] - 1 == cfg["cls_layer"]
+        assert 0 <= info["cls_layer"] < 3 and 0 <= pick["cv_auroc"] <= 1
+    else:
+        assert info["cls_layer"] is None and "cls_layer_selection" not in info
+        assert cfg["cls_layer"] in (None, 2)
+    assert set(info["test"]["per_source"]) == {"advbench", "xstest_unsafe", "pyrit_objectives"}
+    assert info["total_seconds"] >= info["train_seconds"] > 0
+
+
 def test_cli_train_under_torchrun(tmp_path):
     """``safeattn train`` runs unchanged under torchrun; rank 0 saves, and both ranks exit 0."""
     tok = tiny_tokenizer()

@@ -1409,33 +1409,59 @@ def _start(args):
 
 def run_train(args) -> int:
     """``safeattn train``: see ``safeattn train --help``."""
-    from pathlib import Path
-
-    from transformers import TrainingArguments
-
-    from .hf.persist import save_safety
-
     t0 = time.time()
     out_dir, model, tok, kinds, train = _start(args)
     info = {"command": "safeattn train " + shlex.join(args.argv), "samples": len(train)}
-    cls_layer = args.cls_layer
-    if cls_layer == "auto":
-        q = [s for s in train if s.kind == "query"]
-        cls_layer, probe = select_cls_layer(model, tok, [s.prompt for s in q],
-                                            [s.label for s in q], seed=args.seed)
-        info["cls_layer_selection"] = {"probe_layer": probe.layer, "l2": probe.l2,
-                                       "cv_auroc": probe.cv_auroc}
-        print(f"cls_layer = {cls_layer} (FrozenProbe CV AUROC {probe.cv_auroc:.4f} at hidden "
-              f"state {probe.layer})", flush=True)
-    elif cls_layer in ("final", "none", None):
-        cls_layer = None
-    else:
-        cls_layer = int(cls_layer)
+    cls_layer = _cls_layer(args, model, tok, train, info)
     model = prepare_model(model, tok, args.mode, cls_layer=cls_layer,
                           top_layers=args.top_layers, lora_r=args.lora_r,
                           probe_adapter=args.probe_adapter, probe_window=args.probe_window)
+    coll = SafetyDataCollator(tok, max_prompt_tokens=args.max_prompt_tokens,
+                              max_length=args.max_length)
+    trainer = SafetyTrainer(model=model, args=_training_arguments(args, out_dir),
+                            train_dataset=SafetyDataset(train, weights=_weights(args, train)),
+                            data_collator=coll, safety_lambda=args.safety_lambda,
+                            train_mode=args.mode,
+                            context_cache=args.mode == "head" and not args.no_context_cache)
+    summ = trainable_summary(model)
+    print(f"{len(train)} training samples ({', '.join(kinds)}); mode {args.mode}; "
+          f"{summ['trainable']:,} of {summ['total']:,} parameters train", flush=True)
+    t1 = time.time()
+    if trainer.context_cache:
+        n = trainer.warm_context_cache()
+        print(f"context cache: {n} samples in {time.time() - t1:.0f}s", flush=True)
+    trainer.train(resume_from_checkpoint=_resume_from(args.resume, trainer.args.output_dir))
     lam = args.safety_lambda
-    targs = TrainingArguments(
+    info.update(train_seconds=round(time.time() - t1, 1), cls_layer=cls_layer, mode=args.mode,
+                safety_lambda=lam if lam is not None else DEFAULT_LAMBDA["sft"])
+    _save_run(trainer, args, out_dir, tok, info, t0)
+    _end_process_group()
+    return 0
+
+
+def _cls_layer(args, model, tok, train, info: dict) -> int | None:
+    """``--cls-layer`` as a layer index (``None``: the final layer); ``auto`` picks it with
+    :func:`select_cls_layer` on the query samples and records the pick in ``info``."""
+    if args.cls_layer in ("final", "none", None):
+        return None
+    if args.cls_layer != "auto":
+        return int(args.cls_layer)
+    q = [s for s in train if s.kind == "query"]
+    cls_layer, probe = select_cls_layer(model, tok, [s.prompt for s in q],
+                                        [s.label for s in q], seed=args.seed)
+    info["cls_layer_selection"] = {"probe_layer": probe.layer, "l2": probe.l2,
+                                   "cv_auroc": probe.cv_auroc}
+    print(f"cls_layer = {cls_layer} (FrozenProbe CV AUROC {probe.cv_auroc:.4f} at hidden "
+          f"state {probe.layer})", flush=True)
+    return cls_layer
+
+
+def _training_arguments(args, out_dir):
+    """The HF ``TrainingArguments`` of a ``safeattn train`` run (checkpoints in
+    ``OUT/checkpoints``)."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
         output_dir=str(out_dir / "checkpoints"), per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.batch_size, num_train_epochs=args.epochs,
         max_steps=args.max_steps if args.max_steps else -1, learning_rate=args.lr,
@@ -1445,45 +1471,39 @@ def run_train(args) -> int:
         seed=args.seed, data_seed=args.seed, report_to=[], remove_unused_columns=False,
         dataloader_num_workers=0, disable_tqdm=False, use_cpu=args.cpu,
         save_only_model=False)
-    coll = SafetyDataCollator(tok, max_prompt_tokens=args.max_prompt_tokens,
-                              max_length=args.max_length)
-    weights = _weights(args, train)
-    trainer = SafetyTrainer(model=model, args=targs,
-                            train_dataset=SafetyDataset(train, weights=weights),
-                            data_collator=coll, safety_lambda=lam, train_mode=args.mode,
-                            context_cache=args.mode == "head" and not args.no_context_cache)
-    summ = trainable_summary(model)
-    print(f"{len(train)} training samples ({', '.join(kinds)}); mode {args.mode}; "
-          f"{summ['trainable']:,} of {summ['total']:,} parameters train", flush=True)
-    t1 = time.time()
-    if trainer.context_cache:
-        n = trainer.warm_context_cache()
-        print(f"context cache: {n} samples in {time.time() - t1:.0f}s", flush=True)
-    resume = args.resume
-    if resume == "auto":
-        from transformers.trainer_utils import get_last_checkpoint
-        resume = get_last_checkpoint(targs.output_dir) if Path(targs.output_dir).is_dir() \
-            else None
-    trainer.train(resume_from_checkpoint=resume)
-    t2 = time.time()
+
+
+def _resume_from(resume, checkpoints: str):
+    """``--resume``: ``auto`` -> the last checkpoint in ``checkpoints`` (``None`` if none)."""
+    if resume != "auto":
+        return resume
+    from pathlib import Path
+
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(checkpoints) if Path(checkpoints).is_dir() else None
+
+
+def _save_run(trainer, args, out_dir, tok, info: dict, t0: float) -> None:
+    """After training, on the process that saves: the head (and, outside ``head`` mode, the
+    model) to ``OUT``, the test split's metrics with ``--eval``, and ``train_info.json``."""
+    from .hf.persist import save_safety
+
     inner = _inner(trainer.model)
     sync_cls_row(inner)
-    if trainer.args.should_save:
+    saves = trainer.args.should_save
+    if saves:
         if args.mode != "head":
             trainer.save_model(str(out_dir))
         save_safety(inner, out_dir)
-    info.update(train_seconds=round(t2 - t1, 1), cls_layer=cls_layer, mode=args.mode,
-                safety_lambda=lam if lam is not None else DEFAULT_LAMBDA["sft"])
-    if args.eval and trainer.args.should_save:
+    if args.eval and saves:
         ev = evaluate_head(inner, tok, "test", progress=True)
         info["test"] = ev["metrics"]
         print("test split:", json.dumps(ev["metrics"], indent=1), flush=True)
     info["total_seconds"] = round(time.time() - t0, 1)
-    if trainer.args.should_save:
+    if saves:
         (out_dir / "train_info.json").write_text(json.dumps(info, indent=2) + "\n")
     print(f"saved to {out_dir} ({info['total_seconds']:.0f}s)", flush=True)
-    _end_process_group()
-    return 0
 
 
 def _end_process_group() -> None:
